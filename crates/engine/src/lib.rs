@@ -1,0 +1,1 @@
+//! Continuous-batching engine (issue 3): scheduler, KV block manager, request lifecycle.

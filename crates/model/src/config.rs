@@ -1,0 +1,301 @@
+//! The Llama-family architecture description, read from a Hugging Face `config.json` or from
+//! GGUF metadata, so that every runner sees one shape of truth.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::ModelError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Llama 3.1 frequency-dependent scaling (`rope_type: llama3`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// Linear position interpolation (`rope_type: linear`).
+    Linear {
+        factor: f64,
+    },
+    /// Per-frequency divisors as stored by llama.cpp (`rope_freqs.weight`).
+    Factors(Vec<f32>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The dtype the checkpoint was saved in (`torch_dtype`), used for `--dtype auto`.
+    pub torch_dtype: Option<String>,
+}
+
+impl LlamaConfig {
+    pub fn q_size(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    pub fn kv_size(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Inverse rotary frequencies (length `head_dim / 2`) with the configured scaling applied,
+    /// computed as Hugging Face transformers does.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let dim = self.head_dim;
+        let base: Vec<f64> = (0..dim / 2)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / dim as f32;
+                1.0 / (self.rope_theta as f32).powf(exponent) as f64
+            })
+            .collect();
+        match &self.rope_scaling {
+            RopeScaling::None => base.iter().map(|&f| f as f32).collect(),
+            RopeScaling::Linear { factor } => base.iter().map(|&f| (f / factor) as f32).collect(),
+            RopeScaling::Factors(factors) => base
+                .iter()
+                .zip(factors.iter().chain(std::iter::repeat(&1.0)))
+                .map(|(&f, &d)| (f / d as f64) as f32)
+                .collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old_len,
+            } => {
+                let low_wavelen = old_len / low_freq_factor;
+                let high_wavelen = old_len / high_freq_factor;
+                base.iter()
+                    .map(|&freq| {
+                        let wavelen = 2.0 * std::f64::consts::PI / freq;
+                        let scaled = if wavelen < high_wavelen {
+                            freq
+                        } else if wavelen > low_wavelen {
+                            freq / factor
+                        } else {
+                            let smooth = (old_len / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * freq / factor + smooth * freq
+                        };
+                        scaled as f32
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ModelError> {
+        let bad = |reason: String| ModelError::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
+            return Err(bad(
+                "hidden_size, num_hidden_layers and vocab_size must be > 0".into(),
+            ));
+        }
+        if self.num_attention_heads == 0
+            || self.num_key_value_heads == 0
+            || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(bad(format!(
+                "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
+                self.num_attention_heads, self.num_key_value_heads
+            )));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return Err(bad(format!(
+                "head_dim ({}) must be even and > 0",
+                self.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parses a Hugging Face `config.json`.
+    pub fn from_hf_json(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_hf_str(&text, path)
+    }
+
+    pub fn from_hf_str(text: &str, path: &Path) -> Result<Self, ModelError> {
+        let bad = |reason: String| ModelError::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let raw: HfConfig = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let arch = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .or_else(|| raw.model_type.clone())
+            .unwrap_or_default();
+        let supported = matches!(
+            arch.as_str(),
+            "LlamaForCausalLM" | "llama" | "MistralForCausalLM" | "mistral"
+        );
+        if !supported {
+            return Err(ModelError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                arch,
+            });
+        }
+        let heads = raw.num_attention_heads;
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size.checked_div(heads).unwrap_or(0));
+        let rope_scaling = match raw.rope_scaling {
+            None => RopeScaling::None,
+            Some(s) => {
+                let kind = s.rope_type.or(s.kind).unwrap_or_default();
+                match kind.as_str() {
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: s
+                            .factor
+                            .ok_or_else(|| bad("rope_scaling.factor missing".into()))?,
+                        low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
+                        high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
+                        original_max_position_embeddings: s
+                            .original_max_position_embeddings
+                            .unwrap_or(8192.0),
+                    },
+                    "linear" => RopeScaling::Linear {
+                        factor: s
+                            .factor
+                            .ok_or_else(|| bad("rope_scaling.factor missing".into()))?,
+                    },
+                    "default" | "" => RopeScaling::None,
+                    other => return Err(bad(format!("unsupported rope_scaling type `{other}`"))),
+                }
+            }
+        };
+        let cfg = LlamaConfig {
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
+            head_dim,
+            vocab_size: raw.vocab_size,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: raw.rope_theta.unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids: raw.eos_token_id.map(|e| e.into_vec()).unwrap_or_default(),
+            torch_dtype: raw.torch_dtype,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(v) => vec![v],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct HfRopeScaling {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<HfRopeScaling>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<OneOrMany>,
+    torch_dtype: Option<String>,
+}
+
+/// Parses `generation_config.json` for the EOS ids a checkpoint stops on (Llama 3.1 lists three).
+pub fn generation_eos_ids(path: &Path) -> Option<Vec<u32>> {
+    #[derive(Deserialize)]
+    struct Gen {
+        eos_token_id: Option<OneOrMany>,
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    let g: Gen = serde_json::from_str(&text).ok()?;
+    g.eos_token_id.map(|e| e.into_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_llama31_rope_scaling_and_eos_list() {
+        let p = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/fixtures/configs/llama-3.1-70b.config.json"
+        ));
+        let c = LlamaConfig::from_hf_json(p).unwrap();
+        assert_eq!(c.num_hidden_layers, 80);
+        assert_eq!(c.num_key_value_heads, 8);
+        assert_eq!(c.head_dim, 128);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        assert_eq!(c.eos_token_ids, vec![128001]);
+        // Llama 3 scaling leaves the highest frequencies alone and divides the lowest by 8.
+        let base = LlamaConfig {
+            rope_scaling: RopeScaling::None,
+            ..c.clone()
+        };
+        let (s, b) = (c.rope_inv_freq(), base.rope_inv_freq());
+        assert_eq!(s[0], b[0]);
+        assert!((s[63] - b[63] / 8.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn rejects_unknown_architecture() {
+        let text = r#"{"architectures":["GPT2LMHeadModel"],"hidden_size":8,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":10}"#;
+        let err = LlamaConfig::from_hf_str(text, Path::new("x/config.json")).unwrap_err();
+        assert!(err.to_string().contains("GPT2LMHeadModel"), "{err}");
+    }
+}

@@ -1,0 +1,110 @@
+//! Host-side weight tensors and the trait every weight format implements.
+
+use std::borrow::Cow;
+
+use half::{bf16, f16};
+
+use crate::ModelError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// A weight as stored on the host: borrowed straight from a memory map when the file's
+/// layout already matches, owned when it had to be dequantized or rearranged.
+#[derive(Debug, Clone)]
+pub struct HostTensor<'a> {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub bytes: Cow<'a, [u8]>,
+}
+
+impl<'a> HostTensor<'a> {
+    pub fn from_f32(shape: Vec<usize>, data: Vec<f32>) -> HostTensor<'static> {
+        let mut bytes = Vec::with_capacity(data.len() * 4);
+        for v in data {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        HostTensor {
+            shape,
+            dtype: DType::F32,
+            bytes: Cow::Owned(bytes),
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The values widened to f32 (exact for every supported dtype).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let b = &self.bytes;
+        match self.dtype {
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        }
+    }
+
+    /// The values as bf16 bits (round to nearest even from f32 / f16).
+    pub fn to_bf16_bits(&self) -> Vec<u16> {
+        match self.dtype {
+            DType::BF16 => self
+                .bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+            _ => self
+                .to_f32()
+                .into_iter()
+                .map(|v| bf16::from_f32(v).to_bits())
+                .collect(),
+        }
+    }
+}
+
+/// A source of named weights in Hugging Face Llama naming (`model.layers.0.self_attn.q_proj.weight`).
+/// GGUF sources translate their names and layouts into this convention.
+pub trait WeightSource: Send + Sync {
+    /// A short human description (file path) used in error messages.
+    fn describe(&self) -> String;
+    fn contains(&self, name: &str) -> bool;
+    fn tensor(&self, name: &str) -> Result<HostTensor<'_>, ModelError>;
+    fn tensor_names(&self) -> Vec<String>;
+}
+
+impl dyn WeightSource + '_ {
+    /// Fetches a tensor and checks its shape.
+    pub fn expect(&self, name: &str, shape: &[usize]) -> Result<HostTensor<'_>, ModelError> {
+        let t = self.tensor(name)?;
+        if t.shape != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                actual: t.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(t)
+    }
+}

@@ -1,0 +1,152 @@
+//! The contract between the engine and a model runner. A [`StepPlan`] is flat data — token ids,
+//! positions, per-sequence spans, block tables and the KV slot of every token — so that a
+//! fixed-shape XLA runner can pad it into buckets and a host runner can walk it directly.
+//! Runners return sampled tokens (and requested logprobs), never whole logits, so that on an
+//! accelerator only token ids cross back to the host.
+
+pub mod sampler;
+
+use std::sync::Arc;
+
+pub use sampler::{SamplingParams, TokenLogprobs};
+
+pub type TokenId = u32;
+
+/// What one sequence contributes to a step.
+#[derive(Debug, Clone)]
+pub struct SeqPlan {
+    /// Engine-side identity, stable across steps (runners may key per-sequence state on it).
+    pub seq_id: u64,
+    /// Offset of this sequence's first query token in [`StepPlan::token_ids`].
+    pub query_start: usize,
+    pub query_len: usize,
+    /// Tokens in the KV cache for this sequence once this step has run (past + query).
+    pub context_len: usize,
+    /// Physical KV block ids, in order, covering at least `context_len` tokens.
+    pub block_table: Vec<u32>,
+    /// Sample a token from the last query position (the prompt is complete).
+    pub sample: bool,
+    /// For prompt logprobs: the prompt token that follows each query position, for as many
+    /// leading query positions as have one in the prompt. Empty = none requested.
+    pub prompt_logprob_targets: Vec<TokenId>,
+    /// Return the raw logits of the last query position (debugging and tests).
+    pub return_logits: bool,
+    pub sampling: Arc<SamplingParams>,
+    /// Tokens generated so far (for penalties) and how many: the seeded generator is keyed
+    /// on (seed, number of generated tokens) so batching never changes a seeded result.
+    pub output_tokens: Arc<Vec<TokenId>>,
+    /// Prompt tokens, needed only when a repetition penalty is set.
+    pub prompt_tokens: Arc<Vec<TokenId>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StepPlan {
+    pub token_ids: Vec<TokenId>,
+    pub positions: Vec<u32>,
+    /// KV slot (block * block_size + offset) each token's key/value is written to.
+    pub slot_mapping: Vec<u32>,
+    pub seqs: Vec<SeqPlan>,
+}
+
+impl StepPlan {
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub token: TokenId,
+    /// Logprob of the chosen token and the top-k alternatives, present when requested.
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SeqOutput {
+    pub sampled: Option<SampledToken>,
+    /// One entry per `prompt_logprob_targets` element.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
+    pub logits: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    /// In the order of [`StepPlan::seqs`].
+    pub seqs: Vec<SeqOutput>,
+}
+
+/// The KV cache geometry a runner was built with; the engine's block manager mirrors it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheShape {
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("invalid step plan: {0}")]
+    InvalidPlan(String),
+    #[error("model weights: {0}")]
+    Weights(String),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("shape {0} was not compiled during warm-up")]
+    Recompilation(String),
+}
+
+pub trait ModelRunner: Send {
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, RunnerError>;
+    fn kv_cache_shape(&self) -> KvCacheShape;
+    fn vocab_size(&self) -> usize;
+    /// Short name for logs (`cpu`, `xla-cpu x8`, ...).
+    fn describe(&self) -> String;
+}
+
+/// Checks the invariants every runner relies on, so a bad plan is an error, not a panic.
+pub fn validate_plan(plan: &StepPlan, kv: KvCacheShape) -> Result<(), RunnerError> {
+    let n = plan.token_ids.len();
+    let bad = |m: String| Err(RunnerError::InvalidPlan(m));
+    if plan.positions.len() != n || plan.slot_mapping.len() != n {
+        return bad(format!(
+            "{n} tokens but {} positions and {} slots",
+            plan.positions.len(),
+            plan.slot_mapping.len()
+        ));
+    }
+    let capacity = kv.num_blocks * kv.block_size;
+    if let Some(s) = plan.slot_mapping.iter().find(|&&s| s as usize >= capacity) {
+        return bad(format!("slot {s} outside the KV cache ({capacity} slots)"));
+    }
+    let mut next = 0;
+    for s in &plan.seqs {
+        if s.query_start != next || s.query_len == 0 {
+            return bad(format!(
+                "sequence {} spans are not contiguous and non-empty",
+                s.seq_id
+            ));
+        }
+        next += s.query_len;
+        if s.context_len < s.query_len {
+            return bad(format!(
+                "sequence {}: context shorter than its query",
+                s.seq_id
+            ));
+        }
+        if s.block_table.len() * kv.block_size < s.context_len {
+            return bad(format!("sequence {}: block table too short", s.seq_id));
+        }
+        if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= kv.num_blocks) {
+            return bad(format!("sequence {}: block {b} out of range", s.seq_id));
+        }
+        if s.prompt_logprob_targets.len() > s.query_len {
+            return bad(format!(
+                "sequence {}: too many prompt logprob targets",
+                s.seq_id
+            ));
+        }
+    }
+    if next != n {
+        return bad(format!("sequences cover {next} of {n} tokens"));
+    }
+    Ok(())
+}

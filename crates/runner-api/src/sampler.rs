@@ -1,0 +1,323 @@
+//! Host-side sampling in vLLM's order: logit bias and penalties on the logits, logprobs from the
+//! raw logits, then temperature → min-p → top-k → top-p → draw. Used by the CPU runner and as the
+//! reference for the on-device sampler.
+
+use rand::Rng;
+
+use crate::TokenId;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 or -1 means off.
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub repetition_penalty: f32,
+    pub logit_bias: Vec<(TokenId, f32)>,
+    /// Token ids that may not be sampled yet (EOS while `min_tokens` is unmet).
+    pub banned_tokens: Vec<TokenId>,
+    pub seed: Option<u64>,
+    /// Number of top alternatives to report with each sampled token (`logprobs`).
+    pub logprobs: Option<usize>,
+    /// Number of top alternatives to report for each prompt position (`prompt_logprobs`).
+    pub prompt_logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            banned_tokens: Vec::new(),
+            seed: None,
+            logprobs: None,
+            prompt_logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self::default()
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < 1e-5
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+    }
+}
+
+/// A token's logprob under the raw model distribution, its rank (1 = most likely) and the top-n.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: TokenId,
+    pub logprob: f32,
+    pub rank: usize,
+    pub top: Vec<(TokenId, f32)>,
+}
+
+/// log-softmax in f64 for accuracy over large vocabularies.
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    logits.iter().map(|&l| l as f64 - lse).collect()
+}
+
+/// Indices of the `n` largest values, largest first (ties by lower index).
+pub fn top_n(values: &[f32], n: usize) -> Vec<usize> {
+    let n = n.min(values.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let cmp = |a: &usize, b: &usize| {
+        values[*b]
+            .partial_cmp(&values[*a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(b))
+    };
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, cmp);
+        idx.truncate(n);
+    }
+    idx.sort_by(cmp);
+    idx
+}
+
+/// The logprob, rank and top-`n` of `token` under the raw logits.
+pub fn token_logprobs(logits: &[f32], token: TokenId, n: usize) -> TokenLogprobs {
+    let lsm = log_softmax(logits);
+    let chosen = logits[token as usize];
+    let rank = 1 + logits.iter().filter(|&&l| l > chosen).count();
+    let top = top_n(logits, n)
+        .into_iter()
+        .map(|i| (i as TokenId, lsm[i] as f32))
+        .collect();
+    TokenLogprobs {
+        token,
+        logprob: lsm[token as usize] as f32,
+        rank,
+        top,
+    }
+}
+
+/// Applies logit bias, banned tokens and presence / frequency / repetition penalties in place.
+pub fn apply_processors(
+    logits: &mut [f32],
+    p: &SamplingParams,
+    prompt: &[TokenId],
+    output: &[TokenId],
+) {
+    for &(t, b) in &p.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
+    for &t in &p.banned_tokens {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    if !p.has_penalties() {
+        return;
+    }
+    let mut counts = std::collections::HashMap::<TokenId, u32>::new();
+    for &t in output {
+        *counts.entry(t).or_default() += 1;
+    }
+    if p.repetition_penalty != 1.0 {
+        let mut seen: std::collections::HashSet<TokenId> = prompt.iter().copied().collect();
+        seen.extend(counts.keys().copied());
+        for t in seen {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
+            }
+        }
+    }
+    for (&t, &c) in &counts {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
+        }
+    }
+}
+
+/// The probabilities the random sampler draws from, after temperature, min-p, top-k and top-p,
+/// as (token, probability) sorted by decreasing probability. Exposed for tests.
+pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(TokenId, f64)> {
+    let t = p.temperature.max(1e-5);
+    let scaled: Vec<f32> = logits.iter().map(|&l| l / t).collect();
+    let mut keep: Vec<usize> = (0..scaled.len())
+        .filter(|&i| scaled[i].is_finite())
+        .collect();
+    if keep.is_empty() {
+        return Vec::new();
+    }
+    let softmax_of = |ids: &[usize]| -> Vec<f64> {
+        let m = ids.iter().fold(f32::NEG_INFINITY, |a, &i| a.max(scaled[i])) as f64;
+        let e: Vec<f64> = ids.iter().map(|&i| (scaled[i] as f64 - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.into_iter().map(|v| v / s).collect()
+    };
+    if p.min_p > 0.0 {
+        let probs = softmax_of(&keep);
+        let max = probs.iter().cloned().fold(0.0, f64::max);
+        let thresh = p.min_p as f64 * max;
+        keep = keep
+            .into_iter()
+            .zip(probs)
+            .filter(|(_, pr)| *pr >= thresh)
+            .map(|(i, _)| i)
+            .collect();
+    }
+    if p.top_k > 0 && (p.top_k as usize) < keep.len() {
+        let vals: Vec<f32> = keep.iter().map(|&i| scaled[i]).collect();
+        let kth = vals[top_n(&vals, p.top_k as usize)[p.top_k as usize - 1]];
+        keep.retain(|&i| scaled[i] >= kth);
+    }
+    // Ascending by logit: top-p drops the low tail whose cumulative mass is <= 1 - top_p.
+    keep.sort_by(|&a, &b| {
+        scaled[a]
+            .partial_cmp(&scaled[b])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(b.cmp(&a))
+    });
+    let mut probs = softmax_of(&keep);
+    if p.top_p < 1.0 {
+        let limit = 1.0 - p.top_p as f64;
+        let mut cum = 0.0;
+        let mut first_kept = 0;
+        for (j, pr) in probs.iter().enumerate() {
+            cum += pr;
+            if cum <= limit && j + 1 < probs.len() {
+                first_kept = j + 1;
+            } else {
+                break;
+            }
+        }
+        keep.drain(..first_kept);
+        probs = softmax_of(&keep);
+    }
+    let mut out: Vec<(TokenId, f64)> = keep.into_iter().map(|i| i as TokenId).zip(probs).collect();
+    out.reverse();
+    out
+}
+
+/// A uniform number in [0, 1) that depends only on (seed, step): a seeded request draws the
+/// same numbers whatever else shares its batch.
+pub fn seeded_uniform(seed: u64, step: u64) -> f64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for _ in 0..2 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Picks the next token. `step` is the number of tokens this sequence generated before.
+pub fn sample(
+    raw_logits: &[f32],
+    p: &SamplingParams,
+    prompt: &[TokenId],
+    output: &[TokenId],
+    step: u64,
+) -> (TokenId, Option<TokenLogprobs>) {
+    let mut logits = raw_logits.to_vec();
+    apply_processors(&mut logits, p, prompt, output);
+    let token = if p.is_greedy() {
+        top_n(&logits, 1).first().copied().unwrap_or(0) as TokenId
+    } else {
+        let dist = filtered_distribution(&logits, p);
+        let u = match p.seed {
+            Some(seed) => seeded_uniform(seed, step),
+            None => rand::rng().random::<f64>(),
+        };
+        let mut cum = 0.0;
+        let mut chosen = dist.last().map(|d| d.0).unwrap_or(0);
+        for &(t, pr) in &dist {
+            cum += pr;
+            if u < cum {
+                chosen = t;
+                break;
+            }
+        }
+        chosen
+    };
+    let lp = p.logprobs.map(|n| token_logprobs(raw_logits, token, n));
+    (token, lp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_argmax_and_reports_raw_logprobs() {
+        let logits = [1.0, 3.0, 2.0];
+        let p = SamplingParams {
+            logprobs: Some(2),
+            ..Default::default()
+        };
+        let (t, lp) = sample(&logits, &p, &[], &[], 0);
+        assert_eq!(t, 1);
+        let lp = lp.unwrap();
+        assert_eq!(lp.rank, 1);
+        assert_eq!(lp.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+        let expect = 3.0 - (1f64.exp() + 3f64.exp() + 2f64.exp()).ln();
+        assert!((lp.logprob as f64 - expect).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_and_top_p_trim_the_tail() {
+        let logits = [0.0, 1.0, 2.0, 3.0, 4.0];
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            top_p: 0.8,
+            ..Default::default()
+        };
+        let d = filtered_distribution(&logits, &p);
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![4, 3]);
+        assert!((d.iter().map(|x| x.1).sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn seeded_draws_repeat() {
+        assert_eq!(seeded_uniform(7, 3), seeded_uniform(7, 3));
+        assert_ne!(seeded_uniform(7, 3), seeded_uniform(7, 4));
+    }
+
+    #[test]
+    fn penalties_follow_vllm_semantics() {
+        let mut l = vec![2.0, -2.0, 1.0];
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..Default::default()
+        };
+        apply_processors(&mut l, &p, &[0], &[1, 1]);
+        assert_eq!(l, vec![1.0, -4.0 - 1.0 - 0.25, 1.0]);
+    }
+}

@@ -1,0 +1,72 @@
+//! Rotary embedding and attention over the paged KV cache.
+
+use rayon::prelude::*;
+use tpuserve_runner_api::StepPlan;
+
+/// Rotates each head of `x` (HF half-split layout) by the per-frequency angles of one position.
+pub fn rope_in_place(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * cos[i] - b * sin[i];
+            head[i + half] = b * cos[i] + a * sin[i];
+        }
+    }
+}
+
+/// Causal attention for every query token of the step. Keys and values of position `j` of a
+/// sequence live in slot `block_table[j / block_size] * block_size + j % block_size`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    plan: &StepPlan,
+    token_seq: &[usize],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+) -> Vec<f32> {
+    let qs = heads * head_dim;
+    let kvs = kv_heads * head_dim;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut out = vec![0f32; q.len()];
+    out.par_chunks_mut(qs).enumerate().for_each(|(i, orow)| {
+        let seq = &plan.seqs[token_seq[i]];
+        // Positions 0..=p are visible to the query at position p.
+        let p = seq.context_len - seq.query_len + (i - seq.query_start);
+        let n = p + 1;
+        let slots: Vec<usize> = (0..n)
+            .map(|j| seq.block_table[j / block_size] as usize * block_size + j % block_size)
+            .collect();
+        let mut scores = vec![0f32; n];
+        for h in 0..heads {
+            let g = h / group;
+            let qh = &q[i * qs + h * head_dim..i * qs + (h + 1) * head_dim];
+            let mut max = f32::NEG_INFINITY;
+            for (s, &slot) in scores.iter_mut().zip(&slots) {
+                let kh = &k_cache[slot * kvs + g * head_dim..slot * kvs + (g + 1) * head_dim];
+                let dot: f32 = qh.iter().zip(kh).map(|(a, b)| a * b).sum();
+                *s = dot * scale;
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let oh = &mut orow[h * head_dim..(h + 1) * head_dim];
+            for (s, &slot) in scores.iter().zip(&slots) {
+                let w = s / sum;
+                let vh = &v_cache[slot * kvs + g * head_dim..slot * kvs + (g + 1) * head_dim];
+                for (o, &v) in oh.iter_mut().zip(vh) {
+                    *o += w * v;
+                }
+            }
+        }
+    });
+    out
+}

