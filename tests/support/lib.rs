@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: fixture paths, golden files, and a minimal
 //! step driver that feeds a runner mixed prefill/decode plans.
 
+pub mod checks;
 pub mod driver;
 pub mod gguf_writer;
 pub mod goldens;

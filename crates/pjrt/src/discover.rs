@@ -51,7 +51,8 @@ fn scan_one_level(dir: &Path) -> Option<PathBuf> {
 
 /// site-packages directories of the Python interpreter (`$PYTHON` or `python3`), asked without
 /// importing anything but `site` and `sysconfig`.
-fn python_site_dirs() -> Vec<PathBuf> {
+/// The site-packages directories `python3` (or `$PYTHON`) reports, without importing anything.
+pub fn python_site_dirs() -> Vec<PathBuf> {
     const SCRIPT: &str = "import site, sysconfig\n\
         dirs = list(site.getsitepackages())\n\
         dirs.append(site.getusersitepackages())\n\

@@ -1,0 +1,633 @@
+//! The synchronous engine core: `step()` = schedule → `runner.execute` → update requests,
+//! blocks and stats, then one output event per request that made progress. It owns all
+//! mutable engine state; [`crate::handle::EngineHandle`] runs it on its own thread.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tpuserve_runner_api::{ModelRunner, SampledToken, StepOutput, TokenId, TokenLogprobs};
+
+use crate::block_manager::{BlockManager, PrefixCacheCounters};
+use crate::detokenizer::{DecodeError, DetokenizeOptions, IncrementalDetokenizer, TokenDecoder};
+use crate::error::{EngineError, RequestError};
+use crate::output::{PromptInfo, RequestOutput, RequestStream, SeqDelta};
+use crate::request::{EngineRequest, Finish, FinishReason, RequestId, SeqId};
+use crate::scheduler::{ScheduledBatch, Scheduler, SchedulerConfig};
+use crate::sequence::NewSeq;
+use crate::stats::{FinishedSeqStats, StepStats};
+use crate::stop::StopChecker;
+use crate::validation::RequestLimits;
+
+/// Engine settings (vLLM flag names in comments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// `--max-model-len`: prompt + output tokens of one sequence.
+    pub max_model_len: usize,
+    /// `--max-num-batched-tokens`: token budget of one step.
+    pub max_num_batched_tokens: usize,
+    /// `--max-num-seqs`: running sequences at most.
+    pub max_num_seqs: usize,
+    /// `--enable-prefix-caching` / `--no-enable-prefix-caching`.
+    pub enable_prefix_caching: bool,
+    /// `--max-logprobs`.
+    pub max_logprobs: usize,
+}
+
+impl EngineConfig {
+    /// vLLM V1's defaults for everything but the model length.
+    pub fn new(max_model_len: usize) -> Self {
+        EngineConfig {
+            max_model_len,
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+            enable_prefix_caching: true,
+            max_logprobs: 20,
+        }
+    }
+}
+
+/// Per-step accumulation of what [`StepStats`] reports.
+#[derive(Debug, Default)]
+struct StepAcc {
+    num_prompt_tokens: usize,
+    num_generation_tokens: usize,
+    ttft: Vec<Duration>,
+    itl: Vec<Duration>,
+    finished: Vec<FinishedSeqStats>,
+}
+
+/// Engine-side state of one child sequence: its text and stop conditions, its timeline and
+/// the delta not yet sent.
+struct Child {
+    seq_id: SeqId,
+    detok: IncrementalDetokenizer,
+    stop: StopChecker,
+    finish: Option<Finish>,
+    num_generated: usize,
+    first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    delta: SeqDelta,
+    dirty: bool,
+}
+
+struct RequestState {
+    tx: UnboundedSender<RequestOutput>,
+    n: usize,
+    prompt_len: usize,
+    max_tokens: Option<usize>,
+    arrival: Instant,
+    /// Accumulated from child 0 while its prompt is computed; `None` if not requested.
+    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    num_cached_tokens: usize,
+    prompt_sent: bool,
+    children: Vec<Child>,
+}
+
+impl RequestState {
+    fn finished_stats(&self, id: RequestId, index: usize, now: Instant) -> FinishedSeqStats {
+        let c = &self.children[index];
+        FinishedSeqStats {
+            request_id: id,
+            index,
+            n: self.n,
+            finish_reason: c.finish.as_ref().map_or(FinishReason::Abort, |f| f.reason),
+            num_prompt_tokens: self.prompt_len,
+            num_generation_tokens: c.num_generated,
+            max_tokens: self.max_tokens,
+            arrival: self.arrival,
+            first_scheduled: c.first_scheduled,
+            first_token: c.first_token,
+            last_token: c.last_token,
+            finished: now,
+        }
+    }
+}
+
+impl Child {
+    fn set_finish(&mut self, f: Finish) {
+        self.delta.finish = Some(f.clone());
+        self.finish = Some(f);
+        self.dirty = true;
+    }
+
+    /// Takes one sampled token: timings, text, stop conditions. Returns whether the sequence
+    /// is finished.
+    fn accept(
+        &mut self,
+        dec: &dyn TokenDecoder,
+        sampled: SampledToken,
+        now: Instant,
+        arrival: Instant,
+        acc: &mut StepAcc,
+    ) -> Result<bool, DecodeError> {
+        let token = sampled.token;
+        self.num_generated += 1;
+        let n = self.num_generated;
+        self.dirty = true;
+        self.delta.token_ids.push(token);
+        if let Some(lp) = sampled.logprobs {
+            self.delta.logprobs.get_or_insert_with(Vec::new).push(lp);
+        }
+        match self.last_token {
+            None => acc.ttft.push(now.saturating_duration_since(arrival)),
+            Some(prev) => acc.itl.push(now.saturating_duration_since(prev)),
+        }
+        self.first_token.get_or_insert(now);
+        self.last_token = Some(now);
+        acc.num_generation_tokens += 1;
+
+        let mut finish = self.stop.check_token(token, n);
+        let mut by_stop_string = false;
+        if finish.is_none() {
+            let text = self.detok.push(dec, token)?;
+            finish = self.stop.push_text(&text, n);
+            by_stop_string = finish.is_some();
+        } else if self.stop.keeps_stop_token_text() {
+            let text = self.detok.push(dec, token)?;
+            self.stop.append_text(&text);
+        }
+        if finish.is_none() {
+            finish = self.stop.check_length(n);
+        }
+        // A finished sequence releases a trailing incomplete character too; after a stop
+        // string the rest is cut anyway.
+        if finish.is_some() && !by_stop_string {
+            let rest = self.detok.flush(dec)?;
+            match self.stop.push_text(&rest, n) {
+                Some(f) if finish.as_ref().is_some_and(|f| f.reason == FinishReason::Length) => {
+                    finish = Some(f)
+                }
+                _ => {}
+            }
+        }
+        self.delta
+            .text
+            .push_str(&self.stop.take_text(finish.is_some()));
+        match finish {
+            Some(f) => {
+                self.set_finish(f);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+pub struct EngineCore {
+    runner: Box<dyn ModelRunner>,
+    decoder: Arc<dyn TokenDecoder>,
+    eos: Arc<[TokenId]>,
+    cfg: EngineConfig,
+    limits: RequestLimits,
+    scheduler: Scheduler,
+    requests: HashMap<RequestId, RequestState>,
+    owners: HashMap<SeqId, (RequestId, usize)>,
+    stats_subscribers: Vec<UnboundedSender<StepStats>>,
+    acc: StepAcc,
+    last_counters: PrefixCacheCounters,
+    last_preemptions: u64,
+}
+
+impl EngineCore {
+    /// `eos_token_ids`: every id that ends generation (`LoadedModel::eos_token_ids`).
+    pub fn new(
+        runner: Box<dyn ModelRunner>,
+        decoder: Arc<dyn TokenDecoder>,
+        eos_token_ids: Vec<TokenId>,
+        cfg: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let kv = runner.kv_cache_shape();
+        let capacity = kv.num_blocks * kv.block_size;
+        if kv.block_size == 0 || kv.num_blocks == 0 {
+            return Err(EngineError::Config(format!(
+                "the runner has an empty KV cache ({} blocks of {})",
+                kv.num_blocks, kv.block_size
+            )));
+        }
+        if cfg.max_model_len < 2 || cfg.max_num_batched_tokens == 0 || cfg.max_num_seqs == 0 {
+            return Err(EngineError::Config(
+                "max_model_len must be at least 2, max_num_batched_tokens and max_num_seqs \
+                 at least 1"
+                    .into(),
+            ));
+        }
+        if cfg.max_model_len > capacity {
+            return Err(EngineError::Config(format!(
+                "the model's max seq len ({}) is larger than the maximum number of tokens that \
+                 can be stored in the KV cache ({capacity}); decrease max_model_len or give \
+                 the cache more memory",
+                cfg.max_model_len
+            )));
+        }
+        let limits = RequestLimits {
+            max_model_len: cfg.max_model_len,
+            vocab_size: runner.vocab_size(),
+            max_logprobs: cfg.max_logprobs,
+        };
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                max_num_seqs: cfg.max_num_seqs,
+                max_model_len: cfg.max_model_len,
+            },
+            BlockManager::new(kv.num_blocks, kv.block_size, cfg.enable_prefix_caching),
+        );
+        Ok(EngineCore {
+            runner,
+            decoder,
+            eos: eos_token_ids.into(),
+            cfg,
+            limits,
+            scheduler,
+            requests: HashMap::new(),
+            owners: HashMap::new(),
+            stats_subscribers: Vec::new(),
+            acc: StepAcc::default(),
+            last_counters: PrefixCacheCounters::default(),
+            last_preemptions: 0,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn limits(&self) -> RequestLimits {
+        self.limits
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    pub fn runner(&self) -> &dyn ModelRunner {
+        self.runner.as_ref()
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
+    pub fn num_unfinished(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// A new receiver of every following step's [`StepStats`].
+    pub fn subscribe_stats(&mut self) -> UnboundedReceiver<StepStats> {
+        let (tx, rx) = unbounded_channel();
+        self.stats_subscribers.push(tx);
+        rx
+    }
+
+    /// Validates and queues a request; its events arrive on the returned stream.
+    pub fn add_request(&mut self, req: EngineRequest) -> Result<RequestStream, EngineError> {
+        self.limits.validate(&req)?;
+        if self.requests.contains_key(&req.id) {
+            return Err(RequestError::DuplicateId(req.id).into());
+        }
+        let (tx, rx) = unbounded_channel();
+        let id = req.id;
+        self.insert(req, tx);
+        Ok(RequestStream { id, receiver: rx })
+    }
+
+    /// Queues an already validated request (the handle validates on the caller's thread).
+    pub(crate) fn insert(&mut self, req: EngineRequest, tx: UnboundedSender<RequestOutput>) {
+        if self.requests.contains_key(&req.id) {
+            let _ = tx.send(RequestOutput {
+                request_id: req.id,
+                finished: true,
+                error: Some(RequestError::DuplicateId(req.id).to_string()),
+                ..Default::default()
+            });
+            return;
+        }
+        let stop = Arc::new(req.stop.clone());
+        let mut banned: Vec<TokenId> = stop.stop_token_ids.clone();
+        if !stop.ignore_eos {
+            banned.extend(self.eos.iter().copied());
+        }
+        let opts = DetokenizeOptions {
+            skip_special_tokens: stop.skip_special_tokens,
+            spaces_between_special_tokens: stop.spaces_between_special_tokens,
+        };
+        let prompt = Arc::new(req.prompt_token_ids.clone());
+        let mut children = Vec::with_capacity(req.n);
+        let mut first: Option<SeqId> = None;
+        for index in 0..req.n {
+            let sampling = Arc::new(req.child_sampling(index));
+            let seq_id = self.scheduler.add(NewSeq {
+                request_id: req.id,
+                index,
+                prompt: prompt.clone(),
+                prompt_logprobs: index == 0 && sampling.prompt_logprobs.is_some(),
+                sampling,
+                banned_until_min_tokens: banned.clone(),
+                min_tokens: stop.min_tokens,
+                wait_for: first,
+            });
+            first.get_or_insert(seq_id);
+            self.owners.insert(seq_id, (req.id, index));
+            children.push(Child {
+                seq_id,
+                detok: IncrementalDetokenizer::new(&prompt, opts),
+                stop: StopChecker::new(
+                    stop.clone(),
+                    self.eos.clone(),
+                    prompt.len(),
+                    self.cfg.max_model_len,
+                ),
+                finish: None,
+                num_generated: 0,
+                first_scheduled: None,
+                first_token: None,
+                last_token: None,
+                delta: SeqDelta {
+                    index,
+                    ..Default::default()
+                },
+                dirty: false,
+            });
+        }
+        self.requests.insert(
+            req.id,
+            RequestState {
+                tx,
+                n: req.n,
+                prompt_len: prompt.len(),
+                max_tokens: req.stop.max_tokens,
+                arrival: req.arrival,
+                prompt_logprobs: req.sampling.prompt_logprobs.map(|_| vec![None]),
+                num_cached_tokens: 0,
+                prompt_sent: false,
+                children,
+            },
+        );
+    }
+
+    /// Ends a request now (its blocks are free before the next step); no-op if unknown.
+    pub fn abort_request(&mut self, id: RequestId) {
+        self.end_request(id, FinishReason::Abort, None);
+    }
+
+    /// Aborts every request (shutdown).
+    pub fn abort_all(&mut self) {
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            self.abort_request(id);
+        }
+    }
+
+    /// Finishes every unfinished child of `id` with `reason` and sends the final event.
+    fn end_request(&mut self, id: RequestId, reason: FinishReason, error: Option<String>) {
+        let Some(mut req) = self.requests.remove(&id) else {
+            return;
+        };
+        let now = Instant::now();
+        for index in 0..req.children.len() {
+            let child = &mut req.children[index];
+            if child.finish.is_some() {
+                continue;
+            }
+            self.scheduler.finish(child.seq_id);
+            self.owners.remove(&child.seq_id);
+            child.delta.text.push_str(&child.stop.take_text(true));
+            child.set_finish(Finish::new(reason));
+            self.acc.finished.push(req.finished_stats(id, index, now));
+        }
+        self.send(id, &mut req, error);
+    }
+
+    /// Sends the pending deltas of `req` as one event. Returns false if the receiver is gone.
+    fn send(&mut self, id: RequestId, req: &mut RequestState, error: Option<String>) -> bool {
+        let seqs: Vec<SeqDelta> = req
+            .children
+            .iter_mut()
+            .filter(|c| std::mem::take(&mut c.dirty))
+            .map(|c| {
+                let index = c.delta.index;
+                std::mem::replace(
+                    &mut c.delta,
+                    SeqDelta {
+                        index,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let finished = req.children.iter().all(|c| c.finish.is_some());
+        if seqs.is_empty() && !finished {
+            return true;
+        }
+        let prompt = (!req.prompt_sent).then(|| {
+            req.prompt_sent = true;
+            if seqs.iter().any(|s| !s.token_ids.is_empty()) {
+                self.acc.num_prompt_tokens += req.prompt_len;
+            }
+            PromptInfo {
+                num_prompt_tokens: req.prompt_len,
+                num_cached_tokens: req.num_cached_tokens,
+                prompt_logprobs: req.prompt_logprobs.take(),
+            }
+        });
+        req.tx
+            .send(RequestOutput {
+                request_id: id,
+                prompt,
+                seqs,
+                finished,
+                error,
+            })
+            .is_ok()
+    }
+
+    /// Runs one step. Returns false when there was nothing to run.
+    pub fn step(&mut self) -> bool {
+        // A dropped output stream means the client is gone.
+        let gone: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.abort_request(id);
+        }
+
+        let mut batch = self.scheduler.schedule();
+        if batch.is_empty() {
+            self.publish_stats(0, Duration::ZERO);
+            return false;
+        }
+        self.note_scheduling(&batch);
+        // The plan shares each sequence's output vector; dropping it before the update lets
+        // appends happen in place instead of copying.
+        let plan = std::mem::take(&mut batch.plan);
+        let num_tokens = plan.num_tokens();
+        let t0 = Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(|| self.runner.execute(&plan)));
+        let execute_time = t0.elapsed();
+        drop(plan);
+        let outcome = match result {
+            Ok(Ok(out)) if out.seqs.len() == batch.scheduled.len() => Ok(out),
+            Ok(Ok(out)) => Err(format!(
+                "the runner returned {} outputs for {} sequences",
+                out.seqs.len(),
+                batch.scheduled.len()
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(panic) => Err(panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .map_or("the runner panicked".into(), |m| {
+                    format!("the runner panicked: {m}")
+                })),
+        };
+        match outcome {
+            Ok(out) => self.apply(&batch, out),
+            Err(msg) => {
+                tracing::error!("step failed, failing its requests: {msg}");
+                let mut ids: Vec<RequestId> = batch
+                    .scheduled
+                    .iter()
+                    .filter_map(|s| self.owners.get(&s.seq_id).map(|o| o.0))
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                for id in ids {
+                    self.end_request(id, FinishReason::Error, Some(msg.clone()));
+                }
+            }
+        }
+        self.publish_stats(num_tokens, execute_time);
+        true
+    }
+
+    /// Timestamps of first scheduling, cached-token counts, and prompt logprobs that a
+    /// preemption made stale (they are computed again with the prompt).
+    fn note_scheduling(&mut self, batch: &ScheduledBatch) {
+        let now = Instant::now();
+        for seq_id in &batch.first_scheduled {
+            let Some(&(rid, index)) = self.owners.get(seq_id) else {
+                continue;
+            };
+            let cached = self.scheduler.seq(*seq_id).map_or(0, |s| s.num_cached_tokens());
+            if let Some(req) = self.requests.get_mut(&rid) {
+                req.children[index].first_scheduled = Some(now);
+                if index == 0 {
+                    req.num_cached_tokens = cached;
+                }
+            }
+        }
+        for seq_id in &batch.preempted {
+            let Some(&(rid, 0)) = self.owners.get(seq_id) else {
+                continue;
+            };
+            if let Some(req) = self.requests.get_mut(&rid) {
+                if let (Some(lp), false) = (req.prompt_logprobs.as_mut(), req.prompt_sent) {
+                    lp.truncate(1);
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, batch: &ScheduledBatch, out: StepOutput) {
+        let now = Instant::now();
+        let mut touched = Vec::new();
+        let mut failed = Vec::new();
+        for (s, o) in batch.scheduled.iter().zip(out.seqs) {
+            self.scheduler.complete(s);
+            let Some(&(rid, index)) = self.owners.get(&s.seq_id) else {
+                continue;
+            };
+            let Some(req) = self.requests.get_mut(&rid) else {
+                continue;
+            };
+            if index == 0 && !req.prompt_sent {
+                if let Some(lp) = req.prompt_logprobs.as_mut() {
+                    lp.extend(o.prompt_logprobs.into_iter().map(Some));
+                }
+            }
+            if !s.sample {
+                continue;
+            }
+            let Some(sampled) = o.sampled else {
+                failed.push((rid, "the runner returned no token for a sequence".to_string()));
+                continue;
+            };
+            self.scheduler.append_token(s.seq_id, sampled.token);
+            let arrival = req.arrival;
+            let child = &mut req.children[index];
+            match child.accept(self.decoder.as_ref(), sampled, now, arrival, &mut self.acc) {
+                Ok(true) => {
+                    self.scheduler.finish(s.seq_id);
+                    self.owners.remove(&s.seq_id);
+                    self.acc.finished.push(req.finished_stats(rid, index, now));
+                }
+                Ok(false) => {}
+                Err(e) => failed.push((rid, e.to_string())),
+            }
+            touched.push(rid);
+        }
+        for (rid, msg) in failed {
+            self.end_request(rid, FinishReason::Error, Some(msg));
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for rid in touched {
+            let Some(mut req) = self.requests.remove(&rid) else {
+                continue;
+            };
+            let delivered = self.send(rid, &mut req, None);
+            if req.children.iter().any(|c| c.finish.is_none()) {
+                self.requests.insert(rid, req);
+                if !delivered {
+                    self.abort_request(rid);
+                }
+            }
+        }
+    }
+
+    fn publish_stats(&mut self, num_scheduled_tokens: usize, execute_time: Duration) {
+        let acc = std::mem::take(&mut self.acc);
+        self.stats_subscribers.retain(|s| !s.is_closed());
+        if self.stats_subscribers.is_empty() || (num_scheduled_tokens == 0 && acc.finished.is_empty()) {
+            return;
+        }
+        let counters = self.scheduler.block_manager().counters();
+        let preemptions = self.scheduler.num_preemptions();
+        let stats = StepStats {
+            at: Instant::now(),
+            execute_time,
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+            kv_cache_usage: self.scheduler.block_manager().usage(),
+            prefix_cache_queries: counters.queries - self.last_counters.queries,
+            prefix_cache_hits: counters.hits - self.last_counters.hits,
+            num_prompt_tokens: acc.num_prompt_tokens,
+            num_generation_tokens: acc.num_generation_tokens,
+            num_scheduled_tokens,
+            num_preemptions: (preemptions - self.last_preemptions) as usize,
+            time_to_first_token: acc.ttft,
+            inter_token_latencies: acc.itl,
+            finished: acc.finished,
+        };
+        self.last_counters = counters;
+        self.last_preemptions = preemptions;
+        for s in &self.stats_subscribers {
+            let _ = s.send(stats.clone());
+        }
+    }
+
+    /// Steps until every request is finished (tests and offline use).
+    pub fn run_until_idle(&mut self) {
+        while self.has_unfinished() {
+            self.step();
+        }
+    }
+}

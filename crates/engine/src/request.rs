@@ -1,0 +1,164 @@
+//! What a request is once it has passed the server's gate: ids, prompt, sampling and stop
+//! settings, and how a finished sequence reports why it ended.
+//!
+//! Lifecycle of every child sequence: waiting → running → finished (stop / length / abort /
+//! error); a running sequence that loses its KV blocks is preempted back to the front of the
+//! waiting queue and recomputed later.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use tpuserve_runner_api::{SamplingParams, TokenId};
+
+/// Engine-wide identity of a request (all its `n` children).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+impl RequestId {
+    /// A process-unique id; the server keeps its own string id (`cmpl-…`) beside it.
+    pub fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        RequestId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "req-{}", self.0)
+    }
+}
+
+/// Identity of one child sequence inside the scheduler; also the runner's `seq_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// Index of a physical KV block in the runner's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub u32);
+
+/// When generation ends, and what the output text looks like (vLLM's `SamplingParams` stop
+/// and detokenization fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StopParams {
+    /// Generated tokens at most; `None` = until `max_model_len`.
+    pub max_tokens: Option<usize>,
+    /// EOS and `stop_token_ids` are banned, and stop strings ignored, until this many tokens.
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    pub stop_token_ids: Vec<TokenId>,
+    pub stop: Vec<String>,
+    pub include_stop_str_in_output: bool,
+    pub skip_special_tokens: bool,
+    pub spaces_between_special_tokens: bool,
+}
+
+impl Default for StopParams {
+    fn default() -> Self {
+        StopParams {
+            max_tokens: Some(16),
+            min_tokens: 0,
+            ignore_eos: false,
+            stop_token_ids: Vec::new(),
+            stop: Vec::new(),
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
+            spaces_between_special_tokens: true,
+        }
+    }
+}
+
+/// A request as the engine receives it: already tokenized and validated by the server.
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    pub id: RequestId,
+    pub prompt_token_ids: Vec<TokenId>,
+    pub sampling: SamplingParams,
+    pub stop: StopParams,
+    /// Independent samples sharing the prompt; child `i` of a seeded request uses `seed + i`.
+    pub n: usize,
+    /// When the server received it (queue time and TTFT are measured from here).
+    pub arrival: Instant,
+}
+
+impl EngineRequest {
+    pub fn new(prompt_token_ids: Vec<TokenId>, sampling: SamplingParams, stop: StopParams) -> Self {
+        EngineRequest {
+            id: RequestId::fresh(),
+            prompt_token_ids,
+            sampling,
+            stop,
+            n: 1,
+            arrival: Instant::now(),
+        }
+    }
+
+    /// The sampling settings of child `index`: its own seed so that siblings differ.
+    pub fn child_sampling(&self, index: usize) -> SamplingParams {
+        let mut p = self.sampling.clone();
+        p.seed = p.seed.map(|s| s.wrapping_add(index as u64));
+        p
+    }
+}
+
+/// Why a sequence ended, as the OpenAI `finish_reason` field spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// EOS, a stop token id or a stop string.
+    Stop,
+    /// `max_tokens` or `max_model_len` reached.
+    Length,
+    /// Cancelled from outside (client gone, explicit abort, engine shutdown).
+    Abort,
+    /// The runner failed on a step this request was part of.
+    Error,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// vLLM's `stop_reason`: which stop string or stop token id ended the sequence
+/// (`None` in [`Finish`] when it was EOS, length, abort or error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    Token(TokenId),
+    String(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub stop_reason: Option<StopReason>,
+}
+
+impl Finish {
+    pub fn new(reason: FinishReason) -> Self {
+        Finish {
+            reason,
+            stop_reason: None,
+        }
+    }
+}
+
+/// Where a child sequence is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqStatus {
+    /// Queued (new, or preempted and waiting to be recomputed).
+    Waiting,
+    /// Holds KV blocks and is scheduled every step the budget allows.
+    Running,
+}

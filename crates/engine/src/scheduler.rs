@@ -1,0 +1,395 @@
+//! Continuous batching in the style of vLLM V1: one token budget per step, filled first with
+//! the running sequences (decode tokens, or the next chunk of a prefill) in admission order,
+//! then with waiting sequences in FCFS order, as long as `max_num_seqs` allows. Prefill and
+//! decode are one code path: a sequence simply asks for `num_tokens - num_computed` tokens.
+//! When the KV cache runs out, the most recently admitted sequence is preempted by recompute.
+//!
+//! The output is the runner's flat [`StepPlan`] plus what the engine needs to update its
+//! requests afterwards ([`ScheduledSeq`]).
+
+use std::collections::{HashMap, VecDeque};
+
+use tpuserve_runner_api::{SeqPlan, StepPlan};
+
+use crate::block_manager::BlockManager;
+use crate::request::{SeqId, SeqStatus};
+use crate::sequence::{NewSeq, Sequence};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub max_model_len: usize,
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub seq_id: SeqId,
+    pub num_tokens: usize,
+    /// The step samples a token for it (its known tokens will all be computed).
+    pub sample: bool,
+    /// Of `num_tokens`, how many are prompt tokens (the rest recompute generated tokens or
+    /// are the decode token).
+    pub num_prompt_tokens: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct ScheduledBatch {
+    pub plan: StepPlan,
+    /// In plan order.
+    pub scheduled: Vec<ScheduledSeq>,
+    /// Sequences that lost their blocks this step (now at the front of the waiting queue).
+    pub preempted: Vec<SeqId>,
+    /// Sequences scheduled for the first time ever.
+    pub first_scheduled: Vec<SeqId>,
+}
+
+impl ScheduledBatch {
+    pub fn is_empty(&self) -> bool {
+        self.scheduled.is_empty()
+    }
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    blocks: BlockManager,
+    seqs: HashMap<SeqId, Sequence>,
+    waiting: VecDeque<SeqId>,
+    /// In admission order: the last one is preempted first.
+    running: Vec<SeqId>,
+    next_seq: u64,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
+        Scheduler {
+            cfg,
+            blocks,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_seq: 0,
+            num_preemptions: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn block_manager(&self) -> &BlockManager {
+        &self.blocks
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+
+    /// Preemptions since start.
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    pub fn seq(&self, id: SeqId) -> Option<&Sequence> {
+        self.seqs.get(&id)
+    }
+
+    /// Queues a new sequence at the back of the waiting queue.
+    pub fn add(&mut self, new: NewSeq) -> SeqId {
+        let id = SeqId(self.next_seq);
+        self.next_seq += 1;
+        let seq = Sequence::new(id, new, self.blocks.block_size());
+        self.seqs.insert(id, seq);
+        self.waiting.push_back(id);
+        id
+    }
+
+    pub fn schedule(&mut self) -> ScheduledBatch {
+        let mut batch = ScheduledBatch::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let n = self.remaining(id).min(budget);
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            let mut fits = true;
+            while !self.grow(id, n) {
+                let Some(victim) = self.running.pop() else {
+                    fits = false;
+                    break;
+                };
+                self.preempt(victim);
+                batch.preempted.push(victim);
+                if victim == id {
+                    fits = false;
+                    break;
+                }
+            }
+            if !fits {
+                break;
+            }
+            budget -= n;
+            self.push_plan(&mut batch, id, n);
+            i += 1;
+        }
+
+        // Like vLLM, admit nothing in a step that had to preempt: the cache is under pressure.
+        if batch.preempted.is_empty() {
+            self.admit_waiting(&mut batch, budget);
+        }
+        batch
+    }
+
+    fn admit_waiting(&mut self, batch: &mut ScheduledBatch, mut budget: usize) {
+        let mut gated = Vec::new();
+        while self.running.len() < self.cfg.max_num_seqs && budget > 0 {
+            let Some(id) = self.waiting.pop_front() else {
+                break;
+            };
+            if self.sibling_still_prefilling(id) {
+                gated.push(id);
+                continue;
+            }
+            let (queried, hit) = self.acquire_prefix(id);
+            let n = self.remaining(id).min(budget);
+            if !self.grow(id, n) {
+                if let Some(seq) = self.seqs.get_mut(&id) {
+                    self.blocks.release(&seq.blocks);
+                    seq.blocks.clear();
+                    seq.num_computed = 0;
+                }
+                self.waiting.push_front(id);
+                break;
+            }
+            self.blocks.record_lookup(queried, hit);
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.status = SeqStatus::Running;
+                if !seq.ever_scheduled {
+                    seq.ever_scheduled = true;
+                    seq.num_cached_tokens = hit;
+                    batch.first_scheduled.push(id);
+                }
+            }
+            self.running.push(id);
+            budget -= n;
+            self.push_plan(batch, id, n);
+        }
+        for id in gated.into_iter().rev() {
+            self.waiting.push_front(id);
+        }
+    }
+
+    /// Whether `id` waits for a sibling to compute the shared prompt (clears the gate once
+    /// the sibling is done or gone).
+    fn sibling_still_prefilling(&mut self, id: SeqId) -> bool {
+        let Some(parent) = self.seqs.get(&id).and_then(|s| s.wait_for) else {
+            return false;
+        };
+        let busy = self.blocks.prefix_caching()
+            && self
+                .seqs
+                .get(&parent)
+                .is_some_and(|p| p.num_computed < p.prompt_len());
+        if !busy {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.wait_for = None;
+            }
+        }
+        busy
+    }
+
+    /// Takes the cached prefix of a sequence that holds no blocks. Returns (queried, hit)
+    /// in tokens. At least one token is left to compute, since the step must produce logits.
+    fn acquire_prefix(&mut self, id: SeqId) -> (usize, usize) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return (0, 0);
+        };
+        if !seq.blocks.is_empty() || seq.prompt_logprobs_pending || !self.blocks.prefix_caching()
+        {
+            return (0, 0);
+        }
+        let bs = self.blocks.block_size();
+        let usable = ((seq.num_tokens() - 1) / bs).min(seq.hashes.len());
+        seq.blocks = self.blocks.acquire_cached(&seq.hashes[..usable]);
+        seq.num_computed = seq.blocks.len() * bs;
+        (seq.num_tokens(), seq.num_computed)
+    }
+
+    fn remaining(&self, id: SeqId) -> usize {
+        self.seqs
+            .get(&id)
+            .map_or(0, |s| s.num_tokens() - s.num_computed)
+    }
+
+    /// Makes `id`'s block table cover `n` more tokens; false (nothing taken) if out of blocks.
+    fn grow(&mut self, id: SeqId, n: usize) -> bool {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return false;
+        };
+        let need = (seq.num_computed + n).div_ceil(self.blocks.block_size());
+        if need <= seq.blocks.len() {
+            return true;
+        }
+        match self.blocks.allocate(need - seq.blocks.len()) {
+            Some(new) => {
+                seq.blocks.extend(new);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Frees all of `id`'s blocks and queues it first to be recomputed. Its full blocks stay
+    /// in the prefix cache, so the recompute usually starts from a hit.
+    fn preempt(&mut self, id: SeqId) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        self.blocks.release(&seq.blocks);
+        seq.blocks.clear();
+        seq.num_computed = 0;
+        seq.num_registered = 0;
+        seq.status = SeqStatus::Waiting;
+        seq.num_preemptions += 1;
+        self.num_preemptions += 1;
+        self.waiting.push_front(id);
+    }
+
+    fn push_plan(&mut self, batch: &mut ScheduledBatch, id: SeqId, n: usize) {
+        let Some(seq) = self.seqs.get(&id) else {
+            return;
+        };
+        let bs = self.blocks.block_size();
+        let plan = &mut batch.plan;
+        let (start, end) = (seq.num_computed, seq.num_computed + n);
+        let query_start = plan.token_ids.len();
+        for p in start..end {
+            plan.token_ids.push(seq.token_at(p));
+            plan.positions.push(p as u32);
+            plan.slot_mapping
+                .push(seq.blocks[p / bs].0 * bs as u32 + (p % bs) as u32);
+        }
+        let prompt_logprob_targets = if seq.prompt_logprobs_pending {
+            (start..end.min(seq.prompt_len().saturating_sub(1)))
+                .map(|p| seq.prompt[p + 1])
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let sample = end == seq.num_tokens();
+        plan.seqs.push(SeqPlan {
+            seq_id: id.0,
+            query_start,
+            query_len: n,
+            context_len: end,
+            block_table: seq.blocks.iter().map(|b| b.0).collect(),
+            sample,
+            prompt_logprob_targets,
+            return_logits: false,
+            sampling: seq.step_sampling(),
+            output_tokens: seq.output.clone(),
+            prompt_tokens: seq.prompt.clone(),
+        });
+        batch.scheduled.push(ScheduledSeq {
+            seq_id: id,
+            num_tokens: n,
+            sample,
+            num_prompt_tokens: seq.prompt_len().saturating_sub(start).min(n),
+        });
+    }
+
+    /// Records that a step computed `s.num_tokens` more tokens of `s.seq_id`, and offers the
+    /// blocks that became full to the prefix cache (only now is their KV really there).
+    pub fn complete(&mut self, s: &ScheduledSeq) {
+        let Some(seq) = self.seqs.get_mut(&s.seq_id) else {
+            return;
+        };
+        seq.num_computed += s.num_tokens;
+        if seq.num_computed >= seq.prompt_len() {
+            seq.prompt_logprobs_pending = false;
+        }
+        let bs = self.blocks.block_size();
+        while seq.num_registered < seq.hashes.len()
+            && (seq.num_registered + 1) * bs <= seq.num_computed
+        {
+            let k = seq.num_registered;
+            self.blocks.register(seq.blocks[k], seq.hashes[k]);
+            seq.num_registered += 1;
+        }
+    }
+
+    /// Appends a sampled token to `id`'s output (its KV is computed in the next step).
+    pub fn append_token(&mut self, id: SeqId, token: tpuserve_runner_api::TokenId) {
+        let bs = self.blocks.block_size();
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.push_output(token, bs);
+        }
+    }
+
+    /// Removes a finished or aborted sequence and frees its blocks; returns it.
+    pub fn finish(&mut self, id: SeqId) -> Option<Sequence> {
+        let seq = self.seqs.remove(&id)?;
+        match seq.status {
+            SeqStatus::Running => self.running.retain(|&r| r != id),
+            SeqStatus::Waiting => self.waiting.retain(|&w| w != id),
+        }
+        self.blocks.release(&seq.blocks);
+        Some(seq)
+    }
+
+    /// Every structural invariant (for tests): block accounting and ownership, queue
+    /// membership, `max_num_seqs`.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.blocks.check_invariants()?;
+        let mut holders = vec![0u32; self.blocks.num_blocks()];
+        for seq in self.seqs.values() {
+            let mut seen = std::collections::HashSet::new();
+            for b in &seq.blocks {
+                if !seen.insert(*b) {
+                    return Err(format!("{:?} holds block {} twice", seq.id, b.0));
+                }
+                holders[b.0 as usize] += 1;
+            }
+            if seq.blocks.len() * self.blocks.block_size() < seq.num_computed {
+                return Err(format!("{:?}: computed tokens outside its blocks", seq.id));
+            }
+            let in_running = self.running.contains(&seq.id);
+            let in_waiting = self.waiting.contains(&seq.id);
+            let ok = match seq.status {
+                SeqStatus::Running => in_running && !in_waiting,
+                SeqStatus::Waiting => in_waiting && !in_running && seq.blocks.is_empty(),
+            };
+            if !ok {
+                return Err(format!("{:?} is {:?} but queued wrongly", seq.id, seq.status));
+            }
+        }
+        for (b, &h) in holders.iter().enumerate() {
+            let rc = self.blocks.ref_count(crate::request::BlockId(b as u32));
+            if rc != h {
+                return Err(format!("block {b}: ref count {rc}, held by {h} sequences"));
+            }
+        }
+        if self.running.len() + self.waiting.len() != self.seqs.len() {
+            return Err("a queue holds an unknown sequence".into());
+        }
+        if self.running.len() > self.cfg.max_num_seqs {
+            return Err(format!("{} running > max_num_seqs", self.running.len()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,551 @@
+//! The Llama forward step as one StableHLO program per shape bucket. Layers run in a
+//! `stablehlo.while` over weights stacked on a leading layer axis, so a program's size (and
+//! compile time) does not grow with depth. The KV caches are donated arguments updated by
+//! scatter; attention gathers each token's pages through its block-table row.
+//!
+//! Sharding (tensor parallel over `tp` devices, Megatron style): q/k/v/gate/up split by output
+//! rows, o/down by input columns, embedding and LM head by vocabulary rows, KV caches by the
+//! KV-head axis. GSPMD inserts the collectives.
+
+use crate::hlo::{module, Arg, Block, Cmp, Elem, Ty, V};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelDims {
+    pub hidden: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub inter: i64,
+    pub vocab: i64,
+    pub layers: i64,
+    pub eps: String,
+}
+
+/// One compiled shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bucket {
+    /// Token rows per execution.
+    pub tokens: i64,
+    /// KV blocks gathered per token (covers the longest context in the execution).
+    pub blocks: i64,
+    /// Top-k alternatives computed per row (0 or the maximum logprobs).
+    pub top_k: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProgramConfig {
+    pub dims: ModelDims,
+    pub weight_elem: WeightElem,
+    pub num_blocks: i64,
+    pub block_size: i64,
+    pub tp: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightElem {
+    F32,
+    BF16,
+}
+
+impl WeightElem {
+    pub fn elem(self) -> Elem {
+        match self {
+            WeightElem::F32 => Elem::F32,
+            WeightElem::BF16 => Elem::BF16,
+        }
+    }
+}
+
+/// Argument order of every program (weights first, then cache, then per-step inputs).
+pub mod arg {
+    pub const EMBED: usize = 0;
+    pub const FINAL_NORM: usize = 1;
+    pub const LM_HEAD: usize = 2;
+    pub const IN_NORM: usize = 3;
+    pub const WQ: usize = 4;
+    pub const WK: usize = 5;
+    pub const WV: usize = 6;
+    pub const WO: usize = 7;
+    pub const POST_NORM: usize = 8;
+    pub const WG: usize = 9;
+    pub const WU: usize = 10;
+    pub const WD: usize = 11;
+    pub const INV_FREQ: usize = 12;
+    pub const K_CACHE: usize = 13;
+    pub const V_CACHE: usize = 14;
+    pub const TOKENS: usize = 15;
+    pub const POSITIONS: usize = 16;
+    pub const SLOTS: usize = 17;
+    pub const BLOCKS: usize = 18;
+    pub const TARGETS: usize = 19;
+    pub const TEMPERATURE: usize = 20;
+    pub const RNG_KEYS: usize = 21;
+    pub const COUNT: usize = 22;
+    pub const NUM_WEIGHTS: usize = 13;
+}
+
+/// Output order: caches, then per-row results.
+pub mod out {
+    pub const K_CACHE: usize = 0;
+    pub const V_CACHE: usize = 1;
+    pub const SAMPLED: usize = 2;
+    pub const SAMPLED_LOGPROB: usize = 3;
+    pub const SAMPLED_RANK: usize = 4;
+    pub const TARGET_LOGPROB: usize = 5;
+    pub const TARGET_RANK: usize = 6;
+    pub const TOP_IDS: usize = 7;
+    pub const TOP_LOGPROBS: usize = 8;
+}
+
+/// The sharding of each weight argument (GSPMD notation), for `tp` devices.
+pub fn arg_sharding(index: usize, tp: i64) -> String {
+    if tp == 1 {
+        return "{replicated}".into();
+    }
+    let d = |spec: &str| format!("{{devices={spec}<=[{tp}]}}");
+    match index {
+        arg::EMBED | arg::LM_HEAD => d(&format!("[{tp},1]")),
+        arg::WQ | arg::WK | arg::WV | arg::WG | arg::WU => d(&format!("[1,{tp},1]")),
+        arg::WO | arg::WD => d(&format!("[1,1,{tp}]")),
+        arg::K_CACHE | arg::V_CACHE => d(&format!("[1,{tp}]")),
+        _ => "{replicated}".into(),
+    }
+}
+
+impl ProgramConfig {
+    pub fn slots(&self) -> i64 {
+        self.num_blocks * self.block_size
+    }
+
+    pub fn kv_width(&self) -> i64 {
+        self.dims.kv_heads * self.dims.head_dim
+    }
+
+    pub fn arg_types(&self, b: Bucket) -> Vec<Ty> {
+        let m = &self.dims;
+        let w = self.weight_elem.elem();
+        let (l, h, t) = (m.layers, m.hidden, b.tokens);
+        let qs = m.heads * m.head_dim;
+        let kvs = self.kv_width();
+        vec![
+            Ty::new(&[m.vocab, h], w),
+            Ty::new(&[h], Elem::F32),
+            Ty::new(&[m.vocab, h], w),
+            Ty::new(&[l, h], Elem::F32),
+            Ty::new(&[l, qs, h], w),
+            Ty::new(&[l, kvs, h], w),
+            Ty::new(&[l, kvs, h], w),
+            Ty::new(&[l, h, qs], w),
+            Ty::new(&[l, h], Elem::F32),
+            Ty::new(&[l, m.inter, h], w),
+            Ty::new(&[l, m.inter, h], w),
+            Ty::new(&[l, h, m.inter], w),
+            Ty::new(&[m.head_dim / 2], Elem::F32),
+            Ty::new(&[l * self.slots(), kvs], w),
+            Ty::new(&[l * self.slots(), kvs], w),
+            Ty::new(&[t], Elem::I32),
+            Ty::new(&[t], Elem::I32),
+            Ty::new(&[t], Elem::I32),
+            Ty::new(&[t, b.blocks], Elem::I32),
+            Ty::new(&[t], Elem::I32),
+            Ty::new(&[t], Elem::F32),
+            Ty::new(&[t], Elem::U32),
+        ]
+    }
+
+    /// The StableHLO text of the step program for one bucket.
+    pub fn emit(&self, b: Bucket) -> String {
+        let args: Vec<Arg> = self
+            .arg_types(b)
+            .into_iter()
+            .enumerate()
+            .map(|(i, ty)| {
+                let mut attrs = vec![format!("mhlo.sharding = \"{}\"", arg_sharding(i, self.tp))];
+                if i == arg::K_CACHE {
+                    attrs.push("tf.aliasing_output = 0 : i32".into());
+                }
+                if i == arg::V_CACHE {
+                    attrs.push("tf.aliasing_output = 1 : i32".into());
+                }
+                Arg { ty, attrs }
+            })
+            .collect();
+        let cache_sharding = arg_sharding(arg::K_CACHE, self.tp);
+        module("llama_step", self.tp as usize, &args, |blk, a| {
+            let mut e = Emitter { cfg: self, b, blk };
+            let outs = e.forward(a);
+            outs.into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let sh = if i < 2 {
+                        cache_sharding.clone()
+                    } else {
+                        "{replicated}".to_string()
+                    };
+                    (v, Some(sh))
+                })
+                .collect()
+        })
+    }
+}
+
+struct Emitter<'a> {
+    cfg: &'a ProgramConfig,
+    b: Bucket,
+    blk: &'a mut Block,
+}
+
+impl Emitter<'_> {
+    fn forward(&mut self, a: &[V]) -> Vec<V> {
+        let m = self.cfg.dims.clone();
+        let t = self.b.tokens;
+        let w = self.cfg.weight_elem.elem();
+        let blk = &mut *self.blk;
+
+        // Embedding rows for the step's tokens.
+        let x0 = blk.take_rows(&a[arg::EMBED], &a[arg::TOKENS]);
+        let x0 = blk.convert(&x0, Elem::F32);
+
+        // Rotary angles per token: position × inverse frequency.
+        let half = m.head_dim / 2;
+        let pos = blk.convert(&a[arg::POSITIONS], Elem::F32);
+        let pos = blk.broadcast(&pos, &[t, half], &[0]);
+        let inv = blk.broadcast(&a[arg::INV_FREQ], &[t, half], &[1]);
+        let ang = blk.mul(&pos, &inv);
+        let cos = blk.unary("cosine", &ang);
+        let sin = blk.unary("sine", &ang);
+
+        let zero = blk.constant_int(0, &[], Elem::I32);
+        let mut init: Vec<&V> = vec![&zero, &x0, &a[arg::K_CACHE], &a[arg::V_CACHE]];
+        // Everything the body reads is carried, so the loop body captures nothing.
+        let carried_consts: Vec<&V> = vec![
+            &a[arg::IN_NORM],
+            &a[arg::WQ],
+            &a[arg::WK],
+            &a[arg::WV],
+            &a[arg::WO],
+            &a[arg::POST_NORM],
+            &a[arg::WG],
+            &a[arg::WU],
+            &a[arg::WD],
+            &cos,
+            &sin,
+            &a[arg::POSITIONS],
+            &a[arg::SLOTS],
+            &a[arg::BLOCKS],
+        ];
+        init.extend(carried_consts.iter().copied());
+        let layers = m.layers;
+        let cfg = self.cfg.clone();
+        let bucket = self.b;
+        let outs = blk.while_loop(
+            &init,
+            |c, v| {
+                let n = c.constant_int(layers, &[], Elem::I32);
+                c.compare(Cmp::Lt, &v[0], &n)
+            },
+            |body, v| {
+                let mut le = Emitter {
+                    cfg: &cfg,
+                    b: bucket,
+                    blk: body,
+                };
+                let (x, kc, vc) = le.layer(v);
+                let one = le.blk.constant_int(1, &[], Elem::I32);
+                let i2 = le.blk.add(&v[0], &one);
+                let mut out = vec![i2, x, kc, vc];
+                out.extend(v[4..].iter().cloned());
+                out
+            },
+        );
+        let (x, kc, vc) = (&outs[1], &outs[2], &outs[3]);
+        let blk = &mut *self.blk;
+        let h = rms_norm(blk, x, &a[arg::FINAL_NORM], &m.eps);
+        let hw = blk.convert(&h, w);
+        let logits = blk.dot_general(&hw, &a[arg::LM_HEAD], (&[], &[]), (&[1], &[1]), Elem::F32);
+        let logits = if self.cfg.tp > 1 {
+            blk.shard(&logits, "{replicated}")
+        } else {
+            logits
+        };
+        let mut res = vec![kc.clone(), vc.clone()];
+        res.extend(self.sample_outputs(&logits, a));
+        res
+    }
+
+    /// One decoder layer; `v` are the carried loop values.
+    fn layer(&mut self, v: &[V]) -> (V, V, V) {
+        let cfg = self.cfg;
+        let m = &cfg.dims;
+        let (t, nblk) = (self.b.tokens, self.b.blocks);
+        let w = cfg.weight_elem.elem();
+        let (h, d, nh, kvh) = (m.hidden, m.head_dim, m.heads, m.kv_heads);
+        let (qs, kvs, g) = (nh * d, kvh * d, nh / kvh);
+        let (i, x, kc, vc) = (&v[0], &v[1], &v[2], &v[3]);
+        let in_norm = &v[4];
+        let (wq, wk, wv, wo) = (&v[5], &v[6], &v[7], &v[8]);
+        let post_norm = &v[9];
+        let (wg, wu, wd) = (&v[10], &v[11], &v[12]);
+        let (cos, sin, pos, slots, blocks) = (&v[13], &v[14], &v[15], &v[16], &v[17]);
+        let b = &mut *self.blk;
+        let z = b.constant_int(0, &[], Elem::I32);
+
+        let layer_vec = |b: &mut Block, stacked: &V| -> V {
+            let s = b.dynamic_slice(stacked, &[i, &z], &[1, stacked.dims()[1]]);
+            b.reshape(&s, &[stacked.dims()[1]])
+        };
+        let layer_mat = |b: &mut Block, stacked: &V| -> V {
+            let (r, c) = (stacked.dims()[1], stacked.dims()[2]);
+            let s = b.dynamic_slice(stacked, &[i, &z, &z], &[1, r, c]);
+            b.reshape(&s, &[r, c])
+        };
+        // x [T, in] · w[out, in]ᵀ, accumulated in f32.
+        let linear = |b: &mut Block, x: &V, wt: &V| -> V {
+            let xw = b.convert(x, w);
+            b.dot_general(&xw, wt, (&[], &[]), (&[1], &[1]), Elem::F32)
+        };
+
+        let g_in = layer_vec(b, in_norm);
+        let hn = rms_norm(b, x, &g_in, &m.eps);
+        let q_w = layer_mat(b, wq);
+        let q = linear(b, &hn, &q_w);
+        let k_w = layer_mat(b, wk);
+        let k = linear(b, &hn, &k_w);
+        let vv_w = layer_mat(b, wv);
+        let vv = linear(b, &hn, &vv_w);
+        let q = rope(b, &q, t, nh, d, cos, sin);
+        let k = rope(b, &k, t, kvh, d, cos, sin);
+
+        // KV write: row (layer * slots + slot).
+        let slots_total = b.constant_int(cfg.slots(), &[], Elem::I32);
+        let base = b.mul(i, &slots_total);
+        let base_t = b.broadcast(&base, &[t], &[]);
+        let rows = b.add(slots, &base_t);
+        let kw = b.convert(&k, w);
+        let vw = b.convert(&vv, w);
+        let kc2 = b.scatter_rows(kc, &rows, &kw);
+        let vc2 = b.scatter_rows(vc, &rows, &vw);
+
+        // KV read: each token's first `nblk` blocks of its sequence, as [T, C, KVH, D].
+        let bs = cfg.block_size;
+        let c = nblk * bs;
+        let nb_total = b.constant_int(cfg.num_blocks, &[], Elem::I32);
+        let bbase = b.mul(i, &nb_total);
+        let bbase_t = b.broadcast(&bbase, &[t, nblk], &[]);
+        let brows = b.add(blocks, &bbase_t);
+        let kc_blocks = b.reshape(&kc2, &[m.layers * cfg.num_blocks, bs * kvs]);
+        let vc_blocks = b.reshape(&vc2, &[m.layers * cfg.num_blocks, bs * kvs]);
+        let kg = b.take_rows(&kc_blocks, &brows);
+        let vg = b.take_rows(&vc_blocks, &brows);
+        let kg = b.reshape(&kg, &[t, c, kvh, d]);
+        let vg = b.reshape(&vg, &[t, c, kvh, d]);
+        let kg = b.convert(&kg, Elem::F32);
+        let vg = b.convert(&vg, Elem::F32);
+
+        // scores [T, KVH, G, C]
+        let q4 = b.reshape(&q, &[t, kvh, g, d]);
+        let scores = b.dot_general(&q4, &kg, (&[0, 1], &[0, 2]), (&[3], &[3]), Elem::F32);
+        let scale = b.constant_f32(1.0 / (d as f32).sqrt(), &[t, kvh, g, c]);
+        let scores = b.mul(&scores, &scale);
+        let key_pos = b.iota(&[t, kvh, g, c], 3, Elem::I32);
+        let qpos = b.broadcast(pos, &[t, kvh, g, c], &[0]);
+        let visible = b.compare(Cmp::Le, &key_pos, &qpos);
+        let ninf = b.constant_f32(f32::NEG_INFINITY, &[t, kvh, g, c]);
+        let scores = b.select(&visible, &scores, &ninf);
+        let probs = softmax_last(b, &scores);
+        let o = b.dot_general(&probs, &vg, (&[0, 1], &[0, 2]), (&[3], &[1]), Elem::F32);
+        let o = b.reshape(&o, &[t, qs]);
+        let attn_w = layer_mat(b, wo);
+        let attn = linear(b, &o, &attn_w);
+        let x1 = b.add(x, &attn);
+
+        let g_post = layer_vec(b, post_norm);
+        let hn2 = rms_norm(b, &x1, &g_post, &m.eps);
+        let gate_w = layer_mat(b, wg);
+        let gate = linear(b, &hn2, &gate_w);
+        let up_w = layer_mat(b, wu);
+        let up = linear(b, &hn2, &up_w);
+        let sig = b.unary("logistic", &gate);
+        let act = b.mul(&gate, &sig);
+        let act = b.mul(&act, &up);
+        let down_w = layer_mat(b, wd);
+        let down = linear(b, &act, &down_w);
+        let x2 = b.add(&x1, &down);
+        let _ = h;
+        (x2, kc2, vc2)
+    }
+
+    /// Greedy / temperature sampling, logprobs of the chosen and target tokens, ranks, top-k.
+    fn sample_outputs(&mut self, logits: &V, a: &[V]) -> Vec<V> {
+        let b = &mut *self.blk;
+        let (t, vocab) = (self.b.tokens, self.cfg.dims.vocab);
+        let ninf = b.constant_f32(f32::NEG_INFINITY, &[]);
+        let zero_f = b.constant_f32(0.0, &[]);
+        let rowmax = b.reduce(logits, &ninf, &[1], "maximum");
+        let rowmax_b = b.broadcast(&rowmax, &[t, vocab], &[0]);
+        let shifted = b.sub(logits, &rowmax_b);
+        let ex = b.unary("exponential", &shifted);
+        let sum = b.reduce(&ex, &zero_f, &[1], "add");
+        let lse = b.unary("log", &sum);
+        let lse = b.add(&lse, &rowmax);
+        let lse_b = b.broadcast(&lse, &[t, vocab], &[0]);
+        let logprobs = b.sub(logits, &lse_b);
+        let iota = b.iota(&[t, vocab], 1, Elem::I32);
+
+        // Temperature sampling by Gumbel-max with per-row keys hashed with the vocab index.
+        let temp = &a[arg::TEMPERATURE];
+        let keys = b.broadcast(&a[arg::RNG_KEYS], &[t, vocab], &[0]);
+        let idx_u = b.convert(&iota, Elem::U32);
+        let u = uniform_hash(b, &keys, &idx_u, &[t, vocab]);
+        let lnu = b.unary("log", &u);
+        let neg = b.unary("negate", &lnu);
+        let lnn = b.unary("log", &neg);
+        let gumbel = b.unary("negate", &lnn);
+        let tiny = b.constant_f32(1e-6, &[t]);
+        let tsafe = b.max(temp, &tiny);
+        let tb = b.broadcast(&tsafe, &[t, vocab], &[0]);
+        let scaled = b.div(logits, &tb);
+        let noisy = b.add(&scaled, &gumbel);
+        let greedy_tok = argmax(b, logits, &iota, t, vocab);
+        let random_tok = argmax(b, &noisy, &iota, t, vocab);
+        let zero_t = b.constant_f32(0.0, &[t]);
+        let is_random = b.compare(Cmp::Gt, temp, &zero_t);
+        let sampled = b.select(&is_random, &random_tok, &greedy_tok);
+        let sampled_lp = pick(b, &logprobs, &iota, &sampled, t, vocab);
+
+        let sampled_rank = rank_of(b, logits, &iota, &sampled, t, vocab);
+        let targets = &a[arg::TARGETS];
+        let target_lp = pick(b, &logprobs, &iota, targets, t, vocab);
+        let target_rank = rank_of(b, logits, &iota, targets, t, vocab);
+
+        let mut outs = vec![sampled, sampled_lp, sampled_rank, target_lp, target_rank];
+        let k = self.b.top_k;
+        let (mut ids, mut lps) = (Vec::new(), Vec::new());
+        let mut work = logprobs.clone();
+        let ninf_tv = b.constant_f32(f32::NEG_INFINITY, &[t, vocab]);
+        for _ in 0..k {
+            let id = argmax(b, &work, &iota, t, vocab);
+            let lp = pick(b, &logprobs, &iota, &id, t, vocab);
+            let id_b = b.broadcast(&id, &[t, vocab], &[0]);
+            let hit = b.compare(Cmp::Eq, &iota, &id_b);
+            work = b.select(&hit, &ninf_tv, &work);
+            ids.push(b.reshape(&id, &[t, 1]));
+            lps.push(b.reshape(&lp, &[t, 1]));
+        }
+        if k > 0 {
+            let ids_r: Vec<&V> = ids.iter().collect();
+            let lps_r: Vec<&V> = lps.iter().collect();
+            outs.push(b.concat(&ids_r, 1));
+            outs.push(b.concat(&lps_r, 1));
+        }
+        outs
+    }
+}
+
+fn rms_norm(b: &mut Block, x: &V, gain: &V, eps: &str) -> V {
+    let (t, h) = (x.dims()[0], x.dims()[1]);
+    let sq = b.mul(x, x);
+    let zero = b.constant_f32(0.0, &[]);
+    let sum = b.reduce(&sq, &zero, &[1], "add");
+    let inv_n = b.constant_f32(1.0 / h as f32, &[t]);
+    let mean = b.mul(&sum, &inv_n);
+    let eps_v = b.constant_f32(eps.parse().unwrap_or(1e-5), &[t]);
+    let var = b.add(&mean, &eps_v);
+    let r = b.unary("rsqrt", &var);
+    let rb = b.broadcast(&r, &[t, h], &[0]);
+    let normed = b.mul(x, &rb);
+    let gb = b.broadcast(gain, &[t, h], &[1]);
+    b.mul(&gb, &normed)
+}
+
+/// Rotates the half-split head layout: (a, b) → (a cos − b sin, b cos + a sin).
+fn rope(b: &mut Block, x: &V, t: i64, heads: i64, d: i64, cos: &V, sin: &V) -> V {
+    let half = d / 2;
+    let x3 = b.reshape(x, &[t, heads, d]);
+    let x1 = b.slice(&x3, &[0, 0, 0], &[t, heads, half]);
+    let x2 = b.slice(&x3, &[0, 0, half], &[t, heads, d]);
+    let c = b.broadcast(cos, &[t, heads, half], &[0, 2]);
+    let s = b.broadcast(sin, &[t, heads, half], &[0, 2]);
+    let a1 = b.mul(&x1, &c);
+    let a2 = b.mul(&x2, &s);
+    let r1 = b.sub(&a1, &a2);
+    let b1 = b.mul(&x2, &c);
+    let b2 = b.mul(&x1, &s);
+    let r2 = b.add(&b1, &b2);
+    let r = b.concat(&[&r1, &r2], 2);
+    b.reshape(&r, &[t, heads * d])
+}
+
+fn softmax_last(b: &mut Block, x: &V) -> V {
+    let dims = x.dims().to_vec();
+    let last = dims.len() as i64 - 1;
+    let keep: Vec<i64> = (0..last).collect();
+    let ninf = b.constant_f32(f32::NEG_INFINITY, &[]);
+    let m = b.reduce(x, &ninf, &[last], "maximum");
+    let mb = b.broadcast(&m, &dims, &keep);
+    let s = b.sub(x, &mb);
+    let e = b.unary("exponential", &s);
+    let zero = b.constant_f32(0.0, &[]);
+    let sum = b.reduce(&e, &zero, &[last], "add");
+    let sb = b.broadcast(&sum, &dims, &keep);
+    b.div(&e, &sb)
+}
+
+/// Index of the row maximum (lowest index on ties), as i32 [T].
+fn argmax(b: &mut Block, x: &V, iota: &V, t: i64, vocab: i64) -> V {
+    let ninf = b.constant_f32(f32::NEG_INFINITY, &[]);
+    let m = b.reduce(x, &ninf, &[1], "maximum");
+    let mb = b.broadcast(&m, &[t, vocab], &[0]);
+    let is_max = b.compare(Cmp::Eq, x, &mb);
+    let big = b.constant_int(vocab, &[t, vocab], Elem::I32);
+    let cand = b.select(&is_max, iota, &big);
+    let init = b.constant_int(i32::MAX as i64, &[], Elem::I32);
+    b.reduce(&cand, &init, &[1], "minimum")
+}
+
+/// 1 + the number of entries of each row larger than `x[row, idx[row]]`.
+fn rank_of(b: &mut Block, x: &V, iota: &V, idx: &V, t: i64, vocab: i64) -> V {
+    let val = pick(b, x, iota, idx, t, vocab);
+    let vb = b.broadcast(&val, &[t, vocab], &[0]);
+    let above = b.compare(Cmp::Gt, x, &vb);
+    let above_i = b.convert(&above, Elem::I32);
+    let zero = b.constant_int(0, &[], Elem::I32);
+    let count = b.reduce(&above_i, &zero, &[1], "add");
+    let one = b.constant_int(1, &[t], Elem::I32);
+    b.add(&count, &one)
+}
+
+/// `x[row, idx[row]]` for every row.
+fn pick(b: &mut Block, x: &V, iota: &V, idx: &V, t: i64, vocab: i64) -> V {
+    let ib = b.broadcast(idx, &[t, vocab], &[0]);
+    let hit = b.compare(Cmp::Eq, iota, &ib);
+    let zero = b.constant_f32(0.0, &[t, vocab]);
+    let sel = b.select(&hit, x, &zero);
+    let z = b.constant_f32(0.0, &[]);
+    b.reduce(&sel, &z, &[1], "add")
+}
+
+/// A uniform number in (0, 1) from a 32-bit integer hash of (key, index).
+fn uniform_hash(b: &mut Block, keys: &V, idx: &V, dims: &[i64]) -> V {
+    let c = |b: &mut Block, v: u32| b.constant_int(v as i64, dims, Elem::U32);
+    let m1 = c(b, 0x9E37_79B1);
+    let m2 = c(b, 0x7FEB_352D);
+    let m3 = c(b, 0x846C_A68B);
+    let (s16, s15, s8) = (c(b, 16), c(b, 15), c(b, 8));
+    let ki = b.mul(idx, &m1);
+    let mut x = b.xor(keys, &ki);
+    let sh = b.shr(&x, &s16);
+    x = b.xor(&x, &sh);
+    x = b.mul(&x, &m2);
+    let sh = b.shr(&x, &s15);
+    x = b.xor(&x, &sh);
+    x = b.mul(&x, &m3);
+    let sh = b.shr(&x, &s16);
+    x = b.xor(&x, &sh);
+    let top = b.shr(&x, &s8);
+    let f = b.convert(&top, Elem::F32);
+    let half = b.constant_f32(0.5, dims);
+    let f = b.add(&f, &half);
+    let scale = b.constant_f32(1.0 / 16_777_216.0, dims);
+    b.mul(&f, &scale)
+}
