@@ -33,7 +33,11 @@ fn run_goldens(model: &LoadedModel, runner: &mut XlaRunner, goldens: &str) {
         check_case(c, &res, true);
     }
     let cases: Vec<&Case> = g.batch.case_names.iter().map(|n| g.case(n)).collect();
-    let reqs = cases.iter().enumerate().map(|(i, c)| request(c, i * 2)).collect();
+    let reqs = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| request(c, i * 2))
+        .collect();
     let res = driver::run(runner, reqs, 128);
     for (c, r) in cases.iter().zip(&res) {
         check_case(c, r, true);

@@ -65,7 +65,9 @@ impl FreeQueue {
         let n32 = n as u32;
         FreeQueue {
             prev: (0..n32).map(|i| if i == 0 { NIL } else { i - 1 }).collect(),
-            next: (0..n32).map(|i| if i + 1 == n32 { NIL } else { i + 1 }).collect(),
+            next: (0..n32)
+                .map(|i| if i + 1 == n32 { NIL } else { i + 1 })
+                .collect(),
             head: if n == 0 { NIL } else { 0 },
             tail: if n == 0 { NIL } else { n32 - 1 },
             len: n,
@@ -269,7 +271,10 @@ impl BlockManager {
             cur = self.free.next[cur as usize];
         }
         if count != self.free.len {
-            return Err(format!("free queue has {count} blocks, counter says {}", self.free.len));
+            return Err(format!(
+                "free queue has {count} blocks, counter says {}",
+                self.free.len
+            ));
         }
         for (b, (&rc, &free)) in self.ref_counts.iter().zip(&in_free).enumerate() {
             if (rc == 0) != free {

@@ -83,8 +83,7 @@ impl IncrementalDetokenizer {
     /// still incomplete or the token is a skipped special token).
     pub fn push(&mut self, dec: &dyn TokenDecoder, token: TokenId) -> Result<String, DecodeError> {
         self.ids.push(token);
-        let special = if self.opts.spaces_between_special_tokens || self.opts.skip_special_tokens
-        {
+        let special = if self.opts.spaces_between_special_tokens || self.opts.skip_special_tokens {
             None
         } else {
             dec.special_token_text(token)
@@ -94,7 +93,10 @@ impl IncrementalDetokenizer {
             &self.ids[self.prefix_offset..self.read_offset],
             self.opts.skip_special_tokens,
         )?;
-        let full = dec.decode(&self.ids[self.prefix_offset..], self.opts.skip_special_tokens)?;
+        let full = dec.decode(
+            &self.ids[self.prefix_offset..],
+            self.opts.skip_special_tokens,
+        )?;
         if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
@@ -116,7 +118,10 @@ impl IncrementalDetokenizer {
             &self.ids[self.prefix_offset..self.read_offset],
             self.opts.skip_special_tokens,
         )?;
-        let full = dec.decode(&self.ids[self.prefix_offset..], self.opts.skip_special_tokens)?;
+        let full = dec.decode(
+            &self.ids[self.prefix_offset..],
+            self.opts.skip_special_tokens,
+        )?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(suffix_after(&prefix, &full).to_string())

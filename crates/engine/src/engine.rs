@@ -158,7 +158,11 @@ impl Child {
         if finish.is_some() && !by_stop_string {
             let rest = self.detok.flush(dec)?;
             match self.stop.push_text(&rest, n) {
-                Some(f) if finish.as_ref().is_some_and(|f| f.reason == FinishReason::Length) => {
+                Some(f)
+                    if finish
+                        .as_ref()
+                        .is_some_and(|f| f.reason == FinishReason::Length) =>
+                {
                     finish = Some(f)
                 }
                 _ => {}
@@ -407,7 +411,7 @@ impl EngineCore {
         let seqs: Vec<SeqDelta> = req
             .children
             .iter_mut()
-            .filter(|c| std::mem::take(&mut c.dirty))
+            .filter_map(|c| std::mem::take(&mut c.dirty).then_some(c))
             .map(|c| {
                 let index = c.delta.index;
                 std::mem::replace(
@@ -516,7 +520,10 @@ impl EngineCore {
             let Some(&(rid, index)) = self.owners.get(seq_id) else {
                 continue;
             };
-            let cached = self.scheduler.seq(*seq_id).map_or(0, |s| s.num_cached_tokens());
+            let cached = self
+                .scheduler
+                .seq(*seq_id)
+                .map_or(0, |s| s.num_cached_tokens());
             if let Some(req) = self.requests.get_mut(&rid) {
                 req.children[index].first_scheduled = Some(now);
                 if index == 0 {
@@ -557,7 +564,10 @@ impl EngineCore {
                 continue;
             }
             let Some(sampled) = o.sampled else {
-                failed.push((rid, "the runner returned no token for a sequence".to_string()));
+                failed.push((
+                    rid,
+                    "the runner returned no token for a sequence".to_string(),
+                ));
                 continue;
             };
             self.scheduler.append_token(s.seq_id, sampled.token);
@@ -596,7 +606,9 @@ impl EngineCore {
     fn publish_stats(&mut self, num_scheduled_tokens: usize, execute_time: Duration) {
         let acc = std::mem::take(&mut self.acc);
         self.stats_subscribers.retain(|s| !s.is_closed());
-        if self.stats_subscribers.is_empty() || (num_scheduled_tokens == 0 && acc.finished.is_empty()) {
+        if self.stats_subscribers.is_empty()
+            || (num_scheduled_tokens == 0 && acc.finished.is_empty())
+        {
             return;
         }
         let counters = self.scheduler.block_manager().counters();
@@ -631,3 +643,7 @@ impl EngineCore {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

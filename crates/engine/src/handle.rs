@@ -104,31 +104,43 @@ fn handle(core: &mut EngineCore, cmd: Command) -> bool {
 }
 
 fn run(mut core: EngineCore, rx: Receiver<Command>) -> EngineCore {
-    'outer: loop {
+    loop {
         if !core.has_unfinished() {
-            match rx.recv() {
-                Ok(cmd) if handle(&mut core, cmd) => {}
-                _ => break,
+            let Ok(cmd) = rx.recv() else { break };
+            if !handle(&mut core, cmd) {
+                break;
             }
         }
+        let (mut stop, mut disconnected) = (false, false);
         loop {
             match rx.try_recv() {
-                Ok(cmd) if handle(&mut core, cmd) => {}
-                Ok(_) => break 'outer,
+                Ok(cmd) => {
+                    if !handle(&mut core, cmd) {
+                        stop = true;
+                        break;
+                    }
+                }
                 Err(TryRecvError::Empty) => break,
-                // The handle is gone without a shutdown: finish what is queued, then stop.
-                Err(TryRecvError::Disconnected) if core.has_unfinished() => break,
-                Err(TryRecvError::Disconnected) => break 'outer,
+                Err(TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
             }
         }
+        // A handle gone without a shutdown: finish what is queued, then stop.
+        if stop || (disconnected && !core.has_unfinished()) {
+            break;
+        }
         if !core.step() && core.has_unfinished() {
-            // Nothing could be scheduled (should not happen); wait for a command rather
-            // than spin.
+            // Nothing could be scheduled (should not happen): wait instead of spinning.
             match rx.recv_timeout(Duration::from_millis(5)) {
-                Ok(cmd) if handle(&mut core, cmd) => {}
-                Ok(_) => break,
+                Ok(cmd) => {
+                    if !handle(&mut core, cmd) {
+                        break;
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
     }

@@ -51,7 +51,8 @@ impl ScheduledBatch {
     }
 }
 
-#[derive(Debug)]
+/// Cloneable so benchmarks and tests can replay a step from the same state.
+#[derive(Debug, Clone)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
     blocks: BlockManager,
@@ -219,8 +220,7 @@ impl Scheduler {
         let Some(seq) = self.seqs.get_mut(&id) else {
             return (0, 0);
         };
-        if !seq.blocks.is_empty() || seq.prompt_logprobs_pending || !self.blocks.prefix_caching()
-        {
+        if !seq.blocks.is_empty() || seq.prompt_logprobs_pending || !self.blocks.prefix_caching() {
             return (0, 0);
         }
         let bs = self.blocks.block_size();
@@ -375,7 +375,10 @@ impl Scheduler {
                 SeqStatus::Waiting => in_waiting && !in_running && seq.blocks.is_empty(),
             };
             if !ok {
-                return Err(format!("{:?} is {:?} but queued wrongly", seq.id, seq.status));
+                return Err(format!(
+                    "{:?} is {:?} but queued wrongly",
+                    seq.id, seq.status
+                ));
             }
         }
         for (b, &h) in holders.iter().enumerate() {
@@ -391,5 +394,135 @@ impl Scheduler {
             return Err(format!("{} running > max_num_seqs", self.running.len()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tpuserve_runner_api::SamplingParams;
+
+    use super::*;
+    use crate::request::RequestId;
+
+    fn sched(blocks: usize, budget: usize, max_seqs: usize, caching: bool) -> Scheduler {
+        Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: budget,
+                max_num_seqs: max_seqs,
+                max_model_len: 1 << 20,
+            },
+            BlockManager::new(blocks, 4, caching),
+        )
+    }
+
+    fn seq(prompt: Vec<u32>, wait_for: Option<SeqId>) -> NewSeq {
+        NewSeq {
+            request_id: RequestId(0),
+            index: 0,
+            prompt: Arc::new(prompt),
+            sampling: Arc::new(SamplingParams::greedy()),
+            banned_until_min_tokens: Vec::new(),
+            min_tokens: 0,
+            prompt_logprobs: false,
+            wait_for,
+        }
+    }
+
+    /// Completes a batch as a runner would, sampling token 7 where asked.
+    fn run(s: &mut Scheduler) -> Vec<(SeqId, usize)> {
+        let b = s.schedule();
+        for x in &b.scheduled {
+            s.complete(x);
+            if x.sample {
+                s.append_token(x.seq_id, 7);
+            }
+        }
+        s.check_invariants().unwrap();
+        b.scheduled
+            .iter()
+            .map(|x| (x.seq_id, x.num_tokens))
+            .collect()
+    }
+
+    #[test]
+    fn long_prompt_is_chunked_and_decode_goes_first() {
+        let mut s = sched(100, 32, 8, false);
+        let a = s.add(seq(vec![1; 70], None));
+        assert_eq!(run(&mut s), [(a, 32)]);
+        assert_eq!(run(&mut s), [(a, 32)]);
+        let b = s.add(seq(vec![2; 50], None));
+        // a's last 6 prompt tokens, then b gets the rest of the budget.
+        assert_eq!(run(&mut s), [(a, 6), (b, 26)]);
+        assert_eq!(run(&mut s), [(a, 1), (b, 24)]);
+        assert_eq!(run(&mut s), [(a, 1), (b, 1)]);
+    }
+
+    #[test]
+    fn max_num_seqs_limits_admission() {
+        let mut s = sched(100, 64, 2, false);
+        let ids: Vec<SeqId> = (0..3).map(|_| s.add(seq(vec![1; 3], None))).collect();
+        assert_eq!(run(&mut s), [(ids[0], 3), (ids[1], 3)]);
+        s.finish(ids[0]);
+        assert_eq!(run(&mut s), [(ids[1], 1), (ids[2], 3)]);
+    }
+
+    #[test]
+    fn out_of_blocks_preempts_the_newest_and_requeues_it_first() {
+        // 4 blocks of 4 tokens: two sequences of 8 tokens fill the cache.
+        let mut s = sched(4, 64, 8, false);
+        let a = s.add(seq(vec![1; 8], None));
+        let b = s.add(seq(vec![2; 8], None));
+        assert_eq!(run(&mut s), [(a, 8), (b, 8)]);
+        // a's 9th token needs a fifth block: b is preempted, a continues.
+        assert_eq!(run(&mut s), [(a, 1)]);
+        assert_eq!(s.num_preemptions(), 1);
+        assert_eq!(s.seq(b).unwrap().status, SeqStatus::Waiting);
+        assert_eq!(s.seq(b).unwrap().num_computed(), 0);
+        s.finish(a);
+        // b is recomputed: prompt and its generated token.
+        assert_eq!(run(&mut s), [(b, 9)]);
+        s.finish(b);
+        assert_eq!(s.block_manager().num_free_blocks(), 4);
+    }
+
+    #[test]
+    fn a_lone_sequence_that_cannot_grow_preempts_itself() {
+        let mut s = sched(2, 64, 8, false);
+        let a = s.add(seq(vec![1; 8], None));
+        assert_eq!(run(&mut s), [(a, 8)]);
+        assert!(run(&mut s).is_empty());
+        assert_eq!(s.seq(a).unwrap().status, SeqStatus::Waiting);
+    }
+
+    #[test]
+    fn shared_prefix_hits_the_cache_but_leaves_one_token_to_compute() {
+        let mut s = sched(20, 64, 8, true);
+        let a = s.add(seq((0..10).collect(), None));
+        run(&mut s);
+        let b = s.add(seq((0..10).chain(50..53).collect(), None));
+        // Two full blocks (8 tokens) of a's prompt are cached.
+        assert_eq!(run(&mut s), [(a, 1), (b, 5)]);
+        assert_eq!(s.seq(b).unwrap().num_cached_tokens(), 8);
+        assert_eq!(s.block_manager().counters().hits, 8);
+        assert_eq!(
+            s.seq(a).unwrap().blocks()[..2],
+            s.seq(b).unwrap().blocks()[..2]
+        );
+        // An identical 8-token prompt can use only the first block.
+        let c = s.add(seq((0..8).collect(), None));
+        assert_eq!(run(&mut s), [(a, 1), (b, 1), (c, 4)]);
+    }
+
+    #[test]
+    fn siblings_wait_for_the_shared_prompt() {
+        let mut s = sched(20, 8, 8, true);
+        let a = s.add(seq((0..12).collect(), None));
+        let b = s.add(seq((0..12).collect(), Some(a)));
+        assert_eq!(run(&mut s), [(a, 8)]);
+        assert_eq!(run(&mut s), [(a, 4)]);
+        assert_eq!(run(&mut s), [(a, 1), (b, 4)]);
+        assert_eq!(s.seq(b).unwrap().num_cached_tokens(), 8);
     }
 }

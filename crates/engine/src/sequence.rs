@@ -58,8 +58,8 @@ pub struct Sequence {
 
 impl Sequence {
     pub(crate) fn new(id: SeqId, new: NewSeq, block_size: usize) -> Self {
-        let sampling_min_tokens =
-            (new.min_tokens > 0 && !new.banned_until_min_tokens.is_empty()).then(|| {
+        let sampling_min_tokens = (new.min_tokens > 0 && !new.banned_until_min_tokens.is_empty())
+            .then(|| {
                 let mut p = (*new.sampling).clone();
                 p.banned_tokens.extend(&new.banned_until_min_tokens);
                 Arc::new(p)

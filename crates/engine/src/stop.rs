@@ -95,17 +95,17 @@ impl StopChecker {
     pub fn push_text(&mut self, delta: &str, num_output: usize) -> Option<Finish> {
         let old_len = self.text.len();
         self.text.push_str(delta);
-        if delta.is_empty() || self.params.stop.is_empty() || num_output < self.params.min_tokens
-        {
+        if delta.is_empty() || self.params.stop.is_empty() || num_output < self.params.min_tokens {
             return None;
         }
-        // Only a match that ends in the new text is new; none may start in emitted text.
-        let from = floor_boundary(
-            &self.text,
-            old_len
-                .saturating_sub(self.longest_stop.saturating_sub(1))
-                .max(self.emitted),
-        );
+        // Only a match that ends in the new text is new. When the stop string is cut from the
+        // output, a match cannot start in text already streamed (held-back text guarantees
+        // that, except for matches completed before `min_tokens`, which do not count).
+        let mut from = old_len.saturating_sub(self.longest_stop.saturating_sub(1));
+        if !self.params.include_stop_str_in_output {
+            from = from.max(self.emitted);
+        }
+        let from = floor_boundary(&self.text, from);
         let (at, stop) = self
             .params
             .stop
@@ -220,7 +220,10 @@ mod tests {
         let mut c = checker(stops(&["é!", "b"]));
         let (out, f) = stream(&mut c, &["aé", "!b"]);
         assert_eq!(out.concat(), "a");
-        assert_eq!(f.unwrap().stop_reason, Some(StopReason::String("é!".into())));
+        assert_eq!(
+            f.unwrap().stop_reason,
+            Some(StopReason::String("é!".into()))
+        );
     }
 
     #[test]

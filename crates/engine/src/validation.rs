@@ -91,7 +91,10 @@ impl RequestLimits {
         if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
             return Err(invalid("repetition_penalty", "must be a finite number > 0"));
         }
-        for (name, n) in [("logprobs", p.logprobs), ("prompt_logprobs", p.prompt_logprobs)] {
+        for (name, n) in [
+            ("logprobs", p.logprobs),
+            ("prompt_logprobs", p.prompt_logprobs),
+        ] {
             if n.is_some_and(|n| n > self.max_logprobs) {
                 return Err(invalid(
                     name,

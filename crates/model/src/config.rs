@@ -111,7 +111,9 @@ impl LlamaConfig {
         }
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
-            || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads)
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return Err(bad(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",

@@ -71,9 +71,7 @@ impl CompileCache {
         if &bytes[MAGIC.len()..MAGIC.len() + 64] != key.hex.as_bytes() {
             return Lookup::Invalid(format!("{} belongs to another key", path.display()));
         }
-        let len_bytes: [u8; 8] = bytes[MAGIC.len() + 64..header]
-            .try_into()
-            .expect("8 bytes");
+        let len_bytes: [u8; 8] = bytes[MAGIC.len() + 64..header].try_into().expect("8 bytes");
         let len = u64::from_le_bytes(len_bytes) as usize;
         if bytes.len() != header + len {
             return Lookup::Invalid(format!("{} is truncated", path.display()));

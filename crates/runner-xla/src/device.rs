@@ -69,7 +69,10 @@ pub fn plugin_path(kind: &DeviceKind) -> Result<PathBuf, PluginNotFound> {
 /// Client-creation options for a device kind.
 pub fn client_options(kind: &DeviceKind, devices_wanted: usize) -> Vec<(&'static str, NamedValue)> {
     match kind {
-        DeviceKind::XlaCpu => vec![("cpu_device_count", NamedValue::I64(devices_wanted.max(1) as i64))],
+        DeviceKind::XlaCpu => vec![(
+            "cpu_device_count",
+            NamedValue::I64(devices_wanted.max(1) as i64),
+        )],
         DeviceKind::Tpu | DeviceKind::Cuda => Vec::new(),
     }
 }

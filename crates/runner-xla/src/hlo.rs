@@ -125,11 +125,17 @@ impl Block {
     }
 
     fn types(vals: &[&V]) -> String {
-        vals.iter().map(|v| v.ty.mlir()).collect::<Vec<_>>().join(", ")
+        vals.iter()
+            .map(|v| v.ty.mlir())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn names(vals: &[&V]) -> String {
-        vals.iter().map(|v| v.name.clone()).collect::<Vec<_>>().join(", ")
+        vals.iter()
+            .map(|v| v.name.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// `"stablehlo.<op>"(operands) {attrs} : (types) -> result`
@@ -363,7 +369,12 @@ impl Block {
             "dimension_numbers = #stablehlo.gather<offset_dims = [1], collapsed_slice_dims = [0], start_index_map = [0], index_vector_dim = 1>, slice_sizes = {}, indices_are_sorted = false",
             i64_array(&[1, w])
         );
-        let g = self.generic("gather", &[table, &flat], &attrs, Ty::new(&[n_idx, w], table.ty.elem));
+        let g = self.generic(
+            "gather",
+            &[table, &flat],
+            &attrs,
+            Ty::new(&[n_idx, w], table.ty.elem),
+        );
         let mut dims = idx.dims().to_vec();
         dims.push(w);
         self.reshape(&g, &dims)
@@ -437,9 +448,21 @@ impl Block {
         let mut bb = Block::new(&format!("{}b", &name[1..]));
         let (bargs, bsig) = bb.block_args(&types);
         let outs = body(&mut bb, &bargs);
-        assert_eq!(outs.len(), types.len(), "while body must return every carried value");
-        let tys = types.iter().map(|t| t.mlir()).collect::<Vec<_>>().join(", ");
-        let out_names = outs.iter().map(|v| v.name.clone()).collect::<Vec<_>>().join(", ");
+        assert_eq!(
+            outs.len(),
+            types.len(),
+            "while body must return every carried value"
+        );
+        let tys = types
+            .iter()
+            .map(|t| t.mlir())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let out_names = outs
+            .iter()
+            .map(|v| v.name.clone())
+            .collect::<Vec<_>>()
+            .join(", ");
         let indent = |lines: Vec<String>| -> String {
             lines
                 .iter()

@@ -25,8 +25,8 @@ use tpuserve_runner_api::{
 
 use crate::compile_cache::{CacheKey, CompileCache, Lookup};
 pub use crate::device::DeviceKind;
-use crate::program::{arg, out, Bucket, ModelDims, ProgramConfig};
 pub use crate::program::WeightElem;
+use crate::program::{arg, out, Bucket, ModelDims, ProgramConfig};
 
 #[derive(Debug, Clone)]
 pub struct XlaRunnerOptions {
@@ -116,7 +116,8 @@ pub fn unsupported_sampling(p: &SamplingParams) -> Option<&'static str> {
         Some("top_p")
     } else if p.min_p > 0.0 {
         Some("min_p")
-    } else if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || p.repetition_penalty != 1.0 {
+    } else if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || p.repetition_penalty != 1.0
+    {
         Some("presence/frequency/repetition penalties")
     } else if !p.logit_bias.is_empty() || !p.banned_tokens.is_empty() {
         Some("logit_bias / min_tokens")
@@ -136,7 +137,8 @@ impl XlaRunner {
             None => device::plugin_path(&opts.device).map_err(derr)?,
         };
         let plugin = Plugin::load(&path).map_err(derr)?;
-        let client = Client::new(&plugin, &device::client_options(&opts.device, tp)).map_err(derr)?;
+        let client =
+            Client::new(&plugin, &device::client_options(&opts.device, tp)).map_err(derr)?;
         let all = client.addressable_devices().map_err(derr)?;
         if all.len() < tp {
             return Err(RunnerError::Device(format!(
@@ -174,7 +176,13 @@ impl XlaRunner {
             block_size: opts.block_size as i64,
             tp: tp as i64,
         };
-        let weights = weights::upload(&client, &devices, model.weights.as_ref(), c, opts.weight_dtype)?;
+        let weights = weights::upload(
+            &client,
+            &devices,
+            model.weights.as_ref(),
+            c,
+            opts.weight_dtype,
+        )?;
         let rows = c.num_hidden_layers * num_blocks * opts.block_size;
         let k_cache = weights::zero_cache(&client, &devices, rows, c.kv_size(), opts.weight_dtype)?;
         let v_cache = weights::zero_cache(&client, &devices, rows, c.kv_size(), opts.weight_dtype)?;
@@ -189,7 +197,10 @@ impl XlaRunner {
             Some(d) => match CompileCache::new(d) {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    tracing::warn!("compile cache {} unusable ({e}); compiling without it", d.display());
+                    tracing::warn!(
+                        "compile cache {} unusable ({e}); compiling without it",
+                        d.display()
+                    );
                     None
                 }
             },
@@ -312,7 +323,10 @@ impl XlaRunner {
         }
         let text = self.cfg.emit(b);
         if let Some(dir) = std::env::var_os("TPUSERVE_DUMP_HLO") {
-            let path = PathBuf::from(dir).join(format!("step-t{}-b{}-k{}.mlir", b.tokens, b.blocks, b.top_k));
+            let path = PathBuf::from(dir).join(format!(
+                "step-t{}-b{}-k{}.mlir",
+                b.tokens, b.blocks, b.top_k
+            ));
             if let Err(e) = std::fs::write(&path, &text) {
                 tracing::warn!("cannot dump {}: {e}", path.display());
             }
@@ -335,9 +349,10 @@ impl XlaRunner {
             self.stats.cache_misses += 1;
         }
         let t = Instant::now();
-        let exe = self.client.compile(&text, &options).map_err(|e| {
-            RunnerError::Device(format!("compiling {b:?}: {e}"))
-        })?;
+        let exe = self
+            .client
+            .compile(&text, &options)
+            .map_err(|e| RunnerError::Device(format!("compiling {b:?}: {e}")))?;
         self.stats.compilations += 1;
         self.stats.compile_seconds += t.elapsed().as_secs_f64();
         if let Some(cache) = &self.cache {
@@ -397,10 +412,12 @@ impl XlaRunner {
             .unwrap_or(1);
         let bucket = self
             .pick_bucket(rows.len(), need_blocks, want_top)
-            .ok_or_else(|| RunnerError::InvalidPlan(format!(
-                "no bucket for {} tokens with {need_blocks} context blocks",
-                rows.len()
-            )))?;
+            .ok_or_else(|| {
+                RunnerError::InvalidPlan(format!(
+                    "no bucket for {} tokens with {need_blocks} context blocks",
+                    rows.len()
+                ))
+            })?;
         self.ensure_compiled(bucket)?;
         let (t, nb) = (bucket.tokens as usize, bucket.blocks as usize);
         let scratch = self.scratch_block;
@@ -428,7 +445,8 @@ impl XlaRunner {
                 keys[j] = self.rng_key(&s.sampling, s.output_tokens.len() as u64);
             }
         }
-        let upload_i32 = |v: &[i32], dims: &[i64], c: &Client, d: &Device| Buffer::from_slice(c, v, dims, d);
+        let upload_i32 =
+            |v: &[i32], dims: &[i64], c: &Client, d: &Device| Buffer::from_slice(c, v, dims, d);
         let mut step_inputs: Vec<Vec<Buffer>> = Vec::new();
         for d in &self.devices {
             let c = &self.client;
@@ -473,7 +491,9 @@ impl XlaRunner {
         self.k_cache = new_k;
         self.v_cache = new_v;
         let mut fetch_i32 = |i: usize| -> Result<Vec<i32>, RunnerError> {
-            let b = first.get(i - out::SAMPLED).ok_or_else(|| derr("missing output"))?;
+            let b = first
+                .get(i - out::SAMPLED)
+                .ok_or_else(|| derr("missing output"))?;
             let v = b.to_vec::<i32>().map_err(derr)?;
             self.stats.bytes_to_host += (v.len() * 4) as u64;
             Ok(v)
@@ -487,7 +507,9 @@ impl XlaRunner {
             Vec::new()
         };
         let mut fetch_f32 = |i: usize| -> Result<Vec<f32>, RunnerError> {
-            let b = first.get(i - out::SAMPLED).ok_or_else(|| derr("missing output"))?;
+            let b = first
+                .get(i - out::SAMPLED)
+                .ok_or_else(|| derr("missing output"))?;
             let v = b.to_vec::<f32>().map_err(derr)?;
             self.stats.bytes_to_host += (v.len() * 4) as u64;
             Ok(v)
@@ -526,7 +548,12 @@ struct ChunkResult {
 impl ChunkResult {
     fn top(&self, j: usize, n: usize) -> Vec<(u32, f32)> {
         (0..n.min(self.k))
-            .map(|i| (self.top_ids[j * self.k + i] as u32, self.top_lp[j * self.k + i]))
+            .map(|i| {
+                (
+                    self.top_ids[j * self.k + i] as u32,
+                    self.top_lp[j * self.k + i],
+                )
+            })
             .collect()
     }
 }
@@ -577,7 +604,8 @@ impl ModelRunner for XlaRunner {
         }
         let want_top = plan.seqs.iter().any(|s| {
             (s.sample && s.sampling.logprobs.unwrap_or(0) > 0)
-                || (!s.prompt_logprob_targets.is_empty() && s.sampling.prompt_logprobs.unwrap_or(0) > 0)
+                || (!s.prompt_logprob_targets.is_empty()
+                    && s.sampling.prompt_logprobs.unwrap_or(0) > 0)
         });
         // Split into executions that fit a bucket, keeping token order (KV of earlier
         // positions is written before later ones read it).

@@ -83,7 +83,9 @@ impl Shards {
         self.per_device
             .iter()
             .zip(devices)
-            .map(|(bytes, dev)| Buffer::from_host(client, bytes, ty, &shard_dims, dev).map_err(derr))
+            .map(|(bytes, dev)| {
+                Buffer::from_host(client, bytes, ty, &shard_dims, dev).map_err(derr)
+            })
             .collect()
     }
 }
@@ -129,7 +131,12 @@ pub fn upload(
         s.upload(client, devices, &[vocab as i64, h as i64], Some(0))
     };
     out.push(vocab_split("model.embed_tokens.weight")?);
-    out.push(replicated(client, devices, &load("model.norm.weight", &[h])?, &[h as i64])?);
+    out.push(replicated(
+        client,
+        devices,
+        &load("model.norm.weight", &[h])?,
+        &[h as i64],
+    )?);
     let head = if src.contains("lm_head.weight") {
         "lm_head.weight"
     } else {
@@ -145,19 +152,20 @@ pub fn upload(
         replicated(client, devices, &all, &[layers as i64, h as i64])
     };
     // (name, rows, cols, split axis within the layer matrix)
-    let stacked = |suffix: &str, rows: usize, cols: usize, axis: usize| -> Result<Vec<Buffer>, RunnerError> {
-        let mut s = Shards::new(elem, n);
-        for l in 0..layers {
-            let m = load(&format!("model.layers.{l}.{suffix}"), &[rows, cols])?;
-            s.push_matrix(&m, rows, cols, axis);
-        }
-        s.upload(
-            client,
-            devices,
-            &[layers as i64, rows as i64, cols as i64],
-            Some(axis + 1),
-        )
-    };
+    let stacked =
+        |suffix: &str, rows: usize, cols: usize, axis: usize| -> Result<Vec<Buffer>, RunnerError> {
+            let mut s = Shards::new(elem, n);
+            for l in 0..layers {
+                let m = load(&format!("model.layers.{l}.{suffix}"), &[rows, cols])?;
+                s.push_matrix(&m, rows, cols, axis);
+            }
+            s.upload(
+                client,
+                devices,
+                &[layers as i64, rows as i64, cols as i64],
+                Some(axis + 1),
+            )
+        };
     out.push(stacked_norm("input_layernorm.weight")?);
     out.push(stacked("self_attn.q_proj.weight", qs, h, 0)?);
     out.push(stacked("self_attn.k_proj.weight", kvs, h, 0)?);
@@ -190,7 +198,8 @@ pub fn zero_cache(
     devices
         .iter()
         .map(|d| {
-            Buffer::from_host(client, &zeros, ty, &[rows as i64, (width / n) as i64], d).map_err(derr)
+            Buffer::from_host(client, &zeros, ty, &[rows as i64, (width / n) as i64], d)
+                .map_err(derr)
         })
         .collect()
 }

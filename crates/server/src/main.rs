@@ -1,6 +1,16 @@
 //! `tpuserve`: the command-line entry point.
 
+mod app;
+mod chat;
+mod cli;
+mod error;
 mod generate;
+mod metrics;
+mod openapi;
+mod protocol;
+mod serve;
+mod state;
+mod validate;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible API (flags as `vllm serve`).
+    Serve(Box<cli::ServeArgs>),
     /// Generate a completion for one prompt (greedy) and print it.
     Generate(generate::GenerateArgs),
 }
@@ -27,10 +39,14 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(serve::run(*args)),
     }
 }

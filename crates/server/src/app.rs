@@ -1,0 +1,694 @@
+//! The OpenAI-compatible routes. Handlers parse and validate, hand typed requests to the engine,
+//! and turn its per-request events into JSON or SSE. A client that goes away drops its
+//! request stream, which aborts the request in the engine.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tokio_stream::wrappers::ReceiverStream;
+use tpuserve_engine::{
+    EngineRequest, FinalOutput, Finish, RequestStream, StopReason, TokenLogprobs,
+};
+
+use crate::chat::{self, ChatPromptOptions};
+use crate::error::ApiError;
+use crate::protocol::*;
+use crate::state::{now_secs, SharedState};
+use crate::validate::{self, Limits};
+
+pub fn router(state: SharedState, max_body: usize) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/ping", get(health).post(health))
+        .route("/version", get(version))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/metrics", get(crate::metrics::scrape))
+        .route("/openapi.json", get(crate::openapi::document))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), gate))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// Route list logged at start-up, as vLLM does.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("/v1/completions", "POST"),
+    ("/v1/chat/completions", "POST"),
+    ("/v1/models", "GET"),
+    ("/health", "GET"),
+    ("/ping", "GET, POST"),
+    ("/version", "GET"),
+    ("/tokenize", "POST"),
+    ("/detokenize", "POST"),
+    ("/metrics", "GET"),
+    ("/openapi.json", "GET"),
+];
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("Not Found")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+}
+
+/// API key on `/v1/*` (constant-time compare), body-size errors in the OpenAI shape.
+async fn gate(State(st): State<SharedState>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        if req.uri().path().starts_with("/v1") && req.method() != axum::http::Method::OPTIONS {
+            let given = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            let ok: bool = given.as_bytes().ct_eq(key.as_bytes()).into();
+            if !ok {
+                return ApiError::unauthorized().into_response();
+            }
+        }
+    }
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+            .into_response();
+    }
+    resp
+}
+
+fn parse_body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, ApiError> {
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.trim_start().starts_with("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Unsupported Media Type: Only 'application/json' is allowed, got `{ct}`"),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+fn check_model(st: &SharedState, model: Option<&str>) -> Result<(), ApiError> {
+    if st.model_matches(model) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!(
+            "The model `{}` does not exist.",
+            model.unwrap_or_default()
+        )))
+    }
+}
+
+fn limits(st: &SharedState) -> Limits {
+    Limits {
+        max_model_len: st.max_model_len,
+        vocab_size: st.vocab_size,
+        max_logprobs: st.max_logprobs,
+    }
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+/// Counts a request as in flight until dropped (SIGTERM drain waits for zero).
+struct InFlight(SharedState);
+
+impl InFlight {
+    fn new(st: &SharedState) -> Result<Self, ApiError> {
+        if st.draining.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
+        st.in_flight.fetch_add(1, Ordering::SeqCst);
+        Ok(InFlight(st.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn finish_fields(f: &Option<Finish>) -> (Option<String>, Value) {
+    match f {
+        None => (None, Value::Null),
+        Some(f) => (
+            Some(f.reason.as_str().to_string()),
+            match &f.stop_reason {
+                Some(StopReason::Token(t)) => json!(t),
+                Some(StopReason::String(s)) => json!(s),
+                None => Value::Null,
+            },
+        ),
+    }
+}
+
+fn token_text(st: &SharedState, id: u32) -> String {
+    st.tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+fn completion_logprobs(
+    st: &SharedState,
+    lps: &[TokenLogprobs],
+    offset0: usize,
+) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut offset = offset0;
+    for lp in lps {
+        let tok = token_text(st, lp.token);
+        out.text_offset.push(offset);
+        offset += tok.len();
+        out.token_logprobs.push(Some(lp.logprob));
+        let mut top = serde_json::Map::new();
+        for &(id, v) in &lp.top {
+            top.insert(token_text(st, id), json!(v));
+        }
+        top.entry(tok.clone()).or_insert(json!(lp.logprob));
+        out.top_logprobs.push(Some(top));
+        out.tokens.push(tok);
+    }
+    out
+}
+
+fn prompt_logprobs_json(st: &SharedState, p: &Option<Vec<Option<TokenLogprobs>>>) -> Option<Value> {
+    p.as_ref().map(|v| {
+        Value::Array(
+            v.iter()
+                .map(|e| match e {
+                    None => Value::Null,
+                    Some(lp) => {
+                        let mut m = serde_json::Map::new();
+                        m.insert(
+                            lp.token.to_string(),
+                            json!({"logprob": lp.logprob, "rank": lp.rank, "decoded_token": token_text(st, lp.token)}),
+                        );
+                        for (i, &(id, v)) in lp.top.iter().enumerate() {
+                            m.entry(id.to_string()).or_insert(
+                                json!({"logprob": v, "rank": i + 1, "decoded_token": token_text(st, id)}),
+                            );
+                        }
+                        Value::Object(m)
+                    }
+                })
+                .collect(),
+        )
+    })
+}
+
+fn sse_json(v: &impl serde::Serialize) -> Result<Event, Infallible> {
+    Ok(Event::default().data(serde_json::to_string(v).unwrap_or_else(|_| "{}".into())))
+}
+
+struct Submitted {
+    streams: Vec<RequestStream>,
+    prompt_texts: Vec<String>,
+    prompt_lens: Vec<usize>,
+}
+
+fn submit(
+    st: &SharedState,
+    prompts: Vec<(Vec<u32>, String)>,
+    v: &validate::Validated,
+    user: Option<&str>,
+) -> Result<Submitted, ApiError> {
+    let mut s = Submitted {
+        streams: Vec::new(),
+        prompt_texts: Vec::new(),
+        prompt_lens: Vec::new(),
+    };
+    for (ids, text) in prompts {
+        s.prompt_lens.push(ids.len());
+        let mut req = EngineRequest::new(ids, v.sampling.clone(), v.stop.clone());
+        req.n = v.n;
+        if st.log_requests {
+            // Token counts and parameters only: prompts may be sensitive.
+            tracing::info!(
+                "Received request {:?}: {} prompt tokens, n={}, max_tokens={:?}, temperature={}, user={:?}",
+                req.id,
+                req.prompt_token_ids.len(),
+                v.n,
+                v.stop.max_tokens,
+                v.sampling.temperature,
+                user
+            );
+        }
+        s.streams.push(st.engine.add(req)?);
+        s.prompt_texts.push(text);
+    }
+    Ok(s)
+}
+
+async fn completions(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let guard = InFlight::new(&st)?;
+    let req: CompletionRequest = parse_body(&headers, &body)?;
+    check_model(&st, req.model.as_deref())?;
+    if req.suffix.is_some() {
+        return Err(ApiError::invalid_param(
+            "suffix",
+            "suffix is not currently supported",
+        ));
+    }
+    let add_special = req.add_special_tokens.unwrap_or(true);
+    let vocab = st.vocab_size;
+    let to_ids = |v: &[i64]| -> Result<(Vec<u32>, String), ApiError> {
+        let ids = v
+            .iter()
+            .map(|&t| validate::token_id("prompt", t, vocab))
+            .collect::<Result<Vec<_>, _>>()?;
+        let text = st.tokenizer.decode(&ids, false).unwrap_or_default();
+        Ok((ids, text))
+    };
+    let enc = |s: &str| -> Result<(Vec<u32>, String), ApiError> {
+        let ids = st
+            .tokenizer
+            .encode(s, add_special)
+            .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?;
+        Ok((ids, s.to_string()))
+    };
+    let prompts: Vec<(Vec<u32>, String)> = match &req.prompt {
+        Prompt::Text(s) => vec![enc(s)?],
+        Prompt::Texts(v) => v.iter().map(|s| enc(s)).collect::<Result<_, _>>()?,
+        Prompt::Tokens(v) => vec![to_ids(v)?],
+        Prompt::TokenLists(v) => v.iter().map(|x| to_ids(x)).collect::<Result<_, _>>()?,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "prompt must not be an empty list",
+        ));
+    }
+    let v = validate::sampling(
+        &req.sampling,
+        req.max_tokens,
+        req.logprobs,
+        1.0,
+        &limits(&st),
+    )?;
+    let echo = req.echo.unwrap_or(false);
+    let sub = submit(&st, prompts, &v, req.sampling.user.as_deref())?;
+    let id = request_id("cmpl");
+    let created = now_secs();
+    let model = st.served_name().to_string();
+    let n = v.n;
+    let want_lp = v.sampling.logprobs.is_some();
+    if v.stream {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let st2 = st.clone();
+        let include_usage = v.include_usage;
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut completion_tokens = 0;
+            let mut prompt_tokens = 0;
+            for (pi, mut stream) in sub.streams.into_iter().enumerate() {
+                prompt_tokens += sub.prompt_lens[pi];
+                let mut echoed = vec![!echo; n];
+                while let Some(ev) = stream.next().await {
+                    let mut choices = Vec::new();
+                    if let Some(e) = &ev.error {
+                        let _ = tx
+                            .send(sse_json(&ApiError::internal(e.clone()).body()))
+                            .await;
+                    }
+                    for d in ev.seqs {
+                        completion_tokens += d.token_ids.len();
+                        let mut text = String::new();
+                        if !echoed[d.index] {
+                            text.push_str(&sub.prompt_texts[pi]);
+                            echoed[d.index] = true;
+                        }
+                        text.push_str(&d.text);
+                        let (fr, sr) = finish_fields(&d.finish);
+                        choices.push(CompletionChoice {
+                            index: pi * n + d.index,
+                            text,
+                            logprobs: d
+                                .logprobs
+                                .as_ref()
+                                .filter(|_| want_lp)
+                                .map(|l| completion_logprobs(&st2, l, 0)),
+                            finish_reason: fr,
+                            stop_reason: Some(sr),
+                            prompt_logprobs: None,
+                        });
+                    }
+                    if choices.is_empty() {
+                        continue;
+                    }
+                    let chunk = CompletionResponse {
+                        id: id.clone(),
+                        object: "text_completion",
+                        created,
+                        model: model.clone(),
+                        choices,
+                        usage: None,
+                    };
+                    if tx.send(sse_json(&chunk)).await.is_err() {
+                        return; // client gone: dropping `stream` aborts the request
+                    }
+                }
+            }
+            if include_usage {
+                let chunk = json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [], "usage": Usage::new(prompt_tokens, completion_tokens)});
+                let _ = tx.send(sse_json(&chunk)).await;
+            }
+            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        });
+        return Ok(Sse::new(ReceiverStream::new(rx)).into_response());
+    }
+    let mut choices = Vec::new();
+    let (mut pt, mut ct) = (0, 0);
+    for (pi, stream) in sub.streams.into_iter().enumerate() {
+        let fin: FinalOutput = stream.collect().await;
+        if let Some(e) = fin.error {
+            return Err(ApiError::internal(format!("generation failed: {e}")));
+        }
+        pt += fin.prompt.num_prompt_tokens;
+        let plp = prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs);
+        for o in fin.outputs {
+            ct += o.token_ids.len();
+            let mut text = String::new();
+            if echo {
+                text.push_str(&sub.prompt_texts[pi]);
+            }
+            let offset0 = text.len();
+            text.push_str(&o.text);
+            let (fr, sr) = finish_fields(&o.finish);
+            choices.push(CompletionChoice {
+                index: pi * n + o.index,
+                text,
+                logprobs: o
+                    .logprobs
+                    .as_ref()
+                    .filter(|_| want_lp)
+                    .map(|l| completion_logprobs(&st, l, offset0)),
+                finish_reason: fr,
+                stop_reason: Some(sr),
+                prompt_logprobs: plp.clone(),
+            });
+        }
+    }
+    drop(guard);
+    Ok(Json(CompletionResponse {
+        id,
+        object: "text_completion",
+        created,
+        model: st.served_name().to_string(),
+        choices,
+        usage: Some(Usage::new(pt, ct)),
+    })
+    .into_response())
+}
+
+fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs]) -> ChatLogprobs {
+    let top = |id: u32, v: f32| {
+        let t = token_text(st, id);
+        TopLogprob {
+            bytes: t.as_bytes().to_vec(),
+            token: t,
+            logprob: v,
+        }
+    };
+    ChatLogprobs {
+        content: lps
+            .iter()
+            .map(|lp| {
+                let t = token_text(st, lp.token);
+                ChatTokenLogprob {
+                    bytes: t.as_bytes().to_vec(),
+                    token: t,
+                    logprob: lp.logprob,
+                    top_logprobs: lp.top.iter().map(|&(id, v)| top(id, v)).collect(),
+                }
+            })
+            .collect(),
+    }
+}
+
+async fn chat_completions(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let guard = InFlight::new(&st)?;
+    let req: ChatCompletionRequest = parse_body(&headers, &body)?;
+    check_model(&st, req.model.as_deref())?;
+    if req.top_logprobs.is_some() && !req.logprobs.unwrap_or(false) {
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            "`top_logprobs` requires `logprobs` to be true.",
+        ));
+    }
+    if req.tool_choice.as_ref().is_some_and(|t| t != "none") && req.tools.is_none() {
+        return Err(ApiError::invalid_param(
+            "tool_choice",
+            "When using `tool_choice`, `tools` must be set.",
+        ));
+    }
+    let text = chat::render(
+        &st,
+        &req.messages,
+        &ChatPromptOptions {
+            add_generation_prompt: req.add_generation_prompt,
+            continue_final_message: req.continue_final_message,
+            kwargs: req.chat_template_kwargs.as_ref(),
+            tools: req.tools.as_ref(),
+            documents: req.documents.as_ref(),
+        },
+    )?;
+    let ids = st
+        .tokenizer
+        .encode(&text, req.add_special_tokens.unwrap_or(false))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let lp = if req.logprobs.unwrap_or(false) {
+        Some(req.top_logprobs.unwrap_or(0))
+    } else {
+        None
+    };
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    let v = validate::sampling(&req.sampling, max_tokens, lp, 1.0, &limits(&st))?;
+    let sub = submit(&st, vec![(ids, text)], &v, req.sampling.user.as_deref())?;
+    let id = request_id("chatcmpl");
+    let created = now_secs();
+    let model = st.served_name().to_string();
+    let want_lp = lp.is_some();
+    let mut streams = sub.streams;
+    let stream = streams.remove(0);
+    if v.stream {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let st2 = st.clone();
+        let include_usage = v.include_usage;
+        let n = v.n;
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut stream = stream;
+            let chunk = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
+            for i in 0..n {
+                let first = chunk(
+                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                );
+                if tx.send(sse_json(&first)).await.is_err() {
+                    return;
+                }
+            }
+            let (mut pt, mut ct) = (0, 0);
+            while let Some(ev) = stream.next().await {
+                if let Some(p) = &ev.prompt {
+                    pt = p.num_prompt_tokens;
+                }
+                if let Some(e) = &ev.error {
+                    let _ = tx
+                        .send(sse_json(&ApiError::internal(e.clone()).body()))
+                        .await;
+                }
+                let mut choices = Vec::new();
+                for d in ev.seqs {
+                    ct += d.token_ids.len();
+                    let (fr, sr) = finish_fields(&d.finish);
+                    let delta = if d.text.is_empty() && fr.is_some() {
+                        json!({})
+                    } else {
+                        json!({"content": d.text})
+                    };
+                    choices.push(json!({"index": d.index, "delta": delta,
+                        "logprobs": d.logprobs.as_ref().filter(|_| want_lp).map(|l| chat_logprobs(&st2, l)),
+                        "finish_reason": fr, "stop_reason": sr}));
+                }
+                if choices.is_empty() {
+                    continue;
+                }
+                if tx
+                    .send(sse_json(&chunk(Value::Array(choices))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if include_usage {
+                let mut u = chunk(json!([]));
+                u["usage"] = json!(Usage::new(pt, ct));
+                let _ = tx.send(sse_json(&u)).await;
+            }
+            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        });
+        return Ok(Sse::new(ReceiverStream::new(rx)).into_response());
+    }
+    let fin = stream.collect().await;
+    drop(guard);
+    if let Some(e) = fin.error {
+        return Err(ApiError::internal(format!("generation failed: {e}")));
+    }
+    let ct: usize = fin.outputs.iter().map(|o| o.token_ids.len()).sum();
+    let choices = fin
+        .outputs
+        .iter()
+        .map(|o| {
+            let (fr, sr) = finish_fields(&o.finish);
+            ChatChoice {
+                index: o.index,
+                message: ChatMessageOut {
+                    role: "assistant",
+                    content: o.text.clone(),
+                    tool_calls: Vec::new(),
+                },
+                logprobs: o
+                    .logprobs
+                    .as_ref()
+                    .filter(|_| want_lp)
+                    .map(|l| chat_logprobs(&st, l)),
+                finish_reason: fr,
+                stop_reason: Some(sr),
+            }
+        })
+        .collect();
+    Ok(Json(ChatCompletionResponse {
+        id,
+        object: "chat.completion",
+        created,
+        model: st.served_name().to_string(),
+        choices,
+        usage: Usage::new(fin.prompt.num_prompt_tokens, ct),
+        prompt_logprobs: prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs),
+    })
+    .into_response())
+}
+
+async fn models(State(st): State<SharedState>) -> Json<Value> {
+    let data: Vec<Value> = st
+        .served_model_names
+        .iter()
+        .map(|name| {
+            json!({"id": name, "object": "model", "created": st.created, "owned_by": "vllm",
+                "root": st.model_root, "parent": null, "max_model_len": st.max_model_len,
+                "permission": [{"id": format!("modelperm-{:032x}", rand::random::<u128>()),
+                    "object": "model_permission", "created": st.created, "allow_create_engine": false,
+                    "allow_sampling": true, "allow_logprobs": true, "allow_search_indices": false,
+                    "allow_view": true, "allow_fine_tuning": false, "organization": "*", "group": null,
+                    "is_blocking": false}]})
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn health(State(st): State<SharedState>) -> Response {
+    if st.engine.is_running() {
+        StatusCode::OK.into_response()
+    } else {
+        ApiError::unavailable("the engine has stopped").into_response()
+    }
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn tokenize(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: TokenizeRequest = parse_body(&headers, &body)?;
+    let ids = match &req {
+        TokenizeRequest::Text {
+            model,
+            prompt,
+            add_special_tokens,
+        } => {
+            check_model(&st, model.as_deref())?;
+            st.tokenizer
+                .encode(prompt, add_special_tokens.unwrap_or(true))
+                .map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+        TokenizeRequest::Chat {
+            model,
+            messages,
+            add_generation_prompt,
+            continue_final_message,
+            add_special_tokens,
+            chat_template_kwargs,
+        } => {
+            check_model(&st, model.as_deref())?;
+            let text = chat::render(
+                &st,
+                messages,
+                &ChatPromptOptions {
+                    add_generation_prompt: *add_generation_prompt,
+                    continue_final_message: *continue_final_message,
+                    kwargs: chat_template_kwargs.as_ref(),
+                    tools: None,
+                    documents: None,
+                },
+            )?;
+            st.tokenizer
+                .encode(&text, add_special_tokens.unwrap_or(false))
+                .map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+    };
+    Ok(Json(
+        json!({"count": ids.len(), "max_model_len": st.max_model_len, "tokens": ids, "token_strs": null}),
+    ))
+}
+
+async fn detokenize(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: DetokenizeRequest = parse_body(&headers, &body)?;
+    check_model(&st, req.model.as_deref())?;
+    let ids = req
+        .tokens
+        .iter()
+        .map(|&t| validate::token_id("tokens", t, st.vocab_size))
+        .collect::<Result<Vec<_>, _>>()?;
+    let text = st
+        .tokenizer
+        .decode(&ids, false)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(json!({"prompt": text})))
+}

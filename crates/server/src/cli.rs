@@ -1,0 +1,158 @@
+//! `tpuserve serve` arguments: the flag names and defaults of `vllm serve` /
+//! `python -m vllm.entrypoints.openai.api_server`, so existing manifests work unchanged.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args};
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Model: a local .gguf file, a Hugging Face folder, or a hub id (default: SmolLM2 from pip).
+    #[arg(value_name = "MODEL")]
+    pub model_tag: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Name(s) clients use in requests; the first is reported and used in metrics.
+    #[arg(long, num_args = 1..)]
+    pub served_model_name: Vec<String>,
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    #[arg(long)]
+    pub download_dir: Option<PathBuf>,
+    /// auto | float32 | bfloat16 | float16 (float16 runs as bfloat16 on XLA).
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub no_enable_prefix_caching: bool,
+    /// Share of device memory for weights + KV cache (on CPU: of a fixed host budget).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// KV cache size for the CPU runner, GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
+    #[arg(long, env = "VLLM_CPU_KVCACHE_SPACE", default_value_t = 1.0)]
+    pub kv_cache_space: f64,
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub disable_log_requests: bool,
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub enable_log_requests: bool,
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub disable_log_stats: bool,
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    #[arg(long)]
+    pub generation_config: Option<String>,
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub trust_remote_code: bool,
+    #[arg(long, default_value = "info")]
+    pub uvicorn_log_level: String,
+    #[arg(long, default_value_t = 20)]
+    pub max_logprobs: usize,
+    #[arg(long)]
+    pub revision: Option<String>,
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// cpu (candle), xla-cpu, tpu, cuda, or auto (tpu when libtpu and a TPU are present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Explicit PJRT plugin library for the XLA runner.
+    #[arg(long)]
+    pub pjrt_plugin: Option<PathBuf>,
+    /// Seconds to finish in-flight requests after SIGTERM before exiting.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+    /// Largest request body accepted, bytes.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Flags vLLM has that tpuserve accepts without implementing (a warning names each).
+    #[arg(long, action = ArgAction::SetTrue, hide = true)]
+    pub enforce_eager: bool,
+    #[arg(long, hide = true)]
+    pub swap_space: Option<f64>,
+    #[arg(long, hide = true)]
+    pub load_format: Option<String>,
+    #[arg(long, hide = true)]
+    pub kv_cache_dtype: Option<String>,
+    #[arg(long, hide = true)]
+    pub quantization: Option<String>,
+    #[arg(long, hide = true)]
+    pub pipeline_parallel_size: Option<usize>,
+    #[arg(long, action = ArgAction::SetTrue, hide = true)]
+    pub enable_chunked_prefill: bool,
+    #[arg(long, action = ArgAction::SetTrue, hide = true)]
+    pub disable_fastapi_docs: bool,
+    #[arg(long, action = ArgAction::SetTrue, hide = true)]
+    pub enable_request_id_headers: bool,
+    #[arg(long, hide = true)]
+    pub root_path: Option<String>,
+    #[arg(long, hide = true)]
+    pub response_role: Option<String>,
+}
+
+impl ServeArgs {
+    pub fn model_arg(&self) -> Option<&str> {
+        self.model.as_deref().or(self.model_tag.as_deref())
+    }
+
+    pub fn prefix_caching(&self) -> bool {
+        !self.no_enable_prefix_caching
+    }
+
+    /// One warning per vLLM flag given that tpuserve accepts but does not act on.
+    pub fn ignored_flags(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.enforce_eager {
+            v.push("--enforce-eager (programs are always precompiled)");
+        }
+        if self.swap_space.is_some() {
+            v.push("--swap-space (preemption is by recompute)");
+        }
+        if self.load_format.is_some() {
+            v.push("--load-format");
+        }
+        if self.kv_cache_dtype.is_some() {
+            v.push("--kv-cache-dtype (the cache uses the weight dtype)");
+        }
+        if self.quantization.is_some() {
+            v.push("--quantization");
+        }
+        if self.pipeline_parallel_size.is_some_and(|p| p > 1) {
+            v.push("--pipeline-parallel-size");
+        }
+        if self.enable_chunked_prefill {
+            v.push("--enable-chunked-prefill (always on)");
+        }
+        if self.disable_fastapi_docs {
+            v.push("--disable-fastapi-docs");
+        }
+        if self.enable_request_id_headers {
+            v.push("--enable-request-id-headers");
+        }
+        if self.root_path.is_some() {
+            v.push("--root-path");
+        }
+        if self.trust_remote_code {
+            v.push("--trust-remote-code (no remote code is ever run)");
+        }
+        if self.generation_config.is_some() {
+            v.push("--generation-config");
+        }
+        v
+    }
+}

@@ -1,0 +1,443 @@
+//! `vllm:`-named Prometheus metrics with vLLM's types, labels and buckets (both the names the
+//! GKE tutorial and HPA use and the current ones), fed from the engine's per-step stats on a
+//! thread of their own so the engine never waits on a scrape, plus the 5-second stats log line.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tpuserve_engine::StepStats;
+
+use crate::state::SharedState;
+
+const TTFT: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+const ITL: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+const REQUEST_SECONDS: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
+const ITERATION_TOKENS: &[f64] = &[
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
+const PARAMS_N: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
+
+/// vLLM's `build_1_2_5_buckets(max)`: 1, 2, 5, 10, 20, 50, … up to `max`.
+pub fn buckets_1_2_5(max: usize) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut scale = 1.0;
+    loop {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * scale;
+            if v > max as f64 {
+                return out;
+            }
+            out.push(v);
+        }
+        scale *= 10.0;
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    labels: [String; 2],
+    running: GaugeVec,
+    waiting: GaugeVec,
+    kv_usage: GaugeVec,
+    gpu_kv_usage: GaugeVec,
+    avg_prompt: GaugeVec,
+    avg_gen: GaugeVec,
+    prompt_tokens: IntCounterVec,
+    generation_tokens: IntCounterVec,
+    preemptions: IntCounterVec,
+    success: IntCounterVec,
+    prefix_queries: IntCounterVec,
+    prefix_hits: IntCounterVec,
+    ttft: HistogramVec,
+    itl: HistogramVec,
+    tpot: HistogramVec,
+    e2e: HistogramVec,
+    queue: HistogramVec,
+    prefill: HistogramVec,
+    decode: HistogramVec,
+    inference: HistogramVec,
+    req_prompt: HistogramVec,
+    req_gen: HistogramVec,
+    iteration: HistogramVec,
+    params_n: HistogramVec,
+    params_max: HistogramVec,
+}
+
+/// KV cache geometry and settings shown as labels of `vllm:cache_config_info`.
+pub struct CacheInfo {
+    pub block_size: usize,
+    pub num_gpu_blocks: usize,
+    pub gpu_memory_utilization: f64,
+    pub enable_prefix_caching: bool,
+}
+
+impl Metrics {
+    pub fn new(model_name: &str, max_model_len: usize, cache: &CacheInfo) -> Arc<Metrics> {
+        let registry = Registry::new();
+        let lab = &["model_name", "engine"];
+        let gauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), lab).expect("valid gauge");
+            registry.register(Box::new(g.clone())).expect("unique name");
+            g
+        };
+        let counter = |name: &str, help: &str, extra: &[&str]| {
+            let mut l = lab.to_vec();
+            l.extend_from_slice(extra);
+            let c = IntCounterVec::new(Opts::new(name, help), &l).expect("valid counter");
+            registry.register(Box::new(c.clone())).expect("unique name");
+            c
+        };
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), lab)
+                .expect("valid histogram");
+            registry.register(Box::new(h.clone())).expect("unique name");
+            h
+        };
+        let tokens = buckets_1_2_5(max_model_len);
+        let info = GaugeVec::new(
+            Opts::new(
+                "vllm:cache_config_info",
+                "Information of the LLMEngine CacheConfig",
+            ),
+            &[
+                "block_size",
+                "num_gpu_blocks",
+                "gpu_memory_utilization",
+                "enable_prefix_caching",
+                "cache_dtype",
+            ],
+        )
+        .expect("valid info gauge");
+        registry
+            .register(Box::new(info.clone()))
+            .expect("unique name");
+        info.with_label_values(&[
+            &cache.block_size.to_string(),
+            &cache.num_gpu_blocks.to_string(),
+            &cache.gpu_memory_utilization.to_string(),
+            &cache.enable_prefix_caching.to_string(),
+            "auto",
+        ])
+        .set(1.0);
+        let m = Metrics {
+            labels: [model_name.to_string(), "0".to_string()],
+            running: gauge(
+                "vllm:num_requests_running",
+                "Number of requests in model execution batches.",
+            ),
+            waiting: gauge(
+                "vllm:num_requests_waiting",
+                "Number of requests waiting to be processed.",
+            ),
+            kv_usage: gauge(
+                "vllm:kv_cache_usage_perc",
+                "KV-cache usage. 1 means 100 percent usage.",
+            ),
+            gpu_kv_usage: gauge(
+                "vllm:gpu_cache_usage_perc",
+                "GPU KV-cache usage. 1 means 100 percent usage.",
+            ),
+            avg_prompt: gauge(
+                "vllm:avg_prompt_throughput_toks_per_s",
+                "Average prefill throughput in tokens/s.",
+            ),
+            avg_gen: gauge(
+                "vllm:avg_generation_throughput_toks_per_s",
+                "Average generation throughput in tokens/s.",
+            ),
+            prompt_tokens: counter(
+                "vllm:prompt_tokens_total",
+                "Number of prefill tokens processed.",
+                &[],
+            ),
+            generation_tokens: counter(
+                "vllm:generation_tokens_total",
+                "Number of generation tokens processed.",
+                &[],
+            ),
+            preemptions: counter(
+                "vllm:num_preemptions_total",
+                "Cumulative number of preemption from the engine.",
+                &[],
+            ),
+            success: counter(
+                "vllm:request_success_total",
+                "Count of successfully processed requests.",
+                &["finished_reason"],
+            ),
+            prefix_queries: counter(
+                "vllm:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                &[],
+            ),
+            prefix_hits: counter(
+                "vllm:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                &[],
+            ),
+            ttft: hist(
+                "vllm:time_to_first_token_seconds",
+                "Histogram of time to first token in seconds.",
+                TTFT.to_vec(),
+            ),
+            itl: hist(
+                "vllm:inter_token_latency_seconds",
+                "Histogram of inter-token latency in seconds.",
+                ITL.to_vec(),
+            ),
+            tpot: hist(
+                "vllm:time_per_output_token_seconds",
+                "Histogram of time per output token in seconds.",
+                ITL.to_vec(),
+            ),
+            e2e: hist(
+                "vllm:e2e_request_latency_seconds",
+                "Histogram of e2e request latency in seconds.",
+                REQUEST_SECONDS.to_vec(),
+            ),
+            queue: hist(
+                "vllm:request_queue_time_seconds",
+                "Histogram of time spent in WAITING phase for request.",
+                REQUEST_SECONDS.to_vec(),
+            ),
+            prefill: hist(
+                "vllm:request_prefill_time_seconds",
+                "Histogram of time spent in PREFILL phase for request.",
+                REQUEST_SECONDS.to_vec(),
+            ),
+            decode: hist(
+                "vllm:request_decode_time_seconds",
+                "Histogram of time spent in DECODE phase for request.",
+                REQUEST_SECONDS.to_vec(),
+            ),
+            inference: hist(
+                "vllm:request_inference_time_seconds",
+                "Histogram of time spent in RUNNING phase for request.",
+                REQUEST_SECONDS.to_vec(),
+            ),
+            req_prompt: hist(
+                "vllm:request_prompt_tokens",
+                "Number of prefill tokens processed.",
+                tokens.clone(),
+            ),
+            req_gen: hist(
+                "vllm:request_generation_tokens",
+                "Number of generation tokens processed.",
+                tokens.clone(),
+            ),
+            iteration: hist(
+                "vllm:iteration_tokens_total",
+                "Histogram of number of tokens per engine_step.",
+                ITERATION_TOKENS.to_vec(),
+            ),
+            params_n: hist(
+                "vllm:request_params_n",
+                "Histogram of the n request parameter.",
+                PARAMS_N.to_vec(),
+            ),
+            params_max: hist(
+                "vllm:request_params_max_tokens",
+                "Histogram of the max_tokens request parameter.",
+                tokens,
+            ),
+            registry,
+        };
+        // Series exist from the start (dashboards and the HPA see zeros, not gaps).
+        let l = m.l();
+        for g in [
+            &m.running,
+            &m.waiting,
+            &m.kv_usage,
+            &m.gpu_kv_usage,
+            &m.avg_prompt,
+            &m.avg_gen,
+        ] {
+            g.with_label_values(&l).set(0.0);
+        }
+        for c in [
+            &m.prompt_tokens,
+            &m.generation_tokens,
+            &m.preemptions,
+            &m.prefix_queries,
+            &m.prefix_hits,
+        ] {
+            c.with_label_values(&l).inc_by(0);
+        }
+        for r in ["stop", "length", "abort", "error"] {
+            m.success.with_label_values(&[l[0], l[1], r]).inc_by(0);
+        }
+        Arc::new(m)
+    }
+
+    fn l(&self) -> [&str; 2] {
+        [&self.labels[0], &self.labels[1]]
+    }
+
+    pub fn observe(&self, s: &StepStats) {
+        let l = self.l();
+        self.running.with_label_values(&l).set(s.num_running as f64);
+        self.waiting.with_label_values(&l).set(s.num_waiting as f64);
+        self.kv_usage.with_label_values(&l).set(s.kv_cache_usage);
+        self.gpu_kv_usage
+            .with_label_values(&l)
+            .set(s.kv_cache_usage);
+        self.prompt_tokens
+            .with_label_values(&l)
+            .inc_by(s.num_prompt_tokens as u64);
+        self.generation_tokens
+            .with_label_values(&l)
+            .inc_by(s.num_generation_tokens as u64);
+        self.preemptions
+            .with_label_values(&l)
+            .inc_by(s.num_preemptions as u64);
+        self.prefix_queries
+            .with_label_values(&l)
+            .inc_by(s.prefix_cache_queries);
+        self.prefix_hits
+            .with_label_values(&l)
+            .inc_by(s.prefix_cache_hits);
+        if s.num_scheduled_tokens > 0 {
+            self.iteration
+                .with_label_values(&l)
+                .observe(s.num_scheduled_tokens as f64);
+        }
+        for t in &s.time_to_first_token {
+            self.ttft.with_label_values(&l).observe(t.as_secs_f64());
+        }
+        for t in &s.inter_token_latencies {
+            self.itl.with_label_values(&l).observe(t.as_secs_f64());
+            self.tpot.with_label_values(&l).observe(t.as_secs_f64());
+        }
+        for f in &s.finished {
+            self.success
+                .with_label_values(&[l[0], l[1], f.finish_reason.as_str()])
+                .inc();
+            self.e2e
+                .with_label_values(&l)
+                .observe(f.e2e_latency().as_secs_f64());
+            let obs = |h: &HistogramVec, d: Option<Duration>| {
+                if let Some(d) = d {
+                    h.with_label_values(&l).observe(d.as_secs_f64());
+                }
+            };
+            obs(&self.queue, f.queue_time());
+            obs(&self.prefill, f.prefill_time());
+            obs(&self.decode, f.decode_time());
+            obs(&self.inference, f.inference_time());
+            self.req_prompt
+                .with_label_values(&l)
+                .observe(f.num_prompt_tokens as f64);
+            self.req_gen
+                .with_label_values(&l)
+                .observe(f.num_generation_tokens as f64);
+            if f.index == 0 {
+                self.params_n.with_label_values(&l).observe(f.n as f64);
+                if let Some(m) = f.max_tokens {
+                    self.params_max.with_label_values(&l).observe(m as f64);
+                }
+            }
+        }
+    }
+
+    pub fn set_window_throughput(&self, prompt: f64, generation: f64) {
+        let l = self.l();
+        self.avg_prompt.with_label_values(&l).set(prompt);
+        self.avg_gen.with_label_values(&l).set(generation);
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let enc = TextEncoder::new();
+        if enc.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+pub async fn scrape(State(st): State<SharedState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+}
+
+/// Consumes the engine's step stats: updates the metrics and, every 5 s while there is work,
+/// logs vLLM's stats line (unless `log_stats` is off).
+pub fn spawn_stats_consumer(
+    metrics: Arc<Metrics>,
+    mut rx: UnboundedReceiver<StepStats>,
+    log_stats: bool,
+) {
+    std::thread::Builder::new()
+        .name("tpuserve-stats".into())
+        .spawn(move || {
+            let interval = Duration::from_secs(5);
+            let mut window_start = Instant::now();
+            let (mut prompt, mut gen) = (0usize, 0usize);
+            let (mut running, mut waiting, mut kv) = (0usize, 0usize, 0f64);
+            let (mut q0, mut h0) = (0u64, 0u64);
+            let mut preempt = 0usize;
+            loop {
+                let msg = rx.try_recv();
+                match msg {
+                    Ok(s) => {
+                        metrics.observe(&s);
+                        prompt += s.num_prompt_tokens;
+                        gen += s.num_generation_tokens;
+                        preempt += s.num_preemptions;
+                        q0 += s.prefix_cache_queries;
+                        h0 += s.prefix_cache_hits;
+                        (running, waiting, kv) = (s.num_running, s.num_waiting, s.kv_cache_usage);
+                    }
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return,
+                }
+                let elapsed = window_start.elapsed();
+                if elapsed >= interval {
+                    let secs = elapsed.as_secs_f64();
+                    let (pt, gt) = (prompt as f64 / secs, gen as f64 / secs);
+                    metrics.set_window_throughput(pt, gt);
+                    let busy = prompt + gen > 0 || running + waiting > 0;
+                    if log_stats && busy {
+                        let hit = if q0 > 0 { 100.0 * h0 as f64 / q0 as f64 } else { 0.0 };
+                        let pre = if preempt > 0 { format!("Preemptions: {preempt}, ") } else { String::new() };
+                        tracing::info!(
+                            "Engine 000: Avg prompt throughput: {pt:.1} tokens/s, Avg generation throughput: {gt:.1} tokens/s, Running: {} reqs, Waiting: {} reqs, {pre}GPU KV cache usage: {:.1}%, Prefix cache hit rate: {hit:.1}%",
+                            running,
+                            waiting,
+                            kv * 100.0
+                        );
+                    }
+                    window_start = Instant::now();
+                    prompt = 0;
+                    gen = 0;
+                    preempt = 0;
+                    q0 = 0;
+                    h0 = 0;
+                }
+            }
+        })
+        .expect("spawn stats thread");
+}

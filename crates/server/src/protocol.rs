@@ -1,0 +1,236 @@
+//! OpenAI / vLLM request and response bodies, field for field as vLLM's OpenAI server has them.
+//! Numbers are parsed wide (i64 / f64) and range-checked by the validation gate, so that an
+//! out-of-range value is a clear 400 rather than a parse failure with a vague message.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i64>),
+    TokenLists(Vec<Vec<i64>>),
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopSpec {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StopSpec::One(s) => vec![s],
+            StopSpec::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+    /// Accepted as vLLM does; usage is reported once, at the end.
+    #[allow(dead_code)]
+    pub continuous_usage_stats: Option<bool>,
+}
+
+/// Sampling and stopping fields shared by both endpoints (vLLM's extras included).
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct SamplingFields {
+    pub n: Option<i64>,
+    pub best_of: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+    pub stop: Option<StopSpec>,
+    pub stop_token_ids: Option<Vec<i64>>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<i64>,
+    pub skip_special_tokens: Option<bool>,
+    pub spaces_between_special_tokens: Option<bool>,
+    pub include_stop_str_in_output: Option<bool>,
+    pub prompt_logprobs: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    /// OpenAI's end-user id: accepted, only logged with --enable-log-requests.
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub max_tokens: Option<i64>,
+    pub echo: Option<bool>,
+    pub logprobs: Option<i64>,
+    pub suffix: Option<String>,
+    pub add_special_tokens: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct ChatMessageIn {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Value>,
+    pub name: Option<String>,
+    pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessageIn>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
+    pub add_special_tokens: Option<bool>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub documents: Option<Value>,
+    /// vLLM's chat `echo` (prepend the last message): accepted, not implemented.
+    #[allow(dead_code)]
+    pub echo: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum TokenizeRequest {
+    Chat {
+        model: Option<String>,
+        messages: Vec<ChatMessageIn>,
+        add_generation_prompt: Option<bool>,
+        continue_final_message: Option<bool>,
+        add_special_tokens: Option<bool>,
+        chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    },
+    Text {
+        model: Option<String>,
+        prompt: String,
+        add_special_tokens: Option<bool>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+    pub completion_tokens: usize,
+    pub prompt_tokens_details: Option<Value>,
+}
+
+impl Usage {
+    pub fn new(prompt: usize, completion: usize) -> Self {
+        Usage {
+            prompt_tokens: prompt,
+            total_tokens: prompt + completion,
+            completion_tokens: completion,
+            prompt_tokens_details: None,
+        }
+    }
+}
+
+/// `logprobs` of a completion choice (legacy OpenAI completions layout).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompletionLogprobs {
+    pub text_offset: Vec<usize>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub tokens: Vec<String>,
+    pub top_logprobs: Vec<Option<serde_json::Map<String, Value>>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<String>,
+    pub stop_reason: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessageOut {
+    pub role: &'static str,
+    pub content: String,
+    pub tool_calls: Vec<Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<String>,
+    pub stop_reason: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+    pub prompt_logprobs: Option<Value>,
+}

@@ -1,0 +1,298 @@
+//! `tpuserve serve`: load the model, build the runner and warm it up (every XLA program
+//! compiled or loaded from the cache), start the engine, and only then open the port — the
+//! GKE readiness probe is a TCP check. SIGTERM drains in-flight requests and exits 0.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tpuserve_engine::{EngineConfig, EngineCore, EngineHandle, TokenDecoder};
+use tpuserve_model::{load_model, ChatTemplate, LoadedModel};
+use tpuserve_runner_api::ModelRunner;
+use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions};
+use tpuserve_runner_xla::{DeviceKind, WeightElem, XlaRunner, XlaRunnerOptions};
+
+use crate::app;
+use crate::cli::ServeArgs;
+use crate::metrics::{self, CacheInfo, Metrics};
+use crate::state::{now_secs, AppState};
+
+/// Where a model argument points: a local path, or a hub id already in the download folder.
+pub fn resolve_model(args: &ServeArgs) -> anyhow::Result<PathBuf> {
+    let Some(m) = args.model_arg() else {
+        return crate::generate::default_model();
+    };
+    let p = PathBuf::from(m);
+    if p.exists() {
+        return Ok(p);
+    }
+    // A hub id: reuse a snapshot in the huggingface_hub cache layout (as vLLM leaves it).
+    let cache_dirs: Vec<PathBuf> = args
+        .download_dir
+        .iter()
+        .cloned()
+        .chain(std::env::var_os("HF_HUB_CACHE").map(PathBuf::from))
+        .chain(std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+        .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")))
+        .collect();
+    let folder = format!("models--{}", m.replace('/', "--"));
+    for dir in cache_dirs {
+        let repo = dir.join(&folder);
+        let revision = args.revision.clone().unwrap_or_else(|| "main".into());
+        let snap = std::fs::read_to_string(repo.join("refs").join(&revision))
+            .map(|r| repo.join("snapshots").join(r.trim()))
+            .unwrap_or_else(|_| repo.join("snapshots").join(&revision));
+        if snap.join("config.json").exists() {
+            return Ok(snap);
+        }
+    }
+    bail!(
+        "model `{m}` is neither a local path nor a snapshot in the Hugging Face cache \
+         (looked in --download-dir, HF_HUB_CACHE, HF_HOME, ~/.cache/huggingface/hub)"
+    )
+}
+
+enum Backend {
+    Cpu,
+    Xla(DeviceKind),
+}
+
+fn backend(args: &ServeArgs) -> anyhow::Result<Backend> {
+    Ok(match args.device.as_str() {
+        "cpu" => Backend::Cpu,
+        "auto" => {
+            if tpuserve_runner_xla::device::plugin_path(&DeviceKind::Tpu).is_ok()
+                && Path::new("/dev/accel0").exists()
+            {
+                Backend::Xla(DeviceKind::Tpu)
+            } else if args.tensor_parallel_size > 1 {
+                Backend::Xla(DeviceKind::XlaCpu)
+            } else {
+                Backend::Cpu
+            }
+        }
+        other => Backend::Xla(other.parse().map_err(|e: String| anyhow::anyhow!(e))?),
+    })
+}
+
+fn kv_blocks(model: &LoadedModel, args: &ServeArgs, bytes_per_elem: usize) -> usize {
+    let c = &model.config;
+    let per_token = 2 * c.num_hidden_layers * c.kv_size() * bytes_per_elem;
+    let budget = (args.kv_cache_space * (1u64 << 30) as f64) as usize;
+    (budget / (per_token * args.block_size)).max(1)
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    for flag in args.ignored_flags() {
+        tracing::warn!("{flag} is accepted for vLLM compatibility but has no effect in tpuserve");
+    }
+    let path = resolve_model(&args)?;
+    tracing::info!("loading model from {}", path.display());
+    let model = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    let derived_max = model.config.max_position_embeddings;
+    let max_model_len = match args.max_model_len {
+        Some(m) if m > derived_max => {
+            bail!("--max-model-len {m} is larger than the model's maximum context ({derived_max})")
+        }
+        Some(m) => m,
+        None => derived_max,
+    };
+    let backend = backend(&args)?;
+    let runner: Box<dyn ModelRunner> = match &backend {
+        Backend::Cpu => {
+            if args.tensor_parallel_size > 1 {
+                bail!("--tensor-parallel-size > 1 needs an XLA device (--device xla-cpu, tpu or cuda)");
+            }
+            let num_blocks = kv_blocks(&model, &args, 4);
+            Box::new(CpuRunner::new(
+                &model,
+                CpuRunnerOptions {
+                    num_blocks,
+                    block_size: args.block_size,
+                },
+            )?)
+        }
+        Backend::Xla(kind) => {
+            let weight_dtype = match (args.dtype.as_str(), kind) {
+                ("float32" | "float" | "fp32", _) => WeightElem::F32,
+                ("bfloat16" | "bf16" | "float16" | "half" | "fp16", _) => WeightElem::BF16,
+                ("auto", DeviceKind::XlaCpu) => WeightElem::F32,
+                ("auto", _) => WeightElem::BF16,
+                (other, _) => bail!("unknown --dtype `{other}` (auto, float32, bfloat16, float16)"),
+            };
+            let elem_bytes = if weight_dtype == WeightElem::F32 {
+                4
+            } else {
+                2
+            };
+            let cache_dir = std::env::var_os("VLLM_XLA_CACHE_PATH")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vllm/xla_cache"))
+                });
+            Box::new(XlaRunner::new(
+                &model,
+                XlaRunnerOptions {
+                    device: kind.clone(),
+                    plugin_path: args.pjrt_plugin.clone(),
+                    tensor_parallel_size: args.tensor_parallel_size,
+                    num_blocks: kv_blocks(&model, &args, elem_bytes),
+                    block_size: args.block_size,
+                    max_num_batched_tokens: args.max_num_batched_tokens.unwrap_or(512),
+                    max_model_len,
+                    max_logprobs: args.max_logprobs,
+                    weight_dtype,
+                    compile_cache_dir: cache_dir,
+                    strict_no_recompile: std::env::var("VLLM_XLA_CHECK_RECOMPILATION")
+                        .is_ok_and(|v| v == "1"),
+                    ..Default::default()
+                },
+            )?)
+        }
+    };
+    let kv = runner.kv_cache_shape();
+    let runner_desc = runner.describe();
+    let LoadedModel {
+        tokenizer,
+        chat_template,
+        eos_token_ids,
+        config,
+        ..
+    } = model;
+    let tokenizer = Arc::new(tokenizer);
+    let chat_template = match &args.chat_template {
+        Some(p) => {
+            let src =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Some(ChatTemplate::new(
+                &src,
+                tokenizer.bos_token.as_deref().unwrap_or(""),
+                tokenizer.eos_token.as_deref().unwrap_or(""),
+            )?)
+        }
+        None => chat_template,
+    };
+    let engine_cfg = EngineConfig {
+        max_model_len: max_model_len.min(kv.num_blocks * kv.block_size),
+        max_num_batched_tokens: args.max_num_batched_tokens.unwrap_or(match backend {
+            Backend::Cpu => 2048,
+            Backend::Xla(_) => 512,
+        }),
+        max_num_seqs: args.max_num_seqs,
+        enable_prefix_caching: args.prefix_caching(),
+        max_logprobs: args.max_logprobs,
+    };
+    let effective_len = engine_cfg.max_model_len;
+    let decoder: Arc<dyn TokenDecoder> = tokenizer.clone();
+    let mut core = EngineCore::new(runner, decoder, eos_token_ids, engine_cfg)?;
+    let stats_rx = core.subscribe_stats();
+    let engine = EngineHandle::spawn(core)?;
+    let served_model_names = if args.served_model_name.is_empty() {
+        vec![args
+            .model_arg()
+            .map(str::to_string)
+            .unwrap_or_else(|| "SmolLM2-135M-Instruct".into())]
+    } else {
+        args.served_model_name.clone()
+    };
+    let metrics = Metrics::new(
+        &served_model_names[0],
+        effective_len,
+        &CacheInfo {
+            block_size: kv.block_size,
+            num_gpu_blocks: kv.num_blocks,
+            gpu_memory_utilization: args.gpu_memory_utilization,
+            enable_prefix_caching: args.prefix_caching(),
+        },
+    );
+    metrics::spawn_stats_consumer(metrics.clone(), stats_rx, !args.disable_log_stats);
+    let state = Arc::new(AppState {
+        engine,
+        vocab_size: config.vocab_size,
+        tokenizer,
+        chat_template,
+        served_model_names,
+        model_root: path.display().to_string(),
+        max_model_len: effective_len,
+        max_logprobs: args.max_logprobs,
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        log_requests: args.enable_log_requests && !args.disable_log_requests,
+        created: now_secs(),
+        metrics,
+        in_flight: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+    });
+    let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
+    let addr = format!("{host}:{}", args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    for (route, methods) in app::ROUTES {
+        tracing::info!("Route: {route}, Methods: {methods}");
+    }
+    tracing::info!(
+        "tpuserve {} ready on http://{addr} in {:.1}s: {} ({runner_desc}), max_model_len {effective_len}, KV cache {} blocks of {}",
+        env!("CARGO_PKG_VERSION"),
+        t0.elapsed().as_secs_f64(),
+        state.served_name(),
+        kv.num_blocks,
+        kv.block_size
+    );
+    let router = app::router(state.clone(), args.max_body_bytes);
+    let drain_state = state.clone();
+    let timeout = Duration::from_secs(args.shutdown_timeout);
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new connections, draining in-flight requests");
+        drain_state.draining.store(true, Ordering::SeqCst);
+    });
+    let drained = tokio::spawn(async move { server.await });
+    // After the signal, give in-flight requests `timeout` to finish, then exit regardless.
+    let watchdog = {
+        let st = state.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if st.draining.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            tokio::time::sleep(timeout).await;
+            tracing::warn!(
+                "shutdown timeout ({}s) reached with {} request(s) in flight",
+                timeout.as_secs(),
+                st.in_flight.load(Ordering::SeqCst)
+            );
+        }
+    };
+    tokio::select! {
+        r = drained => { r??; }
+        _ = watchdog => {}
+    }
+    tracing::info!("bye");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

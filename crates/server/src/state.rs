@@ -1,0 +1,49 @@
+//! What every handler shares: the engine handle, the tokenizer and chat template, names and
+//! limits. Immutable after start-up.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+
+use tpuserve_engine::EngineHandle;
+use tpuserve_model::{ChatTemplate, Tokenizer};
+
+use crate::metrics::Metrics;
+
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Option<ChatTemplate>,
+    pub served_model_names: Vec<String>,
+    /// The path or id the model was loaded from (`root` in `/v1/models`).
+    pub model_root: String,
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    pub max_logprobs: usize,
+    pub api_key: Option<String>,
+    pub log_requests: bool,
+    pub created: u64,
+    pub metrics: Arc<Metrics>,
+    /// Requests accepted and not yet answered (for draining on SIGTERM).
+    pub in_flight: AtomicUsize,
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn served_name(&self) -> &str {
+        &self.served_model_names[0]
+    }
+
+    /// Whether `model` (from a request) names this server's model; absent means yes.
+    pub fn model_matches(&self, model: Option<&str>) -> bool {
+        model.is_none_or(|m| self.served_model_names.iter().any(|n| n == m))
+    }
+}
+
+pub type SharedState = Arc<AppState>;
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

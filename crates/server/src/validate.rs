@@ -1,0 +1,259 @@
+//! The input gate (as TGI's `validation.rs`): every request field is range-checked here once,
+//! and what leaves is a typed, already-valid engine request. Messages name the parameter and
+//! the accepted range, like vLLM's.
+
+use tpuserve_engine::{SamplingParams, StopParams};
+
+use crate::error::ApiError;
+use crate::protocol::SamplingFields;
+
+/// Hard limits the gate enforces beyond the model's own (issue-level policy, configurable later).
+pub const MAX_N: i64 = 128;
+pub const MAX_STOP_STRINGS: usize = 64;
+pub const MAX_STOP_STRING_LEN: usize = 1024;
+
+pub struct Limits {
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    pub max_logprobs: usize,
+}
+
+pub struct Validated {
+    pub sampling: SamplingParams,
+    pub stop: StopParams,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn range_f(
+    name: &str,
+    v: Option<f64>,
+    default: f64,
+    ok: impl Fn(f64) -> bool,
+    rule: &str,
+) -> Result<f64, ApiError> {
+    let v = v.unwrap_or(default);
+    if !v.is_finite() || !ok(v) {
+        return Err(ApiError::invalid_param(
+            name,
+            format!("{name} must be {rule}, got {v}."),
+        ));
+    }
+    Ok(v)
+}
+
+pub fn token_id(name: &str, v: i64, vocab: usize) -> Result<u32, ApiError> {
+    if v < 0 || v as u64 >= vocab as u64 {
+        return Err(ApiError::invalid_param(
+            name,
+            format!("token id {v} is out of vocabulary (0..{vocab})"),
+        ));
+    }
+    Ok(v as u32)
+}
+
+/// Checks the shared sampling fields. `logprobs` is the number of top alternatives the
+/// endpoint asked for (completions' int, chat's `top_logprobs` when `logprobs` is true).
+pub fn sampling(
+    f: &SamplingFields,
+    max_tokens: Option<i64>,
+    logprobs: Option<i64>,
+    default_temperature: f64,
+    lim: &Limits,
+) -> Result<Validated, ApiError> {
+    let n = f.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("n must be between 1 and {MAX_N}, got {n}."),
+        ));
+    }
+    if let Some(b) = f.best_of {
+        if b != n {
+            return Err(ApiError::invalid_param(
+                "best_of",
+                format!("best_of ({b}) different from n ({n}) is not supported."),
+            ));
+        }
+    }
+    let temperature = range_f(
+        "temperature",
+        f.temperature,
+        default_temperature,
+        |v| v >= 0.0,
+        "non-negative",
+    )?;
+    let top_p = range_f("top_p", f.top_p, 1.0, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?;
+    let min_p = range_f(
+        "min_p",
+        f.min_p,
+        0.0,
+        |v| (0.0..=1.0).contains(&v),
+        "in [0, 1]",
+    )?;
+    let presence = range_f(
+        "presence_penalty",
+        f.presence_penalty,
+        0.0,
+        |v| (-2.0..=2.0).contains(&v),
+        "in [-2, 2]",
+    )?;
+    let frequency = range_f(
+        "frequency_penalty",
+        f.frequency_penalty,
+        0.0,
+        |v| (-2.0..=2.0).contains(&v),
+        "in [-2, 2]",
+    )?;
+    let repetition = range_f(
+        "repetition_penalty",
+        f.repetition_penalty,
+        1.0,
+        |v| v > 0.0 && v <= 2.0,
+        "in (0, 2]",
+    )?;
+    let top_k = f.top_k.unwrap_or(-1);
+    if top_k < -1 || top_k > lim.vocab_size as i64 {
+        return Err(ApiError::invalid_param(
+            "top_k",
+            format!(
+                "top_k must be -1 (disable), 0 or in [1, {}], got {top_k}.",
+                lim.vocab_size
+            ),
+        ));
+    }
+    let lp = match logprobs {
+        None => None,
+        Some(v) if v < 0 || v as usize > lim.max_logprobs => {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                format!(
+                    "logprobs must be between 0 and {}, got {v}.",
+                    lim.max_logprobs
+                ),
+            ))
+        }
+        Some(v) => Some(v as usize),
+    };
+    let prompt_lp = match f.prompt_logprobs {
+        None => None,
+        Some(v) if v < 0 || v as usize > lim.max_logprobs => {
+            return Err(ApiError::invalid_param(
+                "prompt_logprobs",
+                format!(
+                    "prompt_logprobs must be between 0 and {}, got {v}.",
+                    lim.max_logprobs
+                ),
+            ))
+        }
+        Some(v) => Some(v as usize),
+    };
+    let stream = f.stream.unwrap_or(false);
+    if f.stream_options.is_some() && !stream {
+        return Err(ApiError::invalid_param(
+            "stream_options",
+            "Stream options can only be defined when `stream=True`.",
+        ));
+    }
+    if stream && prompt_lp.is_some() {
+        return Err(ApiError::invalid_param(
+            "prompt_logprobs",
+            "`prompt_logprobs` are not available when `stream=True`.",
+        ));
+    }
+    let max_tokens = match max_tokens {
+        None => None,
+        Some(m) if m < 1 => {
+            return Err(ApiError::invalid_param(
+                "max_tokens",
+                format!("max_tokens must be at least 1, got {m}."),
+            ))
+        }
+        Some(m) => Some(m.min(lim.max_model_len as i64) as usize),
+    };
+    let min_tokens = f.min_tokens.unwrap_or(0);
+    if min_tokens < 0 || max_tokens.is_some_and(|m| min_tokens as usize > m) {
+        return Err(ApiError::invalid_param(
+            "min_tokens",
+            format!("min_tokens must be between 0 and max_tokens, got {min_tokens}."),
+        ));
+    }
+    let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("at most {MAX_STOP_STRINGS} stop strings are allowed."),
+        ));
+    }
+    if stop
+        .iter()
+        .any(|s| s.is_empty() || s.len() > MAX_STOP_STRING_LEN)
+    {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("stop strings must be non-empty and at most {MAX_STOP_STRING_LEN} bytes."),
+        ));
+    }
+    let stop_token_ids = f
+        .stop_token_ids
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| token_id("stop_token_ids", t, lim.vocab_size))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut logit_bias = Vec::new();
+    for (k, &v) in f.logit_bias.iter().flatten() {
+        let id: i64 = k.parse().map_err(|_| {
+            ApiError::invalid_param(
+                "logit_bias",
+                format!("logit_bias key `{k}` is not a token id"),
+            )
+        })?;
+        if !v.is_finite() {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                "logit_bias values must be finite",
+            ));
+        }
+        logit_bias.push((
+            token_id("logit_bias", id, lim.vocab_size)?,
+            v.clamp(-100.0, 100.0) as f32,
+        ));
+    }
+    let sampling = SamplingParams {
+        temperature: temperature as f32,
+        top_k: top_k.max(0) as i32,
+        top_p: top_p as f32,
+        min_p: min_p as f32,
+        presence_penalty: presence as f32,
+        frequency_penalty: frequency as f32,
+        repetition_penalty: repetition as f32,
+        logit_bias,
+        banned_tokens: Vec::new(),
+        seed: f.seed.map(|s| s as u64),
+        logprobs: lp,
+        prompt_logprobs: prompt_lp,
+    };
+    let stop = StopParams {
+        max_tokens,
+        min_tokens: min_tokens as usize,
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        stop_token_ids,
+        stop,
+        include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
+        skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
+        spaces_between_special_tokens: f.spaces_between_special_tokens.unwrap_or(true),
+    };
+    Ok(Validated {
+        sampling,
+        stop,
+        n: n as usize,
+        stream,
+        include_usage: f
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    })
+}
