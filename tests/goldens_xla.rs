@@ -6,7 +6,7 @@ use tpuserve_runner_xla::{XlaRunner, XlaRunnerOptions};
 use tpuserve_suite::checks::{check_case, prompt_ids, request};
 use tpuserve_suite::driver;
 use tpuserve_suite::goldens::{Case, Goldens};
-use tpuserve_suite::{fixtures_dir, smollm2_gguf, tiny_llama3_dir};
+use tpuserve_suite::{fixtures_dir, shared_xla_cache, smollm2_gguf, tiny_llama3_dir};
 
 pub fn xla_runner(model: &LoadedModel, tp: usize, max_model_len: usize) -> XlaRunner {
     XlaRunner::new(
@@ -15,10 +15,11 @@ pub fn xla_runner(model: &LoadedModel, tp: usize, max_model_len: usize) -> XlaRu
             tensor_parallel_size: tp,
             num_blocks: 320,
             block_size: 16,
-            max_num_batched_tokens: 256,
+            max_num_batched_tokens: 64,
             max_model_len,
             max_logprobs: 5,
             strict_no_recompile: true,
+            compile_cache_dir: Some(shared_xla_cache()),
             ..Default::default()
         },
     )
@@ -29,7 +30,7 @@ fn run_goldens(model: &LoadedModel, runner: &mut XlaRunner, goldens: &str) {
     let g = Goldens::load(&fixtures_dir().join(goldens));
     for c in &g.cases {
         assert_eq!(prompt_ids(model, c), c.prompt_token_ids, "{}", c.name);
-        let res = driver::run(runner, vec![request(c, 0)], 256).remove(0);
+        let res = driver::run(runner, vec![request(c, 0)], 64).remove(0);
         check_case(c, &res, true);
     }
     let cases: Vec<&Case> = g.batch.case_names.iter().map(|n| g.case(n)).collect();
@@ -38,7 +39,7 @@ fn run_goldens(model: &LoadedModel, runner: &mut XlaRunner, goldens: &str) {
         .enumerate()
         .map(|(i, c)| request(c, i * 2))
         .collect();
-    let res = driver::run(runner, reqs, 128);
+    let res = driver::run(runner, reqs, 64);
     for (c, r) in cases.iter().zip(&res) {
         check_case(c, r, true);
     }

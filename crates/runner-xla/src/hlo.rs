@@ -302,6 +302,14 @@ impl Block {
         self.generic("dynamic_slice", &ops, &attrs, ty)
     }
 
+    /// Writes `update` into `a` at scalar i32 start indices.
+    pub fn dynamic_update_slice(&mut self, a: &V, update: &V, starts: &[&V]) -> V {
+        let mut ops = vec![a, update];
+        ops.extend_from_slice(starts);
+        let ty = a.ty.clone();
+        self.generic("dynamic_update_slice", &ops, "", ty)
+    }
+
     /// General dot with explicit batch and contracting dimensions; the result element type
     /// may be wider than the operands' (bf16 × bf16 → f32 accumulates in f32).
     pub fn dot_general(

@@ -9,6 +9,7 @@
 pub mod compile_cache;
 pub mod device;
 pub mod hlo;
+pub mod plan;
 pub mod program;
 mod weights;
 
@@ -48,6 +49,8 @@ pub struct XlaRunnerOptions {
     pub gather_budget: usize,
     /// Make a compilation after warm-up an error instead of a counted event.
     pub strict_no_recompile: bool,
+    /// Devices the XLA CPU plugin exposes (0 = as many as the tensor-parallel size).
+    pub cpu_device_count: usize,
 }
 
 impl Default for XlaRunnerOptions {
@@ -65,6 +68,7 @@ impl Default for XlaRunnerOptions {
             compile_cache_dir: None,
             gather_budget: 1 << 16,
             strict_no_recompile: false,
+            cpu_device_count: 0,
         }
     }
 }
@@ -131,14 +135,16 @@ impl XlaRunner {
         let t0 = Instant::now();
         let c = &model.config;
         let tp = opts.tensor_parallel_size.max(1);
-        check_tp(c, tp)?;
         let path = match &opts.plugin_path {
             Some(p) => p.clone(),
             None => device::plugin_path(&opts.device).map_err(derr)?,
         };
         let plugin = Plugin::load(&path).map_err(derr)?;
-        let client =
-            Client::new(&plugin, &device::client_options(&opts.device, tp)).map_err(derr)?;
+        let client = Client::new(
+            &plugin,
+            &device::client_options(&opts.device, opts.cpu_device_count.max(tp)),
+        )
+        .map_err(derr)?;
         let all = client.addressable_devices().map_err(derr)?;
         if all.len() < tp {
             return Err(RunnerError::Device(format!(
@@ -147,6 +153,7 @@ impl XlaRunner {
                 all.len()
             )));
         }
+        check_tp(c, tp)?;
         let devices: Vec<Device> = all.into_iter().take(tp).collect();
         let kind = devices[0].kind().unwrap_or_default();
         let environment = format!(
@@ -286,17 +293,65 @@ impl XlaRunner {
     fn warm_up(&mut self) -> Result<(), RunnerError> {
         let t0 = Instant::now();
         let n = self.buckets.len();
-        for (i, b) in self.buckets.clone().into_iter().enumerate() {
-            let t = Instant::now();
-            let how = self.ensure_compiled(b)?;
-            tracing::info!(
-                "compiling {}/{n}: tokens={} blocks={} top_k={} ({how}, {:.2}s)",
-                i + 1,
-                b.tokens,
-                b.blocks,
-                b.top_k,
-                t.elapsed().as_secs_f64()
-            );
+        // Compile on several threads: XLA compiles one program mostly on one core, and a
+        // TPU host has many.
+        let workers = std::thread::available_parallelism()
+            .map(|p| p.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
+        let todo: Vec<Bucket> = self.buckets.clone();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let ctx = CompileCtx {
+            client: &self.client,
+            cache: self.cache.as_ref(),
+            environment: &self.environment,
+            cfg: &self.cfg,
+            options: self.compile_options(),
+        };
+        let results: Vec<Result<(Bucket, Compiled), RunnerError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut out = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let Some(&b) = todo.get(i) else { break };
+                            let r = ctx.compile(b);
+                            let k = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                            if let Ok(c) = &r {
+                                tracing::info!(
+                                    "compiling {k}/{n}: tokens={} blocks={} top_k={} ({}, {:.2}s)",
+                                    b.tokens,
+                                    b.blocks,
+                                    b.top_k,
+                                    c.how,
+                                    c.seconds
+                                );
+                            }
+                            let failed = r.is_err();
+                            out.push(r.map(|c| (b, c)));
+                            if failed {
+                                break;
+                            }
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![Err(RunnerError::Device("compile thread panicked".into()))]
+                    })
+                })
+                .collect()
+        });
+        for r in results {
+            let (b, c) = r?;
+            self.record(&c);
+            self.executables.insert(b, c.exe);
         }
         self.warmed_up = true;
         tracing::info!(
@@ -306,6 +361,19 @@ impl XlaRunner {
             self.stats.cache_hits
         );
         Ok(())
+    }
+
+    fn record(&mut self, c: &Compiled) {
+        match c.how {
+            "cache hit" => self.stats.cache_hits += 1,
+            _ => {
+                self.stats.compilations += 1;
+                self.stats.compile_seconds += c.seconds;
+                if self.cache.is_some() {
+                    self.stats.cache_misses += 1;
+                }
+            }
+        }
     }
 
     /// Compiles a bucket's program or loads it from the persistent cache. After warm-up this
@@ -321,52 +389,18 @@ impl XlaRunner {
                 return Err(RunnerError::Recompilation(format!("{b:?}")));
             }
         }
-        let text = self.cfg.emit(b);
-        if let Some(dir) = std::env::var_os("TPUSERVE_DUMP_HLO") {
-            let path = PathBuf::from(dir).join(format!(
-                "step-t{}-b{}-k{}.mlir",
-                b.tokens, b.blocks, b.top_k
-            ));
-            if let Err(e) = std::fs::write(&path, &text) {
-                tracing::warn!("cannot dump {}: {e}", path.display());
-            }
-        }
-        let options = self.compile_options();
-        let key = CacheKey::new(&self.environment, &text, &options.encode());
-        if let Some(cache) = &self.cache {
-            match cache.get(&key) {
-                Lookup::Hit(bytes) => match self.client.deserialize_and_load(&bytes) {
-                    Ok(exe) => {
-                        self.stats.cache_hits += 1;
-                        self.executables.insert(b, exe);
-                        return Ok("cache hit");
-                    }
-                    Err(e) => tracing::warn!("compile cache entry unusable ({e}); recompiling"),
-                },
-                Lookup::Invalid(why) => tracing::warn!("compile cache: {why}; recompiling"),
-                Lookup::Miss => {}
-            }
-            self.stats.cache_misses += 1;
-        }
-        let t = Instant::now();
-        let exe = self
-            .client
-            .compile(&text, &options)
-            .map_err(|e| RunnerError::Device(format!("compiling {b:?}: {e}")))?;
-        self.stats.compilations += 1;
-        self.stats.compile_seconds += t.elapsed().as_secs_f64();
-        if let Some(cache) = &self.cache {
-            match exe.serialize() {
-                Ok(bytes) => {
-                    if let Err(e) = cache.put(&key, &bytes) {
-                        tracing::warn!("cannot write compile cache entry: {e}");
-                    }
-                }
-                Err(e) => tracing::warn!("plugin cannot serialize executables ({e}); cache off"),
-            }
-        }
-        self.executables.insert(b, exe);
-        Ok("compiled")
+        let ctx = CompileCtx {
+            client: &self.client,
+            cache: self.cache.as_ref(),
+            environment: &self.environment,
+            cfg: &self.cfg,
+            options: self.compile_options(),
+        };
+        let c = ctx.compile(b)?;
+        let how = c.how;
+        self.record(&c);
+        self.executables.insert(b, c.exe);
+        Ok(how)
     }
 
     /// The smallest bucket holding `tokens` rows and `blocks` context blocks.
@@ -428,6 +462,8 @@ impl XlaRunner {
         let mut targets = vec![0i32; t];
         let mut temperature = vec![0f32; t];
         let mut keys = vec![0u32; t];
+        let mut logit_rows = vec![0i32; t];
+        let mut logit_index = HashMap::new();
         for (j, &r) in rows.iter().enumerate() {
             let s = &plan.seqs[row_seq[r]];
             tokens[j] = plan.token_ids[r] as i32;
@@ -440,11 +476,17 @@ impl XlaRunner {
             if let Some(&tg) = s.prompt_logprob_targets.get(local) {
                 targets[j] = tg as i32;
             }
-            if s.sample && local + 1 == s.query_len && !s.sampling.is_greedy() {
+            let samples_here = s.sample && local + 1 == s.query_len;
+            if samples_here && !s.sampling.is_greedy() {
                 temperature[j] = s.sampling.temperature;
                 keys[j] = self.rng_key(&s.sampling, s.output_tokens.len() as u64);
             }
+            if samples_here || local < s.prompt_logprob_targets.len() {
+                logit_rows[logit_index.len()] = j as i32;
+                logit_index.insert(r, logit_index.len());
+            }
         }
+        let num_logit_rows = logit_index.len() as i32;
         let upload_i32 =
             |v: &[i32], dims: &[i64], c: &Client, d: &Device| Buffer::from_slice(c, v, dims, d);
         let mut step_inputs: Vec<Vec<Buffer>> = Vec::new();
@@ -458,6 +500,8 @@ impl XlaRunner {
                 upload_i32(&targets, &[t as i64], c, d).map_err(derr)?,
                 Buffer::from_slice(c, &temperature, &[t as i64], d).map_err(derr)?,
                 Buffer::from_slice(c, &keys, &[t as i64], d).map_err(derr)?,
+                upload_i32(&logit_rows, &[t as i64], c, d).map_err(derr)?,
+                upload_i32(&[num_logit_rows], &[], c, d).map_err(derr)?,
             ]);
         }
         let args: Vec<Vec<&Buffer>> = (0..self.devices.len())
@@ -522,6 +566,7 @@ impl XlaRunner {
             Vec::new()
         };
         Ok(ChunkResult {
+            logit_index,
             k: bucket.top_k as usize,
             sampled,
             sampled_lp,
@@ -534,7 +579,76 @@ impl XlaRunner {
     }
 }
 
+struct Compiled {
+    exe: LoadedExecutable,
+    how: &'static str,
+    seconds: f64,
+}
+
+/// Everything needed to compile one bucket, shareable across compile threads.
+struct CompileCtx<'a> {
+    client: &'a Client,
+    cache: Option<&'a CompileCache>,
+    environment: &'a str,
+    cfg: &'a ProgramConfig,
+    options: CompileOptions,
+}
+
+impl CompileCtx<'_> {
+    fn compile(&self, b: Bucket) -> Result<Compiled, RunnerError> {
+        let t = Instant::now();
+        let text = self.cfg.emit(b);
+        if let Some(dir) = std::env::var_os("TPUSERVE_DUMP_HLO") {
+            let path = PathBuf::from(dir).join(format!(
+                "step-t{}-b{}-k{}.mlir",
+                b.tokens, b.blocks, b.top_k
+            ));
+            if let Err(e) = std::fs::write(&path, &text) {
+                tracing::warn!("cannot dump {}: {e}", path.display());
+            }
+        }
+        let key = CacheKey::new(self.environment, &text, &self.options.encode());
+        if let Some(cache) = self.cache {
+            match cache.get(&key) {
+                Lookup::Hit(bytes) => match self.client.deserialize_and_load(&bytes) {
+                    Ok(exe) => {
+                        return Ok(Compiled {
+                            exe,
+                            how: "cache hit",
+                            seconds: t.elapsed().as_secs_f64(),
+                        })
+                    }
+                    Err(e) => tracing::warn!("compile cache entry unusable ({e}); recompiling"),
+                },
+                Lookup::Invalid(why) => tracing::warn!("compile cache: {why}; recompiling"),
+                Lookup::Miss => {}
+            }
+        }
+        let exe = self
+            .client
+            .compile(&text, &self.options)
+            .map_err(|e| RunnerError::Device(format!("compiling {b:?}: {e}")))?;
+        if let Some(cache) = self.cache {
+            match exe.serialize() {
+                Ok(bytes) => {
+                    if let Err(e) = cache.put(&key, &bytes) {
+                        tracing::warn!("cannot write compile cache entry: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("plugin cannot serialize executables ({e}); not cached"),
+            }
+        }
+        Ok(Compiled {
+            exe,
+            how: "compiled",
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 struct ChunkResult {
+    /// Global row → index in the per-row outputs.
+    logit_index: HashMap<usize, usize>,
     k: usize,
     sampled: Vec<i32>,
     sampled_lp: Vec<f32>,
@@ -637,10 +751,11 @@ impl ModelRunner for XlaRunner {
         let mut row_at: HashMap<usize, (usize, usize)> = HashMap::new();
         let mut results = Vec::with_capacity(chunks.len());
         for (ci, rows) in chunks.iter().enumerate() {
-            for (j, &r) in rows.iter().enumerate() {
+            let res = self.run_chunk(plan, rows, &row_seq, want_top)?;
+            for (&r, &j) in &res.logit_index {
                 row_at.insert(r, (ci, j));
             }
-            results.push(self.run_chunk(plan, rows, &row_seq, want_top)?);
+            results.push(res);
         }
         let seqs = plan
             .seqs

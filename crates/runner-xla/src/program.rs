@@ -21,6 +21,9 @@ pub struct ModelDims {
     pub eps: String,
 }
 
+/// Rows of logits computed per iteration of the LM-head loop.
+pub const LOGIT_CHUNK: i64 = 16;
+
 /// One compiled shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Bucket {
@@ -80,7 +83,10 @@ pub mod arg {
     pub const TARGETS: usize = 19;
     pub const TEMPERATURE: usize = 20;
     pub const RNG_KEYS: usize = 21;
-    pub const COUNT: usize = 22;
+    /// Rows (token indices) that need logits, padded; and how many are real.
+    pub const LOGIT_ROWS: usize = 22;
+    pub const NUM_LOGIT_ROWS: usize = 23;
+    pub const COUNT: usize = 24;
     pub const NUM_WEIGHTS: usize = 13;
 }
 
@@ -150,6 +156,8 @@ impl ProgramConfig {
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::F32),
             Ty::new(&[t], Elem::U32),
+            Ty::new(&[t], Elem::I32),
+            Ty::new(&[], Elem::I32),
         ]
     }
 
@@ -262,14 +270,87 @@ impl Emitter<'_> {
         let blk = &mut *self.blk;
         let h = rms_norm(blk, x, &a[arg::FINAL_NORM], &m.eps);
         let hw = blk.convert(&h, w);
-        let logits = blk.dot_general(&hw, &a[arg::LM_HEAD], (&[], &[]), (&[1], &[1]), Elem::F32);
-        let logits = if self.cfg.tp > 1 {
-            blk.shard(&logits, "{replicated}")
-        } else {
-            logits
-        };
+
+        // Logits only for the rows that need them, LOGIT_CHUNK rows per loop iteration: the
+        // LM head and the sampling tail cost what the step asks for, not the token bucket.
+        let k = self.b.top_k;
+        let zero_i = blk.constant_int(0, &[t], Elem::I32);
+        let zero_f = blk.constant_f32(0.0, &[t]);
+        let mut acc: Vec<V> = vec![
+            zero_i.clone(),
+            zero_f.clone(),
+            zero_i.clone(),
+            zero_f.clone(),
+            zero_i.clone(),
+        ];
+        if k > 0 {
+            acc.push(blk.constant_int(0, &[t, k], Elem::I32));
+            acc.push(blk.constant_f32(0.0, &[t, k]));
+        }
+        let c0 = blk.constant_int(0, &[], Elem::I32);
+        let mut init: Vec<&V> = vec![
+            &c0,
+            &a[arg::NUM_LOGIT_ROWS],
+            &hw,
+            &a[arg::LM_HEAD],
+            &a[arg::LOGIT_ROWS],
+            &a[arg::TEMPERATURE],
+            &a[arg::RNG_KEYS],
+            &a[arg::TARGETS],
+        ];
+        init.extend(acc.iter());
+        let cfg = self.cfg.clone();
+        let bucket = self.b;
+        let outs = blk.while_loop(
+            &init,
+            |c, v| {
+                let step = c.constant_int(LOGIT_CHUNK, &[], Elem::I32);
+                let start = c.mul(&v[0], &step);
+                c.compare(Cmp::Lt, &start, &v[1])
+            },
+            |body, v| {
+                let r = LOGIT_CHUNK;
+                let step = body.constant_int(r, &[], Elem::I32);
+                let start = body.mul(&v[0], &step);
+                let rows = body.dynamic_slice(&v[4], &[&start], &[r]);
+                let hr = body.take_rows(&v[2], &rows);
+                let logits = body.dot_general(&hr, &v[3], (&[], &[]), (&[1], &[1]), Elem::F32);
+                let logits = if cfg.tp > 1 {
+                    body.shard(&logits, "{replicated}")
+                } else {
+                    logits
+                };
+                let pick_rows = |body: &mut Block, x: &V| -> V {
+                    let x2 = body.reshape(x, &[x.dims()[0], 1]);
+                    let g = body.take_rows(&x2, &rows);
+                    body.reshape(&g, &[r])
+                };
+                let temp = pick_rows(body, &v[5]);
+                let keys = pick_rows(body, &v[6]);
+                let targets = pick_rows(body, &v[7]);
+                let mut e = Emitter {
+                    cfg: &cfg,
+                    b: bucket,
+                    blk: body,
+                };
+                let outs = e.sample_outputs(&logits, &temp, &keys, &targets, r);
+                let one = body.constant_int(1, &[], Elem::I32);
+                let z = body.constant_int(0, &[], Elem::I32);
+                let mut next = vec![body.add(&v[0], &one)];
+                next.extend(v[1..8].iter().cloned());
+                for (acc, o) in v[8..].iter().zip(&outs) {
+                    let starts: Vec<&V> = if o.dims().len() == 2 {
+                        vec![&start, &z]
+                    } else {
+                        vec![&start]
+                    };
+                    next.push(body.dynamic_update_slice(acc, o, &starts));
+                }
+                next
+            },
+        );
         let mut res = vec![kc.clone(), vc.clone()];
-        res.extend(self.sample_outputs(&logits, a));
+        res.extend(outs[8..].iter().cloned());
         res
     }
 
@@ -376,9 +457,9 @@ impl Emitter<'_> {
     }
 
     /// Greedy / temperature sampling, logprobs of the chosen and target tokens, ranks, top-k.
-    fn sample_outputs(&mut self, logits: &V, a: &[V]) -> Vec<V> {
+    fn sample_outputs(&mut self, logits: &V, temp: &V, keys: &V, targets: &V, t: i64) -> Vec<V> {
         let b = &mut *self.blk;
-        let (t, vocab) = (self.b.tokens, self.cfg.dims.vocab);
+        let vocab = self.cfg.dims.vocab;
         let ninf = b.constant_f32(f32::NEG_INFINITY, &[]);
         let zero_f = b.constant_f32(0.0, &[]);
         let rowmax = b.reduce(logits, &ninf, &[1], "maximum");
@@ -393,8 +474,7 @@ impl Emitter<'_> {
         let iota = b.iota(&[t, vocab], 1, Elem::I32);
 
         // Temperature sampling by Gumbel-max with per-row keys hashed with the vocab index.
-        let temp = &a[arg::TEMPERATURE];
-        let keys = b.broadcast(&a[arg::RNG_KEYS], &[t, vocab], &[0]);
+        let keys = b.broadcast(keys, &[t, vocab], &[0]);
         let idx_u = b.convert(&iota, Elem::U32);
         let u = uniform_hash(b, &keys, &idx_u, &[t, vocab]);
         let lnu = b.unary("log", &u);
@@ -414,7 +494,6 @@ impl Emitter<'_> {
         let sampled_lp = pick(b, &logprobs, &iota, &sampled, t, vocab);
 
         let sampled_rank = rank_of(b, logits, &iota, &sampled, t, vocab);
-        let targets = &a[arg::TARGETS];
         let target_lp = pick(b, &logprobs, &iota, targets, t, vocab);
         let target_rank = rank_of(b, logits, &iota, targets, t, vocab);
 

@@ -7,6 +7,7 @@ mod error;
 mod generate;
 mod metrics;
 mod openapi;
+mod plan;
 mod protocol;
 mod serve;
 mod state;
@@ -31,6 +32,8 @@ enum Command {
     Serve(Box<cli::ServeArgs>),
     /// Generate a completion for one prompt (greedy) and print it.
     Generate(generate::GenerateArgs),
+    /// Memory and throughput plan for a model on a device type (reads only the config).
+    Plan(plan::PlanArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

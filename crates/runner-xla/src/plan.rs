@@ -1,0 +1,230 @@
+//! Memory and throughput plan for a model on a device type: parameter count, weight and KV
+//! bytes per device under tensor parallelism, how many tokens and full-length sequences fit,
+//! and a decode roofline from HBM bandwidth. `tpuserve plan` prints it; the server sizes its
+//! KV cache with the same arithmetic.
+
+use serde::Serialize;
+use tpuserve_model::LlamaConfig;
+
+/// Memory capacity and bandwidth of one device (decimal bytes, as vendors quote them).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DeviceSpec {
+    pub name: &'static str,
+    pub memory_bytes: f64,
+    pub bandwidth_bytes_per_s: f64,
+}
+
+pub const DEVICES: &[DeviceSpec] = &[
+    DeviceSpec {
+        name: "v6e",
+        memory_bytes: 32e9,
+        bandwidth_bytes_per_s: 1638e9,
+    },
+    DeviceSpec {
+        name: "v5e",
+        memory_bytes: 16e9,
+        bandwidth_bytes_per_s: 819e9,
+    },
+    DeviceSpec {
+        name: "v5p",
+        memory_bytes: 95e9,
+        bandwidth_bytes_per_s: 2765e9,
+    },
+    DeviceSpec {
+        name: "H100",
+        memory_bytes: 80e9,
+        bandwidth_bytes_per_s: 3350e9,
+    },
+    DeviceSpec {
+        name: "H200",
+        memory_bytes: 141e9,
+        bandwidth_bytes_per_s: 4800e9,
+    },
+    DeviceSpec {
+        name: "CPU",
+        memory_bytes: 24e9,
+        bandwidth_bytes_per_s: 20e9,
+    },
+];
+
+pub fn device_spec(name: &str) -> Option<DeviceSpec> {
+    DEVICES
+        .iter()
+        .find(|d| d.name.eq_ignore_ascii_case(name))
+        .copied()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub device: DeviceSpec,
+    pub tensor_parallel_size: usize,
+    pub dtype_bytes: usize,
+    pub parameters: u64,
+    pub weight_bytes_total: f64,
+    pub weight_bytes_per_device: f64,
+    pub kv_bytes_per_token_total: u64,
+    pub kv_bytes_per_token_per_device: u64,
+    pub kv_budget_bytes_per_device: f64,
+    pub kv_tokens: u64,
+    pub kv_blocks: u64,
+    pub block_size: usize,
+    pub max_model_len: usize,
+    pub max_full_length_sequences: u64,
+    pub max_num_seqs: usize,
+    /// Sequences decoding together in the roofline: min(max_num_seqs, what fits at half length).
+    pub roofline_batch: u64,
+    pub roofline_step_seconds: f64,
+    pub roofline_tokens_per_s: f64,
+}
+
+pub fn parameter_count(c: &LlamaConfig) -> u64 {
+    let (h, v, l) = (
+        c.hidden_size as u64,
+        c.vocab_size as u64,
+        c.num_hidden_layers as u64,
+    );
+    let (qs, kvs, i) = (
+        c.q_size() as u64,
+        c.kv_size() as u64,
+        c.intermediate_size as u64,
+    );
+    let per_layer = h * qs + 2 * h * kvs + qs * h + 3 * h * i + 2 * h;
+    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    v * h + head + l * per_layer + h
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("--tensor-parallel-size {tp} does not divide the model's {what} ({n})")]
+    Indivisible {
+        tp: usize,
+        what: &'static str,
+        n: usize,
+    },
+    #[error(
+        "not enough device memory: {per_device:.2} GB of weights per device plus the minimum KV cache \
+         ({min_kv:.3} GB for one {max_model_len}-token sequence) exceed {budget:.2} GB \
+         ({util} × {mem:.1} GB of {device}); use more devices (--tensor-parallel-size) or a smaller --max-model-len"
+    )]
+    OutOfMemory {
+        per_device: f64,
+        min_kv: f64,
+        max_model_len: usize,
+        budget: f64,
+        util: f64,
+        mem: f64,
+        device: &'static str,
+    },
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn plan(
+    c: &LlamaConfig,
+    device: DeviceSpec,
+    tp: usize,
+    dtype_bytes: usize,
+    max_model_len: usize,
+    max_num_seqs: usize,
+    memory_utilization: f64,
+    block_size: usize,
+) -> Result<Plan, PlanError> {
+    for (what, n) in [
+        ("attention heads", c.num_attention_heads),
+        ("KV heads", c.num_key_value_heads),
+    ] {
+        if n % tp != 0 {
+            return Err(PlanError::Indivisible { tp, what, n });
+        }
+    }
+    let parameters = parameter_count(c);
+    let weight_bytes_total = (parameters * dtype_bytes as u64) as f64;
+    let weight_bytes_per_device = weight_bytes_total / tp as f64;
+    let kv_total = 2 * c.num_hidden_layers as u64 * c.kv_size() as u64 * dtype_bytes as u64;
+    let kv_dev = kv_total / tp as u64;
+    let budget = memory_utilization * device.memory_bytes;
+    let kv_budget = budget - weight_bytes_per_device;
+    let min_kv = (kv_dev * max_model_len as u64) as f64;
+    if kv_budget < min_kv {
+        return Err(PlanError::OutOfMemory {
+            per_device: weight_bytes_per_device / 1e9,
+            min_kv: min_kv / 1e9,
+            max_model_len,
+            budget: budget / 1e9,
+            util: memory_utilization,
+            mem: device.memory_bytes / 1e9,
+            device: device.name,
+        });
+    }
+    let kv_tokens = (kv_budget / kv_dev as f64).floor() as u64;
+    let kv_blocks = kv_tokens / block_size as u64;
+    let full = kv_tokens / max_model_len as u64;
+    let avg_ctx = (max_model_len / 2).max(1) as u64;
+    let batch = (max_num_seqs as u64).min(kv_tokens / avg_ctx).max(1);
+    let step = (weight_bytes_per_device + (batch * avg_ctx * kv_dev) as f64)
+        / device.bandwidth_bytes_per_s;
+    Ok(Plan {
+        device,
+        tensor_parallel_size: tp,
+        dtype_bytes,
+        parameters,
+        weight_bytes_total,
+        weight_bytes_per_device,
+        kv_bytes_per_token_total: kv_total,
+        kv_bytes_per_token_per_device: kv_dev,
+        kv_budget_bytes_per_device: kv_budget,
+        kv_tokens,
+        kv_blocks,
+        block_size,
+        max_model_len,
+        max_full_length_sequences: full,
+        max_num_seqs,
+        roofline_batch: batch,
+        roofline_step_seconds: step,
+        roofline_tokens_per_s: batch as f64 / step,
+    })
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gb = |b: f64| b / 1e9;
+        writeln!(
+            f,
+            "device                      {} × {} ({:.0} GB, {:.0} GB/s each)",
+            self.tensor_parallel_size,
+            self.device.name,
+            gb(self.device.memory_bytes),
+            gb(self.device.bandwidth_bytes_per_s)
+        )?;
+        writeln!(
+            f,
+            "parameters                  {:.2} B",
+            self.parameters as f64 / 1e9
+        )?;
+        writeln!(
+            f,
+            "weights                     {:.2} GB in all, {:.2} GB per device ({} bytes/param)",
+            gb(self.weight_bytes_total),
+            gb(self.weight_bytes_per_device),
+            self.dtype_bytes
+        )?;
+        writeln!(
+            f,
+            "KV cache per token          {} bytes per device ({} in all)",
+            self.kv_bytes_per_token_per_device, self.kv_bytes_per_token_total
+        )?;
+        writeln!(
+            f,
+            "KV budget per device        {:.2} GB → {} tokens, {} blocks of {}",
+            gb(self.kv_budget_bytes_per_device),
+            self.kv_tokens,
+            self.kv_blocks,
+            self.block_size
+        )?;
+        writeln!(
+            f,
+            "full-length sequences       {} × {} tokens",
+            self.max_full_length_sequences, self.max_model_len
+        )?;
+        write!(f, "decode roofline             {:.0} tokens/s at batch {} (avg context {}), {:.1} ms/step", self.roofline_tokens_per_s, self.roofline_batch, self.max_model_len / 2, self.roofline_step_seconds * 1e3)
+    }
+}

@@ -1,0 +1,90 @@
+//! `tpuserve plan` arithmetic for Llama 3.1 70B on a v6e-8 node and 8B on one v6e chip,
+//! checked against figures computed here from the config.json alone.
+
+use tpuserve_model::LlamaConfig;
+use tpuserve_runner_xla::plan::{device_spec, parameter_count, plan};
+use tpuserve_suite::fixtures_dir;
+
+fn cfg(name: &str) -> (LlamaConfig, serde_json::Value) {
+    let p = fixtures_dir().join("configs").join(name);
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    (LlamaConfig::from_hf_json(&p).unwrap(), raw)
+}
+
+fn u(v: &serde_json::Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or_else(|| panic!("{k}"))
+}
+
+#[test]
+fn llama_70b_on_v6e_8() {
+    let (c, raw) = cfg("llama-3.1-70b.config.json");
+    // Independent arithmetic from the raw config.
+    let (h, v, l, i) = (
+        u(&raw, "hidden_size"),
+        u(&raw, "vocab_size"),
+        u(&raw, "num_hidden_layers"),
+        u(&raw, "intermediate_size"),
+    );
+    let (nh, kvh) = (
+        u(&raw, "num_attention_heads"),
+        u(&raw, "num_key_value_heads"),
+    );
+    let d = h / nh;
+    let params = 2.0 * v * h + l * (2.0 * h * h + 2.0 * h * kvh * d + 3.0 * h * i + 2.0 * h) + h;
+    assert!((params / 1e9 - 70.55).abs() < 0.01, "{params}");
+    assert_eq!(parameter_count(&c) as f64, params);
+
+    let p = plan(&c, device_spec("v6e").unwrap(), 8, 2, 4096, 128, 0.9, 16).unwrap();
+    assert!(
+        (p.weight_bytes_total / 1e9 - 141.1).abs() < 0.05,
+        "{}",
+        p.weight_bytes_total
+    );
+    assert!((p.weight_bytes_per_device / 1e9 - 17.64).abs() < 0.01);
+    let kv_dev = 2.0 * l * (kvh / 8.0) * d * 2.0;
+    assert_eq!(kv_dev, 40960.0);
+    assert_eq!(p.kv_bytes_per_token_per_device, 40960);
+    assert_eq!(p.kv_bytes_per_token_total, 327_680);
+    let fit_tokens = ((0.9 * 32e9 - params * 2.0 / 8.0) / kv_dev).floor();
+    assert_eq!(p.kv_tokens as f64, fit_tokens);
+    assert_eq!(
+        p.max_full_length_sequences as f64,
+        (fit_tokens / 4096.0).floor()
+    );
+    assert_eq!(p.max_full_length_sequences, 66);
+    // Roofline: reading 17.6 GB of weights per step at 1.638 TB/s bounds a step near 11 ms.
+    assert!(p.roofline_step_seconds > 17.64e9 / 1638e9);
+    assert!(
+        p.roofline_tokens_per_s > 2000.0,
+        "the tutorial's ~2000 tok/s must be under the roofline"
+    );
+}
+
+#[test]
+fn llama_8b_on_one_v6e_and_clear_errors() {
+    let (c, _) = cfg("llama-3.1-8b.config.json");
+    let p = plan(&c, device_spec("v6e").unwrap(), 1, 2, 4096, 128, 0.9, 16).unwrap();
+    assert!(
+        (p.parameters as f64 / 1e9 - 8.03).abs() < 0.01,
+        "{}",
+        p.parameters
+    );
+    assert_eq!(p.kv_bytes_per_token_per_device, 2 * 32 * 8 * 128 * 2);
+    // 70B does not fit one chip; TP=3 does not divide 64 heads.
+    let (big, _) = cfg("llama-3.1-70b.config.json");
+    let e = plan(&big, device_spec("v6e").unwrap(), 1, 2, 4096, 128, 0.9, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("141.11 GB of weights per device") && e.contains("28.80 GB"),
+        "{e}"
+    );
+    let e = plan(&big, device_spec("v6e").unwrap(), 3, 2, 4096, 128, 0.9, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--tensor-parallel-size 3") && e.contains("attention heads (64)"),
+        "{e}"
+    );
+}
