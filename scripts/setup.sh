@@ -25,6 +25,33 @@ if [ ${#missing[@]} -gt 0 ]; then
   "${PIP[@]}" --no-deps "${missing[@]}"
 fi
 
+# Python packages the HTTP-level tests use (tests/python): the official OpenAI client, pinned.
+PY_TEST_PKGS=(
+  "openai==3.51.0"
+  "pytest==9.2.0"
+)
+missing=()
+for spec in "${PY_TEST_PKGS[@]}"; do
+  name=${spec%%==*}
+  want=${spec##*==}
+  have=$("$PY" -m pip show "$name" 2>/dev/null | awk '/^Version:/{print $2}')
+  [ "$have" = "$want" ] || missing+=("$spec")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: pip install ${missing[*]}" >&2
+  "${PIP[@]}" "${missing[@]}"
+fi
+
+# promtool and a Prometheus server for the metrics tests (Debian's `prometheus` package).
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  echo "setup: apt-get install prometheus" >&2
+  SUDO=()
+  [ "$(id -u)" = 0 ] || SUDO=(sudo)
+  "${SUDO[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
+    prometheus >/dev/null
+fi
+
 # Rust toolchain components the test command uses.
 if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt

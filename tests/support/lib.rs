@@ -3,8 +3,10 @@
 
 pub mod checks;
 pub mod driver;
+pub mod engine_support;
 pub mod gguf_writer;
 pub mod goldens;
+pub mod server;
 
 use std::path::PathBuf;
 
@@ -27,4 +29,18 @@ pub fn smollm2_gguf() -> PathBuf {
 
 pub fn tiny_llama3_dir() -> PathBuf {
     fixtures_dir().join("tiny-llama3/model")
+}
+
+/// A compile cache shared by the XLA golden tests (beside the build output, so reruns of the
+/// suite load programs instead of compiling them). Tests of the cache itself use temp dirs.
+pub fn shared_xla_cache() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/xla-test-cache
+    let dir = exe
+        .ancestors()
+        .nth(3)
+        .map(|t| t.join("xla-test-cache"))
+        .unwrap_or_else(|| std::env::temp_dir().join("tpuserve-xla-test-cache"));
+    std::fs::create_dir_all(&dir).expect("create the shared XLA cache dir");
+    dir
 }

@@ -43,7 +43,7 @@ fn decoding_scheduler(caching: bool) -> Scheduler {
         });
     }
     // Prefill everything (8192 tokens per step = 16 prompts), then one decode step.
-    while s.num_waiting() > 0 || s.schedule_once_for_setup() {}
+    while s.schedule_once_for_setup() || s.num_waiting() > 0 {}
     s
 }
 

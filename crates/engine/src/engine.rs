@@ -272,6 +272,12 @@ impl EngineCore {
         self.runner.as_ref()
     }
 
+    /// Takes the runner back (e.g. to build another engine over the same loaded weights;
+    /// a new block manager never reads what the old one left in the cache).
+    pub fn into_runner(self) -> Box<dyn ModelRunner> {
+        self.runner
+    }
+
     pub fn has_unfinished(&self) -> bool {
         !self.requests.is_empty()
     }

@@ -498,6 +498,68 @@ impl Block {
     }
 }
 
+impl Block {
+    /// `stablehlo.if`: both branches are fresh blocks that may use values from this one and
+    /// must return values of the same types.
+    pub fn if_else(
+        &mut self,
+        pred: &V,
+        then_fn: impl FnOnce(&mut Block) -> Vec<V>,
+        else_fn: impl FnOnce(&mut Block) -> Vec<V>,
+    ) -> Vec<V> {
+        let name = self.fresh();
+        let mut tb = Block::new(&format!("{}t", &name[1..]));
+        let touts = then_fn(&mut tb);
+        let mut eb = Block::new(&format!("{}e", &name[1..]));
+        let eouts = else_fn(&mut eb);
+        let types: Vec<Ty> = touts.iter().map(|v| v.ty.clone()).collect();
+        assert_eq!(
+            types,
+            eouts.iter().map(|v| v.ty.clone()).collect::<Vec<_>>(),
+            "if branches must return the same types"
+        );
+        let tys = types
+            .iter()
+            .map(|t| t.mlir())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let ret = |outs: &[V]| {
+            format!(
+                "\"stablehlo.return\"({}) : ({tys}) -> ()",
+                outs.iter()
+                    .map(|v| v.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let indent = |lines: Vec<String>| -> String {
+            lines
+                .iter()
+                .flat_map(|l| l.lines().map(|x| format!("    {x}\n")).collect::<Vec<_>>())
+                .collect()
+        };
+        let text = format!(
+            "{name}:{} = \"stablehlo.if\"({}) ({{\n{}    {}\n  }}, {{\n{}    {}\n  }}) : ({}) -> ({tys})",
+            types.len(),
+            pred.name,
+            indent(tb.into_lines()),
+            ret(&touts),
+            indent(eb.into_lines()),
+            ret(&eouts),
+            pred.ty.mlir(),
+        );
+        self.lines.push(text);
+        types
+            .into_iter()
+            .enumerate()
+            .map(|(i, ty)| V {
+                name: format!("{name}#{i}"),
+                ty,
+            })
+            .collect()
+    }
+}
+
 /// A function argument with its MLIR attributes (sharding, donation).
 pub struct Arg {
     pub ty: Ty,

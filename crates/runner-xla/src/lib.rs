@@ -190,6 +190,24 @@ impl XlaRunner {
             c,
             opts.weight_dtype,
         )?;
+        // PJRT checks only byte sizes at execution: catch a layout mix-up here, by name.
+        let expected = cfg.arg_types(Bucket {
+            tokens: 16,
+            blocks: 1,
+            top_k: 0,
+        });
+        for (i, per_device) in weights.iter().enumerate() {
+            let full: i64 = expected[i].dims.iter().product();
+            let sharded = program::arg_sharding(i, tp as i64) != "{replicated}";
+            let want = if sharded { full / tp as i64 } else { full };
+            let got: Vec<i64> = per_device[0].dims().map_err(derr)?;
+            if got.iter().product::<i64>() != want || (tp == 1 && got != expected[i].dims) {
+                return Err(RunnerError::Weights(format!(
+                    "weight argument {i} has shape {got:?}, the program expects {:?}",
+                    expected[i].dims
+                )));
+            }
+        }
         let rows = c.num_hidden_layers * num_blocks * opts.block_size;
         let k_cache = weights::zero_cache(&client, &devices, rows, c.kv_size(), opts.weight_dtype)?;
         let v_cache = weights::zero_cache(&client, &devices, rows, c.kv_size(), opts.weight_dtype)?;
@@ -459,7 +477,7 @@ impl XlaRunner {
         let mut positions = vec![0i32; t];
         let mut slots = vec![(scratch as usize * bs) as i32; t];
         let mut blocks = vec![scratch as i32; t * nb];
-        let mut targets = vec![0i32; t];
+        let mut targets = vec![-1i32; t];
         let mut temperature = vec![0f32; t];
         let mut keys = vec![0u32; t];
         let mut logit_rows = vec![0i32; t];
@@ -679,16 +697,16 @@ pub fn check_tp(c: &tpuserve_model::LlamaConfig, tp: usize) -> Result<(), Runner
             "--tensor-parallel-size {tp} does not divide the model's {what} ({n})"
         )))
     };
-    if c.num_attention_heads % tp != 0 {
+    if !c.num_attention_heads.is_multiple_of(tp) {
         return bad("attention heads", c.num_attention_heads);
     }
-    if c.num_key_value_heads % tp != 0 {
+    if !c.num_key_value_heads.is_multiple_of(tp) {
         return bad("KV heads", c.num_key_value_heads);
     }
-    if c.vocab_size % tp != 0 {
+    if !c.vocab_size.is_multiple_of(tp) {
         return bad("vocabulary size", c.vocab_size);
     }
-    if c.intermediate_size % tp != 0 {
+    if !c.intermediate_size.is_multiple_of(tp) {
         return bad("MLP size", c.intermediate_size);
     }
     Ok(())

@@ -110,9 +110,10 @@ pub fn arg_sharding(index: usize, tp: i64) -> String {
     }
     let d = |spec: &str| format!("{{devices={spec}<=[{tp}]}}");
     match index {
-        arg::EMBED | arg::LM_HEAD => d(&format!("[{tp},1]")),
-        arg::WQ | arg::WK | arg::WV | arg::WG | arg::WU => d(&format!("[1,{tp},1]")),
-        arg::WO | arg::WD => d(&format!("[1,1,{tp}]")),
+        arg::EMBED => d(&format!("[{tp},1]")),
+        arg::LM_HEAD => d(&format!("[1,{tp}]")),
+        arg::WQ | arg::WK | arg::WV | arg::WG | arg::WU => d(&format!("[1,1,{tp}]")),
+        arg::WO | arg::WD => d(&format!("[1,{tp},1]")),
         arg::K_CACHE | arg::V_CACHE => d(&format!("[1,{tp}]")),
         _ => "{replicated}".into(),
     }
@@ -136,16 +137,16 @@ impl ProgramConfig {
         vec![
             Ty::new(&[m.vocab, h], w),
             Ty::new(&[h], Elem::F32),
-            Ty::new(&[m.vocab, h], w),
+            Ty::new(&[h, m.vocab], w),
             Ty::new(&[l, h], Elem::F32),
-            Ty::new(&[l, qs, h], w),
-            Ty::new(&[l, kvs, h], w),
-            Ty::new(&[l, kvs, h], w),
             Ty::new(&[l, h, qs], w),
+            Ty::new(&[l, h, kvs], w),
+            Ty::new(&[l, h, kvs], w),
+            Ty::new(&[l, qs, h], w),
             Ty::new(&[l, h], Elem::F32),
-            Ty::new(&[l, m.inter, h], w),
-            Ty::new(&[l, m.inter, h], w),
             Ty::new(&[l, h, m.inter], w),
+            Ty::new(&[l, h, m.inter], w),
+            Ty::new(&[l, m.inter, h], w),
             Ty::new(&[m.head_dim / 2], Elem::F32),
             Ty::new(&[l * self.slots(), kvs], w),
             Ty::new(&[l * self.slots(), kvs], w),
@@ -314,7 +315,7 @@ impl Emitter<'_> {
                 let start = body.mul(&v[0], &step);
                 let rows = body.dynamic_slice(&v[4], &[&start], &[r]);
                 let hr = body.take_rows(&v[2], &rows);
-                let logits = body.dot_general(&hr, &v[3], (&[], &[]), (&[1], &[1]), Elem::F32);
+                let logits = body.dot_general(&hr, &v[3], (&[], &[]), (&[1], &[0]), Elem::F32);
                 let logits = if cfg.tp > 1 {
                     body.shard(&logits, "{replicated}")
                 } else {
@@ -380,10 +381,11 @@ impl Emitter<'_> {
             let s = b.dynamic_slice(stacked, &[i, &z, &z], &[1, r, c]);
             b.reshape(&s, &[r, c])
         };
-        // x [T, in] · w[out, in]ᵀ, accumulated in f32.
+        // x [T, in] · w [in, out], accumulated in f32 (weights are stored [in, out], the
+        // layout XLA's dot wants without a transpose).
         let linear = |b: &mut Block, x: &V, wt: &V| -> V {
             let xw = b.convert(x, w);
-            b.dot_general(&xw, wt, (&[], &[]), (&[1], &[1]), Elem::F32)
+            b.dot_general(&xw, wt, (&[], &[]), (&[1], &[0]), Elem::F32)
         };
 
         let g_in = layer_vec(b, in_norm);
@@ -473,29 +475,67 @@ impl Emitter<'_> {
         let logprobs = b.sub(logits, &lse_b);
         let iota = b.iota(&[t, vocab], 1, Elem::I32);
 
-        // Temperature sampling by Gumbel-max with per-row keys hashed with the vocab index.
-        let keys = b.broadcast(keys, &[t, vocab], &[0]);
-        let idx_u = b.convert(&iota, Elem::U32);
-        let u = uniform_hash(b, &keys, &idx_u, &[t, vocab]);
-        let lnu = b.unary("log", &u);
-        let neg = b.unary("negate", &lnu);
-        let lnn = b.unary("log", &neg);
-        let gumbel = b.unary("negate", &lnn);
-        let tiny = b.constant_f32(1e-6, &[t]);
-        let tsafe = b.max(temp, &tiny);
-        let tb = b.broadcast(&tsafe, &[t, vocab], &[0]);
-        let scaled = b.div(logits, &tb);
-        let noisy = b.add(&scaled, &gumbel);
-        let greedy_tok = argmax(b, logits, &iota, t, vocab);
-        let random_tok = argmax(b, &noisy, &iota, t, vocab);
+        // Temperature sampling by Gumbel-max with per-row keys hashed with the vocab index;
+        // skipped at run time when every row is greedy.
         let zero_t = b.constant_f32(0.0, &[t]);
         let is_random = b.compare(Cmp::Gt, temp, &zero_t);
-        let sampled = b.select(&is_random, &random_tok, &greedy_tok);
+        let greedy_tok = argmax(b, logits, &iota, t, vocab);
+        let any_random = any(b, &is_random);
+        let sampled = b
+            .if_else(
+                &any_random,
+                |b| {
+                    let keys = b.broadcast(keys, &[t, vocab], &[0]);
+                    let iota = b.iota(&[t, vocab], 1, Elem::I32);
+                    let idx_u = b.convert(&iota, Elem::U32);
+                    let u = uniform_hash(b, &keys, &idx_u, &[t, vocab]);
+                    let lnu = b.unary("log", &u);
+                    let neg = b.unary("negate", &lnu);
+                    let lnn = b.unary("log", &neg);
+                    let gumbel = b.unary("negate", &lnn);
+                    let tiny = b.constant_f32(1e-6, &[t]);
+                    let tsafe = b.max(temp, &tiny);
+                    let tb = b.broadcast(&tsafe, &[t, vocab], &[0]);
+                    let scaled = b.div(logits, &tb);
+                    let noisy = b.add(&scaled, &gumbel);
+                    let random_tok = argmax(b, &noisy, &iota, t, vocab);
+                    vec![b.select(&is_random, &random_tok, &greedy_tok)]
+                },
+                |_| vec![greedy_tok.clone()],
+            )
+            .remove(0);
         let sampled_lp = pick(b, &logprobs, &iota, &sampled, t, vocab);
-
-        let sampled_rank = rank_of(b, logits, &iota, &sampled, t, vocab);
-        let target_lp = pick(b, &logprobs, &iota, targets, t, vocab);
-        let target_rank = rank_of(b, logits, &iota, targets, t, vocab);
+        let zero_ti = b.constant_int(0, &[t], Elem::I32);
+        // The rank of the sampled token is reported only with logprobs (the top-k variant).
+        let sampled_rank = if self.b.top_k > 0 {
+            rank_of(b, logits, &iota, &sampled, t, vocab)
+        } else {
+            zero_ti.clone()
+        };
+        // Prompt-logprob targets (-1 on rows without one).
+        let has_target = b.compare(Cmp::Ge, targets, &zero_ti);
+        let any_target = any(b, &has_target);
+        let tr = b.if_else(
+            &any_target,
+            |b| {
+                let iota = b.iota(&[t, vocab], 1, Elem::I32);
+                let lsm = {
+                    let lse_b = b.broadcast(&lse, &[t, vocab], &[0]);
+                    b.sub(logits, &lse_b)
+                };
+                vec![
+                    pick(b, &lsm, &iota, targets, t, vocab),
+                    rank_of(b, logits, &iota, targets, t, vocab),
+                ]
+            },
+            |b| {
+                vec![
+                    b.constant_f32(0.0, &[t]),
+                    b.constant_int(0, &[t], Elem::I32),
+                ]
+            },
+        );
+        let (target_lp, target_rank) = (tr[0].clone(), tr[1].clone());
 
         let mut outs = vec![sampled, sampled_lp, sampled_rank, target_lp, target_rank];
         let k = self.b.top_k;
@@ -580,6 +620,16 @@ fn argmax(b: &mut Block, x: &V, iota: &V, t: i64, vocab: i64) -> V {
     let cand = b.select(&is_max, iota, &big);
     let init = b.constant_int(i32::MAX as i64, &[], Elem::I32);
     b.reduce(&cand, &init, &[1], "minimum")
+}
+
+/// Whether any element of a 1-D boolean vector is true.
+fn any(b: &mut Block, pred: &V) -> V {
+    let n = pred.dims()[0];
+    let as_i = b.convert(pred, Elem::I32);
+    let zero = b.constant_int(0, &[], Elem::I32);
+    let count = b.reduce(&as_i, &zero, &[0], "add");
+    let _ = n;
+    b.compare(Cmp::Gt, &count, &zero)
 }
 
 /// 1 + the number of entries of each row larger than `x[row, idx[row]]`.

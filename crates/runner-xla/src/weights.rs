@@ -90,6 +90,17 @@ impl Shards {
     }
 }
 
+/// `[rows, cols]` → `[cols, rows]`.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; m.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = m[r * cols + c];
+        }
+    }
+    t
+}
+
 fn replicated(
     client: &Client,
     devices: &[Device],
@@ -124,13 +135,13 @@ pub fn upload(
     };
     let mut out: Vec<Vec<Buffer>> = Vec::with_capacity(arg::NUM_WEIGHTS);
 
-    let vocab_split = |name: &str| -> Result<Vec<Buffer>, RunnerError> {
-        let m = load(name, &[vocab, h])?;
+    let embed = {
+        let m = load("model.embed_tokens.weight", &[vocab, h])?;
         let mut s = Shards::new(elem, n);
         s.push_matrix(&m, vocab, h, 0);
-        s.upload(client, devices, &[vocab as i64, h as i64], Some(0))
+        s.upload(client, devices, &[vocab as i64, h as i64], Some(0))?
     };
-    out.push(vocab_split("model.embed_tokens.weight")?);
+    out.push(embed);
     out.push(replicated(
         client,
         devices,
@@ -142,7 +153,13 @@ pub fn upload(
     } else {
         "model.embed_tokens.weight"
     };
-    out.push(vocab_split(head)?);
+    let lm_head = {
+        let m = transpose(&load(head, &[vocab, h])?, vocab, h);
+        let mut s = Shards::new(elem, n);
+        s.push_matrix(&m, h, vocab, 1);
+        s.upload(client, devices, &[h as i64, vocab as i64], Some(1))?
+    };
+    out.push(lm_head);
 
     let stacked_norm = |suffix: &str| -> Result<Vec<Buffer>, RunnerError> {
         let mut all = Vec::with_capacity(layers * h);
@@ -151,19 +168,20 @@ pub fn upload(
         }
         replicated(client, devices, &all, &[layers as i64, h as i64])
     };
-    // (name, rows, cols, split axis within the layer matrix)
+    // (name, HF rows = out, HF cols = in, split axis in HF layout); stored transposed
+    // [in, out], the layout XLA's dot consumes without a transpose.
     let stacked =
         |suffix: &str, rows: usize, cols: usize, axis: usize| -> Result<Vec<Buffer>, RunnerError> {
             let mut s = Shards::new(elem, n);
             for l in 0..layers {
                 let m = load(&format!("model.layers.{l}.{suffix}"), &[rows, cols])?;
-                s.push_matrix(&m, rows, cols, axis);
+                s.push_matrix(&transpose(&m, rows, cols), cols, rows, 1 - axis);
             }
             s.upload(
                 client,
                 devices,
-                &[layers as i64, rows as i64, cols as i64],
-                Some(axis + 1),
+                &[layers as i64, cols as i64, rows as i64],
+                Some(2 - axis),
             )
         };
     out.push(stacked_norm("input_layernorm.weight")?);

@@ -120,7 +120,6 @@ fn check_model(st: &SharedState, model: Option<&str>) -> Result<(), ApiError> {
 
 fn limits(st: &SharedState) -> Limits {
     Limits {
-        max_model_len: st.max_model_len,
         vocab_size: st.vocab_size,
         max_logprobs: st.max_logprobs,
     }

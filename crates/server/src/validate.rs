@@ -13,7 +13,6 @@ pub const MAX_STOP_STRINGS: usize = 64;
 pub const MAX_STOP_STRING_LEN: usize = 1024;
 
 pub struct Limits {
-    pub max_model_len: usize,
     pub vocab_size: usize,
     pub max_logprobs: usize,
 }
@@ -170,7 +169,9 @@ pub fn sampling(
                 format!("max_tokens must be at least 1, got {m}."),
             ))
         }
-        Some(m) => Some(m.min(lim.max_model_len as i64) as usize),
+        // The client's value, bounded only against overflow: a request over max_model_len is
+        // rejected naming the max_tokens it asked for, as vLLM's message does.
+        Some(m) => Some(m.min(u32::MAX as i64) as usize),
     };
     let min_tokens = f.min_tokens.unwrap_or(0);
     if min_tokens < 0 || max_tokens.is_some_and(|m| min_tokens as usize > m) {

@@ -1,0 +1,153 @@
+//! The HTTP server on the XLA runner: the golden completion through `--device xla-cpu`,
+//! tensor parallel 8 on 8 XLA CPU devices end to end with no compilation after warm-up
+//! (VLLM_XLA_CHECK_RECOMPILATION=1 makes one fatal), and a clear start-up error for a TPU
+//! that is not there.
+
+use std::process::Command;
+
+use serde_json::json;
+use tpuserve_suite::goldens::Goldens;
+use tpuserve_suite::server::{free_port, tpuserve_bin, Server};
+use tpuserve_suite::{fixtures_dir, shared_xla_cache, tiny_llama3_dir};
+
+fn spawn_xla(model: &str, extra: &[&str]) -> Server {
+    let port = free_port();
+    let mut args: Vec<String> = [
+        "serve",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--device",
+        "xla-cpu",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let cache = shared_xla_cache();
+    Server::spawn(
+        &args,
+        &[
+            ("VLLM_XLA_CACHE_PATH", cache.to_str().unwrap()),
+            ("VLLM_XLA_CHECK_RECOMPILATION", "1"),
+        ],
+        port,
+    )
+}
+
+fn check_golden_cases(s: &Server, goldens: &str, names: &[&str]) {
+    let g = Goldens::load(&fixtures_dir().join(goldens));
+    let handles: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let c = g.case(n);
+            let body = json!({"prompt": c.prompt_token_ids, "max_tokens": c.completion_token_ids.len(),
+                "temperature": 0, "ignore_eos": true, "skip_special_tokens": false, "logprobs": 1});
+            let (url, client) = (s.url("/v1/completions"), s.client.clone());
+            std::thread::spawn(move || client.post(url).json(&body).send().unwrap().json::<serde_json::Value>().unwrap())
+        })
+        .collect();
+    for (n, h) in names.iter().zip(handles) {
+        let c = g.case(n);
+        let v = h.join().unwrap();
+        assert_eq!(v["choices"][0]["text"], c.completion_text, "{n}: {v}");
+        assert_eq!(
+            v["usage"]["completion_tokens"],
+            c.completion_token_ids.len(),
+            "{n}"
+        );
+        let lps = v["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap();
+        for (lp, step) in lps.iter().zip(&c.steps) {
+            assert!(
+                (lp.as_f64().unwrap() - step.logprob).abs() < 1e-3,
+                "{n}: {lp} vs {}",
+                step.logprob
+            );
+        }
+    }
+}
+
+#[test]
+fn smollm2_golden_completions_on_xla_cpu() {
+    let s = spawn_xla(
+        tpuserve_suite::smollm2_gguf().to_str().unwrap(),
+        &[
+            "--max-model-len",
+            "512",
+            "--max-num-batched-tokens",
+            "64",
+            "--max-logprobs",
+            "5",
+            "--kv-cache-space",
+            "0.25",
+        ],
+    );
+    check_golden_cases(
+        &s,
+        "smollm2/goldens.json",
+        &["short_english", "code_python", "numbers_list"],
+    );
+    assert!(s.log().contains("programs ready"), "warm-up is logged");
+}
+
+#[test]
+fn tiny_llama3_tensor_parallel_8_over_http() {
+    // 320 KV blocks, as in tests/xla_tp.rs, so the compiled programs are shared via the cache.
+    let s = spawn_xla(
+        tiny_llama3_dir().to_str().unwrap(),
+        &[
+            "--tensor-parallel-size",
+            "8",
+            "--max-model-len",
+            "2304",
+            "--max-num-batched-tokens",
+            "64",
+            "--max-logprobs",
+            "5",
+            "--kv-cache-space",
+            "0.0048828125",
+        ],
+    );
+    assert!(s.log().contains("8 device(s)"), "{}", s.log_tail(20));
+    check_golden_cases(
+        &s,
+        "tiny-llama3/goldens.json",
+        &[
+            "single_token",
+            "short_english",
+            "chat_multi_turn",
+            "long_paragraph",
+            "numbers",
+        ],
+    );
+    assert!(
+        !s.log().contains("after warm-up"),
+        "no compilation after warm-up"
+    );
+}
+
+#[test]
+fn tpu_device_without_libtpu_is_a_clear_error() {
+    let out = Command::new(tpuserve_bin())
+        .args([
+            "serve",
+            "--device",
+            "tpu",
+            "--port",
+            &free_port().to_string(),
+        ])
+        .env("TPU_LIBRARY_PATH", "/nonexistent/libtpu.so")
+        .env("PYTHON", "/bin/false")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("libtpu not found") && err.contains("TPU_LIBRARY_PATH"),
+        "{err}"
+    );
+}
