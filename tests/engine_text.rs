@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use tpuserve_engine::{
-    EngineConfig, EngineCore, EngineRequest, FinalOutput, FinishReason, SamplingParams,
-    StopParams, StopReason,
+    EngineConfig, EngineCore, EngineRequest, FinalOutput, FinishReason, SamplingParams, StopParams,
+    StopReason,
 };
 use tpuserve_model::{load_model, LoadedModel};
 use tpuserve_runner_api::TokenId;
@@ -61,7 +61,10 @@ fn golden_greedy(c: &Case) -> EngineRequest {
 fn stop_strings_split_across_tokens() {
     let mut f = fixture();
     let c = f.goldens.case("short_english");
-    assert_eq!(c.completion_text, " Paris.\n\nThe answer is: 2018-01-22 12:1");
+    assert_eq!(
+        c.completion_text,
+        " Paris.\n\nThe answer is: 2018-01-22 12:1"
+    );
     let pieces = token_texts(&f.model, &c.completion_token_ids);
     // (stop string, include it, expected text, tokens generated)
     let cases = [
@@ -114,7 +117,10 @@ fn emoji_split_across_tokens_comes_out_whole() {
     // Some tokens produced no text until the character was complete.
     assert!(deltas.iter().any(|d| d.0 > 0 && d.1.is_empty()));
     assert!(deltas.iter().any(|d| d.1.contains('👍')));
-    assert_eq!(deltas.iter().map(|d| d.1.as_str()).collect::<String>(), expect);
+    assert_eq!(
+        deltas.iter().map(|d| d.1.as_str()).collect::<String>(),
+        expect
+    );
 }
 
 #[test]
@@ -144,7 +150,10 @@ fn min_tokens_overrides_an_early_eos() {
     r.stop.max_tokens = Some(40);
     let (_, out) = stream(&mut f.core, r);
     let o = &out.outputs[0];
-    println!("min_tokens text: {:?} {:?} {:?}", o.text, o.finish, o.token_ids);
+    println!(
+        "min_tokens text: {:?} {:?} {:?}",
+        o.text, o.finish, o.token_ids
+    );
     assert_eq!(o.token_ids[..eos_at], c.completion_token_ids[..eos_at]);
     assert!(o.token_ids[..min_tokens].iter().all(|t| !eos.contains(t)));
     assert!(o.token_ids.len() >= min_tokens);
@@ -179,11 +188,18 @@ fn n_3_with_a_seed_gives_each_child_its_own_seed() {
     let (_, out) = stream(&mut f.core, req(3, 7));
     assert_eq!(out.outputs.len(), 3);
     let singles = run_alone(&mut f.core, (0..3).map(|i| req(1, 7 + i)).collect());
+    let expect = [
+        " person named Maria Ramirez. Maria was born",
+        " woman named Ereba, who was a wise",
+        " mysterious figure who was trying to communicate with the universe",
+    ];
     for (i, o) in out.outputs.iter().enumerate() {
-        println!("child {i}: {:?} {:?}", o.text, o.finish);
         assert_eq!(o.index, i);
+        assert_eq!(o.text, expect[i], "child {i}");
+        assert_eq!(o.token_ids.len(), 10);
+        assert_eq!(o.finish.as_ref().unwrap().reason, FinishReason::Length);
         assert_eq!(o.token_ids, singles[i].outputs[0].token_ids, "child {i}");
         assert_eq!(o.text, singles[i].outputs[0].text, "child {i}");
     }
-    assert_ne!(out.outputs[0].text, out.outputs[1].text);
+    assert_eq!(out.prompt.num_prompt_tokens, prompt.len());
 }

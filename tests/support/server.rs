@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// How long a server may take from spawn to an open port (model load on a busy 2-core box).
-pub const START_TIMEOUT: Duration = Duration::from_secs(240);
+pub const START_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// The `tpuserve` binary of the profile this test was built with. `TPUSERVE_BIN` overrides;
 /// otherwise `cargo build -p tpuserve` runs once per test process (a no-op when up to date),

@@ -26,7 +26,6 @@ fn decoding_scheduler(caching: bool) -> Scheduler {
         SchedulerConfig {
             max_num_batched_tokens: 8192,
             max_num_seqs: 256,
-            max_model_len: 4096,
         },
         BlockManager::new(256 * 64, BLOCK, caching),
     );

@@ -8,16 +8,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tpuserve_runner_api::{ModelRunner, SampledToken, StepOutput, TokenId, TokenLogprobs};
+use tpuserve_runner_api::{ModelRunner, StepOutput, TokenId};
 
 use crate::block_manager::{BlockManager, PrefixCacheCounters};
-use crate::detokenizer::{DecodeError, DetokenizeOptions, IncrementalDetokenizer, TokenDecoder};
+use crate::detokenizer::{DetokenizeOptions, IncrementalDetokenizer, TokenDecoder};
 use crate::error::{EngineError, RequestError};
 use crate::output::{PromptInfo, RequestOutput, RequestStream, SeqDelta};
 use crate::request::{EngineRequest, Finish, FinishReason, RequestId, SeqId};
+use crate::request_state::{Child, RequestState, StepAcc};
 use crate::scheduler::{ScheduledBatch, Scheduler, SchedulerConfig};
 use crate::sequence::NewSeq;
-use crate::stats::{FinishedSeqStats, StepStats};
+use crate::stats::StepStats;
 use crate::stop::StopChecker;
 use crate::validation::RequestLimits;
 
@@ -45,138 +46,6 @@ impl EngineConfig {
             max_num_seqs: 256,
             enable_prefix_caching: true,
             max_logprobs: 20,
-        }
-    }
-}
-
-/// Per-step accumulation of what [`StepStats`] reports.
-#[derive(Debug, Default)]
-struct StepAcc {
-    num_prompt_tokens: usize,
-    num_generation_tokens: usize,
-    ttft: Vec<Duration>,
-    itl: Vec<Duration>,
-    finished: Vec<FinishedSeqStats>,
-}
-
-/// Engine-side state of one child sequence: its text and stop conditions, its timeline and
-/// the delta not yet sent.
-struct Child {
-    seq_id: SeqId,
-    detok: IncrementalDetokenizer,
-    stop: StopChecker,
-    finish: Option<Finish>,
-    num_generated: usize,
-    first_scheduled: Option<Instant>,
-    first_token: Option<Instant>,
-    last_token: Option<Instant>,
-    delta: SeqDelta,
-    dirty: bool,
-}
-
-struct RequestState {
-    tx: UnboundedSender<RequestOutput>,
-    n: usize,
-    prompt_len: usize,
-    max_tokens: Option<usize>,
-    arrival: Instant,
-    /// Accumulated from child 0 while its prompt is computed; `None` if not requested.
-    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
-    num_cached_tokens: usize,
-    prompt_sent: bool,
-    children: Vec<Child>,
-}
-
-impl RequestState {
-    fn finished_stats(&self, id: RequestId, index: usize, now: Instant) -> FinishedSeqStats {
-        let c = &self.children[index];
-        FinishedSeqStats {
-            request_id: id,
-            index,
-            n: self.n,
-            finish_reason: c.finish.as_ref().map_or(FinishReason::Abort, |f| f.reason),
-            num_prompt_tokens: self.prompt_len,
-            num_generation_tokens: c.num_generated,
-            max_tokens: self.max_tokens,
-            arrival: self.arrival,
-            first_scheduled: c.first_scheduled,
-            first_token: c.first_token,
-            last_token: c.last_token,
-            finished: now,
-        }
-    }
-}
-
-impl Child {
-    fn set_finish(&mut self, f: Finish) {
-        self.delta.finish = Some(f.clone());
-        self.finish = Some(f);
-        self.dirty = true;
-    }
-
-    /// Takes one sampled token: timings, text, stop conditions. Returns whether the sequence
-    /// is finished.
-    fn accept(
-        &mut self,
-        dec: &dyn TokenDecoder,
-        sampled: SampledToken,
-        now: Instant,
-        arrival: Instant,
-        acc: &mut StepAcc,
-    ) -> Result<bool, DecodeError> {
-        let token = sampled.token;
-        self.num_generated += 1;
-        let n = self.num_generated;
-        self.dirty = true;
-        self.delta.token_ids.push(token);
-        if let Some(lp) = sampled.logprobs {
-            self.delta.logprobs.get_or_insert_with(Vec::new).push(lp);
-        }
-        match self.last_token {
-            None => acc.ttft.push(now.saturating_duration_since(arrival)),
-            Some(prev) => acc.itl.push(now.saturating_duration_since(prev)),
-        }
-        self.first_token.get_or_insert(now);
-        self.last_token = Some(now);
-        acc.num_generation_tokens += 1;
-
-        let mut finish = self.stop.check_token(token, n);
-        let mut by_stop_string = false;
-        if finish.is_none() {
-            let text = self.detok.push(dec, token)?;
-            finish = self.stop.push_text(&text, n);
-            by_stop_string = finish.is_some();
-        } else if self.stop.keeps_stop_token_text() {
-            let text = self.detok.push(dec, token)?;
-            self.stop.append_text(&text);
-        }
-        if finish.is_none() {
-            finish = self.stop.check_length(n);
-        }
-        // A finished sequence releases a trailing incomplete character too; after a stop
-        // string the rest is cut anyway.
-        if finish.is_some() && !by_stop_string {
-            let rest = self.detok.flush(dec)?;
-            match self.stop.push_text(&rest, n) {
-                Some(f)
-                    if finish
-                        .as_ref()
-                        .is_some_and(|f| f.reason == FinishReason::Length) =>
-                {
-                    finish = Some(f)
-                }
-                _ => {}
-            }
-        }
-        self.delta
-            .text
-            .push_str(&self.stop.take_text(finish.is_some()));
-        match finish {
-            Some(f) => {
-                self.set_finish(f);
-                Ok(true)
-            }
-            None => Ok(false),
         }
     }
 }
@@ -219,6 +88,14 @@ impl EngineCore {
                     .into(),
             ));
         }
+        if cfg.max_num_batched_tokens < cfg.max_num_seqs {
+            // As in vLLM: otherwise decoding sequences at the back of the running queue could
+            // wait for budget step after step.
+            return Err(EngineError::Config(format!(
+                "max_num_batched_tokens ({}) must be greater than or equal to max_num_seqs ({})",
+                cfg.max_num_batched_tokens, cfg.max_num_seqs
+            )));
+        }
         if cfg.max_model_len > capacity {
             return Err(EngineError::Config(format!(
                 "the model's max seq len ({}) is larger than the maximum number of tokens that \
@@ -236,7 +113,6 @@ impl EngineCore {
             SchedulerConfig {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 max_num_seqs: cfg.max_num_seqs,
-                max_model_len: cfg.max_model_len,
             },
             BlockManager::new(kv.num_blocks, kv.block_size, cfg.enable_prefix_caching),
         );

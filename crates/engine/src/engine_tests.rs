@@ -227,6 +227,7 @@ fn max_model_len_ends_with_length() {
 fn prompt_logprobs_survive_chunking_and_come_first() {
     let setup = Setup {
         budget: 7,
+        max_seqs: 4,
         ..Default::default()
     };
     let mut core = setup.core();
@@ -400,10 +401,11 @@ proptest! {
     fn random_traffic_keeps_every_invariant(
         ops in prop::collection::vec(op(), 1..80),
         blocks in 24usize..64,
-        budget in 1usize..48,
+        extra_budget in 0usize..40,
         max_seqs in 1usize..8,
         caching in any::<bool>(),
     ) {
+        let budget = max_seqs + extra_budget;
         let setup = Setup {
             blocks,
             block_size: 2,

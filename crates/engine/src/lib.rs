@@ -14,6 +14,7 @@ pub mod error;
 pub mod handle;
 pub mod output;
 pub mod request;
+mod request_state;
 pub mod scheduler;
 pub mod sequence;
 pub mod stats;

@@ -19,7 +19,6 @@ use crate::sequence::{NewSeq, Sequence};
 pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
-    pub max_model_len: usize,
 }
 
 /// One sequence's share of a step.
@@ -411,7 +410,6 @@ mod tests {
             SchedulerConfig {
                 max_num_batched_tokens: budget,
                 max_num_seqs: max_seqs,
-                max_model_len: 1 << 20,
             },
             BlockManager::new(blocks, 4, caching),
         )
