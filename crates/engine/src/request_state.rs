@@ -13,7 +13,7 @@ use crate::request::{Finish, FinishReason, RequestId, SeqId};
 use crate::stats::FinishedSeqStats;
 use crate::stop::StopChecker;
 
-/// Per-step accumulation of what [`StepStats`] reports.
+/// Per-step accumulation of what [`crate::stats::StepStats`] reports.
 #[derive(Debug, Default)]
 pub(crate) struct StepAcc {
     pub(crate) num_prompt_tokens: usize,

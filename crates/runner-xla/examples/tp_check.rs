@@ -33,10 +33,16 @@ fn main() {
             sample: true,
             prompt_logprob_targets: vec![],
             return_logits: false,
-            sampling: Arc::new(SamplingParams { logprobs: Some(2), ..SamplingParams::greedy() }),
+            sampling: Arc::new(SamplingParams {
+                logprobs: Some(2),
+                ..SamplingParams::greedy()
+            }),
             output_tokens: Arc::new(vec![]),
             prompt_tokens: Arc::new(vec![]),
         }],
     };
-    println!("tp {tp}: {:?}", x.execute(&plan).expect("step").seqs[0].sampled);
+    println!(
+        "tp {tp}: {:?}",
+        x.execute(&plan).expect("step").seqs[0].sampled
+    );
 }
