@@ -142,7 +142,14 @@ impl XlaRunner {
         let plugin = Plugin::load(&path).map_err(derr)?;
         let client = Client::new(
             &plugin,
-            &device::client_options(&opts.device, opts.cpu_device_count.max(tp)),
+            &device::client_options(
+                &opts.device,
+                if opts.cpu_device_count > 0 {
+                    opts.cpu_device_count
+                } else {
+                    tp
+                },
+            ),
         )
         .map_err(derr)?;
         let all = client.addressable_devices().map_err(derr)?;
