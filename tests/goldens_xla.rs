@@ -9,9 +9,15 @@ use tpuserve_suite::goldens::{Case, Goldens};
 use tpuserve_suite::{fixtures_dir, shared_xla_cache, smollm2_gguf, tiny_llama3_dir};
 
 pub fn xla_runner(model: &LoadedModel, tp: usize, max_model_len: usize) -> XlaRunner {
+    // TPUSERVE_TEST_XLA_DEVICE=cuda runs the same goldens on a GPU host's PJRT plugin.
+    let device = std::env::var("TPUSERVE_TEST_XLA_DEVICE")
+        .unwrap_or_else(|_| "xla-cpu".into())
+        .parse()
+        .expect("TPUSERVE_TEST_XLA_DEVICE: tpu, cuda or xla-cpu");
     XlaRunner::new(
         model,
         XlaRunnerOptions {
+            device,
             tensor_parallel_size: tp,
             num_blocks: 320,
             block_size: 16,

@@ -10,9 +10,12 @@ pub mod server;
 
 use std::path::PathBuf;
 
-/// `../shared/fixtures`, next to the repository.
+/// `../shared/fixtures`, next to the repository (`TPUSERVE_FIXTURES_DIR` overrides it, for
+/// test binaries run on another machine, such as a GPU host).
 pub fn fixtures_dir() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    let p = std::env::var_os("TPUSERVE_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
     assert!(p.is_dir(), "fixtures not found at {}", p.display());
     p
 }

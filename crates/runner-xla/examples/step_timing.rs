@@ -1,11 +1,13 @@
-//! Times decode steps of the XLA runner: `cargo run --release --example step_timing -- MODEL [TP]`.
+//! Times decode steps of the XLA runner:
+//! `cargo run --release --example step_timing -- MODEL [TP] [SEQS]`, with `TPUSERVE_DEVICE`
+//! (`xla-cpu`, `cuda`, `tpu`) and `TPUSERVE_DTYPE` (`float32`, `bfloat16`) from the environment.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tpuserve_model::load_model;
 use tpuserve_runner_api::{ModelRunner, SamplingParams, SeqPlan, StepPlan};
-use tpuserve_runner_xla::{XlaRunner, XlaRunnerOptions};
+use tpuserve_runner_xla::{WeightElem, XlaRunner, XlaRunnerOptions};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -15,6 +17,14 @@ fn main() {
     let mut r = XlaRunner::new(
         &model,
         XlaRunnerOptions {
+            device: std::env::var("TPUSERVE_DEVICE")
+                .unwrap_or_else(|_| "xla-cpu".into())
+                .parse()
+                .expect("TPUSERVE_DEVICE"),
+            weight_dtype: match std::env::var("TPUSERVE_DTYPE").as_deref() {
+                Ok("bfloat16") => WeightElem::BF16,
+                _ => WeightElem::F32,
+            },
             tensor_parallel_size: tp,
             num_blocks: 64 * seqs,
             max_num_batched_tokens: 16,

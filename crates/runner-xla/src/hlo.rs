@@ -340,6 +340,15 @@ impl Block {
             list(contract.0),
             list(contract.1)
         );
+        // f32 operands ask for full f32 products: XLA's DEFAULT lets GPUs use TF32 and TPUs
+        // a single bf16 pass, which would break `--dtype float32` accuracy.
+        let attrs = if a.ty.elem == Elem::F32 && b.ty.elem == Elem::F32 {
+            format!(
+                "{attrs}, precision_config = [#stablehlo<precision HIGHEST>, #stablehlo<precision HIGHEST>]"
+            )
+        } else {
+            attrs
+        };
         self.generic("dot_general", &[a, b], &attrs, Ty::new(&dims, result_elem))
     }
 
