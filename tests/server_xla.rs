@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::json;
 use tpuserve_suite::goldens::Goldens;
-use tpuserve_suite::server::{free_port, tpuserve_bin, Server};
+use tpuserve_suite::server::{free_port, metric, tpuserve_bin, Server};
 use tpuserve_suite::{fixtures_dir, shared_xla_cache, tiny_llama3_dir};
 
 fn spawn_xla(model: &str, extra: &[&str]) -> Server {
@@ -94,6 +94,47 @@ fn smollm2_golden_completions_on_xla_cpu() {
         &["short_english", "code_python", "numbers_list"],
     );
     assert!(s.log().contains("programs ready"), "warm-up is logged");
+    // Compile events are exported: every warmed-up program was compiled or loaded from the
+    // cache, and none was compiled afterwards.
+    let programs: f64 = regex::Regex::new(r"(\d+) programs ready")
+        .unwrap()
+        .captures(&s.log())
+        .unwrap()[1]
+        .parse()
+        .unwrap();
+    let m = s.metrics();
+    let compiled = metric(&m, "tpuserve:xla_compilations_total", &[]);
+    let loaded = metric(&m, "tpuserve:xla_compile_cache_hits_total", &[]);
+    assert_eq!(compiled + loaded, programs, "{m}");
+    assert_eq!(
+        metric(&m, "tpuserve:xla_compile_cache_misses_total", &[]),
+        compiled
+    );
+    assert_eq!(
+        metric(&m, "tpuserve:xla_compilations_after_warmup_total", &[]),
+        0.0
+    );
+    assert!(m.contains("# TYPE tpuserve:xla_compile_seconds_total counter"));
+
+    // Filters run on device; penalties are refused up front with the parameter's name, and a
+    // batch-mate of the refused request is unaffected.
+    let v = s.post_ok(
+        "/v1/completions",
+        &serde_json::json!({"prompt": "Once upon a time", "max_tokens": 8,
+                "temperature": 0.9, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "seed": 7}),
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+    let (status, e) = s.post(
+        "/v1/completions",
+        &serde_json::json!({"prompt": "Once upon a time", "max_tokens": 8,
+                "presence_penalty": 0.5}),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "presence_penalty", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("XLA"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -108,6 +108,7 @@ impl EngineCore {
             max_model_len: cfg.max_model_len,
             vocab_size: runner.vocab_size(),
             max_logprobs: cfg.max_logprobs,
+            sampling: runner.sampling_support(),
         };
         let scheduler = Scheduler::new(
             SchedulerConfig {

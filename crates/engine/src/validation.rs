@@ -1,7 +1,7 @@
 //! The engine's gate: every request is checked against the model's limits before it is
 //! queued, so nothing a client sends can make a step fail for the other requests in it.
 
-use tpuserve_runner_api::SamplingParams;
+use tpuserve_runner_api::{SamplingParams, SamplingSupport};
 
 use crate::error::RequestError;
 use crate::request::EngineRequest;
@@ -13,6 +13,8 @@ pub struct RequestLimits {
     pub vocab_size: usize,
     /// Most alternatives `logprobs` / `prompt_logprobs` may ask for (vLLM's `max_logprobs`).
     pub max_logprobs: usize,
+    /// What the runner's sampler implements (XLA devices: no penalties or logit bias).
+    pub sampling: SamplingSupport,
 }
 
 fn invalid(param: &'static str, reason: impl Into<String>) -> RequestError {
@@ -64,7 +66,15 @@ impl RequestLimits {
         if stop.stop.iter().any(String::is_empty) {
             return Err(invalid("stop", "stop strings must not be empty"));
         }
-        self.validate_sampling(&req.sampling)
+        self.validate_sampling(&req.sampling)?;
+        if let Some(param) = self.sampling.unsupported(&req.sampling, stop.min_tokens) {
+            return Err(invalid(
+                param,
+                "is not supported on XLA devices (TPU, GPU, xla-cpu) yet; use --device cpu \
+                 for it",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_sampling(&self, p: &SamplingParams) -> Result<(), RequestError> {
@@ -128,6 +138,7 @@ mod tests {
         max_model_len: 100,
         vocab_size: 50,
         max_logprobs: 20,
+        sampling: SamplingSupport::Full,
     };
 
     fn req(prompt_len: usize, max_tokens: Option<usize>) -> EngineRequest {
@@ -150,6 +161,34 @@ mod tests {
             .starts_with("This model's maximum context length is 100 tokens. However, you requested 101 tokens (90 in the messages, 11 in the completion)"));
         assert!(LIMITS.validate(&req(100, None)).is_err());
         assert!(LIMITS.validate(&req(99, None)).is_ok());
+    }
+
+    #[test]
+    fn device_samplers_refuse_what_they_cannot_honour_by_name() {
+        let device = RequestLimits {
+            sampling: SamplingSupport::OnDevice,
+            ..LIMITS
+        };
+        let mut r = req(3, Some(4));
+        r.sampling.temperature = 0.8;
+        r.sampling.top_k = 5;
+        r.sampling.top_p = 0.9;
+        r.sampling.min_p = 0.05;
+        assert!(device.validate(&r).is_ok());
+        let param = |r: &EngineRequest| match device.validate(r) {
+            Err(RequestError::InvalidParameter { param, .. }) => param,
+            other => panic!("{other:?}"),
+        };
+        let mut p = r.clone();
+        p.sampling.frequency_penalty = 0.5;
+        assert_eq!(param(&p), "frequency_penalty");
+        let mut p = r.clone();
+        p.sampling.logit_bias = vec![(3, 1.0)];
+        assert_eq!(param(&p), "logit_bias");
+        let mut p = r.clone();
+        p.stop.min_tokens = 2;
+        assert_eq!(param(&p), "min_tokens");
+        assert!(LIMITS.validate(&p).is_ok(), "the host sampler has them all");
     }
 
     #[test]

@@ -74,6 +74,7 @@ impl_args!(
     PJRT_DeviceDescription_DebugString_Args => PJRT_DeviceDescription_DebugString_Args_STRUCT_SIZE,
     PJRT_DeviceDescription_ToString_Args => PJRT_DeviceDescription_ToString_Args_STRUCT_SIZE,
     PJRT_Device_GetDescription_Args => PJRT_Device_GetDescription_Args_STRUCT_SIZE,
+    PJRT_Device_MemoryStats_Args => PJRT_Device_MemoryStats_Args_STRUCT_SIZE,
     PJRT_Device_IsAddressable_Args => PJRT_Device_IsAddressable_Args_STRUCT_SIZE,
     PJRT_Device_LocalHardwareId_Args => PJRT_Device_LocalHardwareId_Args_STRUCT_SIZE,
     PJRT_Executable_Destroy_Args => PJRT_Executable_Destroy_Args_STRUCT_SIZE,

@@ -312,6 +312,16 @@ impl Device {
         Ok(args.process_index)
     }
 
+    /// Memory the device's allocator may use, in bytes, where the plugin reports it (TPU and
+    /// GPU plugins do; the CPU plugin does not).
+    pub fn memory_limit(&self) -> Result<Option<u64>> {
+        let mut args = sys::PJRT_Device_MemoryStats_Args::new();
+        args.device = self.raw;
+        // SAFETY: live device (client held); the plugin fills plain integers.
+        unsafe { pjrt_call!(self.api(), PJRT_Device_MemoryStats, &mut args) }?;
+        Ok((args.bytes_limit_is_set && args.bytes_limit > 0).then_some(args.bytes_limit as u64))
+    }
+
     /// Vendor-specific device kind, e.g. `"cpu"` or `"TPU v5 lite"`.
     pub fn kind(&self) -> Result<String> {
         let mut args = sys::PJRT_DeviceDescription_Kind_Args::new();

@@ -94,8 +94,61 @@ pub enum RunnerError {
     Recompilation(String),
 }
 
+/// What a runner's sampler implements; the engine refuses requests that need more, so one
+/// request cannot fail a step shared with others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SamplingSupport {
+    /// Everything in [`SamplingParams`] (the host sampler).
+    #[default]
+    Full,
+    /// Greedy, temperature, top-k, top-p, min-p and logprobs on device; no penalties,
+    /// `logit_bias` or `min_tokens` (vLLM's TPU backend lacks these too).
+    OnDevice,
+}
+
+impl SamplingSupport {
+    /// The first request parameter this sampler cannot honour.
+    pub fn unsupported(self, p: &SamplingParams, min_tokens: usize) -> Option<&'static str> {
+        if self == SamplingSupport::Full {
+            return None;
+        }
+        if p.presence_penalty != 0.0 {
+            Some("presence_penalty")
+        } else if p.frequency_penalty != 0.0 {
+            Some("frequency_penalty")
+        } else if p.repetition_penalty != 1.0 {
+            Some("repetition_penalty")
+        } else if !p.logit_bias.is_empty() {
+            Some("logit_bias")
+        } else if min_tokens > 0 || !p.banned_tokens.is_empty() {
+            Some("min_tokens")
+        } else {
+            None
+        }
+    }
+}
+
+/// Compilation events of an ahead-of-time compiling runner, readable by the metrics endpoint
+/// while the engine thread owns the runner (relaxed atomics: counters, not synchronisation).
+#[derive(Debug, Default)]
+pub struct CompileCounters {
+    pub compilations: std::sync::atomic::AtomicU64,
+    pub cache_hits: std::sync::atomic::AtomicU64,
+    pub cache_misses: std::sync::atomic::AtomicU64,
+    pub compile_micros: std::sync::atomic::AtomicU64,
+    pub after_warmup: std::sync::atomic::AtomicU64,
+}
+
 pub trait ModelRunner: Send {
     fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, RunnerError>;
+    /// Compilation counters, for runners that compile programs.
+    fn compile_counters(&self) -> Option<Arc<CompileCounters>> {
+        None
+    }
+    /// Which sampling parameters the runner can honour.
+    fn sampling_support(&self) -> SamplingSupport {
+        SamplingSupport::Full
+    }
     fn kv_cache_shape(&self) -> KvCacheShape;
     fn vocab_size(&self) -> usize;
     /// Short name for logs (`cpu`, `xla-cpu x8`, ...).

@@ -207,6 +207,18 @@ impl Block {
     pub fn shr(&mut self, a: &V, b: &V) -> V {
         self.binary("shift_right_logical", a, b)
     }
+    pub fn shr_arith(&mut self, a: &V, b: &V) -> V {
+        self.binary("shift_right_arithmetic", a, b)
+    }
+    pub fn and(&mut self, a: &V, b: &V) -> V {
+        self.binary("and", a, b)
+    }
+
+    /// Reinterprets the bits of `a` as another element type of the same width.
+    pub fn bitcast(&mut self, a: &V, elem: Elem) -> V {
+        let ty = a.ty.with_elem(elem);
+        self.generic("bitcast_convert", &[a], "", ty)
+    }
 
     pub fn unary(&mut self, op: &str, a: &V) -> V {
         let ty = a.ty.clone();

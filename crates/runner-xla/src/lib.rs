@@ -15,13 +15,15 @@ mod weights;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tpuserve_model::LoadedModel;
 use tpuserve_pjrt::{Buffer, Client, CompileOptions, Device, LoadedExecutable, Plugin};
 use tpuserve_runner_api::{
-    sampler::seeded_uniform, validate_plan, KvCacheShape, ModelRunner, RunnerError, SampledToken,
-    SamplingParams, SeqOutput, StepOutput, StepPlan, TokenLogprobs,
+    sampler::seeded_uniform, validate_plan, CompileCounters, KvCacheShape, ModelRunner,
+    RunnerError, SampledToken, SamplingParams, SamplingSupport, SeqOutput, StepOutput, StepPlan,
+    TokenLogprobs,
 };
 
 use crate::compile_cache::{CacheKey, CompileCache, Lookup};
@@ -51,6 +53,9 @@ pub struct XlaRunnerOptions {
     pub strict_no_recompile: bool,
     /// Devices the XLA CPU plugin exposes (0 = as many as the tensor-parallel size).
     pub cpu_device_count: usize,
+    /// Size the KV cache from device memory instead of `num_blocks`: this share of each
+    /// device's memory holds the weights and the cache (vLLM's `--gpu-memory-utilization`).
+    pub kv_memory_utilization: Option<f64>,
 }
 
 impl Default for XlaRunnerOptions {
@@ -69,6 +74,7 @@ impl Default for XlaRunnerOptions {
             gather_budget: 1 << 16,
             strict_no_recompile: false,
             cpu_device_count: 0,
+            kv_memory_utilization: None,
         }
     }
 }
@@ -99,6 +105,7 @@ pub struct XlaRunner {
     environment: String,
     opts: XlaRunnerOptions,
     stats: XlaStats,
+    counters: Arc<CompileCounters>,
     warmed_up: bool,
     scratch_block: u32,
     unseeded_counter: u64,
@@ -114,24 +121,11 @@ fn pow2_at_least(n: usize, min: usize) -> usize {
 
 /// Why a request cannot run on this runner (sampling features not implemented on device).
 pub fn unsupported_sampling(p: &SamplingParams) -> Option<&'static str> {
-    if p.top_k > 0 {
-        Some("top_k")
-    } else if p.top_p < 1.0 {
-        Some("top_p")
-    } else if p.min_p > 0.0 {
-        Some("min_p")
-    } else if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || p.repetition_penalty != 1.0
-    {
-        Some("presence/frequency/repetition penalties")
-    } else if !p.logit_bias.is_empty() || !p.banned_tokens.is_empty() {
-        Some("logit_bias / min_tokens")
-    } else {
-        None
-    }
+    SamplingSupport::OnDevice.unsupported(p, 0)
 }
 
 impl XlaRunner {
-    pub fn new(model: &LoadedModel, opts: XlaRunnerOptions) -> Result<Self, RunnerError> {
+    pub fn new(model: &LoadedModel, mut opts: XlaRunnerOptions) -> Result<Self, RunnerError> {
         let t0 = Instant::now();
         let c = &model.config;
         let tp = opts.tensor_parallel_size.max(1);
@@ -173,8 +167,7 @@ impl XlaRunner {
         );
         tracing::info!("PJRT {environment} ({})", path.display());
 
-        let num_blocks = opts.num_blocks + 1;
-        let cfg = ProgramConfig {
+        let mut cfg = ProgramConfig {
             dims: ModelDims {
                 hidden: c.hidden_size as i64,
                 heads: c.num_attention_heads as i64,
@@ -186,7 +179,7 @@ impl XlaRunner {
                 eps: format!("{:e}", c.rms_norm_eps),
             },
             weight_elem: opts.weight_dtype,
-            num_blocks: num_blocks as i64,
+            num_blocks: opts.num_blocks as i64 + 1,
             block_size: opts.block_size as i64,
             tp: tp as i64,
         };
@@ -215,6 +208,48 @@ impl XlaRunner {
                 )));
             }
         }
+        if let Some(util) = opts.kv_memory_utilization {
+            let limit = match devices[0].memory_limit() {
+                Ok(Some(bytes)) => bytes as f64,
+                _ => plan::device_spec_for_kind(&kind)
+                    .map(|s| s.memory_bytes)
+                    .ok_or_else(|| {
+                        RunnerError::Device(format!(
+                            "the plugin reports no memory size for device kind `{kind}`; \
+                             size the KV cache with --kv-cache-space (GiB)"
+                        ))
+                    })?,
+            };
+            let weight_bytes = weights
+                .iter()
+                .map(|w| w[0].on_device_size().unwrap_or(0) as f64)
+                .sum::<f64>();
+            let elem = if opts.weight_dtype == WeightElem::F32 {
+                4
+            } else {
+                2
+            };
+            let per_token = (2 * c.num_hidden_layers * c.kv_size() * elem / tp) as f64;
+            let blocks = plan::kv_blocks_in_memory(&plan::KvMemory {
+                device_bytes: limit,
+                utilization: util,
+                weight_bytes,
+                kv_bytes_per_token: per_token,
+                block_size: opts.block_size,
+                max_model_len: opts.max_model_len,
+            })
+            .map_err(|e| RunnerError::Device(e.to_string()))?;
+            tracing::info!(
+                "KV cache sized from device memory: {util} × {:.2} GB − {:.2} GB of weights → \
+                 {blocks} blocks of {}",
+                limit / 1e9,
+                weight_bytes / 1e9,
+                opts.block_size
+            );
+            opts.num_blocks = blocks - 1;
+            cfg.num_blocks = blocks as i64;
+        }
+        let num_blocks = opts.num_blocks + 1;
         let rows = c.num_hidden_layers * num_blocks * opts.block_size;
         let k_cache = weights::zero_cache(&client, &devices, rows, c.kv_size(), opts.weight_dtype)?;
         let v_cache = weights::zero_cache(&client, &devices, rows, c.kv_size(), opts.weight_dtype)?;
@@ -252,6 +287,7 @@ impl XlaRunner {
             scratch_block: opts.num_blocks as u32,
             opts,
             stats: XlaStats::default(),
+            counters: Arc::default(),
             warmed_up: false,
             unseeded_counter: 0,
         };
@@ -389,13 +425,22 @@ impl XlaRunner {
     }
 
     fn record(&mut self, c: &Compiled) {
+        let bump = |a: &std::sync::atomic::AtomicU64, n: u64| {
+            a.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        };
         match c.how {
-            "cache hit" => self.stats.cache_hits += 1,
+            "cache hit" => {
+                self.stats.cache_hits += 1;
+                bump(&self.counters.cache_hits, 1);
+            }
             _ => {
                 self.stats.compilations += 1;
                 self.stats.compile_seconds += c.seconds;
+                bump(&self.counters.compilations, 1);
+                bump(&self.counters.compile_micros, (c.seconds * 1e6) as u64);
                 if self.cache.is_some() {
                     self.stats.cache_misses += 1;
+                    bump(&self.counters.cache_misses, 1);
                 }
             }
         }
@@ -409,6 +454,9 @@ impl XlaRunner {
         }
         if self.warmed_up {
             self.stats.compilations_after_warmup += 1;
+            self.counters
+                .after_warmup
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!("compiling {b:?} after warm-up: this shape was not precompiled");
             if self.opts.strict_no_recompile {
                 return Err(RunnerError::Recompilation(format!("{b:?}")));
@@ -487,6 +535,9 @@ impl XlaRunner {
         let mut targets = vec![-1i32; t];
         let mut temperature = vec![0f32; t];
         let mut keys = vec![0u32; t];
+        let mut top_k = vec![0i32; t];
+        let mut top_p = vec![1f32; t];
+        let mut min_p = vec![0f32; t];
         let mut logit_rows = vec![0i32; t];
         let mut logit_index = HashMap::new();
         for (j, &r) in rows.iter().enumerate() {
@@ -505,6 +556,9 @@ impl XlaRunner {
             if samples_here && !s.sampling.is_greedy() {
                 temperature[j] = s.sampling.temperature;
                 keys[j] = self.rng_key(&s.sampling, s.output_tokens.len() as u64);
+                top_k[j] = s.sampling.top_k.max(0);
+                top_p[j] = s.sampling.top_p;
+                min_p[j] = s.sampling.min_p;
             }
             if samples_here || local < s.prompt_logprob_targets.len() {
                 logit_rows[logit_index.len()] = j as i32;
@@ -527,6 +581,9 @@ impl XlaRunner {
                 Buffer::from_slice(c, &keys, &[t as i64], d).map_err(derr)?,
                 upload_i32(&logit_rows, &[t as i64], c, d).map_err(derr)?,
                 upload_i32(&[num_logit_rows], &[], c, d).map_err(derr)?,
+                upload_i32(&top_k, &[t as i64], c, d).map_err(derr)?,
+                Buffer::from_slice(c, &top_p, &[t as i64], d).map_err(derr)?,
+                Buffer::from_slice(c, &min_p, &[t as i64], d).map_err(derr)?,
             ]);
         }
         let args: Vec<Vec<&Buffer>> = (0..self.devices.len())
@@ -814,6 +871,14 @@ impl ModelRunner for XlaRunner {
             })
             .collect();
         Ok(StepOutput { seqs })
+    }
+
+    fn sampling_support(&self) -> SamplingSupport {
+        SamplingSupport::OnDevice
+    }
+
+    fn compile_counters(&self) -> Option<Arc<CompileCounters>> {
+        Some(self.counters.clone())
     }
 
     fn kv_cache_shape(&self) -> KvCacheShape {

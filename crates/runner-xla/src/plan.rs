@@ -47,6 +47,70 @@ pub const DEVICES: &[DeviceSpec] = &[
     },
 ];
 
+/// The spec of a PJRT device kind string (`TPU v6 lite`, `NVIDIA H200`, …), for plugins that
+/// do not report their memory.
+pub fn device_spec_for_kind(kind: &str) -> Option<DeviceSpec> {
+    let k = kind.to_ascii_lowercase();
+    let name = if k.contains("v6 lite") || k.contains("v6e") {
+        "v6e"
+    } else if k.contains("v5 lite") || k.contains("v5e") {
+        "v5e"
+    } else if k.contains("v5p") || k.contains("tpu v5") {
+        "v5p"
+    } else if k.contains("h200") {
+        "H200"
+    } else if k.contains("h100") {
+        "H100"
+    } else {
+        return None;
+    };
+    device_spec(name)
+}
+
+/// What sizing the KV cache from device memory needs.
+#[derive(Debug, Clone)]
+pub struct KvMemory {
+    pub device_bytes: f64,
+    pub utilization: f64,
+    pub weight_bytes: f64,
+    pub kv_bytes_per_token: f64,
+    pub block_size: usize,
+    pub max_model_len: usize,
+}
+
+/// Scratch space XLA's programs need beside weights and cache (activations, logits, gathers).
+pub fn workspace_reserve(device_bytes: f64) -> f64 {
+    (0.04 * device_bytes).max(512.0 * 1024.0 * 1024.0)
+}
+
+/// KV blocks per device (the one the runner reserves for padding included) that fit in
+/// `utilization` × device memory after the weights and the workspace; an error naming the
+/// numbers when not even one `max_model_len` sequence fits.
+pub fn kv_blocks_in_memory(m: &KvMemory) -> Result<usize, PlanError> {
+    let budget = m.utilization * m.device_bytes;
+    let reserve = workspace_reserve(m.device_bytes);
+    let kv = budget - m.weight_bytes - reserve;
+    let block_bytes = m.kv_bytes_per_token * m.block_size as f64;
+    let blocks = if kv > 0.0 {
+        (kv / block_bytes).floor() as usize
+    } else {
+        0
+    };
+    let needed = m.max_model_len.div_ceil(m.block_size) + 1;
+    if blocks < needed {
+        return Err(PlanError::NoRoomForKv {
+            weights: m.weight_bytes / 1e9,
+            reserve: reserve / 1e9,
+            min_kv: needed as f64 * block_bytes / 1e9,
+            max_model_len: m.max_model_len,
+            budget: budget / 1e9,
+            util: m.utilization,
+            mem: m.device_bytes / 1e9,
+        });
+    }
+    Ok(blocks)
+}
+
 pub fn device_spec(name: &str) -> Option<DeviceSpec> {
     DEVICES
         .iter()
@@ -114,6 +178,21 @@ pub enum PlanError {
         util: f64,
         mem: f64,
         device: &'static str,
+    },
+    #[error(
+        "not enough device memory: {weights:.2} GB of weights per device, {reserve:.2} GB of \
+         workspace and the minimum KV cache ({min_kv:.3} GB for one {max_model_len}-token \
+         sequence) exceed {budget:.2} GB ({util} × {mem:.2} GB per device); raise \
+         --gpu-memory-utilization, use more devices (--tensor-parallel-size) or lower --max-model-len"
+    )]
+    NoRoomForKv {
+        weights: f64,
+        reserve: f64,
+        min_kv: f64,
+        max_model_len: usize,
+        budget: f64,
+        util: f64,
+        mem: f64,
     },
 }
 
@@ -226,5 +305,59 @@ impl std::fmt::Display for Plan {
             self.max_full_length_sequences, self.max_model_len
         )?;
         write!(f, "decode roofline             {:.0} tokens/s at batch {} (avg context {}), {:.1} ms/step", self.roofline_tokens_per_s, self.roofline_batch, self.max_model_len / 2, self.roofline_step_seconds * 1e3)
+    }
+}
+
+#[cfg(test)]
+mod kv_memory_tests {
+    use super::*;
+
+    #[test]
+    fn kv_blocks_fill_what_the_weights_and_workspace_leave() {
+        // 70B on v6e-8: 17.64 GB of weights and 40,960 KV bytes per token per chip.
+        let m = KvMemory {
+            device_bytes: 32e9,
+            utilization: 0.9,
+            weight_bytes: 17.64e9,
+            kv_bytes_per_token: 40_960.0,
+            block_size: 16,
+            max_model_len: 4096,
+        };
+        let blocks = kv_blocks_in_memory(&m).unwrap();
+        let kv = 0.9 * 32e9 - 17.64e9 - workspace_reserve(32e9);
+        assert_eq!(blocks, (kv / (40_960.0 * 16.0)).floor() as usize);
+        assert!(
+            blocks * 16 / 4096 >= 10,
+            "about ten full-length sequences fit"
+        );
+    }
+
+    #[test]
+    fn too_little_memory_names_the_numbers() {
+        let m = KvMemory {
+            device_bytes: 16e9,
+            utilization: 0.9,
+            weight_bytes: 17.64e9,
+            kv_bytes_per_token: 40_960.0,
+            block_size: 16,
+            max_model_len: 4096,
+        };
+        let e = kv_blocks_in_memory(&m).unwrap_err().to_string();
+        for part in [
+            "17.64 GB of weights",
+            "4096-token",
+            "14.40 GB",
+            "0.9 × 16.00 GB",
+        ] {
+            assert!(e.contains(part), "{part} missing from: {e}");
+        }
+    }
+
+    #[test]
+    fn device_kinds_map_to_specs() {
+        assert_eq!(device_spec_for_kind("TPU v6 lite").unwrap().name, "v6e");
+        assert_eq!(device_spec_for_kind("TPU v5 lite").unwrap().name, "v5e");
+        assert_eq!(device_spec_for_kind("NVIDIA H200").unwrap().name, "H200");
+        assert!(device_spec_for_kind("cpu").is_none());
     }
 }

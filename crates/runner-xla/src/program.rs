@@ -86,7 +86,11 @@ pub mod arg {
     /// Rows (token indices) that need logits, padded; and how many are real.
     pub const LOGIT_ROWS: usize = 22;
     pub const NUM_LOGIT_ROWS: usize = 23;
-    pub const COUNT: usize = 24;
+    /// Per-row filters of random sampling: top-k (0 = off), top-p (1 = off), min-p (0 = off).
+    pub const TOP_K: usize = 24;
+    pub const TOP_P: usize = 25;
+    pub const MIN_P: usize = 26;
+    pub const COUNT: usize = 27;
     pub const NUM_WEIGHTS: usize = 13;
 }
 
@@ -159,6 +163,9 @@ impl ProgramConfig {
             Ty::new(&[t], Elem::U32),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[], Elem::I32),
+            Ty::new(&[t], Elem::I32),
+            Ty::new(&[t], Elem::F32),
+            Ty::new(&[t], Elem::F32),
         ]
     }
 
@@ -298,6 +305,9 @@ impl Emitter<'_> {
             &a[arg::TEMPERATURE],
             &a[arg::RNG_KEYS],
             &a[arg::TARGETS],
+            &a[arg::TOP_K],
+            &a[arg::TOP_P],
+            &a[arg::MIN_P],
         ];
         init.extend(acc.iter());
         let cfg = self.cfg.clone();
@@ -329,17 +339,22 @@ impl Emitter<'_> {
                 let temp = pick_rows(body, &v[5]);
                 let keys = pick_rows(body, &v[6]);
                 let targets = pick_rows(body, &v[7]);
+                let filters = Filters {
+                    top_k: pick_rows(body, &v[8]),
+                    top_p: pick_rows(body, &v[9]),
+                    min_p: pick_rows(body, &v[10]),
+                };
                 let mut e = Emitter {
                     cfg: &cfg,
                     b: bucket,
                     blk: body,
                 };
-                let outs = e.sample_outputs(&logits, &temp, &keys, &targets, r);
+                let outs = e.sample_outputs(&logits, &temp, &keys, &targets, &filters, r);
                 let one = body.constant_int(1, &[], Elem::I32);
                 let z = body.constant_int(0, &[], Elem::I32);
                 let mut next = vec![body.add(&v[0], &one)];
-                next.extend(v[1..8].iter().cloned());
-                for (acc, o) in v[8..].iter().zip(&outs) {
+                next.extend(v[1..LOOP_INPUTS].iter().cloned());
+                for (acc, o) in v[LOOP_INPUTS..].iter().zip(&outs) {
                     let starts: Vec<&V> = if o.dims().len() == 2 {
                         vec![&start, &z]
                     } else {
@@ -351,7 +366,7 @@ impl Emitter<'_> {
             },
         );
         let mut res = vec![kc.clone(), vc.clone()];
-        res.extend(outs[8..].iter().cloned());
+        res.extend(outs[LOOP_INPUTS..].iter().cloned());
         res
     }
 
@@ -459,7 +474,15 @@ impl Emitter<'_> {
     }
 
     /// Greedy / temperature sampling, logprobs of the chosen and target tokens, ranks, top-k.
-    fn sample_outputs(&mut self, logits: &V, temp: &V, keys: &V, targets: &V, t: i64) -> Vec<V> {
+    fn sample_outputs(
+        &mut self,
+        logits: &V,
+        temp: &V,
+        keys: &V,
+        targets: &V,
+        filters: &Filters,
+        t: i64,
+    ) -> Vec<V> {
         let b = &mut *self.blk;
         let vocab = self.cfg.dims.vocab;
         let ninf = b.constant_f32(f32::NEG_INFINITY, &[]);
@@ -497,6 +520,7 @@ impl Emitter<'_> {
                     let tsafe = b.max(temp, &tiny);
                     let tb = b.broadcast(&tsafe, &[t, vocab], &[0]);
                     let scaled = b.div(logits, &tb);
+                    let scaled = filters.apply(b, &scaled, t, vocab);
                     let noisy = b.add(&scaled, &gumbel);
                     let random_tok = argmax(b, &noisy, &iota, t, vocab);
                     vec![b.select(&is_random, &random_tok, &greedy_tok)]
@@ -660,7 +684,7 @@ fn uniform_hash(b: &mut Block, keys: &V, idx: &V, dims: &[i64]) -> V {
     let m1 = c(b, 0x9E37_79B1);
     let m2 = c(b, 0x7FEB_352D);
     let m3 = c(b, 0x846C_A68B);
-    let (s16, s15, s8) = (c(b, 16), c(b, 15), c(b, 8));
+    let (s16, s15, s9) = (c(b, 16), c(b, 15), c(b, 9));
     let ki = b.mul(idx, &m1);
     let mut x = b.xor(keys, &ki);
     let sh = b.shr(&x, &s16);
@@ -671,10 +695,159 @@ fn uniform_hash(b: &mut Block, keys: &V, idx: &V, dims: &[i64]) -> V {
     x = b.mul(&x, &m3);
     let sh = b.shr(&x, &s16);
     x = b.xor(&x, &sh);
-    let top = b.shr(&x, &s8);
+    // 23 bits: (top + 0.5) / 2^23 is exact in f32 and strictly inside (0, 1). With 24 bits
+    // the largest value rounds to 1.0, whose Gumbel noise is +inf (a uniformly random token).
+    let top = b.shr(&x, &s9);
     let f = b.convert(&top, Elem::F32);
     let half = b.constant_f32(0.5, dims);
     let f = b.add(&f, &half);
-    let scale = b.constant_f32(1.0 / 16_777_216.0, dims);
+    let scale = b.constant_f32(1.0 / 8_388_608.0, dims);
     b.mul(&f, &scale)
+}
+
+/// Carried values of the logits loop before its accumulators: counter, row count, hidden
+/// states, LM head, logit rows, temperature, RNG keys, targets, top-k, top-p, min-p.
+const LOOP_INPUTS: usize = 11;
+
+/// The per-row random-sampling filters of one chunk of logit rows.
+struct Filters {
+    top_k: V,
+    top_p: V,
+    min_p: V,
+}
+
+impl Filters {
+    /// Sets to -inf what min-p, top-k and top-p exclude from temperature-scaled logits, in the
+    /// host sampler's order (min-p, then top-k, then top-p renormalised over what is left).
+    /// Skipped at run time when no row asks for a filter.
+    fn apply(&self, b: &mut Block, scaled: &V, t: i64, vocab: i64) -> V {
+        let zero_i = b.constant_int(0, &[t], Elem::I32);
+        let one_f = b.constant_f32(1.0, &[t]);
+        let zero_f = b.constant_f32(0.0, &[t]);
+        let k_on = b.compare(Cmp::Gt, &self.top_k, &zero_i);
+        let p_on = b.compare(Cmp::Lt, &self.top_p, &one_f);
+        let m_on = b.compare(Cmp::Gt, &self.min_p, &zero_f);
+        let on = b.binary("or", &k_on, &p_on);
+        let on = b.binary("or", &on, &m_on);
+        let any_on = any(b, &on);
+        b.if_else(
+            &any_on,
+            |b| vec![self.filter(b, scaled, &k_on, &p_on, t, vocab)],
+            |_| vec![scaled.clone()],
+        )
+        .remove(0)
+    }
+
+    fn filter(&self, b: &mut Block, scaled: &V, k_on: &V, p_on: &V, t: i64, vocab: i64) -> V {
+        let tv = [t, vocab];
+        let ninf = b.constant_f32(f32::NEG_INFINITY, &[]);
+        let rowmax = b.reduce(scaled, &ninf, &[1], "maximum");
+        // min-p: p >= min_p * p_max  <=>  s >= s_max + ln(min_p); ln(0) = -inf keeps all.
+        let ln_minp = b.unary("log", &self.min_p);
+        let thr_m = b.add(&rowmax, &ln_minp);
+        let thr_m = b.broadcast(&thr_m, &tv, &[0]);
+        let keep = b.compare(Cmp::Ge, scaled, &thr_m);
+        let key = ordered_key(b, scaled);
+        let min_key = b.constant_int(i32::MIN as i64, &[t], Elem::I32);
+
+        // top-k: the k-th largest value; ties with it are kept, as on the host.
+        let kth = bisect_threshold(b, &key, &[&self.top_k], |b, above, extra| {
+            let n = count_rows(b, above);
+            b.compare(Cmp::Ge, &n, &extra[0])
+        });
+        let thr_k = b.select(k_on, &kth, &min_key);
+        let thr_k = b.broadcast(&thr_k, &tv, &[0]);
+        let in_k = b.compare(Cmp::Ge, &key, &thr_k);
+        let keep = b.and(&keep, &in_k);
+
+        // top-p over the survivors: the largest threshold whose mass reaches p.
+        let rowmax_b = b.broadcast(&rowmax, &tv, &[0]);
+        let shifted = b.sub(scaled, &rowmax_b);
+        let e = b.unary("exponential", &shifted);
+        let zeros = b.constant_f32(0.0, &tv);
+        let probs = b.select(&keep, &e, &zeros);
+        let z = b.constant_f32(0.0, &[]);
+        let total = b.reduce(&probs, &z, &[1], "add");
+        let target = b.mul(&total, &self.top_p);
+        let pth = bisect_threshold(b, &key, &[&probs, &target], |b, above, extra| {
+            let zeros = b.constant_f32(0.0, extra[0].dims());
+            let inside = b.select(above, &extra[0], &zeros);
+            let z = b.constant_f32(0.0, &[]);
+            let mass = b.reduce(&inside, &z, &[1], "add");
+            b.compare(Cmp::Ge, &mass, &extra[1])
+        });
+        let thr_p = b.select(p_on, &pth, &min_key);
+        let thr_p = b.broadcast(&thr_p, &tv, &[0]);
+        let in_p = b.compare(Cmp::Ge, &key, &thr_p);
+        let keep = b.and(&keep, &in_p);
+        let ninf_tv = b.constant_f32(f32::NEG_INFINITY, &tv);
+        b.select(&keep, scaled, &ninf_tv)
+    }
+}
+
+/// An i32 image of f32 values with the same order (flip the magnitude bits of negatives), so
+/// thresholds can be bisected exactly over integers.
+fn ordered_key(b: &mut Block, x: &V) -> V {
+    let dims = x.dims().to_vec();
+    let bits = b.bitcast(x, Elem::I32);
+    let s31 = b.constant_int(31, &dims, Elem::I32);
+    let sign = b.shr_arith(&bits, &s31);
+    let low = b.constant_int(i32::MAX as i64, &dims, Elem::I32);
+    let mask = b.and(&sign, &low);
+    b.xor(&bits, &mask)
+}
+
+/// Number of true entries in each row of a [T, V] predicate.
+fn count_rows(b: &mut Block, pred: &V) -> V {
+    let as_i = b.convert(pred, Elem::I32);
+    let zero = b.constant_int(0, &[], Elem::I32);
+    b.reduce(&as_i, &zero, &[1], "add")
+}
+
+/// Per row, the largest key `k` with `ok(key >= k)` true, by 32 bisection steps over i32 (the
+/// predicate must be monotone: true for everything, false for nothing). `extra` values are
+/// carried into the loop for `ok` to read.
+fn bisect_threshold(
+    b: &mut Block,
+    key: &V,
+    extra: &[&V],
+    ok: impl FnOnce(&mut Block, &V, &[V]) -> V,
+) -> V {
+    let (t, vocab) = (key.dims()[0], key.dims()[1]);
+    let zero = b.constant_int(0, &[], Elem::I32);
+    let lo = b.constant_int(i32::MIN as i64, &[t], Elem::I32);
+    let min_s = b.constant_int(i32::MIN as i64, &[], Elem::I32);
+    let max_key = b.reduce(key, &min_s, &[1], "maximum");
+    let one_t = b.constant_int(1, &[t], Elem::I32);
+    let hi = b.add(&max_key, &one_t);
+    let mut init: Vec<&V> = vec![&zero, &lo, &hi, key];
+    init.extend_from_slice(extra);
+    let outs = b.while_loop(
+        &init,
+        |c, v| {
+            let n = c.constant_int(32, &[], Elem::I32);
+            c.compare(Cmp::Lt, &v[0], &n)
+        },
+        |body, v| {
+            let (lo, hi) = (&v[1], &v[2]);
+            // floor((lo + hi) / 2) without overflow
+            let one = body.constant_int(1, &[t], Elem::I32);
+            let lo2 = body.shr_arith(lo, &one);
+            let hi2 = body.shr_arith(hi, &one);
+            let both = body.and(lo, hi);
+            let odd = body.and(&both, &one);
+            let mid = body.add(&lo2, &hi2);
+            let mid = body.add(&mid, &odd);
+            let mid_b = body.broadcast(&mid, &[t, vocab], &[0]);
+            let above = body.compare(Cmp::Ge, &v[3], &mid_b);
+            let good = ok(body, &above, &v[4..]);
+            let new_lo = body.select(&good, &mid, lo);
+            let new_hi = body.select(&good, hi, &mid);
+            let one_s = body.constant_int(1, &[], Elem::I32);
+            let mut next = vec![body.add(&v[0], &one_s), new_lo, new_hi];
+            next.extend(v[3..].iter().cloned());
+            next
+        },
+    );
+    outs[1].clone()
 }

@@ -90,7 +90,12 @@ impl IntoResponse for ApiError {
 impl From<tpuserve_engine::EngineError> for ApiError {
     fn from(e: tpuserve_engine::EngineError) -> Self {
         match e {
-            tpuserve_engine::EngineError::Request(r) => ApiError::bad_request(r.to_string()),
+            tpuserve_engine::EngineError::Request(r) => match &r {
+                tpuserve_engine::RequestError::InvalidParameter { param, .. } => {
+                    ApiError::invalid_param(param, r.to_string())
+                }
+                _ => ApiError::bad_request(r.to_string()),
+            },
             tpuserve_engine::EngineError::Stopped => {
                 ApiError::unavailable("the engine has stopped")
             }

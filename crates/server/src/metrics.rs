@@ -2,6 +2,7 @@
 //! GKE tutorial and HPA use and the current ones), fed from the engine's per-step stats on a
 //! thread of their own so the engine never waits on a scrape, plus the 5-second stats log line.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use prometheus::{
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tpuserve_engine::StepStats;
+use tpuserve_runner_api::CompileCounters;
 
 use crate::state::SharedState;
 
@@ -77,6 +79,38 @@ pub struct Metrics {
     iteration: HistogramVec,
     params_n: HistogramVec,
     params_max: HistogramVec,
+    compile: Option<CompileMetrics>,
+}
+
+/// `tpuserve:` series for what vLLM has no name for: XLA compilations and the compile cache.
+/// The runner counts in atomics; a scrape copies them into the Prometheus counters.
+struct CompileMetrics {
+    source: Arc<CompileCounters>,
+    compilations: IntCounterVec,
+    cache_hits: IntCounterVec,
+    cache_misses: IntCounterVec,
+    after_warmup: IntCounterVec,
+    seconds: prometheus::CounterVec,
+}
+
+impl CompileMetrics {
+    fn sync(&self, l: &[&str; 2]) {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        for (c, v) in [
+            (&self.compilations, load(&self.source.compilations)),
+            (&self.cache_hits, load(&self.source.cache_hits)),
+            (&self.cache_misses, load(&self.source.cache_misses)),
+            (&self.after_warmup, load(&self.source.after_warmup)),
+        ] {
+            let c = c.with_label_values(l);
+            c.inc_by(v.saturating_sub(c.get()));
+        }
+        let s = self.seconds.with_label_values(l);
+        let total = load(&self.source.compile_micros) as f64 / 1e6;
+        if total > s.get() {
+            s.inc_by(total - s.get());
+        }
+    }
 }
 
 /// KV cache geometry and settings shown as labels of `vllm:cache_config_info`.
@@ -88,7 +122,12 @@ pub struct CacheInfo {
 }
 
 impl Metrics {
-    pub fn new(model_name: &str, max_model_len: usize, cache: &CacheInfo) -> Arc<Metrics> {
+    pub fn new(
+        model_name: &str,
+        max_model_len: usize,
+        cache: &CacheInfo,
+        compile: Option<Arc<CompileCounters>>,
+    ) -> Arc<Metrics> {
         let registry = Registry::new();
         let lab = &["model_name", "engine"];
         let gauge = |name: &str, help: &str| {
@@ -109,6 +148,41 @@ impl Metrics {
             registry.register(Box::new(h.clone())).expect("unique name");
             h
         };
+        let compile = compile.map(|source| CompileMetrics {
+            source,
+            compilations: counter(
+                "tpuserve:xla_compilations_total",
+                "XLA programs compiled (not loaded from the compile cache).",
+                &[],
+            ),
+            cache_hits: counter(
+                "tpuserve:xla_compile_cache_hits_total",
+                "XLA programs loaded from the persistent compile cache.",
+                &[],
+            ),
+            cache_misses: counter(
+                "tpuserve:xla_compile_cache_misses_total",
+                "XLA programs not found in the persistent compile cache.",
+                &[],
+            ),
+            after_warmup: counter(
+                "tpuserve:xla_compilations_after_warmup_total",
+                "XLA programs compiled after warm-up (a shape missed by the buckets).",
+                &[],
+            ),
+            seconds: {
+                let c = prometheus::CounterVec::new(
+                    Opts::new(
+                        "tpuserve:xla_compile_seconds_total",
+                        "Seconds spent compiling XLA programs.",
+                    ),
+                    lab,
+                )
+                .expect("valid counter");
+                registry.register(Box::new(c.clone())).expect("unique name");
+                c
+            },
+        });
         let tokens = buckets_1_2_5(max_model_len);
         let info = GaugeVec::new(
             Opts::new(
@@ -257,6 +331,7 @@ impl Metrics {
                 tokens,
             ),
             registry,
+            compile,
         };
         // Series exist from the start (dashboards and the HPA see zeros, not gaps).
         let l = m.l();
@@ -362,6 +437,9 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        if let Some(c) = &self.compile {
+            c.sync(&self.l());
+        }
         let mut buf = Vec::new();
         let enc = TextEncoder::new();
         if enc.encode(&self.registry.gather(), &mut buf).is_err() {

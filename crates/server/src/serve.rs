@@ -101,6 +101,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => derived_max,
     };
     let backend = backend(&args)?;
+    if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
+        bail!(
+            "--gpu-memory-utilization must be in (0, 1], got {}",
+            args.gpu_memory_utilization
+        );
+    }
     let runner: Box<dyn ModelRunner> = match &backend {
         Backend::Cpu => {
             if args.tensor_parallel_size > 1 {
@@ -148,6 +154,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     compile_cache_dir: cache_dir,
                     strict_no_recompile: std::env::var("VLLM_XLA_CHECK_RECOMPILATION")
                         .is_ok_and(|v| v == "1"),
+                    // Accelerators size the cache from their memory, like vLLM; the XLA CPU
+                    // plugin (no memory report) uses --kv-cache-space as the CPU runner does.
+                    kv_memory_utilization: (*kind != DeviceKind::XlaCpu)
+                        .then_some(args.gpu_memory_utilization),
                     ..Default::default()
                 },
             )?)
@@ -155,6 +165,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let kv = runner.kv_cache_shape();
     let runner_desc = runner.describe();
+    let compile_counters = runner.compile_counters();
     let LoadedModel {
         tokenizer,
         chat_template,
@@ -207,6 +218,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             gpu_memory_utilization: args.gpu_memory_utilization,
             enable_prefix_caching: args.prefix_caching(),
         },
+        compile_counters,
     );
     metrics::spawn_stats_consumer(metrics.clone(), stats_rx, !args.disable_log_stats);
     let state = Arc::new(AppState {
