@@ -31,6 +31,7 @@ def one_request(url, model, max_tokens, rng):
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
     stamps = []
+    t_start = t0
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data:") or line == "data: [DONE]":
@@ -39,6 +40,7 @@ def one_request(url, model, max_tokens, rng):
         if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
             stamps.append(time.perf_counter() - t0)
     conn.close()
+    stamps.append(time.perf_counter() - t_start)  # last entry: end-to-end latency
     return stamps
 
 
@@ -63,12 +65,16 @@ def main():
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    e2e = [s[-1] for s in results]
+    results = [s[:-1] for s in results]
     tokens = sum(len(s) for s in results)
     ttft = [s[0] for s in results if s]
     tpot = [(s[-1] - s[0]) / (len(s) - 1) for s in results if len(s) > 1]
     print(json.dumps({
         "concurrency": conc, "requests": len(results), "errors": len(errors),
         "output_tok_per_s": round(tokens / wall, 1),
+        "requests_per_s": round(len(results) / wall, 2),
+        "e2e_p50_ms": round(statistics.median(e2e) * 1e3, 1) if e2e else None,
         "ttft_p50_ms": round(statistics.median(ttft) * 1e3, 1) if ttft else None,
         "tpot_p50_ms": round(statistics.median(tpot) * 1e3, 2) if tpot else None,
         "first_error": errors[0] if errors else None,
