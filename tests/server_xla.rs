@@ -196,3 +196,82 @@ fn tpu_device_without_libtpu_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// Two pods starting together on one bucket: both servers compile into the same empty
+/// `VLLM_XLA_CACHE_PATH` at once, both serve, and a third start loads every program from what
+/// they left (no entry torn or half-written).
+#[test]
+fn two_servers_fill_one_compile_cache_at_once() {
+    let cache = tempfile::tempdir().unwrap();
+    let model = tiny_llama3_dir();
+    let start = |cache: &std::path::Path| {
+        let port = free_port();
+        let args: Vec<String> = [
+            "serve",
+            model.to_str().unwrap(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--device",
+            "xla-cpu",
+            "--max-model-len",
+            "64",
+            "--max-num-batched-tokens",
+            "16",
+            "--max-num-seqs",
+            "4",
+            "--max-logprobs",
+            "0",
+            "--kv-cache-space",
+            "0.05",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Server::spawn(
+            &args,
+            &[("VLLM_XLA_CACHE_PATH", cache.to_str().unwrap())],
+            port,
+        )
+    };
+    let complete = |s: &Server| {
+        let v = s.post_ok(
+            "/v1/completions",
+            &json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
+        );
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    // Each server lives and dies on the thread that spawned it (see `Server::spawn`).
+    let (a, b) = std::thread::scope(|sc| {
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                sc.spawn(|| {
+                    let s = start(cache.path());
+                    (complete(&s), s.log())
+                })
+            })
+            .collect();
+        let mut out = runs.into_iter().map(|h| h.join().unwrap());
+        (out.next().unwrap(), out.next().unwrap())
+    });
+    assert_eq!(a.0, b.0, "both servers answer alike");
+    for log in [&a.1, &b.1] {
+        assert!(log.contains("programs ready"), "{log}");
+    }
+    let third = start(cache.path());
+    let log = third.log();
+    let ready =
+        regex::Regex::new(r"(\d+) programs ready in [0-9.]+s \((\d+) compiled, (\d+) from cache\)")
+            .unwrap();
+    let c = ready.captures(&log).unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(&c[2], "0", "third start compiles nothing:\n{log}");
+    assert_eq!(c[1], c[3]);
+    assert_eq!(complete(&third), a.0);
+    let leftovers: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp") || n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}

@@ -15,9 +15,17 @@ use std::path::PathBuf;
 pub fn fixtures_dir() -> PathBuf {
     let p = std::env::var_os("TPUSERVE_FIXTURES_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+        .unwrap_or_else(|| manifest_dir().join("../shared/fixtures"));
     assert!(p.is_dir(), "fixtures not found at {}", p.display());
     p
+}
+
+/// The repository root, read at run time (cargo sets it for tests): the compile-time value is
+/// stale when the build was cached from a checkout at another path (CI clones elsewhere).
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The SmolLM2 GGUF from the pip package. The suite fails (never skips) without it.

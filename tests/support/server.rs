@@ -44,7 +44,7 @@ pub fn tpuserve_bin() -> PathBuf {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "tpuserve", "--bin", "tpuserve"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(crate::manifest_dir())
             .env("CARGO_TARGET_DIR", &target_dir);
         match profile.as_str() {
             "debug" => {}

@@ -166,6 +166,22 @@ impl XlaRunner {
             plugin.api_version()
         );
         tracing::info!("PJRT {environment} ({})", path.display());
+        // What an operator checks on a real node: each chip's kind and place in the topology
+        // (TPU plugins report `coords`, `core_on_chip`, … as attributes).
+        for d in &devices {
+            let attrs = d
+                .attributes()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v:?}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            tracing::info!(
+                "device {} ({}): {attrs}",
+                d.id().unwrap_or(-1),
+                d.kind().unwrap_or_default()
+            );
+        }
 
         let mut cfg = ProgramConfig {
             dims: ModelDims {
