@@ -46,13 +46,14 @@ fn llama_70b_on_v6e_8() {
     assert_eq!(kv_dev, 40960.0);
     assert_eq!(p.kv_bytes_per_token_per_device, 40960);
     assert_eq!(p.kv_bytes_per_token_total, 327_680);
-    let fit_tokens = ((0.9 * 32e9 - params * 2.0 / 8.0) / kv_dev).floor();
+    // The server keeps 4 % of each chip (at least 512 MiB) for XLA's workspace.
+    let fit_tokens = ((0.9 * 32e9 - params * 2.0 / 8.0 - 0.04 * 32e9) / kv_dev).floor();
     assert_eq!(p.kv_tokens as f64, fit_tokens);
     assert_eq!(
         p.max_full_length_sequences as f64,
         (fit_tokens / 4096.0).floor()
     );
-    assert_eq!(p.max_full_length_sequences, 66);
+    assert_eq!(p.max_full_length_sequences, 58);
     // Roofline: reading 17.6 GB of weights per step at 1.638 TB/s bounds a step near 11 ms.
     assert!(p.roofline_step_seconds > 17.64e9 / 1638e9);
     assert!(

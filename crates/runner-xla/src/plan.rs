@@ -221,7 +221,8 @@ pub fn plan(
     let kv_total = 2 * c.num_hidden_layers as u64 * c.kv_size() as u64 * dtype_bytes as u64;
     let kv_dev = kv_total / tp as u64;
     let budget = memory_utilization * device.memory_bytes;
-    let kv_budget = budget - weight_bytes_per_device;
+    // The same reserve the runner keeps when it sizes its cache from device memory.
+    let kv_budget = budget - weight_bytes_per_device - workspace_reserve(device.memory_bytes);
     let min_kv = (kv_dev * max_model_len as u64) as f64;
     if kv_budget < min_kv {
         return Err(PlanError::OutOfMemory {
