@@ -20,7 +20,7 @@ for tp in "$@"; do
     done
     curl -s -o /dev/null "localhost:$port/v1/completions" -H 'Content-Type: application/json' \
       -d '{"prompt":"Hello","max_tokens":4}'
-    kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null
+    pkill -TERM -P $pid 2>/dev/null; wait $pid 2>/dev/null
     sleep 0.5
     echo "$(basename "$MODEL") TP=$tp $run: peak RSS $(( $(cat /tmp/rss.$$) / 1024 )) MiB"
   done
