@@ -9,69 +9,22 @@ exactly as a broken client would send them.
 
 import http.client
 import json
-import os
-import signal
-import socket
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
+from tpuserve_proc import SHARED, ServerProcess
 
-ROOT = Path(__file__).resolve().parents[2]
-GOLDENS = ROOT.parent / "shared" / "fixtures" / "smollm2" / "goldens.json"
+GOLDENS = SHARED / "fixtures" / "smollm2" / "goldens.json"
 MAX_MODEL_LEN = 256
 JSON = {"Content-Type": "application/json"}
 
 
-def _binary() -> str:
-    b = os.environ.get("TPUSERVE_BIN")
-    if not b:
-        target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
-        b = os.path.join(target, "release", "tpuserve")
-    if not os.path.isfile(b):
-        raise RuntimeError(f"tpuserve binary not found at {b}: set TPUSERVE_BIN")
-    return b
-
-
 @pytest.fixture(scope="module")
 def port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.TemporaryFile(mode="w+b")
-    env = dict(os.environ, RUST_LOG="info")
-    env.pop("VLLM_API_KEY", None)
-    proc = subprocess.Popen(
-        [_binary(), "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes", "1000000"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-
-    def output() -> str:
-        log.seek(0)
-        return log.read().decode(errors="replace")[-8000:]
-
+    server = ServerProcess("--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes", "1000000")
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"tpuserve exited ({proc.returncode}):\n{output()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tpuserve did not open its port:\n{output()}")
-        yield port
-        assert proc.poll() is None, f"the server died:\n{output()}"
-        assert "panicked" not in output(), output()
+        yield server.port
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        log.close()
+        server.close()
 
 
 def send(port, method, path, body=b"", headers=None):

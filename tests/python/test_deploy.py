@@ -36,6 +36,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from tpuserve_proc import binary as _binary, free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -121,16 +122,6 @@ POD_MONITORING_SCHEMA = {
 # helpers
 
 
-def _binary() -> str:
-    b = os.environ.get("TPUSERVE_BIN")
-    if not b:
-        target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
-        b = os.path.join(target, "release", "tpuserve")
-    if not os.path.isfile(b):
-        raise RuntimeError(f"tpuserve binary not found at {b}: build it and set TPUSERVE_BIN")
-    return b
-
-
 def _tool(name: str) -> str:
     """A console script of a pip package (next to this Python), or a program on PATH."""
     scripts = Path(sysconfig.get_paths()["scripts"]) / name
@@ -185,12 +176,6 @@ def by_kind(docs) -> dict:
 def container(deployment: dict) -> dict:
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
     return c
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 10) -> str:

@@ -8,58 +8,19 @@
 
 import http.client
 import json
-import os
 import random
 import re
-import signal
 import socket
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-GOLDENS = json.loads((ROOT.parent / "shared" / "fixtures" / "smollm2" / "goldens.json").read_text())
+from tpuserve_proc import SHARED, ServerProcess
+
+GOLDENS = json.loads((SHARED / "fixtures" / "smollm2" / "goldens.json").read_text())
 JSON = {"Content-Type": "application/json"}
 
 
-def _binary() -> str:
-    b = os.environ.get("TPUSERVE_BIN")
-    if not b:
-        target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
-        b = os.path.join(target, "release", "tpuserve")
-    if not os.path.isfile(b):
-        raise RuntimeError(f"tpuserve binary not found at {b}: set TPUSERVE_BIN")
-    return b
-
-
-class Server:
-    def __init__(self, *args):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.log = tempfile.TemporaryFile(mode="w+b")
-        env = dict(os.environ, RUST_LOG="info")
-        env.pop("VLLM_API_KEY", None)
-        self.proc = subprocess.Popen(
-            [_binary(), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-        )
-        deadline = time.monotonic() + 240
-        while True:
-            assert self.proc.poll() is None, self.output()
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-            assert time.monotonic() < deadline, self.output()
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-8000:]
-
+class Server(ServerProcess):
     def metric(self, name: str) -> float:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         conn.request("GET", "/metrics")
@@ -68,15 +29,6 @@ class Server:
         m = re.search(r"^" + re.escape(name) + r"\{[^}]*\} (\S+)$", text, re.M)
         assert m, f"{name} missing"
         return float(m.group(1))
-
-    def close(self):
-        alive = self.proc.poll() is None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        out = self.output()
-        self.log.close()
-        assert alive, out
-        assert "panicked" not in out, out
 
 
 def post(port, body, timeout=300):

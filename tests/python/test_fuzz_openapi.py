@@ -3,70 +3,23 @@
 document itself resolves completely (no schema part skipped)."""
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _binary() -> str:
-    b = os.environ.get("TPUSERVE_BIN")
-    if not b:
-        target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
-        b = os.path.join(target, "release", "tpuserve")
-    if not os.path.isfile(b):
-        raise RuntimeError(f"tpuserve binary not found at {b}: set TPUSERVE_BIN")
-    return b
+from tpuserve_proc import ServerProcess
 
 
 @pytest.fixture(scope="module")
 def base_url():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.TemporaryFile(mode="w+b")
-    env = dict(os.environ, RUST_LOG="info")
-    env.pop("VLLM_API_KEY", None)
     # Small limits keep generated requests cheap: every accepted one finishes quickly.
-    proc = subprocess.Popen(
-        [_binary(), "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", "128", "--max-num-seqs", "8"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-
-    def output() -> str:
-        log.seek(0)
-        return log.read().decode(errors="replace")[-8000:]
-
+    server = ServerProcess("--max-model-len", "128", "--max-num-seqs", "8")
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"tpuserve exited ({proc.returncode}):\n{output()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tpuserve did not open its port:\n{output()}")
-        yield f"http://127.0.0.1:{port}"
-        assert proc.poll() is None, f"the server died:\n{output()}"
-        assert "panicked" not in output(), output()
+        yield f"http://127.0.0.1:{server.port}"
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        log.close()
+        server.close()
 
 
 def test_openapi_document_refs_resolve(base_url):

@@ -17,31 +17,13 @@ from pathlib import Path
 
 import pytest
 from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
+from tpuserve_proc import binary as _binary, free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDENS = ROOT.parent / "shared" / "fixtures" / "smollm2" / "goldens.json"
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 256
 TOL = 1e-3
-
-
-def _binary() -> str:
-    b = os.environ.get("TPUSERVE_BIN")
-    if not b:
-        target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
-        b = os.path.join(target, "release", "tpuserve")
-    if not os.path.isfile(b):
-        raise RuntimeError(
-            f"tpuserve binary not found at {b}: build it (cargo build --release -p tpuserve) "
-            "and set TPUSERVE_BIN"
-        )
-    return b
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,77 @@
+"""Shared by the HTTP-level tests: the release binary, a free loopback port, and a real
+`tpuserve serve` process that is ready once its port accepts connections."""
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared"
+
+
+def binary() -> str:
+    """$TPUSERVE_BIN (scripts/test.sh sets it), else the release build in the target dir."""
+    b = os.environ.get("TPUSERVE_BIN")
+    if not b:
+        target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
+        b = os.path.join(target, "release", "tpuserve")
+    if not os.path.isfile(b):
+        raise RuntimeError(
+            f"tpuserve binary not found at {b}: build it (cargo build --release -p tpuserve) "
+            "and set TPUSERVE_BIN"
+        )
+    return b
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`tpuserve serve --host 127.0.0.1 --port <free> ARGS` with its output captured; the
+    constructor returns once the port is open (start-up failures raise with the log)."""
+
+    def __init__(self, *args: str, timeout: float = 240):
+        self.port = free_port()
+        self.log = tempfile.TemporaryFile(mode="w+b")
+        env = dict(os.environ, RUST_LOG="info")
+        env.pop("VLLM_API_KEY", None)
+        self.proc = subprocess.Popen(
+            [binary(), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                out = self.output()
+                self.log.close()
+                raise RuntimeError(f"tpuserve exited ({self.proc.returncode}):\n{out}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+            if time.monotonic() > deadline:
+                self.close(check=False)
+                raise RuntimeError(f"tpuserve did not open port {self.port}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-8000:]
+
+    def close(self, check: bool = True):
+        """Kills the server; with `check`, asserts it was still alive and never panicked."""
+        alive = self.proc.poll() is None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        out = self.output()
+        self.log.close()
+        if check:
+            assert alive, f"the server died:\n{out}"
+            assert "panicked" not in out, out
