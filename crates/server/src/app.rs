@@ -214,7 +214,7 @@ fn prompt_logprobs_json(st: &SharedState, p: &Option<Vec<Option<TokenLogprobs>>>
     })
 }
 
-fn sse_json(v: &impl serde::Serialize) -> Result<Event, Infallible> {
+pub fn sse_json(v: &impl serde::Serialize) -> Result<Event, Infallible> {
     Ok(Event::default().data(serde_json::to_string(v).unwrap_or_else(|_| "{}".into())))
 }
 

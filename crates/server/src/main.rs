@@ -1,17 +1,6 @@
 //! `tpuserve`: the command-line entry point.
 
-mod app;
-mod chat;
-mod cli;
-mod error;
-mod generate;
-mod metrics;
-mod openapi;
-mod plan;
-mod protocol;
-mod serve;
-mod state;
-mod validate;
+use tpuserve::{bench, cli, generate, plan, serve};
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +23,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Memory and throughput plan for a model on a device type (reads only the config).
     Plan(plan::PlanArgs),
+    /// Benchmarks (as `vllm bench`).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

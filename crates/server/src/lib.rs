@@ -1,0 +1,16 @@
+//! The `tpuserve` server as a library: the HTTP front end, metrics, CLI commands. The binary
+//! (`main.rs`) only parses the command line; benchmarks and tests reach the pieces from here.
+
+pub mod app;
+pub mod bench;
+pub mod chat;
+pub mod cli;
+pub mod error;
+pub mod generate;
+pub mod metrics;
+pub mod openapi;
+pub mod plan;
+pub mod protocol;
+pub mod serve;
+pub mod state;
+pub mod validate;
