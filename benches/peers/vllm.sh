@@ -39,7 +39,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 gguf, out = sys.argv[1], sys.argv[2]
 d, f = os.path.dirname(gguf), os.path.basename(gguf)
 AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(out)
-AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).save_pretrained(out)
+m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+# The GGUF tensors were dequantised on load; drop the GGUF "quantizer" so it saves as plain
+# safetensors.
+m.hf_quantizer = None
+if hasattr(m.config, "quantization_config"):
+    del m.config.quantization_config
+m.save_pretrained(out)
 PY
 fi
 echo "$PY"

@@ -3,6 +3,7 @@
 //! reference the XLA runner is checked against.
 
 mod attention;
+pub mod matvec;
 mod weights;
 
 use candle_core::{Device, Tensor};
@@ -44,9 +45,22 @@ fn werr(e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Weights(e.to_string())
 }
 
+/// Up to this many rows (a decode step's batch, short prefill chunks) go through the
+/// unpacked kernel of `matvec`; longer prefills through candle's packed GEMM, which reuses
+/// each packed panel across many rows.
+const MATVEC_MAX_ROWS: usize = 64;
+
 /// `x [rows, in] · wᵀ` with `w [out, in]`.
 fn linear(x: &[f32], rows: usize, w: &Tensor) -> Result<Vec<f32>, RunnerError> {
-    let (_, inner) = w.dims2().map_err(werr)?;
+    let (out, inner) = w.dims2().map_err(werr)?;
+    if rows <= MATVEC_MAX_ROWS {
+        let (storage, layout) = w.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(matvec::matmul_wt(x, rows, &v[a..b], out, inner));
+        }
+    }
     let xt = Tensor::from_slice(x, (rows, inner), &Device::Cpu).map_err(werr)?;
     let y = xt.matmul(&w.t().map_err(werr)?).map_err(werr)?;
     y.flatten_all().and_then(|t| t.to_vec1()).map_err(werr)
