@@ -1,18 +1,15 @@
 //! Issue 9: `tpuserve bench serve`, the load generator, against a real `tpuserve serve` (its
 //! token counts must agree with the server's `usage` and Prometheus counters) and against a
-//! server with llama.cpp's habits (closes the connection after every stream, sends no `usage`).
+//! server with llama.cpp's habits (closes the socket after every stream although the response
+//! allows keep-alive; sends no `usage`).
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{header, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use serde_json::Value;
 use tpuserve_suite::server::{metric, tpuserve_bin, Server};
 use tpuserve_suite::smollm2_gguf;
@@ -128,47 +125,62 @@ fn counts_agree_with_the_servers_usage_and_metrics() {
     );
 }
 
-/// llama.cpp's `llama-server` habits: `Connection: close` after each stream, no `usage`
-/// chunk. Streams `max_tokens` one-word chunks.
-async fn closing_server(
-    State(conns): State<Arc<AtomicUsize>>,
-    Json(body): Json<Value>,
-) -> Response<Body> {
-    conns.fetch_add(1, Ordering::SeqCst);
-    let n = body["max_tokens"].as_u64().unwrap_or(1);
-    let mut sse = String::new();
+/// llama.cpp's `llama-server` habits, byte for byte at the HTTP level: a chunked event
+/// stream whose headers say nothing about closing (so HTTP/1.1 keep-alive applies), then the
+/// socket is closed shortly after the last chunk — late enough that a client reusing pooled
+/// connections sends its next request into it. No `usage` chunk; `max_tokens` one-word chunks.
+fn spawn_closing_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = requests.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let counter = counter.clone();
+            std::thread::spawn(move || serve_one_then_close(conn, &counter));
+        }
+    });
+    (addr, requests)
+}
+
+fn serve_one_then_close(conn: TcpStream, counter: &AtomicUsize) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).unwrap();
+    counter.fetch_add(1, Ordering::SeqCst);
+    let req: Value = serde_json::from_slice(&body).unwrap();
+    let n = req["max_tokens"].as_u64().unwrap_or(1);
+    let mut out = conn;
+    let mut chunked = String::new();
+    let mut send = |data: &str| chunked.push_str(&format!("{:x}\r\n{data}\r\n", data.len()));
     for i in 0..n {
-        sse.push_str(&format!(
+        send(&format!(
             "data: {{\"choices\":[{{\"index\":0,\"text\":\" w{i}\",\"finish_reason\":null}}]}}\n\n"
         ));
     }
-    sse.push_str("data: [DONE]\n\n");
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CONNECTION, "close")
-        .body(Body::from(sse))
-        .unwrap()
-}
-
-fn spawn_closing_server() -> (SocketAddr, Arc<AtomicUsize>) {
-    let requests = Arc::new(AtomicUsize::new(0));
-    let app = Router::new()
-        .route("/v1/completions", post(closing_server))
-        .with_state(requests.clone());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            axum::serve(l, app).await.unwrap();
-        });
-    });
-    (rx.recv().unwrap(), requests)
+    send("data: [DONE]\n\n");
+    let _ = out.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    let _ = out.write_all(chunked.as_bytes());
+    let _ = out.write_all(b"0\r\n\r\n");
+    let _ = out.flush();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // dropped: the socket closes although the response promised keep-alive
 }
 
 #[test]

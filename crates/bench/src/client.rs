@@ -1,6 +1,8 @@
-//! One streamed request and what it measured. Works with servers that keep the connection
-//! alive and with those that close it after every stream (llama.cpp's `llama-server`): the
-//! pool simply opens a new connection.
+//! One streamed request and what it measured. Every request gets its own connection:
+//! llama.cpp's `llama-server` closes the socket after each stream although its response
+//! says keep-alive, so a pooled connection fails the next request that picks it up
+//! ("connection closed before message completed"). A loopback connect costs microseconds
+//! against requests of hundreds of milliseconds.
 
 use std::time::{Duration, Instant};
 
@@ -59,7 +61,7 @@ impl Endpoint {
     pub fn new(args: &BenchServeArgs) -> Result<Self, BenchError> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs_f64(args.request_timeout))
-            .pool_max_idle_per_host(1024)
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| BenchError::Argument(format!("HTTP client: {e}")))?;
         Ok(Self {

@@ -15,6 +15,26 @@ pub fn rope_in_place(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// Dot product in 16 independent lanes: a plain `.sum()` over products is one sequential
+/// chain the compiler may not vectorise (float addition is not reassociated), and scores
+/// are the attention's inner loop.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let body = a.len() - a.len() % L;
+    let mut acc = [0f32; L];
+    for (ac, bc) in a[..body].chunks_exact(L).zip(b[..body].chunks_exact(L)) {
+        for k in 0..L {
+            acc[k] += ac[k] * bc[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in a[body..].iter().zip(&b[body..]) {
+        s += x * y;
+    }
+    s
+}
+
 /// Causal attention for every query token of the step. Keys and values of position `j` of a
 /// sequence live in slot `block_table[j / block_size] * block_size + j % block_size`.
 #[allow(clippy::too_many_arguments)]
@@ -49,8 +69,7 @@ pub fn paged_attention(
             let mut max = f32::NEG_INFINITY;
             for (s, &slot) in scores.iter_mut().zip(&slots) {
                 let kh = &k_cache[slot * kvs + g * head_dim..slot * kvs + (g + 1) * head_dim];
-                let dot: f32 = qh.iter().zip(kh).map(|(a, b)| a * b).sum();
-                *s = dot * scale;
+                *s = dot(qh, kh) * scale;
                 max = max.max(*s);
             }
             let mut sum = 0f32;
