@@ -827,3 +827,93 @@ fn sigterm_drains_in_flight_streams_refuses_new_connections_and_exits_zero() {
         .expect("tpuserve did not exit after SIGTERM and draining");
     assert_eq!(status.code(), Some(0), "exit status {status}");
 }
+
+/// Issue 10: the API key (given through `VLLM_API_KEY`, as the manifests do) and the Hugging
+/// Face token never reach the server's output, error bodies, `/metrics`, `/openapi.json` or
+/// `--help`, with request logging on and debug logs, through good and bad requests and a
+/// SIGTERM shutdown.
+#[test]
+fn secrets_never_reach_logs_errors_or_metrics() {
+    const KEY: &str = "sk-test-7f3a9c2e51d84b06-apikey";
+    const HF: &str = "hf_test_Zq81LmX0p4RkT6vYw2Nc";
+    let port = free_port();
+    let args: Vec<String> = [
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--enable-log-requests",
+        "--max-model-len",
+        "512",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let env = [
+        ("VLLM_API_KEY", KEY),
+        ("HF_TOKEN", HF),
+        ("HUGGING_FACE_HUB_TOKEN", HF),
+        ("RUST_LOG", "debug"),
+    ];
+    let mut s = Server::spawn(&args, &env, port);
+    s.api_key = Some(KEY.to_string());
+    let mut seen = String::new();
+    let good = json!({"prompt": "San Francisco is a", "max_tokens": 3, "temperature": 0});
+    seen.push_str(&s.post_ok("/v1/completions", &good).to_string());
+    for body in [
+        json!({"prompt": "x", "max_tokens": -1}),
+        json!({"prompt": "x", "max_tokens": 1, "temperature": "hot"}),
+        json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+    ] {
+        seen.push_str(&s.post("/v1/completions", &body).1.to_string());
+        seen.push_str(&s.post("/v1/chat/completions", &body).1.to_string());
+    }
+    // Wrong keys, and the right key sent the wrong way.
+    for auth in [
+        "Bearer wrong".to_string(),
+        format!("Basic {KEY}"),
+        KEY.to_string(),
+    ] {
+        let r = s
+            .client
+            .post(s.url("/v1/completions"))
+            .header("authorization", auth)
+            .json(&good)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+        seen.push_str(&r.text().unwrap());
+    }
+    for path in [
+        "/metrics",
+        "/openapi.json",
+        "/v1/models",
+        "/version",
+        "/health",
+    ] {
+        seen.push_str(&s.get(path).1);
+    }
+    s.signal(libc::SIGTERM);
+    assert!(s.wait_exit(Duration::from_secs(60)).is_some());
+    seen.push_str(&s.log());
+    let help = std::process::Command::new(tpuserve_bin())
+        .args(["serve", "--help"])
+        .env("VLLM_API_KEY", KEY)
+        .output()
+        .unwrap();
+    seen.push_str(&String::from_utf8_lossy(&help.stdout));
+    seen.push_str(&String::from_utf8_lossy(&help.stderr));
+
+    assert!(
+        s.log().contains("Received request"),
+        "request logging was on"
+    );
+    for secret in [KEY, HF] {
+        assert!(
+            !seen.contains(secret),
+            "{secret} leaked:\n{}",
+            &seen[seen.find(secret).unwrap().saturating_sub(300)..]
+        );
+    }
+}

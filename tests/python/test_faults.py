@@ -3,7 +3,9 @@
 - a storm of streaming requests where a random third of the clients vanish (before the first
   token, mid-stream, or right after sending) leaves no KV block held and no request running;
 - a KV cache forced tiny under 48 concurrent requests preempts, and every request still ends
-  with its golden greedy output.
+  with its golden greedy output;
+- a bounded waiting queue (`--max-waiting-requests`) refuses the overflow with 503 and
+  `Retry-After`, and admits again once there is room.
 """
 
 import http.client
@@ -136,3 +138,47 @@ def test_tiny_kv_cache_preempts_and_every_output_is_golden():
         assert s.metric("vllm:kv_cache_usage_perc") == 0, "KV blocks leaked"
     finally:
         s.close()
+
+
+def test_bounded_waiting_queue_refuses_with_503_and_retry_after():
+    """`--max-num-seqs 2 --max-waiting-requests 1`: three long streams fill the server (two
+    running, one waiting); the fourth request gets 503 with `Retry-After` and an OpenAI error
+    body; once the streams end, requests are admitted again and complete."""
+    srv = Server("--max-num-seqs", "2", "--max-waiting-requests", "1")
+    try:
+        body = {"prompt": "Tell me a long story about ships", "max_tokens": 120,
+                "ignore_eos": True, "stream": True}
+        streams = []
+        for _ in range(3):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=300)
+            conn.request("POST", "/v1/completions", json.dumps(body).encode(), JSON)
+            streams.append(conn)
+        # The three are accepted (headers come back once each is admitted and streaming).
+        responses = [c.getresponse() for c in streams]
+        assert [r.status for r in responses] == [200, 200, 200]
+
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("POST", "/v1/completions",
+                     json.dumps({"prompt": "Hi", "max_tokens": 2}).encode(), JSON)
+        refused = conn.getresponse()
+        err = json.loads(refused.read())
+        conn.close()
+        assert refused.status == 503
+        assert refused.getheader("Retry-After") == "1"
+        assert err["error"]["type"] == "ServiceUnavailableError"
+        assert err["error"]["code"] == 503
+        assert "max-waiting-requests" in err["error"]["message"]
+
+        for r, c in zip(responses, streams):
+            text = r.read().decode()
+            assert text.rstrip().endswith("data: [DONE]")
+            c.close()
+        status, out = post(srv.port, {"prompt": "Hi", "max_tokens": 2})
+        assert status == 200 and out["usage"]["completion_tokens"] == 2
+        # the gauges follow the engine's step stats a moment later
+        deadline = time.monotonic() + 10
+        while srv.metric("vllm:num_requests_running") != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.metric("vllm:num_requests_running") == 0
+    finally:
+        srv.close()

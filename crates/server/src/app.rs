@@ -129,7 +129,8 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
-/// Counts a request as in flight until dropped (SIGTERM drain waits for zero).
+/// Counts a request as in flight until dropped (SIGTERM drain waits for zero) and refuses
+/// it when `--max-waiting-requests` would be exceeded.
 struct InFlight(SharedState);
 
 impl InFlight {
@@ -137,8 +138,22 @@ impl InFlight {
         if st.draining.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable("the server is shutting down"));
         }
-        st.in_flight.fetch_add(1, Ordering::SeqCst);
-        Ok(InFlight(st.clone()))
+        let before = st.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(st.clone());
+        if let Some(limit) = st.admission_limit {
+            if before >= limit {
+                drop(guard);
+                tracing::debug!("refused a request: {limit} in flight");
+                return Err(ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::unavailable(format!(
+                        "the server is at capacity ({limit} requests in flight: --max-num-seqs \
+                         running plus --max-waiting-requests waiting); retry later"
+                    ))
+                });
+            }
+        }
+        Ok(guard)
     }
 }
 

@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// Largest request body accepted, bytes.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Most requests allowed to wait beyond the `--max-num-seqs` that run; more get 503 with
+    /// `Retry-After`, so a load balancer or client backs off instead of queueing without end
+    /// (default: unbounded, as vLLM).
+    #[arg(long)]
+    pub max_waiting_requests: Option<usize>,
     /// Flags vLLM has that tpuserve accepts without implementing (a warning names each).
     #[arg(long, action = ArgAction::SetTrue, hide = true)]
     pub enforce_eager: bool,

@@ -218,6 +218,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         created: now_secs(),
         metrics,
         in_flight: AtomicUsize::new(0),
+        admission_limit: args
+            .max_waiting_requests
+            .map(|w| args.max_num_seqs.saturating_add(w)),
         draining: AtomicBool::new(false),
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());

@@ -23,8 +23,11 @@ pub struct AppState {
     pub log_requests: bool,
     pub created: u64,
     pub metrics: Arc<Metrics>,
-    /// Requests accepted and not yet answered (for draining on SIGTERM).
+    /// Requests accepted and not yet answered (for draining on SIGTERM and admission).
     pub in_flight: AtomicUsize,
+    /// Most requests in flight at once (`--max-num-seqs` + `--max-waiting-requests`); beyond
+    /// it requests are refused with 503. `None`: unbounded.
+    pub admission_limit: Option<usize>,
     pub draining: AtomicBool,
 }
 
