@@ -1,6 +1,10 @@
 //! Tensor parallelism on the XLA CPU plugin with 8 devices: tiny-llama3 (16 heads / 8 KV heads)
-//! at TP = 1, 2, 4, 8 and SmolLM2 (9 / 3 heads) at TP = 3 reproduce the goldens; TP = 2 on
+//! at TP = 2, 4, 8 and SmolLM2 (9 / 3 heads) at TP = 3 reproduce the goldens; TP = 2 on
 //! SmolLM2 and TP beyond the device count fail at start with the numbers in the message.
+//!
+//! Every TP runs the batched group (prefill chunks and decode of several sequences at once);
+//! each case alone only at TP = 8, the production shape (TP = 1 alone is `goldens_xla`). The
+//! 8 virtual devices share this machine's cores, so each extra pass costs minutes of CI.
 
 use tpuserve_model::{load_model, LoadedModel};
 use tpuserve_runner_xla::{XlaRunner, XlaRunnerOptions};
@@ -24,12 +28,14 @@ fn opts(tp: usize, max_model_len: usize) -> XlaRunnerOptions {
     }
 }
 
-fn goldens_at(model: &LoadedModel, goldens: &str, tp: usize, max_model_len: usize) {
+fn goldens_at(model: &LoadedModel, goldens: &str, tp: usize, max_model_len: usize, alone: bool) {
     let mut r = XlaRunner::new(model, opts(tp, max_model_len)).unwrap();
     let g = Goldens::load(&fixtures_dir().join(goldens));
-    for c in &g.cases {
-        let res = driver::run(&mut r, vec![request(c, 0)], 64).remove(0);
-        check_case(c, &res, true);
+    if alone {
+        for c in &g.cases {
+            let res = driver::run(&mut r, vec![request(c, 0)], 64).remove(0);
+            check_case(c, &res, true);
+        }
     }
     let cases: Vec<&Case> = g.batch.case_names.iter().map(|n| g.case(n)).collect();
     let reqs = cases
@@ -44,10 +50,10 @@ fn goldens_at(model: &LoadedModel, goldens: &str, tp: usize, max_model_len: usiz
 }
 
 #[test]
-fn tiny_llama3_tp_1_2_4_8_match_goldens() {
+fn tiny_llama3_tp_2_4_8_match_goldens() {
     let m = load_model(&tiny_llama3_dir()).unwrap();
-    for tp in [1, 2, 4, 8] {
-        goldens_at(&m, "tiny-llama3/goldens.json", tp, 2304);
+    for tp in [2, 4, 8] {
+        goldens_at(&m, "tiny-llama3/goldens.json", tp, 2304, tp == 8);
     }
 }
 
@@ -76,5 +82,5 @@ fn smollm2_tp3_matches_goldens_and_tp2_is_refused() {
         err.contains("needs 9 devices") && err.contains("exposes 3"),
         "{err}"
     );
-    goldens_at(&m, "smollm2/goldens.json", 3, 512);
+    goldens_at(&m, "smollm2/goldens.json", 3, 512, false);
 }

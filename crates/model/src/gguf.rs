@@ -216,6 +216,23 @@ impl GgufFile {
         })
     }
 
+    /// A GGUF file held in memory (copied into an anonymous map): what the fuzz target feeds
+    /// untrusted bytes through, the same parser and checks as `open`.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
+        let path = Path::new("<memory>");
+        let mut map =
+            memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|e| ModelError::io(path, e))?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        let mmap = map.make_read_only().map_err(|e| ModelError::io(path, e))?;
+        let (metadata, tensors) = Self::parse(&mmap[..bytes.len()], path)?;
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            mmap,
+            metadata,
+            tensors,
+        })
+    }
+
     #[allow(clippy::type_complexity)]
     fn parse(
         buf: &[u8],

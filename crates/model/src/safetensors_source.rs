@@ -36,30 +36,10 @@ impl SafetensorsWeights {
                 path: index.clone(),
                 reason,
             };
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| bad("no `weight_map` object".into()))?;
-            let mut files: Vec<String> = Vec::new();
-            for (name, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| bad(format!("weight_map entry `{name}` is not a file name")))?;
-                if file.contains('/') || file.contains("..") {
-                    return Err(bad(format!(
-                        "weight_map entry `{name}` points outside the model folder"
-                    )));
-                }
-                if !files.iter().any(|f| f == file) {
-                    files.push(file.to_string());
-                }
-            }
-            files.sort();
+            let (files, names) = parse_index(&text).map_err(bad)?;
             let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
             let s = Self::open_files(&paths, index.display().to_string())?;
-            for name in map.keys() {
+            for name in &names {
                 if !s.entries.contains_key(name) {
                     return Err(bad(format!("index names `{name}` but no shard holds it")));
                 }
@@ -79,54 +59,7 @@ impl SafetensorsWeights {
             let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
             // SAFETY: read-only map of a weight file that is not modified while served.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-            let bad = |reason: String| ModelError::Safetensors {
-                path: path.clone(),
-                reason,
-            };
-            let (header_len, meta) =
-                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-                    use safetensors::SafeTensorError as E;
-                    bad(match e {
-                        E::MetadataIncompleteBuffer | E::HeaderTooSmall => {
-                            format!("file is truncated ({} bytes): {e}", mmap.len())
-                        }
-                        other => other.to_string(),
-                    })
-                })?;
-            let base = 8 + header_len;
-            for (name, info) in meta.tensors() {
-                let dtype = match info.dtype {
-                    StDtype::F32 => DType::F32,
-                    StDtype::F16 => DType::F16,
-                    StDtype::BF16 => DType::BF16,
-                    other => {
-                        return Err(ModelError::UnsupportedTensorType {
-                            path: path.clone(),
-                            tensor: name,
-                            dtype: format!("{other:?}"),
-                        })
-                    }
-                };
-                let (s, e) = info.data_offsets;
-                let (start, end) = (base + s, base + e);
-                let numel: usize = info.shape.iter().product();
-                if end > mmap.len() || end - start != numel * dtype.size_bytes() {
-                    return Err(bad(format!(
-                        "tensor `{name}` data [{start}, {end}) does not fit the file ({} bytes; truncated?)",
-                        mmap.len()
-                    )));
-                }
-                entries.insert(
-                    name,
-                    Entry {
-                        file: i,
-                        dtype,
-                        shape: info.shape.clone(),
-                        start,
-                        end,
-                    },
-                );
-            }
+            entries.extend(header_entries(&mmap, i, path)?);
             maps.push(mmap);
         }
         Ok(SafetensorsWeights {
@@ -171,4 +104,106 @@ impl WeightSource for SafetensorsWeights {
         v.sort();
         v
     }
+}
+
+/// The shard files (sorted, deduplicated) and tensor names of a `model.safetensors.index.json`.
+/// A file name that could leave the model folder is refused.
+pub fn parse_index(text: &str) -> Result<(Vec<String>, Vec<String>), String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| "no `weight_map` object".to_string())?;
+    let mut files: Vec<String> = Vec::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| format!("weight_map entry `{name}` is not a file name"))?;
+        if file.is_empty() || file.contains('/') || file.contains('\\') || file.contains("..") {
+            return Err(format!(
+                "weight_map entry `{name}` points outside the model folder"
+            ));
+        }
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
+        }
+    }
+    files.sort();
+    Ok((files, map.keys().cloned().collect()))
+}
+
+/// Checks a safetensors file held in memory the way loading does; returns its tensor count.
+pub fn check_header(buf: &[u8]) -> Result<usize, ModelError> {
+    header_entries(buf, 0, Path::new("<memory>")).map(|e| e.len())
+}
+
+/// The tensors of one shard, each checked to lie inside the file with the size its dtype
+/// and shape imply.
+fn header_entries(
+    buf: &[u8],
+    file: usize,
+    path: &Path,
+) -> Result<HashMap<String, Entry>, ModelError> {
+    let bad = |reason: String| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(buf).map_err(|e| {
+        use safetensors::SafeTensorError as E;
+        bad(match e {
+            E::MetadataIncompleteBuffer | E::HeaderTooSmall => {
+                format!(
+                    "file is truncated or has trailing bytes ({} bytes): {e}",
+                    buf.len()
+                )
+            }
+            other => other.to_string(),
+        })
+    })?;
+    let base = 8 + header_len;
+    let mut entries = HashMap::new();
+    for (name, info) in meta.tensors() {
+        let dtype = match info.dtype {
+            StDtype::F32 => DType::F32,
+            StDtype::F16 => DType::F16,
+            StDtype::BF16 => DType::BF16,
+            other => {
+                return Err(ModelError::UnsupportedTensorType {
+                    path: path.to_path_buf(),
+                    tensor: name,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let (s, e) = info.data_offsets;
+        let bytes = info
+            .shape
+            .iter()
+            .try_fold(dtype.size_bytes(), |a, &d| a.checked_mul(d));
+        let span = base
+            .checked_add(s)
+            .zip(base.checked_add(e))
+            .filter(|&(start, end)| start <= end && end <= buf.len());
+        let (start, end) = match (span, bytes) {
+            (Some((start, end)), Some(bytes)) if end - start == bytes => (start, end),
+            _ => {
+                return Err(bad(format!(
+                    "tensor `{name}` data [{s}, {e}) after the header does not fit the file ({} bytes; truncated?) or its shape {:?}",
+                    buf.len(),
+                    info.shape
+                )))
+            }
+        };
+        entries.insert(
+            name,
+            Entry {
+                file,
+                dtype,
+                shape: info.shape.clone(),
+                start,
+                end,
+            },
+        );
+    }
+    Ok(entries)
 }

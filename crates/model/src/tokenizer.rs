@@ -16,6 +16,8 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     special_ids: HashSet<u32>,
+    /// `get_vocab_size(true)` builds the whole vocabulary map on every call: count it once.
+    vocab_size: usize,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
 }
@@ -37,6 +39,7 @@ impl Tokenizer {
             .map(|(id, _)| *id)
             .collect();
         Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             special_ids,
             bos_token,
@@ -192,7 +195,7 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     pub fn is_special(&self, id: u32) -> bool {

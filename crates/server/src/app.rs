@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -23,11 +24,21 @@ use tpuserve_engine::{
 
 use crate::chat::{self, ChatPromptOptions};
 use crate::error::ApiError;
+use crate::gate;
 use crate::protocol::*;
 use crate::state::{now_secs, SharedState};
-use crate::validate::{self, Limits};
+use crate::validate;
 
-pub fn router(state: SharedState, max_body: usize) -> Router {
+/// Limits on reading a request body.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    /// The whole body must arrive within this long of the request head, so a client that
+    /// trickles its body byte by byte cannot hold a handler open.
+    pub timeout: Duration,
+}
+
+pub fn router(state: SharedState, body: BodyLimits) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -41,8 +52,9 @@ pub fn router(state: SharedState, max_body: usize) -> Router {
         .route("/openapi.json", get(crate::openapi::document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(body, read_body_within))
         .layer(middleware::from_fn_with_state(state.clone(), gate))
-        .layer(DefaultBodyLimit::max(max_body))
+        .layer(DefaultBodyLimit::max(body.max_bytes))
         .with_state(state)
 }
 
@@ -92,6 +104,60 @@ async fn gate(State(st): State<SharedState>, req: Request, next: Next) -> Respon
     resp
 }
 
+/// Reads the whole body under `BodyLimits` before any handler sees it: 408 when it does not
+/// arrive in time, 413 when it is too large.
+async fn read_body_within(State(lim): State<BodyLimits>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > lim.max_bytes as u64) {
+        return too_large(lim.max_bytes);
+    }
+    match tokio::time::timeout(lim.timeout, axum::body::to_bytes(body, lim.max_bytes)).await {
+        Err(_) => {
+            let mut resp = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    lim.timeout.as_secs_f64()
+                ),
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            resp
+        }
+        Ok(Err(e)) => {
+            let over_limit = e
+                .into_inner()
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            if over_limit {
+                too_large(lim.max_bytes)
+            } else {
+                ApiError::bad_request("the request body could not be read").into_response()
+            }
+        }
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+    }
+}
+
+fn too_large(max: usize) -> Response {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body too large (limit {max} bytes, --max-body-bytes)"),
+    )
+    .into_response()
+}
+
 fn parse_body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, ApiError> {
     let ct = headers
         .get("content-type")
@@ -115,13 +181,6 @@ fn check_model(st: &SharedState, model: Option<&str>) -> Result<(), ApiError> {
             "The model `{}` does not exist.",
             model.unwrap_or_default()
         )))
-    }
-}
-
-fn limits(st: &SharedState) -> Limits {
-    Limits {
-        vocab_size: st.vocab_size,
-        max_logprobs: st.max_logprobs,
     }
 }
 
@@ -280,48 +339,7 @@ async fn completions(
     let guard = InFlight::new(&st)?;
     let req: CompletionRequest = parse_body(&headers, &body)?;
     check_model(&st, req.model.as_deref())?;
-    if req.suffix.is_some() {
-        return Err(ApiError::invalid_param(
-            "suffix",
-            "suffix is not currently supported",
-        ));
-    }
-    let add_special = req.add_special_tokens.unwrap_or(true);
-    let vocab = st.vocab_size;
-    let to_ids = |v: &[i64]| -> Result<(Vec<u32>, String), ApiError> {
-        let ids = v
-            .iter()
-            .map(|&t| validate::token_id("prompt", t, vocab))
-            .collect::<Result<Vec<_>, _>>()?;
-        let text = st.tokenizer.decode(&ids, false).unwrap_or_default();
-        Ok((ids, text))
-    };
-    let enc = |s: &str| -> Result<(Vec<u32>, String), ApiError> {
-        let ids = st
-            .tokenizer
-            .encode(s, add_special)
-            .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?;
-        Ok((ids, s.to_string()))
-    };
-    let prompts: Vec<(Vec<u32>, String)> = match &req.prompt {
-        Prompt::Text(s) => vec![enc(s)?],
-        Prompt::Texts(v) => v.iter().map(|s| enc(s)).collect::<Result<_, _>>()?,
-        Prompt::Tokens(v) => vec![to_ids(v)?],
-        Prompt::TokenLists(v) => v.iter().map(|x| to_ids(x)).collect::<Result<_, _>>()?,
-    };
-    if prompts.is_empty() {
-        return Err(ApiError::invalid_param(
-            "prompt",
-            "prompt must not be an empty list",
-        ));
-    }
-    let v = validate::sampling(
-        &req.sampling,
-        req.max_tokens,
-        req.logprobs,
-        1.0,
-        &limits(&st),
-    )?;
+    let gate::CompletionInput { prompts, params: v } = gate::completion(&st.gate(), &req)?;
     let echo = req.echo.unwrap_or(false);
     let sub = submit(&st, prompts, &v, req.sampling.user.as_deref())?;
     let id = request_id("cmpl");
@@ -471,40 +489,12 @@ async fn chat_completions(
     let guard = InFlight::new(&st)?;
     let req: ChatCompletionRequest = parse_body(&headers, &body)?;
     check_model(&st, req.model.as_deref())?;
-    if req.top_logprobs.is_some() && !req.logprobs.unwrap_or(false) {
-        return Err(ApiError::invalid_param(
-            "top_logprobs",
-            "`top_logprobs` requires `logprobs` to be true.",
-        ));
-    }
-    if req.tool_choice.as_ref().is_some_and(|t| t != "none") && req.tools.is_none() {
-        return Err(ApiError::invalid_param(
-            "tool_choice",
-            "When using `tool_choice`, `tools` must be set.",
-        ));
-    }
-    let text = chat::render(
-        &st,
-        &req.messages,
-        &ChatPromptOptions {
-            add_generation_prompt: req.add_generation_prompt,
-            continue_final_message: req.continue_final_message,
-            kwargs: req.chat_template_kwargs.as_ref(),
-            tools: req.tools.as_ref(),
-            documents: req.documents.as_ref(),
-        },
-    )?;
-    let ids = st
-        .tokenizer
-        .encode(&text, req.add_special_tokens.unwrap_or(false))
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let lp = if req.logprobs.unwrap_or(false) {
-        Some(req.top_logprobs.unwrap_or(0))
-    } else {
-        None
-    };
-    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let v = validate::sampling(&req.sampling, max_tokens, lp, 1.0, &limits(&st))?;
+    let gate::ChatInput {
+        ids,
+        text,
+        params: v,
+        logprobs: lp,
+    } = gate::chat(&st.gate(), &req)?;
     let sub = submit(&st, vec![(ids, text)], &v, req.sampling.user.as_deref())?;
     let id = request_id("chatcmpl");
     let created = now_secs();
@@ -668,7 +658,7 @@ async fn tokenize(
         } => {
             check_model(&st, model.as_deref())?;
             let text = chat::render(
-                &st,
+                st.chat_template.as_ref(),
                 messages,
                 &ChatPromptOptions {
                     add_generation_prompt: *add_generation_prompt,

@@ -1,11 +1,10 @@
 //! Turning OpenAI chat messages into a prompt with the model's chat template.
 
 use tpuserve_model::chat_template::RenderOptions;
-use tpuserve_model::ChatMessage;
+use tpuserve_model::{ChatMessage, ChatTemplate};
 
 use crate::error::ApiError;
 use crate::protocol::ChatMessageIn;
-use crate::state::AppState;
 
 const ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer"];
 
@@ -61,13 +60,37 @@ pub struct ChatPromptOptions<'a> {
     pub documents: Option<&'a serde_json::Value>,
 }
 
+/// Cuts the rendered chat right after the final message's content, so the model continues
+/// that message (transformers' rule: templates may trim the content, so its stripped form is
+/// looked up, last occurrence first; a template that drops it is an error).
+fn cut_after_final_message(text: &mut String, last: &str) -> Result<(), ApiError> {
+    let core = last.trim();
+    if core.is_empty() {
+        return Ok(());
+    }
+    let pos = text.rfind(core).ok_or_else(|| {
+        ApiError::invalid_param(
+            "continue_final_message",
+            "continue_final_message is set but the final message does not appear in the chat after applying the chat template",
+        )
+    })?;
+    let kept = last.trim_start();
+    let end = if text[pos..].starts_with(kept) {
+        pos + kept.len()
+    } else {
+        pos + core.len()
+    };
+    text.truncate(end);
+    Ok(())
+}
+
 /// Renders the conversation to the prompt text.
 pub fn render(
-    st: &AppState,
+    template: Option<&ChatTemplate>,
     messages: &[ChatMessageIn],
     o: &ChatPromptOptions,
 ) -> Result<String, ApiError> {
-    let tmpl = st.chat_template.as_ref().ok_or_else(|| {
+    let tmpl = template.ok_or_else(|| {
         ApiError::bad_request(
             "this model has no chat template; pass --chat-template or use /v1/completions",
         )
@@ -121,12 +144,35 @@ pub fn render(
         .render(&msgs, &opts)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if cont {
-        // Cut after the last message's content so the model continues it.
         if let Some(last) = msgs.last().and_then(|m| m.content.as_str()) {
-            if let Some(pos) = text.rfind(last) {
-                text.truncate(pos + last.len());
-            }
+            cut_after_final_message(&mut text, last)?;
         }
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_after_final_message;
+
+    /// Found by `tests/fuzz.rs`: a final message the template trims (Llama 3.1 does) must not
+    /// be looked up with its spaces, or the cut lands anywhere.
+    #[test]
+    fn continue_final_message_cuts_after_the_trimmed_content() {
+        let rendered = "<|user|>\n\nHi there<|eot|><|assistant|>\n\nOnce upon a<|eot|>";
+        let mut t = rendered.to_string();
+        cut_after_final_message(&mut t, "  Once upon a ").unwrap();
+        assert_eq!(t, "<|user|>\n\nHi there<|eot|><|assistant|>\n\nOnce upon a");
+        // Whitespace only: nothing to continue from, keep everything.
+        let mut t = rendered.to_string();
+        cut_after_final_message(&mut t, " ").unwrap();
+        assert_eq!(t, rendered);
+        // Kept as written when the template keeps the spacing.
+        let mut t = "A: x  B: tail ".to_string();
+        cut_after_final_message(&mut t, "tail ").unwrap();
+        assert_eq!(t, "A: x  B: tail ");
+        // A template that drops the message is an error, not a silent prompt.
+        let mut t = rendered.to_string();
+        assert!(cut_after_final_message(&mut t, "never rendered").is_err());
+    }
 }

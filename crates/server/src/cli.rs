@@ -80,6 +80,14 @@ pub struct ServeArgs {
     /// Largest request body accepted, bytes.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Seconds a connection may take to send a complete request head, counted from when it
+    /// opens or from the end of its previous response; an idle keep-alive connection is closed
+    /// after as long (vLLM's uvicorn closes idle ones after `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`, 5 s).
+    #[arg(long, env = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", default_value_t = 5.0, value_parser = positive_seconds)]
+    pub timeout_keep_alive: f64,
+    /// Seconds the whole request body may take to arrive after its head (else 408).
+    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
+    pub body_read_timeout: f64,
     /// Most requests allowed to wait beyond the `--max-num-seqs` that run; more get 503 with
     /// `Retry-After`, so a load balancer or client backs off instead of queueing without end
     /// (default: unbounded, as vLLM).
@@ -159,5 +167,16 @@ impl ServeArgs {
             v.push("--generation-config");
         }
         v
+    }
+}
+
+/// A duration flag in seconds: finite and above zero (a zero timeout would refuse everything).
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        Ok(_) => Err(format!(
+            "{s} is not between 0 (exclusive) and 86400 seconds"
+        )),
+        Err(e) => Err(format!("{s}: {e}")),
     }
 }

@@ -14,10 +14,10 @@ use tpuserve_runner_api::ModelRunner;
 use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions};
 use tpuserve_runner_xla::{DeviceKind, WeightElem, XlaRunner, XlaRunnerOptions};
 
-use crate::app;
 use crate::cli::ServeArgs;
 use crate::metrics::{self, CacheInfo, Metrics};
 use crate::state::{now_secs, AppState};
+use crate::{app, fault_injection, http_server};
 
 /// Where a model argument points, as vLLM resolves it: a local folder or `.gguf` file, or a
 /// hub id (`org/name`, `--revision`) found in or downloaded into `--download-dir` (else the
@@ -146,6 +146,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             )?)
         }
     };
+    let runner: Box<dyn ModelRunner> = match std::env::var(fault_injection::ENV) {
+        Ok(spec) if !spec.is_empty() => {
+            let faults = fault_injection::parse(&spec).map_err(anyhow::Error::msg)?;
+            tracing::warn!(
+                "{}={spec}: these engine steps will fail on purpose (fault testing only)",
+                fault_injection::ENV
+            );
+            Box::new(fault_injection::FaultyRunner::new(runner, faults))
+        }
+        _ => runner,
+    };
     let kv = runner.kv_cache_shape();
     let runner_desc = runner.describe();
     let compile_counters = runner.compile_counters();
@@ -239,15 +250,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         kv.num_blocks,
         kv.block_size
     );
-    let router = app::router(state.clone(), args.max_body_bytes);
+    let router = app::router(
+        state.clone(),
+        app::BodyLimits {
+            max_bytes: args.max_body_bytes,
+            timeout: Duration::from_secs_f64(args.body_read_timeout),
+        },
+    );
+    let limits = http_server::ConnectionLimits {
+        header_timeout: Duration::from_secs_f64(args.timeout_keep_alive),
+    };
     let drain_state = state.clone();
     let timeout = Duration::from_secs(args.shutdown_timeout);
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let server = http_server::serve(listener, router, limits, async move {
         shutdown_signal().await;
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         drain_state.draining.store(true, Ordering::SeqCst);
     });
-    let drained = tokio::spawn(async move { server.await });
+    let drained = tokio::spawn(server);
     // After the signal, give in-flight requests `timeout` to finish, then exit regardless.
     let watchdog = {
         let st = state.clone();

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use tpuserve_engine::EngineHandle;
 use tpuserve_model::{ChatTemplate, Tokenizer};
 
+use crate::gate::GateContext;
 use crate::metrics::Metrics;
+use crate::validate::Limits;
 
 pub struct AppState {
     pub engine: EngineHandle,
@@ -32,6 +34,18 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// What the request gate needs.
+    pub fn gate(&self) -> GateContext<'_> {
+        GateContext {
+            tokenizer: &self.tokenizer,
+            chat_template: self.chat_template.as_ref(),
+            limits: Limits {
+                vocab_size: self.vocab_size,
+                max_logprobs: self.max_logprobs,
+            },
+        }
+    }
+
     pub fn served_name(&self) -> &str {
         &self.served_model_names[0]
     }

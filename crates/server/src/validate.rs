@@ -33,13 +33,16 @@ fn range_f(
     rule: &str,
 ) -> Result<f64, ApiError> {
     let v = v.unwrap_or(default);
-    if !v.is_finite() || !ok(v) {
+    // Checked as the engine will use it, in f32: 1e39 is finite in f64 but infinite there,
+    // and 1e-300 > 0 becomes 0 (a repetition penalty of 0 divides by zero).
+    let engine_value = v as f32;
+    if !engine_value.is_finite() || !ok(engine_value as f64) {
         return Err(ApiError::invalid_param(
             name,
             format!("{name} must be {rule}, got {v}."),
         ));
     }
-    Ok(v)
+    Ok(engine_value as f64)
 }
 
 pub fn token_id(name: &str, v: i64, vocab: usize) -> Result<u32, ApiError> {
@@ -257,4 +260,44 @@ pub fn sampling(
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(f: SamplingFields) -> Result<Validated, ApiError> {
+        sampling(
+            &f,
+            Some(16),
+            None,
+            1.0,
+            &Limits {
+                vocab_size: 100,
+                max_logprobs: 5,
+            },
+        )
+    }
+
+    /// Found by `tests/fuzz.rs`: values that pass in f64 but break in the engine's f32.
+    #[test]
+    fn values_are_range_checked_as_the_engine_holds_them() {
+        let tiny = check(SamplingFields {
+            repetition_penalty: Some(3.2e-288),
+            ..Default::default()
+        });
+        assert!(tiny.is_err_and(|e| e.message.contains("repetition_penalty")));
+        let huge = check(SamplingFields {
+            temperature: Some(1e39),
+            ..Default::default()
+        });
+        assert!(huge.is_err_and(|e| e.message.contains("temperature")));
+        let ok = check(SamplingFields {
+            temperature: Some(1e30),
+            repetition_penalty: Some(1e-30),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(ok.sampling.temperature.is_finite() && ok.sampling.repetition_penalty > 0.0);
+    }
 }

@@ -1,0 +1,121 @@
+//! The request gate as a pure function of a parsed body: prompts tokenized and checked,
+//! sampling fields range-checked, the chat template applied. Nothing here touches the engine,
+//! so the fuzz targets (`crates/fuzz`) drive exactly the code the handlers run.
+
+use tpuserve_model::{ChatTemplate, Tokenizer};
+
+use crate::chat::{self, ChatPromptOptions};
+use crate::error::ApiError;
+use crate::protocol::{ChatCompletionRequest, CompletionRequest, Prompt};
+use crate::validate::{self, Limits, Validated};
+
+/// What the gate needs from the server's state.
+pub struct GateContext<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub chat_template: Option<&'a ChatTemplate>,
+    pub limits: Limits,
+}
+
+/// A `/v1/completions` request that passed the gate: one (token ids, text) per prompt.
+pub struct CompletionInput {
+    pub prompts: Vec<(Vec<u32>, String)>,
+    pub params: Validated,
+}
+
+pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<CompletionInput, ApiError> {
+    if req.suffix.is_some() {
+        return Err(ApiError::invalid_param(
+            "suffix",
+            "suffix is not currently supported",
+        ));
+    }
+    let add_special = req.add_special_tokens.unwrap_or(true);
+    let vocab = ctx.limits.vocab_size;
+    let to_ids = |v: &[i64]| -> Result<(Vec<u32>, String), ApiError> {
+        let ids = v
+            .iter()
+            .map(|&t| validate::token_id("prompt", t, vocab))
+            .collect::<Result<Vec<_>, _>>()?;
+        let text = ctx.tokenizer.decode(&ids, false).unwrap_or_default();
+        Ok((ids, text))
+    };
+    let enc = |s: &str| -> Result<(Vec<u32>, String), ApiError> {
+        let ids = ctx
+            .tokenizer
+            .encode(s, add_special)
+            .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?;
+        Ok((ids, s.to_string()))
+    };
+    let prompts: Vec<(Vec<u32>, String)> = match &req.prompt {
+        Prompt::Text(s) => vec![enc(s)?],
+        Prompt::Texts(v) => v.iter().map(|s| enc(s)).collect::<Result<_, _>>()?,
+        Prompt::Tokens(v) => vec![to_ids(v)?],
+        Prompt::TokenLists(v) => v.iter().map(|x| to_ids(x)).collect::<Result<_, _>>()?,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "prompt must not be an empty list",
+        ));
+    }
+    let params = validate::sampling(
+        &req.sampling,
+        req.max_tokens,
+        req.logprobs,
+        1.0,
+        &ctx.limits,
+    )?;
+    Ok(CompletionInput { prompts, params })
+}
+
+/// A `/v1/chat/completions` request that passed the gate: the rendered prompt and its ids.
+pub struct ChatInput {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub params: Validated,
+    /// Top alternatives asked for when `logprobs` is true.
+    pub logprobs: Option<i64>,
+}
+
+pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput, ApiError> {
+    if req.top_logprobs.is_some() && !req.logprobs.unwrap_or(false) {
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            "`top_logprobs` requires `logprobs` to be true.",
+        ));
+    }
+    if req.tool_choice.as_ref().is_some_and(|t| t != "none") && req.tools.is_none() {
+        return Err(ApiError::invalid_param(
+            "tool_choice",
+            "When using `tool_choice`, `tools` must be set.",
+        ));
+    }
+    let text = chat::render(
+        ctx.chat_template,
+        &req.messages,
+        &ChatPromptOptions {
+            add_generation_prompt: req.add_generation_prompt,
+            continue_final_message: req.continue_final_message,
+            kwargs: req.chat_template_kwargs.as_ref(),
+            tools: req.tools.as_ref(),
+            documents: req.documents.as_ref(),
+        },
+    )?;
+    let ids = ctx
+        .tokenizer
+        .encode(&text, req.add_special_tokens.unwrap_or(false))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let logprobs = if req.logprobs.unwrap_or(false) {
+        Some(req.top_logprobs.unwrap_or(0))
+    } else {
+        None
+    };
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    let params = validate::sampling(&req.sampling, max_tokens, logprobs, 1.0, &ctx.limits)?;
+    Ok(ChatInput {
+        ids,
+        text,
+        params,
+        logprobs,
+    })
+}

@@ -1,0 +1,67 @@
+//! The HTTP/1.1 accept loop: `axum::serve` without a timer cannot time out slow clients, so a
+//! slowloris (connections that trickle their headers or never send any) would hold sockets
+//! and tasks forever. Here every connection gets hyper's header-read deadline, which hyper
+//! restarts whenever it waits for a request head: one deadline covers a new connection that
+//! sends nothing, headers that trickle in, and an idle keep-alive connection (uvicorn's
+//! `timeout_keep_alive` under vLLM plays the same role).
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+/// Per-connection limits.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// A request head must be complete this long after the connection opens or after the
+    /// previous response ends; otherwise the connection is closed.
+    pub header_timeout: Duration,
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting (the listener
+/// is closed, so new connections are refused) and waits for open connections to finish their
+/// in-flight requests; idle keep-alive connections close at once.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // Streams write one small SSE event per token: send each without delay.
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
