@@ -70,4 +70,9 @@ command -v kubectl >/dev/null 2>&1 || echo "setup: warning: kubectl not found; t
 if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 fi
+# cargo-deny for scripts/deny.sh, built from crates.io once (about 4 minutes on 2 cores).
+if [ "$(cargo deny --version 2>/dev/null | awk '{print $2}')" != 0.20.2 ]; then
+  echo "setup: cargo install cargo-deny 0.20.2" >&2
+  cargo install --quiet --locked cargo-deny --version 0.20.2
+fi
 echo "setup: ok" >&2

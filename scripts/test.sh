@@ -10,6 +10,7 @@ export CARGO_TERM_COLOR=never
 
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
+./scripts/deny.sh
 # The HTTP tests (tests/server_*.rs, tests/python) run the real `tpuserve` binary. Building
 # every target first produces it with the same dependency features as the test build, so
 # nothing is compiled twice; TPUSERVE_BIN tells the tests to use it as is.
