@@ -107,15 +107,9 @@ async fn gate(State(st): State<SharedState>, req: Request, next: Next) -> Respon
 /// Reads the whole body under `BodyLimits` before any handler sees it: 408 when it does not
 /// arrive in time, 413 when it is too large.
 async fn read_body_within(State(lim): State<BodyLimits>, req: Request, next: Next) -> Response {
+    // No early answer from Content-Length alone: a client still writing its body would get a
+    // broken pipe instead of the 413. Reading stops at the limit either way.
     let (parts, body) = req.into_parts();
-    let declared = parts
-        .headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > lim.max_bytes as u64) {
-        return too_large(lim.max_bytes);
-    }
     match tokio::time::timeout(lim.timeout, axum::body::to_bytes(body, lim.max_bytes)).await {
         Err(_) => {
             let mut resp = ApiError::new(
