@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::LazyLock;
 
 use bolero::{check, TypeGenerator};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tpuserve::chat::{self, ChatPromptOptions};
 use tpuserve::error::ApiError;
@@ -390,6 +391,32 @@ fn assert_in_range(v: &tpuserve::validate::Validated, vocab: usize) {
     assert!(st.stop_token_ids.iter().all(|&t| (t as usize) < vocab));
 }
 
+/// Parses `bytes` as a request and passes it through `gate`: a parse error must say
+/// something, a rejection must be a 4xx in the OpenAI shape, an acceptance goes to `check`.
+fn through_gate<R: DeserializeOwned, T>(
+    bytes: &[u8],
+    tally: &Tally,
+    gate: impl FnOnce(&R) -> Result<T, ApiError>,
+    check: impl FnOnce(T),
+) {
+    match serde_json::from_slice::<R>(bytes) {
+        Err(e) => {
+            tally.note(false);
+            assert!(!e.to_string().is_empty())
+        }
+        Ok(req) => match gate(&req) {
+            Ok(ok) => {
+                tally.note(true);
+                check(ok)
+            }
+            Err(e) => {
+                tally.note(false);
+                assert_client_error(&e, bytes)
+            }
+        },
+    }
+}
+
 #[test]
 fn request_gate() {
     // The tokenizer and templates are only read: a panic cannot leave them half-updated.
@@ -405,43 +432,27 @@ fn request_gate() {
             let f: &Fixture = &fixture;
             let bytes = body.bytes();
             let ctx = gate_context(f, *llama);
-            match serde_json::from_slice::<CompletionRequest>(&bytes) {
-                Ok(req) => match gate::completion(&ctx, &req) {
-                    Ok(ok) => {
-                        COMPLETIONS.note(true);
-                        assert_in_range(&ok.params, vocab);
-                        assert!(!ok.prompts.is_empty());
-                        for (ids, _) in &ok.prompts {
-                            assert!(ids.iter().all(|&t| (t as usize) < vocab));
-                        }
-                    }
-                    Err(e) => {
-                        COMPLETIONS.note(false);
-                        assert_client_error(&e, &bytes)
+            through_gate(
+                &bytes,
+                &COMPLETIONS,
+                |req: &CompletionRequest| gate::completion(&ctx, req),
+                |ok| {
+                    assert_in_range(&ok.params, vocab);
+                    assert!(!ok.prompts.is_empty());
+                    for (ids, _) in &ok.prompts {
+                        assert!(ids.iter().all(|&t| (t as usize) < vocab));
                     }
                 },
-                Err(e) => {
-                    COMPLETIONS.note(false);
-                    assert!(!e.to_string().is_empty())
-                }
-            }
-            match serde_json::from_slice::<ChatCompletionRequest>(&bytes) {
-                Ok(req) => match gate::chat(&ctx, &req) {
-                    Ok(ok) => {
-                        CHATS.note(true);
-                        assert_in_range(&ok.params, vocab);
-                        assert!(ok.ids.iter().all(|&t| (t as usize) < vocab));
-                    }
-                    Err(e) => {
-                        CHATS.note(false);
-                        assert_client_error(&e, &bytes)
-                    }
+            );
+            through_gate(
+                &bytes,
+                &CHATS,
+                |req: &ChatCompletionRequest| gate::chat(&ctx, req),
+                |ok| {
+                    assert_in_range(&ok.params, vocab);
+                    assert!(ok.ids.iter().all(|&t| (t as usize) < vocab));
                 },
-                Err(e) => {
-                    CHATS.note(false);
-                    assert!(!e.to_string().is_empty())
-                }
-            }
+            );
         });
     COMPLETIONS.assert_share("completion requests accepted", 0.1);
     CHATS.assert_share("chat requests accepted", 0.05);

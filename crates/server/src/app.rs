@@ -54,7 +54,9 @@ pub fn router(state: SharedState, body: BodyLimits) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(body, read_body_within))
         .layer(middleware::from_fn_with_state(state.clone(), gate))
-        .layer(DefaultBodyLimit::max(body.max_bytes))
+        // `read_body_within` owns the limit (413 in the OpenAI shape); the extractors then get
+        // bodies already within it, so their own default 2 MB cap must not apply.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -80,7 +82,7 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
 }
 
-/// API key on `/v1/*` (constant-time compare), body-size errors in the OpenAI shape.
+/// API key on `/v1/*` (constant-time compare).
 async fn gate(State(st): State<SharedState>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {
         if req.uri().path().starts_with("/v1") && req.method() != axum::http::Method::OPTIONS {
@@ -96,12 +98,7 @@ async fn gate(State(st): State<SharedState>, req: Request, next: Next) -> Respon
             }
         }
     }
-    let resp = next.run(req).await;
-    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-            .into_response();
-    }
-    resp
+    next.run(req).await
 }
 
 /// Reads the whole body under `BodyLimits` before any handler sees it: 408 when it does not
