@@ -305,12 +305,14 @@ fn requested(log: &[Logged], path_part: &str) -> Vec<Logged> {
 }
 
 fn python(script: &str, args: &[&str], env: &[(&str, String)]) -> String {
-    let mut cmd = Command::new("python3");
+    // The project venv, where `scripts/setup.sh --test` installs huggingface_hub.
+    let python = tpuserve_pyenv::python();
+    let mut cmd = Command::new(&python);
     cmd.arg("-c").arg(script).args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("python3");
+    let out = cmd.output().unwrap_or_else(|e| panic!("{python:?}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -318,7 +320,7 @@ fn python(script: &str, args: &[&str], env: &[(&str, String)]) -> String {
     );
     assert!(
         out.status.success(),
-        "python failed (is huggingface_hub installed? scripts/setup.sh):\n{text}"
+        "{python:?} failed (is huggingface_hub installed? scripts/setup.sh --test):\n{text}"
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

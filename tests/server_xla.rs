@@ -201,7 +201,7 @@ fn tpu_device_without_libtpu_is_a_clear_error() {
 /// `VLLM_XLA_CACHE_PATH` at once, both serve, and a third start loads every program from what
 /// they left (no entry torn or half-written).
 #[test]
-fn two_servers_fill_one_compile_cache_at_once() {
+fn fresh_cache_two_servers_fill_one_compile_cache_at_once() {
     let cache = tempfile::tempdir().unwrap();
     let model = tiny_llama3_dir();
     let start = |cache: &std::path::Path| {

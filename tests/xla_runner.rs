@@ -11,7 +11,7 @@ use tpuserve_runner_api::{ModelRunner, SamplingParams, SeqPlan, StepPlan};
 use tpuserve_runner_xla::program::Bucket;
 use tpuserve_runner_xla::{XlaRunner, XlaRunnerOptions};
 use tpuserve_suite::driver::{self, SeqRequest};
-use tpuserve_suite::tiny_llama3_dir;
+use tpuserve_suite::{shared_xla_cache, tiny_llama3_dir};
 
 fn small_opts(cache: Option<&Path>) -> XlaRunnerOptions {
     XlaRunnerOptions {
@@ -31,7 +31,7 @@ fn model() -> LoadedModel {
 }
 
 #[test]
-fn compile_cache_reuse_damage_and_concurrent_writers() {
+fn fresh_cache_reuse_damage_and_concurrent_writers() {
     let m = model();
     let dir = tempfile::tempdir().unwrap();
     // Two runners filling the same empty cache at once (separate PJRT clients, as two pods).
@@ -93,7 +93,7 @@ fn compile_cache_reuse_damage_and_concurrent_writers() {
 #[test]
 fn no_compilation_after_warm_up_and_the_guard_fires() {
     let m = model();
-    let mut r = XlaRunner::new(&m, small_opts(None)).unwrap();
+    let mut r = XlaRunner::new(&m, small_opts(Some(&shared_xla_cache()))).unwrap();
     let before = r.stats().compilations;
     // 200 requests of random lengths, in waves of random size.
     let mut seed = 7u64;
@@ -156,7 +156,7 @@ fn decode_plan(ctx: usize, token: u32) -> StepPlan {
 #[test]
 fn device_to_host_bytes_per_step_do_not_grow_with_context() {
     let m = model();
-    let mut r = XlaRunner::new(&m, small_opts(None)).unwrap();
+    let mut r = XlaRunner::new(&m, small_opts(Some(&shared_xla_cache()))).unwrap();
     let mut per_step = Vec::new();
     for ctx in [4usize, 40, 250] {
         let b0 = r.stats().bytes_to_host;

@@ -2,15 +2,18 @@
 //! at TP = 2, 4, 8 and SmolLM2 (9 / 3 heads) at TP = 3 reproduce the goldens; TP = 2 on
 //! SmolLM2 and TP beyond the device count fail at start with the numbers in the message.
 //!
-//! Every TP runs the batched group (prefill chunks and decode of several sequences at once);
-//! each case alone only at TP = 8, the production shape (TP = 1 alone is `goldens_xla`). The
-//! 8 virtual devices share this machine's cores, so each extra pass costs minutes of CI.
+//! Every TP size runs one staggered batch (prefill chunks and decode of several sequences at
+//! once); the 2k-token context only at TP = 8, the production shape, since the sharding does
+//! not depend on the context. Each case alone is `goldens_xla` (TP = 1); every case alone at
+//! every TP size is the long test below (scripts/test-long.sh). The 8 virtual devices share
+//! this machine's cores, so each extra pass costs minutes of CI.
 
 use tpuserve_model::{load_model, LoadedModel};
 use tpuserve_runner_xla::{XlaRunner, XlaRunnerOptions};
 use tpuserve_suite::checks::{check_case, request};
 use tpuserve_suite::driver;
 use tpuserve_suite::goldens::{Case, Goldens};
+use tpuserve_suite::hlo_proto;
 use tpuserve_suite::{fixtures_dir, shared_xla_cache, smollm2_gguf, tiny_llama3_dir};
 
 fn opts(tp: usize, max_model_len: usize) -> XlaRunnerOptions {
@@ -28,16 +31,26 @@ fn opts(tp: usize, max_model_len: usize) -> XlaRunnerOptions {
     }
 }
 
+/// The golden batch at one TP size, without the cases longer than `max_model_len`; with
+/// `alone`, every such case by itself first.
 fn goldens_at(model: &LoadedModel, goldens: &str, tp: usize, max_model_len: usize, alone: bool) {
     let mut r = XlaRunner::new(model, opts(tp, max_model_len)).unwrap();
     let g = Goldens::load(&fixtures_dir().join(goldens));
+    let fits = |c: &Case| c.prompt_token_ids.len() + c.completion_token_ids.len() <= max_model_len;
     if alone {
-        for c in &g.cases {
+        for c in g.cases.iter().filter(|c| fits(c)) {
             let res = driver::run(&mut r, vec![request(c, 0)], 64).remove(0);
             check_case(c, &res, true);
         }
     }
-    let cases: Vec<&Case> = g.batch.case_names.iter().map(|n| g.case(n)).collect();
+    let cases: Vec<&Case> = g
+        .batch
+        .case_names
+        .iter()
+        .map(|n| g.case(n))
+        .filter(|c| fits(c))
+        .collect();
+    assert!(cases.len() >= 4, "the batch lost its cases");
     let reqs = cases
         .iter()
         .enumerate()
@@ -52,8 +65,18 @@ fn goldens_at(model: &LoadedModel, goldens: &str, tp: usize, max_model_len: usiz
 #[test]
 fn tiny_llama3_tp_2_4_8_match_goldens() {
     let m = load_model(&tiny_llama3_dir()).unwrap();
+    for tp in [2, 4] {
+        goldens_at(&m, "tiny-llama3/goldens.json", tp, 512, false);
+    }
+    goldens_at(&m, "tiny-llama3/goldens.json", 8, 2304, false);
+}
+
+#[test]
+#[ignore = "long: scripts/test-long.sh (every golden case alone at TP 2, 4 and 8)"]
+fn long_tiny_llama3_every_case_alone_at_tp_2_4_8() {
+    let m = load_model(&tiny_llama3_dir()).unwrap();
     for tp in [2, 4, 8] {
-        goldens_at(&m, "tiny-llama3/goldens.json", tp, 2304, tp == 8);
+        goldens_at(&m, "tiny-llama3/goldens.json", tp, 2304, true);
     }
 }
 
@@ -83,4 +106,70 @@ fn smollm2_tp3_matches_goldens_and_tp2_is_refused() {
         "{err}"
     );
     goldens_at(&m, "smollm2/goldens.json", 3, 512, false);
+}
+
+/// What GSPMD made of the TP-8 step: the KV cache stays sharded by KV head from the buffer to
+/// the attention dot. No collective and no copy anywhere in any bucket's partitioned module
+/// moves the cache, whole or reshaped (an array with one of the cache's distinctive
+/// dimensions, or its element count). 3,001 blocks make those dimensions unlike any other
+/// tensor's in the step.
+#[test]
+fn tp8_partitioned_step_never_gathers_or_copies_the_kv_cache() {
+    let m = load_model(&tiny_llama3_dir()).unwrap();
+    let blocks = 3001i64; // num_blocks + the runner's null block
+    let r = XlaRunner::new(
+        &m,
+        XlaRunnerOptions {
+            num_blocks: blocks as usize - 1,
+            ..opts(8, 512)
+        },
+    )
+    .unwrap();
+    let c = &m.config;
+    let (layers, kvh, d) = (
+        c.num_hidden_layers as i64,
+        c.num_key_value_heads as i64,
+        c.head_dim as i64,
+    );
+    let slots = blocks * 16;
+    let cache_dims = [layers * slots, layers * blocks, slots, blocks];
+    let cache_elems = [layers * slots * kvh * d, layers * slots * (kvh / 8) * d];
+    let moves = [
+        "all-gather",
+        "all-to-all",
+        "collective-permute",
+        "all-reduce",
+        "reduce-scatter",
+        "copy",
+        "copy-start",
+    ];
+    for b in r.buckets() {
+        let p = r.optimized_program(*b).unwrap();
+        assert_eq!(p.format, "hlo_with_config");
+        let insts = hlo_proto::instructions(&p.code);
+        // The reader sees the partitioned module: the per-device cache parameters and the
+        // row-parallel all-reduces are there.
+        let per_device = [layers * slots, kvh / 8, d];
+        assert!(
+            insts
+                .iter()
+                .any(|i| i.opcode == "parameter" && i.shapes.contains(&per_device.to_vec())),
+            "{b:?}: no parameter of the per-device cache shape {per_device:?}"
+        );
+        assert!(
+            insts.iter().any(|i| i.opcode == "all-reduce"),
+            "{b:?}: no all-reduce in a TP-8 program"
+        );
+        let bad: Vec<_> = insts
+            .iter()
+            .filter(|i| moves.contains(&i.opcode.as_str()))
+            .filter(|i| {
+                i.shapes.iter().any(|s| {
+                    s.iter().any(|x| cache_dims.contains(x))
+                        || cache_elems.contains(&s.iter().product::<i64>())
+                })
+            })
+            .collect();
+        assert!(bad.is_empty(), "{b:?}: the KV cache is moved: {bad:#?}");
+    }
 }

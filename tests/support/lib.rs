@@ -6,6 +6,7 @@ pub mod driver;
 pub mod engine_support;
 pub mod gguf_writer;
 pub mod goldens;
+pub mod hlo_proto;
 pub mod server;
 
 use std::path::PathBuf;
@@ -42,15 +43,21 @@ pub fn tiny_llama3_dir() -> PathBuf {
     fixtures_dir().join("tiny-llama3/model")
 }
 
-/// A compile cache shared by the XLA golden tests (beside the build output, so reruns of the
-/// suite load programs instead of compiling them). Tests of the cache itself use temp dirs.
+/// The compile cache every XLA test shares (`$TPUSERVE_XLA_TEST_CACHE`, else
+/// `~/.cache/tpuserve/xla-test-cache`): outside the clone, so each CI run (a fresh clone) loads
+/// the programs earlier runs compiled instead of compiling them again. Programs are keyed by
+/// plugin, topology and fingerprint, so a changed program is compiled and added, never
+/// confused with an old one. Tests of the cache itself use temp dirs and say `fresh_cache` in
+/// their names.
 pub fn shared_xla_cache() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/xla-test-cache
-    let dir = exe
-        .ancestors()
-        .nth(3)
-        .map(|t| t.join("xla-test-cache"))
+    let dir = std::env::var_os("TPUSERVE_XLA_TEST_CACHE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache/tpuserve/xla-test-cache"))
+        })
         .unwrap_or_else(|| std::env::temp_dir().join("tpuserve-xla-test-cache"));
     std::fs::create_dir_all(&dir).expect("create the shared XLA cache dir");
     dir

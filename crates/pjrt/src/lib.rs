@@ -44,9 +44,7 @@ pub mod sys;
 pub use buffer::{Buffer, ElementType, NativeType};
 pub use client::{Client, Device};
 pub use compile_options::{CompileOptions, OptionOverride};
-pub use discover::{
-    find_cpu_plugin, python_site_dirs, CPU_PLUGIN_ENV, CPU_PLUGIN_FILE, CPU_PLUGIN_PACKAGE_DIR,
-};
+pub use discover::{find_cpu_plugin, CPU_PLUGIN_ENV, CPU_PLUGIN_FILE, CPU_PLUGIN_PACKAGE_DIR};
 pub use error::{Error, ErrorCode, Result};
 pub use executable::{ExecuteOptions, LoadedExecutable, OptimizedProgram};
 pub use plugin::{NamedValue, Plugin};

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use tpuserve_pjrt::{find_cpu_plugin, python_site_dirs, NamedValue};
+use tpuserve_pjrt::{find_cpu_plugin, NamedValue};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -31,10 +31,7 @@ impl std::str::FromStr for DeviceKind {
 pub struct PluginNotFound(pub String);
 
 fn in_site_packages(relatives: &[&str]) -> Option<PathBuf> {
-    python_site_dirs()
-        .into_iter()
-        .flat_map(|d| relatives.iter().map(move |r| d.join(r)))
-        .find(|p| p.is_file())
+    tpuserve_pyenv::find_file(relatives)
 }
 
 /// The plugin library for a device kind.

@@ -70,6 +70,13 @@ impl V {
     }
 }
 
+fn join(v: &[i64]) -> String {
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn i64_array(v: &[i64]) -> String {
     let items: Vec<String> = v.iter().map(|x| x.to_string()).collect();
     if items.is_empty() {
@@ -389,38 +396,50 @@ impl Block {
         V { name, ty }
     }
 
-    /// Rows of a 2-D `table [N, W]` picked by `idx` (any shape, i32) → `idx.shape + [W]`.
+    /// Rows of `table [N, W...]` picked by `idx` (any shape, i32) → `idx.shape + [W...]`.
+    /// Only the leading axis is indexed: the row's other axes are whole slices, so a table
+    /// sharded on one of them stays sharded without any collective (GSPMD passes the axis
+    /// through).
     pub fn take_rows(&mut self, table: &V, idx: &V) -> V {
-        let w = table.dims()[1];
+        let row: Vec<i64> = table.dims()[1..].to_vec();
         let n_idx = idx.dims().iter().product::<i64>();
         let flat = self.reshape(idx, &[n_idx, 1]);
+        let offset_dims: Vec<i64> = (1..=row.len() as i64).collect();
+        let mut slice = vec![1];
+        slice.extend(&row);
         let attrs = format!(
-            "dimension_numbers = #stablehlo.gather<offset_dims = [1], collapsed_slice_dims = [0], start_index_map = [0], index_vector_dim = 1>, slice_sizes = {}, indices_are_sorted = false",
-            i64_array(&[1, w])
+            "dimension_numbers = #stablehlo.gather<offset_dims = [{}], collapsed_slice_dims = [0], start_index_map = [0], index_vector_dim = 1>, slice_sizes = {}, indices_are_sorted = false",
+            join(&offset_dims),
+            i64_array(&slice)
         );
+        let mut gathered = vec![n_idx];
+        gathered.extend(&row);
         let g = self.generic(
             "gather",
             &[table, &flat],
             &attrs,
-            Ty::new(&[n_idx, w], table.ty.elem),
+            Ty::new(&gathered, table.ty.elem),
         );
         let mut dims = idx.dims().to_vec();
-        dims.push(w);
+        dims.extend(&row);
         self.reshape(&g, &dims)
     }
 
-    /// Writes `rows [T, W]` into `table [N, W]` at row indices `idx [T]` (later rows win).
+    /// Writes `rows [T, W...]` into `table [N, W...]` at row indices `idx [T]` (later rows
+    /// win). As in [`Block::take_rows`], only the leading axis is indexed.
     pub fn scatter_rows(&mut self, table: &V, idx: &V, rows: &V) -> V {
         let t = idx.dims()[0];
         let idx2 = self.reshape(idx, &[t, 1]);
+        let window: Vec<i64> = (1..table.dims().len() as i64).collect();
         let s = Ty::new(&[], table.ty.elem).mlir();
         let name = self.fresh();
         let (x, y) = (format!("{name}a"), format!("{name}b"));
         self.lines.push(format!(
-            "{name} = \"stablehlo.scatter\"({}, {}, {}) ({{\n  ^bb0({x}: {s}, {y}: {s}):\n    \"stablehlo.return\"({y}) : ({s}) -> ()\n  }}) {{scatter_dimension_numbers = #stablehlo.scatter<update_window_dims = [1], inserted_window_dims = [0], scatter_dims_to_operand_dims = [0], index_vector_dim = 1>, indices_are_sorted = false, unique_indices = false}} : ({}, {}, {}) -> {}",
+            "{name} = \"stablehlo.scatter\"({}, {}, {}) ({{\n  ^bb0({x}: {s}, {y}: {s}):\n    \"stablehlo.return\"({y}) : ({s}) -> ()\n  }}) {{scatter_dimension_numbers = #stablehlo.scatter<update_window_dims = [{}], inserted_window_dims = [0], scatter_dims_to_operand_dims = [0], index_vector_dim = 1>, indices_are_sorted = false, unique_indices = false}} : ({}, {}, {}) -> {}",
             table.name,
             idx2.name,
             rows.name,
+            join(&window),
             table.ty.mlir(),
             idx2.ty.mlir(),
             rows.ty.mlir(),

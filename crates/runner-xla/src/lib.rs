@@ -267,8 +267,18 @@ impl XlaRunner {
         }
         let num_blocks = opts.num_blocks + 1;
         let rows = c.num_hidden_layers * num_blocks * opts.block_size;
-        let k_cache = weights::zero_cache(&client, &devices, rows, c.kv_size(), opts.weight_dtype)?;
-        let v_cache = weights::zero_cache(&client, &devices, rows, c.kv_size(), opts.weight_dtype)?;
+        let zero_cache = || {
+            let (kv_heads, head_dim) = (c.num_key_value_heads, c.head_dim);
+            weights::zero_cache(
+                &client,
+                &devices,
+                rows,
+                kv_heads,
+                head_dim,
+                opts.weight_dtype,
+            )
+        };
+        let (k_cache, v_cache) = (zero_cache()?, zero_cache()?);
         tracing::info!(
             "weights and KV cache ({} blocks of {}) on {} device(s) in {:.1}s",
             opts.num_blocks,
@@ -353,6 +363,20 @@ impl XlaRunner {
 
     pub fn stats(&self) -> XlaStats {
         self.stats.clone()
+    }
+
+    /// What the compiler made of a bucket's step program: the optimized, partitioned module
+    /// as the plugin returns it (`hlo_with_config`, a serialized `HloModuleProtoWithConfig`).
+    /// For checking the partitioned HLO (collectives, copies of the KV cache) in tests.
+    pub fn optimized_program(
+        &self,
+        b: Bucket,
+    ) -> Result<tpuserve_pjrt::OptimizedProgram, RunnerError> {
+        self.executables
+            .get(&b)
+            .ok_or_else(|| RunnerError::Device(format!("bucket {b:?} is not compiled")))?
+            .optimized_program()
+            .map_err(derr)
     }
 
     pub fn compile_cache_dir(&self) -> Option<&std::path::Path> {

@@ -118,7 +118,9 @@ pub fn arg_sharding(index: usize, tp: i64) -> String {
         arg::LM_HEAD => d(&format!("[1,{tp}]")),
         arg::WQ | arg::WK | arg::WV | arg::WG | arg::WU => d(&format!("[1,1,{tp}]")),
         arg::WO | arg::WD => d(&format!("[1,{tp},1]")),
-        arg::K_CACHE | arg::V_CACHE => d(&format!("[1,{tp}]")),
+        // The KV-head axis is its own dimension, from the buffer to the attention dot, so
+        // GSPMD never has to all-gather or copy the cache to reshape it.
+        arg::K_CACHE | arg::V_CACHE => d(&format!("[1,{tp},1]")),
         _ => "{replicated}".into(),
     }
 }
@@ -152,8 +154,8 @@ impl ProgramConfig {
             Ty::new(&[l, h, m.inter], w),
             Ty::new(&[l, m.inter, h], w),
             Ty::new(&[m.head_dim / 2], Elem::F32),
-            Ty::new(&[l * self.slots(), kvs], w),
-            Ty::new(&[l * self.slots(), kvs], w),
+            Ty::new(&[l * self.slots(), m.kv_heads, m.head_dim], w),
+            Ty::new(&[l * self.slots(), m.kv_heads, m.head_dim], w),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::I32),
@@ -377,7 +379,7 @@ impl Emitter<'_> {
         let (t, nblk) = (self.b.tokens, self.b.blocks);
         let w = cfg.weight_elem.elem();
         let (h, d, nh, kvh) = (m.hidden, m.head_dim, m.heads, m.kv_heads);
-        let (qs, kvs, g) = (nh * d, kvh * d, nh / kvh);
+        let (qs, g) = (nh * d, nh / kvh);
         let (i, x, kc, vc) = (&v[0], &v[1], &v[2], &v[3]);
         let in_norm = &v[4];
         let (wq, wk, wv, wo) = (&v[5], &v[6], &v[7], &v[8]);
@@ -421,18 +423,22 @@ impl Emitter<'_> {
         let rows = b.add(slots, &base_t);
         let kw = b.convert(&k, w);
         let vw = b.convert(&vv, w);
+        let kw = b.reshape(&kw, &[t, kvh, d]);
+        let vw = b.reshape(&vw, &[t, kvh, d]);
         let kc2 = b.scatter_rows(kc, &rows, &kw);
         let vc2 = b.scatter_rows(vc, &rows, &vw);
 
-        // KV read: each token's first `nblk` blocks of its sequence, as [T, C, KVH, D].
+        // KV read: each token's first `nblk` blocks of its sequence, as [T, C, KVH, D]. The
+        // cache [L × slots, KVH, D] is viewed as [L × blocks, BS, KVH, D] (only the leading,
+        // unsharded axis is split).
         let bs = cfg.block_size;
         let c = nblk * bs;
         let nb_total = b.constant_int(cfg.num_blocks, &[], Elem::I32);
         let bbase = b.mul(i, &nb_total);
         let bbase_t = b.broadcast(&bbase, &[t, nblk], &[]);
         let brows = b.add(blocks, &bbase_t);
-        let kc_blocks = b.reshape(&kc2, &[m.layers * cfg.num_blocks, bs * kvs]);
-        let vc_blocks = b.reshape(&vc2, &[m.layers * cfg.num_blocks, bs * kvs]);
+        let kc_blocks = b.reshape(&kc2, &[m.layers * cfg.num_blocks, bs, kvh, d]);
+        let vc_blocks = b.reshape(&vc2, &[m.layers * cfg.num_blocks, bs, kvh, d]);
         let kg = b.take_rows(&kc_blocks, &brows);
         let vg = b.take_rows(&vc_blocks, &brows);
         let kg = b.reshape(&kg, &[t, c, kvh, d]);

@@ -204,7 +204,8 @@ pub fn zero_cache(
     client: &Client,
     devices: &[Device],
     rows: usize,
-    width: usize,
+    kv_heads: usize,
+    head_dim: usize,
     elem: WeightElem,
 ) -> Result<Vec<Buffer>, RunnerError> {
     let n = devices.len();
@@ -212,12 +213,12 @@ pub fn zero_cache(
         WeightElem::F32 => (ElementType::F32, 4),
         WeightElem::BF16 => (ElementType::BF16, 2),
     };
-    let zeros = vec![0u8; rows * (width / n) * size];
+    // Each device holds its KV heads: [rows, kv_heads / n, head_dim].
+    let heads = kv_heads / n;
+    let zeros = vec![0u8; rows * heads * head_dim * size];
+    let dims = [rows as i64, heads as i64, head_dim as i64];
     devices
         .iter()
-        .map(|d| {
-            Buffer::from_host(client, &zeros, ty, &[rows as i64, (width / n) as i64], d)
-                .map_err(derr)
-        })
+        .map(|d| Buffer::from_host(client, &zeros, ty, &dims, d).map_err(derr))
         .collect()
 }
