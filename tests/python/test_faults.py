@@ -19,6 +19,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from tpuserve_proc import SHARED, ServerProcess
 
 GOLDENS = json.loads((SHARED / "fixtures" / "smollm2" / "goldens.json").read_text())
@@ -79,10 +81,12 @@ def vanishing_client(port, rng, outcome):
     outcome.append(where)
 
 
-def test_a_thousand_requests_with_a_third_vanishing_leave_no_kv_block_held():
+# CI runs 300 requests; scripts/test-long.sh the thousand.
+@pytest.mark.parametrize("total", [300, pytest.param(1000, marks=pytest.mark.long)])
+def test_requests_with_a_third_vanishing_leave_no_kv_block_held(total):
     s = Server("--max-model-len", "512", "--max-num-seqs", "32")
     try:
-        total, workers = 1000, 32
+        workers = 32
         dropped, completed, errors = [], [], []
         counter = iter(range(total))
         lock = threading.Lock()
@@ -113,7 +117,7 @@ def test_a_thousand_requests_with_a_third_vanishing_leave_no_kv_block_held():
             t.join()
         assert not errors, errors[:3]
         assert len(dropped) + len(completed) == total
-        assert 250 < len(dropped) < 420, len(dropped)
+        assert 0.25 * total < len(dropped) < 0.42 * total, len(dropped)
         assert len(set(dropped)) == 5, set(dropped)
         # Aborts are processed by the engine loop: give it a moment to drain.
         deadline = time.monotonic() + 60
