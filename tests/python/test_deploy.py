@@ -298,6 +298,9 @@ def _env_of(stage: list) -> dict:
     return env
 
 
+# A Debian root built from the mirror (~40 s): scripts/test-long.sh; CI checks the Dockerfile,
+# hadolint and the manifests.
+@pytest.mark.long
 def test_runtime_install_script_in_a_scratch_root(tmp_path):
     """Replays the runtime stages: docker/install-runtime.sh `system` as root inside a minimal
     Debian bookworm root (what debian:bookworm-slim is), `python cpu` / `python tpu` with this
