@@ -60,6 +60,14 @@ fn llama_70b_on_v6e_8() {
         p.roofline_tokens_per_s > 2000.0,
         "the tutorial's ~2000 tok/s must be under the roofline"
     );
+    // Start-up estimate: 141 GB of checkpoint at 2 GB/s is ~71 s of reads.
+    let p = p.with_read_gbps(2.0);
+    assert!((p.weight_load_seconds - params * 2.0 / 2e9).abs() < 1e-6);
+    assert!(
+        p.to_string()
+            .contains("weight placement            ~71 s at 2 GB/s"),
+        "{p}"
+    );
 }
 
 #[test]

@@ -275,3 +275,77 @@ fn fresh_cache_two_servers_fill_one_compile_cache_at_once() {
         .collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
 }
+
+/// `--load-format dummy` (vLLM's): a folder with `config.json` and the tokenizer but no
+/// weights starts and serves, at TP 1 and 8, with the weights filled on the devices; without
+/// the flag the same folder fails naming the missing file; vLLM formats tpuserve does not
+/// read are refused by name with exit 2.
+#[test]
+fn load_format_dummy_serves_a_config_folder_at_tp_1_and_8() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        std::fs::copy(tiny_llama3_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    let folder = dir.path().to_str().unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(tpuserve_bin())
+            .args(["serve", folder, "--device", "xla-cpu", "--port", "1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("model.safetensors"),
+        "{err}"
+    );
+    let out = run(&["--load-format", "pt"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("load format `pt` is not supported"), "{err}");
+
+    let mut texts = Vec::new();
+    for tp in ["1", "8"] {
+        let s = spawn_xla(
+            folder,
+            &[
+                "--load-format",
+                "dummy",
+                "--tensor-parallel-size",
+                tp,
+                "--max-model-len",
+                "128",
+                "--max-num-batched-tokens",
+                "32",
+                "--max-num-seqs",
+                "4",
+                "--kv-cache-space",
+                "0.01",
+            ],
+        );
+        let v = s.post_ok(
+            "/v1/completions",
+            &json!({"prompt": "Hello there", "max_tokens": 5, "ignore_eos": true, "temperature": 0}),
+        );
+        assert_eq!(v["usage"]["completion_tokens"], 5, "tp {tp}: {v}");
+        let log = s.log();
+        assert!(
+            log.contains("weights (dummy weights (--load-format dummy)) on"),
+            "tp {tp}: {log}"
+        );
+        assert!(
+            log.contains(&format!("on {tp} device(s)")),
+            "tp {tp}: {log}"
+        );
+        texts.push(v["choices"][0]["text"].clone());
+    }
+    // Each value is a function of its element's index in the whole tensor, so the shards the
+    // eight devices fill make up the same weights as one device: the same greedy text.
+    assert_eq!(texts[0], texts[1]);
+}

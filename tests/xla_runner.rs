@@ -167,3 +167,153 @@ fn device_to_host_bytes_per_step_do_not_grow_with_context() {
     // One 16-row bucket: sampled id, its logprob and rank, target logprob and rank.
     assert_eq!(per_step[0], 16 * 5 * 4);
 }
+
+/// `[rows, cols]` (HF `[out, in]`) bf16 bytes → device `d` of `n`'s shard of the `[in, out]`
+/// layout the program takes, element by element (the loader's tiled, parallel transpose is
+/// checked against this plain definition).
+fn transposed_shard(
+    file: &[u8],
+    rows: usize,
+    cols: usize,
+    split_out: bool,
+    d: usize,
+    n: usize,
+) -> Vec<u8> {
+    let (r0, r1, c0, c1) = if split_out {
+        (d * rows / n, (d + 1) * rows / n, 0, cols)
+    } else {
+        (0, rows, d * cols / n, (d + 1) * cols / n)
+    };
+    let mut out = Vec::with_capacity((r1 - r0) * (c1 - c0) * 2);
+    for c in c0..c1 {
+        for r in r0..r1 {
+            let s = (r * cols + c) * 2;
+            out.extend_from_slice(&file[s..s + 2]);
+        }
+    }
+    out
+}
+
+#[test]
+fn bf16_checkpoint_lands_on_every_device_byte_for_byte_at_tp_1_and_8() {
+    use tpuserve_runner_xla::program::arg;
+    use tpuserve_runner_xla::weights::Layout;
+    use tpuserve_runner_xla::WeightElem;
+    let m = model();
+    let c = &m.config;
+    let (h, qs, kvs, inter, vocab, layers) = (
+        c.hidden_size,
+        c.q_size(),
+        c.kv_size(),
+        c.intermediate_size,
+        c.vocab_size,
+        c.num_hidden_layers,
+    );
+    let file = |name: &str| {
+        let t = m.weights.tensor(name).unwrap();
+        assert_eq!(
+            t.dtype,
+            tpuserve_model::DType::BF16,
+            "{name}: the fixture is bf16"
+        );
+        t.bytes.into_owned()
+    };
+    // Host layout is what the XLA CPU plugin gets by default; the device-program layout is
+    // what TPUs and GPUs get, run here on the CPU devices.
+    // The f32 runs widen on the host / convert in the device program: exact for bf16 values.
+    let (bf16, f32) = (WeightElem::BF16, WeightElem::F32);
+    for (tp, layout, elem) in [
+        (1usize, Layout::Host, bf16),
+        (1, Layout::Device, bf16),
+        (8, Layout::Host, bf16),
+        (8, Layout::Device, bf16),
+        (1, Layout::Host, f32),
+        (8, Layout::Device, f32),
+    ] {
+        let as_elem = |b: Vec<u8>| -> Vec<u8> {
+            if elem == f32 {
+                b.chunks(2)
+                    .flat_map(|x| {
+                        half::bf16::from_le_bytes([x[0], x[1]])
+                            .to_f32()
+                            .to_le_bytes()
+                    })
+                    .collect()
+            } else {
+                b
+            }
+        };
+        let r = XlaRunner::new(
+            &m,
+            XlaRunnerOptions {
+                tensor_parallel_size: tp,
+                cpu_device_count: 8,
+                weight_layout: layout,
+                weight_dtype: elem,
+                compile_cache_dir: Some(shared_xla_cache()),
+                ..small_opts(None)
+            },
+        )
+        .unwrap();
+        for d in [0, tp - 1] {
+            let embed = file("model.embed_tokens.weight");
+            let rows = vocab / tp * h * 2;
+            assert!(
+                r.weight_shard(arg::EMBED, d).unwrap()
+                    == as_elem(embed[d * rows..(d + 1) * rows].to_vec()),
+                "tp {tp} {layout:?} device {d}: embedding"
+            );
+            let head = as_elem(transposed_shard(
+                &file("lm_head.weight"),
+                vocab,
+                h,
+                true,
+                d,
+                tp,
+            ));
+            assert!(
+                r.weight_shard(arg::LM_HEAD, d).unwrap() == head,
+                "tp {tp} {layout:?} device {d}: lm_head"
+            );
+            for (index, suffix, rows, cols, split_out) in [
+                (arg::WQ, "self_attn.q_proj.weight", qs, h, true),
+                (arg::WK, "self_attn.k_proj.weight", kvs, h, true),
+                (arg::WV, "self_attn.v_proj.weight", kvs, h, true),
+                (arg::WO, "self_attn.o_proj.weight", h, qs, false),
+                (arg::WG, "mlp.gate_proj.weight", inter, h, true),
+                (arg::WU, "mlp.up_proj.weight", inter, h, true),
+                (arg::WD, "mlp.down_proj.weight", h, inter, false),
+            ] {
+                let want: Vec<u8> = (0..layers)
+                    .flat_map(|l| {
+                        let f = file(&format!("model.layers.{l}.{suffix}"));
+                        transposed_shard(&f, rows, cols, split_out, d, tp)
+                    })
+                    .collect();
+                let want = as_elem(want);
+                let got = r.weight_shard(index, d).unwrap();
+                assert!(
+                    got == want,
+                    "tp {tp} {layout:?} device {d}: {suffix} ({} vs {} bytes)",
+                    got.len(),
+                    want.len()
+                );
+            }
+            // Norm weights are kept in f32 on every device: the bf16 values widened exactly.
+            let norm: Vec<u8> = (0..layers)
+                .flat_map(|l| file(&format!("model.layers.{l}.input_layernorm.weight")))
+                .collect::<Vec<u8>>()
+                .chunks(2)
+                .flat_map(|b| {
+                    half::bf16::from_le_bytes([b[0], b[1]])
+                        .to_f32()
+                        .to_le_bytes()
+                })
+                .collect();
+            assert!(
+                r.weight_shard(arg::IN_NORM, d).unwrap() == norm,
+                "tp {tp}: norms"
+            );
+        }
+    }
+}

@@ -5,6 +5,7 @@
 pub mod chat_template;
 pub mod config;
 pub mod dequant;
+pub mod dummy;
 pub mod error;
 pub mod gguf;
 pub mod loader;
@@ -16,6 +17,6 @@ pub mod tokenizer;
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::ModelError;
-pub use loader::{load_model, LoadedModel, ModelFormat};
+pub use loader::{load_model, load_model_with, LoadFormat, LoadedModel, ModelFormat};
 pub use tensor::{DType, HostTensor, WeightSource};
 pub use tokenizer::Tokenizer;

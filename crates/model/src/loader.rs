@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::chat_template::{template_from_tokenizer_config, ChatTemplate};
 use crate::config::{generation_eos_ids, LlamaConfig};
+use crate::dummy::DummyWeights;
 use crate::gguf::{GgufFile, GgufWeights};
 use crate::safetensors_source::SafetensorsWeights;
 use crate::tensor::WeightSource;
@@ -38,17 +39,83 @@ impl std::fmt::Debug for LoadedModel {
     }
 }
 
+/// vLLM's `--load-format`: where the weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadFormat {
+    /// safetensors in a folder with `config.json`, else a `.gguf` file (or a folder holding one).
+    #[default]
+    Auto,
+    Safetensors,
+    Gguf,
+    /// Config, tokenizer and shapes only; weights filled with small random values.
+    Dummy,
+}
+
+/// vLLM load formats that tpuserve does not read, refused by name rather than loaded some
+/// other way.
+const UNSUPPORTED_LOAD_FORMATS: &[&str] = &[
+    "pt",
+    "npcache",
+    "tensorizer",
+    "sharded_state",
+    "bitsandbytes",
+    "mistral",
+    "runai_streamer",
+    "runai_streamer_sharded",
+    "fastsafetensors",
+];
+
+impl std::str::FromStr for LoadFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(LoadFormat::Auto),
+            "safetensors" => Ok(LoadFormat::Safetensors),
+            "gguf" => Ok(LoadFormat::Gguf),
+            "dummy" => Ok(LoadFormat::Dummy),
+            other if UNSUPPORTED_LOAD_FORMATS.contains(&other) => Err(format!(
+                "load format `{other}` is not supported by tpuserve (supported: auto, \
+                 safetensors, gguf, dummy)"
+            )),
+            other => Err(format!(
+                "unknown load format `{other}` (supported: auto, safetensors, gguf, dummy)"
+            )),
+        }
+    }
+}
+
 /// Loads a model from a `.gguf` file, or a folder holding `config.json` + safetensors (or a
 /// single `.gguf`).
 pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
+    load_model_with(path, LoadFormat::Auto)
+}
+
+/// [`load_model`] with an explicit `--load-format`. `dummy` reads the config and tokenizer
+/// (from `config.json` + `tokenizer.json`, or a GGUF's metadata) and no tensor data.
+pub fn load_model_with(path: &Path, format: LoadFormat) -> Result<LoadedModel, ModelError> {
     if !path.exists() {
         return Err(ModelError::NotFound(path.to_path_buf()));
     }
+    let wrong = |reason: &str| ModelError::Config {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let dummy = format == LoadFormat::Dummy;
     if path.is_file() {
-        return load_gguf(path);
+        if format == LoadFormat::Safetensors {
+            return Err(wrong(
+                "--load-format safetensors needs a folder with config.json and *.safetensors",
+            ));
+        }
+        return load_gguf(path, dummy);
     }
-    if path.join("config.json").exists() {
-        return load_hf_dir(path);
+    if path.join("config.json").exists() && format != LoadFormat::Gguf {
+        return load_hf_dir(path, dummy);
+    }
+    if format == LoadFormat::Safetensors {
+        return Err(wrong(
+            "--load-format safetensors: the folder has no config.json",
+        ));
     }
     let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| ModelError::io(path, e))?
@@ -56,11 +123,13 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
         .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
         .collect();
     match ggufs.as_slice() {
-        [one] => load_gguf(one),
-        _ => Err(ModelError::Config {
-            path: path.to_path_buf(),
-            reason: "folder has neither config.json nor exactly one .gguf file".into(),
-        }),
+        [one] => load_gguf(one, dummy),
+        _ if format == LoadFormat::Gguf => Err(wrong(
+            "--load-format gguf needs a .gguf file or a folder with exactly one",
+        )),
+        _ => Err(wrong(
+            "folder has neither config.json nor exactly one .gguf file",
+        )),
     }
 }
 
@@ -73,7 +142,7 @@ fn merge_eos(mut ids: Vec<u32>, more: impl IntoIterator<Item = u32>) -> Vec<u32>
     ids
 }
 
-fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
+fn load_gguf(path: &Path, dummy: bool) -> Result<LoadedModel, ModelError> {
     let file = GgufFile::open(path)?;
     let config = file.llama_config()?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
@@ -86,20 +155,25 @@ fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
         None => None,
     };
     let eos_token_ids = config.eos_token_ids.clone();
-    let weights = GgufWeights::new(file, &config);
-    check_weights(&weights, &config)?;
+    let weights: Box<dyn WeightSource> = if dummy {
+        Box::new(DummyWeights::new(&config))
+    } else {
+        let w = GgufWeights::new(file, &config);
+        check_weights(&w, &config)?;
+        Box::new(w)
+    };
     Ok(LoadedModel {
         path: path.to_path_buf(),
         format: ModelFormat::Gguf,
         config,
-        weights: Box::new(weights),
+        weights,
         tokenizer,
         chat_template,
         eos_token_ids,
     })
 }
 
-fn load_hf_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
+fn load_hf_dir(dir: &Path, dummy: bool) -> Result<LoadedModel, ModelError> {
     let config = LlamaConfig::from_hf_json(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let tok_cfg: Option<serde_json::Value> =
@@ -119,13 +193,18 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
     };
     let gen_eos = generation_eos_ids(&dir.join("generation_config.json")).unwrap_or_default();
     let eos_token_ids = merge_eos(config.eos_token_ids.clone(), gen_eos);
-    let weights = SafetensorsWeights::open_dir(dir)?;
-    check_weights(&weights, &config)?;
+    let weights: Box<dyn WeightSource> = if dummy {
+        Box::new(DummyWeights::new(&config))
+    } else {
+        let w = SafetensorsWeights::open_dir(dir)?;
+        check_weights(&w, &config)?;
+        Box::new(w)
+    };
     Ok(LoadedModel {
         path: dir.to_path_buf(),
         format: ModelFormat::Safetensors,
         config,
-        weights: Box::new(weights),
+        weights,
         tokenizer,
         chat_template,
         eos_token_ids,

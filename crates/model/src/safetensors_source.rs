@@ -99,6 +99,14 @@ impl WeightSource for SafetensorsWeights {
         })
     }
 
+    fn prefetch(&self, names: &[String]) {
+        for e in names.iter().filter_map(|n| self.entries.get(n)) {
+            // Advice only: a failure costs speed, never correctness.
+            let _ =
+                self.maps[e.file].advise_range(memmap2::Advice::WillNeed, e.start, e.end - e.start);
+        }
+    }
+
     fn tensor_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.entries.keys().cloned().collect();
         v.sort();

@@ -92,6 +92,14 @@ pub trait WeightSource: Send + Sync {
     fn contains(&self, name: &str) -> bool;
     fn tensor(&self, name: &str) -> Result<HostTensor<'_>, ModelError>;
     fn tensor_names(&self) -> Vec<String>;
+    /// `--load-format dummy`: no checkpoint behind these tensors; a device runner fills its
+    /// buffers on the device instead of asking for them.
+    fn is_dummy(&self) -> bool {
+        false
+    }
+    /// Starts reading these tensors' bytes in the background (the loader asks for the next
+    /// argument's tensors while the current one uploads). A no-op where nothing is mapped.
+    fn prefetch(&self, _names: &[String]) {}
 }
 
 impl dyn WeightSource + '_ {

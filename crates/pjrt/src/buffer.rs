@@ -149,6 +149,57 @@ native_type!(
 pub struct Buffer {
     pub(crate) client: Client,
     pub(crate) raw: *mut sys::PJRT_Buffer,
+    /// Host memory the plugin may be using as the buffer itself ([`Buffer::from_host_owned`]).
+    host: Option<HostBacking>,
+}
+
+/// Host bytes aligned for the XLA CPU plugin to adopt without a copy (it needs 64-byte
+/// alignment, which a `Vec<u8>` does not promise).
+pub struct AlignedBytes {
+    blocks: Vec<Align64>,
+    len: usize,
+}
+
+#[repr(C, align(64))]
+struct Align64([u8; 64]);
+
+impl AlignedBytes {
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> AlignedBytes {
+        let n = len.div_ceil(64);
+        let blocks = if n == 0 {
+            Vec::new()
+        } else {
+            let layout = std::alloc::Layout::array::<Align64>(n).expect("allocation size");
+            // SAFETY: a non-zero-sized layout; all-zero bytes are a valid `Align64`; the
+            // pointer, length and capacity describe exactly this allocation of this layout.
+            // (`alloc_zeroed` gets pages the kernel zeroes lazily, instead of a write pass.)
+            unsafe {
+                let ptr = std::alloc::alloc_zeroed(layout).cast::<Align64>();
+                if ptr.is_null() {
+                    std::alloc::handle_alloc_error(layout);
+                }
+                Vec::from_raw_parts(ptr, n, n)
+            }
+        };
+        AlignedBytes { blocks, len }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `blocks` holds at least `len` initialised bytes, contiguous (repr(C) arrays).
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as `as_slice`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast(), self.len) }
+    }
+}
+
+/// Keeps adopted host memory alive until the plugin says it is done with it.
+struct HostBacking {
+    done: *mut sys::PJRT_Event,
+    _bytes: AlignedBytes,
 }
 
 // SAFETY: PJRT_Buffer wraps XLA's PjRtBuffer, whose methods are thread-safe. The C wrapper also
@@ -166,6 +217,19 @@ impl Drop for Buffer {
         // SAFETY: we own the live buffer; destroyed exactly once.
         if let Err(e) = unsafe { pjrt_call!(self.api(), PJRT_Buffer_Destroy, &mut args) } {
             tracing::warn!("{e}");
+        }
+        if let Some(host) = self.host.take() {
+            // The plugin signals when it no longer reads the adopted bytes (at the latest once
+            // the buffer is gone); only then may they be freed.
+            // SAFETY: the event is ours; awaited and destroyed once.
+            let r = unsafe {
+                self.client
+                    .api()
+                    .await_and_destroy_event(host.done, "done_with_host_buffer")
+            };
+            if let Err(e) = r {
+                tracing::warn!("{e}");
+            }
         }
     }
 }
@@ -205,20 +269,23 @@ impl Buffer {
         Ok(Buffer {
             client: client.clone(),
             raw,
+            host: None,
         })
     }
 
-    /// Copies `data` (dense, row-major, native-endian elements of `element_type`) to `device`.
+    /// `PJRT_Client_BufferFromHostBuffer` after checking `data` against `dims`: the new
+    /// buffer and its "done with host buffer" event (the caller's to await and destroy).
     ///
-    /// Uses `kImmutableUntilTransferCompletes` and waits for the plugin's "done with host
-    /// buffer" event before returning, so `data` is free to reuse afterwards.
-    pub fn from_host(
+    /// # Safety
+    /// `data` must stay alive and unmodified until that event has fired.
+    unsafe fn from_host_with(
         client: &Client,
         data: &[u8],
         element_type: ElementType,
         dims: &[i64],
         device: &Device,
-    ) -> Result<Buffer> {
+        semantics: sys::PJRT_HostBufferSemantics,
+    ) -> Result<(Buffer, *mut sys::PJRT_Event)> {
         if !device.client.same_as(client) {
             return Err(Error::InvalidArgument(
                 "the device belongs to another client".into(),
@@ -242,24 +309,83 @@ impl Buffer {
         args.num_dims = dims.len();
         args.byte_strides = ptr::null();
         args.num_byte_strides = 0;
-        args.host_buffer_semantics = sys::PJRT_HostBufferSemantics_kImmutableUntilTransferCompletes;
+        args.host_buffer_semantics = semantics;
         args.device = device.raw;
         args.memory = ptr::null_mut();
         args.device_layout = ptr::null_mut();
-        // SAFETY: live client and device; `data` and `dims` stay borrowed (alive, unmodified)
-        // until `done_with_host_buffer` has been awaited below.
+        // SAFETY: live client and device; `dims` is read during the call only, `data` until
+        // the returned event fires (the caller's guarantee).
         unsafe { pjrt_call!(client.api(), PJRT_Client_BufferFromHostBuffer, &mut args) }?;
-        // Take ownership first so that the buffer is destroyed if the event reports an error.
-        let buffer = Buffer::from_raw(client, args.buffer, "PJRT_Client_BufferFromHostBuffer");
+        let done = args.done_with_host_buffer;
+        match Buffer::from_raw(client, args.buffer, "PJRT_Client_BufferFromHostBuffer") {
+            Ok(b) => Ok((b, done)),
+            Err(e) => {
+                // SAFETY: the event is ours; awaited and destroyed once.
+                let _ = unsafe {
+                    client
+                        .api()
+                        .await_and_destroy_event(done, "done_with_host_buffer")
+                };
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies `data` (dense, row-major, native-endian elements of `element_type`) to `device`.
+    ///
+    /// Uses `kImmutableUntilTransferCompletes` and waits for the plugin's "done with host
+    /// buffer" event before returning, so `data` is free to reuse afterwards.
+    pub fn from_host(
+        client: &Client,
+        data: &[u8],
+        element_type: ElementType,
+        dims: &[i64],
+        device: &Device,
+    ) -> Result<Buffer> {
+        // SAFETY: `data` stays borrowed until the event has been awaited below.
+        let (buffer, done) = unsafe {
+            Self::from_host_with(
+                client,
+                data,
+                element_type,
+                dims,
+                device,
+                sys::PJRT_HostBufferSemantics_kImmutableUntilTransferCompletes,
+            )
+        }?;
         // SAFETY: the event is ours; awaited and destroyed once.
-        let done = unsafe {
+        unsafe {
             client.api().await_and_destroy_event(
-                args.done_with_host_buffer,
+                done,
                 "PJRT_Client_BufferFromHostBuffer (done_with_host_buffer)",
             )
-        };
-        let buffer = buffer?;
-        done?;
+        }?;
+        Ok(buffer)
+    }
+
+    /// Hands `data` to `device` with `kImmutableZeroCopy`: a plugin whose device memory is host
+    /// memory (XLA CPU) may use the bytes as the buffer itself instead of copying them; others
+    /// copy. The buffer owns `data` and frees it after the plugin reports it done with it.
+    pub fn from_host_owned(
+        client: &Client,
+        data: AlignedBytes,
+        element_type: ElementType,
+        dims: &[i64],
+        device: &Device,
+    ) -> Result<Buffer> {
+        // SAFETY: `data` moves into the returned buffer, which keeps it alive and unmodified
+        // until the event has fired (see `Drop`).
+        let (mut buffer, done) = unsafe {
+            Self::from_host_with(
+                client,
+                data.as_slice(),
+                element_type,
+                dims,
+                device,
+                sys::PJRT_HostBufferSemantics_kImmutableZeroCopy,
+            )
+        }?;
+        buffer.host = Some(HostBacking { done, _bytes: data });
         Ok(buffer)
     }
 

@@ -41,7 +41,7 @@ mod executable;
 mod plugin;
 pub mod sys;
 
-pub use buffer::{Buffer, ElementType, NativeType};
+pub use buffer::{AlignedBytes, Buffer, ElementType, NativeType};
 pub use client::{Client, Device};
 pub use compile_options::{CompileOptions, OptionOverride};
 pub use discover::{find_cpu_plugin, CPU_PLUGIN_ENV, CPU_PLUGIN_FILE, CPU_PLUGIN_PACKAGE_DIR};

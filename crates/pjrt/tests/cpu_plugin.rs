@@ -4,8 +4,8 @@
 //! or point TPUSERVE_PJRT_CPU_PLUGIN at pjrt_c_api_cpu_plugin.so.
 
 use tpuserve_pjrt::{
-    find_cpu_plugin, Buffer, Client, CompileOptions, ElementType, Error, ExecuteOptions,
-    NamedValue, Plugin,
+    find_cpu_plugin, AlignedBytes, Buffer, Client, CompileOptions, ElementType, Error,
+    ExecuteOptions, NamedValue, Plugin,
 };
 
 fn plugin() -> Plugin {
@@ -411,4 +411,41 @@ func.func public @main(%a: tensor<2xf32>, %b: tensor<3xf32>) -> tensor<2xf32> {
         .unwrap_err();
     eprintln!("ill-typed MLIR: {err}");
     assert!(err.plugin_message().is_some_and(|m| !m.is_empty()), "{err}");
+}
+
+/// Owned, aligned host bytes handed over with `kImmutableZeroCopy`: the CPU plugin adopts them
+/// as the buffer (its address is the host bytes' address), they read back intact, a program
+/// consumes them, and dropping the buffer frees them only after the plugin is done.
+#[test]
+fn owned_host_bytes_are_adopted_without_a_copy() {
+    let c = client(1);
+    let dev = &c.addressable_devices().unwrap()[0];
+    let vals: Vec<f32> = (0..1024).map(|i| i as f32 * 0.5).collect();
+    let mut bytes = AlignedBytes::zeroed(vals.len() * 4);
+    for (d, v) in bytes.as_mut_slice().chunks_mut(4).zip(&vals) {
+        d.copy_from_slice(&v.to_ne_bytes());
+    }
+    let host_addr = bytes.as_slice().as_ptr() as usize;
+    let b = Buffer::from_host_owned(&c, bytes, ElementType::F32, &[1024], dev).unwrap();
+    assert_eq!(
+        b.unsafe_pointer().unwrap(),
+        host_addr,
+        "the CPU plugin copied instead of adopting"
+    );
+    assert_eq!(b.to_vec::<f32>().unwrap(), vals);
+    let exe = c
+        .compile(
+            "module @m { func.func public @main(%a: tensor<1024xf32>) -> tensor<1024xf32> { \
+             %0 = \"stablehlo.add\"(%a, %a) : (tensor<1024xf32>, tensor<1024xf32>) -> tensor<1024xf32> \
+             return %0 : tensor<1024xf32> } }",
+            &CompileOptions::default(),
+        )
+        .unwrap();
+    let out = exe.execute(&[[&b]]).unwrap();
+    drop(b);
+    let doubled: Vec<f32> = vals.iter().map(|v| v * 2.0).collect();
+    assert_eq!(out[0][0].to_vec::<f32>().unwrap(), doubled);
+    assert!(
+        Buffer::from_host_owned(&c, AlignedBytes::zeroed(12), ElementType::F32, &[4], dev).is_err()
+    );
 }

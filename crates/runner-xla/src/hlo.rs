@@ -7,6 +7,7 @@ use std::fmt::Write;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Elem {
     F32,
+    F16,
     BF16,
     I32,
     U32,
@@ -17,6 +18,7 @@ impl Elem {
     pub fn mlir(self) -> &'static str {
         match self {
             Elem::F32 => "f32",
+            Elem::F16 => "f16",
             Elem::BF16 => "bf16",
             Elem::I32 => "i32",
             Elem::U32 => "ui32",

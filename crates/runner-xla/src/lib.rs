@@ -11,7 +11,7 @@ pub mod device;
 pub mod hlo;
 pub mod plan;
 pub mod program;
-mod weights;
+pub mod weights;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -53,6 +53,9 @@ pub struct XlaRunnerOptions {
     pub strict_no_recompile: bool,
     /// Devices the XLA CPU plugin exposes (0 = as many as the tensor-parallel size).
     pub cpu_device_count: usize,
+    /// Where the weights are laid out at start-up (auto: host cores for the XLA CPU plugin,
+    /// a device program on accelerators); tests pin each to check both.
+    pub weight_layout: weights::Layout,
     /// Size the KV cache from device memory instead of `num_blocks`: this share of each
     /// device's memory holds the weights and the cache (vLLM's `--gpu-memory-utilization`).
     pub kv_memory_utilization: Option<f64>,
@@ -75,6 +78,7 @@ impl Default for XlaRunnerOptions {
             strict_no_recompile: false,
             cpu_device_count: 0,
             kv_memory_utilization: None,
+            weight_layout: weights::Layout::Auto,
         }
     }
 }
@@ -199,13 +203,33 @@ impl XlaRunner {
             block_size: opts.block_size as i64,
             tp: tp as i64,
         };
-        let weights = weights::upload(
-            &client,
-            &devices,
-            model.weights.as_ref(),
-            c,
-            opts.weight_dtype,
-        )?;
+        let (weights, report) = if model.weights.is_dummy() {
+            weights::dummy(&client, &devices, c, &cfg)?
+        } else {
+            weights::upload(
+                &client,
+                &devices,
+                model.weights.as_ref(),
+                c,
+                opts.weight_dtype,
+                opts.weight_layout,
+            )?
+        };
+        let rss = weights::rss_kb()
+            .map(|(peak, anon)| {
+                format!(
+                    "; host RSS peak {:.2} GB, anonymous now {:.2} GB",
+                    peak as f64 / 1e6,
+                    anon as f64 / 1e6
+                )
+            })
+            .unwrap_or_default();
+        tracing::info!(
+            "weights ({}) on {} device(s): {}{rss}",
+            model.weights.describe(),
+            devices.len(),
+            report.summary()
+        );
         // PJRT checks only byte sizes at execution: catch a layout mix-up here, by name.
         let expected = cfg.arg_types(Bucket {
             tokens: 16,
@@ -278,12 +302,21 @@ impl XlaRunner {
                 opts.weight_dtype,
             )
         };
+        let t_kv = Instant::now();
         let (k_cache, v_cache) = (zero_cache()?, zero_cache()?);
+        let kv_bytes: usize = k_cache
+            .iter()
+            .chain(&v_cache)
+            .map(|b| b.on_device_size().unwrap_or(0))
+            .sum();
         tracing::info!(
-            "weights and KV cache ({} blocks of {}) on {} device(s) in {:.1}s",
+            "KV cache: {} blocks of {} ({:.2} GB over {} device(s)) zeroed on device in {:.2}s; \
+             weights and KV ready {:.1}s after start",
             opts.num_blocks,
             opts.block_size,
+            kv_bytes as f64 / 1e9,
             devices.len(),
+            t_kv.elapsed().as_secs_f64(),
             t0.elapsed().as_secs_f64()
         );
         let cache = match &opts.compile_cache_dir {
@@ -377,6 +410,17 @@ impl XlaRunner {
             .ok_or_else(|| RunnerError::Device(format!("bucket {b:?} is not compiled")))?
             .optimized_program()
             .map_err(derr)
+    }
+
+    /// The bytes device `device` holds for weight argument `index` (see [`program::arg`]), read
+    /// back from the device: how a test proves the weights landed exactly.
+    pub fn weight_shard(&self, index: usize, device: usize) -> Result<Vec<u8>, RunnerError> {
+        let b = self
+            .weights
+            .get(index)
+            .and_then(|w| w.get(device))
+            .ok_or_else(|| derr(format!("no weight argument {index} on device {device}")))?;
+        b.to_host().map_err(derr)
     }
 
     pub fn compile_cache_dir(&self) -> Option<&std::path::Path> {

@@ -139,6 +139,23 @@ pub struct Plan {
     pub roofline_batch: u64,
     pub roofline_step_seconds: f64,
     pub roofline_tokens_per_s: f64,
+    /// Storage read rate the start-up estimate assumes (`--read-gbps`), GB/s.
+    pub read_gbps: f64,
+    /// Seconds to place the weights when reading the checkpoint is the bound (conversion and
+    /// uploads overlap the reads): the checkpoint's bytes at `read_gbps`.
+    pub weight_load_seconds: f64,
+}
+
+/// A conservative read rate for a checkpoint on a GCS FUSE mount or a persistent disk, GB/s.
+pub const DEFAULT_READ_GBPS: f64 = 1.0;
+
+impl Plan {
+    /// The start-up estimate at another storage read rate.
+    pub fn with_read_gbps(mut self, gbps: f64) -> Plan {
+        self.read_gbps = gbps;
+        self.weight_load_seconds = self.weight_bytes_total / (gbps * 1e9);
+        self
+    }
 }
 
 pub fn parameter_count(c: &LlamaConfig) -> u64 {
@@ -261,7 +278,10 @@ pub fn plan(
         roofline_batch: batch,
         roofline_step_seconds: step,
         roofline_tokens_per_s: batch as f64 / step,
-    })
+        read_gbps: 0.0,
+        weight_load_seconds: 0.0,
+    }
+    .with_read_gbps(DEFAULT_READ_GBPS))
 }
 
 impl std::fmt::Display for Plan {
@@ -305,7 +325,15 @@ impl std::fmt::Display for Plan {
             "full-length sequences       {} × {} tokens",
             self.max_full_length_sequences, self.max_model_len
         )?;
-        write!(f, "decode roofline             {:.0} tokens/s at batch {} (avg context {}), {:.1} ms/step", self.roofline_tokens_per_s, self.roofline_batch, self.max_model_len / 2, self.roofline_step_seconds * 1e3)
+        writeln!(f, "decode roofline             {:.0} tokens/s at batch {} (avg context {}), {:.1} ms/step", self.roofline_tokens_per_s, self.roofline_batch, self.max_model_len / 2, self.roofline_step_seconds * 1e3)?;
+        write!(
+            f,
+            "weight placement            ~{:.0} s at {} GB/s storage reads ({:.1} GB; conversion \
+             and uploads overlap the reads)",
+            self.weight_load_seconds,
+            self.read_gbps,
+            gb(self.weight_bytes_total)
+        )
     }
 }
 

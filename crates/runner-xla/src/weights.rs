@@ -1,13 +1,31 @@
-//! Uploads the model's weights as the stacked, sharded device buffers the step programs take.
-//! Each weight is read one tensor at a time from the source (mmap or dequantized), sliced per
-//! device as it is read, and each device receives only its shard.
+//! Places the model's weights on the devices as the stacked, sharded buffers the step programs
+//! take, at the speed of storage and the host-to-device link:
+//! - every tensor goes to the devices as the checkpoint's bytes (never widened to f32 on the
+//!   way): a row shard straight from the memory map, a column shard gathered row by row;
+//! - many layers transfer at once (a pool of threads; with TP every device's shard of a layer
+//!   is its own transfer), and the next argument's bytes are read ahead (`madvise`) while the
+//!   current one uploads;
+//! - conversion to the device dtype, the transpose into the `[in, out]` layout the dots
+//!   consume and the stacking into `[layers, ...]` happen on the devices, in one small
+//!   program per argument run once (device memory holds the raw and the laid-out copy of
+//!   one argument at a time);
+//! - host memory holds the tensors in flight, never a copy of the model (a GGUF tensor is
+//!   dequantised on the host, one layer per thread).
+//!
+//! `--load-format dummy` and the KV cache never touch the host: a tiny program fills them on
+//! the devices (see [`fill`]).
 
-use half::bf16;
-use tpuserve_model::{LlamaConfig, WeightSource};
-use tpuserve_pjrt::{Buffer, Client, Device, ElementType};
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+use tpuserve_model::{DType, HostTensor, LlamaConfig, WeightSource};
+use tpuserve_pjrt::{AlignedBytes, Buffer, Client, CompileOptions, Device, ElementType};
 use tpuserve_runner_api::RunnerError;
 
-use crate::program::{arg, WeightElem};
+use crate::hlo::{self, Arg, Elem, Ty};
+use crate::program::{arg, arg_sharding, ProgramConfig, WeightElem};
 
 fn werr(e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Weights(e.to_string())
@@ -17,111 +35,111 @@ fn derr(e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Device(e.to_string())
 }
 
-/// Host bytes per device being assembled for one argument.
-struct Shards {
-    elem: WeightElem,
-    per_device: Vec<Vec<u8>>,
+/// What placing the weights cost, for the start-up log (`kubectl logs` shows a slow disk or
+/// link by phase).
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Bytes placed on the devices (all shards of all devices).
+    pub bytes: u64,
+    /// Reading the checkpoint and transferring its bytes (the reads happen inside the
+    /// transfers, from the memory map, several layers at once).
+    pub upload: Duration,
+    /// The on-device layout programs (convert, transpose, stack).
+    pub layout: Duration,
+    pub wall: Duration,
 }
 
-impl Shards {
-    fn new(elem: WeightElem, n: usize) -> Self {
-        Shards {
-            elem,
-            per_device: vec![Vec::new(); n],
+impl LoadReport {
+    pub fn summary(&self) -> String {
+        let gb = self.bytes as f64 / 1e9;
+        let rate = |d: Duration| gb * 1e3 / d.as_secs_f64().max(1e-9);
+        if self.upload.is_zero() {
+            return format!(
+                "{gb:.2} GB filled on the devices in {:.2}s (no host bytes)",
+                self.wall.as_secs_f64()
+            );
         }
+        format!(
+            "{gb:.2} GB placed in {:.2}s ({:.0} MB/s): read+upload {:.2}s ({:.0} MB/s), \
+             on-device layout {:.2}s",
+            self.wall.as_secs_f64(),
+            rate(self.wall),
+            self.upload.as_secs_f64(),
+            rate(self.upload),
+            self.layout.as_secs_f64(),
+        )
     }
+}
 
-    fn push(&mut self, d: usize, values: &[f32]) {
-        let out = &mut self.per_device[d];
-        match self.elem {
-            WeightElem::F32 => {
-                for v in values {
-                    out.extend_from_slice(&v.to_le_bytes());
+/// The tensor's bytes in `to`: borrowed when it already is, else converted on all cores.
+fn in_dtype<'a>(t: &'a HostTensor<'_>, to: DType) -> Cow<'a, [u8]> {
+    if t.dtype == to {
+        return Cow::Borrowed(&t.bytes);
+    }
+    const CHUNK: usize = 1 << 16;
+    let (from_size, to_size) = (t.dtype.size_bytes(), to.size_bytes());
+    let n = t.bytes.len() / from_size;
+    let mut out = vec![0u8; n * to_size];
+    let widen = |c: &[u8]| -> f32 {
+        match t.dtype {
+            DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            DType::F16 => f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+            DType::BF16 => bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+        }
+    };
+    out.par_chunks_mut(CHUNK * to_size)
+        .zip(t.bytes.par_chunks(CHUNK * from_size))
+        .for_each(|(dst, src)| {
+            for (d, s) in dst
+                .chunks_exact_mut(to_size)
+                .zip(src.chunks_exact(from_size))
+            {
+                let v = widen(s);
+                match to {
+                    DType::F32 => d.copy_from_slice(&v.to_le_bytes()),
+                    // Round to nearest even, as every other bf16 conversion here.
+                    DType::BF16 => d.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes()),
+                    DType::F16 => d.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes()),
                 }
             }
-            WeightElem::BF16 => {
-                for v in values {
-                    out.extend_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
-                }
-            }
-        }
-    }
-
-    /// Appends a `[rows, cols]` matrix split across devices by rows (`axis = 0`) or columns.
-    fn push_matrix(&mut self, m: &[f32], rows: usize, cols: usize, axis: usize) {
-        let n = self.per_device.len();
-        for d in 0..n {
-            if axis == 0 {
-                let r = rows / n;
-                self.push(d, &m[d * r * cols..(d + 1) * r * cols]);
-            } else {
-                let c = cols / n;
-                for row in 0..rows {
-                    let start = row * cols + d * c;
-                    self.push(d, &m[start..start + c]);
-                }
-            }
-        }
-    }
-
-    fn upload(
-        self,
-        client: &Client,
-        devices: &[Device],
-        dims: &[i64],
-        split_axis: Option<usize>,
-    ) -> Result<Vec<Buffer>, RunnerError> {
-        let ty = match self.elem {
-            WeightElem::F32 => ElementType::F32,
-            WeightElem::BF16 => ElementType::BF16,
-        };
-        let n = devices.len() as i64;
-        let mut shard_dims = dims.to_vec();
-        if let Some(a) = split_axis {
-            shard_dims[a] /= n;
-        }
-        self.per_device
-            .iter()
-            .zip(devices)
-            .map(|(bytes, dev)| {
-                Buffer::from_host(client, bytes, ty, &shard_dims, dev).map_err(derr)
-            })
-            .collect()
-    }
+        });
+    Cow::Owned(out)
 }
 
-/// `[rows, cols]` → `[cols, rows]`.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; m.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = m[r * cols + c];
-        }
-    }
-    t
+/// Where the weights are converted, transposed and stacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// On the host for the XLA CPU plugin, on the device for every accelerator.
+    #[default]
+    Auto,
+    Host,
+    Device,
 }
 
-fn replicated(
-    client: &Client,
-    devices: &[Device],
-    values: &[f32],
-    dims: &[i64],
-) -> Result<Vec<Buffer>, RunnerError> {
-    devices
-        .iter()
-        .map(|d| Buffer::from_slice(client, values, dims, d).map_err(derr))
-        .collect()
+/// How the devices split an HF `[rows = out, cols = in]` matrix.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Split {
+    /// By rows (`out`): column-parallel projections, the LM head, the embedding table.
+    Rows,
+    /// By columns (`in`): row-parallel projections (o_proj, down_proj).
+    Cols,
 }
 
-/// Every weight argument of the step program, as `[argument][device]`.
-pub fn upload(
-    client: &Client,
-    devices: &[Device],
-    src: &dyn WeightSource,
-    cfg: &LlamaConfig,
-    elem: WeightElem,
-) -> Result<Vec<Vec<Buffer>>, RunnerError> {
-    let n = devices.len();
+/// One weight argument: its HF tensor(s) (one per layer when stacked), their `[rows, cols]`
+/// and what the layout program does with them.
+struct WeightPlan {
+    index: usize,
+    names: Vec<String>,
+    rows: usize,
+    cols: usize,
+    split: Split,
+    /// Stored `[in, out]` on the device (the layout the step's dots consume).
+    transpose: bool,
+    /// Stacked `[layers, ...]` even when there is one tensor.
+    stacked: bool,
+}
+
+fn plans(src: &dyn WeightSource, cfg: &LlamaConfig) -> Vec<WeightPlan> {
     let (h, qs, kvs, inter, vocab, layers) = (
         cfg.hidden_size,
         cfg.q_size(),
@@ -130,76 +148,674 @@ pub fn upload(
         cfg.vocab_size,
         cfg.num_hidden_layers,
     );
-    let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>, RunnerError> {
-        Ok(src.expect(name, shape).map_err(werr)?.to_f32())
+    let per_layer = |suffix: &str| -> Vec<String> {
+        (0..layers)
+            .map(|l| format!("model.layers.{l}.{suffix}"))
+            .collect()
     };
-    let mut out: Vec<Vec<Buffer>> = Vec::with_capacity(arg::NUM_WEIGHTS);
-
-    let embed = {
-        let m = load("model.embed_tokens.weight", &[vocab, h])?;
-        let mut s = Shards::new(elem, n);
-        s.push_matrix(&m, vocab, h, 0);
-        s.upload(client, devices, &[vocab as i64, h as i64], Some(0))?
-    };
-    out.push(embed);
-    out.push(replicated(
-        client,
-        devices,
-        &load("model.norm.weight", &[h])?,
-        &[h as i64],
-    )?);
     let head = if src.contains("lm_head.weight") {
         "lm_head.weight"
     } else {
         "model.embed_tokens.weight"
     };
-    let lm_head = {
-        let m = transpose(&load(head, &[vocab, h])?, vocab, h);
-        let mut s = Shards::new(elem, n);
-        s.push_matrix(&m, h, vocab, 1);
-        s.upload(client, devices, &[h as i64, vocab as i64], Some(1))?
-    };
-    out.push(lm_head);
-
-    let stacked_norm = |suffix: &str| -> Result<Vec<Buffer>, RunnerError> {
-        let mut all = Vec::with_capacity(layers * h);
-        for l in 0..layers {
-            all.extend(load(&format!("model.layers.{l}.{suffix}"), &[h])?);
-        }
-        replicated(client, devices, &all, &[layers as i64, h as i64])
-    };
-    // (name, HF rows = out, HF cols = in, split axis in HF layout); stored transposed
-    // [in, out], the layout XLA's dot consumes without a transpose.
-    let stacked =
-        |suffix: &str, rows: usize, cols: usize, axis: usize| -> Result<Vec<Buffer>, RunnerError> {
-            let mut s = Shards::new(elem, n);
-            for l in 0..layers {
-                let m = load(&format!("model.layers.{l}.{suffix}"), &[rows, cols])?;
-                s.push_matrix(&transpose(&m, rows, cols), cols, rows, 1 - axis);
-            }
-            s.upload(
-                client,
-                devices,
-                &[layers as i64, cols as i64, rows as i64],
-                Some(2 - axis),
-            )
-        };
-    out.push(stacked_norm("input_layernorm.weight")?);
-    out.push(stacked("self_attn.q_proj.weight", qs, h, 0)?);
-    out.push(stacked("self_attn.k_proj.weight", kvs, h, 0)?);
-    out.push(stacked("self_attn.v_proj.weight", kvs, h, 0)?);
-    out.push(stacked("self_attn.o_proj.weight", h, qs, 1)?);
-    out.push(stacked_norm("post_attention_layernorm.weight")?);
-    out.push(stacked("mlp.gate_proj.weight", inter, h, 0)?);
-    out.push(stacked("mlp.up_proj.weight", inter, h, 0)?);
-    out.push(stacked("mlp.down_proj.weight", h, inter, 1)?);
-    let inv = cfg.rope_inv_freq();
-    out.push(replicated(client, devices, &inv, &[inv.len() as i64])?);
-    debug_assert_eq!(out.len(), arg::NUM_WEIGHTS);
-    Ok(out)
+    let one = |s: &str| vec![s.to_string()];
+    let (rs, cs) = (Split::Rows, Split::Cols);
+    // (argument, tensors, HF rows, HF cols, split, transpose, stacked); in `arg` order.
+    [
+        (
+            arg::EMBED,
+            one("model.embed_tokens.weight"),
+            vocab,
+            h,
+            rs,
+            false,
+            false,
+        ),
+        (arg::LM_HEAD, one(head), vocab, h, rs, true, false),
+        (
+            arg::WQ,
+            per_layer("self_attn.q_proj.weight"),
+            qs,
+            h,
+            rs,
+            true,
+            true,
+        ),
+        (
+            arg::WK,
+            per_layer("self_attn.k_proj.weight"),
+            kvs,
+            h,
+            rs,
+            true,
+            true,
+        ),
+        (
+            arg::WV,
+            per_layer("self_attn.v_proj.weight"),
+            kvs,
+            h,
+            rs,
+            true,
+            true,
+        ),
+        (
+            arg::WO,
+            per_layer("self_attn.o_proj.weight"),
+            h,
+            qs,
+            cs,
+            true,
+            true,
+        ),
+        (
+            arg::WG,
+            per_layer("mlp.gate_proj.weight"),
+            inter,
+            h,
+            rs,
+            true,
+            true,
+        ),
+        (
+            arg::WU,
+            per_layer("mlp.up_proj.weight"),
+            inter,
+            h,
+            rs,
+            true,
+            true,
+        ),
+        (
+            arg::WD,
+            per_layer("mlp.down_proj.weight"),
+            h,
+            inter,
+            cs,
+            true,
+            true,
+        ),
+    ]
+    .into_iter()
+    .map(
+        |(index, names, rows, cols, split, transpose, stacked)| WeightPlan {
+            index,
+            names,
+            rows,
+            cols,
+            split,
+            transpose,
+            stacked,
+        },
+    )
+    .collect()
 }
 
-/// A zeroed KV cache `[rows, width]`, split by columns (KV heads) across devices.
+fn element_type(d: DType) -> (ElementType, Elem) {
+    match d {
+        DType::F32 => (ElementType::F32, Elem::F32),
+        DType::F16 => (ElementType::F16, Elem::F16),
+        DType::BF16 => (ElementType::BF16, Elem::BF16),
+    }
+}
+
+/// Device `d`'s part of a row-major `[rows, cols]` tensor: a slice of it when split by rows
+/// (straight from the memory map), gathered row by row when split by columns.
+fn shard<'a>(
+    bytes: &'a [u8],
+    rows: usize,
+    cols: usize,
+    es: usize,
+    split: Split,
+    d: usize,
+    n: usize,
+) -> Cow<'a, [u8]> {
+    match split {
+        Split::Rows => {
+            let len = rows / n * cols * es;
+            Cow::Borrowed(&bytes[d * len..(d + 1) * len])
+        }
+        Split::Cols => {
+            let (c, row) = (cols / n * es, cols * es);
+            let mut out = Vec::with_capacity(rows * c);
+            for r in 0..rows {
+                out.extend_from_slice(&bytes[r * row + d * c..r * row + (d + 1) * c]);
+            }
+            Cow::Owned(out)
+        }
+    }
+}
+
+/// The layout program: `[rows, cols]` per-layer tensors in the checkpoint dtype (sharded as
+/// uploaded) → the argument the step program takes (converted, transposed to `[in, out]`,
+/// stacked `[layers, ...]`, sharded as `arg_sharding`). Runs once at start-up.
+fn layout_program(p: &WeightPlan, input: Elem, output: Elem, tp: usize) -> String {
+    let in_sharding = match (tp, p.split) {
+        (1, _) => "{replicated}".to_string(),
+        (_, Split::Rows) => format!("{{devices=[{tp},1]<=[{tp}]}}"),
+        (_, Split::Cols) => format!("{{devices=[1,{tp}]<=[{tp}]}}"),
+    };
+    let ty = Ty::new(&[p.rows as i64, p.cols as i64], input);
+    let args: Vec<Arg> = p
+        .names
+        .iter()
+        .map(|_| Arg {
+            ty: ty.clone(),
+            attrs: vec![format!("mhlo.sharding = \"{in_sharding}\"")],
+        })
+        .collect();
+    let out_sharding = arg_sharding(p.index, tp as i64);
+    hlo::module("weight_layout", tp, &args, |b, vals| {
+        let parts: Vec<hlo::V> = vals
+            .iter()
+            .map(|v| {
+                let x = if input == output {
+                    v.clone()
+                } else {
+                    b.convert(v, output)
+                };
+                let x = if p.transpose {
+                    b.transpose(&x, &[1, 0])
+                } else {
+                    x
+                };
+                if p.stacked {
+                    let mut dims = vec![1];
+                    dims.extend_from_slice(x.dims());
+                    b.reshape(&x, &dims)
+                } else {
+                    x
+                }
+            })
+            .collect();
+        let out = if p.stacked {
+            let refs: Vec<&hlo::V> = parts.iter().collect();
+            b.concat(&refs, 0)
+        } else {
+            parts[0].clone()
+        };
+        vec![(out, Some(out_sharding))]
+    })
+}
+
+/// Compiles a start-up program for `devices` and runs it once on per-device `inputs`.
+fn run_once(
+    client: &Client,
+    devices: &[Device],
+    text: &str,
+    inputs: &[Vec<&Buffer>],
+) -> Result<Vec<Buffer>, RunnerError> {
+    let tp = devices.len();
+    let options = if tp > 1 {
+        CompileOptions::spmd(tp as i64)
+    } else {
+        CompileOptions::default()
+    };
+    let exe = client
+        .compile(text, &options)
+        .map_err(|e| derr(format!("compiling a start-up program: {e}")))?;
+    let mut outs = exe.execute(inputs).map_err(derr)?;
+    outs.iter_mut()
+        .map(|o| {
+            o.pop()
+                .ok_or_else(|| derr("start-up program returned nothing"))
+        })
+        .collect()
+}
+
+/// One layer's shards on every device: (layer, `[device]`, bytes sent).
+type Uploaded = (usize, Vec<Buffer>, u64);
+
+struct Placer<'a> {
+    client: &'a Client,
+    devices: &'a [Device],
+    src: &'a dyn WeightSource,
+    elem: WeightElem,
+    threads: usize,
+    on_host: bool,
+}
+
+impl Placer<'_> {
+    /// Uploads every tensor of `p` in its checkpoint dtype (converted on the host only when a
+    /// layer's dtype differs from the first layer's), each device's shard separately, layers
+    /// on `threads` threads at once. Returns `[layer][device]` and the dtype.
+    fn upload_raw(&self, p: &WeightPlan) -> Result<(Vec<Vec<Buffer>>, DType, u64), RunnerError> {
+        let shape = [p.rows, p.cols];
+        let dtype = self.src.expect(&p.names[0], &shape).map_err(werr)?.dtype;
+        let (ety, _) = element_type(dtype);
+        let es = dtype.size_bytes();
+        let n = self.devices.len();
+        let dims: [i64; 2] = match p.split {
+            Split::Rows => [(p.rows / n) as i64, p.cols as i64],
+            Split::Cols => [p.rows as i64, (p.cols / n) as i64],
+        };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<Result<Vec<Uploaded>, RunnerError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..self.threads.min(p.names.len()))
+                .map(|_| {
+                    s.spawn(|| -> Result<Vec<Uploaded>, RunnerError> {
+                        let mut done = Vec::new();
+                        loop {
+                            let l = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(name) = p.names.get(l) else { break };
+                            let t = self.src.expect(name, &shape).map_err(werr)?;
+                            let bytes = in_dtype(&t, dtype);
+                            let mut bufs = Vec::with_capacity(n);
+                            let mut sent = 0u64;
+                            for (d, dev) in self.devices.iter().enumerate() {
+                                let part = shard(&bytes, p.rows, p.cols, es, p.split, d, n);
+                                sent += part.len() as u64;
+                                bufs.push(
+                                    Buffer::from_host(self.client, &part, ety, &dims, dev)
+                                        .map_err(derr)?,
+                                );
+                            }
+                            done.push((l, bufs, sent));
+                        }
+                        Ok(done)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(derr("an upload thread panicked")))
+                })
+                .collect()
+        });
+        let mut layers: Vec<Option<Vec<Buffer>>> = (0..p.names.len()).map(|_| None).collect();
+        let mut bytes = 0;
+        for r in results {
+            for (l, bufs, sent) in r? {
+                layers[l] = Some(bufs);
+                bytes += sent;
+            }
+        }
+        let layers = layers
+            .into_iter()
+            .map(|l| l.ok_or_else(|| werr("a layer was not uploaded")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((layers, dtype, bytes))
+    }
+
+    /// One argument on the devices, as `[device]`.
+    fn place(&self, p: &WeightPlan, report: &mut LoadReport) -> Result<Vec<Buffer>, RunnerError> {
+        if self.on_host {
+            return self.place_on_host(p, report);
+        }
+        let t = Instant::now();
+        let (mut layers, dtype, bytes) = self.upload_raw(p)?;
+        report.upload += t.elapsed();
+        report.bytes += bytes;
+        let (_, input) = element_type(dtype);
+        let output = self.elem.elem();
+        if !p.transpose && !p.stacked && input == output {
+            // Already the argument (the embedding table in the device dtype).
+            return Ok(layers.pop().expect("one tensor"));
+        }
+        let t = Instant::now();
+        let n = self.devices.len();
+        let text = layout_program(p, input, output, n);
+        let inputs: Vec<Vec<&Buffer>> = (0..n)
+            .map(|d| layers.iter().map(|l| &l[d]).collect())
+            .collect();
+        let out = run_once(self.client, self.devices, &text, &inputs)?;
+        report.layout += t.elapsed();
+        Ok(out)
+    }
+}
+
+/// Writes the block `src[r0..r1, c0..c1]` of a row-major `[_, cols]` matrix of `E`-byte
+/// elements, transposed, into `dst` (`[c1 - c0, r1 - r0]`). Tiled so that both sides stay in
+/// cache; split over destination rows on all cores.
+fn transpose_into<const E: usize>(
+    src: &[u8],
+    cols: usize,
+    (r0, r1): (usize, usize),
+    (c0, c1): (usize, usize),
+    dst: &mut [u8],
+) {
+    const TILE: usize = 32;
+    let rows = r1 - r0;
+    debug_assert_eq!(dst.len(), (c1 - c0) * rows * E);
+    let per_task = (TILE * 8).min(c1 - c0).max(1);
+    dst.par_chunks_mut(per_task * rows * E)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let cs = c0 + task * per_task;
+            let ce = (cs + per_task).min(c1);
+            for rt in (r0..r1).step_by(TILE) {
+                let re = (rt + TILE).min(r1);
+                for ct in (cs..ce).step_by(TILE) {
+                    let cte = (ct + TILE).min(ce);
+                    for c in ct..cte {
+                        let o = (c - cs) * rows;
+                        for r in rt..re {
+                            let s = (r * cols + c) * E;
+                            let d = (o + r - r0) * E;
+                            out[d..d + E].copy_from_slice(&src[s..s + E]);
+                        }
+                    }
+                }
+            }
+        });
+}
+
+fn transpose_block(
+    esize: usize,
+    src: &[u8],
+    cols: usize,
+    rows: (usize, usize),
+    cs: (usize, usize),
+    dst: &mut [u8],
+) {
+    match esize {
+        2 => transpose_into::<2>(src, cols, rows, cs, dst),
+        4 => transpose_into::<4>(src, cols, rows, cs, dst),
+        other => unreachable!("no {other}-byte weight dtype"),
+    }
+}
+
+impl Placer<'_> {
+    /// The XLA CPU device's memory is host memory and its programs run on one thread: there
+    /// the layout (convert, transpose, stack) is done by the host's cores straight into
+    /// 64-byte-aligned buffers that the plugin adopts without a copy.
+    fn place_on_host(
+        &self,
+        p: &WeightPlan,
+        report: &mut LoadReport,
+    ) -> Result<Vec<Buffer>, RunnerError> {
+        let t = Instant::now();
+        let n = self.devices.len();
+        let (ety, _) = element_type(match self.elem {
+            WeightElem::F32 => DType::F32,
+            WeightElem::BF16 => DType::BF16,
+        });
+        let to = match self.elem {
+            WeightElem::F32 => DType::F32,
+            WeightElem::BF16 => DType::BF16,
+        };
+        let es = to.size_bytes();
+        let (sr, sc) = match p.split {
+            Split::Rows => (p.rows / n, p.cols),
+            Split::Cols => (p.rows, p.cols / n),
+        };
+        let mut dims: Vec<i64> = if p.stacked {
+            vec![p.names.len() as i64]
+        } else {
+            vec![]
+        };
+        if p.transpose {
+            dims.extend([sc as i64, sr as i64]);
+        } else {
+            dims.extend([sr as i64, sc as i64]);
+        }
+        let shard_bytes = sr * sc * es;
+        let mut outs: Vec<AlignedBytes> = (0..n)
+            .map(|_| AlignedBytes::zeroed(p.names.len() * shard_bytes))
+            .collect();
+        let mut jobs: Vec<Vec<&mut [u8]>> = p.names.iter().map(|_| Vec::with_capacity(n)).collect();
+        for o in outs.iter_mut() {
+            for (l, part) in o.as_mut_slice().chunks_mut(shard_bytes).enumerate() {
+                jobs[l].push(part);
+            }
+        }
+        let shape = [p.rows, p.cols];
+        let read = std::sync::atomic::AtomicU64::new(0);
+        jobs.into_par_iter().zip(p.names.par_iter()).try_for_each(
+            |(dsts, name)| -> Result<(), RunnerError> {
+                let t = self.src.expect(name, &shape).map_err(werr)?;
+                read.fetch_add(t.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                let b = in_dtype(&t, to);
+                for (d, dst) in dsts.into_iter().enumerate() {
+                    let (rr, cc) = match p.split {
+                        Split::Rows => ((d * sr, (d + 1) * sr), (0, p.cols)),
+                        Split::Cols => ((0, p.rows), (d * sc, (d + 1) * sc)),
+                    };
+                    if p.transpose {
+                        transpose_block(es, &b, p.cols, rr, cc, dst);
+                    } else {
+                        dst.copy_from_slice(&shard(&b, p.rows, p.cols, es, p.split, d, n));
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        report.upload += t.elapsed();
+        report.bytes += read.into_inner();
+        outs.into_iter()
+            .zip(self.devices)
+            .map(|(bytes, dev)| {
+                Buffer::from_host_owned(self.client, bytes, ety, &dims, dev).map_err(derr)
+            })
+            .collect()
+    }
+}
+
+/// Norm weights: small, kept in f32, the same on every device.
+fn norms(
+    client: &Client,
+    devices: &[Device],
+    src: &dyn WeightSource,
+    names: &[String],
+    h: usize,
+) -> Result<Vec<Buffer>, RunnerError> {
+    let mut all = Vec::with_capacity(names.len() * h);
+    for name in names {
+        all.extend(src.expect(name, &[h]).map_err(werr)?.to_f32());
+    }
+    let dims: Vec<i64> = if names.len() == 1 {
+        vec![h as i64]
+    } else {
+        vec![names.len() as i64, h as i64]
+    };
+    devices
+        .iter()
+        .map(|d| Buffer::from_slice(client, &all, &dims, d).map_err(derr))
+        .collect()
+}
+
+/// The rotary inverse frequencies: computed, not read, and the same on every device.
+fn rope_arg(
+    client: &Client,
+    devices: &[Device],
+    cfg: &LlamaConfig,
+) -> Result<Vec<Buffer>, RunnerError> {
+    let inv = cfg.rope_inv_freq();
+    devices
+        .iter()
+        .map(|d| Buffer::from_slice(client, &inv, &[inv.len() as i64], d).map_err(derr))
+        .collect()
+}
+
+/// Every weight argument of the step program, as `[argument][device]`, and what it cost.
+pub fn upload(
+    client: &Client,
+    devices: &[Device],
+    src: &dyn WeightSource,
+    cfg: &LlamaConfig,
+    elem: WeightElem,
+    layout: Layout,
+) -> Result<(Vec<Vec<Buffer>>, LoadReport), RunnerError> {
+    let t0 = Instant::now();
+    let on_host = match layout {
+        Layout::Host => true,
+        Layout::Device => false,
+        Layout::Auto => client.platform_name().is_ok_and(|p| p == "cpu"),
+    };
+    let placer = Placer {
+        on_host,
+        client,
+        devices,
+        src,
+        elem,
+        // Enough transfers in flight to keep every device's link and the storage busy.
+        threads: std::thread::available_parallelism()
+            .map_or(4, |p| p.get())
+            .clamp(4, 32),
+    };
+    let plans = plans(src, cfg);
+    let mut report = LoadReport::default();
+    let mut slots: Vec<Option<Vec<Buffer>>> = (0..arg::NUM_WEIGHTS).map(|_| None).collect();
+    src.prefetch(&plans[0].names);
+    for (k, p) in plans.iter().enumerate() {
+        if let Some(next) = plans.get(k + 1) {
+            src.prefetch(&next.names);
+        }
+        slots[p.index] = Some(placer.place(p, &mut report)?);
+    }
+    let layers = cfg.num_hidden_layers;
+    let per_layer = |suffix: &str| -> Vec<String> {
+        (0..layers)
+            .map(|l| format!("model.layers.{l}.{suffix}"))
+            .collect()
+    };
+    let h = cfg.hidden_size;
+    slots[arg::FINAL_NORM] = Some(norms(
+        client,
+        devices,
+        src,
+        &["model.norm.weight".into()],
+        h,
+    )?);
+    slots[arg::IN_NORM] = Some(norms(
+        client,
+        devices,
+        src,
+        &per_layer("input_layernorm.weight"),
+        h,
+    )?);
+    slots[arg::POST_NORM] = Some(norms(
+        client,
+        devices,
+        src,
+        &per_layer("post_attention_layernorm.weight"),
+        h,
+    )?);
+    slots[arg::INV_FREQ] = Some(rope_arg(client, devices, cfg)?);
+    report.wall = t0.elapsed();
+    let out = slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| s.ok_or_else(|| werr(format!("weight argument {i} was not placed"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((out, report))
+}
+
+/// `--load-format dummy`: every weight argument filled on the devices (no host bytes, no
+/// checkpoint), values uniform in ±`DUMMY_SCALE` as vLLM's dummy loader; the rotary
+/// frequencies are real.
+pub fn dummy(
+    client: &Client,
+    devices: &[Device],
+    cfg: &LlamaConfig,
+    program: &ProgramConfig,
+) -> Result<(Vec<Vec<Buffer>>, LoadReport), RunnerError> {
+    let t0 = Instant::now();
+    let types = program.arg_types(crate::program::Bucket {
+        tokens: 16,
+        blocks: 1,
+        top_k: 0,
+    });
+    let mut out = Vec::with_capacity(arg::NUM_WEIGHTS);
+    let mut report = LoadReport::default();
+    for (i, ty) in types.iter().enumerate().take(arg::NUM_WEIGHTS - 1) {
+        let fill = Fill::Uniform {
+            seed: i as u32 + 1,
+            scale: tpuserve_model::dummy::DUMMY_SCALE,
+        };
+        let bufs = fill::run(client, devices, ty, &arg_sharding(i, program.tp), fill)?;
+        report.bytes += bufs
+            .iter()
+            .map(|b| b.on_device_size().unwrap_or(0) as u64)
+            .sum::<u64>();
+        out.push(bufs);
+    }
+    out.push(rope_arg(client, devices, cfg)?);
+    report.wall = t0.elapsed();
+    Ok((out, report))
+}
+
+pub use fill::Fill;
+
+/// Buffers produced on the devices by a tiny SPMD program with no inputs: the KV cache's
+/// zeros (no host copy of a many-GB zero buffer) and dummy weights.
+pub mod fill {
+    use super::*;
+
+    #[derive(Debug, Clone, Copy)]
+    pub enum Fill {
+        Zeros,
+        /// Uniform in `[-scale, scale)` from a hash of each element's index (the same mix as
+        /// `tpuserve_model::dummy::dummy_value`).
+        Uniform {
+            seed: u32,
+            scale: f32,
+        },
+    }
+
+    /// The program's text: one sharded output of type `ty`.
+    pub fn program(ty: &Ty, sharding: &str, tp: usize, fill: Fill) -> String {
+        hlo::module("fill", tp, &[] as &[Arg], |b, _| {
+            let v = match fill {
+                Fill::Zeros => {
+                    let z = b.constant_f32(0.0, &[]);
+                    let z = b.convert(&z, ty.elem);
+                    b.broadcast(&z, &ty.dims, &[])
+                }
+                Fill::Uniform { seed, scale } => {
+                    // Linear element index from one iota per axis (wrapping in u32 is fine
+                    // for a hash), then the integer mix, then the top 24 bits as a fraction.
+                    let u = |b: &mut hlo::Block, x: i64| b.constant_int(x, &ty.dims, Elem::U32);
+                    let mut idx = b.constant_int(0, &ty.dims, Elem::U32);
+                    let mut stride: u64 = 1;
+                    for axis in (0..ty.dims.len()).rev() {
+                        let io = b.iota(&ty.dims, axis as i64, Elem::U32);
+                        let s = u(b, (stride & 0xFFFF_FFFF) as i64);
+                        let term = b.mul(&io, &s);
+                        idx = b.add(&idx, &term);
+                        stride = stride.wrapping_mul(ty.dims[axis] as u64);
+                    }
+                    let (k1, sd, k2) = (u(b, 0x9E37_79B1), u(b, seed as i64), u(b, 0x2C1B_3C6D));
+                    let (s15, s12, s8) = (u(b, 15), u(b, 12), u(b, 8));
+                    let x = b.mul(&idx, &k1);
+                    let x = b.add(&x, &sd);
+                    let t = b.shr(&x, &s15);
+                    let x = b.xor(&x, &t);
+                    let x = b.mul(&x, &k2);
+                    let t = b.shr(&x, &s12);
+                    let x = b.xor(&x, &t);
+                    let top = b.shr(&x, &s8);
+                    let f = b.convert(&top, Elem::F32);
+                    let k = b.constant_f32(2.0 * scale / (1u32 << 24) as f32, &ty.dims);
+                    let f = b.mul(&f, &k);
+                    let off = b.constant_f32(scale, &ty.dims);
+                    let f = b.sub(&f, &off);
+                    b.convert(&f, ty.elem)
+                }
+            };
+            let sh = (tp > 1).then(|| sharding.to_string());
+            vec![(v, sh)]
+        })
+    }
+
+    /// Compiles and runs the fill program once; returns each device's shard.
+    pub fn run(
+        client: &Client,
+        devices: &[Device],
+        ty: &Ty,
+        sharding: &str,
+        fill: Fill,
+    ) -> Result<Vec<Buffer>, RunnerError> {
+        let tp = devices.len();
+        let no_args: Vec<Vec<&Buffer>> = vec![Vec::new(); tp];
+        run_once(client, devices, &program(ty, sharding, tp, fill), &no_args)
+    }
+}
+
+/// A zeroed KV cache `[rows, kv_heads, head_dim]`, sharded on the KV heads, made on the
+/// devices.
 pub fn zero_cache(
     client: &Client,
     devices: &[Device],
@@ -208,17 +824,62 @@ pub fn zero_cache(
     head_dim: usize,
     elem: WeightElem,
 ) -> Result<Vec<Buffer>, RunnerError> {
-    let n = devices.len();
-    let (ty, size) = match elem {
-        WeightElem::F32 => (ElementType::F32, 4),
-        WeightElem::BF16 => (ElementType::BF16, 2),
+    let ty = Ty::new(
+        &[rows as i64, kv_heads as i64, head_dim as i64],
+        elem.elem(),
+    );
+    fill::run(
+        client,
+        devices,
+        &ty,
+        &arg_sharding(arg::K_CACHE, devices.len() as i64),
+        Fill::Zeros,
+    )
+}
+
+/// Peak and current resident memory of this process (kB from `/proc/self/status`), for the
+/// start-up log; `None` off Linux.
+pub fn rss_kb() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
     };
-    // Each device holds its KV heads: [rows, kv_heads / n, head_dim].
-    let heads = kv_heads / n;
-    let zeros = vec![0u8; rows * heads * head_dim * size];
-    let dims = [rows as i64, heads as i64, head_dim as i64];
-    devices
-        .iter()
-        .map(|d| Buffer::from_host(client, &zeros, ty, &dims, d).map_err(derr))
-        .collect()
+    Some((field("VmHWM:")?, field("RssAnon:")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_split_rows_and_columns() {
+        // [2, 4] of 2-byte elements numbered 0..8.
+        let m: Vec<u8> = (0u16..8).flat_map(|v| v.to_le_bytes()).collect();
+        let vals = |c: Cow<'_, [u8]>| -> Vec<u16> {
+            c.chunks(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect()
+        };
+        assert_eq!(vals(shard(&m, 2, 4, 2, Split::Rows, 1, 2)), [4, 5, 6, 7]);
+        assert_eq!(vals(shard(&m, 2, 4, 2, Split::Cols, 1, 2)), [2, 3, 6, 7]);
+        assert!(matches!(
+            shard(&m, 2, 4, 2, Split::Rows, 0, 2),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn conversion_rounds_like_half() {
+        let vals = [1.0f32, -2.5, 3.140_625, 1e-8, 65504.0, 0.333_333_34];
+        let t = HostTensor::from_f32(vec![vals.len()], vals.to_vec());
+        let b = in_dtype(&t, DType::BF16);
+        for (i, v) in vals.iter().enumerate() {
+            let got = u16::from_le_bytes([b[2 * i], b[2 * i + 1]]);
+            assert_eq!(got, bf16::from_f32(*v).to_bits());
+        }
+        assert!(matches!(in_dtype(&t, DType::F32), Cow::Borrowed(_)));
+    }
 }

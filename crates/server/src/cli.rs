@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{ArgAction, Args};
+use tpuserve_model::LoadFormat;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -93,13 +94,17 @@ pub struct ServeArgs {
     /// (default: unbounded, as vLLM).
     #[arg(long)]
     pub max_waiting_requests: Option<usize>,
+    /// Where the weights come from: `auto` (safetensors folder, else GGUF), `safetensors`,
+    /// `gguf`, or `dummy` (config and tokenizer only, weights filled with small random values
+    /// on the device: benchmark 8B / 70B shapes without a checkpoint). vLLM's other formats
+    /// are refused by name.
+    #[arg(long, default_value = "auto", value_parser = parse_load_format)]
+    pub load_format: LoadFormat,
     /// Flags vLLM has that tpuserve accepts without implementing (a warning names each).
     #[arg(long, action = ArgAction::SetTrue, hide = true)]
     pub enforce_eager: bool,
     #[arg(long, hide = true)]
     pub swap_space: Option<f64>,
-    #[arg(long, hide = true)]
-    pub load_format: Option<String>,
     #[arg(long, hide = true)]
     pub kv_cache_dtype: Option<String>,
     #[arg(long, hide = true)]
@@ -136,9 +141,6 @@ impl ServeArgs {
         if self.swap_space.is_some() {
             v.push("--swap-space (preemption is by recompute)");
         }
-        if self.load_format.is_some() {
-            v.push("--load-format");
-        }
         if self.kv_cache_dtype.is_some() {
             v.push("--kv-cache-dtype (the cache uses the weight dtype)");
         }
@@ -168,6 +170,10 @@ impl ServeArgs {
         }
         v
     }
+}
+
+fn parse_load_format(s: &str) -> Result<LoadFormat, String> {
+    s.parse()
 }
 
 /// A duration flag in seconds: finite and above zero (a zero timeout would refuse everything).

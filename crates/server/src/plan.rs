@@ -27,9 +27,20 @@ pub struct PlanArgs {
     gpu_memory_utilization: f64,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
+    /// Storage read rate (GB/s) for the weight-placement estimate: ~1 for GCS FUSE or a
+    /// persistent disk, 2–7 for local NVMe.
+    #[arg(long, default_value_t = tpuserve_runner_xla::plan::DEFAULT_READ_GBPS, value_parser = positive_gbps)]
+    read_gbps: f64,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
+}
+
+fn positive_gbps(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s} is not a positive rate in GB/s")),
+    }
 }
 
 fn config(path: &std::path::Path) -> anyhow::Result<LlamaConfig> {
@@ -66,7 +77,8 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         a.max_num_seqs,
         a.gpu_memory_utilization,
         a.block_size,
-    )?;
+    )?
+    .with_read_gbps(a.read_gbps);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);
     } else {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tpuserve_engine::{EngineConfig, EngineCore, EngineHandle, TokenDecoder};
-use tpuserve_model::{load_model, ChatTemplate, LoadedModel};
+use tpuserve_model::{load_model_with, ChatTemplate, LoadedModel};
 use tpuserve_runner_api::ModelRunner;
 use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions};
 use tpuserve_runner_xla::{DeviceKind, WeightElem, XlaRunner, XlaRunnerOptions};
@@ -74,7 +74,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || resolve_model(&args)).await??
     };
     tracing::info!("loading model from {}", path.display());
-    let model = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    let model = load_model_with(&path, args.load_format)
+        .with_context(|| format!("loading {}", path.display()))?;
     let derived_max = model.config.max_position_embeddings;
     let max_model_len = match args.max_model_len {
         Some(m) if m > derived_max => {
