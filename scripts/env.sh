@@ -21,6 +21,12 @@ TEST_PY_PKGS=(
   "kubernetes-validate==1.37.0" # offline Kubernetes schemas for the k8s/ manifests
   "schemathesis==4.32.5"        # property-based HTTP fuzzing from /openapi.json
 )
+# The TPU compiler, for tests/deviceless_tpu.rs (`tpuserve plan --cost` compiles for a v6e
+# topology without a TPU, inside `unshare -n`); the same pin as docker/install-runtime.sh.
+TEST_PY_NODEPS_PKGS=(
+  "libtpu==0.0.51"
+)
+LIBTPU_REL=libtpu/libtpu.so
 CARGO_DENY_VERSION=0.20.2
 NEXTEST_VERSION=0.9.143
 NEXTEST_MIN_VERSION=0.9.100

@@ -150,6 +150,11 @@ say "XLA CPU plugin: $plugin"
 if [ "$want_test" = 1 ]; then
   # ---- What the test suite needs.
   pip_install "${TEST_PY_PKGS[@]}"
+  pip_install --no-deps "${TEST_PY_NODEPS_PKGS[@]}"
+  libtpu=$("$VENV_PY" -c "$FIND_FILE_PY" "$LIBTPU_REL") \
+    || die "libtpu ($LIBTPU_REL) is not in $VENV after installing it"
+  say "libtpu (deviceless TPU compiles): $libtpu"
+  command -v unshare >/dev/null 2>&1 || die "unshare (util-linux) is missing: libtpu runs only without network"
 
   # promtool and a Prometheus server for the metrics tests; mmdebstrap, with which
   # tests/python/test_deploy.py replays the image's runtime install script in a scratch Debian

@@ -177,14 +177,18 @@ fn tiny_llama3_tensor_parallel_8_over_http() {
 
 #[test]
 fn tpu_device_without_libtpu_is_a_clear_error() {
-    let out = Command::new(tpuserve_bin())
-        .args([
+    let serve_tpu = || {
+        let mut c = Command::new(tpuserve_bin());
+        c.args([
             "serve",
             "--device",
             "tpu",
             "--port",
             &free_port().to_string(),
-        ])
+        ]);
+        c
+    };
+    let out = serve_tpu()
         .env("TPU_LIBRARY_PATH", "/nonexistent/libtpu.so")
         .env("PYTHON", "/bin/false")
         .output()
@@ -195,6 +199,17 @@ fn tpu_device_without_libtpu_is_a_clear_error() {
         err.contains("libtpu not found") && err.contains("TPU_LIBRARY_PATH"),
         "{err}"
     );
+    // libtpu itself present (scripts/setup.sh --test installs it) but no TPU chips: refused
+    // before libtpu starts, which would query the cloud metadata server for minutes.
+    let t = std::time::Instant::now();
+    let out = serve_tpu().env_remove("TPU_LIBRARY_PATH").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("no TPU chips on this machine") && err.contains("plan --cost"),
+        "{err}"
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(30), "{err}");
 }
 
 /// Two pods starting together on one bucket: both servers compile into the same empty

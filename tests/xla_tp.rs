@@ -133,22 +133,13 @@ fn tp8_partitioned_step_never_gathers_or_copies_the_kv_cache() {
     let slots = blocks * 16;
     let cache_dims = [layers * slots, layers * blocks, slots, blocks];
     let cache_elems = [layers * slots * kvh * d, layers * slots * (kvh / 8) * d];
-    let moves = [
-        "all-gather",
-        "all-to-all",
-        "collective-permute",
-        "all-reduce",
-        "reduce-scatter",
-        "copy",
-        "copy-start",
-    ];
     for b in r.buckets() {
         let p = r.optimized_program(*b).unwrap();
         assert_eq!(p.format, "hlo_with_config");
         let insts = hlo_proto::instructions(&p.code);
         // The reader sees the partitioned module: the per-device cache parameters and the
         // row-parallel all-reduces are there.
-        let per_device = [layers * slots, kvh / 8, d];
+        let per_device = [layers * blocks, 16, kvh / 8, d];
         assert!(
             insts
                 .iter()
@@ -161,7 +152,7 @@ fn tp8_partitioned_step_never_gathers_or_copies_the_kv_cache() {
         );
         let bad: Vec<_> = insts
             .iter()
-            .filter(|i| moves.contains(&i.opcode.as_str()))
+            .filter(|i| hlo_proto::MOVES.contains(&i.opcode.as_str()))
             .filter(|i| {
                 i.shapes.iter().any(|s| {
                     s.iter().any(|x| cache_dims.contains(x))

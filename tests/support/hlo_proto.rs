@@ -137,3 +137,15 @@ fn packed_ints(buf: &[u8], n: u64) -> Vec<i64> {
     }
     out
 }
+
+/// Opcodes that move data between devices or copy an array: none of them may touch the KV
+/// cache in a step program.
+pub const MOVES: &[&str] = &[
+    "all-gather",
+    "all-to-all",
+    "collective-permute",
+    "all-reduce",
+    "reduce-scatter",
+    "copy",
+    "copy-start",
+];

@@ -338,25 +338,37 @@ impl LoadedExecutable {
 
     /// The optimized (post-compilation) program.
     pub fn optimized_program(&self) -> Result<OptimizedProgram> {
-        let mut program = sys::PJRT_Program::new();
-        program.code = ptr::null_mut();
-        let mut args = sys::PJRT_Executable_OptimizedProgram_Args::new();
-        args.executable = self.exe;
-        args.program = &mut program;
-        // SAFETY: live executable; with a null `code` the plugin only reports the size.
-        unsafe { pjrt_call!(self.api(), PJRT_Executable_OptimizedProgram, &mut args) }?;
-        let size = program.code_size;
-        let mut code = vec![0u8; size.max(1)];
-        program.code = code.as_mut_ptr().cast();
-        program.code_size = size;
-        let mut args = sys::PJRT_Executable_OptimizedProgram_Args::new();
-        args.executable = self.exe;
-        args.program = &mut program;
-        // SAFETY: `code` has `size` writable bytes and outlives the call.
-        unsafe { pjrt_call!(self.api(), PJRT_Executable_OptimizedProgram, &mut args) }?;
-        code.truncate(size);
-        // SAFETY: the format string is owned by the plugin (static); copied immediately.
-        let format = unsafe { api::lossy_string(program.format, program.format_size) };
-        Ok(OptimizedProgram { format, code })
+        // SAFETY: live executable of this client's plugin.
+        unsafe { optimized_program_of(self.api(), self.exe) }
     }
+}
+
+/// `PJRT_Executable_OptimizedProgram`, asked twice (size, then bytes).
+///
+/// # Safety
+/// `exe` must be a live executable of the plugin behind `api`.
+pub(crate) unsafe fn optimized_program_of(
+    api: &Api,
+    exe: *mut sys::PJRT_Executable,
+) -> Result<OptimizedProgram> {
+    let mut program = sys::PJRT_Program::new();
+    program.code = ptr::null_mut();
+    let mut args = sys::PJRT_Executable_OptimizedProgram_Args::new();
+    args.executable = exe;
+    args.program = &mut program;
+    // SAFETY: live executable (caller); with a null `code` the plugin only reports the size.
+    unsafe { pjrt_call!(api, PJRT_Executable_OptimizedProgram, &mut args) }?;
+    let size = program.code_size;
+    let mut code = vec![0u8; size.max(1)];
+    program.code = code.as_mut_ptr().cast();
+    program.code_size = size;
+    let mut args = sys::PJRT_Executable_OptimizedProgram_Args::new();
+    args.executable = exe;
+    args.program = &mut program;
+    // SAFETY: `code` has `size` writable bytes and outlives the call.
+    unsafe { pjrt_call!(api, PJRT_Executable_OptimizedProgram, &mut args) }?;
+    code.truncate(size);
+    // SAFETY: the format string is owned by the plugin (static); copied immediately.
+    let format = unsafe { api::lossy_string(program.format, program.format_size) };
+    Ok(OptimizedProgram { format, code })
 }

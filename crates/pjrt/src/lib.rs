@@ -40,6 +40,7 @@ mod error;
 mod executable;
 mod plugin;
 pub mod sys;
+mod topology;
 
 pub use buffer::{AlignedBytes, Buffer, ElementType, NativeType};
 pub use client::{Client, Device};
@@ -48,6 +49,7 @@ pub use discover::{find_cpu_plugin, CPU_PLUGIN_ENV, CPU_PLUGIN_FILE, CPU_PLUGIN_
 pub use error::{Error, ErrorCode, Result};
 pub use executable::{ExecuteOptions, LoadedExecutable, OptimizedProgram};
 pub use plugin::{NamedValue, Plugin};
+pub use topology::{Executable, MemoryStats, Topology};
 
 /// PJRT C API version of the header these bindings were generated from: (major, minor).
 pub const BINDINGS_API_VERSION: (u32, u32) = (sys::PJRT_API_MAJOR, sys::PJRT_API_MINOR);

@@ -42,15 +42,20 @@ pub fn plugin_path(kind: &DeviceKind) -> Result<PathBuf, PluginNotFound> {
                 "XLA CPU PJRT plugin not found: run scripts/setup.sh (pip install --no-deps lammps-jax-pjrt-cpu==0.11.2) or set TPUSERVE_PJRT_CPU_PLUGIN".into(),
             )
         }),
-        DeviceKind::Tpu => std::env::var_os("TPU_LIBRARY_PATH")
-            .map(PathBuf::from)
-            .filter(|p| p.is_file())
-            .or_else(|| in_site_packages(&["libtpu/libtpu.so"]))
-            .ok_or_else(|| {
+        // A TPU_LIBRARY_PATH that names no file is an error, not a reason to load some other
+        // libtpu found elsewhere.
+        DeviceKind::Tpu => match std::env::var_os("TPU_LIBRARY_PATH").map(PathBuf::from) {
+            Some(p) if p.is_file() => Ok(p),
+            Some(p) => Err(PluginNotFound(format!(
+                "libtpu not found: TPU_LIBRARY_PATH={} is not a file",
+                p.display()
+            ))),
+            None => in_site_packages(&["libtpu/libtpu.so"]).ok_or_else(|| {
                 PluginNotFound(
                     "libtpu not found: pip install libtpu, or set TPU_LIBRARY_PATH to libtpu.so".into(),
                 )
             }),
+        },
         DeviceKind::Cuda => in_site_packages(&[
             "jax_plugins/xla_cuda13/xla_cuda_plugin.so",
             "jax_plugins/xla_cuda12/xla_cuda_plugin.so",
@@ -72,4 +77,21 @@ pub fn client_options(kind: &DeviceKind, devices_wanted: usize) -> Vec<(&'static
         )],
         DeviceKind::Tpu | DeviceKind::Cuda => Vec::new(),
     }
+}
+
+/// Whether this machine has TPU chips attached (`/dev/accel*` on v2–v4, `/dev/vfio/<group>` on
+/// v5e and later). Without them libtpu, loaded to run programs, spends minutes querying the
+/// cloud metadata server; the runner refuses instead (compile-only work goes through
+/// `tpuserve plan --cost`, which isolates libtpu from the network).
+pub fn tpu_chips_present() -> bool {
+    let accel = std::fs::read_dir("/dev")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("accel"))
+        })
+        .unwrap_or(false);
+    let vfio = std::fs::read_dir("/dev/vfio")
+        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name() != "vfio"))
+        .unwrap_or(false);
+    accel || vfio
 }

@@ -427,24 +427,52 @@ impl Block {
         self.reshape(&g, &dims)
     }
 
-    /// Writes `rows [T, W...]` into `table [N, W...]` at row indices `idx [T]` (later rows
-    /// win). As in [`Block::take_rows`], only the leading axis is indexed.
-    pub fn scatter_rows(&mut self, table: &V, idx: &V, rows: &V) -> V {
-        let t = idx.dims()[0];
-        let idx2 = self.reshape(idx, &[t, 1]);
-        let window: Vec<i64> = (1..table.dims().len() as i64).collect();
+    /// Slices of `table` along `axis` picked by `idx [n]` (i32) → `table` with that axis
+    /// replaced by `n`. Every other axis is taken whole, so a table sharded on one of them
+    /// stays sharded without a collective.
+    pub fn take_along(&mut self, table: &V, axis: usize, idx: &V) -> V {
+        let n = idx.dims()[0];
+        let idx2 = self.reshape(idx, &[n, 1]);
+        let rank = table.dims().len();
+        let offset_dims: Vec<i64> = (0..rank as i64).filter(|&i| i != axis as i64).collect();
+        let mut slice = table.dims().to_vec();
+        slice[axis] = 1;
+        let attrs = format!(
+            "dimension_numbers = #stablehlo.gather<offset_dims = [{}], collapsed_slice_dims = [{axis}], start_index_map = [{axis}], index_vector_dim = 1>, slice_sizes = {}, indices_are_sorted = false",
+            join(&offset_dims),
+            i64_array(&slice)
+        );
+        let mut out = table.dims().to_vec();
+        out[axis] = n;
+        self.generic(
+            "gather",
+            &[table, &idx2],
+            &attrs,
+            Ty::new(&out, table.ty.elem),
+        )
+    }
+
+    /// Writes `updates` into `table` at points `idx [n, k]` over the `k` axes `axes`
+    /// (`updates` is `table` without those axes plus one axis of length `n`, where the first
+    /// of them was); in place when `table` is donated. Later updates win.
+    pub fn scatter_points(&mut self, table: &V, axes: &[i64], idx: &V, updates: &V) -> V {
+        let rank = updates.dims().len() as i64;
+        let first = axes[0];
+        let window: Vec<i64> = (0..rank).filter(|&i| i != first).collect();
         let s = Ty::new(&[], table.ty.elem).mlir();
         let name = self.fresh();
         let (x, y) = (format!("{name}a"), format!("{name}b"));
         self.lines.push(format!(
-            "{name} = \"stablehlo.scatter\"({}, {}, {}) ({{\n  ^bb0({x}: {s}, {y}: {s}):\n    \"stablehlo.return\"({y}) : ({s}) -> ()\n  }}) {{scatter_dimension_numbers = #stablehlo.scatter<update_window_dims = [{}], inserted_window_dims = [0], scatter_dims_to_operand_dims = [0], index_vector_dim = 1>, indices_are_sorted = false, unique_indices = false}} : ({}, {}, {}) -> {}",
+            "{name} = \"stablehlo.scatter\"({}, {}, {}) ({{\n  ^bb0({x}: {s}, {y}: {s}):\n    \"stablehlo.return\"({y}) : ({s}) -> ()\n  }}) {{scatter_dimension_numbers = #stablehlo.scatter<update_window_dims = [{}], inserted_window_dims = [{}], scatter_dims_to_operand_dims = [{}], index_vector_dim = 1>, indices_are_sorted = false, unique_indices = false}} : ({}, {}, {}) -> {}",
             table.name,
-            idx2.name,
-            rows.name,
+            idx.name,
+            updates.name,
             join(&window),
+            join(axes),
+            join(axes),
             table.ty.mlir(),
-            idx2.ty.mlir(),
-            rows.ty.mlir(),
+            idx.ty.mlir(),
+            updates.ty.mlir(),
             table.ty.mlir()
         ));
         V {

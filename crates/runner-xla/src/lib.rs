@@ -8,6 +8,7 @@
 
 pub mod compile_cache;
 pub mod device;
+pub mod deviceless;
 pub mod hlo;
 pub mod plan;
 pub mod program;
@@ -29,7 +30,7 @@ use tpuserve_runner_api::{
 use crate::compile_cache::{CacheKey, CompileCache, Lookup};
 pub use crate::device::DeviceKind;
 pub use crate::program::WeightElem;
-use crate::program::{arg, out, Bucket, ModelDims, ProgramConfig};
+use crate::program::{arg, out, Bucket, ProgramConfig};
 
 #[derive(Debug, Clone)]
 pub struct XlaRunnerOptions {
@@ -137,6 +138,18 @@ impl XlaRunner {
             Some(p) => p.clone(),
             None => device::plugin_path(&opts.device).map_err(derr)?,
         };
+        if opts.device == DeviceKind::Tpu
+            && !device::tpu_chips_present()
+            && !deviceless::network_interfaces().is_empty()
+        {
+            return Err(RunnerError::Device(format!(
+                "--device tpu: no TPU chips on this machine (no /dev/accel*, no /dev/vfio group); \
+                 refusing to start libtpu ({}), which would query the cloud metadata server. \
+                 To see what the TPU compiler makes of this model without a TPU, run \
+                 `tpuserve plan --cost`",
+                path.display()
+            )));
+        }
         let plugin = Plugin::load(&path).map_err(derr)?;
         let client = Client::new(
             &plugin,
@@ -187,22 +200,8 @@ impl XlaRunner {
             );
         }
 
-        let mut cfg = ProgramConfig {
-            dims: ModelDims {
-                hidden: c.hidden_size as i64,
-                heads: c.num_attention_heads as i64,
-                kv_heads: c.num_key_value_heads as i64,
-                head_dim: c.head_dim as i64,
-                inter: c.intermediate_size as i64,
-                vocab: c.vocab_size as i64,
-                layers: c.num_hidden_layers as i64,
-                eps: format!("{:e}", c.rms_norm_eps),
-            },
-            weight_elem: opts.weight_dtype,
-            num_blocks: opts.num_blocks as i64 + 1,
-            block_size: opts.block_size as i64,
-            tp: tp as i64,
-        };
+        let mut cfg =
+            ProgramConfig::for_model(c, tp, opts.weight_dtype, opts.num_blocks, opts.block_size);
         let (weights, report) = if model.weights.is_dummy() {
             weights::dummy(&client, &devices, c, &cfg)?
         } else {
@@ -290,13 +289,14 @@ impl XlaRunner {
             cfg.num_blocks = blocks as i64;
         }
         let num_blocks = opts.num_blocks + 1;
-        let rows = c.num_hidden_layers * num_blocks * opts.block_size;
+        let block_rows = c.num_hidden_layers * num_blocks;
         let zero_cache = || {
             let (kv_heads, head_dim) = (c.num_key_value_heads, c.head_dim);
             weights::zero_cache(
                 &client,
                 &devices,
-                rows,
+                block_rows,
+                opts.block_size,
                 kv_heads,
                 head_dim,
                 opts.weight_dtype,

@@ -12,6 +12,8 @@ pub struct DeviceSpec {
     pub name: &'static str,
     pub memory_bytes: f64,
     pub bandwidth_bytes_per_s: f64,
+    /// Dense bf16 matrix throughput (vendor peak).
+    pub bf16_flops_per_s: f64,
 }
 
 pub const DEVICES: &[DeviceSpec] = &[
@@ -19,31 +21,37 @@ pub const DEVICES: &[DeviceSpec] = &[
         name: "v6e",
         memory_bytes: 32e9,
         bandwidth_bytes_per_s: 1638e9,
+        bf16_flops_per_s: 918e12,
     },
     DeviceSpec {
         name: "v5e",
         memory_bytes: 16e9,
         bandwidth_bytes_per_s: 819e9,
+        bf16_flops_per_s: 197e12,
     },
     DeviceSpec {
         name: "v5p",
         memory_bytes: 95e9,
         bandwidth_bytes_per_s: 2765e9,
+        bf16_flops_per_s: 459e12,
     },
     DeviceSpec {
         name: "H100",
         memory_bytes: 80e9,
         bandwidth_bytes_per_s: 3350e9,
+        bf16_flops_per_s: 989e12,
     },
     DeviceSpec {
         name: "H200",
         memory_bytes: 141e9,
         bandwidth_bytes_per_s: 4800e9,
+        bf16_flops_per_s: 989e12,
     },
     DeviceSpec {
         name: "CPU",
         memory_bytes: 24e9,
         bandwidth_bytes_per_s: 20e9,
+        bf16_flops_per_s: 1e12,
     },
 ];
 

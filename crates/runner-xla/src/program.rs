@@ -118,14 +118,42 @@ pub fn arg_sharding(index: usize, tp: i64) -> String {
         arg::LM_HEAD => d(&format!("[1,{tp}]")),
         arg::WQ | arg::WK | arg::WV | arg::WG | arg::WU => d(&format!("[1,1,{tp}]")),
         arg::WO | arg::WD => d(&format!("[1,{tp},1]")),
-        // The KV-head axis is its own dimension, from the buffer to the attention dot, so
-        // GSPMD never has to all-gather or copy the cache to reshape it.
-        arg::K_CACHE | arg::V_CACHE => d(&format!("[1,{tp},1]")),
+        // The KV-head axis is its own (major) dimension, from the buffer to the attention dot,
+        // so GSPMD never has to all-gather or copy the cache to reshape it (see the KV write
+        // in the layer for why the layout is [blocks, block_size, KV heads, head_dim]).
+        arg::K_CACHE | arg::V_CACHE => d(&format!("[1,1,{tp},1]")),
         _ => "{replicated}".into(),
     }
 }
 
 impl ProgramConfig {
+    /// The programs of `c` at `tp`, with `num_blocks` usable KV blocks (one more is added:
+    /// the write target of padding tokens).
+    pub fn for_model(
+        c: &tpuserve_model::LlamaConfig,
+        tp: usize,
+        weight_elem: WeightElem,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> ProgramConfig {
+        ProgramConfig {
+            dims: ModelDims {
+                hidden: c.hidden_size as i64,
+                heads: c.num_attention_heads as i64,
+                kv_heads: c.num_key_value_heads as i64,
+                head_dim: c.head_dim as i64,
+                inter: c.intermediate_size as i64,
+                vocab: c.vocab_size as i64,
+                layers: c.num_hidden_layers as i64,
+                eps: format!("{:e}", c.rms_norm_eps),
+            },
+            weight_elem,
+            num_blocks: num_blocks as i64 + 1,
+            block_size: block_size as i64,
+            tp: tp as i64,
+        }
+    }
+
     pub fn slots(&self) -> i64 {
         self.num_blocks * self.block_size
     }
@@ -154,8 +182,14 @@ impl ProgramConfig {
             Ty::new(&[l, h, m.inter], w),
             Ty::new(&[l, m.inter, h], w),
             Ty::new(&[m.head_dim / 2], Elem::F32),
-            Ty::new(&[l * self.slots(), m.kv_heads, m.head_dim], w),
-            Ty::new(&[l * self.slots(), m.kv_heads, m.head_dim], w),
+            Ty::new(
+                &[l * self.num_blocks, self.block_size, m.kv_heads, m.head_dim],
+                w,
+            ),
+            Ty::new(
+                &[l * self.num_blocks, self.block_size, m.kv_heads, m.head_dim],
+                w,
+            ),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::I32),
@@ -329,7 +363,11 @@ impl Emitter<'_> {
                 let hr = body.take_rows(&v[2], &rows);
                 let logits = body.dot_general(&hr, &v[3], (&[], &[]), (&[1], &[0]), Elem::F32);
                 let logits = if cfg.tp > 1 {
-                    body.shard(&logits, "{replicated}")
+                    // Computed vocab-sharded where the LM head lives, then the (small) logits
+                    // gathered: left alone, GSPMD all-gathers the whole LM head instead.
+                    let tp = cfg.tp;
+                    let sharded = body.shard(&logits, &format!("{{devices=[1,{tp}]<=[{tp}]}}"));
+                    body.shard(&sharded, "{replicated}")
                 } else {
                     logits
                 };
@@ -416,39 +454,48 @@ impl Emitter<'_> {
         let q = rope(b, &q, t, nh, d, cos, sin);
         let k = rope(b, &k, t, kvh, d, cos, sin);
 
-        // KV write: row (layer * slots + slot).
-        let slots_total = b.constant_int(cfg.slots(), &[], Elem::I32);
-        let base = b.mul(i, &slots_total);
-        let base_t = b.broadcast(&base, &[t], &[]);
-        let rows = b.add(slots, &base_t);
+        // KV write: the cache is [L × blocks, BS, KVH, D]; token t goes to block
+        // (layer × blocks + slot / BS), offset slot % BS, as one contiguous [KVH, D] row. The
+        // cache is never reshaped (on TPU a reshape that splits or merges a tiled axis copies
+        // the whole cache) and a block is one contiguous [BS, KVH, D] slice, the unit of every
+        // gather; with KVH between the offset and D a TPU scatter wants another layout and
+        // copies the cache in and out of the layer loop.
+        let bs = cfg.block_size;
+        let bs_c = b.constant_int(bs, &[t], Elem::I32);
+        let nb_total = b.constant_int(cfg.num_blocks, &[], Elem::I32);
+        let bbase = b.mul(i, &nb_total);
+        let bbase_t = b.broadcast(&bbase, &[t], &[]);
+        let q_blk = b.div(slots, &bs_c);
+        let wblock = b.add(&q_blk, &bbase_t);
+        let wblk_off = b.mul(&q_blk, &bs_c);
+        let woff = b.sub(slots, &wblk_off);
+        let wb2 = b.reshape(&wblock, &[t, 1]);
+        let wo2 = b.reshape(&woff, &[t, 1]);
+        let widx = b.concat(&[&wb2, &wo2], 1);
         let kw = b.convert(&k, w);
         let vw = b.convert(&vv, w);
         let kw = b.reshape(&kw, &[t, kvh, d]);
         let vw = b.reshape(&vw, &[t, kvh, d]);
-        let kc2 = b.scatter_rows(kc, &rows, &kw);
-        let vc2 = b.scatter_rows(vc, &rows, &vw);
+        let kc2 = b.scatter_points(kc, &[0, 1], &widx, &kw);
+        let vc2 = b.scatter_points(vc, &[0, 1], &widx, &vw);
 
-        // KV read: each token's first `nblk` blocks of its sequence, as [T, C, KVH, D]. The
-        // cache [L × slots, KVH, D] is viewed as [L × blocks, BS, KVH, D] (only the leading,
-        // unsharded axis is split).
-        let bs = cfg.block_size;
+        // KV read: each token's first `nblk` blocks of its sequence, [T, nblk, BS, KVH, D]
+        // (the view only touches the gathered pages, never the cache).
         let c = nblk * bs;
-        let nb_total = b.constant_int(cfg.num_blocks, &[], Elem::I32);
-        let bbase = b.mul(i, &nb_total);
-        let bbase_t = b.broadcast(&bbase, &[t, nblk], &[]);
-        let brows = b.add(blocks, &bbase_t);
-        let kc_blocks = b.reshape(&kc2, &[m.layers * cfg.num_blocks, bs, kvh, d]);
-        let vc_blocks = b.reshape(&vc2, &[m.layers * cfg.num_blocks, bs, kvh, d]);
-        let kg = b.take_rows(&kc_blocks, &brows);
-        let vg = b.take_rows(&vc_blocks, &brows);
-        let kg = b.reshape(&kg, &[t, c, kvh, d]);
-        let vg = b.reshape(&vg, &[t, c, kvh, d]);
+        let bbase_tb = b.broadcast(&bbase, &[t, nblk], &[]);
+        let brows = b.add(blocks, &bbase_tb);
+        let brows = b.reshape(&brows, &[t * nblk]);
+        let kg = b.take_along(&kc2, 0, &brows);
+        let vg = b.take_along(&vc2, 0, &brows);
+        let kg = b.reshape(&kg, &[t, nblk, bs, kvh, d]);
+        let vg = b.reshape(&vg, &[t, nblk, bs, kvh, d]);
         let kg = b.convert(&kg, Elem::F32);
         let vg = b.convert(&vg, Elem::F32);
 
-        // scores [T, KVH, G, C]
+        // scores [T, KVH, G, nblk, BS] → [T, KVH, G, C]
         let q4 = b.reshape(&q, &[t, kvh, g, d]);
-        let scores = b.dot_general(&q4, &kg, (&[0, 1], &[0, 2]), (&[3], &[3]), Elem::F32);
+        let scores = b.dot_general(&q4, &kg, (&[0, 1], &[0, 3]), (&[3], &[4]), Elem::F32);
+        let scores = b.reshape(&scores, &[t, kvh, g, c]);
         let scale = b.constant_f32(1.0 / (d as f32).sqrt(), &[t, kvh, g, c]);
         let scores = b.mul(&scores, &scale);
         let key_pos = b.iota(&[t, kvh, g, c], 3, Elem::I32);
@@ -457,7 +504,14 @@ impl Emitter<'_> {
         let ninf = b.constant_f32(f32::NEG_INFINITY, &[t, kvh, g, c]);
         let scores = b.select(&visible, &scores, &ninf);
         let probs = softmax_last(b, &scores);
-        let o = b.dot_general(&probs, &vg, (&[0, 1], &[0, 2]), (&[3], &[1]), Elem::F32);
+        let probs = b.reshape(&probs, &[t, kvh, g, nblk, bs]);
+        let o = b.dot_general(
+            &probs,
+            &vg,
+            (&[0, 1], &[0, 3]),
+            (&[3, 4], &[1, 2]),
+            Elem::F32,
+        );
         let o = b.reshape(&o, &[t, qs]);
         let attn_w = layer_mat(b, wo);
         let attn = linear(b, &o, &attn_w);

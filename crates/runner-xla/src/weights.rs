@@ -814,20 +814,19 @@ pub mod fill {
     }
 }
 
-/// A zeroed KV cache `[rows, kv_heads, head_dim]`, sharded on the KV heads, made on the
-/// devices.
+/// A zeroed KV cache `[layers × blocks, block_size, kv_heads, head_dim]`, sharded on the KV
+/// heads, made on the devices.
 pub fn zero_cache(
     client: &Client,
     devices: &[Device],
-    rows: usize,
+    block_rows: usize,
+    block_size: usize,
     kv_heads: usize,
     head_dim: usize,
     elem: WeightElem,
 ) -> Result<Vec<Buffer>, RunnerError> {
-    let ty = Ty::new(
-        &[rows as i64, kv_heads as i64, head_dim as i64],
-        elem.elem(),
-    );
+    let dims = [block_rows, block_size, kv_heads, head_dim].map(|x| x as i64);
+    let ty = Ty::new(&dims, elem.elem());
     fill::run(
         client,
         devices,

@@ -2,7 +2,7 @@
 //! compiled or loaded from the cache), start the engine, and only then open the port — the
 //! GKE readiness probe is a TCP check. SIGTERM drains in-flight requests and exits 0.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +44,7 @@ fn backend(args: &ServeArgs) -> anyhow::Result<Backend> {
         "cpu" => Backend::Cpu,
         "auto" => {
             if tpuserve_runner_xla::device::plugin_path(&DeviceKind::Tpu).is_ok()
-                && Path::new("/dev/accel0").exists()
+                && tpuserve_runner_xla::device::tpu_chips_present()
             {
                 Backend::Xla(DeviceKind::Tpu)
             } else if args.tensor_parallel_size > 1 {

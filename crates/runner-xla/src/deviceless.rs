@@ -1,0 +1,123 @@
+//! The TPU compiler's own view of our step programs without a TPU: libtpu compiles for a
+//! topology such as `v6e:2x4` on any machine (`PJRT_TopologyDescription_Create` →
+//! `PJRT_Compile`), and reports per device the flops, bytes, `optimal_seconds` of its cost
+//! model and the argument / temporary bytes of the compiled program. That proves every bucket
+//! compiles and fits on the chip before the first GKE start, and shows what a step costs.
+//!
+//! Network safety: libtpu, started on a machine that is not a TPU VM, queries the cloud
+//! metadata server. Deviceless work therefore runs only inside a network namespace with no
+//! interface but loopback (`unshare -n`) and with the metadata query switched off
+//! (`TPU_SKIP_MDS_QUERY=1` and the topology given in the environment); [`open_topology`]
+//! checks both and refuses otherwise. `tpuserve plan --cost` re-runs itself that way.
+
+use std::time::Instant;
+
+use tpuserve_pjrt::{CompileOptions, MemoryStats, NamedValue, Plugin, Topology};
+use tpuserve_runner_api::RunnerError;
+
+use crate::device::{self, DeviceKind};
+use crate::program::{Bucket, ProgramConfig};
+
+fn derr(e: impl std::fmt::Display) -> RunnerError {
+    RunnerError::Device(e.to_string())
+}
+
+/// Network interfaces other than loopback in this process's network namespace (from
+/// `/proc/self/net/dev`; `/sys/class/net` shows the namespace sysfs was mounted in, not
+/// ours). Empty inside `unshare -n`.
+pub fn network_interfaces() -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/net/dev") else {
+        return vec!["(cannot read /proc/self/net/dev)".into()];
+    };
+    let mut v: Vec<String> = text
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':').map(|(n, _)| n.trim().to_string()))
+        .filter(|n| n != "lo")
+        .collect();
+    v.sort();
+    v
+}
+
+/// The environment libtpu needs to start for `topology` (`v6e:AxB`) without asking the
+/// metadata server: one host holding all A × B chips.
+pub fn tpu_env(topology: &str) -> Result<Vec<(&'static str, String)>, RunnerError> {
+    let bad = || derr(format!("topology `{topology}` is not of the form v6e:AxB"));
+    let (gen, shape) = topology.split_once(':').ok_or_else(bad)?;
+    let (a, b) = shape.split_once('x').ok_or_else(bad)?;
+    let (a, b): (u32, u32) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    Ok(vec![
+        ("TPU_SKIP_MDS_QUERY", "1".into()),
+        ("TPU_ACCELERATOR_TYPE", format!("{gen}-{}", a * b)),
+        ("TPU_WORKER_ID", "0".into()),
+        ("TPU_WORKER_HOSTNAMES", "localhost".into()),
+        ("TPU_HOST_BOUNDS", "1,1,1".into()),
+        ("TPU_CHIPS_PER_HOST_BOUNDS", format!("{a},{b},1")),
+    ])
+}
+
+/// Loads libtpu and creates `topology`, refusing unless this process is network-isolated
+/// and has the metadata query switched off.
+pub fn open_topology(topology: &str) -> Result<Topology, RunnerError> {
+    let ifaces = network_interfaces();
+    if !ifaces.is_empty() {
+        return Err(derr(format!(
+            "refusing to load libtpu without a TPU: network interfaces {ifaces:?} are up and \
+             libtpu would query the cloud metadata server; run inside `unshare -n` \
+             (`tpuserve plan --cost` does so itself)"
+        )));
+    }
+    for (k, v) in tpu_env(topology)? {
+        if std::env::var(k).ok().as_deref() != Some(v.as_str()) {
+            return Err(derr(format!(
+                "refusing to load libtpu without a TPU: {k} must be `{v}` for {topology}"
+            )));
+        }
+    }
+    let path = device::plugin_path(&DeviceKind::Tpu).map_err(derr)?;
+    let plugin = Plugin::load(&path).map_err(derr)?;
+    Topology::create(&plugin, topology, &[] as &[(&str, NamedValue)]).map_err(derr)
+}
+
+/// What the TPU compiler says of one step program, per device.
+#[derive(Debug, Clone)]
+pub struct ProgramCost {
+    pub bucket: Bucket,
+    pub flops: f64,
+    pub bytes_accessed: f64,
+    pub optimal_seconds: f64,
+    pub memory: MemoryStats,
+    pub compile_seconds: f64,
+    /// The optimized, partitioned program (`hlo_with_config` bytes).
+    pub optimized: Vec<u8>,
+}
+
+/// Compiles `cfg`'s program for `bucket` for the topology and reads the compiler's figures.
+pub fn program_cost(
+    topology: &Topology,
+    cfg: &ProgramConfig,
+    bucket: Bucket,
+) -> Result<ProgramCost, RunnerError> {
+    let t = Instant::now();
+    let options = if cfg.tp > 1 {
+        CompileOptions::spmd(cfg.tp)
+    } else {
+        CompileOptions::default()
+    };
+    let exe = topology
+        .compile(&cfg.emit(bucket), &options)
+        .map_err(|e| derr(format!("compiling {bucket:?} for TPU: {e}")))?;
+    let compile_seconds = t.elapsed().as_secs_f64();
+    let figure = |name: &str| -> Result<f64, RunnerError> {
+        Ok(exe.cost(name).map_err(derr)?.unwrap_or(f64::NAN))
+    };
+    Ok(ProgramCost {
+        bucket,
+        flops: figure("flops")?,
+        bytes_accessed: figure("bytes accessed")?,
+        optimal_seconds: figure("optimal_seconds")?,
+        memory: exe.memory_stats().map_err(derr)?,
+        compile_seconds,
+        optimized: exe.optimized_program().map_err(derr)?.code,
+    })
+}
