@@ -1,0 +1,330 @@
+//! One step on the devices: a plan split into bucket-sized chunks, each chunk's inputs
+//! uploaded, the program run with the KV cache donated, and only the sampled tokens and the
+//! requested logprobs read back.
+
+use super::*;
+
+impl XlaRunner {
+    fn rng_key(&mut self, p: &SamplingParams, step: u64) -> u32 {
+        let u = match p.seed {
+            Some(seed) => seeded_uniform(seed, step),
+            None => {
+                self.unseeded_counter += 1;
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                seeded_uniform(nanos ^ self.unseeded_counter, step)
+            }
+        };
+        (u * 4_294_967_296.0) as u32
+    }
+
+    fn run_chunk(
+        &mut self,
+        plan: &StepPlan,
+        rows: &[usize],
+        row_seq: &[usize],
+        want_top: bool,
+    ) -> Result<ChunkResult, RunnerError> {
+        let bs = self.opts.block_size;
+        let need_blocks = rows
+            .iter()
+            .map(|&r| (plan.positions[r] as usize + 1).div_ceil(bs))
+            .max()
+            .unwrap_or(1);
+        let bucket = self
+            .pick_bucket(rows.len(), need_blocks, want_top)
+            .ok_or_else(|| {
+                RunnerError::InvalidPlan(format!(
+                    "no bucket for {} tokens with {need_blocks} context blocks",
+                    rows.len()
+                ))
+            })?;
+        self.ensure_compiled(bucket)?;
+        let (t, nb) = (bucket.tokens as usize, bucket.blocks as usize);
+        let scratch = self.scratch_block;
+        let mut tokens = vec![0i32; t];
+        let mut positions = vec![0i32; t];
+        let mut slots = vec![(scratch as usize * bs) as i32; t];
+        let mut blocks = vec![scratch as i32; t * nb];
+        let mut targets = vec![-1i32; t];
+        let mut temperature = vec![0f32; t];
+        let mut keys = vec![0u32; t];
+        let mut top_k = vec![0i32; t];
+        let mut top_p = vec![1f32; t];
+        let mut min_p = vec![0f32; t];
+        let mut logit_rows = vec![0i32; t];
+        let mut logit_index = HashMap::new();
+        for (j, &r) in rows.iter().enumerate() {
+            let s = &plan.seqs[row_seq[r]];
+            tokens[j] = plan.token_ids[r] as i32;
+            positions[j] = plan.positions[r] as i32;
+            slots[j] = plan.slot_mapping[r] as i32;
+            for (k, &blk) in s.block_table.iter().take(nb).enumerate() {
+                blocks[j * nb + k] = blk as i32;
+            }
+            let local = r - s.query_start;
+            if let Some(&tg) = s.prompt_logprob_targets.get(local) {
+                targets[j] = tg as i32;
+            }
+            let samples_here = s.sample && local + 1 == s.query_len;
+            if samples_here && !s.sampling.is_greedy() {
+                temperature[j] = s.sampling.temperature;
+                keys[j] = self.rng_key(&s.sampling, s.output_tokens.len() as u64);
+                top_k[j] = s.sampling.top_k.max(0);
+                top_p[j] = s.sampling.top_p;
+                min_p[j] = s.sampling.min_p;
+            }
+            if samples_here || local < s.prompt_logprob_targets.len() {
+                logit_rows[logit_index.len()] = j as i32;
+                logit_index.insert(r, logit_index.len());
+            }
+        }
+        let num_logit_rows = logit_index.len() as i32;
+        let upload_i32 =
+            |v: &[i32], dims: &[i64], c: &Client, d: &Device| Buffer::from_slice(c, v, dims, d);
+        let mut step_inputs: Vec<Vec<Buffer>> = Vec::new();
+        for d in &self.devices {
+            let c = &self.client;
+            step_inputs.push(vec![
+                upload_i32(&tokens, &[t as i64], c, d).map_err(derr)?,
+                upload_i32(&positions, &[t as i64], c, d).map_err(derr)?,
+                upload_i32(&slots, &[t as i64], c, d).map_err(derr)?,
+                upload_i32(&blocks, &[t as i64, nb as i64], c, d).map_err(derr)?,
+                upload_i32(&targets, &[t as i64], c, d).map_err(derr)?,
+                Buffer::from_slice(c, &temperature, &[t as i64], d).map_err(derr)?,
+                Buffer::from_slice(c, &keys, &[t as i64], d).map_err(derr)?,
+                upload_i32(&logit_rows, &[t as i64], c, d).map_err(derr)?,
+                upload_i32(&[num_logit_rows], &[], c, d).map_err(derr)?,
+                upload_i32(&top_k, &[t as i64], c, d).map_err(derr)?,
+                Buffer::from_slice(c, &top_p, &[t as i64], d).map_err(derr)?,
+                Buffer::from_slice(c, &min_p, &[t as i64], d).map_err(derr)?,
+            ]);
+        }
+        let args: Vec<Vec<&Buffer>> = (0..self.devices.len())
+            .map(|d| {
+                let mut a: Vec<&Buffer> = self.weights.iter().map(|w| &w[d]).collect();
+                a.push(&self.k_cache[d]);
+                a.push(&self.v_cache[d]);
+                a.extend(step_inputs[d].iter());
+                debug_assert_eq!(a.len(), arg::COUNT);
+                a
+            })
+            .collect();
+        let exe = self
+            .executables
+            .get(&bucket)
+            .ok_or_else(|| RunnerError::Recompilation(format!("{bucket:?}")))?;
+        let mut outputs = exe.execute(&args).map_err(derr)?;
+        self.stats.executions += 1;
+        // The caches were donated: the outputs are the same memory, updated in place.
+        let mut new_k = Vec::with_capacity(outputs.len());
+        let mut new_v = Vec::with_capacity(outputs.len());
+        let mut first: Vec<Buffer> = Vec::new();
+        for (d, outs) in outputs.iter_mut().enumerate() {
+            let mut it = std::mem::take(outs).into_iter();
+            new_k.push(it.next().ok_or_else(|| derr("missing K cache output"))?);
+            new_v.push(it.next().ok_or_else(|| derr("missing V cache output"))?);
+            if d == 0 {
+                first = it.collect();
+            }
+        }
+        self.k_cache = new_k;
+        self.v_cache = new_v;
+        let mut fetch_i32 = |i: usize| -> Result<Vec<i32>, RunnerError> {
+            let b = first
+                .get(i - out::SAMPLED)
+                .ok_or_else(|| derr("missing output"))?;
+            let v = b.to_vec::<i32>().map_err(derr)?;
+            self.stats.bytes_to_host += (v.len() * 4) as u64;
+            Ok(v)
+        };
+        let sampled = fetch_i32(out::SAMPLED)?;
+        let sampled_rank = fetch_i32(out::SAMPLED_RANK)?;
+        let target_rank = fetch_i32(out::TARGET_RANK)?;
+        let top_ids = if bucket.top_k > 0 {
+            fetch_i32(out::TOP_IDS)?
+        } else {
+            Vec::new()
+        };
+        let mut fetch_f32 = |i: usize| -> Result<Vec<f32>, RunnerError> {
+            let b = first
+                .get(i - out::SAMPLED)
+                .ok_or_else(|| derr("missing output"))?;
+            let v = b.to_vec::<f32>().map_err(derr)?;
+            self.stats.bytes_to_host += (v.len() * 4) as u64;
+            Ok(v)
+        };
+        let sampled_lp = fetch_f32(out::SAMPLED_LOGPROB)?;
+        let target_lp = fetch_f32(out::TARGET_LOGPROB)?;
+        let top_lp = if bucket.top_k > 0 {
+            fetch_f32(out::TOP_LOGPROBS)?
+        } else {
+            Vec::new()
+        };
+        Ok(ChunkResult {
+            logit_index,
+            k: bucket.top_k as usize,
+            sampled,
+            sampled_lp,
+            sampled_rank,
+            target_lp,
+            target_rank,
+            top_ids,
+            top_lp,
+        })
+    }
+}
+
+struct ChunkResult {
+    /// Global row → index in the per-row outputs.
+    logit_index: HashMap<usize, usize>,
+    k: usize,
+    sampled: Vec<i32>,
+    sampled_lp: Vec<f32>,
+    sampled_rank: Vec<i32>,
+    target_lp: Vec<f32>,
+    target_rank: Vec<i32>,
+    top_ids: Vec<i32>,
+    top_lp: Vec<f32>,
+}
+
+impl ChunkResult {
+    fn top(&self, j: usize, n: usize) -> Vec<(u32, f32)> {
+        (0..n.min(self.k))
+            .map(|i| {
+                (
+                    self.top_ids[j * self.k + i] as u32,
+                    self.top_lp[j * self.k + i],
+                )
+            })
+            .collect()
+    }
+}
+
+impl ModelRunner for XlaRunner {
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, RunnerError> {
+        validate_plan(plan, self.kv_cache_shape())?;
+        let vocab = self.cfg.dims.vocab as usize;
+        if let Some(bad) = plan.token_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RunnerError::InvalidPlan(format!(
+                "token id {bad} outside the vocabulary ({vocab})"
+            )));
+        }
+        for s in &plan.seqs {
+            if s.sample {
+                if let Some(what) = unsupported_sampling(&s.sampling) {
+                    return Err(RunnerError::InvalidPlan(format!(
+                        "{what} is not supported by the XLA runner yet"
+                    )));
+                }
+            }
+        }
+        let mut row_seq = vec![0usize; plan.num_tokens()];
+        for (i, s) in plan.seqs.iter().enumerate() {
+            row_seq[s.query_start..s.query_start + s.query_len].fill(i);
+        }
+        let want_top = plan.seqs.iter().any(|s| {
+            (s.sample && s.sampling.logprobs.unwrap_or(0) > 0)
+                || (!s.prompt_logprob_targets.is_empty()
+                    && s.sampling.prompt_logprobs.unwrap_or(0) > 0)
+        });
+        // Split into executions that fit a bucket, keeping token order (KV of earlier
+        // positions is written before later ones read it).
+        let bs = self.opts.block_size;
+        let mut chunks: Vec<Vec<usize>> = Vec::new();
+        let mut cur: Vec<usize> = Vec::new();
+        let mut cur_need = 0usize;
+        for r in 0..plan.num_tokens() {
+            let need = (plan.positions[r] as usize + 1).div_ceil(bs);
+            let n2 = cur_need.max(need);
+            if self.pick_bucket(cur.len() + 1, n2, want_top).is_some() {
+                cur.push(r);
+                cur_need = n2;
+            } else {
+                if cur.is_empty() {
+                    return Err(RunnerError::InvalidPlan(format!(
+                        "position {} exceeds the compiled context ({} tokens)",
+                        plan.positions[r], self.opts.max_model_len
+                    )));
+                }
+                chunks.push(std::mem::take(&mut cur));
+                cur.push(r);
+                cur_need = need;
+            }
+        }
+        if !cur.is_empty() {
+            chunks.push(cur);
+        }
+        let mut row_at: HashMap<usize, (usize, usize)> = HashMap::new();
+        let mut results = Vec::with_capacity(chunks.len());
+        for (ci, rows) in chunks.iter().enumerate() {
+            let res = self.run_chunk(plan, rows, &row_seq, want_top)?;
+            for (&r, &j) in &res.logit_index {
+                row_at.insert(r, (ci, j));
+            }
+            results.push(res);
+        }
+        let seqs = plan
+            .seqs
+            .iter()
+            .map(|s| {
+                let mut o = SeqOutput::default();
+                let n_prompt = s.sampling.prompt_logprobs.unwrap_or(0);
+                for (j, &target) in s.prompt_logprob_targets.iter().enumerate() {
+                    let (ci, row) = row_at[&(s.query_start + j)];
+                    let c = &results[ci];
+                    o.prompt_logprobs.push(TokenLogprobs {
+                        token: target,
+                        logprob: c.target_lp[row],
+                        rank: c.target_rank[row].max(1) as usize,
+                        top: c.top(row, n_prompt),
+                    });
+                }
+                if s.sample {
+                    let (ci, row) = row_at[&(s.query_start + s.query_len - 1)];
+                    let c = &results[ci];
+                    let token = c.sampled[row] as u32;
+                    let logprobs = s.sampling.logprobs.map(|n| TokenLogprobs {
+                        token,
+                        logprob: c.sampled_lp[row],
+                        rank: c.sampled_rank[row].max(1) as usize,
+                        top: c.top(row, n),
+                    });
+                    o.sampled = Some(SampledToken { token, logprobs });
+                }
+                o
+            })
+            .collect();
+        Ok(StepOutput { seqs })
+    }
+
+    fn sampling_support(&self) -> SamplingSupport {
+        SamplingSupport::OnDevice
+    }
+
+    fn compile_counters(&self) -> Option<Arc<CompileCounters>> {
+        Some(self.counters.clone())
+    }
+
+    fn kv_cache_shape(&self) -> KvCacheShape {
+        KvCacheShape {
+            num_blocks: self.opts.num_blocks,
+            block_size: self.opts.block_size,
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.dims.vocab as usize
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "xla ({:?}, {} device(s), {:?})",
+            self.opts.device,
+            self.devices.len(),
+            self.opts.weight_dtype
+        )
+    }
+}
