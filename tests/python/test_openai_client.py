@@ -250,3 +250,22 @@ def test_bad_api_key_is_authentication_error(server, model):
     with pytest.raises(AuthenticationError):
         bad.models.list()
 
+
+
+def test_completion_without_max_tokens_generates_16_like_vllm(client, model, server):
+    """vLLM's (and OpenAI's) completions default: `max_tokens` left out → 16 tokens; an
+    explicit `null` → up to the context (vLLM's CompletionRequest). Chat is unchanged."""
+    r = client.completions.create(
+        model=model, prompt="Once upon a time", temperature=0, extra_body={"ignore_eos": True},
+    )
+    assert r.usage.completion_tokens == 16, r
+    assert r.choices[0].finish_reason == "length"
+    import urllib.request
+    req = urllib.request.Request(
+        f"{server}/completions",
+        data=json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": None,
+                         "temperature": 0, "ignore_eos": True}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )
+    v = json.loads(urllib.request.urlopen(req, timeout=300).read())
+    assert v["usage"]["completion_tokens"] == MAX_MODEL_LEN - v["usage"]["prompt_tokens"], v

@@ -69,10 +69,17 @@ pub struct SamplingFields {
     pub user: Option<String>,
 }
 
+fn completion_max_tokens_default() -> Option<i64> {
+    Some(16)
+}
+
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: Prompt,
+    /// Left out: 16, vLLM's and OpenAI's completions default; an explicit `null`: up to the
+    /// context (vLLM's `CompletionRequest`). Chat has no such default.
+    #[serde(default = "completion_max_tokens_default")]
     pub max_tokens: Option<i64>,
     pub echo: Option<bool>,
     pub logprobs: Option<i64>,
