@@ -9,7 +9,7 @@ use memmap2::Mmap;
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::dequant::{dequantize, GgmlType};
-use crate::tensor::{HostTensor, WeightSource};
+use crate::tensor::{DType, HostTensor, WeightSource};
 use crate::ModelError;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -585,6 +585,18 @@ impl WeightSource for GgufWeights {
             data = unpermute_rows(&data, rows, cols, n_head);
         }
         Ok(HostTensor::from_f32(shape, data))
+    }
+
+    /// Every GGUF tensor is dequantised to f32 (no need to dequantise one to find out).
+    fn tensor_dtype(&self, name: &str) -> Result<DType, ModelError> {
+        if self.contains(name) {
+            Ok(DType::F32)
+        } else {
+            Err(ModelError::MissingTensor {
+                name: name.to_string(),
+                source_desc: self.describe(),
+            })
+        }
     }
 
     fn tensor_names(&self) -> Vec<String> {

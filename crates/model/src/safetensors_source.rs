@@ -99,6 +99,16 @@ impl WeightSource for SafetensorsWeights {
         })
     }
 
+    fn tensor_dtype(&self, name: &str) -> Result<DType, ModelError> {
+        self.entries
+            .get(name)
+            .map(|e| e.dtype)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                source_desc: self.desc.clone(),
+            })
+    }
+
     fn prefetch(&self, names: &[String]) {
         for e in names.iter().filter_map(|n| self.entries.get(n)) {
             // Advice only: a failure costs speed, never correctness.

@@ -100,6 +100,11 @@ pub trait WeightSource: Send + Sync {
     /// Starts reading these tensors' bytes in the background (the loader asks for the next
     /// argument's tensors while the current one uploads). A no-op where nothing is mapped.
     fn prefetch(&self, _names: &[String]) {}
+    /// The dtype [`WeightSource::tensor`] returns for `name`. The default reads the tensor;
+    /// sources that know it without reading (or dequantising) override this.
+    fn tensor_dtype(&self, name: &str) -> Result<DType, ModelError> {
+        Ok(self.tensor(name)?.dtype)
+    }
 }
 
 impl dyn WeightSource + '_ {

@@ -45,6 +45,16 @@ impl XlaRunner {
         out
     }
 
+    fn compile_ctx(&self) -> CompileCtx<'_> {
+        CompileCtx {
+            client: &self.client,
+            cache: self.cache.as_ref(),
+            environment: &self.environment,
+            cfg: &self.cfg,
+            options: self.compile_options(),
+        }
+    }
+
     fn compile_options(&self) -> CompileOptions {
         if self.cfg.tp > 1 {
             CompileOptions::spmd(self.cfg.tp)
@@ -65,13 +75,7 @@ impl XlaRunner {
         let todo: Vec<Bucket> = self.buckets.clone();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let done = std::sync::atomic::AtomicUsize::new(0);
-        let ctx = CompileCtx {
-            client: &self.client,
-            cache: self.cache.as_ref(),
-            environment: &self.environment,
-            cfg: &self.cfg,
-            options: self.compile_options(),
-        };
+        let ctx = self.compile_ctx();
         let results: Vec<Result<(Bucket, Compiled), RunnerError>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
@@ -164,13 +168,7 @@ impl XlaRunner {
                 return Err(RunnerError::Recompilation(format!("{b:?}")));
             }
         }
-        let ctx = CompileCtx {
-            client: &self.client,
-            cache: self.cache.as_ref(),
-            environment: &self.environment,
-            cfg: &self.cfg,
-            options: self.compile_options(),
-        };
+        let ctx = self.compile_ctx();
         let c = ctx.compile(b)?;
         let how = c.how;
         self.record(&c);

@@ -136,10 +136,9 @@ impl XlaRunner {
             Some(p) => p.clone(),
             None => device::plugin_path(&opts.device).map_err(derr)?,
         };
-        if opts.device == DeviceKind::Tpu
-            && !device::tpu_chips_present()
-            && !deviceless::network_interfaces().is_empty()
-        {
+        // libtpu started off a TPU queries the cloud metadata server; only `plan --cost`
+        // loads it there, inside `unshare -n` with TPU_SKIP_MDS_QUERY=1 (see deviceless.rs).
+        if opts.device == DeviceKind::Tpu && !device::tpu_chips_present() {
             return Err(RunnerError::Device(format!(
                 "--device tpu: no TPU chips on this machine (no /dev/accel*, no /dev/vfio group); \
                  refusing to start libtpu ({}), which would query the cloud metadata server. \

@@ -739,7 +739,7 @@ fn pick(b: &mut Block, x: &V, iota: &V, idx: &V, t: i64, vocab: i64) -> V {
 }
 
 /// A uniform number in (0, 1) from a 32-bit integer hash of (key, index).
-fn uniform_hash(b: &mut Block, keys: &V, idx: &V, dims: &[i64]) -> V {
+pub(crate) fn uniform_hash(b: &mut Block, keys: &V, idx: &V, dims: &[i64]) -> V {
     let c = |b: &mut Block, v: u32| b.constant_int(v as i64, dims, Elem::U32);
     let m1 = c(b, 0x9E37_79B1);
     let m2 = c(b, 0x7FEB_352D);

@@ -25,7 +25,7 @@ use tpuserve_pjrt::{AlignedBytes, Buffer, Client, CompileOptions, Device, Elemen
 use tpuserve_runner_api::RunnerError;
 
 use crate::hlo::{self, Arg, Elem, Ty};
-use crate::program::{arg, arg_sharding, ProgramConfig, WeightElem};
+use crate::program::{arg, arg_sharding, uniform_hash, ProgramConfig, WeightElem};
 
 fn werr(e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Weights(e.to_string())
@@ -158,97 +158,53 @@ fn plans(src: &dyn WeightSource, cfg: &LlamaConfig) -> Vec<WeightPlan> {
     } else {
         "model.embed_tokens.weight"
     };
-    let one = |s: &str| vec![s.to_string()];
+    // Every per-layer matrix is stored transposed ([in, out]) and stacked.
+    let layer = |index: usize, suffix: &str, rows: usize, cols: usize, split: Split| WeightPlan {
+        index,
+        names: per_layer(suffix),
+        rows,
+        cols,
+        split,
+        transpose: true,
+        stacked: true,
+    };
     let (rs, cs) = (Split::Rows, Split::Cols);
-    // (argument, tensors, HF rows, HF cols, split, transpose, stacked); in `arg` order.
-    [
-        (
-            arg::EMBED,
-            one("model.embed_tokens.weight"),
-            vocab,
-            h,
-            rs,
-            false,
-            false,
-        ),
-        (arg::LM_HEAD, one(head), vocab, h, rs, true, false),
-        (
-            arg::WQ,
-            per_layer("self_attn.q_proj.weight"),
-            qs,
-            h,
-            rs,
-            true,
-            true,
-        ),
-        (
-            arg::WK,
-            per_layer("self_attn.k_proj.weight"),
-            kvs,
-            h,
-            rs,
-            true,
-            true,
-        ),
-        (
-            arg::WV,
-            per_layer("self_attn.v_proj.weight"),
-            kvs,
-            h,
-            rs,
-            true,
-            true,
-        ),
-        (
-            arg::WO,
-            per_layer("self_attn.o_proj.weight"),
-            h,
-            qs,
-            cs,
-            true,
-            true,
-        ),
-        (
-            arg::WG,
-            per_layer("mlp.gate_proj.weight"),
-            inter,
-            h,
-            rs,
-            true,
-            true,
-        ),
-        (
-            arg::WU,
-            per_layer("mlp.up_proj.weight"),
-            inter,
-            h,
-            rs,
-            true,
-            true,
-        ),
-        (
-            arg::WD,
-            per_layer("mlp.down_proj.weight"),
-            h,
-            inter,
-            cs,
-            true,
-            true,
-        ),
-    ]
-    .into_iter()
-    .map(
-        |(index, names, rows, cols, split, transpose, stacked)| WeightPlan {
-            index,
-            names,
-            rows,
-            cols,
-            split,
-            transpose,
-            stacked,
+    vec![
+        // The embedding table is looked up by row: kept as stored.
+        WeightPlan {
+            index: arg::EMBED,
+            names: vec!["model.embed_tokens.weight".into()],
+            rows: vocab,
+            cols: h,
+            split: rs,
+            transpose: false,
+            stacked: false,
         },
-    )
-    .collect()
+        WeightPlan {
+            index: arg::LM_HEAD,
+            names: vec![head.into()],
+            rows: vocab,
+            cols: h,
+            split: rs,
+            transpose: true,
+            stacked: false,
+        },
+        layer(arg::WQ, "self_attn.q_proj.weight", qs, h, rs),
+        layer(arg::WK, "self_attn.k_proj.weight", kvs, h, rs),
+        layer(arg::WV, "self_attn.v_proj.weight", kvs, h, rs),
+        layer(arg::WO, "self_attn.o_proj.weight", h, qs, cs),
+        layer(arg::WG, "mlp.gate_proj.weight", inter, h, rs),
+        layer(arg::WU, "mlp.up_proj.weight", inter, h, rs),
+        layer(arg::WD, "mlp.down_proj.weight", h, inter, cs),
+    ]
+}
+
+/// The host dtype of the device's weight dtype.
+fn host_dtype(elem: WeightElem) -> DType {
+    match elem {
+        WeightElem::F32 => DType::F32,
+        WeightElem::BF16 => DType::BF16,
+    }
 }
 
 fn element_type(d: DType) -> (ElementType, Elem) {
@@ -381,7 +337,7 @@ impl Placer<'_> {
     /// on `threads` threads at once. Returns `[layer][device]` and the dtype.
     fn upload_raw(&self, p: &WeightPlan) -> Result<(Vec<Vec<Buffer>>, DType, u64), RunnerError> {
         let shape = [p.rows, p.cols];
-        let dtype = self.src.expect(&p.names[0], &shape).map_err(werr)?.dtype;
+        let dtype = self.src.tensor_dtype(&p.names[0]).map_err(werr)?;
         let (ety, _) = element_type(dtype);
         let es = dtype.size_bytes();
         let n = self.devices.len();
@@ -528,14 +484,8 @@ impl Placer<'_> {
     ) -> Result<Vec<Buffer>, RunnerError> {
         let t = Instant::now();
         let n = self.devices.len();
-        let (ety, _) = element_type(match self.elem {
-            WeightElem::F32 => DType::F32,
-            WeightElem::BF16 => DType::BF16,
-        });
-        let to = match self.elem {
-            WeightElem::F32 => DType::F32,
-            WeightElem::BF16 => DType::BF16,
-        };
+        let to = host_dtype(self.elem);
+        let (ety, _) = element_type(to);
         let es = to.size_bytes();
         let (sr, sc) = match p.split {
             Split::Rows => (p.rows / n, p.cols),
@@ -747,8 +697,8 @@ pub mod fill {
     #[derive(Debug, Clone, Copy)]
     pub enum Fill {
         Zeros,
-        /// Uniform in `[-scale, scale)` from a hash of each element's index (the same mix as
-        /// `tpuserve_model::dummy::dummy_value`).
+        /// Uniform in `(-scale, scale)` from a hash of each element's index in the whole
+        /// tensor (the sampler's hash, `program::uniform_hash`).
         Uniform {
             seed: u32,
             scale: f32,
@@ -765,31 +715,22 @@ pub mod fill {
                     b.broadcast(&z, &ty.dims, &[])
                 }
                 Fill::Uniform { seed, scale } => {
-                    // Linear element index from one iota per axis (wrapping in u32 is fine
-                    // for a hash), then the integer mix, then the top 24 bits as a fraction.
-                    let u = |b: &mut hlo::Block, x: i64| b.constant_int(x, &ty.dims, Elem::U32);
+                    // Each element's index in the whole tensor (one iota per axis; wrapping in
+                    // u32 is fine for a hash), so the shards of any TP size make the same
+                    // weights; hashed as the sampler hashes its noise.
                     let mut idx = b.constant_int(0, &ty.dims, Elem::U32);
                     let mut stride: u64 = 1;
                     for axis in (0..ty.dims.len()).rev() {
                         let io = b.iota(&ty.dims, axis as i64, Elem::U32);
-                        let s = u(b, (stride & 0xFFFF_FFFF) as i64);
+                        let s = b.constant_int((stride & 0xFFFF_FFFF) as i64, &ty.dims, Elem::U32);
                         let term = b.mul(&io, &s);
                         idx = b.add(&idx, &term);
                         stride = stride.wrapping_mul(ty.dims[axis] as u64);
                     }
-                    let (k1, sd, k2) = (u(b, 0x9E37_79B1), u(b, seed as i64), u(b, 0x2C1B_3C6D));
-                    let (s15, s12, s8) = (u(b, 15), u(b, 12), u(b, 8));
-                    let x = b.mul(&idx, &k1);
-                    let x = b.add(&x, &sd);
-                    let t = b.shr(&x, &s15);
-                    let x = b.xor(&x, &t);
-                    let x = b.mul(&x, &k2);
-                    let t = b.shr(&x, &s12);
-                    let x = b.xor(&x, &t);
-                    let top = b.shr(&x, &s8);
-                    let f = b.convert(&top, Elem::F32);
-                    let k = b.constant_f32(2.0 * scale / (1u32 << 24) as f32, &ty.dims);
-                    let f = b.mul(&f, &k);
+                    let keys = b.constant_int(seed as i64, &ty.dims, Elem::U32);
+                    let u = uniform_hash(b, &keys, &idx, &ty.dims);
+                    let k = b.constant_f32(2.0 * scale, &ty.dims);
+                    let f = b.mul(&u, &k);
                     let off = b.constant_f32(scale, &ty.dims);
                     let f = b.sub(&f, &off);
                     b.convert(&f, ty.elem)
