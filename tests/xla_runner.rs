@@ -124,7 +124,7 @@ fn no_compilation_after_warm_up_and_the_guard_fires() {
     assert_eq!(s.compilations_after_warmup, 0);
     let odd = Bucket {
         tokens: 48,
-        blocks: 3,
+        tile: 1,
         top_k: 0,
     };
     let err = r.ensure_compiled(odd).unwrap_err().to_string();

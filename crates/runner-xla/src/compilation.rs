@@ -9,38 +9,29 @@ fn pow2_at_least(n: usize, min: usize) -> usize {
 }
 
 impl XlaRunner {
-    /// Token buckets 16, 32, … up to `max_num_batched_tokens`; context buckets by powers of 4
-    /// blocks up to `max_model_len`; combinations over the gather budget are dropped except at
-    /// the smallest token bucket, so any context can still decode.
+    /// Token buckets 16, 32, … up to `max_num_batched_tokens`, each for decode rows (tiles
+    /// of one row) and for prompt rows (tiles of `attention_tile` rows), with and without
+    /// top-k logprobs. Context is not a bucket dimension: the attention loop runs as many
+    /// chunks as the step's longest context needs.
     pub fn bucket_set(opts: &XlaRunnerOptions) -> Vec<Bucket> {
         let max_t = pow2_at_least(opts.max_num_batched_tokens, 16);
-        let max_b = pow2_at_least(opts.max_model_len.div_ceil(opts.block_size), 1);
-        let mut bs = BTreeSet::new();
-        let mut b = 1;
-        while b < max_b {
-            bs.insert(b);
-            b *= 4;
-        }
-        bs.insert(max_b);
+        let tile = opts.attention_tile.max(1);
         let mut out = Vec::new();
-        let mut t = 16;
-        while t <= max_t {
-            for &b in &bs {
-                let fits = t * b * opts.block_size <= opts.gather_budget.max(16 * opts.block_size);
-                if fits || t == 16 {
-                    for k in [0, opts.max_logprobs] {
-                        let bucket = Bucket {
-                            tokens: t as i64,
-                            blocks: b as i64,
-                            top_k: k as i64,
-                        };
-                        if !out.contains(&bucket) {
-                            out.push(bucket);
-                        }
+        for r in [1, tile] {
+            let mut t = pow2_at_least(r, 16);
+            while t <= max_t.max(r) {
+                for k in [0, opts.max_logprobs] {
+                    let bucket = Bucket {
+                        tokens: t as i64,
+                        tile: r as i64,
+                        top_k: k as i64,
+                    };
+                    if !out.contains(&bucket) {
+                        out.push(bucket);
                     }
                 }
+                t *= 2;
             }
-            t *= 2;
         }
         out
     }
@@ -88,9 +79,9 @@ impl XlaRunner {
                             let k = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                             if let Ok(c) = &r {
                                 tracing::info!(
-                                    "compiling {k}/{n}: tokens={} blocks={} top_k={} ({}, {:.2}s)",
+                                    "compiling {k}/{n}: tokens={} tile={} top_k={} ({}, {:.2}s)",
                                     b.tokens,
-                                    b.blocks,
+                                    b.tile,
                                     b.top_k,
                                     c.how,
                                     c.seconds
@@ -176,17 +167,27 @@ impl XlaRunner {
         Ok(how)
     }
 
-    /// The smallest bucket holding `tokens` rows and `blocks` context blocks.
-    pub(crate) fn pick_bucket(&self, tokens: usize, blocks: usize, top_k: bool) -> Option<Bucket> {
+    /// The smallest bucket of tile size `tile` holding `tokens` rows.
+    pub(crate) fn pick_bucket(&self, tokens: usize, tile: usize, top_k: bool) -> Option<Bucket> {
         self.buckets
             .iter()
             .filter(|b| {
                 b.tokens as usize >= tokens
-                    && b.blocks as usize >= blocks
+                    && b.tile as usize == tile
                     && (b.top_k > 0) == (top_k && self.opts.max_logprobs > 0)
             })
-            .min_by_key(|b| (b.tokens * b.blocks, b.tokens))
+            .min_by_key(|b| b.tokens)
             .copied()
+    }
+
+    /// The most rows one execution of tile size `tile` takes.
+    pub(crate) fn max_rows(&self, tile: usize) -> usize {
+        self.buckets
+            .iter()
+            .filter(|b| b.tile as usize == tile)
+            .map(|b| b.tokens as usize)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -211,8 +212,8 @@ impl CompileCtx<'_> {
         let text = self.cfg.emit(b);
         if let Some(dir) = std::env::var_os("TPUSERVE_DUMP_HLO") {
             let path = PathBuf::from(dir).join(format!(
-                "step-t{}-b{}-k{}.mlir",
-                b.tokens, b.blocks, b.top_k
+                "step-t{}-r{}-k{}.mlir",
+                b.tokens, b.tile, b.top_k
             ));
             if let Err(e) = std::fs::write(&path, &text) {
                 tracing::warn!("cannot dump {}: {e}", path.display());

@@ -16,7 +16,7 @@ pub mod program;
 mod step;
 pub mod weights;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,8 +50,12 @@ pub struct XlaRunnerOptions {
     pub weight_dtype: WeightElem,
     /// `VLLM_XLA_CACHE_PATH`: where compiled executables persist across restarts and pods.
     pub compile_cache_dir: Option<PathBuf>,
-    /// Upper bound on (tokens × gathered context) per execution; bigger steps are split.
-    pub gather_budget: usize,
+    /// Query rows per attention tile of a prompt (rows of one sequence that share one read
+    /// of its pages); decoding rows are tiles of one.
+    pub attention_tile: usize,
+    /// Context read per attention iteration, in tokens (rounded down to whole blocks); 0
+    /// picks the platform's default.
+    pub kv_chunk_tokens: usize,
     /// Make a compilation after warm-up an error instead of a counted event.
     pub strict_no_recompile: bool,
     /// Devices the XLA CPU plugin exposes (0 = as many as the tensor-parallel size).
@@ -77,7 +81,8 @@ impl Default for XlaRunnerOptions {
             max_logprobs: 20,
             weight_dtype: WeightElem::F32,
             compile_cache_dir: None,
-            gather_budget: 1 << 16,
+            attention_tile: 16,
+            kv_chunk_tokens: 0,
             strict_no_recompile: false,
             cpu_device_count: 0,
             kv_memory_utilization: None,
@@ -116,6 +121,17 @@ pub struct XlaRunner {
     warmed_up: bool,
     scratch_block: u32,
     unseeded_counter: u64,
+}
+
+/// Context read per attention iteration when not set: a loop iteration costs little on the
+/// XLA CPU plugin, so short contexts read little there; on accelerators fewer, bigger
+/// iterations keep the loop overhead small against the step.
+pub fn default_kv_chunk_tokens(platform: &str) -> usize {
+    if platform == "cpu" {
+        128
+    } else {
+        256
+    }
 }
 
 fn derr(e: impl std::fmt::Display) -> RunnerError {
@@ -197,8 +213,18 @@ impl XlaRunner {
             );
         }
 
-        let mut cfg =
-            ProgramConfig::for_model(c, tp, opts.weight_dtype, opts.num_blocks, opts.block_size);
+        if opts.kv_chunk_tokens == 0 {
+            opts.kv_chunk_tokens = default_kv_chunk_tokens(&client.platform_name().unwrap_or_default());
+        }
+        let mut cfg = ProgramConfig::for_model(
+            c,
+            tp,
+            opts.weight_dtype,
+            opts.num_blocks,
+            opts.block_size,
+            opts.max_model_len,
+            opts.kv_chunk_tokens,
+        );
         let (weights, report) = if model.weights.is_dummy() {
             weights::dummy(&client, &devices, c, &cfg)?
         } else {
@@ -229,7 +255,7 @@ impl XlaRunner {
         // PJRT checks only byte sizes at execution: catch a layout mix-up here, by name.
         let expected = cfg.arg_types(Bucket {
             tokens: 16,
-            blocks: 1,
+            tile: 1,
             top_k: 0,
         });
         for (i, per_device) in weights.iter().enumerate() {

@@ -1,7 +1,10 @@
 //! The Llama forward step as one StableHLO program per shape bucket. Layers run in a
 //! `stablehlo.while` over weights stacked on a leading layer axis, so a program's size (and
 //! compile time) does not grow with depth. The KV caches are donated arguments updated by
-//! scatter; attention gathers each token's pages through its block-table row.
+//! scatter. Attention runs by query tile (one sequence's rows: one row for a decoding
+//! sequence, up to `tile` rows of a prompt) and reads the tile's pages chunk by chunk with
+//! an online softmax, so each page is read once per tile and a step reads the context it
+//! has, not a bucket's worth.
 //!
 //! Sharding (tensor parallel over `tp` devices, Megatron style): q/k/v/gate/up split by output
 //! rows, o/down by input columns, embedding and LM head by vocabulary rows, KV caches by the
@@ -29,8 +32,9 @@ pub const LOGIT_CHUNK: i64 = 16;
 pub struct Bucket {
     /// Token rows per execution.
     pub tokens: i64,
-    /// KV blocks gathered per token (covers the longest context in the execution).
-    pub blocks: i64,
+    /// Query rows per attention tile: 1 (every row is its own sequence: decode) or the
+    /// prefill tile (a prompt's rows in groups that share one read of their pages).
+    pub tile: i64,
     /// Top-k alternatives computed per row (0 or the maximum logprobs).
     pub top_k: i64,
 }
@@ -42,6 +46,19 @@ pub struct ProgramConfig {
     pub num_blocks: i64,
     pub block_size: i64,
     pub tp: i64,
+    /// Columns of the block table (the longest context's blocks, rounded up to a chunk).
+    pub table_blocks: i64,
+    /// KV blocks read per attention iteration.
+    pub kv_chunk: i64,
+}
+
+/// A step written out without its loops, for the cost model: XLA's cost analysis counts a
+/// `while` body once, so `plan --cost` compiles the step with `layers` layers and `chunks`
+/// KV chunks as straight-line code and takes differences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unroll {
+    pub layers: i64,
+    pub chunks: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,7 +107,9 @@ pub mod arg {
     pub const TOP_K: usize = 24;
     pub const TOP_P: usize = 25;
     pub const MIN_P: usize = 26;
-    pub const COUNT: usize = 27;
+    /// KV chunks the attention loop runs (the longest context in the step, in chunks).
+    pub const KV_CHUNKS: usize = 27;
+    pub const COUNT: usize = 28;
     pub const NUM_WEIGHTS: usize = 13;
 }
 
@@ -128,15 +147,22 @@ pub fn arg_sharding(index: usize, tp: i64) -> String {
 
 impl ProgramConfig {
     /// The programs of `c` at `tp`, with `num_blocks` usable KV blocks (one more is added:
-    /// the write target of padding tokens).
+    /// the write target of padding tokens), contexts up to `max_model_len`, and attention
+    /// reading about `kv_chunk_tokens` of context per iteration.
     pub fn for_model(
         c: &tpuserve_model::LlamaConfig,
         tp: usize,
         weight_elem: WeightElem,
         num_blocks: usize,
         block_size: usize,
+        max_model_len: usize,
+        kv_chunk_tokens: usize,
     ) -> ProgramConfig {
+        let max_blocks = max_model_len.div_ceil(block_size).max(1);
+        let kv_chunk = (kv_chunk_tokens / block_size).clamp(1, max_blocks);
         ProgramConfig {
+            table_blocks: (max_blocks.div_ceil(kv_chunk) * kv_chunk) as i64,
+            kv_chunk: kv_chunk as i64,
             dims: ModelDims {
                 hidden: c.hidden_size as i64,
                 heads: c.num_attention_heads as i64,
@@ -193,7 +219,7 @@ impl ProgramConfig {
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::I32),
-            Ty::new(&[t, b.blocks], Elem::I32),
+            Ty::new(&[t / b.tile, self.table_blocks], Elem::I32),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::F32),
             Ty::new(&[t], Elem::U32),
@@ -202,11 +228,21 @@ impl ProgramConfig {
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::F32),
             Ty::new(&[t], Elem::F32),
+            Ty::new(&[], Elem::I32),
         ]
     }
 
     /// The StableHLO text of the step program for one bucket.
     pub fn emit(&self, b: Bucket) -> String {
+        self.emit_with(b, None)
+    }
+
+    /// The step without its loops (see [`Unroll`]); only for cost analysis.
+    pub fn emit_unrolled(&self, b: Bucket, u: Unroll) -> String {
+        self.emit_with(b, Some(u))
+    }
+
+    fn emit_with(&self, b: Bucket, unroll: Option<Unroll>) -> String {
         let args: Vec<Arg> = self
             .arg_types(b)
             .into_iter()
@@ -224,7 +260,12 @@ impl ProgramConfig {
             .collect();
         let cache_sharding = arg_sharding(arg::K_CACHE, self.tp);
         module("llama_step", self.tp as usize, &args, |blk, a| {
-            let mut e = Emitter { cfg: self, b, blk };
+            let mut e = Emitter {
+                cfg: self,
+                b,
+                blk,
+                unroll,
+            };
             let outs = e.forward(a);
             outs.into_iter()
                 .enumerate()
@@ -245,6 +286,7 @@ struct Emitter<'a> {
     cfg: &'a ProgramConfig,
     b: Bucket,
     blk: &'a mut Block,
+    unroll: Option<Unroll>,
 }
 
 impl Emitter<'_> {
@@ -285,12 +327,29 @@ impl Emitter<'_> {
             &a[arg::POSITIONS],
             &a[arg::SLOTS],
             &a[arg::BLOCKS],
+            &a[arg::KV_CHUNKS],
         ];
         init.extend(carried_consts.iter().copied());
         let layers = m.layers;
         let cfg = self.cfg.clone();
         let bucket = self.b;
-        let outs = blk.while_loop(
+        let unroll = self.unroll;
+        let outs = if let Some(u) = unroll {
+            let mut v: Vec<V> = init.iter().map(|&x| x.clone()).collect();
+            for li in 0..u.layers {
+                v[0] = blk.constant_int(li, &[], Elem::I32);
+                let mut le = Emitter {
+                    cfg: &cfg,
+                    b: bucket,
+                    blk,
+                    unroll,
+                };
+                let (x, kc, vc) = le.layer(&v);
+                (v[1], v[2], v[3]) = (x, kc, vc);
+            }
+            v
+        } else {
+            blk.while_loop(
             &init,
             |c, v| {
                 let n = c.constant_int(layers, &[], Elem::I32);
@@ -301,6 +360,7 @@ impl Emitter<'_> {
                     cfg: &cfg,
                     b: bucket,
                     blk: body,
+                    unroll: None,
                 };
                 let (x, kc, vc) = le.layer(v);
                 let one = le.blk.constant_int(1, &[], Elem::I32);
@@ -309,7 +369,8 @@ impl Emitter<'_> {
                 out.extend(v[4..].iter().cloned());
                 out
             },
-        );
+            )
+        };
         let (x, kc, vc) = (&outs[1], &outs[2], &outs[3]);
         let blk = &mut *self.blk;
         let h = rms_norm(blk, x, &a[arg::FINAL_NORM], &m.eps);
@@ -388,6 +449,7 @@ impl Emitter<'_> {
                     cfg: &cfg,
                     b: bucket,
                     blk: body,
+                    unroll: None,
                 };
                 let outs = e.sample_outputs(&logits, &temp, &keys, &targets, &filters, r);
                 let one = body.constant_int(1, &[], Elem::I32);
@@ -414,16 +476,16 @@ impl Emitter<'_> {
     fn layer(&mut self, v: &[V]) -> (V, V, V) {
         let cfg = self.cfg;
         let m = &cfg.dims;
-        let (t, nblk) = (self.b.tokens, self.b.blocks);
+        let t = self.b.tokens;
         let w = cfg.weight_elem.elem();
         let (h, d, nh, kvh) = (m.hidden, m.head_dim, m.heads, m.kv_heads);
-        let (qs, g) = (nh * d, nh / kvh);
         let (i, x, kc, vc) = (&v[0], &v[1], &v[2], &v[3]);
         let in_norm = &v[4];
         let (wq, wk, wv, wo) = (&v[5], &v[6], &v[7], &v[8]);
         let post_norm = &v[9];
         let (wg, wu, wd) = (&v[10], &v[11], &v[12]);
-        let (cos, sin, pos, slots, blocks) = (&v[13], &v[14], &v[15], &v[16], &v[17]);
+        let (cos, sin, pos, slots) = (&v[13], &v[14], &v[15], &v[16]);
+        let (tables, nchunks) = (&v[17], &v[18]);
         let b = &mut *self.blk;
         let z = b.constant_int(0, &[], Elem::I32);
 
@@ -479,40 +541,21 @@ impl Emitter<'_> {
         let kc2 = b.scatter_points(kc, &[0, 1], &widx, &kw);
         let vc2 = b.scatter_points(vc, &[0, 1], &widx, &vw);
 
-        // KV read: each token's first `nblk` blocks of its sequence, [T, nblk, BS, KVH, D]
-        // (the view only touches the gathered pages, never the cache).
-        let c = nblk * bs;
-        let bbase_tb = b.broadcast(&bbase, &[t, nblk], &[]);
-        let brows = b.add(blocks, &bbase_tb);
-        let brows = b.reshape(&brows, &[t * nblk]);
-        let kg = b.take_along(&kc2, 0, &brows);
-        let vg = b.take_along(&vc2, 0, &brows);
-        let kg = b.reshape(&kg, &[t, nblk, bs, kvh, d]);
-        let vg = b.reshape(&vg, &[t, nblk, bs, kvh, d]);
-        let kg = b.convert(&kg, Elem::F32);
-        let vg = b.convert(&vg, Elem::F32);
-
-        // scores [T, KVH, G, nblk, BS] → [T, KVH, G, C]
-        let q4 = b.reshape(&q, &[t, kvh, g, d]);
-        let scores = b.dot_general(&q4, &kg, (&[0, 1], &[0, 3]), (&[3], &[4]), Elem::F32);
-        let scores = b.reshape(&scores, &[t, kvh, g, c]);
-        let scale = b.constant_f32(1.0 / (d as f32).sqrt(), &[t, kvh, g, c]);
-        let scores = b.mul(&scores, &scale);
-        let key_pos = b.iota(&[t, kvh, g, c], 3, Elem::I32);
-        let qpos = b.broadcast(pos, &[t, kvh, g, c], &[0]);
-        let visible = b.compare(Cmp::Le, &key_pos, &qpos);
-        let ninf = b.constant_f32(f32::NEG_INFINITY, &[t, kvh, g, c]);
-        let scores = b.select(&visible, &scores, &ninf);
-        let probs = softmax_last(b, &scores);
-        let probs = b.reshape(&probs, &[t, kvh, g, nblk, bs]);
-        let o = b.dot_general(
-            &probs,
-            &vg,
-            (&[0, 1], &[0, 3]),
-            (&[3, 4], &[1, 2]),
-            Elem::F32,
+        let (o, kc2, vc2) = attention(
+            b,
+            cfg,
+            self.b.tile,
+            self.unroll.map(|u| u.chunks),
+            &Attend {
+                q: &q,
+                kc: &kc2,
+                vc: &vc2,
+                pos,
+                tables,
+                nchunks,
+                bbase: &bbase,
+            },
         );
-        let o = b.reshape(&o, &[t, qs]);
         let attn_w = layer_mat(b, wo);
         let attn = linear(b, &o, &attn_w);
         let x1 = b.add(x, &attn);
@@ -645,6 +688,187 @@ impl Emitter<'_> {
     }
 }
 
+/// What one layer's attention reads: `q [T, heads·D]` (roped, f32), the layer's caches
+/// (already holding this step's K/V), positions, the block table of every tile
+/// `[T / tile, table_blocks]`, the number of KV chunks to read and the layer's first block row.
+struct Attend<'a> {
+    q: &'a V,
+    kc: &'a V,
+    vc: &'a V,
+    pos: &'a V,
+    tables: &'a V,
+    nchunks: &'a V,
+    bbase: &'a V,
+}
+
+/// Attention by query tile. Tile n holds rows [n·R, (n+1)·R) of one sequence; its pages are
+/// read once, `kv_chunk` blocks per iteration of a loop that runs `nchunks` times (the
+/// step's longest context, so a step reads the context it has, never a bucket's worth), with
+/// an online softmax across chunks. K and V enter the dots in the cache's dtype and the dots
+/// accumulate in f32. Returns the output `[T, heads·D]` and the caches (threaded through the
+/// loop so that no second live reference forces a copy of them).
+fn attention(
+    b: &mut Block,
+    cfg: &ProgramConfig,
+    tile: i64,
+    unrolled_chunks: Option<i64>,
+    a: &Attend,
+) -> (V, V, V) {
+    let m = &cfg.dims;
+    let w = cfg.weight_elem.elem();
+    let (d, kvh) = (m.head_dim, m.kv_heads);
+    let (g, r) = (m.heads / kvh, tile);
+    let t = a.q.dims()[0];
+    let nt = t / r;
+    let q5 = b.reshape(a.q, &[nt, r, kvh, g, d]);
+    let q5 = b.convert(&q5, w);
+    let qpos = b.reshape(a.pos, &[nt, r]);
+    let run = [nt, kvh, r, g];
+    let m0 = b.constant_f32(-1e30, &run);
+    let l0 = b.constant_f32(0.0, &run);
+    let acc0 = b.constant_f32(0.0, &[nt, kvh, r, g, d]);
+    let j0 = b.constant_int(0, &[], Elem::I32);
+    let (acc, l, kc, vc) = if let Some(n) = unrolled_chunks {
+        let (mut mm, mut ll, mut acc) = (m0, l0, acc0);
+        for j in 0..n {
+            let jv = b.constant_int(j, &[], Elem::I32);
+            let c = Chunk {
+                j: &jv,
+                m: &mm,
+                l: &ll,
+                acc: &acc,
+                kc: a.kc,
+                vc: a.vc,
+                q5: &q5,
+                qpos: &qpos,
+                tables: a.tables,
+                bbase: a.bbase,
+            };
+            (mm, ll, acc) = attend_chunk(b, cfg, &c);
+        }
+        (acc, ll, a.kc.clone(), a.vc.clone())
+    } else {
+        let init = [
+            &j0, &m0, &l0, &acc0, a.kc, a.vc, &q5, &qpos, a.tables, a.bbase, a.nchunks,
+        ];
+        let outs = b.while_loop(
+            &init,
+            |c, v| c.compare(Cmp::Lt, &v[0], &v[10]),
+            |body, v| {
+                let c = Chunk {
+                    j: &v[0],
+                    m: &v[1],
+                    l: &v[2],
+                    acc: &v[3],
+                    kc: &v[4],
+                    vc: &v[5],
+                    q5: &v[6],
+                    qpos: &v[7],
+                    tables: &v[8],
+                    bbase: &v[9],
+                };
+                let (mm, ll, acc) = attend_chunk(body, cfg, &c);
+                let one = body.constant_int(1, &[], Elem::I32);
+                let mut out = vec![body.add(&v[0], &one), mm, ll, acc];
+                out.extend(v[4..].iter().cloned());
+                out
+            },
+        );
+        (
+            outs[3].clone(),
+            outs[2].clone(),
+            outs[4].clone(),
+            outs[5].clone(),
+        )
+    };
+    let lb = b.broadcast(&l, &[nt, kvh, r, g, d], &[0, 1, 2, 3]);
+    let o = b.div(&acc, &lb);
+    let o = b.transpose(&o, &[0, 2, 1, 3, 4]);
+    (b.reshape(&o, &[t, m.heads * d]), kc, vc)
+}
+
+/// The running state of one attention iteration.
+struct Chunk<'a> {
+    j: &'a V,
+    m: &'a V,
+    l: &'a V,
+    acc: &'a V,
+    kc: &'a V,
+    vc: &'a V,
+    q5: &'a V,
+    qpos: &'a V,
+    tables: &'a V,
+    bbase: &'a V,
+}
+
+/// Chunk `j` of every tile's pages: scores, masked to the keys at or before each query's
+/// position, folded into the running max `m`, sum `l` and output `acc`.
+fn attend_chunk(b: &mut Block, cfg: &ProgramConfig, c: &Chunk) -> (V, V, V) {
+    let dims = &cfg.dims;
+    let w = cfg.weight_elem.elem();
+    let (bs, kch) = (cfg.block_size, cfg.kv_chunk);
+    let (nt, r, kvh, g, d) = (
+        c.q5.dims()[0],
+        c.q5.dims()[1],
+        dims.kv_heads,
+        dims.heads / dims.kv_heads,
+        dims.head_dim,
+    );
+    let ck = kch * bs;
+    let z = b.constant_int(0, &[], Elem::I32);
+    let kch_c = b.constant_int(kch, &[], Elem::I32);
+    let start = b.mul(c.j, &kch_c);
+    let tbl = b.dynamic_slice(c.tables, &[&z, &start], &[nt, kch]);
+    let base = b.broadcast(c.bbase, &[nt, kch], &[]);
+    let rows = b.add(&tbl, &base);
+    let rows = b.reshape(&rows, &[nt * kch]);
+    // [NT·kch, BS, KVH, D] → [NT, kch, BS, KVH, D]: whole blocks, the cache's own layout.
+    let kg = b.take_along(c.kc, 0, &rows);
+    let vg = b.take_along(c.vc, 0, &rows);
+    let kg = b.reshape(&kg, &[nt, kch, bs, kvh, d]);
+    let vg = b.reshape(&vg, &[nt, kch, bs, kvh, d]);
+
+    // scores [NT, KVH, R, G, kch, BS] → [NT, KVH, R, G, CK]
+    let full = [nt, kvh, r, g, ck];
+    let s = b.dot_general(c.q5, &kg, (&[0, 2], &[0, 3]), (&[4], &[4]), Elem::F32);
+    let s = b.reshape(&s, &full);
+    let scale = b.constant_f32(1.0 / (d as f32).sqrt(), &full);
+    let s = b.mul(&s, &scale);
+    let ck_c = b.constant_int(ck, &[], Elem::I32);
+    let first = b.mul(c.j, &ck_c);
+    let first = b.broadcast(&first, &full, &[]);
+    let key_pos = b.iota(&full, 4, Elem::I32);
+    let key_pos = b.add(&key_pos, &first);
+    let qp = b.broadcast(c.qpos, &full, &[0, 2]);
+    let visible = b.compare(Cmp::Le, &key_pos, &qp);
+    let ninf = b.constant_f32(f32::NEG_INFINITY, &full);
+    let s = b.select(&visible, &s, &ninf);
+
+    // Online softmax: m starts finite (-1e30), so a chunk with every key masked leaves
+    // m, l and acc as they were instead of producing NaN.
+    let keep = [0, 1, 2, 3];
+    let lowest = b.constant_f32(f32::NEG_INFINITY, &[]);
+    let mc = b.reduce(&s, &lowest, &[4], "maximum");
+    let m_new = b.max(c.m, &mc);
+    let mb = b.broadcast(&m_new, &full, &keep);
+    let p = b.sub(&s, &mb);
+    let p = b.unary("exponential", &p);
+    let corr = b.sub(c.m, &m_new);
+    let corr = b.unary("exponential", &corr);
+    let zero = b.constant_f32(0.0, &[]);
+    let psum = b.reduce(&p, &zero, &[4], "add");
+    let l = b.mul(c.l, &corr);
+    let l = b.add(&l, &psum);
+    let p6 = b.reshape(&p, &[nt, kvh, r, g, kch, bs]);
+    let p6 = b.convert(&p6, w);
+    // [NT, KVH, R, G, D]
+    let pv = b.dot_general(&p6, &vg, (&[0, 1], &[0, 3]), (&[4, 5], &[1, 2]), Elem::F32);
+    let cb = b.broadcast(&corr, &[nt, kvh, r, g, d], &keep);
+    let acc = b.mul(c.acc, &cb);
+    let acc = b.add(&acc, &pv);
+    (m_new, l, acc)
+}
+
 fn rms_norm(b: &mut Block, x: &V, gain: &V, eps: &str) -> V {
     let (t, h) = (x.dims()[0], x.dims()[1]);
     let sq = b.mul(x, x);
@@ -677,21 +901,6 @@ fn rope(b: &mut Block, x: &V, t: i64, heads: i64, d: i64, cos: &V, sin: &V) -> V
     let r2 = b.add(&b1, &b2);
     let r = b.concat(&[&r1, &r2], 2);
     b.reshape(&r, &[t, heads * d])
-}
-
-fn softmax_last(b: &mut Block, x: &V) -> V {
-    let dims = x.dims().to_vec();
-    let last = dims.len() as i64 - 1;
-    let keep: Vec<i64> = (0..last).collect();
-    let ninf = b.constant_f32(f32::NEG_INFINITY, &[]);
-    let m = b.reduce(x, &ninf, &[last], "maximum");
-    let mb = b.broadcast(&m, &dims, &keep);
-    let s = b.sub(x, &mb);
-    let e = b.unary("exponential", &s);
-    let zero = b.constant_f32(0.0, &[]);
-    let sum = b.reduce(&e, &zero, &[last], "add");
-    let sb = b.broadcast(&sum, &dims, &keep);
-    b.div(&e, &sb)
 }
 
 /// Index of the row maximum (lowest index on ties), as i32 [T].

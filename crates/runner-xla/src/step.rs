@@ -20,34 +20,71 @@ impl XlaRunner {
         (u * 4_294_967_296.0) as u32
     }
 
+    /// Splits a step into executions: decoding rows (one query row per sequence) as tiles
+    /// of one, prompt rows as tiles of `attention_tile` rows of one sequence each, in order
+    /// (a long prompt's later rows may land in a later execution, after its earlier rows'
+    /// KV is written).
+    fn executions(&self, plan: &StepPlan) -> Result<Vec<Execution>, RunnerError> {
+        let cap = self.cfg.table_blocks as usize * self.opts.block_size;
+        if let Some(&p) = plan.positions.iter().find(|&&p| p as usize >= cap) {
+            return Err(RunnerError::InvalidPlan(format!(
+                "position {p} exceeds the compiled context ({cap} tokens)"
+            )));
+        }
+        let mut out = Vec::new();
+        let rp = self.opts.attention_tile.max(1);
+        for tile in [1, rp] {
+            let max = self.max_rows(tile);
+            let mut cur = Execution::new(tile);
+            for (i, s) in plan.seqs.iter().enumerate() {
+                let decode = s.query_len == 1;
+                if s.query_len == 0 || decode != (tile == 1) {
+                    continue;
+                }
+                for first in (0..s.query_len).step_by(tile) {
+                    if cur.rows.len() + tile > max {
+                        out.push(std::mem::replace(&mut cur, Execution::new(tile)));
+                    }
+                    for k in first..first + tile {
+                        cur.rows.push((k < s.query_len).then_some(s.query_start + k));
+                    }
+                    cur.tile_seq.push(Some(i));
+                }
+            }
+            if !cur.rows.is_empty() {
+                out.push(cur);
+            }
+        }
+        Ok(out)
+    }
+
     fn run_chunk(
         &mut self,
         plan: &StepPlan,
-        rows: &[usize],
+        ex: &Execution,
         row_seq: &[usize],
         want_top: bool,
     ) -> Result<ChunkResult, RunnerError> {
         let bs = self.opts.block_size;
-        let need_blocks = rows
-            .iter()
-            .map(|&r| (plan.positions[r] as usize + 1).div_ceil(bs))
-            .max()
-            .unwrap_or(1);
         let bucket = self
-            .pick_bucket(rows.len(), need_blocks, want_top)
+            .pick_bucket(ex.rows.len(), ex.tile, want_top)
             .ok_or_else(|| {
                 RunnerError::InvalidPlan(format!(
-                    "no bucket for {} tokens with {need_blocks} context blocks",
-                    rows.len()
+                    "no bucket for {} rows in tiles of {}",
+                    ex.rows.len(),
+                    ex.tile
                 ))
             })?;
         self.ensure_compiled(bucket)?;
-        let (t, nb) = (bucket.tokens as usize, bucket.blocks as usize);
+        let t = bucket.tokens as usize;
+        let nt = t / ex.tile;
+        let tb = self.cfg.table_blocks as usize;
+        let chunk = self.cfg.kv_chunk as usize;
         let scratch = self.scratch_block;
         let mut tokens = vec![0i32; t];
         let mut positions = vec![0i32; t];
         let mut slots = vec![(scratch as usize * bs) as i32; t];
-        let mut blocks = vec![scratch as i32; t * nb];
+        let mut blocks = vec![scratch as i32; nt * tb];
         let mut targets = vec![-1i32; t];
         let mut temperature = vec![0f32; t];
         let mut keys = vec![0u32; t];
@@ -56,14 +93,21 @@ impl XlaRunner {
         let mut min_p = vec![0f32; t];
         let mut logit_rows = vec![0i32; t];
         let mut logit_index = HashMap::new();
-        for (j, &r) in rows.iter().enumerate() {
+        for (n, seq) in ex.tile_seq.iter().enumerate() {
+            if let Some(i) = *seq {
+                for (k, &blk) in plan.seqs[i].block_table.iter().take(tb).enumerate() {
+                    blocks[n * tb + k] = blk as i32;
+                }
+            }
+        }
+        let mut kv_chunks = 1;
+        for (j, &r) in ex.rows.iter().enumerate() {
+            let Some(r) = r else { continue };
             let s = &plan.seqs[row_seq[r]];
             tokens[j] = plan.token_ids[r] as i32;
             positions[j] = plan.positions[r] as i32;
             slots[j] = plan.slot_mapping[r] as i32;
-            for (k, &blk) in s.block_table.iter().take(nb).enumerate() {
-                blocks[j * nb + k] = blk as i32;
-            }
+            kv_chunks = kv_chunks.max((plan.positions[r] as usize + 1).div_ceil(bs * chunk));
             let local = r - s.query_start;
             if let Some(&tg) = s.prompt_logprob_targets.get(local) {
                 targets[j] = tg as i32;
@@ -91,7 +135,7 @@ impl XlaRunner {
                 upload_i32(&tokens, &[t as i64], c, d).map_err(derr)?,
                 upload_i32(&positions, &[t as i64], c, d).map_err(derr)?,
                 upload_i32(&slots, &[t as i64], c, d).map_err(derr)?,
-                upload_i32(&blocks, &[t as i64, nb as i64], c, d).map_err(derr)?,
+                upload_i32(&blocks, &[nt as i64, tb as i64], c, d).map_err(derr)?,
                 upload_i32(&targets, &[t as i64], c, d).map_err(derr)?,
                 Buffer::from_slice(c, &temperature, &[t as i64], d).map_err(derr)?,
                 Buffer::from_slice(c, &keys, &[t as i64], d).map_err(derr)?,
@@ -100,6 +144,7 @@ impl XlaRunner {
                 upload_i32(&top_k, &[t as i64], c, d).map_err(derr)?,
                 Buffer::from_slice(c, &top_p, &[t as i64], d).map_err(derr)?,
                 Buffer::from_slice(c, &min_p, &[t as i64], d).map_err(derr)?,
+                upload_i32(&[kv_chunks as i32], &[], c, d).map_err(derr)?,
             ]);
         }
         let args: Vec<Vec<&Buffer>> = (0..self.devices.len())
@@ -177,6 +222,25 @@ impl XlaRunner {
     }
 }
 
+/// The rows of one execution, tile by tile.
+struct Execution {
+    tile: usize,
+    /// The plan row in each slot (`None`: padding), `tile` slots per tile.
+    rows: Vec<Option<usize>>,
+    /// The sequence whose pages each tile reads (`None`: a padding tile).
+    tile_seq: Vec<Option<usize>>,
+}
+
+impl Execution {
+    fn new(tile: usize) -> Self {
+        Execution {
+            tile,
+            rows: Vec::new(),
+            tile_seq: Vec::new(),
+        }
+    }
+}
+
 struct ChunkResult {
     /// Global row → index in the per-row outputs.
     logit_index: HashMap<usize, usize>,
@@ -230,37 +294,11 @@ impl ModelRunner for XlaRunner {
                 || (!s.prompt_logprob_targets.is_empty()
                     && s.sampling.prompt_logprobs.unwrap_or(0) > 0)
         });
-        // Split into executions that fit a bucket, keeping token order (KV of earlier
-        // positions is written before later ones read it).
-        let bs = self.opts.block_size;
-        let mut chunks: Vec<Vec<usize>> = Vec::new();
-        let mut cur: Vec<usize> = Vec::new();
-        let mut cur_need = 0usize;
-        for r in 0..plan.num_tokens() {
-            let need = (plan.positions[r] as usize + 1).div_ceil(bs);
-            let n2 = cur_need.max(need);
-            if self.pick_bucket(cur.len() + 1, n2, want_top).is_some() {
-                cur.push(r);
-                cur_need = n2;
-            } else {
-                if cur.is_empty() {
-                    return Err(RunnerError::InvalidPlan(format!(
-                        "position {} exceeds the compiled context ({} tokens)",
-                        plan.positions[r], self.opts.max_model_len
-                    )));
-                }
-                chunks.push(std::mem::take(&mut cur));
-                cur.push(r);
-                cur_need = need;
-            }
-        }
-        if !cur.is_empty() {
-            chunks.push(cur);
-        }
+        let execs = self.executions(plan)?;
         let mut row_at: HashMap<usize, (usize, usize)> = HashMap::new();
-        let mut results = Vec::with_capacity(chunks.len());
-        for (ci, rows) in chunks.iter().enumerate() {
-            let res = self.run_chunk(plan, rows, &row_seq, want_top)?;
+        let mut results = Vec::with_capacity(execs.len());
+        for (ci, ex) in execs.iter().enumerate() {
+            let res = self.run_chunk(plan, ex, &row_seq, want_top)?;
             for (&r, &j) in &res.logit_index {
                 row_at.insert(r, (ci, j));
             }

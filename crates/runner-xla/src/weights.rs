@@ -665,7 +665,7 @@ pub fn dummy(
     let t0 = Instant::now();
     let types = program.arg_types(crate::program::Bucket {
         tokens: 16,
-        blocks: 1,
+        tile: 1,
         top_k: 0,
     });
     let mut out = Vec::with_capacity(arg::NUM_WEIGHTS);

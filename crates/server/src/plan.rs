@@ -121,6 +121,8 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         elem,
         p.kv_blocks as usize,
         a.block_size,
+        max_model_len,
+        tpuserve_runner_xla::default_kv_chunk_tokens("tpu"),
     );
     let buckets = XlaRunner::bucket_set(&XlaRunnerOptions {
         max_num_batched_tokens: a.max_num_batched_tokens,
@@ -141,7 +143,7 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
     println!(
         "{:>6} {:>7} {:>5} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8}",
         "tokens",
-        "context",
+        "tile",
         "top_k",
         "GFLOP",
         "GB read",
@@ -160,7 +162,7 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         println!(
             "{:>6} {:>7} {:>5} {:>9.1} {:>9.2} {:>10.3} {:>9.3} {:>8.2} {:>8.2} {:>8.3} {:>8.1}% {:>7.1}s",
             b.tokens,
-            b.blocks * a.block_size as i64,
+            b.tile,
             b.top_k,
             r.flops / 1e9,
             r.bytes_accessed / 1e9,
@@ -175,8 +177,8 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         if let Some(dir) = &a.dump_hlo {
             std::fs::create_dir_all(dir)?;
             let f = dir.join(format!(
-                "step-t{}-b{}-k{}.hlo.pb",
-                b.tokens, b.blocks, b.top_k
+                "step-t{}-r{}-k{}.hlo.pb",
+                b.tokens, b.tile, b.top_k
             ));
             std::fs::write(&f, &r.optimized).with_context(|| format!("writing {}", f.display()))?;
         }
@@ -190,13 +192,13 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
     if let Some(w) = worst {
         let total = w.memory.arguments + w.memory.temporaries + w.memory.generated_code;
         println!(
-            "largest temporaries {:.3} GB ({:.1} % of {:.0} GB HBM) at tokens={} context={}; \
+            "largest temporaries {:.3} GB ({:.1} % of {:.0} GB HBM) at tokens={} tile={}; \
              arguments (weights + KV) {:.2} GB; fits: {}",
             w.memory.temporaries as f64 / 1e9,
             100.0 * w.memory.temporaries as f64 / hbm,
             hbm / 1e9,
             w.bucket.tokens,
-            w.bucket.blocks * a.block_size as i64,
+            w.bucket.tile,
             w.memory.arguments as f64 / 1e9,
             if (total as f64) <= hbm { "yes" } else { "NO" }
         );
