@@ -12,11 +12,12 @@
 
 use std::time::Instant;
 
-use tpuserve_pjrt::{CompileOptions, MemoryStats, NamedValue, Plugin, Topology};
+pub use tpuserve_pjrt::Topology;
+use tpuserve_pjrt::{CompileOptions, MemoryStats, NamedValue, Plugin};
 use tpuserve_runner_api::RunnerError;
 
 use crate::device::{self, DeviceKind};
-use crate::program::{Bucket, ProgramConfig};
+use crate::program::{Bucket, ProgramConfig, Unroll};
 
 fn derr(e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Device(e.to_string())
@@ -92,6 +93,81 @@ pub struct ProgramCost {
     pub optimized: Vec<u8>,
 }
 
+/// The compiler's three figures for one program, per device.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Figures {
+    pub flops: f64,
+    pub bytes: f64,
+    pub optimal_seconds: f64,
+}
+
+impl Figures {
+    pub fn plus(self, o: Figures, k: f64) -> Figures {
+        Figures {
+            flops: self.flops + k * o.flops,
+            bytes: self.bytes + k * o.bytes,
+            optimal_seconds: self.optimal_seconds + k * o.optimal_seconds,
+        }
+    }
+}
+
+/// A step's cost in parts, from straight-line variants of its program (XLA's cost analysis
+/// counts a `while` body once): everything outside the layers, one layer with one KV
+/// chunk, and each further chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct StepParts {
+    pub outside: Figures,
+    pub layer: Figures,
+    pub chunk: Figures,
+}
+
+impl StepParts {
+    /// The step with `layers` layers reading `chunks` KV chunks each.
+    pub fn step(&self, layers: i64, chunks: i64) -> Figures {
+        let per_layer = self.layer.plus(self.chunk, (chunks.max(1) - 1) as f64);
+        self.outside.plus(per_layer, layers as f64)
+    }
+}
+
+/// Compiles the (1 layer, 1 chunk), (2 layers, 1 chunk) and (1 layer, 2 chunks) variants of
+/// `bucket` and takes differences.
+pub fn step_parts(
+    topology: &Topology,
+    cfg: &ProgramConfig,
+    bucket: Bucket,
+) -> Result<StepParts, RunnerError> {
+    let options = compile_options(cfg);
+    let figures = |layers: i64, chunks: i64| -> Result<Figures, RunnerError> {
+        let text = cfg.emit_unrolled(bucket, Unroll { layers, chunks });
+        let exe = topology
+            .compile(&text, &options)
+            .map_err(|e| derr(format!("compiling {bucket:?} ({layers}, {chunks}) for TPU: {e}")))?;
+        let f = |name: &str| -> Result<f64, RunnerError> {
+            Ok(exe.cost(name).map_err(derr)?.unwrap_or(f64::NAN))
+        };
+        Ok(Figures {
+            flops: f("flops")?,
+            bytes: f("bytes accessed")?,
+            optimal_seconds: f("optimal_seconds")?,
+        })
+    };
+    let (c11, c21, c12) = (figures(1, 1)?, figures(2, 1)?, figures(1, 2)?);
+    let layer = c21.plus(c11, -1.0);
+    Ok(StepParts {
+        outside: c11.plus(layer, -1.0),
+        layer,
+        chunk: c12.plus(c11, -1.0),
+    })
+}
+
+fn compile_options(cfg: &ProgramConfig) -> CompileOptions {
+    if cfg.tp > 1 {
+        CompileOptions::spmd(cfg.tp)
+    } else {
+        CompileOptions::default()
+    }
+}
+
 /// Compiles `cfg`'s program for `bucket` for the topology and reads the compiler's figures.
 pub fn program_cost(
     topology: &Topology,
@@ -99,11 +175,7 @@ pub fn program_cost(
     bucket: Bucket,
 ) -> Result<ProgramCost, RunnerError> {
     let t = Instant::now();
-    let options = if cfg.tp > 1 {
-        CompileOptions::spmd(cfg.tp)
-    } else {
-        CompileOptions::default()
-    };
+    let options = compile_options(cfg);
     let exe = topology
         .compile(&cfg.emit(bucket), &options)
         .map_err(|e| derr(format!("compiling {bucket:?} for TPU: {e}")))?;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use tpuserve_model::{gguf::GgufFile, LlamaConfig};
-use tpuserve_runner_xla::deviceless::{self, ProgramCost};
+use tpuserve_runner_xla::deviceless::{self, Figures, ProgramCost, StepParts};
+use tpuserve_runner_xla::program::Bucket;
 use tpuserve_runner_xla::plan::{device_spec, plan, Plan, DEVICES};
 use tpuserve_runner_xla::program::ProgramConfig;
 use tpuserve_runner_xla::{WeightElem, XlaRunner, XlaRunnerOptions};
@@ -204,9 +205,127 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         );
     }
     println!(
-        "(XLA counts the body of the layer loop once: flops and bytes above are one layer's \
-         plus everything outside the loop.)"
+        "(XLA counts the body of a loop once: the figures above are one layer's reading one KV \
+         chunk, plus everything outside the layers; the model below scales them.)"
     );
+    step_model(&topo, &cfg, c, p, a, max_model_len)
+}
+
+/// The step time the compiler's figures imply for serving shapes: each bucket's parts (see
+/// `StepParts`) scaled to the model's layers and the KV chunks a context needs.
+fn step_model(
+    topo: &deviceless::Topology,
+    cfg: &ProgramConfig,
+    c: &LlamaConfig,
+    p: &Plan,
+    a: &PlanArgs,
+    max_model_len: usize,
+) -> anyhow::Result<()> {
+    let opts = XlaRunnerOptions::default();
+    let (bw, peak) = (p.device.bandwidth_bytes_per_s, p.device.bf16_flops_per_s);
+    let layers = c.num_hidden_layers as i64;
+    let chunk_tokens = (cfg.kv_chunk * cfg.block_size) as usize;
+    let max_t = a.max_num_batched_tokens.max(16).next_power_of_two();
+    let roof = |f: &Figures| (f.bytes / bw).max(f.flops / peak);
+    let chunks = |ctx: usize| ctx.div_ceil(chunk_tokens) as i64;
+    let mut parts: Vec<(Bucket, StepParts)> = Vec::new();
+    let mut parts_of = |tokens: usize, tile: usize| -> anyhow::Result<StepParts> {
+        let b = Bucket {
+            tokens: tokens.max(16).next_power_of_two() as i64,
+            tile: tile as i64,
+            top_k: 0,
+        };
+        if let Some((_, s)) = parts.iter().find(|(x, _)| *x == b) {
+            return Ok(*s);
+        }
+        let s = deviceless::step_parts(topo, cfg, b)?;
+        parts.push((b, s));
+        Ok(s)
+    };
+    println!(
+        "\nModelled steps per chip: the compiler's figures for the rest of the step, one layer \
+         and one more KV chunk ({chunk_tokens} tokens), from straight-line variants of each \
+         program, × {layers} layers × chunks. roof = max(bytes / {:.2} TB/s, flops / {:.0} \
+         TFLOP/s). The compiler's model, not a measurement.",
+        bw / 1e12,
+        peak / 1e12
+    );
+    println!(
+        "{:>8} {:>6} {:>8} {:>9} {:>10} {:>9} {:>11} {:>9}",
+        "step", "rows", "context", "GB read", "GFLOP", "roof ms", "compiler ms", "tok/s"
+    );
+    let contexts: Vec<usize> = [512, 2048, 8192]
+        .into_iter()
+        .filter(|&x| x <= max_model_len)
+        .collect();
+    let row = |kind: &str, rows: usize, ctx: usize, f: &Figures, toks: usize| {
+        println!(
+            "{kind:>8} {rows:>6} {ctx:>8} {:>9.2} {:>10.1} {:>9.2} {:>11.2} {:>9.0}",
+            f.bytes / 1e9,
+            f.flops / 1e9,
+            roof(f) * 1e3,
+            f.optimal_seconds * 1e3,
+            toks as f64 / roof(f)
+        );
+    };
+    for batch in [1usize, 32, 128].into_iter().filter(|&b| b <= max_t) {
+        let s = parts_of(batch, 1)?;
+        for &ctx in &contexts {
+            row("decode", batch, ctx, &s.step(layers, chunks(ctx)), batch);
+        }
+    }
+    let chunk = 512.min(max_t);
+    let pre = parts_of(chunk, opts.attention_tile)?;
+    for &ctx in contexts.iter().filter(|&&x| x >= chunk) {
+        row("prefill", chunk, ctx, &pre.step(layers, chunks(ctx)), chunk);
+    }
+    // The issue's three goals, from the same parts.
+    let tp = a.tensor_parallel_size as f64;
+    if max_t >= 128 && max_model_len >= 2048 {
+        let d = parts_of(128, 1)?;
+        let f = d.step(layers, chunks(2048));
+        let live_kv = 128.0 * 2048.0 * p.kv_bytes_per_token_per_device as f64;
+        println!(
+            "decode 128 × 2,048: {:.2} GB read per chip = {:.2} × (weights {:.2} GB + live KV {:.2} GB)",
+            f.bytes / 1e9,
+            f.bytes / (p.weight_bytes_per_device + live_kv),
+            p.weight_bytes_per_device / 1e9,
+            live_kv / 1e9
+        );
+        let f = d.step(layers, chunks(1800));
+        println!(
+            "tutorial load (128 sequences, ~1,800-token contexts): {:.0} tok/s ({:.2} ms a step)",
+            128.0 / roof(&f),
+            roof(&f) * 1e3
+        );
+    }
+    if max_model_len >= 2048 {
+        let n = 2048 / chunk;
+        let total: f64 = (1..=n)
+            .map(|i| roof(&pre.step(layers, chunks(i * chunk))))
+            .sum();
+        // The prompt's own flops: 2 per parameter per token, and causal attention
+        // (QK and PV: 2 × 2 × heads × head_dim per visible key, half the square).
+        let attn = 2.0 * (c.num_attention_heads * c.head_dim) as f64 * 2048f64.powi(2);
+        let flops = (2.0 * p.parameters as f64 * 2048.0 + layers as f64 * attn) / tp;
+        println!(
+            "2,048-token prompt in {n} chunks of {chunk}: {:.1} ms; its flop bound {:.1} ms ({:.2}×)",
+            total * 1e3,
+            flops / peak * 1e3,
+            total / (flops / peak)
+        );
+    }
+    let gb = |f: &Figures| format!("{:.4} GB {:.2} GFLOP", f.bytes / 1e9, f.flops / 1e9);
+    for (b, s) in &parts {
+        println!(
+            "parts tokens={} tile={}: rest {}; layer {}; chunk {}",
+            b.tokens,
+            b.tile,
+            gb(&s.outside),
+            gb(&s.layer),
+            gb(&s.chunk)
+        );
+    }
     Ok(())
 }
 
