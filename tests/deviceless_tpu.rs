@@ -5,8 +5,11 @@
 //! (`v6e:1x1`), two layers each (the layer loop's body is the same for 80), each at two KV
 //! cache sizes about 3× apart: every bucket compiles, fits, and its HBM temporaries do not
 //! grow with the cache (no copy of it anywhere), and the partitioned TP-8 modules hold no
-//! collective or copy of a cache-shaped array. libtpu is installed by `scripts/setup.sh
-//! --test`; these tests fail, never skip, without it.
+//! collective or copy of a cache-shaped array. The step model `plan --cost` builds from
+//! straight-line variants (rest, one layer, one more KV chunk) shows what attention reads:
+//! nothing that grows with the cache, pages that grow with the sequences (not with a padded
+//! context), and a prompt's pages read once per tile of rows, not once per row. libtpu is
+//! installed by `scripts/setup.sh --test`; these tests fail, never skip, without it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,7 +22,7 @@ const HBM: f64 = 32e9;
 #[derive(Debug, Clone, PartialEq)]
 struct Row {
     tokens: i64,
-    context: i64,
+    tile: i64,
     top_k: i64,
     args_gb: f64,
     temp_gb: f64,
@@ -41,7 +44,7 @@ fn plan_cost(cfg: &Path, tp: usize, util: &str, dump: &Path) -> (Vec<Row>, u64, 
         .args(["plan", "--cost", "--model"])
         .arg(cfg)
         .args(["--tensor-parallel-size", &tp.to_string()])
-        .args(["--max-model-len", "64", "--max-num-seqs", "128"])
+        .args(["--max-model-len", "1024", "--max-num-seqs", "128"])
         .args(["--max-num-batched-tokens", "32", "--max-logprobs", "0"])
         .args(["--gpu-memory-utilization", util, "--dump-hlo"])
         .arg(dump)
@@ -68,7 +71,7 @@ fn plan_cost(cfg: &Path, tp: usize, util: &str, dump: &Path) -> (Vec<Row>, u64, 
             }
             Some(Row {
                 tokens: f[0].parse().ok()?,
-                context: f[1].parse().ok()?,
+                tile: f[1].parse().ok()?,
                 top_k: f[2].parse().ok()?,
                 args_gb: f[7].parse().ok()?,
                 temp_gb: f[9].parse().ok()?,
@@ -83,20 +86,17 @@ fn check(name: &str, tp: usize) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(name, 2, dir.path());
     let (small_dump, big_dump) = (dir.path().join("small"), dir.path().join("big"));
-    let (small, small_blocks, _) = plan_cost(&cfg, tp, "0.3", &small_dump);
+    let (small, small_blocks, small_text) = plan_cost(&cfg, tp, "0.3", &small_dump);
     let (big, big_blocks, text) = plan_cost(&cfg, tp, "0.9", &big_dump);
     assert!(
         big_blocks > 2 * small_blocks,
         "{small_blocks} vs {big_blocks}"
     );
     assert_eq!(small.len(), big.len());
-    // Buckets: 16 and 32 tokens × 1 and 4 blocks of context.
+    // Buckets: 16 and 32 tokens × decode rows (tiles of 1) and prompt rows (tiles of 16).
     assert_eq!(big.len(), 4, "{text}");
     for (s, b) in small.iter().zip(&big) {
-        assert_eq!(
-            (s.tokens, s.context, s.top_k),
-            (b.tokens, b.context, b.top_k)
-        );
+        assert_eq!((s.tokens, s.tile, s.top_k), (b.tokens, b.tile, b.top_k));
         assert!(
             b.args_gb > s.args_gb + 5.0,
             "the big cache is bigger: {s:?} {b:?}"
@@ -132,6 +132,89 @@ fn check(name: &str, tp: usize) {
         seen += 1;
     }
     assert_eq!(seen, 4);
+    check_model(name, tp, &parts(&small_text), &parts(&text), &text);
+}
+
+/// `parts tokens=T tile=R: rest A GB B GFLOP; layer C GB D GFLOP; chunk E GB F GFLOP`.
+#[derive(Debug, Clone, Copy)]
+struct Parts {
+    tokens: i64,
+    tile: i64,
+    layer_gb: f64,
+    chunk_gb: f64,
+}
+
+fn parts(text: &str) -> Vec<Parts> {
+    let re = regex::Regex::new(
+        r"parts tokens=(\d+) tile=(\d+): rest \S+ GB \S+ GFLOP; layer (\S+) GB \S+ GFLOP; chunk (\S+) GB",
+    )
+    .unwrap();
+    re.captures_iter(text)
+        .map(|c| Parts {
+            tokens: c[1].parse().unwrap(),
+            tile: c[2].parse().unwrap(),
+            layer_gb: c[3].parse().unwrap(),
+            chunk_gb: c[4].parse().unwrap(),
+        })
+        .collect()
+}
+
+fn check_model(name: &str, tp: usize, small: &[Parts], big: &[Parts], text: &str) {
+    // Decode at 1 and 32 sequences (buckets of 16 and 32 rows), a 32-row prompt chunk.
+    assert_eq!(big.len(), 3, "{text}");
+    assert_eq!(small.len(), 3, "{text}");
+    let close = |a: f64, b: f64| (a - b).abs() <= 0.01 * a.max(b) + 1e-4;
+    for (s, b) in small.iter().zip(big) {
+        assert!(
+            close(s.layer_gb, b.layer_gb) && close(s.chunk_gb, b.chunk_gb),
+            "{name} TP {tp}: a layer's or a chunk's reads grow with the KV cache: {s:?} {b:?}"
+        );
+    }
+    let find = |t: i64, r: i64| {
+        *big.iter()
+            .find(|p| p.tokens == t && p.tile == r)
+            .unwrap_or_else(|| panic!("no parts for {t} rows, tile {r}:\n{text}"))
+    };
+    let (d16, d32, p32) = (find(16, 1), find(32, 1), find(32, 16));
+    // A layer reads its weights (hand count from the config, bf16, this chip's shard) and
+    // not much more: no copy of the stacked weights per layer.
+    let text_cfg = std::fs::read_to_string(fixtures_dir().join("configs").join(name)).unwrap();
+    let c: serde_json::Value = serde_json::from_str(&text_cfg).unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap() as f64;
+    let (h, heads, kvh, inter) = (
+        n("hidden_size"),
+        n("num_attention_heads"),
+        n("num_key_value_heads"),
+        n("intermediate_size"),
+    );
+    let d = h / heads;
+    let weights = (2.0 * h * heads * d + 2.0 * h * kvh * d + 3.0 * h * inter) * 2.0 / tp as f64 / 1e9;
+    for p in [d16, d32, p32] {
+        let ratio = p.layer_gb / weights;
+        assert!(
+            (1.0..=2.0).contains(&ratio),
+            "{name} TP {tp}: a layer reads {ratio:.2}× its weights ({weights:.3} GB): {p:?}\n{text}"
+        );
+    }
+    // The pages one chunk reads: tiles × 256 tokens (the chunk at --max-model-len 1024) × K
+    // and V of this chip's KV heads (8 of 128 dims, bf16) — the hand count.
+    let kv_heads_per_chip = 8 / tp as i64;
+    let pages = |tiles: i64| (tiles * 256 * 2 * kv_heads_per_chip * 128 * 2) as f64 / 1e9;
+    for p in [d16, d32] {
+        let ratio = p.chunk_gb / pages(p.tokens);
+        assert!(
+            (1.0..=8.0).contains(&ratio),
+            "{name} TP {tp}: a decode chunk reads {ratio:.2}× its pages: {p:?}\n{text}"
+        );
+    }
+    // Reads grow with the sequences: twice the rows, about twice the bytes.
+    let grow = d32.chunk_gb / d16.chunk_gb;
+    assert!((1.6..=2.4).contains(&grow), "{name}: {grow:.2}\n{text}");
+    // A prompt's 32 rows in two tiles read their pages twice, not 32 times.
+    assert!(
+        p32.chunk_gb * 2.0 < d32.chunk_gb,
+        "{name} TP {tp}: prompt rows re-read their pages: {p32:?} vs {d32:?}\n{text}"
+    );
 }
 
 #[test]

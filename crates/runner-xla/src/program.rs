@@ -24,8 +24,24 @@ pub struct ModelDims {
     pub eps: String,
 }
 
-/// Rows of logits computed per iteration of the LM-head loop.
+/// Rows of logits computed per iteration of the LM-head loop in prompt buckets (a prompt
+/// chunk needs one row per sequence, unless prompt logprobs are asked for).
 pub const LOGIT_CHUNK: i64 = 16;
+/// The most rows of logits one iteration computes in decode buckets, where every row needs
+/// them: each iteration reads the whole LM head, so a decode step of up to this many rows
+/// reads it once; beyond, the [rows, vocab] f32 temporaries would grow past a few % of HBM.
+pub const DECODE_LOGIT_CHUNK: i64 = 128;
+
+impl Bucket {
+    /// Rows of logits per iteration of the LM-head loop.
+    pub fn logit_chunk(&self) -> i64 {
+        if self.tile == 1 {
+            self.tokens.min(DECODE_LOGIT_CHUNK)
+        } else {
+            LOGIT_CHUNK.min(self.tokens)
+        }
+    }
+}
 
 /// One compiled shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -376,7 +392,7 @@ impl Emitter<'_> {
         let h = rms_norm(blk, x, &a[arg::FINAL_NORM], &m.eps);
         let hw = blk.convert(&h, w);
 
-        // Logits only for the rows that need them, LOGIT_CHUNK rows per loop iteration: the
+        // Logits only for the rows that need them, `logit_chunk` rows per loop iteration: the
         // LM head and the sampling tail cost what the step asks for, not the token bucket.
         let k = self.b.top_k;
         let zero_i = blk.constant_int(0, &[t], Elem::I32);
@@ -412,12 +428,12 @@ impl Emitter<'_> {
         let outs = blk.while_loop(
             &init,
             |c, v| {
-                let step = c.constant_int(LOGIT_CHUNK, &[], Elem::I32);
+                let step = c.constant_int(bucket.logit_chunk(), &[], Elem::I32);
                 let start = c.mul(&v[0], &step);
                 c.compare(Cmp::Lt, &start, &v[1])
             },
             |body, v| {
-                let r = LOGIT_CHUNK;
+                let r = bucket.logit_chunk();
                 let step = body.constant_int(r, &[], Elem::I32);
                 let start = body.mul(&v[0], &step);
                 let rows = body.dynamic_slice(&v[4], &[&start], &[r]);
@@ -828,16 +844,20 @@ fn attend_chunk(b: &mut Block, cfg: &ProgramConfig, c: &Chunk) -> (V, V, V) {
     let kg = b.reshape(&kg, &[nt, kch, bs, kvh, d]);
     let vg = b.reshape(&vg, &[nt, kch, bs, kvh, d]);
 
-    // scores [NT, KVH, R, G, kch, BS] → [NT, KVH, R, G, CK]
-    let full = [nt, kvh, r, g, ck];
+    // scores [NT, KVH, R, G, kch, BS], kept 6-D to the PV dot: merging (kch, BS) into one
+    // axis would change the tiled layout on TPU and copy the scores twice per chunk.
+    let full = [nt, kvh, r, g, kch, bs];
     let s = b.dot_general(c.q5, &kg, (&[0, 2], &[0, 3]), (&[4], &[4]), Elem::F32);
-    let s = b.reshape(&s, &full);
     let scale = b.constant_f32(1.0 / (d as f32).sqrt(), &full);
     let s = b.mul(&s, &scale);
     let ck_c = b.constant_int(ck, &[], Elem::I32);
     let first = b.mul(c.j, &ck_c);
     let first = b.broadcast(&first, &full, &[]);
-    let key_pos = b.iota(&full, 4, Elem::I32);
+    let blk_i = b.iota(&full, 4, Elem::I32);
+    let bs_c = b.constant_int(bs, &full, Elem::I32);
+    let blk_i = b.mul(&blk_i, &bs_c);
+    let off_i = b.iota(&full, 5, Elem::I32);
+    let key_pos = b.add(&blk_i, &off_i);
     let key_pos = b.add(&key_pos, &first);
     let qp = b.broadcast(c.qpos, &full, &[0, 2]);
     let visible = b.compare(Cmp::Le, &key_pos, &qp);
@@ -848,7 +868,7 @@ fn attend_chunk(b: &mut Block, cfg: &ProgramConfig, c: &Chunk) -> (V, V, V) {
     // m, l and acc as they were instead of producing NaN.
     let keep = [0, 1, 2, 3];
     let lowest = b.constant_f32(f32::NEG_INFINITY, &[]);
-    let mc = b.reduce(&s, &lowest, &[4], "maximum");
+    let mc = b.reduce(&s, &lowest, &[4, 5], "maximum");
     let m_new = b.max(c.m, &mc);
     let mb = b.broadcast(&m_new, &full, &keep);
     let p = b.sub(&s, &mb);
@@ -856,11 +876,10 @@ fn attend_chunk(b: &mut Block, cfg: &ProgramConfig, c: &Chunk) -> (V, V, V) {
     let corr = b.sub(c.m, &m_new);
     let corr = b.unary("exponential", &corr);
     let zero = b.constant_f32(0.0, &[]);
-    let psum = b.reduce(&p, &zero, &[4], "add");
+    let psum = b.reduce(&p, &zero, &[4, 5], "add");
     let l = b.mul(c.l, &corr);
     let l = b.add(&l, &psum);
-    let p6 = b.reshape(&p, &[nt, kvh, r, g, kch, bs]);
-    let p6 = b.convert(&p6, w);
+    let p6 = b.convert(&p, w);
     // [NT, KVH, R, G, D]
     let pv = b.dot_general(&p6, &vg, (&[0, 1], &[0, 3]), (&[4, 5], &[1, 2]), Elem::F32);
     let cb = b.broadcast(&corr, &[nt, kvh, r, g, d], &keep);

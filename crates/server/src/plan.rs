@@ -259,19 +259,48 @@ fn step_model(
         .filter(|&x| x <= max_model_len)
         .collect();
     let row = |kind: &str, rows: usize, ctx: usize, f: &Figures, toks: usize| {
+        let compiler = if f.optimal_seconds > 0.0 {
+            format!("{:.2}", f.optimal_seconds * 1e3)
+        } else {
+            "n/a".to_string()
+        };
         println!(
-            "{kind:>8} {rows:>6} {ctx:>8} {:>9.2} {:>10.1} {:>9.2} {:>11.2} {:>9.0}",
+            "{kind:>8} {rows:>6} {ctx:>8} {:>9.2} {:>10.1} {:>9.2} {compiler:>11} {:>9.0}",
             f.bytes / 1e9,
             f.flops / 1e9,
             roof(f) * 1e3,
-            f.optimal_seconds * 1e3,
             toks as f64 / roof(f)
         );
     };
+    // K and V pages one decode tile reads per chunk and layer, on one chip.
+    let page_bytes =
+        chunk_tokens as f64 * p.kv_bytes_per_token_per_device as f64 / layers as f64;
+    let mut scaled_any = false;
+    let mut decode_parts = |batch: usize| -> anyhow::Result<(StepParts, bool)> {
+        let mut s = parts_of(batch, 1)?;
+        let tiles = batch.max(16).next_power_of_two() as f64;
+        // XLA fuses a big page gather into its consumer, and the cost analysis then charges
+        // the fusion its whole operand, the KV cache (tens of GB per chunk); such a bucket's
+        // chunk is modelled as the 32-row bucket's (gather standalone), per tile.
+        if tiles > 32.0 && max_t >= 32 && s.chunk.bytes > 8.0 * page_bytes * tiles {
+            let r = parts_of(32, 1)?;
+            let scaled = Figures::default().plus(r.chunk, tiles / 32.0);
+            s.layer = s.layer.plus(s.chunk, -1.0).plus(scaled, 1.0);
+            s.chunk = scaled;
+            return Ok((s, true));
+        }
+        Ok((s, false))
+    };
+    let mut decode_128 = None;
     for batch in [1usize, 32, 128].into_iter().filter(|&b| b <= max_t) {
-        let s = parts_of(batch, 1)?;
+        let (s, scaled) = decode_parts(batch)?;
+        scaled_any |= scaled;
+        let kind = if scaled { "decode*" } else { "decode" };
         for &ctx in &contexts {
-            row("decode", batch, ctx, &s.step(layers, chunks(ctx)), batch);
+            row(kind, batch, ctx, &s.step(layers, chunks(ctx)), batch);
+        }
+        if batch == 128 {
+            decode_128 = Some(s);
         }
     }
     let chunk = 512.min(max_t);
@@ -281,8 +310,14 @@ fn step_model(
     }
     // The issue's three goals, from the same parts.
     let tp = a.tensor_parallel_size as f64;
-    if max_t >= 128 && max_model_len >= 2048 {
-        let d = parts_of(128, 1)?;
+    if scaled_any {
+        println!(
+            "* the compiler charges this bucket's fused page gather the whole KV cache; its \
+             chunk is the 32-row bucket's per tile ({:.1} MB of pages per tile per chunk)",
+            page_bytes / 1e6
+        );
+    }
+    if let (Some(d), true) = (decode_128, max_model_len >= 2048) {
         let f = d.step(layers, chunks(2048));
         let live_kv = 128.0 * 2048.0 * p.kv_bytes_per_token_per_device as f64;
         println!(
