@@ -211,10 +211,8 @@ impl CompileCtx<'_> {
         let t = Instant::now();
         let text = self.cfg.emit(b);
         if let Some(dir) = std::env::var_os("TPUSERVE_DUMP_HLO") {
-            let path = PathBuf::from(dir).join(format!(
-                "step-t{}-r{}-k{}.mlir",
-                b.tokens, b.tile, b.top_k
-            ));
+            let path = PathBuf::from(dir)
+                .join(format!("step-t{}-r{}-k{}.mlir", b.tokens, b.tile, b.top_k));
             if let Err(e) = std::fs::write(&path, &text) {
                 tracing::warn!("cannot dump {}: {e}", path.display());
             }

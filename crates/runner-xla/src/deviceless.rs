@@ -131,17 +131,31 @@ impl StepParts {
 
 /// Compiles the (1 layer, 1 chunk), (2 layers, 1 chunk) and (1 layer, 2 chunks) variants of
 /// `bucket` and takes differences.
+/// With `dump`, each variant's optimized program is written there
+/// (`parts-t{tokens}-r{tile}-l{layers}-c{chunks}.hlo.pb`).
 pub fn step_parts(
     topology: &Topology,
     cfg: &ProgramConfig,
     bucket: Bucket,
+    dump: Option<&std::path::Path>,
 ) -> Result<StepParts, RunnerError> {
     let options = compile_options(cfg);
     let figures = |layers: i64, chunks: i64| -> Result<Figures, RunnerError> {
         let text = cfg.emit_unrolled(bucket, Unroll { layers, chunks });
-        let exe = topology
-            .compile(&text, &options)
-            .map_err(|e| derr(format!("compiling {bucket:?} ({layers}, {chunks}) for TPU: {e}")))?;
+        let exe = topology.compile(&text, &options).map_err(|e| {
+            derr(format!(
+                "compiling {bucket:?} ({layers}, {chunks}) for TPU: {e}"
+            ))
+        })?;
+        if let Some(dir) = dump {
+            let path = dir.join(format!(
+                "parts-t{}-r{}-l{layers}-c{chunks}.hlo.pb",
+                bucket.tokens, bucket.tile
+            ));
+            let code = exe.optimized_program().map_err(derr)?.code;
+            std::fs::write(&path, code)
+                .map_err(|e| derr(format!("writing {}: {e}", path.display())))?;
+        }
         let f = |name: &str| -> Result<f64, RunnerError> {
             Ok(exe.cost(name).map_err(derr)?.unwrap_or(f64::NAN))
         };

@@ -214,7 +214,8 @@ impl XlaRunner {
         }
 
         if opts.kv_chunk_tokens == 0 {
-            opts.kv_chunk_tokens = default_kv_chunk_tokens(&client.platform_name().unwrap_or_default());
+            opts.kv_chunk_tokens =
+                default_kv_chunk_tokens(&client.platform_name().unwrap_or_default());
         }
         let mut cfg = ProgramConfig::for_model(
             c,

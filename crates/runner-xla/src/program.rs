@@ -366,25 +366,25 @@ impl Emitter<'_> {
             v
         } else {
             blk.while_loop(
-            &init,
-            |c, v| {
-                let n = c.constant_int(layers, &[], Elem::I32);
-                c.compare(Cmp::Lt, &v[0], &n)
-            },
-            |body, v| {
-                let mut le = Emitter {
-                    cfg: &cfg,
-                    b: bucket,
-                    blk: body,
-                    unroll: None,
-                };
-                let (x, kc, vc) = le.layer(v);
-                let one = le.blk.constant_int(1, &[], Elem::I32);
-                let i2 = le.blk.add(&v[0], &one);
-                let mut out = vec![i2, x, kc, vc];
-                out.extend(v[4..].iter().cloned());
-                out
-            },
+                &init,
+                |c, v| {
+                    let n = c.constant_int(layers, &[], Elem::I32);
+                    c.compare(Cmp::Lt, &v[0], &n)
+                },
+                |body, v| {
+                    let mut le = Emitter {
+                        cfg: &cfg,
+                        b: bucket,
+                        blk: body,
+                        unroll: None,
+                    };
+                    let (x, kc, vc) = le.layer(v);
+                    let one = le.blk.constant_int(1, &[], Elem::I32);
+                    let i2 = le.blk.add(&v[0], &one);
+                    let mut out = vec![i2, x, kc, vc];
+                    out.extend(v[4..].iter().cloned());
+                    out
+                },
             )
         };
         let (x, kc, vc) = (&outs[1], &outs[2], &outs[3]);

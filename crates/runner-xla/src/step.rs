@@ -46,7 +46,8 @@ impl XlaRunner {
                         out.push(std::mem::replace(&mut cur, Execution::new(tile)));
                     }
                     for k in first..first + tile {
-                        cur.rows.push((k < s.query_len).then_some(s.query_start + k));
+                        cur.rows
+                            .push((k < s.query_len).then_some(s.query_start + k));
                     }
                     cur.tile_seq.push(Some(i));
                 }

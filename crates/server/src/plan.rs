@@ -6,8 +6,8 @@ use anyhow::Context;
 use clap::Args;
 use tpuserve_model::{gguf::GgufFile, LlamaConfig};
 use tpuserve_runner_xla::deviceless::{self, Figures, ProgramCost, StepParts};
-use tpuserve_runner_xla::program::Bucket;
 use tpuserve_runner_xla::plan::{device_spec, plan, Plan, DEVICES};
+use tpuserve_runner_xla::program::Bucket;
 use tpuserve_runner_xla::program::ProgramConfig;
 use tpuserve_runner_xla::{WeightElem, XlaRunner, XlaRunnerOptions};
 
@@ -53,6 +53,10 @@ pub struct PlanArgs {
     /// As `serve --max-logprobs`: 0 leaves out the top-logprobs variant of every bucket.
     #[arg(long, default_value_t = 20)]
     max_logprobs: usize,
+    /// With --cost: leave out the modelled serving steps (each bucket it models compiles
+    /// three more variants); the per-bucket table alone says whether everything fits.
+    #[arg(long)]
+    no_step_model: bool,
     /// With --cost: write each program's optimized, partitioned HLO (`hlo_with_config`) here.
     #[arg(long)]
     dump_hlo: Option<PathBuf>,
@@ -208,6 +212,9 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         "(XLA counts the body of a loop once: the figures above are one layer's reading one KV \
          chunk, plus everything outside the layers; the model below scales them.)"
     );
+    if a.no_step_model {
+        return Ok(());
+    }
     step_model(&topo, &cfg, c, p, a, max_model_len)
 }
 
@@ -238,7 +245,7 @@ fn step_model(
         if let Some((_, s)) = parts.iter().find(|(x, _)| *x == b) {
             return Ok(*s);
         }
-        let s = deviceless::step_parts(topo, cfg, b)?;
+        let s = deviceless::step_parts(topo, cfg, b, a.dump_hlo.as_deref())?;
         parts.push((b, s));
         Ok(s)
     };
@@ -273,8 +280,7 @@ fn step_model(
         );
     };
     // K and V pages one decode tile reads per chunk and layer, on one chip.
-    let page_bytes =
-        chunk_tokens as f64 * p.kv_bytes_per_token_per_device as f64 / layers as f64;
+    let page_bytes = chunk_tokens as f64 * p.kv_bytes_per_token_per_device as f64 / layers as f64;
     let mut scaled_any = false;
     let mut decode_parts = |batch: usize| -> anyhow::Result<(StepParts, bool)> {
         let mut s = parts_of(batch, 1)?;
