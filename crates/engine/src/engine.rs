@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,12 @@ pub struct EngineCore {
     requests: HashMap<RequestId, RequestState>,
     owners: HashMap<SeqId, (RequestId, usize)>,
     stats_subscribers: Vec<UnboundedSender<StepStats>>,
+    /// Sequence number of the last [`StepStats`] sent to the subscribers; observers compare
+    /// it with what they have applied (a `/metrics` scrape waits until it caught up).
+    stats_published: Arc<AtomicU64>,
+    /// Outputs of the current step (or abort), released only after its stats are published:
+    /// a client that got its last token can already see it counted in the metrics.
+    outbox: Vec<(UnboundedSender<RequestOutput>, RequestOutput)>,
     acc: StepAcc,
     last_counters: PrefixCacheCounters,
     last_preemptions: u64,
@@ -127,6 +134,8 @@ impl EngineCore {
             requests: HashMap::new(),
             owners: HashMap::new(),
             stats_subscribers: Vec::new(),
+            stats_published: Arc::new(AtomicU64::new(0)),
+            outbox: Vec::new(),
             acc: StepAcc::default(),
             last_counters: PrefixCacheCounters::default(),
             last_preemptions: 0,
@@ -168,6 +177,12 @@ impl EngineCore {
         let (tx, rx) = unbounded_channel();
         self.stats_subscribers.push(tx);
         rx
+    }
+
+    /// The sequence number ([`StepStats::seq`]) of the last stats sent to the subscribers.
+    /// Outputs of a step are released only after it is set.
+    pub fn stats_published(&self) -> Arc<AtomicU64> {
+        self.stats_published.clone()
     }
 
     /// Validates and queues a request; its events arrive on the returned stream.
@@ -257,15 +272,27 @@ impl EngineCore {
     }
 
     /// Ends a request now (its blocks are free before the next step); no-op if unknown.
+    /// Its stats are published before its final event is released.
     pub fn abort_request(&mut self, id: RequestId) {
         self.end_request(id, FinishReason::Abort, None);
+        self.publish_stats(0, Duration::ZERO);
+        self.flush();
     }
 
     /// Aborts every request (shutdown).
     pub fn abort_all(&mut self) {
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();
         for id in ids {
-            self.abort_request(id);
+            self.end_request(id, FinishReason::Abort, None);
+        }
+        self.publish_stats(0, Duration::ZERO);
+        self.flush();
+    }
+
+    /// Releases the outputs queued since the last flush, in order.
+    fn flush(&mut self) {
+        for (tx, out) in self.outbox.drain(..) {
+            let _ = tx.send(out);
         }
     }
 
@@ -289,7 +316,8 @@ impl EngineCore {
         self.send(id, &mut req, error);
     }
 
-    /// Sends the pending deltas of `req` as one event. Returns false if the receiver is gone.
+    /// Queues the pending deltas of `req` as one event (released by [`Self::flush`]).
+    /// Returns false if the receiver is gone.
     fn send(&mut self, id: RequestId, req: &mut RequestState, error: Option<String>) -> bool {
         let seqs: Vec<SeqDelta> = req
             .children
@@ -321,15 +349,17 @@ impl EngineCore {
                 prompt_logprobs: req.prompt_logprobs.take(),
             }
         });
-        req.tx
-            .send(RequestOutput {
+        self.outbox.push((
+            req.tx.clone(),
+            RequestOutput {
                 request_id: id,
                 prompt,
                 seqs,
                 finished,
                 error,
-            })
-            .is_ok()
+            },
+        ));
+        !req.tx.is_closed()
     }
 
     /// Runs one step. Returns false when there was nothing to run.
@@ -342,12 +372,13 @@ impl EngineCore {
             .map(|(&id, _)| id)
             .collect();
         for id in gone {
-            self.abort_request(id);
+            self.end_request(id, FinishReason::Abort, None);
         }
 
         let mut batch = self.scheduler.schedule();
         if batch.is_empty() {
             self.publish_stats(0, Duration::ZERO);
+            self.flush();
             return false;
         }
         self.note_scheduling(&batch);
@@ -392,6 +423,7 @@ impl EngineCore {
             }
         }
         self.publish_stats(num_tokens, execute_time);
+        self.flush();
         true
     }
 
@@ -480,7 +512,7 @@ impl EngineCore {
             if req.children.iter().any(|c| c.finish.is_none()) {
                 self.requests.insert(rid, req);
                 if !delivered {
-                    self.abort_request(rid);
+                    self.end_request(rid, FinishReason::Abort, None);
                 }
             }
         }
@@ -496,7 +528,9 @@ impl EngineCore {
         }
         let counters = self.scheduler.block_manager().counters();
         let preemptions = self.scheduler.num_preemptions();
+        let seq = self.stats_published.load(Ordering::Relaxed) + 1;
         let stats = StepStats {
+            seq,
             at: Instant::now(),
             execute_time,
             num_running: self.scheduler.num_running(),
@@ -517,6 +551,8 @@ impl EngineCore {
         for s in &self.stats_subscribers {
             let _ = s.send(stats.clone());
         }
+        // Release: an observer that reads `seq` here finds the stats in its channel.
+        self.stats_published.store(seq, Ordering::Release);
     }
 
     /// Steps until every request is finished (tests and offline use).

@@ -29,6 +29,7 @@ fn step(now: Instant) -> StepStats {
         })
         .collect();
     StepStats {
+        seq: 1,
         at: now,
         execute_time: Duration::from_millis(30),
         num_running: 32,

@@ -195,6 +195,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let decoder: Arc<dyn TokenDecoder> = tokenizer.clone();
     let mut core = EngineCore::new(runner, decoder, eos_token_ids, engine_cfg)?;
     let stats_rx = core.subscribe_stats();
+    let stats_published = core.stats_published();
     let engine = EngineHandle::spawn(core)?;
     let served_model_names = if args.served_model_name.is_empty() {
         vec![args
@@ -215,6 +216,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         compile_counters,
     );
+    metrics.follow_engine(stats_published);
     metrics::spawn_stats_consumer(metrics.clone(), stats_rx, !args.disable_log_stats);
     let state = Arc::new(AppState {
         engine,
