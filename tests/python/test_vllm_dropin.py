@@ -87,3 +87,86 @@ def test_metrics_include_a_response_at_once(server, client, model):
         ok = metric(after, "vllm:request_success_total", 'finished_reason="length"') - metric(
             before, "vllm:request_success_total", 'finished_reason="length"')
         assert ok == 1, (i, ok)
+
+
+# --- item 2: streaming with n > 1 ----------------------------------------------------------
+
+def check_one_choice_per_chunk(chunks, num_choices):
+    """vLLM's framing: one choice per chunk, each choice's last chunk carries its
+    finish_reason (and none before), then one usage chunk with `choices: []`."""
+    *body, last = chunks
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] > 0, last
+    seen = {}
+    for c in body:
+        assert len(c["choices"]) == 1, c
+        ch = c["choices"][0]
+        i = ch["index"]
+        assert seen.get(i) is None, f"choice {i} got a chunk after its finish_reason: {c}"
+        seen[i] = ch["finish_reason"]
+    assert sorted(seen) == list(range(num_choices)), seen
+    assert all(seen[i] in ("length", "stop") for i in seen), seen
+    return last["usage"]
+
+
+def test_stream_n2_completions_one_choice_per_chunk(server, model, client):
+    body = {"model": model, "prompt": ["Once upon a time", "The capital of France is"],
+            "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 11, "stream": True,
+            "stream_options": {"include_usage": True}}
+    chunks = sse(server.port, "/v1/completions", body)
+    usage = check_one_choice_per_chunk(chunks, 4)
+    texts = {}
+    for c in chunks[:-1]:
+        ch = c["choices"][0]
+        texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+    full = client.completions.create(**{k: v for k, v in body.items()
+                                        if k not in ("stream", "stream_options")})
+    assert {c.index: c.text for c in full.choices} == texts
+    assert usage["completion_tokens"] == full.usage.completion_tokens
+    assert usage["prompt_tokens"] == full.usage.prompt_tokens
+
+
+def test_stream_n2_chat_one_choice_per_chunk(server, model, client):
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a story."}],
+            "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 5, "stream": True,
+            "stream_options": {"include_usage": True}}
+    chunks = sse(server.port, "/v1/chat/completions", body)
+    check_one_choice_per_chunk(chunks, 2)
+    roles = [c["choices"][0]["index"] for c in chunks[:-1]
+             if c["choices"][0]["delta"].get("role") == "assistant"]
+    assert roles == [0, 1], roles
+    # The openai client's own accumulation sees both finish reasons.
+    stream = client.chat.completions.create(**{**body, "stream_options": None})
+    finish = {}
+    for c in stream:
+        for ch in c.choices:
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    assert set(finish) == {0, 1}, finish
+
+
+# --- item 3: stream_options.continuous_usage_stats ----------------------------------------
+
+def test_continuous_usage_stats_on_every_chunk(server, model):
+    for path, body in [
+        ("/v1/completions", {"prompt": "Once upon a time"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi there"}]}),
+    ]:
+        body = {**body, "model": model, "max_tokens": 7, "temperature": 0, "stream": True,
+                "ignore_eos": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        chunks = sse(server.port, path, body)
+        final = chunks[-1]["usage"]
+        assert chunks[-1]["choices"] == []
+        prev = -1
+        for c in chunks:
+            u = c.get("usage")
+            assert u is not None, (path, c)
+            assert u["prompt_tokens"] == final["prompt_tokens"], (path, c)
+            assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"], (path, c)
+            assert u["completion_tokens"] >= prev, (path, c)
+            prev = u["completion_tokens"]
+        # The last content chunk has counted every token of the (only) choice.
+        assert chunks[-2]["usage"]["completion_tokens"] == final["completion_tokens"] == 7
+        # Without include_usage, vLLM sends no usage at all.
+        body["stream_options"] = {"continuous_usage_stats": True}
+        assert all(c.get("usage") is None for c in sse(server.port, path, body)), path

@@ -10,14 +10,13 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use tokio_stream::wrappers::ReceiverStream;
 use tpuserve_engine::{
     EngineRequest, FinalOutput, Finish, RequestStream, StopReason, TokenLogprobs,
 };
@@ -27,6 +26,7 @@ use crate::error::ApiError;
 use crate::gate;
 use crate::protocol::*;
 use crate::state::{now_secs, SharedState};
+use crate::streaming;
 use crate::validate;
 
 /// Limits on reading a request body.
@@ -213,7 +213,7 @@ impl Drop for InFlight {
     }
 }
 
-fn finish_fields(f: &Option<Finish>) -> (Option<String>, Value) {
+pub(crate) fn finish_fields(f: &Option<Finish>) -> (Option<String>, Value) {
     match f {
         None => (None, Value::Null),
         Some(f) => (
@@ -231,7 +231,7 @@ fn token_text(st: &SharedState, id: u32) -> String {
     st.tokenizer.decode(&[id], false).unwrap_or_default()
 }
 
-fn completion_logprobs(
+pub(crate) fn completion_logprobs(
     st: &SharedState,
     lps: &[TokenLogprobs],
     offset0: usize,
@@ -339,69 +339,24 @@ async fn completions(
     let n = v.n;
     let want_lp = v.sampling.logprobs.is_some();
     if v.stream {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let st2 = st.clone();
-        let include_usage = v.include_usage;
-        tokio::spawn(async move {
-            let _guard = guard;
-            let mut completion_tokens = 0;
-            let mut prompt_tokens = 0;
-            for (pi, mut stream) in sub.streams.into_iter().enumerate() {
-                prompt_tokens += sub.prompt_lens[pi];
-                let mut echoed = vec![!echo; n];
-                while let Some(ev) = stream.next().await {
-                    let mut choices = Vec::new();
-                    if let Some(e) = &ev.error {
-                        let _ = tx
-                            .send(sse_json(&ApiError::internal(e.clone()).body()))
-                            .await;
-                    }
-                    for d in ev.seqs {
-                        completion_tokens += d.token_ids.len();
-                        let mut text = String::new();
-                        if !echoed[d.index] {
-                            text.push_str(&sub.prompt_texts[pi]);
-                            echoed[d.index] = true;
-                        }
-                        text.push_str(&d.text);
-                        let (fr, sr) = finish_fields(&d.finish);
-                        choices.push(CompletionChoice {
-                            index: pi * n + d.index,
-                            text,
-                            logprobs: d
-                                .logprobs
-                                .as_ref()
-                                .filter(|_| want_lp)
-                                .map(|l| completion_logprobs(&st2, l, 0)),
-                            finish_reason: fr,
-                            stop_reason: Some(sr),
-                            prompt_logprobs: None,
-                        });
-                    }
-                    if choices.is_empty() {
-                        continue;
-                    }
-                    let chunk = CompletionResponse {
-                        id: id.clone(),
-                        object: "text_completion",
-                        created,
-                        model: model.clone(),
-                        choices,
-                        usage: None,
-                    };
-                    if tx.send(sse_json(&chunk)).await.is_err() {
-                        return; // client gone: dropping `stream` aborts the request
-                    }
-                }
-            }
-            if include_usage {
-                let chunk = json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [], "usage": Usage::new(prompt_tokens, completion_tokens)});
-                let _ = tx.send(sse_json(&chunk)).await;
-            }
-            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-        });
-        return Ok(Sse::new(ReceiverStream::new(rx)).into_response());
+        let head = streaming::StreamHead {
+            id,
+            created,
+            model,
+            n,
+            include_usage: v.include_usage,
+            continuous_usage: v.continuous_usage,
+            want_logprobs: want_lp,
+        };
+        let echo_texts = echo.then_some(sub.prompt_texts);
+        return Ok(streaming::completions(
+            st,
+            head,
+            sub.streams,
+            sub.prompt_lens,
+            echo_texts,
+            guard,
+        ));
     }
     let mut choices = Vec::new();
     let (mut pt, mut ct) = (0, 0);
@@ -447,7 +402,7 @@ async fn completions(
     .into_response())
 }
 
-fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs]) -> ChatLogprobs {
+pub(crate) fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs]) -> ChatLogprobs {
     let top = |id: u32, v: f32| {
         let t = token_text(st, id);
         TopLogprob {
@@ -494,64 +449,24 @@ async fn chat_completions(
     let mut streams = sub.streams;
     let stream = streams.remove(0);
     if v.stream {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let st2 = st.clone();
-        let include_usage = v.include_usage;
-        let n = v.n;
-        tokio::spawn(async move {
-            let _guard = guard;
-            let mut stream = stream;
-            let chunk = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
-            for i in 0..n {
-                let first = chunk(
-                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-                );
-                if tx.send(sse_json(&first)).await.is_err() {
-                    return;
-                }
-            }
-            let (mut pt, mut ct) = (0, 0);
-            while let Some(ev) = stream.next().await {
-                if let Some(p) = &ev.prompt {
-                    pt = p.num_prompt_tokens;
-                }
-                if let Some(e) = &ev.error {
-                    let _ = tx
-                        .send(sse_json(&ApiError::internal(e.clone()).body()))
-                        .await;
-                }
-                let mut choices = Vec::new();
-                for d in ev.seqs {
-                    ct += d.token_ids.len();
-                    let (fr, sr) = finish_fields(&d.finish);
-                    let delta = if d.text.is_empty() && fr.is_some() {
-                        json!({})
-                    } else {
-                        json!({"content": d.text})
-                    };
-                    choices.push(json!({"index": d.index, "delta": delta,
-                        "logprobs": d.logprobs.as_ref().filter(|_| want_lp).map(|l| chat_logprobs(&st2, l)),
-                        "finish_reason": fr, "stop_reason": sr}));
-                }
-                if choices.is_empty() {
-                    continue;
-                }
-                if tx
-                    .send(sse_json(&chunk(Value::Array(choices))))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            if include_usage {
-                let mut u = chunk(json!([]));
-                u["usage"] = json!(Usage::new(pt, ct));
-                let _ = tx.send(sse_json(&u)).await;
-            }
-            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-        });
-        return Ok(Sse::new(ReceiverStream::new(rx)).into_response());
+        let head = streaming::StreamHead {
+            id,
+            created,
+            model,
+            n: v.n,
+            include_usage: v.include_usage,
+            continuous_usage: v.continuous_usage,
+            want_logprobs: want_lp,
+        };
+        let prompt_len = sub.prompt_lens[0];
+        return Ok(streaming::chat(
+            st,
+            head,
+            stream,
+            prompt_len,
+            "assistant".to_string(),
+            guard,
+        ));
     }
     let fin = stream.collect().await;
     drop(guard);

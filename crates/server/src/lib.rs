@@ -16,4 +16,5 @@ pub mod plan;
 pub mod protocol;
 pub mod serve;
 pub mod state;
+pub mod streaming;
 pub mod validate;

@@ -36,8 +36,7 @@ impl StopSpec {
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
-    /// Accepted as vLLM does; usage is reported once, at the end.
-    #[allow(dead_code)]
+    /// Usage on every chunk (with `include_usage`), as vLLM.
     pub continuous_usage_stats: Option<bool>,
 }
 

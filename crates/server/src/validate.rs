@@ -23,6 +23,9 @@ pub struct Validated {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats` together with `include_usage` (vLLM ignores
+    /// the former without the latter).
+    pub continuous_usage: bool,
 }
 
 fn range_f(
@@ -249,16 +252,15 @@ pub fn sampling(
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
         spaces_between_special_tokens: f.spaces_between_special_tokens.unwrap_or(true),
     };
+    let opts = f.stream_options.clone().unwrap_or_default();
+    let include_usage = opts.include_usage.unwrap_or(false);
     Ok(Validated {
         sampling,
         stop,
         n: n as usize,
         stream,
-        include_usage: f
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        include_usage,
+        continuous_usage: include_usage && opts.continuous_usage_stats.unwrap_or(false),
     })
 }
 
