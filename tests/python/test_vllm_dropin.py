@@ -170,3 +170,19 @@ def test_continuous_usage_stats_on_every_chunk(server, model):
         # Without include_usage, vLLM sends no usage at all.
         body["stream_options"] = {"continuous_usage_stats": True}
         assert all(c.get("usage") is None for c in sse(server.port, path, body)), path
+
+
+# --- item 6: any role string goes to the chat template -------------------------------------
+
+def test_custom_roles_reach_the_template(server, client, model):
+    """vLLM passes custom roles to the template (the template decides); SmolLM2's ChatML
+    template writes the role name into the prompt."""
+    msgs = [{"role": "narrator", "content": "It was a dark night."},
+            {"role": "user", "content": "Continue."}]
+    status, tok = send(server.port, "POST", "/tokenize", {"model": model, "messages": msgs})
+    assert status == 200, tok
+    status, text = send(server.port, "POST", "/detokenize",
+                        {"model": model, "tokens": tok["tokens"]})
+    assert status == 200 and "narrator\nIt was a dark night." in text["prompt"], text
+    r = client.chat.completions.create(model=model, messages=msgs, max_tokens=3, temperature=0)
+    assert r.usage.prompt_tokens == tok["count"], (r.usage, tok["count"])

@@ -6,8 +6,6 @@ use tpuserve_model::{ChatMessage, ChatTemplate};
 use crate::error::ApiError;
 use crate::protocol::ChatMessageIn;
 
-const ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer"];
-
 /// Content as templates expect it: a string; text parts are joined with newlines as vLLM does.
 fn content_text(
     i: usize,
@@ -109,17 +107,10 @@ pub fn render(
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
         ));
     }
+    // Any role string goes to the template, as in vLLM: custom roles are the template's
+    // business (it may render them or raise, which is a 400 below).
     let mut msgs = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
-        if !ROLES.contains(&m.role.as_str()) {
-            return Err(ApiError::invalid_param(
-                "messages",
-                format!(
-                    "messages[{i}]: unknown role `{}` (system, user, assistant, tool)",
-                    m.role
-                ),
-            ));
-        }
         let mut cm = ChatMessage::new(&m.role, "");
         cm.content = content_text(i, &m.content)?;
         if let Some(tc) = &m.tool_calls {
