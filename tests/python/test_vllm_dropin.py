@@ -186,3 +186,40 @@ def test_custom_roles_reach_the_template(server, client, model):
     assert status == 200 and "narrator\nIt was a dark night." in text["prompt"], text
     r = client.chat.completions.create(model=model, messages=msgs, max_tokens=3, temperature=0)
     assert r.usage.prompt_tokens == tok["count"], (r.usage, tok["count"])
+
+
+# --- item 7: numeric bounds named as vLLM's (pydantic's) validation names them --------------
+
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+
+
+def test_integer_bounds_name_the_limit(server, model):
+    port = server.port
+    cases = [
+        ("/v1/completions", {"prompt": "Hi", "seed": -1e19}, "seed", "greater_than_equal",
+         str(I64_MIN)),
+        ("/v1/completions", {"prompt": "Hi", "seed": 10**20}, "seed", "less_than_equal",
+         str(I64_MAX)),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2**64}, "max_tokens",
+         "less_than_equal", str(I64_MAX)),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                  "seed": -(2**63) - 1}, "seed", "greater_than_equal",
+         str(I64_MIN)),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                  "n": 1.5}, "n", "int_from_float", "fractional part"),
+    ]
+    for path, body, param, kind, bound in cases:
+        status, err = send(port, "POST", path, {"model": model, "max_tokens": 2, **body})
+        assert status == 400, (body, err)
+        msg = err["error"]["message"]
+        assert kind in msg and bound in msg and param in msg, (body, msg)
+        assert err["error"]["param"] == param, err
+    # An integral float is an integer (pydantic's lax mode): seed 7.0 == seed 7.
+    same = []
+    for seed in (7, 7.0):
+        status, r = send(port, "POST", "/v1/completions",
+                         {"model": model, "prompt": "Hi", "max_tokens": 5, "temperature": 1.0,
+                          "seed": seed})
+        assert status == 200, r
+        same.append(r["choices"][0]["text"])
+    assert same[0] == same[1], same

@@ -160,8 +160,7 @@ fn parse_body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<
             format!("Unsupported Media Type: Only 'application/json' is allowed, got `{ct}`"),
         ));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    serde_json::from_slice(body).or_else(|e| crate::numbers::retry(body, e))
 }
 
 fn check_model(st: &SharedState, model: Option<&str>) -> Result<(), ApiError> {

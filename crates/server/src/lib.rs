@@ -11,6 +11,7 @@ pub mod gate;
 pub mod generate;
 pub mod http_server;
 pub mod metrics;
+pub mod numbers;
 pub mod openapi;
 pub mod plan;
 pub mod protocol;
