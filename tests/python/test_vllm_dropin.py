@@ -223,3 +223,23 @@ def test_integer_bounds_name_the_limit(server, model):
         assert status == 200, r
         same.append(r["choices"][0]["text"])
     assert same[0] == same[1], same
+
+
+# --- flags: sizes checked before anything loads ---------------------------------------------
+
+@pytest.mark.parametrize("args,flag", [
+    (["--block-size", "0"], "--block-size"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], "--max-num-batched-tokens"),
+    (["--max-model-len", "100000000"], "--max-model-len"),
+])
+def test_bad_sizes_are_a_one_line_usage_error(args, flag):
+    import subprocess
+    from tpuserve_proc import binary, free_port
+    p = subprocess.run([binary(), "serve", "--port", str(free_port()), *args],
+                       capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, (p.returncode, out[-3000:])
+    assert "panicked" not in out and "loading model" not in out, out[-3000:]
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and flag in lines[0], p.stderr

@@ -132,6 +132,51 @@ impl ServeArgs {
         !self.no_enable_prefix_caching
     }
 
+    /// The size flags that need no model: each bad value is a usage error naming its flag
+    /// (checked before anything loads; a block size of 0 would divide by zero later).
+    pub fn check_sizes(&self) -> Result<(), UsageError> {
+        let bad = |m: String| Err(UsageError(m));
+        if self.block_size == 0 {
+            return bad("--block-size must be at least 1, got 0".into());
+        }
+        if self.max_num_seqs == 0 {
+            return bad("--max-num-seqs must be at least 1, got 0".into());
+        }
+        if let Some(b) = self.max_num_batched_tokens {
+            if b < self.max_num_seqs {
+                // As vLLM's SchedulerConfig: otherwise sequences at the back of a full batch
+                // could wait for budget step after step.
+                return bad(format!(
+                    "--max-num-batched-tokens ({b}) must be greater than or equal to \
+                     --max-num-seqs ({})",
+                    self.max_num_seqs
+                ));
+            }
+        }
+        if let Some(0 | 1) = self.max_model_len {
+            return bad("--max-model-len must be at least 2".into());
+        }
+        Ok(())
+    }
+
+    /// `--max-num-batched-tokens`, else the backend's default raised to `--max-num-seqs`
+    /// (a larger `--max-num-seqs` alone must not make the defaults invalid).
+    pub fn batched_tokens(&self, default: usize) -> usize {
+        self.max_num_batched_tokens
+            .unwrap_or(default.max(self.max_num_seqs))
+    }
+
+    /// `--max-model-len` against the model's own maximum context (from its config).
+    pub fn check_model_len(&self, model_max: usize) -> Result<usize, UsageError> {
+        match self.max_model_len {
+            Some(m) if m > model_max => Err(UsageError(format!(
+                "--max-model-len {m} is larger than the model's maximum context ({model_max})"
+            ))),
+            Some(m) => Ok(m),
+            None => Ok(model_max),
+        }
+    }
+
     /// One warning per vLLM flag given that tpuserve accepts but does not act on.
     pub fn ignored_flags(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
@@ -171,6 +216,19 @@ impl ServeArgs {
         v
     }
 }
+
+/// A command line that cannot work: `main` prints it as one line and exits 2, as a flag
+/// parse error does.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 fn parse_load_format(s: &str) -> Result<LoadFormat, String> {
     s.parse()

@@ -73,17 +73,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let args = args.clone();
         tokio::task::spawn_blocking(move || resolve_model(&args)).await??
     };
+    // The config alone (no weights) settles the sizes that depend on the model.
+    let model_max = crate::plan::read_config(&path)
+        .with_context(|| format!("reading the config of {}", path.display()))?
+        .max_position_embeddings;
+    let max_model_len = args.check_model_len(model_max)?;
     tracing::info!("loading model from {}", path.display());
     let model = load_model_with(&path, args.load_format)
         .with_context(|| format!("loading {}", path.display()))?;
-    let derived_max = model.config.max_position_embeddings;
-    let max_model_len = match args.max_model_len {
-        Some(m) if m > derived_max => {
-            bail!("--max-model-len {m} is larger than the model's maximum context ({derived_max})")
-        }
-        Some(m) => m,
-        None => derived_max,
-    };
     let backend = backend(&args)?;
     if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
         bail!(
@@ -131,7 +128,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     tensor_parallel_size: args.tensor_parallel_size,
                     num_blocks: kv_blocks(&model, &args, elem_bytes),
                     block_size: args.block_size,
-                    max_num_batched_tokens: args.max_num_batched_tokens.unwrap_or(512),
+                    max_num_batched_tokens: args.batched_tokens(512),
                     max_model_len,
                     max_logprobs: args.max_logprobs,
                     weight_dtype,
@@ -183,7 +180,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let engine_cfg = EngineConfig {
         max_model_len: max_model_len.min(kv.num_blocks * kv.block_size),
-        max_num_batched_tokens: args.max_num_batched_tokens.unwrap_or(match backend {
+        max_num_batched_tokens: args.batched_tokens(match backend {
             Backend::Cpu => 2048,
             Backend::Xla(_) => 512,
         }),
