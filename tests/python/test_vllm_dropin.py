@@ -243,3 +243,91 @@ def test_bad_sizes_are_a_one_line_usage_error(args, flag):
     assert "panicked" not in out and "loading model" not in out, out[-3000:]
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and flag in lines[0], p.stderr
+
+
+# --- item 5: return_token_ids, truncate_prompt_tokens, /tokenize return_token_strs ----------
+
+def tokenize(port, model, **body):
+    status, r = send(port, "POST", "/tokenize", {"model": model, **body})
+    assert status == 200, r
+    return r
+
+
+def test_return_token_ids_completions(server, model):
+    port = server.port
+    prompt = "The capital of France is"
+    ids = tokenize(port, model, prompt=prompt)["tokens"]
+    body = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0,
+            "return_token_ids": True}
+    status, r = send(port, "POST", "/v1/completions", body)
+    assert status == 200, r
+    ch = r["choices"][0]
+    assert ch["prompt_token_ids"] == ids, ch
+    assert len(ch["token_ids"]) == r["usage"]["completion_tokens"], ch
+    _, text = send(port, "POST", "/detokenize", {"model": model, "tokens": ch["token_ids"]})
+    assert text["prompt"] == ch["text"]
+    # Streaming: the prompt ids once (first chunk), the delta ids on every chunk.
+    chunks = sse(port, "/v1/completions", {**body, "stream": True})
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == ids
+    assert all(c["choices"][0].get("prompt_token_ids") is None for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ch["token_ids"]
+
+
+def test_return_token_ids_chat(server, model):
+    port = server.port
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    ids = tokenize(port, model, messages=msgs)["tokens"]
+    body = {"model": model, "messages": msgs, "max_tokens": 5, "temperature": 0,
+            "return_token_ids": True}
+    status, r = send(port, "POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    assert r["prompt_token_ids"] == ids, r
+    toks = r["choices"][0]["token_ids"]
+    assert len(toks) == r["usage"]["completion_tokens"]
+    chunks = sse(port, "/v1/chat/completions", {**body, "stream": True})
+    assert chunks[0]["prompt_token_ids"] == ids
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids") or []] == toks
+    # Not asked for: not there.
+    status, r = send(port, "POST", "/v1/chat/completions", {**body, "return_token_ids": False})
+    assert r.get("prompt_token_ids") is None and r["choices"][0].get("token_ids") is None
+
+
+def test_truncate_prompt_tokens(server, model):
+    port = server.port
+    prompt = "one two three four five six seven eight nine ten"
+    ids = tokenize(port, model, prompt=prompt)["tokens"]
+    assert len(ids) > 6
+    for side, kept in [(None, ids[-4:]), ("left", ids[-4:]), ("right", ids[:4])]:
+        body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                "truncate_prompt_tokens": 4, "return_token_ids": True}
+        if side:
+            body["truncation_side"] = side
+        status, r = send(port, "POST", "/v1/completions", body)
+        assert status == 200, r
+        assert r["usage"]["prompt_tokens"] == 4, (side, r["usage"])
+        assert r["choices"][0]["prompt_token_ids"] == kept, side
+    # Chat truncates the rendered prompt; -1 means "to max_model_len" (a no-op here).
+    msgs = [{"role": "user", "content": prompt}]
+    status, r = send(port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": msgs, "max_tokens": 2,
+                      "truncate_prompt_tokens": 5})
+    assert status == 200 and r["usage"]["prompt_tokens"] == 5, r
+    full = tokenize(port, model, messages=msgs)["count"]
+    status, r = send(port, "POST", "/v1/completions",
+                     {"model": model, "prompt": prompt, "max_tokens": 2,
+                      "truncate_prompt_tokens": -1})
+    assert status == 200 and r["usage"]["prompt_tokens"] == len(ids), r
+    assert full > 5
+    for bad, kind in [({"truncate_prompt_tokens": -2}, "greater_than_equal"),
+                      ({"truncate_prompt_tokens": 4, "truncation_side": "middle"}, "left"),
+                      ({"truncate_prompt_tokens": MAX_MODEL_LEN + 1}, str(MAX_MODEL_LEN))]:
+        status, err = send(port, "POST", "/v1/completions",
+                           {"model": model, "prompt": prompt, "max_tokens": 2, **bad})
+        assert status == 400 and kind in err["error"]["message"], (bad, err)
+
+
+def test_tokenize_return_token_strs(server, model):
+    r = tokenize(server.port, model, prompt="Hello world", return_token_strs=True)
+    assert len(r["token_strs"]) == r["count"] == len(r["tokens"])
+    assert r["token_strs"][-1] == "\u0120world", r  # byte-level BPE piece, as HF's
+    assert tokenize(server.port, model, prompt="Hello world")["token_strs"] is None

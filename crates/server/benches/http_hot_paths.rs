@@ -80,6 +80,8 @@ fn bench(c: &mut Criterion) {
             finish_reason: None,
             stop_reason: None,
             prompt_logprobs: None,
+            prompt_token_ids: None,
+            token_ids: None,
         }],
         usage: None,
     };

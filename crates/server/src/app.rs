@@ -286,6 +286,8 @@ struct Submitted {
     streams: Vec<RequestStream>,
     prompt_texts: Vec<String>,
     prompt_lens: Vec<usize>,
+    /// Each prompt's ids when `return_token_ids` asked for them (else empty).
+    prompt_ids: Vec<Vec<u32>>,
 }
 
 fn submit(
@@ -298,9 +300,15 @@ fn submit(
         streams: Vec::new(),
         prompt_texts: Vec::new(),
         prompt_lens: Vec::new(),
+        prompt_ids: Vec::new(),
     };
     for (ids, text) in prompts {
         s.prompt_lens.push(ids.len());
+        s.prompt_ids.push(if v.return_token_ids {
+            ids.clone()
+        } else {
+            Vec::new()
+        });
         let mut req = EngineRequest::new(ids, v.sampling.clone(), v.stop.clone());
         req.n = v.n;
         if st.log_requests {
@@ -346,14 +354,18 @@ async fn completions(
             include_usage: v.include_usage,
             continuous_usage: v.continuous_usage,
             want_logprobs: want_lp,
+            return_token_ids: v.return_token_ids,
         };
-        let echo_texts = echo.then_some(sub.prompt_texts);
+        let prompts = streaming::Prompts {
+            lens: sub.prompt_lens,
+            ids: sub.prompt_ids,
+            echo_texts: echo.then_some(sub.prompt_texts),
+        };
         return Ok(streaming::completions(
             st,
             head,
             sub.streams,
-            sub.prompt_lens,
-            echo_texts,
+            prompts,
             guard,
         ));
     }
@@ -386,6 +398,8 @@ async fn completions(
                 finish_reason: fr,
                 stop_reason: Some(sr),
                 prompt_logprobs: plp.clone(),
+                prompt_token_ids: v.return_token_ids.then(|| sub.prompt_ids[pi].clone()),
+                token_ids: v.return_token_ids.then(|| o.token_ids.clone()),
             });
         }
     }
@@ -447,6 +461,7 @@ async fn chat_completions(
     let want_lp = lp.is_some();
     let mut streams = sub.streams;
     let stream = streams.remove(0);
+    let prompt_ids = sub.prompt_ids.into_iter().next().unwrap_or_default();
     if v.stream {
         let head = streaming::StreamHead {
             id,
@@ -456,13 +471,18 @@ async fn chat_completions(
             include_usage: v.include_usage,
             continuous_usage: v.continuous_usage,
             want_logprobs: want_lp,
+            return_token_ids: v.return_token_ids,
         };
-        let prompt_len = sub.prompt_lens[0];
+        let prompts = streaming::Prompts {
+            lens: sub.prompt_lens,
+            ids: vec![prompt_ids],
+            echo_texts: None,
+        };
         return Ok(streaming::chat(
             st,
             head,
             stream,
-            prompt_len,
+            prompts,
             "assistant".to_string(),
             guard,
         ));
@@ -492,6 +512,7 @@ async fn chat_completions(
                     .map(|l| chat_logprobs(&st, l)),
                 finish_reason: fr,
                 stop_reason: Some(sr),
+                token_ids: v.return_token_ids.then(|| o.token_ids.clone()),
             }
         })
         .collect();
@@ -503,6 +524,7 @@ async fn chat_completions(
         choices,
         usage: Usage::new(fin.prompt.num_prompt_tokens, ct),
         prompt_logprobs: prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs),
+        prompt_token_ids: v.return_token_ids.then_some(prompt_ids),
     })
     .into_response())
 }
@@ -542,16 +564,19 @@ async fn tokenize(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let req: TokenizeRequest = parse_body(&headers, &body)?;
-    let ids = match &req {
+    let (ids, strs) = match &req {
         TokenizeRequest::Text {
             model,
             prompt,
             add_special_tokens,
+            return_token_strs,
         } => {
             check_model(&st, model.as_deref())?;
-            st.tokenizer
+            let ids = st
+                .tokenizer
                 .encode(prompt, add_special_tokens.unwrap_or(true))
-                .map_err(|e| ApiError::bad_request(e.to_string()))?
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            (ids, return_token_strs.unwrap_or(false))
         }
         TokenizeRequest::Chat {
             model,
@@ -560,6 +585,7 @@ async fn tokenize(
             continue_final_message,
             add_special_tokens,
             chat_template_kwargs,
+            return_token_strs,
         } => {
             check_model(&st, model.as_deref())?;
             let text = chat::render(
@@ -573,13 +599,21 @@ async fn tokenize(
                     documents: None,
                 },
             )?;
-            st.tokenizer
+            let ids = st
+                .tokenizer
                 .encode(&text, add_special_tokens.unwrap_or(false))
-                .map_err(|e| ApiError::bad_request(e.to_string()))?
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            (ids, return_token_strs.unwrap_or(false))
         }
     };
+    // The vocabulary's own pieces (HF's convert_ids_to_tokens), as vLLM returns them.
+    let token_strs = strs.then(|| {
+        ids.iter()
+            .map(|&id| st.tokenizer.id_to_token(id).unwrap_or_default())
+            .collect::<Vec<_>>()
+    });
     Ok(Json(
-        json!({"count": ids.len(), "max_model_len": st.max_model_len, "tokens": ids, "token_strs": null}),
+        json!({"count": ids.len(), "max_model_len": st.max_model_len, "tokens": ids, "token_strs": token_strs}),
     ))
 }
 

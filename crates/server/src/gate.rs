@@ -46,7 +46,7 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
             .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?;
         Ok((ids, s.to_string()))
     };
-    let prompts: Vec<(Vec<u32>, String)> = match &req.prompt {
+    let mut prompts: Vec<(Vec<u32>, String)> = match &req.prompt {
         Prompt::Text(s) => vec![enc(s)?],
         Prompt::Texts(v) => v.iter().map(|s| enc(s)).collect::<Result<_, _>>()?,
         Prompt::Tokens(v) => vec![to_ids(v)?],
@@ -59,12 +59,21 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
         ));
     }
     let params = validate::sampling(
+        "CompletionRequest",
         &req.sampling,
         req.max_tokens,
         req.logprobs,
         1.0,
         &ctx.limits,
     )?;
+    if let Some(t) = params.truncation {
+        for (ids, text) in &mut prompts {
+            if t.apply(ids) {
+                // The prompt is what the model sees (echo shows the kept part).
+                *text = ctx.tokenizer.decode(ids, false).unwrap_or_default();
+            }
+        }
+    }
     Ok(CompletionInput { prompts, params })
 }
 
@@ -101,7 +110,7 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
             documents: req.documents.as_ref(),
         },
     )?;
-    let ids = ctx
+    let mut ids = ctx
         .tokenizer
         .encode(&text, req.add_special_tokens.unwrap_or(false))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -111,7 +120,17 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
         None
     };
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let params = validate::sampling(&req.sampling, max_tokens, logprobs, 1.0, &ctx.limits)?;
+    let params = validate::sampling(
+        "ChatCompletionRequest",
+        &req.sampling,
+        max_tokens,
+        logprobs,
+        1.0,
+        &ctx.limits,
+    )?;
+    if let Some(t) = params.truncation {
+        t.apply(&mut ids);
+    }
     Ok(ChatInput {
         ids,
         text,

@@ -66,6 +66,12 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     /// OpenAI's end-user id: accepted, only logged with --enable-log-requests.
     pub user: Option<String>,
+    /// vLLM: `prompt_token_ids` and `token_ids` in the response.
+    pub return_token_ids: Option<bool>,
+    /// vLLM: keep only this many prompt tokens (-1: `max_model_len`).
+    pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM: `left` keeps the last tokens (the default), `right` the first.
+    pub truncation_side: Option<String>,
 }
 
 fn completion_max_tokens_default() -> Option<i64> {
@@ -130,11 +136,13 @@ pub enum TokenizeRequest {
         continue_final_message: Option<bool>,
         add_special_tokens: Option<bool>,
         chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+        return_token_strs: Option<bool>,
     },
     Text {
         model: Option<String>,
         prompt: String,
         add_special_tokens: Option<bool>,
+        return_token_strs: Option<bool>,
     },
 }
 
@@ -181,6 +189,12 @@ pub struct CompletionChoice {
     pub stop_reason: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs: Option<Value>,
+    /// With `return_token_ids` (streaming: on a choice's first chunk only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    /// With `return_token_ids` (streaming: the chunk's new tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -228,6 +242,9 @@ pub struct ChatChoice {
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
     pub stop_reason: Option<Value>,
+    /// With `return_token_ids`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -239,4 +256,7 @@ pub struct ChatCompletionResponse {
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
     pub prompt_logprobs: Option<Value>,
+    /// With `return_token_ids`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
 }

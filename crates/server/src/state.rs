@@ -42,6 +42,7 @@ impl AppState {
             limits: Limits {
                 vocab_size: self.vocab_size,
                 max_logprobs: self.max_logprobs,
+                max_model_len: self.max_model_len,
             },
         }
     }

@@ -32,6 +32,17 @@ pub struct StreamHead {
     pub continuous_usage: bool,
     /// Top alternatives were asked for: deltas carry logprobs.
     pub want_logprobs: bool,
+    /// `return_token_ids`: the prompt's ids on the first chunk, each chunk's new ids.
+    pub return_token_ids: bool,
+}
+
+/// The prompts of one streamed response.
+pub struct Prompts {
+    pub lens: Vec<usize>,
+    /// Each prompt's ids (filled when `return_token_ids` asked for them).
+    pub ids: Vec<Vec<u32>>,
+    /// With `echo`: each prompt's text, prepended to its choices' first chunk.
+    pub echo_texts: Option<Vec<String>>,
 }
 
 /// Per-choice token counts (index = prompt × n + choice).
@@ -75,22 +86,21 @@ async fn send_error(tx: &Sender<Result<Event, Infallible>>, e: &str) {
         .await;
 }
 
-/// Streams a completion: `streams[p]` generates prompt `p`; `echo_texts[p]` is prepended to
-/// each of its choices' first chunk when `echo` is on. `guard` lives as long as the stream.
+/// Streams a completion: `streams[p]` generates prompt `p`. `guard` lives as long as the
+/// stream.
 pub fn completions(
     st: SharedState,
     head: StreamHead,
     streams: Vec<RequestStream>,
-    prompt_lens: Vec<usize>,
-    echo_texts: Option<Vec<String>>,
+    prompts: Prompts,
     guard: impl Send + 'static,
 ) -> Response {
     sse_response(move |tx| async move {
         let _guard = guard;
         let n = head.n;
-        let mut counts = Counts::new(&prompt_lens, n);
+        let mut counts = Counts::new(&prompts.lens, n);
         for (pi, mut stream) in streams.into_iter().enumerate() {
-            let mut echoed = vec![echo_texts.is_none(); n];
+            let mut first = vec![true; n];
             while let Some(ev) = stream.next().await {
                 if let Some(e) = &ev.error {
                     send_error(&tx, e).await;
@@ -99,19 +109,21 @@ pub fn completions(
                     let index = pi * n + d.index;
                     counts.generated[index] += d.token_ids.len();
                     let mut text = String::new();
-                    if !echoed[d.index] {
-                        echoed[d.index] = true;
-                        if let Some(t) = &echo_texts {
-                            text.push_str(&t[pi]);
-                        }
+                    let is_first = std::mem::take(&mut first[d.index]);
+                    if let (true, Some(t)) = (is_first, &prompts.echo_texts) {
+                        text.push_str(&t[pi]);
                     }
                     text.push_str(&d.text);
+                    let mut choice = completion_choice(&st, &head, index, text, &d);
+                    if is_first && head.return_token_ids {
+                        choice.prompt_token_ids = Some(prompts.ids[pi].clone());
+                    }
                     let chunk = CompletionResponse {
                         id: head.id.clone(),
                         object: "text_completion",
                         created: head.created,
                         model: head.model.clone(),
-                        choices: vec![completion_choice(&st, &head, index, text, &d)],
+                        choices: vec![choice],
                         usage: head.continuous_usage.then(|| counts.choice(pi, index)),
                     };
                     if tx.send(sse_json(&chunk)).await.is_err() {
@@ -149,6 +161,8 @@ fn completion_choice(
         finish_reason,
         stop_reason: Some(stop_reason),
         prompt_logprobs: None,
+        prompt_token_ids: None,
+        token_ids: head.return_token_ids.then(|| d.token_ids.clone()),
     }
 }
 
@@ -158,13 +172,13 @@ pub fn chat(
     st: SharedState,
     head: StreamHead,
     mut stream: RequestStream,
-    prompt_len: usize,
+    prompts: Prompts,
     role: String,
     guard: impl Send + 'static,
 ) -> Response {
     sse_response(move |tx| async move {
         let _guard = guard;
-        let mut counts = Counts::new(&[prompt_len], head.n);
+        let mut counts = Counts::new(&prompts.lens, head.n);
         let chunk = |choice: Value, usage: Option<Usage>| {
             let mut c = json!({"id": head.id, "object": "chat.completion.chunk",
                 "created": head.created, "model": head.model, "choices": [choice]});
@@ -174,11 +188,15 @@ pub fn chat(
             c
         };
         for i in 0..head.n {
-            let first = chunk(
+            let mut first = chunk(
                 json!({"index": i, "delta": {"role": role, "content": ""}, "logprobs": null,
                     "finish_reason": null}),
                 head.continuous_usage.then(|| counts.choice(0, i)),
             );
+            if i == 0 && head.return_token_ids {
+                // vLLM sends the prompt's ids once, on the stream's first chunk.
+                first["prompt_token_ids"] = json!(prompts.ids[0]);
+            }
             if tx.send(sse_json(&first)).await.is_err() {
                 return;
             }
@@ -203,9 +221,13 @@ pub fn chat(
                     .as_ref()
                     .filter(|_| head.want_logprobs)
                     .map(|l| chat_logprobs(&st, l));
+                let mut choice = json!({"index": d.index, "delta": delta, "logprobs": logprobs,
+                    "finish_reason": fr, "stop_reason": sr});
+                if head.return_token_ids {
+                    choice["token_ids"] = json!(d.token_ids);
+                }
                 let c = chunk(
-                    json!({"index": d.index, "delta": delta, "logprobs": logprobs,
-                        "finish_reason": fr, "stop_reason": sr}),
+                    choice,
                     head.continuous_usage.then(|| counts.choice(0, d.index)),
                 );
                 if tx.send(sse_json(&c)).await.is_err() {

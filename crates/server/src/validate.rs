@@ -5,6 +5,7 @@
 use tpuserve_engine::{SamplingParams, StopParams};
 
 use crate::error::ApiError;
+use crate::numbers::bound_error;
 use crate::protocol::SamplingFields;
 
 /// Hard limits the gate enforces beyond the model's own (issue-level policy, configurable later).
@@ -15,6 +16,30 @@ pub const MAX_STOP_STRING_LEN: usize = 1024;
 pub struct Limits {
     pub vocab_size: usize,
     pub max_logprobs: usize,
+    pub max_model_len: usize,
+}
+
+/// `truncate_prompt_tokens` / `truncation_side`: how many prompt tokens to keep, from which end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncation {
+    pub keep: usize,
+    /// `left` (vLLM's default): drop from the start, keep the last `keep` tokens.
+    pub left: bool,
+}
+
+impl Truncation {
+    /// Cuts `ids` to at most `keep` tokens; true if anything was dropped.
+    pub fn apply(&self, ids: &mut Vec<u32>) -> bool {
+        if ids.len() <= self.keep {
+            return false;
+        }
+        if self.left {
+            ids.drain(..ids.len() - self.keep);
+        } else {
+            ids.truncate(self.keep);
+        }
+        true
+    }
 }
 
 pub struct Validated {
@@ -26,6 +51,9 @@ pub struct Validated {
     /// `stream_options.continuous_usage_stats` together with `include_usage` (vLLM ignores
     /// the former without the latter).
     pub continuous_usage: bool,
+    /// `return_token_ids`: prompt and output token ids in the response.
+    pub return_token_ids: bool,
+    pub truncation: Option<Truncation>,
 }
 
 fn range_f(
@@ -61,6 +89,7 @@ pub fn token_id(name: &str, v: i64, vocab: usize) -> Result<u32, ApiError> {
 /// Checks the shared sampling fields. `logprobs` is the number of top alternatives the
 /// endpoint asked for (completions' int, chat's `top_logprobs` when `logprobs` is true).
 pub fn sampling(
+    model: &str,
     f: &SamplingFields,
     max_tokens: Option<i64>,
     logprobs: Option<i64>,
@@ -252,6 +281,7 @@ pub fn sampling(
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
         spaces_between_special_tokens: f.spaces_between_special_tokens.unwrap_or(true),
     };
+    let truncation = truncation(model, f, lim)?;
     let opts = f.stream_options.clone().unwrap_or_default();
     let include_usage = opts.include_usage.unwrap_or(false);
     Ok(Validated {
@@ -261,7 +291,56 @@ pub fn sampling(
         stream,
         include_usage,
         continuous_usage: include_usage && opts.continuous_usage_stats.unwrap_or(false),
+        return_token_ids: f.return_token_ids.unwrap_or(false),
+        truncation,
     })
+}
+
+/// vLLM's bounds: `truncate_prompt_tokens` in [-1, int64] (-1: `max_model_len`) and at most
+/// `max_model_len`; `truncation_side` `left` or `right` (default left: keep the prompt's end).
+fn truncation(
+    model: &str,
+    f: &SamplingFields,
+    lim: &Limits,
+) -> Result<Option<Truncation>, ApiError> {
+    let left = match f.truncation_side.as_deref() {
+        None | Some("left") => true,
+        Some("right") => false,
+        Some(other) => {
+            return Err(bound_error(
+                model,
+                "truncation_side",
+                "Input should be 'left' or 'right'",
+                "literal_error",
+                &format!("'{other}'"),
+            ))
+        }
+    };
+    let keep = match f.truncate_prompt_tokens {
+        None => return Ok(None),
+        Some(-1) => lim.max_model_len,
+        Some(t) if t < -1 => {
+            return Err(bound_error(
+                model,
+                "truncate_prompt_tokens",
+                "Input should be greater than or equal to -1",
+                "greater_than_equal",
+                &t.to_string(),
+            ))
+        }
+        Some(t) if t as u64 > lim.max_model_len as u64 => {
+            return Err(ApiError::invalid_param(
+                "truncate_prompt_tokens",
+                format!(
+                    "truncate_prompt_tokens value ({t}) is greater than max_model_len ({}). \
+                     Please, select a smaller truncation size.",
+                    lim.max_model_len
+                ),
+            ))
+        }
+        Some(t) => t as usize,
+    };
+    Ok(Some(Truncation { keep, left }))
 }
 
 #[cfg(test)]
@@ -270,6 +349,7 @@ mod tests {
 
     fn check(f: SamplingFields) -> Result<Validated, ApiError> {
         sampling(
+            "CompletionRequest",
             &f,
             Some(16),
             None,
@@ -277,6 +357,7 @@ mod tests {
             &Limits {
                 vocab_size: 100,
                 max_logprobs: 5,
+                max_model_len: 64,
             },
         )
     }
