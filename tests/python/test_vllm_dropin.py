@@ -331,3 +331,90 @@ def test_tokenize_return_token_strs(server, model):
     assert len(r["token_strs"]) == r["count"] == len(r["tokens"])
     assert r["token_strs"][-1] == "\u0120world", r  # byte-level BPE piece, as HF's
     assert tokenize(server.port, model, prompt="Hello world")["token_strs"] is None
+
+
+# --- routes: /load, /invocations, /tokenizer_info; item 9: usage flags ---------------------
+
+@pytest.fixture(scope="module")
+def flagged():
+    """A server with the opt-in vLLM flags on."""
+    s = ServerProcess("--max-model-len", str(MAX_MODEL_LEN), "--enable-server-load-tracking",
+                      "--enable-tokenizer-info-endpoint", "--enable-prompt-tokens-details",
+                      "--enable-force-include-usage")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_load_counts_requests_in_flight(flagged, server, model):
+    import threading
+    assert send(flagged.port, "GET", "/load") == (200, {"server_load": 0})
+    body = {"model": model, "prompt": "Once", "max_tokens": 120, "ignore_eos": True,
+            "stream": True}
+    t = threading.Thread(target=sse, args=(flagged.port, "/v1/completions", body))
+    t.start()
+    seen = 0
+    while t.is_alive() and seen == 0:
+        seen = send(flagged.port, "GET", "/load")[1]["server_load"]
+    t.join()
+    assert seen == 1
+    assert send(flagged.port, "GET", "/load") == (200, {"server_load": 0})
+    # Without --enable-server-load-tracking vLLM still answers, with nothing counted.
+    assert send(server.port, "GET", "/load") == (200, {"server_load": 0})
+
+
+def test_invocations_dispatches_by_body(server, model, client):
+    port = server.port
+    comp = {"model": model, "prompt": "The capital of France is", "max_tokens": 4,
+            "temperature": 0}
+    status, r = send(port, "POST", "/invocations", comp)
+    assert status == 200 and r["object"] == "text_completion", r
+    assert r["choices"][0]["text"] == client.completions.create(**comp).choices[0].text
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0}
+    status, r = send(port, "POST", "/invocations", chat)
+    assert status == 200 and r["object"] == "chat.completion", r
+    status, err = send(port, "POST", "/invocations", {"model": model, "input": "x"})
+    assert status == 400 and "error" in err, err
+
+
+def test_tokenizer_info_only_when_enabled(flagged, server):
+    status, info = send(flagged.port, "GET", "/tokenizer_info")
+    assert status == 200, info
+    assert isinstance(info["tokenizer_class"], str) and info["tokenizer_class"]
+    # The same template the server renders chats with: its output appears in /tokenize's
+    # rendering of a conversation.
+    assert "message['role']" in info["chat_template"] or "message.role" in info["chat_template"]
+    assert "eos_token" in info
+    assert send(server.port, "GET", "/tokenizer_info")[0] == 404
+
+
+def test_prompt_tokens_details_cached_tokens(flagged, model):
+    port = flagged.port
+    prompt = " ".join(f"word{i}" for i in range(40))
+    body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    send(port, "POST", "/v1/completions", body)  # fills the prefix cache
+    status, r = send(port, "POST", "/v1/completions", body)
+    assert status == 200, r
+    cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 16 <= cached < r["usage"]["prompt_tokens"] and cached % 16 == 0, r["usage"]
+    chunks = sse(port, "/v1/chat/completions",
+                 {"model": model, "messages": [{"role": "user", "content": prompt}],
+                  "max_tokens": 2, "stream": True})
+    chunks = sse(port, "/v1/chat/completions",
+                 {"model": model, "messages": [{"role": "user", "content": prompt}],
+                  "max_tokens": 2, "stream": True})
+    # --enable-force-include-usage: the usage chunk comes without stream_options.
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["prompt_tokens_details"]["cached_tokens"] >= 16
+
+
+def test_no_usage_details_or_forced_usage_by_default(server, model):
+    prompt = " ".join(f"word{i}" for i in range(40))
+    body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    send(server.port, "POST", "/v1/completions", body)
+    status, r = send(server.port, "POST", "/v1/completions", body)
+    assert r["usage"]["prompt_tokens_details"] is None, r["usage"]
+    chunks = sse(server.port, "/v1/completions", {**body, "stream": True})
+    assert all("usage" not in c or c["usage"] is None for c in chunks), chunks[-1]

@@ -49,6 +49,9 @@ pub fn router(state: SharedState, body: BodyLimits) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(crate::metrics::scrape))
+        .route("/load", get(load))
+        .route("/invocations", post(invocations))
+        .route("/tokenizer_info", get(tokenizer_info))
         .route("/openapi.json", get(crate::openapi::document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -71,6 +74,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/tokenize", "POST"),
     ("/detokenize", "POST"),
     ("/metrics", "GET"),
+    ("/load", "GET"),
+    ("/invocations", "POST"),
     ("/openapi.json", "GET"),
 ];
 
@@ -355,6 +360,7 @@ async fn completions(
             continuous_usage: v.continuous_usage,
             want_logprobs: want_lp,
             return_token_ids: v.return_token_ids,
+            prompt_tokens_details: st.prompt_tokens_details,
         };
         let prompts = streaming::Prompts {
             lens: sub.prompt_lens,
@@ -370,13 +376,14 @@ async fn completions(
         ));
     }
     let mut choices = Vec::new();
-    let (mut pt, mut ct) = (0, 0);
+    let (mut pt, mut ct, mut cached) = (0, 0, 0);
     for (pi, stream) in sub.streams.into_iter().enumerate() {
         let fin: FinalOutput = stream.collect().await;
         if let Some(e) = fin.error {
             return Err(ApiError::internal(format!("generation failed: {e}")));
         }
         pt += fin.prompt.num_prompt_tokens;
+        cached += fin.prompt.num_cached_tokens;
         let plp = prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs);
         for o in fin.outputs {
             ct += o.token_ids.len();
@@ -410,7 +417,7 @@ async fn completions(
         created,
         model: st.served_name().to_string(),
         choices,
-        usage: Some(Usage::new(pt, ct)),
+        usage: Some(Usage::new(pt, ct).with_cached(st.prompt_tokens_details, cached)),
     })
     .into_response())
 }
@@ -472,6 +479,7 @@ async fn chat_completions(
             continuous_usage: v.continuous_usage,
             want_logprobs: want_lp,
             return_token_ids: v.return_token_ids,
+            prompt_tokens_details: st.prompt_tokens_details,
         };
         let prompts = streaming::Prompts {
             lens: sub.prompt_lens,
@@ -522,7 +530,8 @@ async fn chat_completions(
         created,
         model: st.served_name().to_string(),
         choices,
-        usage: Usage::new(fin.prompt.num_prompt_tokens, ct),
+        usage: Usage::new(fin.prompt.num_prompt_tokens, ct)
+            .with_cached(st.prompt_tokens_details, fin.prompt.num_cached_tokens),
         prompt_logprobs: prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs),
         prompt_token_ids: v.return_token_ids.then_some(prompt_ids),
     })
@@ -552,6 +561,47 @@ async fn health(State(st): State<SharedState>) -> Response {
     } else {
         ApiError::unavailable("the engine has stopped").into_response()
     }
+}
+
+/// vLLM's `/load`: completion and chat requests in flight, counted only with
+/// `--enable-server-load-tracking` (0 otherwise, as vLLM).
+async fn load(State(st): State<SharedState>) -> Json<Value> {
+    let n = if st.server_load_tracking {
+        st.in_flight.load(Ordering::SeqCst)
+    } else {
+        0
+    };
+    Json(json!({ "server_load": n }))
+}
+
+/// SageMaker's `/invocations`: a chat body (`messages`) or a completion body (`prompt`) goes to
+/// that route's handler, as vLLM's dispatch by request type.
+async fn invocations(
+    st: State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let v: Value = parse_body(&headers, &body)?;
+    let has = |k: &str| v.get(k).is_some();
+    if has("messages") {
+        chat_completions(st, headers, body).await
+    } else if has("prompt") {
+        completions(st, headers, body).await
+    } else {
+        Err(ApiError::bad_request(
+            "Cannot find suitable handler for request: /invocations takes a chat completion \
+             body (with `messages`) or a completion body (with `prompt`)",
+        ))
+    }
+}
+
+/// `/tokenizer_info`, only with `--enable-tokenizer-info-endpoint` (else 404, as vLLM does not
+/// register the route).
+async fn tokenizer_info(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    st.tokenizer_info
+        .clone()
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("Not Found"))
 }
 
 async fn version() -> Json<Value> {

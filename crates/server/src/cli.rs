@@ -55,6 +55,18 @@ pub struct ServeArgs {
     pub enable_log_requests: bool,
     #[arg(long, action = ArgAction::SetTrue)]
     pub disable_log_stats: bool,
+    /// `/load` counts the completion and chat requests in flight (else it reports 0).
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub enable_server_load_tracking: bool,
+    /// Serve `/tokenizer_info`.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub enable_tokenizer_info_endpoint: bool,
+    /// `usage.prompt_tokens_details.cached_tokens`: prompt tokens found in the prefix cache.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub enable_prompt_tokens_details: bool,
+    /// Streams end with a usage chunk even when `stream_options` did not ask for one.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub enable_force_include_usage: bool,
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
     #[arg(long)]

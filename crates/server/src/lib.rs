@@ -18,4 +18,5 @@ pub mod protocol;
 pub mod serve;
 pub mod state;
 pub mod streaming;
+pub mod tokenizer_info;
 pub mod validate;

@@ -169,6 +169,15 @@ impl Usage {
             prompt_tokens_details: None,
         }
     }
+
+    /// With `--enable-prompt-tokens-details` (`details`), the prompt tokens served from the
+    /// prefix cache — only when there were some, as vLLM.
+    pub fn with_cached(mut self, details: bool, cached: usize) -> Self {
+        if details && cached > 0 {
+            self.prompt_tokens_details = Some(serde_json::json!({ "cached_tokens": cached }));
+        }
+        self
+    }
 }
 
 /// `logprobs` of a completion choice (legacy OpenAI completions layout).

@@ -215,6 +215,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     metrics.follow_engine(stats_published);
     metrics::spawn_stats_consumer(metrics.clone(), stats_rx, !args.disable_log_stats);
+    let tokenizer_info = args.enable_tokenizer_info_endpoint.then(|| {
+        crate::tokenizer_info::build(
+            &path,
+            &tokenizer,
+            chat_template.as_ref().map(|t| t.source.as_str()),
+        )
+    });
     let state = Arc::new(AppState {
         engine,
         vocab_size: config.vocab_size,
@@ -233,6 +240,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .max_waiting_requests
             .map(|w| args.max_num_seqs.saturating_add(w)),
         draining: AtomicBool::new(false),
+        server_load_tracking: args.enable_server_load_tracking,
+        tokenizer_info,
+        prompt_tokens_details: args.enable_prompt_tokens_details,
+        force_include_usage: args.enable_force_include_usage,
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let addr = format!("{host}:{}", args.port);

@@ -31,6 +31,14 @@ pub struct AppState {
     /// it requests are refused with 503. `None`: unbounded.
     pub admission_limit: Option<usize>,
     pub draining: AtomicBool,
+    /// `--enable-server-load-tracking`: `/load` reports `in_flight`.
+    pub server_load_tracking: bool,
+    /// `--enable-tokenizer-info-endpoint`: what `/tokenizer_info` answers.
+    pub tokenizer_info: Option<serde_json::Value>,
+    /// `--enable-prompt-tokens-details`.
+    pub prompt_tokens_details: bool,
+    /// `--enable-force-include-usage`.
+    pub force_include_usage: bool,
 }
 
 impl AppState {
@@ -43,6 +51,7 @@ impl AppState {
                 vocab_size: self.vocab_size,
                 max_logprobs: self.max_logprobs,
                 max_model_len: self.max_model_len,
+                force_include_usage: self.force_include_usage,
             },
         }
     }

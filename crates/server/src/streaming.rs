@@ -34,6 +34,8 @@ pub struct StreamHead {
     pub want_logprobs: bool,
     /// `return_token_ids`: the prompt's ids on the first chunk, each chunk's new ids.
     pub return_token_ids: bool,
+    /// `--enable-prompt-tokens-details`: cached prompt tokens in the final usage.
+    pub prompt_tokens_details: bool,
 }
 
 /// The prompts of one streamed response.
@@ -48,6 +50,8 @@ pub struct Prompts {
 /// Per-choice token counts (index = prompt × n + choice).
 struct Counts {
     prompt: Vec<usize>,
+    /// Prompt tokens found in the prefix cache, per prompt.
+    cached: Vec<usize>,
     generated: Vec<usize>,
 }
 
@@ -55,6 +59,7 @@ impl Counts {
     fn new(prompt_lens: &[usize], n: usize) -> Self {
         Counts {
             prompt: prompt_lens.to_vec(),
+            cached: vec![0; prompt_lens.len()],
             generated: vec![0; prompt_lens.len() * n],
         }
     }
@@ -65,8 +70,9 @@ impl Counts {
     }
 
     /// The whole response: each prompt once, every choice's tokens.
-    fn total(&self) -> Usage {
+    fn total(&self, details: bool) -> Usage {
         Usage::new(self.prompt.iter().sum(), self.generated.iter().sum())
+            .with_cached(details, self.cached.iter().sum())
     }
 }
 
@@ -102,6 +108,9 @@ pub fn completions(
         for (pi, mut stream) in streams.into_iter().enumerate() {
             let mut first = vec![true; n];
             while let Some(ev) = stream.next().await {
+                if let Some(p) = &ev.prompt {
+                    counts.cached[pi] = p.num_cached_tokens;
+                }
                 if let Some(e) = &ev.error {
                     send_error(&tx, e).await;
                 }
@@ -135,7 +144,7 @@ pub fn completions(
         if head.include_usage {
             let chunk = json!({"id": head.id, "object": "text_completion",
                 "created": head.created, "model": head.model, "choices": [],
-                "usage": counts.total()});
+                "usage": counts.total(head.prompt_tokens_details)});
             let _ = tx.send(sse_json(&chunk)).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
@@ -204,6 +213,7 @@ pub fn chat(
         while let Some(ev) = stream.next().await {
             if let Some(p) = &ev.prompt {
                 counts.prompt[0] = p.num_prompt_tokens;
+                counts.cached[0] = p.num_cached_tokens;
             }
             if let Some(e) = &ev.error {
                 send_error(&tx, e).await;
@@ -238,7 +248,7 @@ pub fn chat(
         if head.include_usage {
             let u = json!({"id": head.id, "object": "chat.completion.chunk",
                 "created": head.created, "model": head.model, "choices": [],
-                "usage": counts.total()});
+                "usage": counts.total(head.prompt_tokens_details)});
             let _ = tx.send(sse_json(&u)).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;

@@ -17,6 +17,8 @@ pub struct Limits {
     pub vocab_size: usize,
     pub max_logprobs: usize,
     pub max_model_len: usize,
+    /// `--enable-force-include-usage`: streams carry usage as if `include_usage` were set.
+    pub force_include_usage: bool,
 }
 
 /// `truncate_prompt_tokens` / `truncation_side`: how many prompt tokens to keep, from which end.
@@ -283,7 +285,9 @@ pub fn sampling(
     };
     let truncation = truncation(model, f, lim)?;
     let opts = f.stream_options.clone().unwrap_or_default();
-    let include_usage = opts.include_usage.unwrap_or(false);
+    // vLLM's `should_include_usage`: the server flag forces the final usage chunk; continuous
+    // usage still needs the request's `continuous_usage_stats`.
+    let include_usage = opts.include_usage.unwrap_or(false) || lim.force_include_usage;
     Ok(Validated {
         sampling,
         stop,
@@ -358,6 +362,7 @@ mod tests {
                 vocab_size: 100,
                 max_logprobs: 5,
                 max_model_len: 64,
+                force_include_usage: false,
             },
         )
     }
