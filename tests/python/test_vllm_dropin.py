@@ -418,3 +418,32 @@ def test_no_usage_details_or_forced_usage_by_default(server, model):
     assert r["usage"]["prompt_tokens_details"] is None, r["usage"]
     chunks = sse(server.port, "/v1/completions", {**body, "stream": True})
     assert all("usage" not in c or c["usage"] is None for c in chunks), chunks[-1]
+
+
+# --- --seed: the default seed of unseeded requests ------------------------------------------
+
+def _unseeded_texts(seed: str):
+    s = ServerProcess("--max-model-len", str(MAX_MODEL_LEN), "--seed", seed)
+    try:
+        out = []
+        for prompt in ["Once upon a time", "My favourite food is", "Once upon a time"]:
+            status, r = send(s.port, "POST", "/v1/completions",
+                             {"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "n": 2})
+            assert status == 200, r
+            out.append([c["text"] for c in r["choices"]])
+        status, r = send(s.port, "POST", "/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "Say something."}],
+                          "max_tokens": 12, "temperature": 1.0})
+        out.append([r["choices"][0]["message"]["content"]])
+        return out
+    finally:
+        s.close()
+
+
+def test_seed_flag_makes_unseeded_requests_repeatable():
+    a, b, c = _unseeded_texts("7"), _unseeded_texts("7"), _unseeded_texts("8")
+    assert a == b, (a, b)
+    assert a != c, "another --seed gives other samples"
+    # Still a stream of samples, not one fixed seed: the same prompt twice differs, as do the
+    # two choices of one request.
+    assert a[0] != a[2] and a[0][0] != a[0][1], a

@@ -36,6 +36,10 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     /// `--max-logprobs`.
     pub max_logprobs: usize,
+    /// `--seed`: requests without a seed get one drawn from this, in arrival order, so the
+    /// same command and the same requests give the same samples (vLLM seeds its global RNG
+    /// with it). `None`: unseeded requests draw fresh randomness.
+    pub seed: Option<u64>,
 }
 
 impl EngineConfig {
@@ -47,6 +51,7 @@ impl EngineConfig {
             max_num_seqs: 256,
             enable_prefix_caching: true,
             max_logprobs: 20,
+            seed: None,
         }
     }
 }
@@ -70,6 +75,8 @@ pub struct EngineCore {
     acc: StepAcc,
     last_counters: PrefixCacheCounters,
     last_preemptions: u64,
+    /// Unseeded requests given a seed from `cfg.seed` so far.
+    unseeded: u64,
 }
 
 impl EngineCore {
@@ -139,6 +146,7 @@ impl EngineCore {
             acc: StepAcc::default(),
             last_counters: PrefixCacheCounters::default(),
             last_preemptions: 0,
+            unseeded: 0,
         })
     }
 
@@ -198,7 +206,7 @@ impl EngineCore {
     }
 
     /// Queues an already validated request (the handle validates on the caller's thread).
-    pub(crate) fn insert(&mut self, req: EngineRequest, tx: UnboundedSender<RequestOutput>) {
+    pub(crate) fn insert(&mut self, mut req: EngineRequest, tx: UnboundedSender<RequestOutput>) {
         if self.requests.contains_key(&req.id) {
             let _ = tx.send(RequestOutput {
                 request_id: req.id,
@@ -207,6 +215,10 @@ impl EngineCore {
                 ..Default::default()
             });
             return;
+        }
+        if let (None, Some(base)) = (req.sampling.seed, self.cfg.seed) {
+            req.sampling.seed = Some(default_seed(base, self.unseeded));
+            self.unseeded += 1;
         }
         let stop = Arc::new(req.stop.clone());
         let mut banned: Vec<TokenId> = stop.stop_token_ids.clone();
@@ -561,6 +573,17 @@ impl EngineCore {
             self.step();
         }
     }
+}
+
+/// The seed of the `k`-th unseeded request under `--seed base` (splitmix64: neighbouring
+/// requests, and the per-child offsets `child_sampling` adds, land far apart).
+fn default_seed(base: u64, k: u64) -> u64 {
+    let mut z = base
+        .wrapping_add(k.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -187,6 +187,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_num_seqs: args.max_num_seqs,
         enable_prefix_caching: args.prefix_caching(),
         max_logprobs: args.max_logprobs,
+        seed: Some(args.seed),
     };
     let effective_len = engine_cfg.max_model_len;
     let decoder: Arc<dyn TokenDecoder> = tokenizer.clone();
