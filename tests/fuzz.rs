@@ -341,6 +341,8 @@ fn gate_context(f: &Fixture, llama: bool) -> GateContext<'_> {
         limits: Limits {
             vocab_size: f.tokenizer.vocab_size(),
             max_logprobs: 20,
+            max_model_len: 2048,
+            force_include_usage: false,
         },
     }
 }

@@ -447,3 +447,59 @@ def test_seed_flag_makes_unseeded_requests_repeatable():
     # Still a stream of samples, not one fixed seed: the same prompt twice differs, as do the
     # two choices of one request.
     assert a[0] != a[2] and a[0][0] != a[0][1], a
+
+
+# --- no field silently ignored ---------------------------------------------------------------
+
+@pytest.mark.parametrize("path,extra,field", [
+    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/chat/completions", {"use_beam_search": True, "n": 2}, "use_beam_search"),
+    ("/v1/completions", {"allowed_token_ids": [1, 2, 3]}, "allowed_token_ids"),
+    ("/v1/completions", {"bad_words": ["cat"]}, "bad_words"),
+    ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"structured_outputs": {"choice": ["a", "b"]}},
+     "structured_outputs"),
+    ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("/v1/completions", {"guided_choice": ["a", "b"]}, "guided_choice"),
+    ("/v1/completions", {"priority": 3}, "priority"),
+    ("/v1/completions", {"logits_processors": ["x"]}, "logits_processors"),
+    ("/v1/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    ("/v1/completions", {"prompt_embeds": "AAAA"}, "prompt_embeds"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
+])
+def test_unimplemented_vllm_fields_are_refused_by_name(server, model, path, extra, field):
+    base = ({"prompt": "Hi"} if path == "/v1/completions"
+            else {"messages": [{"role": "user", "content": "Hi"}]})
+    status, err = send(server.port, "POST", path, {"model": model, "max_tokens": 2, **base,
+                                                   **extra})
+    assert status == 400, (extra, err)
+    assert err["error"]["param"] == field and field in err["error"]["message"], err
+
+
+def test_neutral_values_of_those_fields_are_accepted(server, model):
+    status, r = send(server.port, "POST", "/v1/completions",
+                     {"model": model, "prompt": "Hi", "max_tokens": 2, "use_beam_search": False,
+                      "priority": 0, "bad_words": [], "response_format": {"type": "text"},
+                      "length_penalty": 1.0, "structured_outputs": None})
+    assert status == 200, r
+
+
+def test_unknown_fields_are_logged_as_ignored_like_vllm(server, model):
+    # Known fields (flattened sampling fields and vLLM extras included) are not reported.
+    known = {"model": model, "prompt": "Hi", "max_tokens": 2, "temperature": 0.5, "top_k": 3,
+             "seed": 1, "stop": ["x"], "ignore_eos": False, "use_beam_search": False,
+             "truncate_prompt_tokens": 5, "return_token_ids": False, "echo": False, "user": "u"}
+    assert send(server.port, "POST", "/v1/completions", known)[0] == 200
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "max_completion_tokens": 2, "top_logprobs": 1, "logprobs": True,
+            "chat_template_kwargs": {}, "stream": False, "priority": 0}
+    assert send(server.port, "POST", "/v1/chat/completions", chat)[0] == 200
+    status, r = send(server.port, "POST", "/v1/completions",
+                     {"model": model, "prompt": "Hi", "max_tokens": 2, "frobnicate_level": 3})
+    assert status == 200, r
+    import time
+    deadline = time.monotonic() + 5
+    while "frobnicate_level" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [l for l in server.output().splitlines() if "but ignored" in l]
+    assert len(lines) == 1 and "frobnicate_level" in lines[0], lines

@@ -2,8 +2,10 @@
 //! and turn its per-request events into JSON or SSE. A client that goes away drops its
 //! request stream, which aborts the request in the engine.
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -27,6 +29,7 @@ use crate::gate;
 use crate::protocol::*;
 use crate::state::{now_secs, SharedState};
 use crate::streaming;
+use crate::unsupported;
 use crate::validate;
 
 /// Limits on reading a request body.
@@ -341,6 +344,8 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let guard = InFlight::new(&st)?;
     let req: CompletionRequest = parse_body(&headers, &body)?;
+    static KNOWN: OnceLock<BTreeSet<String>> = OnceLock::new();
+    unsupported::log_unknown::<CompletionRequest>(&KNOWN, &body);
     check_model(&st, req.model.as_deref())?;
     let gate::CompletionInput { prompts, params: v } = gate::completion(&st.gate(), &req)?;
     let echo = req.echo.unwrap_or(false);
@@ -454,6 +459,8 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let guard = InFlight::new(&st)?;
     let req: ChatCompletionRequest = parse_body(&headers, &body)?;
+    static KNOWN: OnceLock<BTreeSet<String>> = OnceLock::new();
+    unsupported::log_unknown::<ChatCompletionRequest>(&KNOWN, &body);
     check_model(&st, req.model.as_deref())?;
     let gate::ChatInput {
         ids,

@@ -19,4 +19,5 @@ pub mod serve;
 pub mod state;
 pub mod streaming;
 pub mod tokenizer_info;
+pub mod unsupported;
 pub mod validate;

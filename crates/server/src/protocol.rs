@@ -72,6 +72,9 @@ pub struct SamplingFields {
     pub truncate_prompt_tokens: Option<i64>,
     /// vLLM: `left` keeps the last tokens (the default), `right` the first.
     pub truncation_side: Option<String>,
+    /// vLLM extras refused by name unless neutral.
+    #[serde(flatten)]
+    pub unimplemented: crate::unsupported::Unimplemented,
 }
 
 fn completion_max_tokens_default() -> Option<i64> {
@@ -119,8 +122,7 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub documents: Option<Value>,
-    /// vLLM's chat `echo` (prepend the last message): accepted, not implemented.
-    #[allow(dead_code)]
+    /// vLLM's chat `echo` (prepend the last message): refused when true (not implemented).
     pub echo: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,

@@ -98,6 +98,7 @@ pub fn sampling(
     default_temperature: f64,
     lim: &Limits,
 ) -> Result<Validated, ApiError> {
+    f.unimplemented.check()?;
     let n = f.n.unwrap_or(1);
     if !(1..=MAX_N).contains(&n) {
         return Err(ApiError::invalid_param(
