@@ -340,7 +340,8 @@ def flagged():
     """A server with the opt-in vLLM flags on."""
     s = ServerProcess("--max-model-len", str(MAX_MODEL_LEN), "--enable-server-load-tracking",
                       "--enable-tokenizer-info-endpoint", "--enable-prompt-tokens-details",
-                      "--enable-force-include-usage")
+                      "--enable-force-include-usage", "--response-role", "bot",
+                      "--max-log-len", "100")
     try:
         yield s
     finally:
@@ -503,3 +504,22 @@ def test_unknown_fields_are_logged_as_ignored_like_vllm(server, model):
         time.sleep(0.05)
     lines = [l for l in server.output().splitlines() if "but ignored" in l]
     assert len(lines) == 1 and "frobnicate_level" in lines[0], lines
+
+
+def test_response_role_flag(flagged, server, model):
+    msgs = [{"role": "user", "content": "Hi"}]
+    status, r = send(flagged.port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": msgs, "max_tokens": 2})
+    assert status == 200 and r["choices"][0]["message"]["role"] == "bot", r
+    chunks = sse(flagged.port, "/v1/chat/completions",
+                 {"model": model, "messages": msgs, "max_tokens": 2, "stream": True})
+    assert chunks[0]["choices"][0]["delta"]["role"] == "bot", chunks[0]
+    # Continuing a message keeps that message's role (vLLM's get_chat_request_role).
+    cont = msgs + [{"role": "assistant", "content": "Hello"}]
+    status, r = send(flagged.port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": cont, "max_tokens": 2,
+                      "add_generation_prompt": False, "continue_final_message": True})
+    assert status == 200 and r["choices"][0]["message"]["role"] == "assistant", r
+    status, r = send(server.port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": msgs, "max_tokens": 2})
+    assert r["choices"][0]["message"]["role"] == "assistant", r

@@ -469,6 +469,7 @@ async fn chat_completions(
         logprobs: lp,
     } = gate::chat(&st.gate(), &req)?;
     let sub = submit(&st, vec![(ids, text)], &v, req.sampling.user.as_deref())?;
+    let role = chat::response_role(&req, &st.response_role);
     let id = request_id("chatcmpl");
     let created = now_secs();
     let model = st.served_name().to_string();
@@ -498,7 +499,7 @@ async fn chat_completions(
             head,
             stream,
             prompts,
-            "assistant".to_string(),
+            role.clone(),
             guard,
         ));
     }
@@ -516,7 +517,7 @@ async fn chat_completions(
             ChatChoice {
                 index: o.index,
                 message: ChatMessageOut {
-                    role: "assistant",
+                    role: role.clone(),
                     content: o.text.clone(),
                     tool_calls: Vec::new(),
                 },

@@ -82,6 +82,19 @@ fn cut_after_final_message(text: &mut String, last: &str) -> Result<(), ApiError
     Ok(())
 }
 
+/// The role of the answer (vLLM's `get_chat_request_role`): `--response-role` after a
+/// generation prompt, else (continuing a message) the last message's role.
+pub fn response_role(req: &crate::protocol::ChatCompletionRequest, response_role: &str) -> String {
+    let cont = req.continue_final_message.unwrap_or(false);
+    if req.add_generation_prompt.unwrap_or(!cont) {
+        response_role.to_string()
+    } else {
+        req.messages
+            .last()
+            .map_or_else(|| response_role.to_string(), |m| m.role.clone())
+    }
+}
+
 /// Renders the conversation to the prompt text.
 pub fn render(
     template: Option<&ChatTemplate>,

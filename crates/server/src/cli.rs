@@ -131,8 +131,13 @@ pub struct ServeArgs {
     pub enable_request_id_headers: bool,
     #[arg(long, hide = true)]
     pub root_path: Option<String>,
-    #[arg(long, hide = true)]
-    pub response_role: Option<String>,
+    /// The role of chat answers after a generation prompt.
+    #[arg(long, default_value = "assistant")]
+    pub response_role: String,
+    /// Longest prompt text or id list printed per logged request. tpuserve's request log
+    /// (`--enable-log-requests`) never prints prompts, only their token counts.
+    #[arg(long)]
+    pub max_log_len: Option<usize>,
 }
 
 impl ServeArgs {
@@ -215,6 +220,9 @@ impl ServeArgs {
         }
         if self.enable_request_id_headers {
             v.push("--enable-request-id-headers");
+        }
+        if self.max_log_len.is_some() {
+            v.push("--max-log-len (request logs carry token counts, never prompt text)");
         }
         if self.root_path.is_some() {
             v.push("--root-path");

@@ -241,7 +241,7 @@ pub struct ChatLogprobs {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessageOut {
-    pub role: &'static str,
+    pub role: String,
     pub content: String,
     pub tool_calls: Vec<Value>,
 }

@@ -245,6 +245,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokenizer_info,
         prompt_tokens_details: args.enable_prompt_tokens_details,
         force_include_usage: args.enable_force_include_usage,
+        response_role: args.response_role.clone(),
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let addr = format!("{host}:{}", args.port);

@@ -39,6 +39,8 @@ pub struct AppState {
     pub prompt_tokens_details: bool,
     /// `--enable-force-include-usage`.
     pub force_include_usage: bool,
+    /// `--response-role` (default `assistant`).
+    pub response_role: String,
 }
 
 impl AppState {
