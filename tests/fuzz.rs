@@ -343,6 +343,7 @@ fn gate_context(f: &Fixture, llama: bool) -> GateContext<'_> {
             max_logprobs: 20,
             max_model_len: 2048,
             force_include_usage: false,
+            defaults: Default::default(),
         },
     }
 }

@@ -523,3 +523,51 @@ def test_response_role_flag(flagged, server, model):
     status, r = send(server.port, "POST", "/v1/chat/completions",
                      {"model": model, "messages": msgs, "max_tokens": 2})
     assert r["choices"][0]["message"]["role"] == "assistant", r
+
+
+# --- --generation-config / --override-generation-config ------------------------------------
+
+def _tiny_with_generation_config(tmp_path, gen):
+    """tiny-llama3's folder (files linked) with our own generation_config.json."""
+    from tpuserve_proc import SHARED
+    src = SHARED / "fixtures" / "tiny-llama3" / "model"
+    for f in src.iterdir():
+        if f.name != "generation_config.json":
+            (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    return str(tmp_path)
+
+
+def _gen_run(model_dir, *flags):
+    s = ServerProcess(model_dir, "--max-model-len", "64", *flags)
+    try:
+        msgs = [{"role": "user", "content": "Hi"}]
+        out = {}
+        for name, path, body in [
+            ("chat", "/v1/chat/completions", {"messages": msgs, "ignore_eos": True}),
+            ("chat_again", "/v1/chat/completions", {"messages": msgs, "ignore_eos": True}),
+            ("completion", "/v1/completions", {"prompt": "Hi", "ignore_eos": True}),
+            ("capped", "/v1/completions", {"prompt": "Hi", "ignore_eos": True,
+                                           "max_tokens": 8}),
+        ]:
+            status, r = send(s.port, "POST", path, body)
+            assert status == 200, (name, r)
+            c = r["choices"][0]
+            out[name] = (r["usage"]["completion_tokens"],
+                         c.get("text", c.get("message", {}).get("content")))
+        return out
+    finally:
+        s.close()
+
+
+def test_generation_config_defaults(tmp_path):
+    d = _tiny_with_generation_config(tmp_path, {"temperature": 0.0, "max_new_tokens": 5})
+    auto = _gen_run(d)
+    # max_new_tokens caps every request (as vLLM's get_max_tokens); temperature 0 = greedy.
+    assert [auto[k][0] for k in ("chat", "completion", "capped")] == [5, 5, 5], auto
+    assert auto["chat"] == auto["chat_again"], auto
+    over = _gen_run(d, "--override-generation-config", '{"max_new_tokens": 3}')
+    assert over["chat"][0] == 3 and over["chat"] == over["chat_again"], over
+    neutral = _gen_run(d, "--generation-config", "vllm")
+    assert neutral["chat"][0] > 5 and neutral["completion"][0] == 16, neutral
+    assert neutral["capped"][0] == 8, neutral

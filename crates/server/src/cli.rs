@@ -69,8 +69,13 @@ pub struct ServeArgs {
     pub enable_force_include_usage: bool,
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// `auto`: the model folder's generation_config.json sampling defaults apply to requests
+    /// that leave them out (vLLM's default); `vllm`: neutral defaults; else a folder.
+    #[arg(long, default_value = "auto")]
+    pub generation_config: String,
+    /// A JSON object of generation-config values merged on top (e.g. '{"temperature": 0.5}').
     #[arg(long)]
-    pub generation_config: Option<String>,
+    pub override_generation_config: Option<String>,
     #[arg(long, action = ArgAction::SetTrue)]
     pub trust_remote_code: bool,
     #[arg(long, default_value = "info")]
@@ -229,9 +234,6 @@ impl ServeArgs {
         }
         if self.trust_remote_code {
             v.push("--trust-remote-code (no remote code is ever run)");
-        }
-        if self.generation_config.is_some() {
-            v.push("--generation-config");
         }
         v
     }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod fault_injection;
 pub mod gate;
 pub mod generate;
+pub mod generation_config;
 pub mod http_server;
 pub mod metrics;
 pub mod numbers;

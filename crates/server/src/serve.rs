@@ -78,6 +78,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading the config of {}", path.display()))?
         .max_position_embeddings;
     let max_model_len = args.check_model_len(model_max)?;
+    let sampling_defaults = crate::generation_config::load(
+        &path,
+        &args.generation_config,
+        args.override_generation_config.as_deref(),
+    )?;
     tracing::info!("loading model from {}", path.display());
     let model = load_model_with(&path, args.load_format)
         .with_context(|| format!("loading {}", path.display()))?;
@@ -246,6 +251,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         prompt_tokens_details: args.enable_prompt_tokens_details,
         force_include_usage: args.enable_force_include_usage,
         response_role: args.response_role.clone(),
+        sampling_defaults,
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let addr = format!("{host}:{}", args.port);

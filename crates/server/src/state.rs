@@ -41,6 +41,8 @@ pub struct AppState {
     pub force_include_usage: bool,
     /// `--response-role` (default `assistant`).
     pub response_role: String,
+    /// `--generation-config` defaults.
+    pub sampling_defaults: crate::validate::SamplingDefaults,
 }
 
 impl AppState {
@@ -54,6 +56,7 @@ impl AppState {
                 max_logprobs: self.max_logprobs,
                 max_model_len: self.max_model_len,
                 force_include_usage: self.force_include_usage,
+                defaults: self.sampling_defaults,
             },
         }
     }

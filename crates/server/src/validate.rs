@@ -19,6 +19,20 @@ pub struct Limits {
     pub max_model_len: usize,
     /// `--enable-force-include-usage`: streams carry usage as if `include_usage` were set.
     pub force_include_usage: bool,
+    /// `--generation-config`: defaults for fields a request leaves out.
+    pub defaults: SamplingDefaults,
+}
+
+/// Sampling defaults from the model's generation config (see `generation_config.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    /// `max_new_tokens`: caps every request's `max_tokens`, as vLLM's `get_max_tokens`.
+    pub max_tokens: Option<i64>,
 }
 
 /// `truncate_prompt_tokens` / `truncation_side`: how many prompt tokens to keep, from which end.
@@ -114,17 +128,24 @@ pub fn sampling(
             ));
         }
     }
+    let d = &lim.defaults;
     let temperature = range_f(
         "temperature",
-        f.temperature,
+        f.temperature.or(d.temperature),
         default_temperature,
         |v| v >= 0.0,
         "non-negative",
     )?;
-    let top_p = range_f("top_p", f.top_p, 1.0, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?;
+    let top_p = range_f(
+        "top_p",
+        f.top_p.or(d.top_p),
+        1.0,
+        |v| v > 0.0 && v <= 1.0,
+        "in (0, 1]",
+    )?;
     let min_p = range_f(
         "min_p",
-        f.min_p,
+        f.min_p.or(d.min_p),
         0.0,
         |v| (0.0..=1.0).contains(&v),
         "in [0, 1]",
@@ -145,12 +166,12 @@ pub fn sampling(
     )?;
     let repetition = range_f(
         "repetition_penalty",
-        f.repetition_penalty,
+        f.repetition_penalty.or(d.repetition_penalty),
         1.0,
         |v| v > 0.0 && v <= 2.0,
         "in (0, 2]",
     )?;
-    let top_k = f.top_k.unwrap_or(-1);
+    let top_k = f.top_k.or(d.top_k).unwrap_or(-1);
     if top_k < -1 || top_k > lim.vocab_size as i64 {
         return Err(ApiError::invalid_param(
             "top_k",
@@ -199,6 +220,10 @@ pub fn sampling(
             "`prompt_logprobs` are not available when `stream=True`.",
         ));
     }
+    let max_tokens = match (max_tokens, d.max_tokens) {
+        (Some(m), Some(cap)) => Some(m.min(cap)),
+        (m, cap) => m.or(cap),
+    };
     let max_tokens = match max_tokens {
         None => None,
         Some(m) if m < 1 => {
@@ -364,6 +389,7 @@ mod tests {
                 max_logprobs: 5,
                 max_model_len: 64,
                 force_include_usage: false,
+                defaults: SamplingDefaults::default(),
             },
         )
     }
