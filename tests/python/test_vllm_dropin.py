@@ -571,3 +571,23 @@ def test_generation_config_defaults(tmp_path):
     neutral = _gen_run(d, "--generation-config", "vllm")
     assert neutral["chat"][0] > 5 and neutral["completion"][0] == 16, neutral
     assert neutral["capped"][0] == 8, neutral
+
+
+# --- item 11: a body over --max-body-bytes gets a 413 the client can read ------------------
+
+def test_oversized_body_gets_a_readable_413(server, model):
+    """urllib sends all 64 MiB before reading: the server must take (and drop) the rest, then
+    answer, instead of closing on a client that is still writing (a connection reset)."""
+    import urllib.error
+    import urllib.request
+    body = b'{"prompt": "' + b"a" * (64 << 20) + b'", "max_tokens": 1}'
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    for _ in range(3):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 413
+        err = json.loads(e.value.read())
+        assert "max-body-bytes" in err["error"]["message"], err
+    # The server is fine afterwards.
+    assert send(server.port, "GET", "/health")[0] == 200

@@ -115,7 +115,7 @@ async fn read_body_within(State(lim): State<BodyLimits>, req: Request, next: Nex
     // No early answer from Content-Length alone: a client still writing its body would get a
     // broken pipe instead of the 413. Reading stops at the limit either way.
     let (parts, body) = req.into_parts();
-    match tokio::time::timeout(lim.timeout, axum::body::to_bytes(body, lim.max_bytes)).await {
+    match tokio::time::timeout(lim.timeout, read_limited(body, lim.max_bytes)).await {
         Err(_) => {
             let mut resp = ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
@@ -131,22 +131,66 @@ async fn read_body_within(State(lim): State<BodyLimits>, req: Request, next: Nex
             );
             resp
         }
-        Ok(Err(e)) => {
-            let over_limit = e
-                .into_inner()
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some();
-            if over_limit {
-                too_large(lim.max_bytes)
-            } else {
-                ApiError::bad_request("the request body could not be read").into_response()
-            }
+        Ok(Err(BodyError::TooLarge(rest))) => {
+            linger(rest).await;
+            let mut resp = too_large(lim.max_bytes);
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            resp
+        }
+        Ok(Err(BodyError::Broken)) => {
+            ApiError::bad_request("the request body could not be read").into_response()
         }
         Ok(Ok(bytes)) => {
             next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
                 .await
         }
     }
+}
+
+enum BodyError {
+    /// Over the limit; the unread rest of the body.
+    TooLarge(axum::body::Body),
+    Broken,
+}
+
+/// The whole body if it is at most `max` bytes.
+async fn read_limited(mut body: axum::body::Body, max: usize) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Broken)?.into_data() else {
+            continue; // trailers
+        };
+        if buf.len() + data.len() > max {
+            return Err(BodyError::TooLarge(body));
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// How much of an oversized body is still read and dropped, and for how long, before the 413.
+/// A client that writes its whole body before reading (urllib, requests) would otherwise see
+/// its connection reset instead of the answer — nginx's lingering close solves the same
+/// problem. Past either bound the connection is closed anyway.
+const LINGER_BYTES: usize = 1 << 30;
+const LINGER_TIME: Duration = Duration::from_secs(10);
+
+async fn linger(mut rest: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        let mut dropped = 0usize;
+        while let Some(Ok(frame)) = rest.frame().await {
+            dropped += frame.data_ref().map_or(0, |d| d.len());
+            if dropped > LINGER_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn too_large(max: usize) -> Response {
