@@ -591,3 +591,49 @@ def test_oversized_body_gets_a_readable_413(server, model):
         assert "max-body-bytes" in err["error"]["message"], err
     # The server is fine afterwards.
     assert send(server.port, "GET", "/health")[0] == 200
+
+
+# --- item 4: echo with logprobs covers the prompt ------------------------------------------
+
+def _check_offsets(lp, text):
+    assert lp["text_offset"][0] == 0
+    for i in range(len(lp["tokens"]) - 1):
+        assert lp["text_offset"][i + 1] == lp["text_offset"][i] + len(lp["tokens"][i]), lp
+    assert "".join(lp["tokens"]) == text
+
+
+def test_echo_logprobs_cover_the_prompt(server, model):
+    port = server.port
+    prompt = "The capital of France is"
+    base = {"model": model, "prompt": prompt, "max_tokens": 3, "temperature": 0,
+            "logprobs": 2, "ignore_eos": True}
+    status, r = send(port, "POST", "/v1/completions", {**base, "echo": True})
+    assert status == 200, r
+    ch, u = r["choices"][0], r["usage"]
+    lp = ch["logprobs"]
+    assert len(lp["tokens"]) == u["prompt_tokens"] + u["completion_tokens"], lp
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert ch["text"].startswith(prompt)
+    _check_offsets(lp, ch["text"])
+    assert "prompt_logprobs" not in ch or ch["prompt_logprobs"] is None
+    # The prompt part is the engine's prompt logprobs; the rest is the usual answer.
+    status, ref = send(port, "POST", "/v1/completions", {**base, "prompt_logprobs": 2})
+    plp = ref["choices"][0]["prompt_logprobs"]
+    ids = tokenize(port, model, prompt=prompt)["tokens"]
+    want = [None] + [plp[i][str(ids[i])]["logprob"] for i in range(1, len(ids))]
+    got = lp["token_logprobs"][:len(ids)]
+    assert got[0] is None and all(abs(a - b) < 1e-4 for a, b in zip(got[1:], want[1:])), (got,
+                                                                                        want)
+    assert lp["token_logprobs"][len(ids):] == ref["choices"][0]["logprobs"]["token_logprobs"]
+    # Streamed: the same tokens and logprobs, offsets running over the whole text.
+    chunks = sse(port, "/v1/completions", {**base, "echo": True, "stream": True})
+    toks, tlp, offs, text = [], [], [], ""
+    for c in chunks:
+        ch2 = c["choices"][0]
+        toks += ch2["logprobs"]["tokens"]
+        tlp += ch2["logprobs"]["token_logprobs"]
+        offs += ch2["logprobs"]["text_offset"]
+        text += ch2["text"]
+    assert toks == lp["tokens"] and offs == lp["text_offset"] and text == ch["text"]
+    assert tlp[0] is None and all(abs(a - b) < 1e-4 for a, b in zip(tlp[1:],
+                                                                    lp["token_logprobs"][1:]))

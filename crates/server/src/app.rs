@@ -342,11 +342,13 @@ struct Submitted {
     prompt_ids: Vec<Vec<u32>>,
 }
 
+/// `keep_ids`: keep each prompt's ids for the response (`return_token_ids`, echoed logprobs).
 fn submit(
     st: &SharedState,
     prompts: Vec<(Vec<u32>, String)>,
     v: &validate::Validated,
     user: Option<&str>,
+    keep_ids: bool,
 ) -> Result<Submitted, ApiError> {
     let mut s = Submitted {
         streams: Vec::new(),
@@ -356,11 +358,8 @@ fn submit(
     };
     for (ids, text) in prompts {
         s.prompt_lens.push(ids.len());
-        s.prompt_ids.push(if v.return_token_ids {
-            ids.clone()
-        } else {
-            Vec::new()
-        });
+        s.prompt_ids
+            .push(if keep_ids { ids.clone() } else { Vec::new() });
         let mut req = EngineRequest::new(ids, v.sampling.clone(), v.stop.clone());
         req.n = v.n;
         if st.log_requests {
@@ -391,9 +390,20 @@ async fn completions(
     static KNOWN: OnceLock<BTreeSet<String>> = OnceLock::new();
     unsupported::log_unknown::<CompletionRequest>(&KNOWN, &body);
     check_model(&st, req.model.as_deref())?;
-    let gate::CompletionInput { prompts, params: v } = gate::completion(&st.gate(), &req)?;
+    let gate::CompletionInput {
+        prompts,
+        params: mut v,
+    } = gate::completion(&st.gate(), &req)?;
     let echo = req.echo.unwrap_or(false);
-    let sub = submit(&st, prompts, &v, req.sampling.user.as_deref())?;
+    // Echo with logprobs covers the prompt: the engine computes its logprobs too (the
+    // response shows `prompt_logprobs` only when the request asked for them).
+    let show_prompt_lps = v.sampling.prompt_logprobs.is_some();
+    let echo_k = v.sampling.logprobs.filter(|_| echo);
+    if let Some(k) = echo_k {
+        v.sampling.prompt_logprobs = Some(v.sampling.prompt_logprobs.unwrap_or(0).max(k));
+    }
+    let keep_ids = v.return_token_ids || echo_k.is_some();
+    let sub = submit(&st, prompts, &v, req.sampling.user.as_deref(), keep_ids)?;
     let id = request_id("cmpl");
     let created = now_secs();
     let model = st.served_name().to_string();
@@ -415,6 +425,7 @@ async fn completions(
             lens: sub.prompt_lens,
             ids: sub.prompt_ids,
             echo_texts: echo.then_some(sub.prompt_texts),
+            echo_logprobs: echo_k,
         };
         return Ok(streaming::completions(
             st,
@@ -433,7 +444,8 @@ async fn completions(
         }
         pt += fin.prompt.num_prompt_tokens;
         cached += fin.prompt.num_cached_tokens;
-        let plp = prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs);
+        let plp =
+            prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs).filter(|_| show_prompt_lps);
         for o in fin.outputs {
             ct += o.token_ids.len();
             let mut text = String::new();
@@ -446,11 +458,18 @@ async fn completions(
             choices.push(CompletionChoice {
                 index: pi * n + o.index,
                 text,
-                logprobs: o
-                    .logprobs
-                    .as_ref()
-                    .filter(|_| want_lp)
-                    .map(|l| completion_logprobs(&st, l, offset0)),
+                logprobs: match (echo_k, o.logprobs.as_ref().filter(|_| want_lp)) {
+                    (Some(k), Some(l)) => Some(crate::echo::prompt_then_output(
+                        &st,
+                        &sub.prompt_ids[pi],
+                        fin.prompt.prompt_logprobs.as_deref().unwrap_or(&[]),
+                        l,
+                        k,
+                        0,
+                    )),
+                    (None, Some(l)) => Some(completion_logprobs(&st, l, offset0)),
+                    (_, None) => None,
+                },
                 finish_reason: fr,
                 stop_reason: Some(sr),
                 prompt_logprobs: plp.clone(),
@@ -512,7 +531,13 @@ async fn chat_completions(
         params: v,
         logprobs: lp,
     } = gate::chat(&st.gate(), &req)?;
-    let sub = submit(&st, vec![(ids, text)], &v, req.sampling.user.as_deref())?;
+    let sub = submit(
+        &st,
+        vec![(ids, text)],
+        &v,
+        req.sampling.user.as_deref(),
+        v.return_token_ids,
+    )?;
     let role = chat::response_role(&req, &st.response_role);
     let id = request_id("chatcmpl");
     let created = now_secs();
@@ -537,6 +562,7 @@ async fn chat_completions(
             lens: sub.prompt_lens,
             ids: vec![prompt_ids],
             echo_texts: None,
+            echo_logprobs: None,
         };
         return Ok(streaming::chat(
             st,

@@ -5,6 +5,7 @@ pub mod app;
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod echo;
 pub mod error;
 pub mod fault_injection;
 pub mod gate;

@@ -45,6 +45,9 @@ pub struct Prompts {
     pub ids: Vec<Vec<u32>>,
     /// With `echo`: each prompt's text, prepended to its choices' first chunk.
     pub echo_texts: Option<Vec<String>>,
+    /// `echo` with `logprobs` (the number of alternatives): the first chunk's logprobs cover
+    /// the prompt (its logprobs come with the prompt info).
+    pub echo_logprobs: Option<usize>,
 }
 
 /// Per-choice token counts (index = prompt × n + choice).
@@ -107,9 +110,13 @@ pub fn completions(
         let mut counts = Counts::new(&prompts.lens, n);
         for (pi, mut stream) in streams.into_iter().enumerate() {
             let mut first = vec![true; n];
+            // Text sent so far per choice: where the next chunk's logprob offsets start.
+            let mut sent = vec![0usize; n];
+            let mut prompt_lps = Vec::new();
             while let Some(ev) = stream.next().await {
-                if let Some(p) = &ev.prompt {
+                if let Some(p) = ev.prompt {
                     counts.cached[pi] = p.num_cached_tokens;
+                    prompt_lps = p.prompt_logprobs.unwrap_or_default();
                 }
                 if let Some(e) = &ev.error {
                     send_error(&tx, e).await;
@@ -123,7 +130,22 @@ pub fn completions(
                         text.push_str(&t[pi]);
                     }
                     text.push_str(&d.text);
-                    let mut choice = completion_choice(&st, &head, index, text, &d);
+                    let mut choice = completion_choice(&st, &head, index, text, &d, sent[d.index]);
+                    if let (true, Some(k), Some(l)) = (
+                        is_first,
+                        prompts.echo_logprobs,
+                        d.logprobs.as_ref().filter(|_| head.want_logprobs),
+                    ) {
+                        choice.logprobs = Some(crate::echo::prompt_then_output(
+                            &st,
+                            &prompts.ids[pi],
+                            &prompt_lps,
+                            l,
+                            k,
+                            0,
+                        ));
+                    }
+                    sent[d.index] += choice.text.len();
                     if is_first && head.return_token_ids {
                         choice.prompt_token_ids = Some(prompts.ids[pi].clone());
                     }
@@ -157,6 +179,7 @@ fn completion_choice(
     index: usize,
     text: String,
     d: &SeqDelta,
+    offset0: usize,
 ) -> CompletionChoice {
     let (finish_reason, stop_reason) = finish_fields(&d.finish);
     CompletionChoice {
@@ -166,7 +189,7 @@ fn completion_choice(
             .logprobs
             .as_ref()
             .filter(|_| head.want_logprobs)
-            .map(|l| completion_logprobs(st, l, 0)),
+            .map(|l| completion_logprobs(st, l, offset0)),
         finish_reason,
         stop_reason: Some(stop_reason),
         prompt_logprobs: None,
