@@ -453,8 +453,9 @@ def test_seed_flag_makes_unseeded_requests_repeatable():
 # --- no field silently ignored ---------------------------------------------------------------
 
 @pytest.mark.parametrize("path,extra,field", [
-    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
-    ("/v1/chat/completions", {"use_beam_search": True, "n": 2}, "use_beam_search"),
+    # Beam search runs (item 8) but cannot stream or stop on strings: refused by name.
+    ("/v1/completions", {"use_beam_search": True, "stream": True}, "stream"),
+    ("/v1/chat/completions", {"use_beam_search": True, "n": 2, "stop": ["x"]}, "stop"),
     ("/v1/completions", {"allowed_token_ids": [1, 2, 3]}, "allowed_token_ids"),
     ("/v1/completions", {"bad_words": ["cat"]}, "bad_words"),
     ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
@@ -637,3 +638,63 @@ def test_echo_logprobs_cover_the_prompt(server, model):
     assert toks == lp["tokens"] and offs == lp["text_offset"] and text == ch["text"]
     assert tlp[0] is None and all(abs(a - b) < 1e-4 for a, b in zip(tlp[1:],
                                                                     lp["token_logprobs"][1:]))
+
+
+# --- item 8: beam search ----------------------------------------------------------------
+
+def _reference_beam_search(port, model, prompt_ids, width, steps):
+    """vLLM's beam search, written out against the server's own next-token logprobs: each
+    step extends every live beam by its 2*width most likely next tokens and keeps the best
+    `width` by cumulative logprob (EOS is ignored, as the request below sets ignore_eos)."""
+    beams = [((), 0.0)]
+    for _ in range(steps):
+        cand = []
+        for toks, cum in beams:
+            status, r = send(port, "POST", "/v1/completions",
+                             {"model": model, "prompt": prompt_ids + list(toks), "max_tokens": 1,
+                              "temperature": 0, "logprobs": 2 * width, "ignore_eos": True,
+                              "return_token_ids": True})
+            assert status == 200, r
+            top = r["choices"][0]["logprobs"]["top_logprobs"][0]
+            ids = tokenize_pieces(port, model, list(top))
+            for (piece, lp), tid in zip(top.items(), ids):
+                if tid is not None:
+                    cand.append((toks + (tid,), cum + lp))
+        cand.sort(key=lambda c: -c[1])
+        beams = cand[:width]
+    return beams
+
+
+def tokenize_pieces(port, model, pieces):
+    """Token id of each decoded piece if it is a single token (else None)."""
+    out = []
+    for p in pieces:
+        r = tokenize(port, model, prompt=p, add_special_tokens=False)["tokens"]
+        out.append(r[0] if len(r) == 1 else None)
+    return out
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_beam_search_matches_a_reference(server, model, width):
+    port = server.port
+    prompt = "The capital of France is"
+    ids = tokenize(port, model, prompt=prompt)["tokens"]
+    steps = 3
+    status, r = send(port, "POST", "/v1/completions",
+                     {"model": model, "prompt": prompt, "max_tokens": steps, "n": width,
+                      "use_beam_search": True, "ignore_eos": True, "logprobs": 1,
+                      "return_token_ids": True})
+    assert status == 200, r
+    got = [(tuple(c["token_ids"]), sum(c["logprobs"]["token_logprobs"])) for c in r["choices"]]
+    assert [c["index"] for c in r["choices"]] == list(range(width))
+    # Sorted by score (equal lengths: cumulative logprob), best first.
+    assert [g[1] for g in got] == sorted((g[1] for g in got), reverse=True), got
+    ref = _reference_beam_search(port, model, ids, width, steps)
+    assert [g[0] for g in got] == [b[0] for b in ref], (got, ref)
+    for (_, a), (_, b) in zip(got, ref):
+        assert abs(a - b) < 1e-3, (got, ref)
+    # Chat runs the same search.
+    status, c = send(port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 2, "n": width, "use_beam_search": True})
+    assert status == 200 and len(c["choices"]) == width, c

@@ -193,6 +193,95 @@ async fn linger(mut rest: axum::body::Body) {
     .await;
 }
 
+/// `/v1/completions` with `use_beam_search`: `n` beams per prompt, best first.
+async fn beam_completion(
+    st: &SharedState,
+    prompts: Vec<(Vec<u32>, String)>,
+    bp: crate::beam::BeamParams,
+    v: &validate::Validated,
+    echo: bool,
+) -> Result<Response, ApiError> {
+    let (mut pt, mut ct) = (0, 0);
+    let mut choices = Vec::new();
+    for (pi, (ids, text)) in prompts.iter().enumerate() {
+        let beams = crate::beam::search(st, ids, bp).await?;
+        pt += ids.len();
+        let shown = crate::beam::show(st, beams, v.stop.skip_special_tokens, v.sampling.logprobs);
+        for (i, b) in shown.into_iter().enumerate() {
+            ct += b.token_ids.len();
+            let prefix = if echo { text.as_str() } else { "" };
+            choices.push(CompletionChoice {
+                index: pi * bp.width + i,
+                text: format!("{prefix}{}", b.text),
+                logprobs: b
+                    .logprobs
+                    .as_ref()
+                    .map(|l| completion_logprobs(st, l, prefix.len())),
+                finish_reason: Some(b.finish_reason.to_string()),
+                stop_reason: Some(b.stop_reason),
+                prompt_logprobs: None,
+                prompt_token_ids: v.return_token_ids.then(|| ids.clone()),
+                token_ids: v.return_token_ids.then_some(b.token_ids),
+            });
+        }
+    }
+    Ok(Json(CompletionResponse {
+        id: request_id("cmpl"),
+        object: "text_completion",
+        created: now_secs(),
+        model: st.served_name().to_string(),
+        choices,
+        usage: Some(Usage::new(pt, ct)),
+    })
+    .into_response())
+}
+
+/// `/v1/chat/completions` with `use_beam_search`.
+async fn beam_chat(
+    st: &SharedState,
+    ids: Vec<u32>,
+    bp: crate::beam::BeamParams,
+    v: &validate::Validated,
+    role: String,
+    want_logprobs: bool,
+) -> Result<Response, ApiError> {
+    let beams = crate::beam::search(st, &ids, bp).await?;
+    let shown = crate::beam::show(
+        st,
+        beams,
+        v.stop.skip_special_tokens,
+        v.sampling.logprobs.filter(|_| want_logprobs),
+    );
+    let ct = shown.iter().map(|b| b.token_ids.len()).sum();
+    let choices = shown
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| ChatChoice {
+            index: i,
+            message: ChatMessageOut {
+                role: role.clone(),
+                content: b.text,
+                tool_calls: Vec::new(),
+            },
+            logprobs: b.logprobs.as_ref().map(|l| chat_logprobs(st, l)),
+            finish_reason: Some(b.finish_reason.to_string()),
+            stop_reason: Some(b.stop_reason),
+            token_ids: v.return_token_ids.then_some(b.token_ids),
+        })
+        .collect();
+    Ok(Json(ChatCompletionResponse {
+        id: request_id("chatcmpl"),
+        object: "chat.completion",
+        created: now_secs(),
+        model: st.served_name().to_string(),
+        choices,
+        usage: Usage::new(ids.len(), ct),
+        prompt_logprobs: None,
+        prompt_token_ids: v.return_token_ids.then_some(ids),
+    })
+    .into_response())
+}
+
 fn too_large(max: usize) -> Response {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -402,6 +491,11 @@ async fn completions(
     if let Some(k) = echo_k {
         v.sampling.prompt_logprobs = Some(v.sampling.prompt_logprobs.unwrap_or(0).max(k));
     }
+    if let Some(bp) = v.beam {
+        let res = beam_completion(&st, prompts, bp, &v, echo).await;
+        drop(guard);
+        return res;
+    }
     let keep_ids = v.return_token_ids || echo_k.is_some();
     let sub = submit(&st, prompts, &v, req.sampling.user.as_deref(), keep_ids)?;
     let id = request_id("cmpl");
@@ -531,6 +625,12 @@ async fn chat_completions(
         params: v,
         logprobs: lp,
     } = gate::chat(&st.gate(), &req)?;
+    if let Some(bp) = v.beam {
+        let role = chat::response_role(&req, &st.response_role);
+        let res = beam_chat(&st, ids, bp, &v, role, lp.is_some()).await;
+        drop(guard);
+        return res;
+    }
     let sub = submit(
         &st,
         vec![(ids, text)],

@@ -2,6 +2,7 @@
 //! (`main.rs`) only parses the command line; benchmarks and tests reach the pieces from here.
 
 pub mod app;
+pub mod beam;
 pub mod bench;
 pub mod chat;
 pub mod cli;

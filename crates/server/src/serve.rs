@@ -196,6 +196,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let effective_len = engine_cfg.max_model_len;
     let decoder: Arc<dyn TokenDecoder> = tokenizer.clone();
+    let beam_eos = eos_token_ids.clone();
     let mut core = EngineCore::new(runner, decoder, eos_token_ids, engine_cfg)?;
     let stats_rx = core.subscribe_stats();
     let stats_published = core.stats_published();
@@ -252,6 +253,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         force_include_usage: args.enable_force_include_usage,
         response_role: args.response_role.clone(),
         sampling_defaults,
+        eos_token_ids: beam_eos,
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let addr = format!("{host}:{}", args.port);

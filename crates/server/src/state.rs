@@ -41,6 +41,8 @@ pub struct AppState {
     pub force_include_usage: bool,
     /// `--response-role` (default `assistant`).
     pub response_role: String,
+    /// Every id that ends generation (beam search completes a beam on one).
+    pub eos_token_ids: Vec<u32>,
     /// `--generation-config` defaults.
     pub sampling_defaults: crate::validate::SamplingDefaults,
 }

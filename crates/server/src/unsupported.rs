@@ -16,8 +16,9 @@ use crate::error::ApiError;
 /// vLLM's extras without an implementation here (both routes).
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 pub struct Unimplemented {
+    /// Beam search (see `beam.rs`); listed here because vLLM has it among its extras.
     pub use_beam_search: Option<bool>,
-    /// Only used by beam search in vLLM, which is refused; any value is accepted.
+    /// Beam search's length penalty (vLLM uses it nowhere else).
     pub length_penalty: Option<f64>,
     pub allowed_token_ids: Option<Value>,
     pub bad_words: Option<Value>,
@@ -63,9 +64,6 @@ fn refuse(field: &str, why: &str) -> ApiError {
 
 impl Unimplemented {
     pub fn check(&self) -> Result<(), ApiError> {
-        if self.use_beam_search == Some(true) {
-            return Err(refuse("use_beam_search", "beam search is not implemented"));
-        }
         if self.return_tokens_as_token_ids == Some(true) {
             return Err(refuse(
                 "return_tokens_as_token_ids",

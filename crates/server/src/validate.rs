@@ -70,6 +70,8 @@ pub struct Validated {
     /// `return_token_ids`: prompt and output token ids in the response.
     pub return_token_ids: bool,
     pub truncation: Option<Truncation>,
+    /// `use_beam_search`: the search's settings (width = n).
+    pub beam: Option<crate::beam::BeamParams>,
 }
 
 fn range_f(
@@ -323,7 +325,60 @@ pub fn sampling(
         continuous_usage: include_usage && opts.continuous_usage_stats.unwrap_or(false),
         return_token_ids: f.return_token_ids.unwrap_or(false),
         truncation,
+        beam: beam(f, n as usize, max_tokens, stream)?,
     })
+}
+
+/// `use_beam_search`: what vLLM's `BeamSearchParams` take; fields the search cannot honour
+/// are refused by name rather than dropped.
+fn beam(
+    f: &SamplingFields,
+    width: usize,
+    max_tokens: Option<usize>,
+    stream: bool,
+) -> Result<Option<crate::beam::BeamParams>, ApiError> {
+    let u = &f.unimplemented;
+    if u.use_beam_search != Some(true) {
+        return Ok(None);
+    }
+    let refuse = |field: &str| {
+        Err(ApiError::invalid_param(
+            field,
+            format!("{field} is not supported together with use_beam_search by tpuserve"),
+        ))
+    };
+    if stream {
+        return refuse("stream");
+    }
+    if f.stop
+        .as_ref()
+        .is_some_and(|s| !s.clone().into_vec().is_empty())
+    {
+        return refuse("stop");
+    }
+    if f.stop_token_ids.as_ref().is_some_and(|s| !s.is_empty()) {
+        return refuse("stop_token_ids");
+    }
+    if f.min_tokens.is_some_and(|m| m > 0) {
+        return refuse("min_tokens");
+    }
+    if f.prompt_logprobs.is_some() {
+        return refuse("prompt_logprobs");
+    }
+    let length_penalty = u.length_penalty.unwrap_or(1.0);
+    if !length_penalty.is_finite() {
+        return Err(ApiError::invalid_param(
+            "length_penalty",
+            "length_penalty must be finite",
+        ));
+    }
+    Ok(Some(crate::beam::BeamParams {
+        width,
+        max_tokens: max_tokens.unwrap_or(usize::MAX),
+        length_penalty,
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
+    }))
 }
 
 /// vLLM's bounds: `truncate_prompt_tokens` in [-1, int64] (-1: `max_model_len`) and at most
