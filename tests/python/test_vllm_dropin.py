@@ -341,7 +341,8 @@ def flagged():
     s = ServerProcess("--max-model-len", str(MAX_MODEL_LEN), "--enable-server-load-tracking",
                       "--enable-tokenizer-info-endpoint", "--enable-prompt-tokens-details",
                       "--enable-force-include-usage", "--response-role", "bot",
-                      "--max-log-len", "100")
+                      "--max-log-len", "100", "--allowed-origins", '["http://good.example"]',
+                      "--allow-credentials")
     try:
         yield s
     finally:
@@ -698,3 +699,35 @@ def test_beam_search_matches_a_reference(server, model, width):
                      {"model": model, "messages": [{"role": "user", "content": "Hi"}],
                       "max_tokens": 2, "n": width, "use_beam_search": True})
     assert status == 200 and len(c["choices"]) == width, c
+
+
+# --- CORS flags ---------------------------------------------------------------------------
+
+def test_cors_as_vllm(server, flagged, model):
+    pre = {"Origin": "http://a.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+
+    def raw(port, method, path, headers, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}
+
+    # Default (vLLM's): any origin, method and header.
+    status, h = raw(server.port, "OPTIONS", "/v1/completions", pre)
+    assert status == 200 and h["access-control-allow-origin"] == "*", h
+    assert "POST" in h["access-control-allow-methods"]
+    assert h["access-control-allow-headers"] == "authorization, content-type"
+    status, h = raw(server.port, "GET", "/v1/models", {"Origin": "http://a.example"})
+    assert status == 200 and h["access-control-allow-origin"] == "*", h
+    # --allowed-origins + --allow-credentials: only that origin, echoed, with credentials.
+    status, h = raw(flagged.port, "OPTIONS", "/v1/completions", pre)
+    assert status == 400, h
+    good = {**pre, "Origin": "http://good.example"}
+    status, h = raw(flagged.port, "OPTIONS", "/v1/completions", good)
+    assert status == 200 and h["access-control-allow-origin"] == "http://good.example", h
+    assert h["access-control-allow-credentials"] == "true"
+    status, h = raw(flagged.port, "GET", "/v1/models", {"Origin": "http://evil.example"})
+    assert status == 200 and "access-control-allow-origin" not in h, h

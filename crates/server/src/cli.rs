@@ -55,6 +55,18 @@ pub struct ServeArgs {
     pub enable_log_requests: bool,
     #[arg(long, action = ArgAction::SetTrue)]
     pub disable_log_stats: bool,
+    /// CORS: allowed origins, a JSON list as vLLM takes it (default: any).
+    #[arg(long, default_value = r#"["*"]"#, value_parser = json_list)]
+    pub allowed_origins: JsonList,
+    /// CORS: allowed methods (JSON list).
+    #[arg(long, default_value = r#"["*"]"#, value_parser = json_list)]
+    pub allowed_methods: JsonList,
+    /// CORS: allowed request headers (JSON list).
+    #[arg(long, default_value = r#"["*"]"#, value_parser = json_list)]
+    pub allowed_headers: JsonList,
+    /// CORS: allow credentials.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub allow_credentials: bool,
     /// `/load` counts the completion and chat requests in flight (else it reports 0).
     #[arg(long, action = ArgAction::SetTrue)]
     pub enable_server_load_tracking: bool,
@@ -251,6 +263,17 @@ impl std::fmt::Display for UsageError {
 }
 
 impl std::error::Error for UsageError {}
+
+/// A flag holding a JSON list of strings (vLLM parses these with `json.loads`); one flag
+/// value, so a newtype (clap would read a bare `Vec` field as repeated values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonList(pub Vec<String>);
+
+fn json_list(s: &str) -> Result<JsonList, String> {
+    serde_json::from_str(s)
+        .map(JsonList)
+        .map_err(|e| format!("expected a JSON list of strings: {e}"))
+}
 
 fn parse_load_format(s: &str) -> Result<LoadFormat, String> {
     s.parse()

@@ -6,6 +6,7 @@ pub mod beam;
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod cors;
 pub mod echo;
 pub mod error;
 pub mod fault_injection;

@@ -278,6 +278,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             timeout: Duration::from_secs_f64(args.body_read_timeout),
         },
     );
+    let cors = Arc::new(crate::cors::Cors {
+        origins: args.allowed_origins.0.clone(),
+        methods: args.allowed_methods.0.clone(),
+        headers: args.allowed_headers.0.clone(),
+        credentials: args.allow_credentials,
+    });
+    // Outermost, as vLLM's CORSMiddleware: errors (401, 404, 413) carry the headers too.
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        cors,
+        crate::cors::layer,
+    ));
     let limits = http_server::ConnectionLimits {
         header_timeout: Duration::from_secs_f64(args.timeout_keep_alive),
     };
