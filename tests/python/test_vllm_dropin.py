@@ -228,6 +228,7 @@ def test_integer_bounds_name_the_limit(server, model):
 # --- flags: sizes checked before anything loads ---------------------------------------------
 
 @pytest.mark.parametrize("args,flag", [
+    (["--dtype", "float8"], "--dtype"),
     (["--block-size", "0"], "--block-size"),
     (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], "--max-num-batched-tokens"),
@@ -342,7 +343,7 @@ def flagged():
                       "--enable-tokenizer-info-endpoint", "--enable-prompt-tokens-details",
                       "--enable-force-include-usage", "--response-role", "bot",
                       "--max-log-len", "100", "--allowed-origins", '["http://good.example"]',
-                      "--allow-credentials")
+                      "--allow-credentials", "--root-path", "/api/", "--dtype", "bfloat16")
     try:
         yield s
     finally:
@@ -731,3 +732,20 @@ def test_cors_as_vllm(server, flagged, model):
     assert h["access-control-allow-credentials"] == "true"
     status, h = raw(flagged.port, "GET", "/v1/models", {"Origin": "http://evil.example"})
     assert status == 200 and "access-control-allow-origin" not in h, h
+
+
+# --- --root-path, --dtype on CPU ------------------------------------------------------------
+
+def test_root_path_and_dtype_on_cpu(flagged, model):
+    # uvicorn's root_path: the API answers under the prefix and without it.
+    for path in ["/api/v1/models", "/v1/models", "/api/health"]:
+        assert send(flagged.port, "GET", path)[0] == 200, path
+    status, r = send(flagged.port, "POST", "/api/v1/completions",
+                     {"model": model, "prompt": "Hi", "max_tokens": 2})
+    assert status == 200, r
+    assert send(flagged.port, "GET", "/apiv1/models")[0] == 404
+    # --dtype on the CPU runner: said not to apply.
+    flagged.log.seek(0)
+    log = flagged.log.read().decode(errors="replace")
+    line = [l for l in log.splitlines() if "--dtype bfloat16" in l]
+    assert line and "float32" in line[0], log[-3000:]

@@ -146,7 +146,9 @@ pub struct ServeArgs {
     pub disable_fastapi_docs: bool,
     #[arg(long, action = ArgAction::SetTrue, hide = true)]
     pub enable_request_id_headers: bool,
-    #[arg(long, hide = true)]
+    /// The path prefix a proxy serves the API under (uvicorn's root_path): requests may come
+    /// with or without it.
+    #[arg(long)]
     pub root_path: Option<String>,
     /// The role of chat answers after a generation prompt.
     #[arg(long, default_value = "assistant")]
@@ -186,6 +188,23 @@ impl ServeArgs {
                     self.max_num_seqs
                 ));
             }
+        }
+        if !matches!(
+            self.dtype.as_str(),
+            "auto"
+                | "float32"
+                | "float"
+                | "fp32"
+                | "bfloat16"
+                | "bf16"
+                | "float16"
+                | "half"
+                | "fp16"
+        ) {
+            return bad(format!(
+                "--dtype {}: expected auto, float32, bfloat16 or float16",
+                self.dtype
+            ));
         }
         if let Some(0 | 1) = self.max_model_len {
             return bad("--max-model-len must be at least 2".into());
@@ -240,9 +259,6 @@ impl ServeArgs {
         }
         if self.max_log_len.is_some() {
             v.push("--max-log-len (request logs carry token counts, never prompt text)");
-        }
-        if self.root_path.is_some() {
-            v.push("--root-path");
         }
         if self.trust_remote_code {
             v.push("--trust-remote-code (no remote code is ever run)");

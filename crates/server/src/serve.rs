@@ -95,6 +95,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let runner: Box<dyn ModelRunner> = match &backend {
         Backend::Cpu => {
+            if !matches!(args.dtype.as_str(), "auto" | "float32" | "float" | "fp32") {
+                tracing::warn!(
+                    "--dtype {} has no effect on the CPU runner: it computes in float32",
+                    args.dtype
+                );
+            }
             if args.tensor_parallel_size > 1 {
                 bail!("--tensor-parallel-size > 1 needs an XLA device (--device xla-cpu, tpu or cuda)");
             }
@@ -291,6 +297,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let limits = http_server::ConnectionLimits {
         header_timeout: Duration::from_secs_f64(args.timeout_keep_alive),
+        root_path: args
+            .root_path
+            .as_deref()
+            .map(|p| p.trim_end_matches('/'))
+            .filter(|p| !p.is_empty())
+            .map(Arc::from),
     };
     let drain_state = state.clone();
     let timeout = Duration::from_secs(args.shutdown_timeout);
