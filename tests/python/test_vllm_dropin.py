@@ -749,3 +749,17 @@ def test_root_path_and_dtype_on_cpu(flagged, model):
     log = flagged.log.read().decode(errors="replace")
     line = [l for l in log.splitlines() if "--dtype bfloat16" in l]
     assert line and "float32" in line[0], log[-3000:]
+
+
+def test_request_id_names_the_response(server, model):
+    status, r = send(server.port, "POST", "/v1/completions",
+                     {"model": model, "prompt": "Hi", "max_tokens": 1, "request_id": "abc-1"})
+    assert status == 200 and r["id"] == "cmpl-abc-1", r
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions",
+                 body=json.dumps({"model": model, "max_tokens": 1, "request_id": "field",
+                                  "messages": [{"role": "user", "content": "Hi"}]}),
+                 headers={**JSON, "X-Request-Id": "hdr-7"})
+    r = json.loads(conn.getresponse().read())
+    conn.close()
+    assert r["id"] == "chatcmpl-hdr-7", r

@@ -196,6 +196,7 @@ async fn linger(mut rest: axum::body::Body) {
 /// `/v1/completions` with `use_beam_search`: `n` beams per prompt, best first.
 async fn beam_completion(
     st: &SharedState,
+    id: String,
     prompts: Vec<(Vec<u32>, String)>,
     bp: crate::beam::BeamParams,
     v: &validate::Validated,
@@ -226,7 +227,7 @@ async fn beam_completion(
         }
     }
     Ok(Json(CompletionResponse {
-        id: request_id("cmpl"),
+        id,
         object: "text_completion",
         created: now_secs(),
         model: st.served_name().to_string(),
@@ -239,6 +240,7 @@ async fn beam_completion(
 /// `/v1/chat/completions` with `use_beam_search`.
 async fn beam_chat(
     st: &SharedState,
+    id: String,
     ids: Vec<u32>,
     bp: crate::beam::BeamParams,
     v: &validate::Validated,
@@ -270,7 +272,7 @@ async fn beam_chat(
         })
         .collect();
     Ok(Json(ChatCompletionResponse {
-        id: request_id("chatcmpl"),
+        id,
         object: "chat.completion",
         created: now_secs(),
         model: st.served_name().to_string(),
@@ -315,8 +317,18 @@ fn check_model(st: &SharedState, model: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-fn request_id(prefix: &str) -> String {
-    format!("{prefix}-{:032x}", rand::random::<u128>())
+/// The response id, as vLLM's `_base_request_id`: the `X-Request-Id` header, else the body's
+/// `request_id`, else random; after the route's prefix.
+fn request_id(prefix: &str, headers: &HeaderMap, field: Option<&str>) -> String {
+    let given = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .or(field)
+        .filter(|s| !s.is_empty());
+    match given {
+        Some(g) => format!("{prefix}-{g}"),
+        None => format!("{prefix}-{:032x}", rand::random::<u128>()),
+    }
 }
 
 /// Counts a request as in flight until dropped (SIGTERM drain waits for zero) and refuses
@@ -492,13 +504,14 @@ async fn completions(
         v.sampling.prompt_logprobs = Some(v.sampling.prompt_logprobs.unwrap_or(0).max(k));
     }
     if let Some(bp) = v.beam {
-        let res = beam_completion(&st, prompts, bp, &v, echo).await;
+        let id = request_id("cmpl", &headers, req.sampling.request_id.as_deref());
+        let res = beam_completion(&st, id, prompts, bp, &v, echo).await;
         drop(guard);
         return res;
     }
     let keep_ids = v.return_token_ids || echo_k.is_some();
     let sub = submit(&st, prompts, &v, req.sampling.user.as_deref(), keep_ids)?;
-    let id = request_id("cmpl");
+    let id = request_id("cmpl", &headers, req.sampling.request_id.as_deref());
     let created = now_secs();
     let model = st.served_name().to_string();
     let n = v.n;
@@ -627,7 +640,8 @@ async fn chat_completions(
     } = gate::chat(&st.gate(), &req)?;
     if let Some(bp) = v.beam {
         let role = chat::response_role(&req, &st.response_role);
-        let res = beam_chat(&st, ids, bp, &v, role, lp.is_some()).await;
+        let id = request_id("chatcmpl", &headers, req.sampling.request_id.as_deref());
+        let res = beam_chat(&st, id, ids, bp, &v, role, lp.is_some()).await;
         drop(guard);
         return res;
     }
@@ -639,7 +653,7 @@ async fn chat_completions(
         v.return_token_ids,
     )?;
     let role = chat::response_role(&req, &st.response_role);
-    let id = request_id("chatcmpl");
+    let id = request_id("chatcmpl", &headers, req.sampling.request_id.as_deref());
     let created = now_secs();
     let model = st.served_name().to_string();
     let want_lp = lp.is_some();

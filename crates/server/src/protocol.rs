@@ -66,6 +66,9 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     /// OpenAI's end-user id: accepted, only logged with --enable-log-requests.
     pub user: Option<String>,
+    /// vLLM: the response id is `cmpl-` / `chatcmpl-` and this (an `X-Request-Id` header
+    /// wins), else a random id.
+    pub request_id: Option<String>,
     /// vLLM: `prompt_token_ids` and `token_ids` in the response.
     pub return_token_ids: Option<bool>,
     /// vLLM: keep only this many prompt tokens (-1: `max_model_len`).
