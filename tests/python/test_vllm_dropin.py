@@ -763,3 +763,29 @@ def test_request_id_names_the_response(server, model):
     r = json.loads(conn.getresponse().read())
     conn.close()
     assert r["id"] == "chatcmpl-hdr-7", r
+
+
+def test_tokenizer_flag_loads_that_tokenizer(server, model):
+    """tiny-llama3 (Llama 3 tokenizer) served with SmolLM2's tokenizer folder: prompts are
+    tokenized, and chats rendered, as the SmolLM2 server does."""
+    from tpuserve_proc import SHARED
+    tiny = str(SHARED / "fixtures" / "tiny-llama3" / "model")
+    tok = str(SHARED / "fixtures" / "smollm2" / "tokenizer")
+    msgs = [{"role": "user", "content": "Hello world"}]
+    want = tokenize(server.port, model, prompt="Hello world")["tokens"]
+    want_chat = tokenize(server.port, model, messages=msgs)["tokens"]
+    plain = ServerProcess(tiny, "--max-model-len", "64")
+    try:
+        own = tokenize(plain.port, None, prompt="Hello world")["tokens"]
+    finally:
+        plain.close()
+    assert own != want
+    s = ServerProcess(tiny, "--max-model-len", "64", "--tokenizer", tok)
+    try:
+        assert tokenize(s.port, None, prompt="Hello world")["tokens"] == want
+        assert tokenize(s.port, None, messages=msgs)["tokens"] == want_chat
+        status, r = send(s.port, "POST", "/v1/completions",
+                         {"prompt": "Hello world", "max_tokens": 2})
+        assert status == 200 and r["usage"]["prompt_tokens"] == len(want), r
+    finally:
+        s.close()

@@ -176,6 +176,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config,
         ..
     } = model;
+    let (tokenizer, chat_template, tokenizer_dir) = match &args.tokenizer {
+        Some(t) => {
+            let (tok, tmpl, dir) = load_tokenizer(t, &args).await?;
+            if tok.vocab_size() > config.vocab_size {
+                return Err(crate::cli::UsageError(format!(
+                    "--tokenizer {t}: its vocabulary ({}) is larger than the model's ({})",
+                    tok.vocab_size(),
+                    config.vocab_size
+                ))
+                .into());
+            }
+            tracing::info!("tokenizer from {}", dir.display());
+            (tok, tmpl, dir)
+        }
+        None => (tokenizer, chat_template, path.clone()),
+    };
     let tokenizer = Arc::new(tokenizer);
     let chat_template = match &args.chat_template {
         Some(p) => {
@@ -230,7 +246,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     metrics::spawn_stats_consumer(metrics.clone(), stats_rx, !args.disable_log_stats);
     let tokenizer_info = args.enable_tokenizer_info_endpoint.then(|| {
         crate::tokenizer_info::build(
-            &path,
+            &tokenizer_dir,
             &tokenizer,
             chat_template.as_ref().map(|t| t.source.as_str()),
         )
@@ -336,6 +352,50 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("bye");
     Ok(())
+}
+
+/// `--tokenizer`: a folder (or hub id) with `tokenizer.json` and, optionally, a chat template
+/// (`chat_template.jinja` or `tokenizer_config.json`'s), or a `tokenizer.json` file. Used
+/// instead of the model's; `--chat-template` still wins.
+async fn load_tokenizer(
+    spec: &str,
+    args: &ServeArgs,
+) -> anyhow::Result<(tpuserve_model::Tokenizer, Option<ChatTemplate>, PathBuf)> {
+    let local = PathBuf::from(spec);
+    let path = if local.exists() {
+        local
+    } else {
+        let cfg = tpuserve_hub::HubConfig::from_env(args.download_dir.as_deref());
+        let spec = spec.to_string();
+        tokio::task::spawn_blocking(move || tpuserve_hub::resolve_model(&spec, None, &cfg))
+            .await??
+    };
+    let (file, dir) = if path.is_dir() {
+        (path.join("tokenizer.json"), path.clone())
+    } else {
+        let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+        (path.clone(), dir)
+    };
+    let tok = tpuserve_model::Tokenizer::from_file(&file)
+        .with_context(|| format!("--tokenizer {}", file.display()))?;
+    let src = std::fs::read_to_string(dir.join("chat_template.jinja"))
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string(dir.join("tokenizer_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .and_then(|v| tpuserve_model::chat_template::template_from_tokenizer_config(&v))
+        });
+    let tmpl = src
+        .map(|s| {
+            ChatTemplate::new(
+                &s,
+                tok.bos_token.as_deref().unwrap_or(""),
+                tok.eos_token.as_deref().unwrap_or(""),
+            )
+        })
+        .transpose()?;
+    Ok((tok, tmpl, dir))
 }
 
 async fn shutdown_signal() {
