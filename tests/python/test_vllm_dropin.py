@@ -469,7 +469,6 @@ def test_seed_flag_makes_unseeded_requests_repeatable():
     ("/v1/completions", {"logits_processors": ["x"]}, "logits_processors"),
     ("/v1/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     ("/v1/completions", {"prompt_embeds": "AAAA"}, "prompt_embeds"),
-    ("/v1/chat/completions", {"echo": True}, "echo"),
 ])
 def test_unimplemented_vllm_fields_are_refused_by_name(server, model, path, extra, field):
     base = ({"prompt": "Hi"} if path == "/v1/completions"
@@ -789,3 +788,22 @@ def test_tokenizer_flag_loads_that_tokenizer(server, model):
         assert status == 200 and r["usage"]["prompt_tokens"] == len(want), r
     finally:
         s.close()
+
+
+def test_chat_echo_prepends_the_continued_message(server, model):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    base = {"model": model, "messages": msgs, "max_tokens": 3, "temperature": 0,
+            "add_generation_prompt": False, "continue_final_message": True}
+    _, plain = send(server.port, "POST", "/v1/chat/completions", base)
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**base, "echo": True})
+    assert status == 200, r
+    assert r["choices"][0]["message"]["content"] == "Hello there" + \
+        plain["choices"][0]["message"]["content"], (r, plain)
+    chunks = sse(server.port, "/v1/chat/completions", {**base, "echo": True, "stream": True})
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == r["choices"][0]["message"]["content"]
+    # A new assistant message after a user one: nothing of the same role to echo.
+    one = {"model": model, "messages": msgs[:1], "max_tokens": 3, "temperature": 0}
+    _, a = send(server.port, "POST", "/v1/chat/completions", one)
+    _, b = send(server.port, "POST", "/v1/chat/completions", {**one, "echo": True})
+    assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]

@@ -245,14 +245,15 @@ async fn beam_chat(
     bp: crate::beam::BeamParams,
     v: &validate::Validated,
     role: String,
-    want_logprobs: bool,
+    echo: Option<String>,
 ) -> Result<Response, ApiError> {
     let beams = crate::beam::search(st, &ids, bp).await?;
     let shown = crate::beam::show(
         st,
         beams,
         v.stop.skip_special_tokens,
-        v.sampling.logprobs.filter(|_| want_logprobs),
+        // Chat asks for alternatives with `logprobs: true` + `top_logprobs` (the gate's `k`).
+        v.sampling.logprobs,
     );
     let ct = shown.iter().map(|b| b.token_ids.len()).sum();
     let choices = shown
@@ -262,7 +263,7 @@ async fn beam_chat(
             index: i,
             message: ChatMessageOut {
                 role: role.clone(),
-                content: b.text,
+                content: format!("{}{}", echo.as_deref().unwrap_or(""), b.text),
                 tool_calls: Vec::new(),
             },
             logprobs: b.logprobs.as_ref().map(|l| chat_logprobs(st, l)),
@@ -641,7 +642,8 @@ async fn chat_completions(
     if let Some(bp) = v.beam {
         let role = chat::response_role(&req, &st.response_role);
         let id = request_id("chatcmpl", &headers, req.sampling.request_id.as_deref());
-        let res = beam_chat(&st, id, ids, bp, &v, role, lp.is_some()).await;
+        let echo = chat::echo_text(&req, &role);
+        let res = beam_chat(&st, id, ids, bp, &v, role, echo).await;
         drop(guard);
         return res;
     }
@@ -653,6 +655,7 @@ async fn chat_completions(
         v.return_token_ids,
     )?;
     let role = chat::response_role(&req, &st.response_role);
+    let echo = chat::echo_text(&req, &role);
     let id = request_id("chatcmpl", &headers, req.sampling.request_id.as_deref());
     let created = now_secs();
     let model = st.served_name().to_string();
@@ -684,6 +687,7 @@ async fn chat_completions(
             stream,
             prompts,
             role.clone(),
+            echo,
             guard,
         ));
     }
@@ -702,7 +706,7 @@ async fn chat_completions(
                 index: o.index,
                 message: ChatMessageOut {
                     role: role.clone(),
-                    content: o.text.clone(),
+                    content: format!("{}{}", echo.as_deref().unwrap_or(""), o.text),
                     tool_calls: Vec::new(),
                 },
                 logprobs: o

@@ -95,6 +95,23 @@ pub fn response_role(req: &crate::protocol::ChatCompletionRequest, response_role
     }
 }
 
+/// Chat `echo` (vLLM): the last message's text when it has the answer's role (the answer
+/// continues it), to be prepended to every choice; `None` otherwise.
+pub fn echo_text(req: &crate::protocol::ChatCompletionRequest, role: &str) -> Option<String> {
+    if req.echo != Some(true) {
+        return None;
+    }
+    let i = req.messages.len().checked_sub(1)?;
+    let last = &req.messages[i];
+    if last.role != role {
+        return None;
+    }
+    match content_text(i, &last.content).ok()? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
 /// Renders the conversation to the prompt text.
 pub fn render(
     template: Option<&ChatTemplate>,

@@ -87,13 +87,6 @@ pub struct ChatInput {
 }
 
 pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput, ApiError> {
-    if req.echo == Some(true) {
-        return Err(ApiError::invalid_param(
-            "echo",
-            "echo is not supported by tpuserve on chat completions (continuing the last \
-             message: use continue_final_message)",
-        ));
-    }
     if req.top_logprobs.is_some() && !req.logprobs.unwrap_or(false) {
         return Err(ApiError::invalid_param(
             "top_logprobs",

@@ -206,6 +206,7 @@ pub fn chat(
     mut stream: RequestStream,
     prompts: Prompts,
     role: String,
+    echo: Option<String>,
     guard: impl Send + 'static,
 ) -> Response {
     sse_response(move |tx| async move {
@@ -230,6 +231,17 @@ pub fn chat(
                 first["prompt_token_ids"] = json!(prompts.ids[0]);
             }
             if tx.send(sse_json(&first)).await.is_err() {
+                return;
+            }
+        }
+        // Chat `echo`: the continued message's text first, one chunk per choice (vLLM).
+        for i in (0..head.n).filter(|_| echo.is_some()) {
+            let c = chunk(
+                json!({"index": i, "delta": {"content": echo}, "logprobs": null,
+                    "finish_reason": null}),
+                head.continuous_usage.then(|| counts.choice(0, i)),
+            );
+            if tx.send(sse_json(&c)).await.is_err() {
                 return;
             }
         }
