@@ -343,7 +343,8 @@ def flagged():
                       "--enable-tokenizer-info-endpoint", "--enable-prompt-tokens-details",
                       "--enable-force-include-usage", "--response-role", "bot",
                       "--max-log-len", "100", "--allowed-origins", '["http://good.example"]',
-                      "--allow-credentials", "--root-path", "/api/", "--dtype", "bfloat16")
+                      "--allow-credentials", "--root-path", "/api/", "--dtype", "bfloat16",
+                      "--trust-request-chat-template")
     try:
         yield s
     finally:
@@ -807,3 +808,17 @@ def test_chat_echo_prepends_the_continued_message(server, model):
     _, a = send(server.port, "POST", "/v1/chat/completions", one)
     _, b = send(server.port, "POST", "/v1/chat/completions", {**one, "echo": True})
     assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+
+
+def test_request_chat_template_needs_trust(server, flagged, model):
+    tmpl = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}"
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "chat_template": tmpl}
+    status, err = send(server.port, "POST", "/v1/chat/completions", body)
+    assert status == 400 and err["error"]["param"] == "chat_template", err
+    status, r = send(flagged.port, "POST", "/v1/chat/completions",
+                     {**body, "return_token_ids": True})
+    assert status == 200, r
+    _, text = send(flagged.port, "POST", "/detokenize",
+                   {"model": model, "tokens": r["prompt_token_ids"]})
+    assert text["prompt"] == "<<user>>Hi", text

@@ -67,6 +67,9 @@ pub struct ServeArgs {
     /// CORS: allow credentials.
     #[arg(long, action = ArgAction::SetTrue)]
     pub allow_credentials: bool,
+    /// Let requests bring their own `chat_template` (refused otherwise, as vLLM).
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub trust_request_chat_template: bool,
     /// `/load` counts the completion and chat requests in flight (else it reports 0).
     #[arg(long, action = ArgAction::SetTrue)]
     pub enable_server_load_tracking: bool,

@@ -14,6 +14,8 @@ pub struct GateContext<'a> {
     pub tokenizer: &'a Tokenizer,
     pub chat_template: Option<&'a ChatTemplate>,
     pub limits: Limits,
+    /// `--trust-request-chat-template`: a request may bring its own `chat_template`.
+    pub trust_request_chat_template: bool,
 }
 
 /// A `/v1/completions` request that passed the gate: one (token ids, text) per prompt.
@@ -99,8 +101,28 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
             "When using `tool_choice`, `tools` must be set.",
         ));
     }
+    // vLLM refuses a request's own template unless the server trusts them: a template is code
+    // run on the server (sandboxed here, but it can still cost time and memory).
+    let own = match &req.chat_template {
+        None => None,
+        Some(_) if !ctx.trust_request_chat_template => {
+            return Err(ApiError::invalid_param(
+                "chat_template",
+                "Chat template is passed with request, but --trust-request-chat-template is \
+                 not set. Refused request with untrusted chat template.",
+            ))
+        }
+        Some(src) => Some(
+            ChatTemplate::new(
+                src,
+                ctx.tokenizer.bos_token.as_deref().unwrap_or(""),
+                ctx.tokenizer.eos_token.as_deref().unwrap_or(""),
+            )
+            .map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?,
+        ),
+    };
     let text = chat::render(
-        ctx.chat_template,
+        own.as_ref().or(ctx.chat_template),
         &req.messages,
         &ChatPromptOptions {
             add_generation_prompt: req.add_generation_prompt,

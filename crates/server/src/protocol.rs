@@ -125,6 +125,8 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub documents: Option<Value>,
+    /// A Jinja chat template for this request (only with --trust-request-chat-template).
+    pub chat_template: Option<String>,
     /// vLLM's chat `echo` (prepend the last message): refused when true (not implemented).
     pub echo: Option<bool>,
     #[serde(flatten)]

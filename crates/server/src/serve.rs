@@ -276,6 +276,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         response_role: args.response_role.clone(),
         sampling_defaults,
         eos_token_ids: beam_eos,
+        trust_request_chat_template: args.trust_request_chat_template,
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let addr = format!("{host}:{}", args.port);

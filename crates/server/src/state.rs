@@ -43,6 +43,8 @@ pub struct AppState {
     pub response_role: String,
     /// Every id that ends generation (beam search completes a beam on one).
     pub eos_token_ids: Vec<u32>,
+    /// `--trust-request-chat-template`.
+    pub trust_request_chat_template: bool,
     /// `--generation-config` defaults.
     pub sampling_defaults: crate::validate::SamplingDefaults,
 }
@@ -53,6 +55,7 @@ impl AppState {
         GateContext {
             tokenizer: &self.tokenizer,
             chat_template: self.chat_template.as_ref(),
+            trust_request_chat_template: self.trust_request_chat_template,
             limits: Limits {
                 vocab_size: self.vocab_size,
                 max_logprobs: self.max_logprobs,
