@@ -338,9 +338,13 @@ fn gate_context(f: &Fixture, llama: bool) -> GateContext<'_> {
     GateContext {
         tokenizer: &f.tokenizer,
         chat_template: Some(if llama { &f.llama31 } else { &f.smollm2 }),
+        trust_request_chat_template: false,
         limits: Limits {
             vocab_size: f.tokenizer.vocab_size(),
             max_logprobs: 20,
+            max_model_len: 2048,
+            force_include_usage: false,
+            defaults: Default::default(),
         },
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,10 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     /// `--max-logprobs`.
     pub max_logprobs: usize,
+    /// `--seed`: requests without a seed get one drawn from this, in arrival order, so the
+    /// same command and the same requests give the same samples (vLLM seeds its global RNG
+    /// with it). `None`: unseeded requests draw fresh randomness.
+    pub seed: Option<u64>,
 }
 
 impl EngineConfig {
@@ -46,6 +51,7 @@ impl EngineConfig {
             max_num_seqs: 256,
             enable_prefix_caching: true,
             max_logprobs: 20,
+            seed: None,
         }
     }
 }
@@ -60,9 +66,17 @@ pub struct EngineCore {
     requests: HashMap<RequestId, RequestState>,
     owners: HashMap<SeqId, (RequestId, usize)>,
     stats_subscribers: Vec<UnboundedSender<StepStats>>,
+    /// Sequence number of the last [`StepStats`] sent to the subscribers; observers compare
+    /// it with what they have applied (a `/metrics` scrape waits until it caught up).
+    stats_published: Arc<AtomicU64>,
+    /// Outputs of the current step (or abort), released only after its stats are published:
+    /// a client that got its last token can already see it counted in the metrics.
+    outbox: Vec<(UnboundedSender<RequestOutput>, RequestOutput)>,
     acc: StepAcc,
     last_counters: PrefixCacheCounters,
     last_preemptions: u64,
+    /// Unseeded requests given a seed from `cfg.seed` so far.
+    unseeded: u64,
 }
 
 impl EngineCore {
@@ -127,9 +141,12 @@ impl EngineCore {
             requests: HashMap::new(),
             owners: HashMap::new(),
             stats_subscribers: Vec::new(),
+            stats_published: Arc::new(AtomicU64::new(0)),
+            outbox: Vec::new(),
             acc: StepAcc::default(),
             last_counters: PrefixCacheCounters::default(),
             last_preemptions: 0,
+            unseeded: 0,
         })
     }
 
@@ -170,6 +187,12 @@ impl EngineCore {
         rx
     }
 
+    /// The sequence number ([`StepStats::seq`]) of the last stats sent to the subscribers.
+    /// Outputs of a step are released only after it is set.
+    pub fn stats_published(&self) -> Arc<AtomicU64> {
+        self.stats_published.clone()
+    }
+
     /// Validates and queues a request; its events arrive on the returned stream.
     pub fn add_request(&mut self, req: EngineRequest) -> Result<RequestStream, EngineError> {
         self.limits.validate(&req)?;
@@ -183,7 +206,7 @@ impl EngineCore {
     }
 
     /// Queues an already validated request (the handle validates on the caller's thread).
-    pub(crate) fn insert(&mut self, req: EngineRequest, tx: UnboundedSender<RequestOutput>) {
+    pub(crate) fn insert(&mut self, mut req: EngineRequest, tx: UnboundedSender<RequestOutput>) {
         if self.requests.contains_key(&req.id) {
             let _ = tx.send(RequestOutput {
                 request_id: req.id,
@@ -192,6 +215,10 @@ impl EngineCore {
                 ..Default::default()
             });
             return;
+        }
+        if let (None, Some(base)) = (req.sampling.seed, self.cfg.seed) {
+            req.sampling.seed = Some(default_seed(base, self.unseeded));
+            self.unseeded += 1;
         }
         let stop = Arc::new(req.stop.clone());
         let mut banned: Vec<TokenId> = stop.stop_token_ids.clone();
@@ -257,15 +284,27 @@ impl EngineCore {
     }
 
     /// Ends a request now (its blocks are free before the next step); no-op if unknown.
+    /// Its stats are published before its final event is released.
     pub fn abort_request(&mut self, id: RequestId) {
         self.end_request(id, FinishReason::Abort, None);
+        self.publish_stats(0, Duration::ZERO);
+        self.flush();
     }
 
     /// Aborts every request (shutdown).
     pub fn abort_all(&mut self) {
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();
         for id in ids {
-            self.abort_request(id);
+            self.end_request(id, FinishReason::Abort, None);
+        }
+        self.publish_stats(0, Duration::ZERO);
+        self.flush();
+    }
+
+    /// Releases the outputs queued since the last flush, in order.
+    fn flush(&mut self) {
+        for (tx, out) in self.outbox.drain(..) {
+            let _ = tx.send(out);
         }
     }
 
@@ -289,7 +328,8 @@ impl EngineCore {
         self.send(id, &mut req, error);
     }
 
-    /// Sends the pending deltas of `req` as one event. Returns false if the receiver is gone.
+    /// Queues the pending deltas of `req` as one event (released by [`Self::flush`]).
+    /// Returns false if the receiver is gone.
     fn send(&mut self, id: RequestId, req: &mut RequestState, error: Option<String>) -> bool {
         let seqs: Vec<SeqDelta> = req
             .children
@@ -321,15 +361,17 @@ impl EngineCore {
                 prompt_logprobs: req.prompt_logprobs.take(),
             }
         });
-        req.tx
-            .send(RequestOutput {
+        self.outbox.push((
+            req.tx.clone(),
+            RequestOutput {
                 request_id: id,
                 prompt,
                 seqs,
                 finished,
                 error,
-            })
-            .is_ok()
+            },
+        ));
+        !req.tx.is_closed()
     }
 
     /// Runs one step. Returns false when there was nothing to run.
@@ -342,12 +384,13 @@ impl EngineCore {
             .map(|(&id, _)| id)
             .collect();
         for id in gone {
-            self.abort_request(id);
+            self.end_request(id, FinishReason::Abort, None);
         }
 
         let mut batch = self.scheduler.schedule();
         if batch.is_empty() {
             self.publish_stats(0, Duration::ZERO);
+            self.flush();
             return false;
         }
         self.note_scheduling(&batch);
@@ -392,6 +435,7 @@ impl EngineCore {
             }
         }
         self.publish_stats(num_tokens, execute_time);
+        self.flush();
         true
     }
 
@@ -480,7 +524,7 @@ impl EngineCore {
             if req.children.iter().any(|c| c.finish.is_none()) {
                 self.requests.insert(rid, req);
                 if !delivered {
-                    self.abort_request(rid);
+                    self.end_request(rid, FinishReason::Abort, None);
                 }
             }
         }
@@ -496,7 +540,9 @@ impl EngineCore {
         }
         let counters = self.scheduler.block_manager().counters();
         let preemptions = self.scheduler.num_preemptions();
+        let seq = self.stats_published.load(Ordering::Relaxed) + 1;
         let stats = StepStats {
+            seq,
             at: Instant::now(),
             execute_time,
             num_running: self.scheduler.num_running(),
@@ -517,6 +563,8 @@ impl EngineCore {
         for s in &self.stats_subscribers {
             let _ = s.send(stats.clone());
         }
+        // Release: an observer that reads `seq` here finds the stats in its channel.
+        self.stats_published.store(seq, Ordering::Release);
     }
 
     /// Steps until every request is finished (tests and offline use).
@@ -525,6 +573,17 @@ impl EngineCore {
             self.step();
         }
     }
+}
+
+/// The seed of the `k`-th unseeded request under `--seed base` (splitmix64: neighbouring
+/// requests, and the per-child offsets `child_sampling` adds, land far apart).
+fn default_seed(base: u64, k: u64) -> u64 {
+    let mut z = base
+        .wrapping_add(k.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ use crate::request::{FinishReason, RequestId};
 
 #[derive(Debug, Clone)]
 pub struct StepStats {
+    /// 1, 2, 3, … in publishing order ([`crate::EngineCore::stats_published`] is the last).
+    pub seq: u64,
     /// When the step ended.
     pub at: Instant,
     /// Time spent in the runner.

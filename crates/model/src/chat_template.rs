@@ -32,6 +32,8 @@ impl ChatMessage {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The Jinja source (reported by `/tokenizer_info`).
+    pub source: String,
     pub bos_token: String,
     pub eos_token: String,
 }
@@ -65,6 +67,7 @@ impl ChatTemplate {
             .map_err(|e| ModelError::ChatTemplate(format!("template does not parse: {e}")))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
         })

@@ -29,6 +29,7 @@ fn step(now: Instant) -> StepStats {
         })
         .collect();
     StepStats {
+        seq: 1,
         at: now,
         execute_time: Duration::from_millis(30),
         num_running: 32,
@@ -79,6 +80,8 @@ fn bench(c: &mut Criterion) {
             finish_reason: None,
             stop_reason: None,
             prompt_logprobs: None,
+            prompt_token_ids: None,
+            token_ids: None,
         }],
         usage: None,
     };

@@ -2,22 +2,23 @@
 //! and turn its per-request events into JSON or SSE. A client that goes away drops its
 //! request stream, which aborts the request in the engine.
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use tokio_stream::wrappers::ReceiverStream;
 use tpuserve_engine::{
     EngineRequest, FinalOutput, Finish, RequestStream, StopReason, TokenLogprobs,
 };
@@ -27,6 +28,8 @@ use crate::error::ApiError;
 use crate::gate;
 use crate::protocol::*;
 use crate::state::{now_secs, SharedState};
+use crate::streaming;
+use crate::unsupported;
 use crate::validate;
 
 /// Limits on reading a request body.
@@ -49,6 +52,9 @@ pub fn router(state: SharedState, body: BodyLimits) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(crate::metrics::scrape))
+        .route("/load", get(load))
+        .route("/invocations", post(invocations))
+        .route("/tokenizer_info", get(tokenizer_info))
         .route("/openapi.json", get(crate::openapi::document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -71,6 +77,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/tokenize", "POST"),
     ("/detokenize", "POST"),
     ("/metrics", "GET"),
+    ("/load", "GET"),
+    ("/invocations", "POST"),
     ("/openapi.json", "GET"),
 ];
 
@@ -107,7 +115,7 @@ async fn read_body_within(State(lim): State<BodyLimits>, req: Request, next: Nex
     // No early answer from Content-Length alone: a client still writing its body would get a
     // broken pipe instead of the 413. Reading stops at the limit either way.
     let (parts, body) = req.into_parts();
-    match tokio::time::timeout(lim.timeout, axum::body::to_bytes(body, lim.max_bytes)).await {
+    match tokio::time::timeout(lim.timeout, read_limited(body, lim.max_bytes)).await {
         Err(_) => {
             let mut resp = ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
@@ -123,22 +131,158 @@ async fn read_body_within(State(lim): State<BodyLimits>, req: Request, next: Nex
             );
             resp
         }
-        Ok(Err(e)) => {
-            let over_limit = e
-                .into_inner()
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some();
-            if over_limit {
-                too_large(lim.max_bytes)
-            } else {
-                ApiError::bad_request("the request body could not be read").into_response()
-            }
+        Ok(Err(BodyError::TooLarge(rest))) => {
+            linger(rest).await;
+            let mut resp = too_large(lim.max_bytes);
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            resp
+        }
+        Ok(Err(BodyError::Broken)) => {
+            ApiError::bad_request("the request body could not be read").into_response()
         }
         Ok(Ok(bytes)) => {
             next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
                 .await
         }
     }
+}
+
+enum BodyError {
+    /// Over the limit; the unread rest of the body.
+    TooLarge(axum::body::Body),
+    Broken,
+}
+
+/// The whole body if it is at most `max` bytes.
+async fn read_limited(mut body: axum::body::Body, max: usize) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Broken)?.into_data() else {
+            continue; // trailers
+        };
+        if buf.len() + data.len() > max {
+            return Err(BodyError::TooLarge(body));
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// How much of an oversized body is still read and dropped, and for how long, before the 413.
+/// A client that writes its whole body before reading (urllib, requests) would otherwise see
+/// its connection reset instead of the answer — nginx's lingering close solves the same
+/// problem. Past either bound the connection is closed anyway.
+const LINGER_BYTES: usize = 1 << 30;
+const LINGER_TIME: Duration = Duration::from_secs(10);
+
+async fn linger(mut rest: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        let mut dropped = 0usize;
+        while let Some(Ok(frame)) = rest.frame().await {
+            dropped += frame.data_ref().map_or(0, |d| d.len());
+            if dropped > LINGER_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// `/v1/completions` with `use_beam_search`: `n` beams per prompt, best first.
+async fn beam_completion(
+    st: &SharedState,
+    id: String,
+    prompts: Vec<(Vec<u32>, String)>,
+    bp: crate::beam::BeamParams,
+    v: &validate::Validated,
+    echo: bool,
+) -> Result<Response, ApiError> {
+    let (mut pt, mut ct) = (0, 0);
+    let mut choices = Vec::new();
+    for (pi, (ids, text)) in prompts.iter().enumerate() {
+        let beams = crate::beam::search(st, ids, bp).await?;
+        pt += ids.len();
+        let shown = crate::beam::show(st, beams, v.stop.skip_special_tokens, v.sampling.logprobs);
+        for (i, b) in shown.into_iter().enumerate() {
+            ct += b.token_ids.len();
+            let prefix = if echo { text.as_str() } else { "" };
+            choices.push(CompletionChoice {
+                index: pi * bp.width + i,
+                text: format!("{prefix}{}", b.text),
+                logprobs: b
+                    .logprobs
+                    .as_ref()
+                    .map(|l| completion_logprobs(st, l, prefix.len())),
+                finish_reason: Some(b.finish_reason.to_string()),
+                stop_reason: Some(b.stop_reason),
+                prompt_logprobs: None,
+                prompt_token_ids: v.return_token_ids.then(|| ids.clone()),
+                token_ids: v.return_token_ids.then_some(b.token_ids),
+            });
+        }
+    }
+    Ok(Json(CompletionResponse {
+        id,
+        object: "text_completion",
+        created: now_secs(),
+        model: st.served_name().to_string(),
+        choices,
+        usage: Some(Usage::new(pt, ct)),
+    })
+    .into_response())
+}
+
+/// `/v1/chat/completions` with `use_beam_search`.
+async fn beam_chat(
+    st: &SharedState,
+    id: String,
+    ids: Vec<u32>,
+    bp: crate::beam::BeamParams,
+    v: &validate::Validated,
+    role: String,
+    echo: Option<String>,
+) -> Result<Response, ApiError> {
+    let beams = crate::beam::search(st, &ids, bp).await?;
+    let shown = crate::beam::show(
+        st,
+        beams,
+        v.stop.skip_special_tokens,
+        // Chat asks for alternatives with `logprobs: true` + `top_logprobs` (the gate's `k`).
+        v.sampling.logprobs,
+    );
+    let ct = shown.iter().map(|b| b.token_ids.len()).sum();
+    let choices = shown
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| ChatChoice {
+            index: i,
+            message: ChatMessageOut {
+                role: role.clone(),
+                content: format!("{}{}", echo.as_deref().unwrap_or(""), b.text),
+                tool_calls: Vec::new(),
+            },
+            logprobs: b.logprobs.as_ref().map(|l| chat_logprobs(st, l)),
+            finish_reason: Some(b.finish_reason.to_string()),
+            stop_reason: Some(b.stop_reason),
+            token_ids: v.return_token_ids.then_some(b.token_ids),
+        })
+        .collect();
+    Ok(Json(ChatCompletionResponse {
+        id,
+        object: "chat.completion",
+        created: now_secs(),
+        model: st.served_name().to_string(),
+        choices,
+        usage: Usage::new(ids.len(), ct),
+        prompt_logprobs: None,
+        prompt_token_ids: v.return_token_ids.then_some(ids),
+    })
+    .into_response())
 }
 
 fn too_large(max: usize) -> Response {
@@ -160,8 +304,7 @@ fn parse_body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<
             format!("Unsupported Media Type: Only 'application/json' is allowed, got `{ct}`"),
         ));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    serde_json::from_slice(body).or_else(|e| crate::numbers::retry(body, e))
 }
 
 fn check_model(st: &SharedState, model: Option<&str>) -> Result<(), ApiError> {
@@ -175,8 +318,18 @@ fn check_model(st: &SharedState, model: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-fn request_id(prefix: &str) -> String {
-    format!("{prefix}-{:032x}", rand::random::<u128>())
+/// The response id, as vLLM's `_base_request_id`: the `X-Request-Id` header, else the body's
+/// `request_id`, else random; after the route's prefix.
+fn request_id(prefix: &str, headers: &HeaderMap, field: Option<&str>) -> String {
+    let given = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .or(field)
+        .filter(|s| !s.is_empty());
+    match given {
+        Some(g) => format!("{prefix}-{g}"),
+        None => format!("{prefix}-{:032x}", rand::random::<u128>()),
+    }
 }
 
 /// Counts a request as in flight until dropped (SIGTERM drain waits for zero) and refuses
@@ -213,7 +366,7 @@ impl Drop for InFlight {
     }
 }
 
-fn finish_fields(f: &Option<Finish>) -> (Option<String>, Value) {
+pub(crate) fn finish_fields(f: &Option<Finish>) -> (Option<String>, Value) {
     match f {
         None => (None, Value::Null),
         Some(f) => (
@@ -231,7 +384,7 @@ fn token_text(st: &SharedState, id: u32) -> String {
     st.tokenizer.decode(&[id], false).unwrap_or_default()
 }
 
-fn completion_logprobs(
+pub(crate) fn completion_logprobs(
     st: &SharedState,
     lps: &[TokenLogprobs],
     offset0: usize,
@@ -287,21 +440,28 @@ struct Submitted {
     streams: Vec<RequestStream>,
     prompt_texts: Vec<String>,
     prompt_lens: Vec<usize>,
+    /// Each prompt's ids when `return_token_ids` asked for them (else empty).
+    prompt_ids: Vec<Vec<u32>>,
 }
 
+/// `keep_ids`: keep each prompt's ids for the response (`return_token_ids`, echoed logprobs).
 fn submit(
     st: &SharedState,
     prompts: Vec<(Vec<u32>, String)>,
     v: &validate::Validated,
     user: Option<&str>,
+    keep_ids: bool,
 ) -> Result<Submitted, ApiError> {
     let mut s = Submitted {
         streams: Vec::new(),
         prompt_texts: Vec::new(),
         prompt_lens: Vec::new(),
+        prompt_ids: Vec::new(),
     };
     for (ids, text) in prompts {
         s.prompt_lens.push(ids.len());
+        s.prompt_ids
+            .push(if keep_ids { ids.clone() } else { Vec::new() });
         let mut req = EngineRequest::new(ids, v.sampling.clone(), v.stop.clone());
         req.n = v.n;
         if st.log_requests {
@@ -329,89 +489,71 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let guard = InFlight::new(&st)?;
     let req: CompletionRequest = parse_body(&headers, &body)?;
+    static KNOWN: OnceLock<BTreeSet<String>> = OnceLock::new();
+    unsupported::log_unknown::<CompletionRequest>(&KNOWN, &body);
     check_model(&st, req.model.as_deref())?;
-    let gate::CompletionInput { prompts, params: v } = gate::completion(&st.gate(), &req)?;
+    let gate::CompletionInput {
+        prompts,
+        params: mut v,
+    } = gate::completion(&st.gate(), &req)?;
     let echo = req.echo.unwrap_or(false);
-    let sub = submit(&st, prompts, &v, req.sampling.user.as_deref())?;
-    let id = request_id("cmpl");
+    // Echo with logprobs covers the prompt: the engine computes its logprobs too (the
+    // response shows `prompt_logprobs` only when the request asked for them).
+    let show_prompt_lps = v.sampling.prompt_logprobs.is_some();
+    let echo_k = v.sampling.logprobs.filter(|_| echo);
+    if let Some(k) = echo_k {
+        v.sampling.prompt_logprobs = Some(v.sampling.prompt_logprobs.unwrap_or(0).max(k));
+    }
+    if let Some(bp) = v.beam {
+        let id = request_id("cmpl", &headers, req.sampling.request_id.as_deref());
+        let res = beam_completion(&st, id, prompts, bp, &v, echo).await;
+        drop(guard);
+        return res;
+    }
+    let keep_ids = v.return_token_ids || echo_k.is_some();
+    let sub = submit(&st, prompts, &v, req.sampling.user.as_deref(), keep_ids)?;
+    let id = request_id("cmpl", &headers, req.sampling.request_id.as_deref());
     let created = now_secs();
     let model = st.served_name().to_string();
     let n = v.n;
     let want_lp = v.sampling.logprobs.is_some();
     if v.stream {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let st2 = st.clone();
-        let include_usage = v.include_usage;
-        tokio::spawn(async move {
-            let _guard = guard;
-            let mut completion_tokens = 0;
-            let mut prompt_tokens = 0;
-            for (pi, mut stream) in sub.streams.into_iter().enumerate() {
-                prompt_tokens += sub.prompt_lens[pi];
-                let mut echoed = vec![!echo; n];
-                while let Some(ev) = stream.next().await {
-                    let mut choices = Vec::new();
-                    if let Some(e) = &ev.error {
-                        let _ = tx
-                            .send(sse_json(&ApiError::internal(e.clone()).body()))
-                            .await;
-                    }
-                    for d in ev.seqs {
-                        completion_tokens += d.token_ids.len();
-                        let mut text = String::new();
-                        if !echoed[d.index] {
-                            text.push_str(&sub.prompt_texts[pi]);
-                            echoed[d.index] = true;
-                        }
-                        text.push_str(&d.text);
-                        let (fr, sr) = finish_fields(&d.finish);
-                        choices.push(CompletionChoice {
-                            index: pi * n + d.index,
-                            text,
-                            logprobs: d
-                                .logprobs
-                                .as_ref()
-                                .filter(|_| want_lp)
-                                .map(|l| completion_logprobs(&st2, l, 0)),
-                            finish_reason: fr,
-                            stop_reason: Some(sr),
-                            prompt_logprobs: None,
-                        });
-                    }
-                    if choices.is_empty() {
-                        continue;
-                    }
-                    let chunk = CompletionResponse {
-                        id: id.clone(),
-                        object: "text_completion",
-                        created,
-                        model: model.clone(),
-                        choices,
-                        usage: None,
-                    };
-                    if tx.send(sse_json(&chunk)).await.is_err() {
-                        return; // client gone: dropping `stream` aborts the request
-                    }
-                }
-            }
-            if include_usage {
-                let chunk = json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [], "usage": Usage::new(prompt_tokens, completion_tokens)});
-                let _ = tx.send(sse_json(&chunk)).await;
-            }
-            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-        });
-        return Ok(Sse::new(ReceiverStream::new(rx)).into_response());
+        let head = streaming::StreamHead {
+            id,
+            created,
+            model,
+            n,
+            include_usage: v.include_usage,
+            continuous_usage: v.continuous_usage,
+            want_logprobs: want_lp,
+            return_token_ids: v.return_token_ids,
+            prompt_tokens_details: st.prompt_tokens_details,
+        };
+        let prompts = streaming::Prompts {
+            lens: sub.prompt_lens,
+            ids: sub.prompt_ids,
+            echo_texts: echo.then_some(sub.prompt_texts),
+            echo_logprobs: echo_k,
+        };
+        return Ok(streaming::completions(
+            st,
+            head,
+            sub.streams,
+            prompts,
+            guard,
+        ));
     }
     let mut choices = Vec::new();
-    let (mut pt, mut ct) = (0, 0);
+    let (mut pt, mut ct, mut cached) = (0, 0, 0);
     for (pi, stream) in sub.streams.into_iter().enumerate() {
         let fin: FinalOutput = stream.collect().await;
         if let Some(e) = fin.error {
             return Err(ApiError::internal(format!("generation failed: {e}")));
         }
         pt += fin.prompt.num_prompt_tokens;
-        let plp = prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs);
+        cached += fin.prompt.num_cached_tokens;
+        let plp =
+            prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs).filter(|_| show_prompt_lps);
         for o in fin.outputs {
             ct += o.token_ids.len();
             let mut text = String::new();
@@ -424,14 +566,23 @@ async fn completions(
             choices.push(CompletionChoice {
                 index: pi * n + o.index,
                 text,
-                logprobs: o
-                    .logprobs
-                    .as_ref()
-                    .filter(|_| want_lp)
-                    .map(|l| completion_logprobs(&st, l, offset0)),
+                logprobs: match (echo_k, o.logprobs.as_ref().filter(|_| want_lp)) {
+                    (Some(k), Some(l)) => Some(crate::echo::prompt_then_output(
+                        &st,
+                        &sub.prompt_ids[pi],
+                        fin.prompt.prompt_logprobs.as_deref().unwrap_or(&[]),
+                        l,
+                        k,
+                        0,
+                    )),
+                    (None, Some(l)) => Some(completion_logprobs(&st, l, offset0)),
+                    (_, None) => None,
+                },
                 finish_reason: fr,
                 stop_reason: Some(sr),
                 prompt_logprobs: plp.clone(),
+                prompt_token_ids: v.return_token_ids.then(|| sub.prompt_ids[pi].clone()),
+                token_ids: v.return_token_ids.then(|| o.token_ids.clone()),
             });
         }
     }
@@ -442,12 +593,12 @@ async fn completions(
         created,
         model: st.served_name().to_string(),
         choices,
-        usage: Some(Usage::new(pt, ct)),
+        usage: Some(Usage::new(pt, ct).with_cached(st.prompt_tokens_details, cached)),
     })
     .into_response())
 }
 
-fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs]) -> ChatLogprobs {
+pub(crate) fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs]) -> ChatLogprobs {
     let top = |id: u32, v: f32| {
         let t = token_text(st, id);
         TopLogprob {
@@ -479,6 +630,8 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let guard = InFlight::new(&st)?;
     let req: ChatCompletionRequest = parse_body(&headers, &body)?;
+    static KNOWN: OnceLock<BTreeSet<String>> = OnceLock::new();
+    unsupported::log_unknown::<ChatCompletionRequest>(&KNOWN, &body);
     check_model(&st, req.model.as_deref())?;
     let gate::ChatInput {
         ids,
@@ -486,72 +639,57 @@ async fn chat_completions(
         params: v,
         logprobs: lp,
     } = gate::chat(&st.gate(), &req)?;
-    let sub = submit(&st, vec![(ids, text)], &v, req.sampling.user.as_deref())?;
-    let id = request_id("chatcmpl");
+    if let Some(bp) = v.beam {
+        let role = chat::response_role(&req, &st.response_role);
+        let id = request_id("chatcmpl", &headers, req.sampling.request_id.as_deref());
+        let echo = chat::echo_text(&req, &role);
+        let res = beam_chat(&st, id, ids, bp, &v, role, echo).await;
+        drop(guard);
+        return res;
+    }
+    let sub = submit(
+        &st,
+        vec![(ids, text)],
+        &v,
+        req.sampling.user.as_deref(),
+        v.return_token_ids,
+    )?;
+    let role = chat::response_role(&req, &st.response_role);
+    let echo = chat::echo_text(&req, &role);
+    let id = request_id("chatcmpl", &headers, req.sampling.request_id.as_deref());
     let created = now_secs();
     let model = st.served_name().to_string();
     let want_lp = lp.is_some();
     let mut streams = sub.streams;
     let stream = streams.remove(0);
+    let prompt_ids = sub.prompt_ids.into_iter().next().unwrap_or_default();
     if v.stream {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let st2 = st.clone();
-        let include_usage = v.include_usage;
-        let n = v.n;
-        tokio::spawn(async move {
-            let _guard = guard;
-            let mut stream = stream;
-            let chunk = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
-            for i in 0..n {
-                let first = chunk(
-                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-                );
-                if tx.send(sse_json(&first)).await.is_err() {
-                    return;
-                }
-            }
-            let (mut pt, mut ct) = (0, 0);
-            while let Some(ev) = stream.next().await {
-                if let Some(p) = &ev.prompt {
-                    pt = p.num_prompt_tokens;
-                }
-                if let Some(e) = &ev.error {
-                    let _ = tx
-                        .send(sse_json(&ApiError::internal(e.clone()).body()))
-                        .await;
-                }
-                let mut choices = Vec::new();
-                for d in ev.seqs {
-                    ct += d.token_ids.len();
-                    let (fr, sr) = finish_fields(&d.finish);
-                    let delta = if d.text.is_empty() && fr.is_some() {
-                        json!({})
-                    } else {
-                        json!({"content": d.text})
-                    };
-                    choices.push(json!({"index": d.index, "delta": delta,
-                        "logprobs": d.logprobs.as_ref().filter(|_| want_lp).map(|l| chat_logprobs(&st2, l)),
-                        "finish_reason": fr, "stop_reason": sr}));
-                }
-                if choices.is_empty() {
-                    continue;
-                }
-                if tx
-                    .send(sse_json(&chunk(Value::Array(choices))))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            if include_usage {
-                let mut u = chunk(json!([]));
-                u["usage"] = json!(Usage::new(pt, ct));
-                let _ = tx.send(sse_json(&u)).await;
-            }
-            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-        });
-        return Ok(Sse::new(ReceiverStream::new(rx)).into_response());
+        let head = streaming::StreamHead {
+            id,
+            created,
+            model,
+            n: v.n,
+            include_usage: v.include_usage,
+            continuous_usage: v.continuous_usage,
+            want_logprobs: want_lp,
+            return_token_ids: v.return_token_ids,
+            prompt_tokens_details: st.prompt_tokens_details,
+        };
+        let prompts = streaming::Prompts {
+            lens: sub.prompt_lens,
+            ids: vec![prompt_ids],
+            echo_texts: None,
+            echo_logprobs: None,
+        };
+        return Ok(streaming::chat(
+            st,
+            head,
+            stream,
+            prompts,
+            role.clone(),
+            echo,
+            guard,
+        ));
     }
     let fin = stream.collect().await;
     drop(guard);
@@ -567,8 +705,8 @@ async fn chat_completions(
             ChatChoice {
                 index: o.index,
                 message: ChatMessageOut {
-                    role: "assistant",
-                    content: o.text.clone(),
+                    role: role.clone(),
+                    content: format!("{}{}", echo.as_deref().unwrap_or(""), o.text),
                     tool_calls: Vec::new(),
                 },
                 logprobs: o
@@ -578,6 +716,7 @@ async fn chat_completions(
                     .map(|l| chat_logprobs(&st, l)),
                 finish_reason: fr,
                 stop_reason: Some(sr),
+                token_ids: v.return_token_ids.then(|| o.token_ids.clone()),
             }
         })
         .collect();
@@ -587,8 +726,10 @@ async fn chat_completions(
         created,
         model: st.served_name().to_string(),
         choices,
-        usage: Usage::new(fin.prompt.num_prompt_tokens, ct),
+        usage: Usage::new(fin.prompt.num_prompt_tokens, ct)
+            .with_cached(st.prompt_tokens_details, fin.prompt.num_cached_tokens),
         prompt_logprobs: prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs),
+        prompt_token_ids: v.return_token_ids.then_some(prompt_ids),
     })
     .into_response())
 }
@@ -618,6 +759,47 @@ async fn health(State(st): State<SharedState>) -> Response {
     }
 }
 
+/// vLLM's `/load`: completion and chat requests in flight, counted only with
+/// `--enable-server-load-tracking` (0 otherwise, as vLLM).
+async fn load(State(st): State<SharedState>) -> Json<Value> {
+    let n = if st.server_load_tracking {
+        st.in_flight.load(Ordering::SeqCst)
+    } else {
+        0
+    };
+    Json(json!({ "server_load": n }))
+}
+
+/// SageMaker's `/invocations`: a chat body (`messages`) or a completion body (`prompt`) goes to
+/// that route's handler, as vLLM's dispatch by request type.
+async fn invocations(
+    st: State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let v: Value = parse_body(&headers, &body)?;
+    let has = |k: &str| v.get(k).is_some();
+    if has("messages") {
+        chat_completions(st, headers, body).await
+    } else if has("prompt") {
+        completions(st, headers, body).await
+    } else {
+        Err(ApiError::bad_request(
+            "Cannot find suitable handler for request: /invocations takes a chat completion \
+             body (with `messages`) or a completion body (with `prompt`)",
+        ))
+    }
+}
+
+/// `/tokenizer_info`, only with `--enable-tokenizer-info-endpoint` (else 404, as vLLM does not
+/// register the route).
+async fn tokenizer_info(State(st): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    st.tokenizer_info
+        .clone()
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("Not Found"))
+}
+
 async fn version() -> Json<Value> {
     Json(json!({"version": env!("CARGO_PKG_VERSION")}))
 }
@@ -628,16 +810,19 @@ async fn tokenize(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let req: TokenizeRequest = parse_body(&headers, &body)?;
-    let ids = match &req {
+    let (ids, strs) = match &req {
         TokenizeRequest::Text {
             model,
             prompt,
             add_special_tokens,
+            return_token_strs,
         } => {
             check_model(&st, model.as_deref())?;
-            st.tokenizer
+            let ids = st
+                .tokenizer
                 .encode(prompt, add_special_tokens.unwrap_or(true))
-                .map_err(|e| ApiError::bad_request(e.to_string()))?
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            (ids, return_token_strs.unwrap_or(false))
         }
         TokenizeRequest::Chat {
             model,
@@ -646,6 +831,7 @@ async fn tokenize(
             continue_final_message,
             add_special_tokens,
             chat_template_kwargs,
+            return_token_strs,
         } => {
             check_model(&st, model.as_deref())?;
             let text = chat::render(
@@ -659,13 +845,21 @@ async fn tokenize(
                     documents: None,
                 },
             )?;
-            st.tokenizer
+            let ids = st
+                .tokenizer
                 .encode(&text, add_special_tokens.unwrap_or(false))
-                .map_err(|e| ApiError::bad_request(e.to_string()))?
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            (ids, return_token_strs.unwrap_or(false))
         }
     };
+    // The vocabulary's own pieces (HF's convert_ids_to_tokens), as vLLM returns them.
+    let token_strs = strs.then(|| {
+        ids.iter()
+            .map(|&id| st.tokenizer.id_to_token(id).unwrap_or_default())
+            .collect::<Vec<_>>()
+    });
     Ok(Json(
-        json!({"count": ids.len(), "max_model_len": st.max_model_len, "tokens": ids, "token_strs": null}),
+        json!({"count": ids.len(), "max_model_len": st.max_model_len, "tokens": ids, "token_strs": token_strs}),
     ))
 }
 

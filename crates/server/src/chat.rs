@@ -6,8 +6,6 @@ use tpuserve_model::{ChatMessage, ChatTemplate};
 use crate::error::ApiError;
 use crate::protocol::ChatMessageIn;
 
-const ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer"];
-
 /// Content as templates expect it: a string; text parts are joined with newlines as vLLM does.
 fn content_text(
     i: usize,
@@ -84,6 +82,36 @@ fn cut_after_final_message(text: &mut String, last: &str) -> Result<(), ApiError
     Ok(())
 }
 
+/// The role of the answer (vLLM's `get_chat_request_role`): `--response-role` after a
+/// generation prompt, else (continuing a message) the last message's role.
+pub fn response_role(req: &crate::protocol::ChatCompletionRequest, response_role: &str) -> String {
+    let cont = req.continue_final_message.unwrap_or(false);
+    if req.add_generation_prompt.unwrap_or(!cont) {
+        response_role.to_string()
+    } else {
+        req.messages
+            .last()
+            .map_or_else(|| response_role.to_string(), |m| m.role.clone())
+    }
+}
+
+/// Chat `echo` (vLLM): the last message's text when it has the answer's role (the answer
+/// continues it), to be prepended to every choice; `None` otherwise.
+pub fn echo_text(req: &crate::protocol::ChatCompletionRequest, role: &str) -> Option<String> {
+    if req.echo != Some(true) {
+        return None;
+    }
+    let i = req.messages.len().checked_sub(1)?;
+    let last = &req.messages[i];
+    if last.role != role {
+        return None;
+    }
+    match content_text(i, &last.content).ok()? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
 /// Renders the conversation to the prompt text.
 pub fn render(
     template: Option<&ChatTemplate>,
@@ -109,17 +137,10 @@ pub fn render(
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
         ));
     }
+    // Any role string goes to the template, as in vLLM: custom roles are the template's
+    // business (it may render them or raise, which is a 400 below).
     let mut msgs = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
-        if !ROLES.contains(&m.role.as_str()) {
-            return Err(ApiError::invalid_param(
-                "messages",
-                format!(
-                    "messages[{i}]: unknown role `{}` (system, user, assistant, tool)",
-                    m.role
-                ),
-            ));
-        }
         let mut cm = ChatMessage::new(&m.role, "");
         cm.content = content_text(i, &m.content)?;
         if let Some(tc) = &m.tool_calls {

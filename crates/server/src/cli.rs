@@ -55,10 +55,42 @@ pub struct ServeArgs {
     pub enable_log_requests: bool,
     #[arg(long, action = ArgAction::SetTrue)]
     pub disable_log_stats: bool,
+    /// CORS: allowed origins, a JSON list as vLLM takes it (default: any).
+    #[arg(long, default_value = r#"["*"]"#, value_parser = json_list)]
+    pub allowed_origins: JsonList,
+    /// CORS: allowed methods (JSON list).
+    #[arg(long, default_value = r#"["*"]"#, value_parser = json_list)]
+    pub allowed_methods: JsonList,
+    /// CORS: allowed request headers (JSON list).
+    #[arg(long, default_value = r#"["*"]"#, value_parser = json_list)]
+    pub allowed_headers: JsonList,
+    /// CORS: allow credentials.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub allow_credentials: bool,
+    /// Let requests bring their own `chat_template` (refused otherwise, as vLLM).
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub trust_request_chat_template: bool,
+    /// `/load` counts the completion and chat requests in flight (else it reports 0).
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub enable_server_load_tracking: bool,
+    /// Serve `/tokenizer_info`.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub enable_tokenizer_info_endpoint: bool,
+    /// `usage.prompt_tokens_details.cached_tokens`: prompt tokens found in the prefix cache.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub enable_prompt_tokens_details: bool,
+    /// Streams end with a usage chunk even when `stream_options` did not ask for one.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub enable_force_include_usage: bool,
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// `auto`: the model folder's generation_config.json sampling defaults apply to requests
+    /// that leave them out (vLLM's default); `vllm`: neutral defaults; else a folder.
+    #[arg(long, default_value = "auto")]
+    pub generation_config: String,
+    /// A JSON object of generation-config values merged on top (e.g. '{"temperature": 0.5}').
     #[arg(long)]
-    pub generation_config: Option<String>,
+    pub override_generation_config: Option<String>,
     #[arg(long, action = ArgAction::SetTrue)]
     pub trust_remote_code: bool,
     #[arg(long, default_value = "info")]
@@ -117,10 +149,17 @@ pub struct ServeArgs {
     pub disable_fastapi_docs: bool,
     #[arg(long, action = ArgAction::SetTrue, hide = true)]
     pub enable_request_id_headers: bool,
-    #[arg(long, hide = true)]
+    /// The path prefix a proxy serves the API under (uvicorn's root_path): requests may come
+    /// with or without it.
+    #[arg(long)]
     pub root_path: Option<String>,
-    #[arg(long, hide = true)]
-    pub response_role: Option<String>,
+    /// The role of chat answers after a generation prompt.
+    #[arg(long, default_value = "assistant")]
+    pub response_role: String,
+    /// Longest prompt text or id list printed per logged request. tpuserve's request log
+    /// (`--enable-log-requests`) never prints prompts, only their token counts.
+    #[arg(long)]
+    pub max_log_len: Option<usize>,
 }
 
 impl ServeArgs {
@@ -130,6 +169,68 @@ impl ServeArgs {
 
     pub fn prefix_caching(&self) -> bool {
         !self.no_enable_prefix_caching
+    }
+
+    /// The size flags that need no model: each bad value is a usage error naming its flag
+    /// (checked before anything loads; a block size of 0 would divide by zero later).
+    pub fn check_sizes(&self) -> Result<(), UsageError> {
+        let bad = |m: String| Err(UsageError(m));
+        if self.block_size == 0 {
+            return bad("--block-size must be at least 1, got 0".into());
+        }
+        if self.max_num_seqs == 0 {
+            return bad("--max-num-seqs must be at least 1, got 0".into());
+        }
+        if let Some(b) = self.max_num_batched_tokens {
+            if b < self.max_num_seqs {
+                // As vLLM's SchedulerConfig: otherwise sequences at the back of a full batch
+                // could wait for budget step after step.
+                return bad(format!(
+                    "--max-num-batched-tokens ({b}) must be greater than or equal to \
+                     --max-num-seqs ({})",
+                    self.max_num_seqs
+                ));
+            }
+        }
+        if !matches!(
+            self.dtype.as_str(),
+            "auto"
+                | "float32"
+                | "float"
+                | "fp32"
+                | "bfloat16"
+                | "bf16"
+                | "float16"
+                | "half"
+                | "fp16"
+        ) {
+            return bad(format!(
+                "--dtype {}: expected auto, float32, bfloat16 or float16",
+                self.dtype
+            ));
+        }
+        if let Some(0 | 1) = self.max_model_len {
+            return bad("--max-model-len must be at least 2".into());
+        }
+        Ok(())
+    }
+
+    /// `--max-num-batched-tokens`, else the backend's default raised to `--max-num-seqs`
+    /// (a larger `--max-num-seqs` alone must not make the defaults invalid).
+    pub fn batched_tokens(&self, default: usize) -> usize {
+        self.max_num_batched_tokens
+            .unwrap_or(default.max(self.max_num_seqs))
+    }
+
+    /// `--max-model-len` against the model's own maximum context (from its config).
+    pub fn check_model_len(&self, model_max: usize) -> Result<usize, UsageError> {
+        match self.max_model_len {
+            Some(m) if m > model_max => Err(UsageError(format!(
+                "--max-model-len {m} is larger than the model's maximum context ({model_max})"
+            ))),
+            Some(m) => Ok(m),
+            None => Ok(model_max),
+        }
     }
 
     /// One warning per vLLM flag given that tpuserve accepts but does not act on.
@@ -159,17 +260,38 @@ impl ServeArgs {
         if self.enable_request_id_headers {
             v.push("--enable-request-id-headers");
         }
-        if self.root_path.is_some() {
-            v.push("--root-path");
+        if self.max_log_len.is_some() {
+            v.push("--max-log-len (request logs carry token counts, never prompt text)");
         }
         if self.trust_remote_code {
             v.push("--trust-remote-code (no remote code is ever run)");
         }
-        if self.generation_config.is_some() {
-            v.push("--generation-config");
-        }
         v
     }
+}
+
+/// A command line that cannot work: `main` prints it as one line and exits 2, as a flag
+/// parse error does.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// A flag holding a JSON list of strings (vLLM parses these with `json.loads`); one flag
+/// value, so a newtype (clap would read a bare `Vec` field as repeated values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonList(pub Vec<String>);
+
+fn json_list(s: &str) -> Result<JsonList, String> {
+    serde_json::from_str(s)
+        .map(JsonList)
+        .map_err(|e| format!("expected a JSON list of strings: {e}"))
 }
 
 fn parse_load_format(s: &str) -> Result<LoadFormat, String> {

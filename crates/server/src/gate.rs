@@ -14,6 +14,8 @@ pub struct GateContext<'a> {
     pub tokenizer: &'a Tokenizer,
     pub chat_template: Option<&'a ChatTemplate>,
     pub limits: Limits,
+    /// `--trust-request-chat-template`: a request may bring its own `chat_template`.
+    pub trust_request_chat_template: bool,
 }
 
 /// A `/v1/completions` request that passed the gate: one (token ids, text) per prompt.
@@ -46,7 +48,7 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
             .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?;
         Ok((ids, s.to_string()))
     };
-    let prompts: Vec<(Vec<u32>, String)> = match &req.prompt {
+    let mut prompts: Vec<(Vec<u32>, String)> = match &req.prompt {
         Prompt::Text(s) => vec![enc(s)?],
         Prompt::Texts(v) => v.iter().map(|s| enc(s)).collect::<Result<_, _>>()?,
         Prompt::Tokens(v) => vec![to_ids(v)?],
@@ -59,12 +61,21 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
         ));
     }
     let params = validate::sampling(
+        "CompletionRequest",
         &req.sampling,
         req.max_tokens,
         req.logprobs,
         1.0,
         &ctx.limits,
     )?;
+    if let Some(t) = params.truncation {
+        for (ids, text) in &mut prompts {
+            if t.apply(ids) {
+                // The prompt is what the model sees (echo shows the kept part).
+                *text = ctx.tokenizer.decode(ids, false).unwrap_or_default();
+            }
+        }
+    }
     Ok(CompletionInput { prompts, params })
 }
 
@@ -90,8 +101,28 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
             "When using `tool_choice`, `tools` must be set.",
         ));
     }
+    // vLLM refuses a request's own template unless the server trusts them: a template is code
+    // run on the server (sandboxed here, but it can still cost time and memory).
+    let own = match &req.chat_template {
+        None => None,
+        Some(_) if !ctx.trust_request_chat_template => {
+            return Err(ApiError::invalid_param(
+                "chat_template",
+                "Chat template is passed with request, but --trust-request-chat-template is \
+                 not set. Refused request with untrusted chat template.",
+            ))
+        }
+        Some(src) => Some(
+            ChatTemplate::new(
+                src,
+                ctx.tokenizer.bos_token.as_deref().unwrap_or(""),
+                ctx.tokenizer.eos_token.as_deref().unwrap_or(""),
+            )
+            .map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?,
+        ),
+    };
     let text = chat::render(
-        ctx.chat_template,
+        own.as_ref().or(ctx.chat_template),
         &req.messages,
         &ChatPromptOptions {
             add_generation_prompt: req.add_generation_prompt,
@@ -101,7 +132,7 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
             documents: req.documents.as_ref(),
         },
     )?;
-    let ids = ctx
+    let mut ids = ctx
         .tokenizer
         .encode(&text, req.add_special_tokens.unwrap_or(false))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -111,7 +142,17 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
         None
     };
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let params = validate::sampling(&req.sampling, max_tokens, logprobs, 1.0, &ctx.limits)?;
+    let params = validate::sampling(
+        "ChatCompletionRequest",
+        &req.sampling,
+        max_tokens,
+        logprobs,
+        1.0,
+        &ctx.limits,
+    )?;
+    if let Some(t) = params.truncation {
+        t.apply(&mut ids);
+    }
     Ok(ChatInput {
         ids,
         text,

@@ -7,20 +7,43 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use hyper::service::Service as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 /// Per-connection limits.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnectionLimits {
     /// A request head must be complete this long after the connection opens or after the
     /// previous response ends; otherwise the connection is closed.
     pub header_timeout: Duration,
+    /// `--root-path`: as Starlette routes under uvicorn's root_path, a request path starting
+    /// with this prefix is routed without it; other paths are routed as they are.
+    pub root_path: Option<Arc<str>>,
+}
+
+/// Drops `prefix` from the request path (and keeps the query) when the path starts with it.
+fn strip_root_path<B>(prefix: &str, req: &mut hyper::Request<B>) {
+    let Some(rest) = req.uri().path().strip_prefix(prefix) else {
+        return;
+    };
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return; // `/apiary` is not under `/api`
+    }
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    };
+    if let Ok(uri) = pq.parse() {
+        *req.uri_mut() = uri;
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting (the listener
@@ -53,7 +76,14 @@ pub async fn serve(
         };
         // Streams write one small SSE event per token: send each without delay.
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let tower = TowerToHyperService::new(router.clone());
+        let prefix = limits.root_path.clone();
+        let service = hyper::service::service_fn(move |mut req| {
+            if let Some(p) = &prefix {
+                strip_root_path(p, &mut req);
+            }
+            tower.call(req)
+        });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -2,18 +2,26 @@
 //! (`main.rs`) only parses the command line; benchmarks and tests reach the pieces from here.
 
 pub mod app;
+pub mod beam;
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod cors;
+pub mod echo;
 pub mod error;
 pub mod fault_injection;
 pub mod gate;
 pub mod generate;
+pub mod generation_config;
 pub mod http_server;
 pub mod metrics;
+pub mod numbers;
 pub mod openapi;
 pub mod plan;
 pub mod protocol;
 pub mod serve;
 pub mod state;
+pub mod streaming;
+pub mod tokenizer_info;
+pub mod unsupported;
 pub mod validate;

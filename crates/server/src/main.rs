@@ -41,9 +41,23 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(serve::run(*args)),
+        Command::Serve(args) => {
+            let result = args
+                .check_sizes()
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    tokio::runtime::Builder::new_multi_thread()
+                        .enable_all()
+                        .build()?
+                        .block_on(serve::run(*args))
+                });
+            match result {
+                Err(e) if e.downcast_ref::<cli::UsageError>().is_some() => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2);
+                }
+                other => other,
+            }
+        }
     }
 }

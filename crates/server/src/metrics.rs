@@ -1,9 +1,13 @@
 //! `vllm:`-named Prometheus metrics with vLLM's types, labels and buckets (both the names the
-//! GKE tutorial and HPA use and the current ones), fed from the engine's per-step stats on a
-//! thread of their own so the engine never waits on a scrape, plus the 5-second stats log line.
+//! GKE tutorial and HPA use and the current ones), fed from the engine's per-step stats by a
+//! task of their own so the engine never waits on a scrape, plus the 5-second stats log line.
+//!
+//! A scrape first waits (briefly, bounded) until every step the engine has published is
+//! applied: the engine publishes a step's stats before releasing its outputs, so a response a
+//! client already holds is always counted in the next scrape, as in vLLM.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -83,7 +87,18 @@ pub struct Metrics {
     /// Bumped after every update; a scrape re-encodes only when it moved (see `render`).
     version: AtomicU64,
     page: Mutex<Option<CachedPage>>,
+    /// The engine's counter of published step stats ([`StepStats::seq`]), once attached.
+    published: OnceLock<Arc<AtomicU64>>,
+    /// The highest [`StepStats::seq`] applied so far.
+    observed: AtomicU64,
+    /// Woken after every applied step (scrapes waiting to catch up).
+    caught_up: tokio::sync::Notify,
 }
+
+/// How long a scrape waits for the stats task to apply steps already published. The task only
+/// bumps counters, so this is never reached unless the runtime is starved; then the page is
+/// served as it is rather than holding the scrape.
+const CATCH_UP_LIMIT: Duration = Duration::from_millis(500);
 
 /// The last encoded exposition and the state it shows. Encoding the ~25 KB page costs ~0.8 ms
 /// of CPU, while the state changes at most once per engine step; a dashboard, Prometheus and a
@@ -361,6 +376,9 @@ impl Metrics {
             registry,
             compile,
             version: AtomicU64::new(0),
+            published: OnceLock::new(),
+            observed: AtomicU64::new(0),
+            caught_up: tokio::sync::Notify::new(),
             page: Mutex::new(None),
         };
         // Series exist from the start (dashboards and the HPA see zeros, not gaps).
@@ -459,6 +477,34 @@ impl Metrics {
             }
         }
         self.changed();
+        self.observed.fetch_max(s.seq, Ordering::AcqRel);
+        self.caught_up.notify_waiters();
+    }
+
+    /// Makes scrapes wait for every step the engine published (`EngineCore::stats_published`).
+    pub fn follow_engine(&self, published: Arc<AtomicU64>) {
+        let _ = self.published.set(published);
+    }
+
+    /// Returns once every step published so far has been applied, or after `limit`.
+    pub async fn catch_up(&self, limit: Duration) {
+        let Some(published) = self.published.get() else {
+            return;
+        };
+        let target = published.load(Ordering::Acquire);
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let woken = self.caught_up.notified();
+                tokio::pin!(woken);
+                // Registered before the check, so an update between the two is not missed.
+                woken.as_mut().enable();
+                if self.observed.load(Ordering::Acquire) >= target {
+                    return;
+                }
+                woken.await;
+            }
+        })
+        .await;
     }
 
     pub fn set_window_throughput(&self, prompt: f64, generation: f64) {
@@ -505,6 +551,7 @@ impl Metrics {
 }
 
 pub async fn scrape(State(st): State<SharedState>) -> impl IntoResponse {
+    st.metrics.catch_up(CATCH_UP_LIMIT).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -514,65 +561,105 @@ pub async fn scrape(State(st): State<SharedState>) -> impl IntoResponse {
     )
 }
 
-/// Consumes the engine's step stats: updates the metrics and, every 5 s while there is work,
-/// logs vLLM's stats line (unless `log_stats` is off).
+/// Consumes the engine's step stats as they come (a task on the server's runtime): updates the
+/// metrics and, every 5 s while there is work, logs vLLM's stats line (unless `log_stats` is
+/// off).
 pub fn spawn_stats_consumer(
     metrics: Arc<Metrics>,
     mut rx: UnboundedReceiver<StepStats>,
     log_stats: bool,
 ) {
-    std::thread::Builder::new()
-        .name("tpuserve-stats".into())
-        .spawn(move || {
-            let interval = Duration::from_secs(5);
-            let mut window_start = Instant::now();
-            let (mut prompt, mut gen) = (0usize, 0usize);
-            let (mut running, mut waiting, mut kv) = (0usize, 0usize, 0f64);
-            let (mut q0, mut h0) = (0u64, 0u64);
-            let mut preempt = 0usize;
-            loop {
-                let msg = rx.try_recv();
-                match msg {
-                    Ok(s) => {
+    tokio::spawn(async move {
+        let interval = Duration::from_secs(5);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut window = StatsWindow::new();
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(s) => {
                         metrics.observe(&s);
-                        prompt += s.num_prompt_tokens;
-                        gen += s.num_generation_tokens;
-                        preempt += s.num_preemptions;
-                        q0 += s.prefix_cache_queries;
-                        h0 += s.prefix_cache_hits;
-                        (running, waiting, kv) = (s.num_running, s.num_waiting, s.kv_cache_usage);
+                        window.add(&s);
                     }
-                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return,
-                }
-                let elapsed = window_start.elapsed();
-                if elapsed >= interval {
-                    let secs = elapsed.as_secs_f64();
-                    let (pt, gt) = (prompt as f64 / secs, gen as f64 / secs);
-                    metrics.set_window_throughput(pt, gt);
-                    let busy = prompt + gen > 0 || running + waiting > 0;
-                    if log_stats && busy {
-                        let hit = if q0 > 0 { 100.0 * h0 as f64 / q0 as f64 } else { 0.0 };
-                        let pre = if preempt > 0 { format!("Preemptions: {preempt}, ") } else { String::new() };
-                        tracing::info!(
-                            "Engine 000: Avg prompt throughput: {pt:.1} tokens/s, Avg generation throughput: {gt:.1} tokens/s, Running: {} reqs, Waiting: {} reqs, {pre}GPU KV cache usage: {:.1}%, Prefix cache hit rate: {hit:.1}%",
-                            running,
-                            waiting,
-                            kv * 100.0
-                        );
-                    }
-                    window_start = Instant::now();
-                    prompt = 0;
-                    gen = 0;
-                    preempt = 0;
-                    q0 = 0;
-                    h0 = 0;
-                }
+                    None => return,
+                },
+                _ = tick.tick() => {}
             }
-        })
-        .expect("spawn stats thread");
+            if window.start.elapsed() >= interval {
+                window.close(&metrics, log_stats);
+            }
+        }
+    });
+}
+
+/// What the 5-second log line and the average-throughput gauges sum over.
+struct StatsWindow {
+    start: Instant,
+    prompt: usize,
+    gen: usize,
+    running: usize,
+    waiting: usize,
+    kv: f64,
+    queries: u64,
+    hits: u64,
+    preempt: usize,
+}
+
+impl StatsWindow {
+    fn new() -> Self {
+        StatsWindow {
+            start: Instant::now(),
+            prompt: 0,
+            gen: 0,
+            running: 0,
+            waiting: 0,
+            kv: 0.0,
+            queries: 0,
+            hits: 0,
+            preempt: 0,
+        }
+    }
+
+    fn add(&mut self, s: &StepStats) {
+        self.prompt += s.num_prompt_tokens;
+        self.gen += s.num_generation_tokens;
+        self.preempt += s.num_preemptions;
+        self.queries += s.prefix_cache_queries;
+        self.hits += s.prefix_cache_hits;
+        (self.running, self.waiting, self.kv) = (s.num_running, s.num_waiting, s.kv_cache_usage);
+    }
+
+    /// Sets the throughput gauges, logs the line if there was work, and starts a new window
+    /// (the gauges of the last step carry over).
+    fn close(&mut self, metrics: &Metrics, log_stats: bool) {
+        let secs = self.start.elapsed().as_secs_f64();
+        let (pt, gt) = (self.prompt as f64 / secs, self.gen as f64 / secs);
+        metrics.set_window_throughput(pt, gt);
+        let busy = self.prompt + self.gen > 0 || self.running + self.waiting > 0;
+        if log_stats && busy {
+            let hit = if self.queries > 0 {
+                100.0 * self.hits as f64 / self.queries as f64
+            } else {
+                0.0
+            };
+            let pre = if self.preempt > 0 {
+                format!("Preemptions: {}, ", self.preempt)
+            } else {
+                String::new()
+            };
+            tracing::info!(
+                "Engine 000: Avg prompt throughput: {pt:.1} tokens/s, Avg generation throughput: {gt:.1} tokens/s, Running: {} reqs, Waiting: {} reqs, {pre}GPU KV cache usage: {:.1}%, Prefix cache hit rate: {hit:.1}%",
+                self.running,
+                self.waiting,
+                self.kv * 100.0
+            );
+        }
+        *self = StatsWindow {
+            running: self.running,
+            waiting: self.waiting,
+            kv: self.kv,
+            ..StatsWindow::new()
+        };
+    }
 }
 
 #[cfg(test)]
@@ -581,6 +668,7 @@ mod tests {
 
     fn step(generated: usize) -> StepStats {
         StepStats {
+            seq: 1,
             at: Instant::now(),
             execute_time: Duration::from_millis(1),
             num_running: 1,

@@ -78,6 +78,7 @@ pub fn spec() -> Value {
             "/health": {"get": op("Health check", None)},
             "/ping": {"get": op("Ping", None), "post": op("Ping", None)},
             "/version": {"get": op("Show version", None)},
+            "/load": {"get": op("Server load (requests in flight)", None)},
             "/tokenize": {"post": op("Tokenize", Some(tokenize))},
             "/detokenize": {"post": op("Detokenize", Some(detokenize))},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

@@ -377,9 +377,25 @@ fn positive_gbps(s: &str) -> Result<f64, String> {
     }
 }
 
-fn config(path: &std::path::Path) -> anyhow::Result<LlamaConfig> {
+/// A model's config without its weights: a config.json, a folder holding one, or a .gguf
+/// file's metadata.
+pub fn read_config(path: &std::path::Path) -> anyhow::Result<LlamaConfig> {
     if path.is_dir() {
-        return Ok(LlamaConfig::from_hf_json(&path.join("config.json"))?);
+        if path.join("config.json").exists() {
+            return Ok(LlamaConfig::from_hf_json(&path.join("config.json"))?);
+        }
+        // A folder holding one .gguf (as the loader accepts it).
+        let ggufs: Vec<_> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+            .collect();
+        if let [one] = ggufs.as_slice() {
+            return Ok(GgufFile::open(one)?.llama_config()?);
+        }
+        anyhow::bail!(
+            "{} has no config.json and not exactly one .gguf",
+            path.display()
+        );
     }
     if path.extension().is_some_and(|e| e == "gguf") {
         return Ok(GgufFile::open(path)?.llama_config()?);
@@ -400,7 +416,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         };
         std::process::exit(rerun_isolated(&topology)?);
     }
-    let c = config(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+    let c = read_config(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
     let dev = device_spec(&a.device).with_context(|| {
         let names: Vec<&str> = DEVICES.iter().map(|d| d.name).collect();
         format!(

@@ -36,8 +36,7 @@ impl StopSpec {
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
-    /// Accepted as vLLM does; usage is reported once, at the end.
-    #[allow(dead_code)]
+    /// Usage on every chunk (with `include_usage`), as vLLM.
     pub continuous_usage_stats: Option<bool>,
 }
 
@@ -67,6 +66,18 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     /// OpenAI's end-user id: accepted, only logged with --enable-log-requests.
     pub user: Option<String>,
+    /// vLLM: the response id is `cmpl-` / `chatcmpl-` and this (an `X-Request-Id` header
+    /// wins), else a random id.
+    pub request_id: Option<String>,
+    /// vLLM: `prompt_token_ids` and `token_ids` in the response.
+    pub return_token_ids: Option<bool>,
+    /// vLLM: keep only this many prompt tokens (-1: `max_model_len`).
+    pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM: `left` keeps the last tokens (the default), `right` the first.
+    pub truncation_side: Option<String>,
+    /// vLLM extras refused by name unless neutral.
+    #[serde(flatten)]
+    pub unimplemented: crate::unsupported::Unimplemented,
 }
 
 fn completion_max_tokens_default() -> Option<i64> {
@@ -114,8 +125,9 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub documents: Option<Value>,
-    /// vLLM's chat `echo` (prepend the last message): accepted, not implemented.
-    #[allow(dead_code)]
+    /// A Jinja chat template for this request (only with --trust-request-chat-template).
+    pub chat_template: Option<String>,
+    /// vLLM's chat `echo` (prepend the last message): refused when true (not implemented).
     pub echo: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -131,11 +143,13 @@ pub enum TokenizeRequest {
         continue_final_message: Option<bool>,
         add_special_tokens: Option<bool>,
         chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+        return_token_strs: Option<bool>,
     },
     Text {
         model: Option<String>,
         prompt: String,
         add_special_tokens: Option<bool>,
+        return_token_strs: Option<bool>,
     },
 }
 
@@ -162,6 +176,15 @@ impl Usage {
             prompt_tokens_details: None,
         }
     }
+
+    /// With `--enable-prompt-tokens-details` (`details`), the prompt tokens served from the
+    /// prefix cache — only when there were some, as vLLM.
+    pub fn with_cached(mut self, details: bool, cached: usize) -> Self {
+        if details && cached > 0 {
+            self.prompt_tokens_details = Some(serde_json::json!({ "cached_tokens": cached }));
+        }
+        self
+    }
 }
 
 /// `logprobs` of a completion choice (legacy OpenAI completions layout).
@@ -182,6 +205,12 @@ pub struct CompletionChoice {
     pub stop_reason: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs: Option<Value>,
+    /// With `return_token_ids` (streaming: on a choice's first chunk only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    /// With `return_token_ids` (streaming: the chunk's new tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -217,7 +246,7 @@ pub struct ChatLogprobs {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessageOut {
-    pub role: &'static str,
+    pub role: String,
     pub content: String,
     pub tool_calls: Vec<Value>,
 }
@@ -229,6 +258,9 @@ pub struct ChatChoice {
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
     pub stop_reason: Option<Value>,
+    /// With `return_token_ids`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -240,4 +272,7 @@ pub struct ChatCompletionResponse {
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
     pub prompt_logprobs: Option<Value>,
+    /// With `return_token_ids`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
 }

@@ -73,17 +73,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let args = args.clone();
         tokio::task::spawn_blocking(move || resolve_model(&args)).await??
     };
+    // The config alone (no weights) settles the sizes that depend on the model.
+    let model_max = crate::plan::read_config(&path)
+        .with_context(|| format!("reading the config of {}", path.display()))?
+        .max_position_embeddings;
+    let max_model_len = args.check_model_len(model_max)?;
+    let sampling_defaults = crate::generation_config::load(
+        &path,
+        &args.generation_config,
+        args.override_generation_config.as_deref(),
+    )?;
     tracing::info!("loading model from {}", path.display());
     let model = load_model_with(&path, args.load_format)
         .with_context(|| format!("loading {}", path.display()))?;
-    let derived_max = model.config.max_position_embeddings;
-    let max_model_len = match args.max_model_len {
-        Some(m) if m > derived_max => {
-            bail!("--max-model-len {m} is larger than the model's maximum context ({derived_max})")
-        }
-        Some(m) => m,
-        None => derived_max,
-    };
     let backend = backend(&args)?;
     if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
         bail!(
@@ -93,6 +95,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let runner: Box<dyn ModelRunner> = match &backend {
         Backend::Cpu => {
+            if !matches!(args.dtype.as_str(), "auto" | "float32" | "float" | "fp32") {
+                tracing::warn!(
+                    "--dtype {} has no effect on the CPU runner: it computes in float32",
+                    args.dtype
+                );
+            }
             if args.tensor_parallel_size > 1 {
                 bail!("--tensor-parallel-size > 1 needs an XLA device (--device xla-cpu, tpu or cuda)");
             }
@@ -131,7 +139,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     tensor_parallel_size: args.tensor_parallel_size,
                     num_blocks: kv_blocks(&model, &args, elem_bytes),
                     block_size: args.block_size,
-                    max_num_batched_tokens: args.max_num_batched_tokens.unwrap_or(512),
+                    max_num_batched_tokens: args.batched_tokens(512),
                     max_model_len,
                     max_logprobs: args.max_logprobs,
                     weight_dtype,
@@ -168,6 +176,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config,
         ..
     } = model;
+    let (tokenizer, chat_template, tokenizer_dir) = match &args.tokenizer {
+        Some(t) => {
+            let (tok, tmpl, dir) = load_tokenizer(t, &args).await?;
+            if tok.vocab_size() > config.vocab_size {
+                return Err(crate::cli::UsageError(format!(
+                    "--tokenizer {t}: its vocabulary ({}) is larger than the model's ({})",
+                    tok.vocab_size(),
+                    config.vocab_size
+                ))
+                .into());
+            }
+            tracing::info!("tokenizer from {}", dir.display());
+            (tok, tmpl, dir)
+        }
+        None => (tokenizer, chat_template, path.clone()),
+    };
     let tokenizer = Arc::new(tokenizer);
     let chat_template = match &args.chat_template {
         Some(p) => {
@@ -183,18 +207,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let engine_cfg = EngineConfig {
         max_model_len: max_model_len.min(kv.num_blocks * kv.block_size),
-        max_num_batched_tokens: args.max_num_batched_tokens.unwrap_or(match backend {
+        max_num_batched_tokens: args.batched_tokens(match backend {
             Backend::Cpu => 2048,
             Backend::Xla(_) => 512,
         }),
         max_num_seqs: args.max_num_seqs,
         enable_prefix_caching: args.prefix_caching(),
         max_logprobs: args.max_logprobs,
+        seed: Some(args.seed),
     };
     let effective_len = engine_cfg.max_model_len;
     let decoder: Arc<dyn TokenDecoder> = tokenizer.clone();
+    let beam_eos = eos_token_ids.clone();
     let mut core = EngineCore::new(runner, decoder, eos_token_ids, engine_cfg)?;
     let stats_rx = core.subscribe_stats();
+    let stats_published = core.stats_published();
     let engine = EngineHandle::spawn(core)?;
     let served_model_names = if args.served_model_name.is_empty() {
         vec![args
@@ -215,7 +242,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         compile_counters,
     );
+    metrics.follow_engine(stats_published);
     metrics::spawn_stats_consumer(metrics.clone(), stats_rx, !args.disable_log_stats);
+    let tokenizer_info = args.enable_tokenizer_info_endpoint.then(|| {
+        crate::tokenizer_info::build(
+            &tokenizer_dir,
+            &tokenizer,
+            chat_template.as_ref().map(|t| t.source.as_str()),
+        )
+    });
     let state = Arc::new(AppState {
         engine,
         vocab_size: config.vocab_size,
@@ -234,6 +269,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .max_waiting_requests
             .map(|w| args.max_num_seqs.saturating_add(w)),
         draining: AtomicBool::new(false),
+        server_load_tracking: args.enable_server_load_tracking,
+        tokenizer_info,
+        prompt_tokens_details: args.enable_prompt_tokens_details,
+        force_include_usage: args.enable_force_include_usage,
+        response_role: args.response_role.clone(),
+        sampling_defaults,
+        eos_token_ids: beam_eos,
+        trust_request_chat_template: args.trust_request_chat_template,
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let addr = format!("{host}:{}", args.port);
@@ -258,8 +301,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             timeout: Duration::from_secs_f64(args.body_read_timeout),
         },
     );
+    let cors = Arc::new(crate::cors::Cors {
+        origins: args.allowed_origins.0.clone(),
+        methods: args.allowed_methods.0.clone(),
+        headers: args.allowed_headers.0.clone(),
+        credentials: args.allow_credentials,
+    });
+    // Outermost, as vLLM's CORSMiddleware: errors (401, 404, 413) carry the headers too.
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        cors,
+        crate::cors::layer,
+    ));
     let limits = http_server::ConnectionLimits {
         header_timeout: Duration::from_secs_f64(args.timeout_keep_alive),
+        root_path: args
+            .root_path
+            .as_deref()
+            .map(|p| p.trim_end_matches('/'))
+            .filter(|p| !p.is_empty())
+            .map(Arc::from),
     };
     let drain_state = state.clone();
     let timeout = Duration::from_secs(args.shutdown_timeout);
@@ -293,6 +353,50 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("bye");
     Ok(())
+}
+
+/// `--tokenizer`: a folder (or hub id) with `tokenizer.json` and, optionally, a chat template
+/// (`chat_template.jinja` or `tokenizer_config.json`'s), or a `tokenizer.json` file. Used
+/// instead of the model's; `--chat-template` still wins.
+async fn load_tokenizer(
+    spec: &str,
+    args: &ServeArgs,
+) -> anyhow::Result<(tpuserve_model::Tokenizer, Option<ChatTemplate>, PathBuf)> {
+    let local = PathBuf::from(spec);
+    let path = if local.exists() {
+        local
+    } else {
+        let cfg = tpuserve_hub::HubConfig::from_env(args.download_dir.as_deref());
+        let spec = spec.to_string();
+        tokio::task::spawn_blocking(move || tpuserve_hub::resolve_model(&spec, None, &cfg))
+            .await??
+    };
+    let (file, dir) = if path.is_dir() {
+        (path.join("tokenizer.json"), path.clone())
+    } else {
+        let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+        (path.clone(), dir)
+    };
+    let tok = tpuserve_model::Tokenizer::from_file(&file)
+        .with_context(|| format!("--tokenizer {}", file.display()))?;
+    let src = std::fs::read_to_string(dir.join("chat_template.jinja"))
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string(dir.join("tokenizer_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .and_then(|v| tpuserve_model::chat_template::template_from_tokenizer_config(&v))
+        });
+    let tmpl = src
+        .map(|s| {
+            ChatTemplate::new(
+                &s,
+                tok.bos_token.as_deref().unwrap_or(""),
+                tok.eos_token.as_deref().unwrap_or(""),
+            )
+        })
+        .transpose()?;
+    Ok((tok, tmpl, dir))
 }
 
 async fn shutdown_signal() {

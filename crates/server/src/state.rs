@@ -31,6 +31,22 @@ pub struct AppState {
     /// it requests are refused with 503. `None`: unbounded.
     pub admission_limit: Option<usize>,
     pub draining: AtomicBool,
+    /// `--enable-server-load-tracking`: `/load` reports `in_flight`.
+    pub server_load_tracking: bool,
+    /// `--enable-tokenizer-info-endpoint`: what `/tokenizer_info` answers.
+    pub tokenizer_info: Option<serde_json::Value>,
+    /// `--enable-prompt-tokens-details`.
+    pub prompt_tokens_details: bool,
+    /// `--enable-force-include-usage`.
+    pub force_include_usage: bool,
+    /// `--response-role` (default `assistant`).
+    pub response_role: String,
+    /// Every id that ends generation (beam search completes a beam on one).
+    pub eos_token_ids: Vec<u32>,
+    /// `--trust-request-chat-template`.
+    pub trust_request_chat_template: bool,
+    /// `--generation-config` defaults.
+    pub sampling_defaults: crate::validate::SamplingDefaults,
 }
 
 impl AppState {
@@ -39,9 +55,13 @@ impl AppState {
         GateContext {
             tokenizer: &self.tokenizer,
             chat_template: self.chat_template.as_ref(),
+            trust_request_chat_template: self.trust_request_chat_template,
             limits: Limits {
                 vocab_size: self.vocab_size,
                 max_logprobs: self.max_logprobs,
+                max_model_len: self.max_model_len,
+                force_include_usage: self.force_include_usage,
+                defaults: self.sampling_defaults,
             },
         }
     }

@@ -5,6 +5,7 @@
 use tpuserve_engine::{SamplingParams, StopParams};
 
 use crate::error::ApiError;
+use crate::numbers::bound_error;
 use crate::protocol::SamplingFields;
 
 /// Hard limits the gate enforces beyond the model's own (issue-level policy, configurable later).
@@ -15,6 +16,46 @@ pub const MAX_STOP_STRING_LEN: usize = 1024;
 pub struct Limits {
     pub vocab_size: usize,
     pub max_logprobs: usize,
+    pub max_model_len: usize,
+    /// `--enable-force-include-usage`: streams carry usage as if `include_usage` were set.
+    pub force_include_usage: bool,
+    /// `--generation-config`: defaults for fields a request leaves out.
+    pub defaults: SamplingDefaults,
+}
+
+/// Sampling defaults from the model's generation config (see `generation_config.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    /// `max_new_tokens`: caps every request's `max_tokens`, as vLLM's `get_max_tokens`.
+    pub max_tokens: Option<i64>,
+}
+
+/// `truncate_prompt_tokens` / `truncation_side`: how many prompt tokens to keep, from which end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncation {
+    pub keep: usize,
+    /// `left` (vLLM's default): drop from the start, keep the last `keep` tokens.
+    pub left: bool,
+}
+
+impl Truncation {
+    /// Cuts `ids` to at most `keep` tokens; true if anything was dropped.
+    pub fn apply(&self, ids: &mut Vec<u32>) -> bool {
+        if ids.len() <= self.keep {
+            return false;
+        }
+        if self.left {
+            ids.drain(..ids.len() - self.keep);
+        } else {
+            ids.truncate(self.keep);
+        }
+        true
+    }
 }
 
 pub struct Validated {
@@ -23,6 +64,14 @@ pub struct Validated {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats` together with `include_usage` (vLLM ignores
+    /// the former without the latter).
+    pub continuous_usage: bool,
+    /// `return_token_ids`: prompt and output token ids in the response.
+    pub return_token_ids: bool,
+    pub truncation: Option<Truncation>,
+    /// `use_beam_search`: the search's settings (width = n).
+    pub beam: Option<crate::beam::BeamParams>,
 }
 
 fn range_f(
@@ -58,12 +107,14 @@ pub fn token_id(name: &str, v: i64, vocab: usize) -> Result<u32, ApiError> {
 /// Checks the shared sampling fields. `logprobs` is the number of top alternatives the
 /// endpoint asked for (completions' int, chat's `top_logprobs` when `logprobs` is true).
 pub fn sampling(
+    model: &str,
     f: &SamplingFields,
     max_tokens: Option<i64>,
     logprobs: Option<i64>,
     default_temperature: f64,
     lim: &Limits,
 ) -> Result<Validated, ApiError> {
+    f.unimplemented.check()?;
     let n = f.n.unwrap_or(1);
     if !(1..=MAX_N).contains(&n) {
         return Err(ApiError::invalid_param(
@@ -79,17 +130,24 @@ pub fn sampling(
             ));
         }
     }
+    let d = &lim.defaults;
     let temperature = range_f(
         "temperature",
-        f.temperature,
+        f.temperature.or(d.temperature),
         default_temperature,
         |v| v >= 0.0,
         "non-negative",
     )?;
-    let top_p = range_f("top_p", f.top_p, 1.0, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?;
+    let top_p = range_f(
+        "top_p",
+        f.top_p.or(d.top_p),
+        1.0,
+        |v| v > 0.0 && v <= 1.0,
+        "in (0, 1]",
+    )?;
     let min_p = range_f(
         "min_p",
-        f.min_p,
+        f.min_p.or(d.min_p),
         0.0,
         |v| (0.0..=1.0).contains(&v),
         "in [0, 1]",
@@ -110,12 +168,12 @@ pub fn sampling(
     )?;
     let repetition = range_f(
         "repetition_penalty",
-        f.repetition_penalty,
+        f.repetition_penalty.or(d.repetition_penalty),
         1.0,
         |v| v > 0.0 && v <= 2.0,
         "in (0, 2]",
     )?;
-    let top_k = f.top_k.unwrap_or(-1);
+    let top_k = f.top_k.or(d.top_k).unwrap_or(-1);
     if top_k < -1 || top_k > lim.vocab_size as i64 {
         return Err(ApiError::invalid_param(
             "top_k",
@@ -164,6 +222,10 @@ pub fn sampling(
             "`prompt_logprobs` are not available when `stream=True`.",
         ));
     }
+    let max_tokens = match (max_tokens, d.max_tokens) {
+        (Some(m), Some(cap)) => Some(m.min(cap)),
+        (m, cap) => m.or(cap),
+    };
     let max_tokens = match max_tokens {
         None => None,
         Some(m) if m < 1 => {
@@ -249,17 +311,121 @@ pub fn sampling(
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
         spaces_between_special_tokens: f.spaces_between_special_tokens.unwrap_or(true),
     };
+    let truncation = truncation(model, f, lim)?;
+    let opts = f.stream_options.clone().unwrap_or_default();
+    // vLLM's `should_include_usage`: the server flag forces the final usage chunk; continuous
+    // usage still needs the request's `continuous_usage_stats`.
+    let include_usage = opts.include_usage.unwrap_or(false) || lim.force_include_usage;
     Ok(Validated {
         sampling,
         stop,
         n: n as usize,
         stream,
-        include_usage: f
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        include_usage,
+        continuous_usage: include_usage && opts.continuous_usage_stats.unwrap_or(false),
+        return_token_ids: f.return_token_ids.unwrap_or(false),
+        truncation,
+        beam: beam(f, n as usize, max_tokens, stream)?,
     })
+}
+
+/// `use_beam_search`: what vLLM's `BeamSearchParams` take; fields the search cannot honour
+/// are refused by name rather than dropped.
+fn beam(
+    f: &SamplingFields,
+    width: usize,
+    max_tokens: Option<usize>,
+    stream: bool,
+) -> Result<Option<crate::beam::BeamParams>, ApiError> {
+    let u = &f.unimplemented;
+    if u.use_beam_search != Some(true) {
+        return Ok(None);
+    }
+    let refuse = |field: &str| {
+        Err(ApiError::invalid_param(
+            field,
+            format!("{field} is not supported together with use_beam_search by tpuserve"),
+        ))
+    };
+    if stream {
+        return refuse("stream");
+    }
+    if f.stop
+        .as_ref()
+        .is_some_and(|s| !s.clone().into_vec().is_empty())
+    {
+        return refuse("stop");
+    }
+    if f.stop_token_ids.as_ref().is_some_and(|s| !s.is_empty()) {
+        return refuse("stop_token_ids");
+    }
+    if f.min_tokens.is_some_and(|m| m > 0) {
+        return refuse("min_tokens");
+    }
+    if f.prompt_logprobs.is_some() {
+        return refuse("prompt_logprobs");
+    }
+    let length_penalty = u.length_penalty.unwrap_or(1.0);
+    if !length_penalty.is_finite() {
+        return Err(ApiError::invalid_param(
+            "length_penalty",
+            "length_penalty must be finite",
+        ));
+    }
+    Ok(Some(crate::beam::BeamParams {
+        width,
+        max_tokens: max_tokens.unwrap_or(usize::MAX),
+        length_penalty,
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
+    }))
+}
+
+/// vLLM's bounds: `truncate_prompt_tokens` in [-1, int64] (-1: `max_model_len`) and at most
+/// `max_model_len`; `truncation_side` `left` or `right` (default left: keep the prompt's end).
+fn truncation(
+    model: &str,
+    f: &SamplingFields,
+    lim: &Limits,
+) -> Result<Option<Truncation>, ApiError> {
+    let left = match f.truncation_side.as_deref() {
+        None | Some("left") => true,
+        Some("right") => false,
+        Some(other) => {
+            return Err(bound_error(
+                model,
+                "truncation_side",
+                "Input should be 'left' or 'right'",
+                "literal_error",
+                &format!("'{other}'"),
+            ))
+        }
+    };
+    let keep = match f.truncate_prompt_tokens {
+        None => return Ok(None),
+        Some(-1) => lim.max_model_len,
+        Some(t) if t < -1 => {
+            return Err(bound_error(
+                model,
+                "truncate_prompt_tokens",
+                "Input should be greater than or equal to -1",
+                "greater_than_equal",
+                &t.to_string(),
+            ))
+        }
+        Some(t) if t as u64 > lim.max_model_len as u64 => {
+            return Err(ApiError::invalid_param(
+                "truncate_prompt_tokens",
+                format!(
+                    "truncate_prompt_tokens value ({t}) is greater than max_model_len ({}). \
+                     Please, select a smaller truncation size.",
+                    lim.max_model_len
+                ),
+            ))
+        }
+        Some(t) => t as usize,
+    };
+    Ok(Some(Truncation { keep, left }))
 }
 
 #[cfg(test)]
@@ -268,6 +434,7 @@ mod tests {
 
     fn check(f: SamplingFields) -> Result<Validated, ApiError> {
         sampling(
+            "CompletionRequest",
             &f,
             Some(16),
             None,
@@ -275,6 +442,9 @@ mod tests {
             &Limits {
                 vocab_size: 100,
                 max_logprobs: 5,
+                max_model_len: 64,
+                force_include_usage: false,
+                defaults: SamplingDefaults::default(),
             },
         )
     }

@@ -1,0 +1,291 @@
+//! SSE framing of `/v1/completions` and `/v1/chat/completions` as vLLM frames it: every
+//! chunk carries exactly one choice (clients read `choices[0]`), each choice ends with its own
+//! chunk carrying `finish_reason`, and the usage chunk comes last with `choices: []`. With
+//! `stream_options.continuous_usage_stats` (and `include_usage`) every chunk also carries the
+//! usage so far of its choice: the prompt's tokens and the tokens that choice generated.
+
+use std::convert::Infallible;
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::Sender;
+use tokio_stream::wrappers::ReceiverStream;
+use tpuserve_engine::{RequestStream, SeqDelta};
+
+use crate::app::{chat_logprobs, completion_logprobs, finish_fields, sse_json};
+use crate::error::ApiError;
+use crate::protocol::{CompletionChoice, CompletionResponse, Usage};
+use crate::state::SharedState;
+
+/// What every chunk of one streamed response shares.
+pub struct StreamHead {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    /// Choices per prompt.
+    pub n: usize,
+    /// Usage chunk at the end (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// Usage on every chunk (`continuous_usage_stats`, only together with `include_usage`,
+    /// as vLLM's `should_include_usage`).
+    pub continuous_usage: bool,
+    /// Top alternatives were asked for: deltas carry logprobs.
+    pub want_logprobs: bool,
+    /// `return_token_ids`: the prompt's ids on the first chunk, each chunk's new ids.
+    pub return_token_ids: bool,
+    /// `--enable-prompt-tokens-details`: cached prompt tokens in the final usage.
+    pub prompt_tokens_details: bool,
+}
+
+/// The prompts of one streamed response.
+pub struct Prompts {
+    pub lens: Vec<usize>,
+    /// Each prompt's ids (filled when `return_token_ids` asked for them).
+    pub ids: Vec<Vec<u32>>,
+    /// With `echo`: each prompt's text, prepended to its choices' first chunk.
+    pub echo_texts: Option<Vec<String>>,
+    /// `echo` with `logprobs` (the number of alternatives): the first chunk's logprobs cover
+    /// the prompt (its logprobs come with the prompt info).
+    pub echo_logprobs: Option<usize>,
+}
+
+/// Per-choice token counts (index = prompt × n + choice).
+struct Counts {
+    prompt: Vec<usize>,
+    /// Prompt tokens found in the prefix cache, per prompt.
+    cached: Vec<usize>,
+    generated: Vec<usize>,
+}
+
+impl Counts {
+    fn new(prompt_lens: &[usize], n: usize) -> Self {
+        Counts {
+            prompt: prompt_lens.to_vec(),
+            cached: vec![0; prompt_lens.len()],
+            generated: vec![0; prompt_lens.len() * n],
+        }
+    }
+
+    /// The usage of one choice so far (`prompt` = its prompt's index).
+    fn choice(&self, prompt: usize, choice: usize) -> Usage {
+        Usage::new(self.prompt[prompt], self.generated[choice])
+    }
+
+    /// The whole response: each prompt once, every choice's tokens.
+    fn total(&self, details: bool) -> Usage {
+        Usage::new(self.prompt.iter().sum(), self.generated.iter().sum())
+            .with_cached(details, self.cached.iter().sum())
+    }
+}
+
+/// A response whose body is fed by `task` through the channel it is given.
+fn sse_response<F>(task: impl FnOnce(Sender<Result<Event, Infallible>>) -> F) -> Response
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(task(tx));
+    Sse::new(ReceiverStream::new(rx)).into_response()
+}
+
+async fn send_error(tx: &Sender<Result<Event, Infallible>>, e: &str) {
+    let _ = tx
+        .send(sse_json(&ApiError::internal(e.to_string()).body()))
+        .await;
+}
+
+/// Streams a completion: `streams[p]` generates prompt `p`. `guard` lives as long as the
+/// stream.
+pub fn completions(
+    st: SharedState,
+    head: StreamHead,
+    streams: Vec<RequestStream>,
+    prompts: Prompts,
+    guard: impl Send + 'static,
+) -> Response {
+    sse_response(move |tx| async move {
+        let _guard = guard;
+        let n = head.n;
+        let mut counts = Counts::new(&prompts.lens, n);
+        for (pi, mut stream) in streams.into_iter().enumerate() {
+            let mut first = vec![true; n];
+            // Text sent so far per choice: where the next chunk's logprob offsets start.
+            let mut sent = vec![0usize; n];
+            let mut prompt_lps = Vec::new();
+            while let Some(ev) = stream.next().await {
+                if let Some(p) = ev.prompt {
+                    counts.cached[pi] = p.num_cached_tokens;
+                    prompt_lps = p.prompt_logprobs.unwrap_or_default();
+                }
+                if let Some(e) = &ev.error {
+                    send_error(&tx, e).await;
+                }
+                for d in ev.seqs {
+                    let index = pi * n + d.index;
+                    counts.generated[index] += d.token_ids.len();
+                    let mut text = String::new();
+                    let is_first = std::mem::take(&mut first[d.index]);
+                    if let (true, Some(t)) = (is_first, &prompts.echo_texts) {
+                        text.push_str(&t[pi]);
+                    }
+                    text.push_str(&d.text);
+                    let mut choice = completion_choice(&st, &head, index, text, &d, sent[d.index]);
+                    if let (true, Some(k), Some(l)) = (
+                        is_first,
+                        prompts.echo_logprobs,
+                        d.logprobs.as_ref().filter(|_| head.want_logprobs),
+                    ) {
+                        choice.logprobs = Some(crate::echo::prompt_then_output(
+                            &st,
+                            &prompts.ids[pi],
+                            &prompt_lps,
+                            l,
+                            k,
+                            0,
+                        ));
+                    }
+                    sent[d.index] += choice.text.len();
+                    if is_first && head.return_token_ids {
+                        choice.prompt_token_ids = Some(prompts.ids[pi].clone());
+                    }
+                    let chunk = CompletionResponse {
+                        id: head.id.clone(),
+                        object: "text_completion",
+                        created: head.created,
+                        model: head.model.clone(),
+                        choices: vec![choice],
+                        usage: head.continuous_usage.then(|| counts.choice(pi, index)),
+                    };
+                    if tx.send(sse_json(&chunk)).await.is_err() {
+                        return; // client gone: dropping `stream` aborts the request
+                    }
+                }
+            }
+        }
+        if head.include_usage {
+            let chunk = json!({"id": head.id, "object": "text_completion",
+                "created": head.created, "model": head.model, "choices": [],
+                "usage": counts.total(head.prompt_tokens_details)});
+            let _ = tx.send(sse_json(&chunk)).await;
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    })
+}
+
+fn completion_choice(
+    st: &SharedState,
+    head: &StreamHead,
+    index: usize,
+    text: String,
+    d: &SeqDelta,
+    offset0: usize,
+) -> CompletionChoice {
+    let (finish_reason, stop_reason) = finish_fields(&d.finish);
+    CompletionChoice {
+        index,
+        text,
+        logprobs: d
+            .logprobs
+            .as_ref()
+            .filter(|_| head.want_logprobs)
+            .map(|l| completion_logprobs(st, l, offset0)),
+        finish_reason,
+        stop_reason: Some(stop_reason),
+        prompt_logprobs: None,
+        prompt_token_ids: None,
+        token_ids: head.return_token_ids.then(|| d.token_ids.clone()),
+    }
+}
+
+/// Streams a chat completion: first one role chunk per choice, then one chunk per choice and
+/// step, each choice closing with its `finish_reason`.
+pub fn chat(
+    st: SharedState,
+    head: StreamHead,
+    mut stream: RequestStream,
+    prompts: Prompts,
+    role: String,
+    echo: Option<String>,
+    guard: impl Send + 'static,
+) -> Response {
+    sse_response(move |tx| async move {
+        let _guard = guard;
+        let mut counts = Counts::new(&prompts.lens, head.n);
+        let chunk = |choice: Value, usage: Option<Usage>| {
+            let mut c = json!({"id": head.id, "object": "chat.completion.chunk",
+                "created": head.created, "model": head.model, "choices": [choice]});
+            if let Some(u) = usage {
+                c["usage"] = json!(u);
+            }
+            c
+        };
+        for i in 0..head.n {
+            let mut first = chunk(
+                json!({"index": i, "delta": {"role": role, "content": ""}, "logprobs": null,
+                    "finish_reason": null}),
+                head.continuous_usage.then(|| counts.choice(0, i)),
+            );
+            if i == 0 && head.return_token_ids {
+                // vLLM sends the prompt's ids once, on the stream's first chunk.
+                first["prompt_token_ids"] = json!(prompts.ids[0]);
+            }
+            if tx.send(sse_json(&first)).await.is_err() {
+                return;
+            }
+        }
+        // Chat `echo`: the continued message's text first, one chunk per choice (vLLM).
+        for i in (0..head.n).filter(|_| echo.is_some()) {
+            let c = chunk(
+                json!({"index": i, "delta": {"content": echo}, "logprobs": null,
+                    "finish_reason": null}),
+                head.continuous_usage.then(|| counts.choice(0, i)),
+            );
+            if tx.send(sse_json(&c)).await.is_err() {
+                return;
+            }
+        }
+        while let Some(ev) = stream.next().await {
+            if let Some(p) = &ev.prompt {
+                counts.prompt[0] = p.num_prompt_tokens;
+                counts.cached[0] = p.num_cached_tokens;
+            }
+            if let Some(e) = &ev.error {
+                send_error(&tx, e).await;
+            }
+            for d in ev.seqs {
+                counts.generated[d.index] += d.token_ids.len();
+                let (fr, sr) = finish_fields(&d.finish);
+                let delta = if d.text.is_empty() && fr.is_some() {
+                    json!({})
+                } else {
+                    json!({"content": d.text})
+                };
+                let logprobs = d
+                    .logprobs
+                    .as_ref()
+                    .filter(|_| head.want_logprobs)
+                    .map(|l| chat_logprobs(&st, l));
+                let mut choice = json!({"index": d.index, "delta": delta, "logprobs": logprobs,
+                    "finish_reason": fr, "stop_reason": sr});
+                if head.return_token_ids {
+                    choice["token_ids"] = json!(d.token_ids);
+                }
+                let c = chunk(
+                    choice,
+                    head.continuous_usage.then(|| counts.choice(0, d.index)),
+                );
+                if tx.send(sse_json(&c)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if head.include_usage {
+            let u = json!({"id": head.id, "object": "chat.completion.chunk",
+                "created": head.created, "model": head.model, "choices": [],
+                "usage": counts.total(head.prompt_tokens_details)});
+            let _ = tx.send(sse_json(&u)).await;
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    })
+}

@@ -1,0 +1,220 @@
+//! Request fields vLLM accepts that tpuserve does not implement are refused by name (400)
+//! when set to anything but their neutral value, so a client never gets a 200 that quietly
+//! did something else; fields neither vLLM nor tpuserve knows are logged as ignored, as
+//! vLLM's `OpenAIBaseModel` does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
+
+use schemars::JsonSchema;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// vLLM's extras without an implementation here (both routes).
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+pub struct Unimplemented {
+    /// Beam search (see `beam.rs`); listed here because vLLM has it among its extras.
+    pub use_beam_search: Option<bool>,
+    /// Beam search's length penalty (vLLM uses it nowhere else).
+    pub length_penalty: Option<f64>,
+    pub allowed_token_ids: Option<Value>,
+    pub bad_words: Option<Value>,
+    pub response_format: Option<Value>,
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub guided_decoding_backend: Option<Value>,
+    pub guided_whitespace_pattern: Option<Value>,
+    pub logits_processors: Option<Value>,
+    pub priority: Option<i64>,
+    pub return_tokens_as_token_ids: Option<bool>,
+    pub cache_salt: Option<Value>,
+    pub kv_transfer_params: Option<Value>,
+    pub vllm_xargs: Option<Value>,
+    pub prompt_embeds: Option<Value>,
+    pub mm_processor_kwargs: Option<Value>,
+    pub media_io_kwargs: Option<Value>,
+    pub logprob_token_ids: Option<Value>,
+    pub thinking_token_budget: Option<Value>,
+}
+
+/// Null, false, 0, "" and empty lists / objects ask for nothing.
+fn neutral(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::String(s) => s.is_empty(),
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::Bool(true) => false,
+    }
+}
+
+fn refuse(field: &str, why: &str) -> ApiError {
+    ApiError::invalid_param(
+        field,
+        format!("{field} is not supported by tpuserve: {why}"),
+    )
+}
+
+impl Unimplemented {
+    pub fn check(&self) -> Result<(), ApiError> {
+        if self.return_tokens_as_token_ids == Some(true) {
+            return Err(refuse(
+                "return_tokens_as_token_ids",
+                "logprob tokens are always text",
+            ));
+        }
+        if self.priority.is_some_and(|p| p != 0) {
+            return Err(refuse(
+                "priority",
+                "requests are scheduled first come, first served (vLLM refuses it too \
+                 without --scheduling-policy priority)",
+            ));
+        }
+        if let Some(f) = &self.response_format {
+            if !neutral(f) && f.get("type").and_then(Value::as_str) != Some("text") {
+                return Err(refuse(
+                    "response_format",
+                    "structured output is not implemented (only {\"type\": \"text\"})",
+                ));
+            }
+        }
+        let generic: [(&str, &Option<Value>, &str); 17] = [
+            (
+                "allowed_token_ids",
+                &self.allowed_token_ids,
+                "not implemented",
+            ),
+            ("bad_words", &self.bad_words, "not implemented"),
+            (
+                "structured_outputs",
+                &self.structured_outputs,
+                "structured output is not implemented",
+            ),
+            (
+                "guided_json",
+                &self.guided_json,
+                "structured output is not implemented",
+            ),
+            (
+                "guided_regex",
+                &self.guided_regex,
+                "structured output is not implemented",
+            ),
+            (
+                "guided_choice",
+                &self.guided_choice,
+                "structured output is not implemented",
+            ),
+            (
+                "guided_grammar",
+                &self.guided_grammar,
+                "structured output is not implemented",
+            ),
+            (
+                "guided_decoding_backend",
+                &self.guided_decoding_backend,
+                "structured output is not implemented",
+            ),
+            (
+                "guided_whitespace_pattern",
+                &self.guided_whitespace_pattern,
+                "structured output is not implemented",
+            ),
+            (
+                "logits_processors",
+                &self.logits_processors,
+                "custom logits processors cannot be loaded",
+            ),
+            (
+                "cache_salt",
+                &self.cache_salt,
+                "the prefix cache is shared by all requests",
+            ),
+            (
+                "kv_transfer_params",
+                &self.kv_transfer_params,
+                "there is no KV transfer",
+            ),
+            ("vllm_xargs", &self.vllm_xargs, "there are no vLLM plug-ins"),
+            (
+                "prompt_embeds",
+                &self.prompt_embeds,
+                "prompts are token ids or text",
+            ),
+            (
+                "mm_processor_kwargs",
+                &self.mm_processor_kwargs,
+                "the models are text-only",
+            ),
+            (
+                "media_io_kwargs",
+                &self.media_io_kwargs,
+                "the models are text-only",
+            ),
+            (
+                "logprob_token_ids",
+                &self.logprob_token_ids,
+                "not implemented",
+            ),
+        ];
+        for (field, value, why) in generic {
+            if value.as_ref().is_some_and(|v| !neutral(v)) {
+                return Err(refuse(field, why));
+            }
+        }
+        if self
+            .thinking_token_budget
+            .as_ref()
+            .is_some_and(|v| !neutral(v))
+        {
+            return Err(refuse(
+                "thinking_token_budget",
+                "there is no reasoning parser",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The top-level field names `T`'s schema declares (flattened parts included).
+fn known_fields<T: JsonSchema>() -> BTreeSet<String> {
+    let schema = serde_json::to_value(schemars::schema_for!(T)).unwrap_or(Value::Null);
+    let mut out = BTreeSet::new();
+    collect_properties(&schema, &mut out);
+    out
+}
+
+fn collect_properties(v: &Value, out: &mut BTreeSet<String>) {
+    if let Some(p) = v.get("properties").and_then(Value::as_object) {
+        out.extend(p.keys().cloned());
+    }
+    for key in ["allOf", "anyOf", "oneOf"] {
+        for sub in v.get(key).and_then(Value::as_array).into_iter().flatten() {
+            collect_properties(sub, out);
+        }
+    }
+}
+
+/// Logs, as vLLM does, the body fields that `T` does not know (they have no effect). Only
+/// the keys are read: values are skipped without being built.
+pub fn log_unknown<T: JsonSchema>(known: &'static OnceLock<BTreeSet<String>>, body: &[u8]) {
+    let known = known.get_or_init(known_fields::<T>);
+    let Ok(keys) = serde_json::from_slice::<BTreeMap<String, IgnoredAny>>(body) else {
+        return;
+    };
+    let unknown: Vec<&str> = keys
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        tracing::warn!("The following fields were present in the request but ignored: {unknown:?}");
+    }
+}

@@ -1,0 +1,824 @@
+"""Issue 18 ("vLLM drop-in, second pass"): request fields, routes and flags that must behave
+as in vLLM, each checked through a real `tpuserve serve` (SmolLM2 on CPU) with the `openai`
+client or raw HTTP. Expected values come from the server's own answers (usage counts, other
+requests), never from hard-coded outputs."""
+
+import http.client
+import json
+import re
+
+import pytest
+from openai import OpenAI
+from tpuserve_proc import ServerProcess
+
+MAX_MODEL_LEN = 256
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess("--max-model-len", str(MAX_MODEL_LEN))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0,
+                  timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def send(port, method, path, body=None, headers=None):
+    """Raw HTTP; returns (status, parsed JSON or text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    data = json.dumps(body).encode() if body is not None else None
+    conn.request(method, path, body=data, headers=headers or (JSON if data else {}))
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    try:
+        return resp.status, json.loads(raw)
+    except ValueError:
+        return resp.status, raw.decode(errors="replace")
+
+
+def sse(port, path, body):
+    """POSTs a streaming request and returns the decoded `data:` chunks (without [DONE])."""
+    status, text = send(port, "POST", path, body)
+    assert status == 200, text
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def metric(page: str, name: str, labels: str = "") -> float:
+    """Sum of the samples of `name` whose label set contains `labels`."""
+    total = 0.0
+    for line in page.splitlines():
+        m = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
+        if m and labels in m.group(1):
+            total += float(m.group(2))
+    return total
+
+
+# --- item 10: metrics recorded before the last output is released -------------------------
+
+def test_metrics_include_a_response_at_once(server, client, model):
+    """A scrape right after a response already counts it: generation tokens, prompt tokens and
+    request_success_total (vLLM records stats before the output leaves the engine)."""
+    for i in range(5):
+        _, before = send(server.port, "GET", "/metrics")
+        r = client.completions.create(model=model, prompt=f"Count to ten {i}", max_tokens=24 + i,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        _, after = send(server.port, "GET", "/metrics")
+        gen = metric(after, "vllm:generation_tokens_total") - metric(
+            before, "vllm:generation_tokens_total")
+        assert gen == r.usage.completion_tokens, (i, gen, r.usage)
+        prompt = metric(after, "vllm:prompt_tokens_total") - metric(
+            before, "vllm:prompt_tokens_total")
+        assert prompt == r.usage.prompt_tokens, (i, prompt, r.usage)
+        ok = metric(after, "vllm:request_success_total", 'finished_reason="length"') - metric(
+            before, "vllm:request_success_total", 'finished_reason="length"')
+        assert ok == 1, (i, ok)
+
+
+# --- item 2: streaming with n > 1 ----------------------------------------------------------
+
+def check_one_choice_per_chunk(chunks, num_choices):
+    """vLLM's framing: one choice per chunk, each choice's last chunk carries its
+    finish_reason (and none before), then one usage chunk with `choices: []`."""
+    *body, last = chunks
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] > 0, last
+    seen = {}
+    for c in body:
+        assert len(c["choices"]) == 1, c
+        ch = c["choices"][0]
+        i = ch["index"]
+        assert seen.get(i) is None, f"choice {i} got a chunk after its finish_reason: {c}"
+        seen[i] = ch["finish_reason"]
+    assert sorted(seen) == list(range(num_choices)), seen
+    assert all(seen[i] in ("length", "stop") for i in seen), seen
+    return last["usage"]
+
+
+def test_stream_n2_completions_one_choice_per_chunk(server, model, client):
+    body = {"model": model, "prompt": ["Once upon a time", "The capital of France is"],
+            "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 11, "stream": True,
+            "stream_options": {"include_usage": True}}
+    chunks = sse(server.port, "/v1/completions", body)
+    usage = check_one_choice_per_chunk(chunks, 4)
+    texts = {}
+    for c in chunks[:-1]:
+        ch = c["choices"][0]
+        texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+    full = client.completions.create(**{k: v for k, v in body.items()
+                                        if k not in ("stream", "stream_options")})
+    assert {c.index: c.text for c in full.choices} == texts
+    assert usage["completion_tokens"] == full.usage.completion_tokens
+    assert usage["prompt_tokens"] == full.usage.prompt_tokens
+
+
+def test_stream_n2_chat_one_choice_per_chunk(server, model, client):
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a story."}],
+            "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 5, "stream": True,
+            "stream_options": {"include_usage": True}}
+    chunks = sse(server.port, "/v1/chat/completions", body)
+    check_one_choice_per_chunk(chunks, 2)
+    roles = [c["choices"][0]["index"] for c in chunks[:-1]
+             if c["choices"][0]["delta"].get("role") == "assistant"]
+    assert roles == [0, 1], roles
+    # The openai client's own accumulation sees both finish reasons.
+    stream = client.chat.completions.create(**{**body, "stream_options": None})
+    finish = {}
+    for c in stream:
+        for ch in c.choices:
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    assert set(finish) == {0, 1}, finish
+
+
+# --- item 3: stream_options.continuous_usage_stats ----------------------------------------
+
+def test_continuous_usage_stats_on_every_chunk(server, model):
+    for path, body in [
+        ("/v1/completions", {"prompt": "Once upon a time"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi there"}]}),
+    ]:
+        body = {**body, "model": model, "max_tokens": 7, "temperature": 0, "stream": True,
+                "ignore_eos": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        chunks = sse(server.port, path, body)
+        final = chunks[-1]["usage"]
+        assert chunks[-1]["choices"] == []
+        prev = -1
+        for c in chunks:
+            u = c.get("usage")
+            assert u is not None, (path, c)
+            assert u["prompt_tokens"] == final["prompt_tokens"], (path, c)
+            assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"], (path, c)
+            assert u["completion_tokens"] >= prev, (path, c)
+            prev = u["completion_tokens"]
+        # The last content chunk has counted every token of the (only) choice.
+        assert chunks[-2]["usage"]["completion_tokens"] == final["completion_tokens"] == 7
+        # Without include_usage, vLLM sends no usage at all.
+        body["stream_options"] = {"continuous_usage_stats": True}
+        assert all(c.get("usage") is None for c in sse(server.port, path, body)), path
+
+
+# --- item 6: any role string goes to the chat template -------------------------------------
+
+def test_custom_roles_reach_the_template(server, client, model):
+    """vLLM passes custom roles to the template (the template decides); SmolLM2's ChatML
+    template writes the role name into the prompt."""
+    msgs = [{"role": "narrator", "content": "It was a dark night."},
+            {"role": "user", "content": "Continue."}]
+    status, tok = send(server.port, "POST", "/tokenize", {"model": model, "messages": msgs})
+    assert status == 200, tok
+    status, text = send(server.port, "POST", "/detokenize",
+                        {"model": model, "tokens": tok["tokens"]})
+    assert status == 200 and "narrator\nIt was a dark night." in text["prompt"], text
+    r = client.chat.completions.create(model=model, messages=msgs, max_tokens=3, temperature=0)
+    assert r.usage.prompt_tokens == tok["count"], (r.usage, tok["count"])
+
+
+# --- item 7: numeric bounds named as vLLM's (pydantic's) validation names them --------------
+
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+
+
+def test_integer_bounds_name_the_limit(server, model):
+    port = server.port
+    cases = [
+        ("/v1/completions", {"prompt": "Hi", "seed": -1e19}, "seed", "greater_than_equal",
+         str(I64_MIN)),
+        ("/v1/completions", {"prompt": "Hi", "seed": 10**20}, "seed", "less_than_equal",
+         str(I64_MAX)),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2**64}, "max_tokens",
+         "less_than_equal", str(I64_MAX)),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                  "seed": -(2**63) - 1}, "seed", "greater_than_equal",
+         str(I64_MIN)),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                  "n": 1.5}, "n", "int_from_float", "fractional part"),
+    ]
+    for path, body, param, kind, bound in cases:
+        status, err = send(port, "POST", path, {"model": model, "max_tokens": 2, **body})
+        assert status == 400, (body, err)
+        msg = err["error"]["message"]
+        assert kind in msg and bound in msg and param in msg, (body, msg)
+        assert err["error"]["param"] == param, err
+    # An integral float is an integer (pydantic's lax mode): seed 7.0 == seed 7.
+    same = []
+    for seed in (7, 7.0):
+        status, r = send(port, "POST", "/v1/completions",
+                         {"model": model, "prompt": "Hi", "max_tokens": 5, "temperature": 1.0,
+                          "seed": seed})
+        assert status == 200, r
+        same.append(r["choices"][0]["text"])
+    assert same[0] == same[1], same
+
+
+# --- flags: sizes checked before anything loads ---------------------------------------------
+
+@pytest.mark.parametrize("args,flag", [
+    (["--dtype", "float8"], "--dtype"),
+    (["--block-size", "0"], "--block-size"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], "--max-num-batched-tokens"),
+    (["--max-model-len", "100000000"], "--max-model-len"),
+])
+def test_bad_sizes_are_a_one_line_usage_error(args, flag):
+    import subprocess
+    from tpuserve_proc import binary, free_port
+    p = subprocess.run([binary(), "serve", "--port", str(free_port()), *args],
+                       capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, (p.returncode, out[-3000:])
+    assert "panicked" not in out and "loading model" not in out, out[-3000:]
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and flag in lines[0], p.stderr
+
+
+# --- item 5: return_token_ids, truncate_prompt_tokens, /tokenize return_token_strs ----------
+
+def tokenize(port, model, **body):
+    status, r = send(port, "POST", "/tokenize", {"model": model, **body})
+    assert status == 200, r
+    return r
+
+
+def test_return_token_ids_completions(server, model):
+    port = server.port
+    prompt = "The capital of France is"
+    ids = tokenize(port, model, prompt=prompt)["tokens"]
+    body = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0,
+            "return_token_ids": True}
+    status, r = send(port, "POST", "/v1/completions", body)
+    assert status == 200, r
+    ch = r["choices"][0]
+    assert ch["prompt_token_ids"] == ids, ch
+    assert len(ch["token_ids"]) == r["usage"]["completion_tokens"], ch
+    _, text = send(port, "POST", "/detokenize", {"model": model, "tokens": ch["token_ids"]})
+    assert text["prompt"] == ch["text"]
+    # Streaming: the prompt ids once (first chunk), the delta ids on every chunk.
+    chunks = sse(port, "/v1/completions", {**body, "stream": True})
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == ids
+    assert all(c["choices"][0].get("prompt_token_ids") is None for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ch["token_ids"]
+
+
+def test_return_token_ids_chat(server, model):
+    port = server.port
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    ids = tokenize(port, model, messages=msgs)["tokens"]
+    body = {"model": model, "messages": msgs, "max_tokens": 5, "temperature": 0,
+            "return_token_ids": True}
+    status, r = send(port, "POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    assert r["prompt_token_ids"] == ids, r
+    toks = r["choices"][0]["token_ids"]
+    assert len(toks) == r["usage"]["completion_tokens"]
+    chunks = sse(port, "/v1/chat/completions", {**body, "stream": True})
+    assert chunks[0]["prompt_token_ids"] == ids
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids") or []] == toks
+    # Not asked for: not there.
+    status, r = send(port, "POST", "/v1/chat/completions", {**body, "return_token_ids": False})
+    assert r.get("prompt_token_ids") is None and r["choices"][0].get("token_ids") is None
+
+
+def test_truncate_prompt_tokens(server, model):
+    port = server.port
+    prompt = "one two three four five six seven eight nine ten"
+    ids = tokenize(port, model, prompt=prompt)["tokens"]
+    assert len(ids) > 6
+    for side, kept in [(None, ids[-4:]), ("left", ids[-4:]), ("right", ids[:4])]:
+        body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                "truncate_prompt_tokens": 4, "return_token_ids": True}
+        if side:
+            body["truncation_side"] = side
+        status, r = send(port, "POST", "/v1/completions", body)
+        assert status == 200, r
+        assert r["usage"]["prompt_tokens"] == 4, (side, r["usage"])
+        assert r["choices"][0]["prompt_token_ids"] == kept, side
+    # Chat truncates the rendered prompt; -1 means "to max_model_len" (a no-op here).
+    msgs = [{"role": "user", "content": prompt}]
+    status, r = send(port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": msgs, "max_tokens": 2,
+                      "truncate_prompt_tokens": 5})
+    assert status == 200 and r["usage"]["prompt_tokens"] == 5, r
+    full = tokenize(port, model, messages=msgs)["count"]
+    status, r = send(port, "POST", "/v1/completions",
+                     {"model": model, "prompt": prompt, "max_tokens": 2,
+                      "truncate_prompt_tokens": -1})
+    assert status == 200 and r["usage"]["prompt_tokens"] == len(ids), r
+    assert full > 5
+    for bad, kind in [({"truncate_prompt_tokens": -2}, "greater_than_equal"),
+                      ({"truncate_prompt_tokens": 4, "truncation_side": "middle"}, "left"),
+                      ({"truncate_prompt_tokens": MAX_MODEL_LEN + 1}, str(MAX_MODEL_LEN))]:
+        status, err = send(port, "POST", "/v1/completions",
+                           {"model": model, "prompt": prompt, "max_tokens": 2, **bad})
+        assert status == 400 and kind in err["error"]["message"], (bad, err)
+
+
+def test_tokenize_return_token_strs(server, model):
+    r = tokenize(server.port, model, prompt="Hello world", return_token_strs=True)
+    assert len(r["token_strs"]) == r["count"] == len(r["tokens"])
+    assert r["token_strs"][-1] == "\u0120world", r  # byte-level BPE piece, as HF's
+    assert tokenize(server.port, model, prompt="Hello world")["token_strs"] is None
+
+
+# --- routes: /load, /invocations, /tokenizer_info; item 9: usage flags ---------------------
+
+@pytest.fixture(scope="module")
+def flagged():
+    """A server with the opt-in vLLM flags on."""
+    s = ServerProcess("--max-model-len", str(MAX_MODEL_LEN), "--enable-server-load-tracking",
+                      "--enable-tokenizer-info-endpoint", "--enable-prompt-tokens-details",
+                      "--enable-force-include-usage", "--response-role", "bot",
+                      "--max-log-len", "100", "--allowed-origins", '["http://good.example"]',
+                      "--allow-credentials", "--root-path", "/api/", "--dtype", "bfloat16",
+                      "--trust-request-chat-template")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_load_counts_requests_in_flight(flagged, server, model):
+    import threading
+    assert send(flagged.port, "GET", "/load") == (200, {"server_load": 0})
+    body = {"model": model, "prompt": "Once", "max_tokens": 120, "ignore_eos": True,
+            "stream": True}
+    t = threading.Thread(target=sse, args=(flagged.port, "/v1/completions", body))
+    t.start()
+    seen = 0
+    while t.is_alive() and seen == 0:
+        seen = send(flagged.port, "GET", "/load")[1]["server_load"]
+    t.join()
+    assert seen == 1
+    assert send(flagged.port, "GET", "/load") == (200, {"server_load": 0})
+    # Without --enable-server-load-tracking vLLM still answers, with nothing counted.
+    assert send(server.port, "GET", "/load") == (200, {"server_load": 0})
+
+
+def test_invocations_dispatches_by_body(server, model, client):
+    port = server.port
+    comp = {"model": model, "prompt": "The capital of France is", "max_tokens": 4,
+            "temperature": 0}
+    status, r = send(port, "POST", "/invocations", comp)
+    assert status == 200 and r["object"] == "text_completion", r
+    assert r["choices"][0]["text"] == client.completions.create(**comp).choices[0].text
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0}
+    status, r = send(port, "POST", "/invocations", chat)
+    assert status == 200 and r["object"] == "chat.completion", r
+    status, err = send(port, "POST", "/invocations", {"model": model, "input": "x"})
+    assert status == 400 and "error" in err, err
+
+
+def test_tokenizer_info_only_when_enabled(flagged, server):
+    status, info = send(flagged.port, "GET", "/tokenizer_info")
+    assert status == 200, info
+    assert isinstance(info["tokenizer_class"], str) and info["tokenizer_class"]
+    # The same template the server renders chats with: its output appears in /tokenize's
+    # rendering of a conversation.
+    assert "message['role']" in info["chat_template"] or "message.role" in info["chat_template"]
+    assert "eos_token" in info
+    assert send(server.port, "GET", "/tokenizer_info")[0] == 404
+
+
+def test_prompt_tokens_details_cached_tokens(flagged, model):
+    port = flagged.port
+    prompt = " ".join(f"word{i}" for i in range(40))
+    body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    send(port, "POST", "/v1/completions", body)  # fills the prefix cache
+    status, r = send(port, "POST", "/v1/completions", body)
+    assert status == 200, r
+    cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 16 <= cached < r["usage"]["prompt_tokens"] and cached % 16 == 0, r["usage"]
+    chunks = sse(port, "/v1/chat/completions",
+                 {"model": model, "messages": [{"role": "user", "content": prompt}],
+                  "max_tokens": 2, "stream": True})
+    chunks = sse(port, "/v1/chat/completions",
+                 {"model": model, "messages": [{"role": "user", "content": prompt}],
+                  "max_tokens": 2, "stream": True})
+    # --enable-force-include-usage: the usage chunk comes without stream_options.
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["prompt_tokens_details"]["cached_tokens"] >= 16
+
+
+def test_no_usage_details_or_forced_usage_by_default(server, model):
+    prompt = " ".join(f"word{i}" for i in range(40))
+    body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    send(server.port, "POST", "/v1/completions", body)
+    status, r = send(server.port, "POST", "/v1/completions", body)
+    assert r["usage"]["prompt_tokens_details"] is None, r["usage"]
+    chunks = sse(server.port, "/v1/completions", {**body, "stream": True})
+    assert all("usage" not in c or c["usage"] is None for c in chunks), chunks[-1]
+
+
+# --- --seed: the default seed of unseeded requests ------------------------------------------
+
+def _unseeded_texts(seed: str):
+    s = ServerProcess("--max-model-len", str(MAX_MODEL_LEN), "--seed", seed)
+    try:
+        out = []
+        for prompt in ["Once upon a time", "My favourite food is", "Once upon a time"]:
+            status, r = send(s.port, "POST", "/v1/completions",
+                             {"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "n": 2})
+            assert status == 200, r
+            out.append([c["text"] for c in r["choices"]])
+        status, r = send(s.port, "POST", "/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "Say something."}],
+                          "max_tokens": 12, "temperature": 1.0})
+        out.append([r["choices"][0]["message"]["content"]])
+        return out
+    finally:
+        s.close()
+
+
+def test_seed_flag_makes_unseeded_requests_repeatable():
+    a, b, c = _unseeded_texts("7"), _unseeded_texts("7"), _unseeded_texts("8")
+    assert a == b, (a, b)
+    assert a != c, "another --seed gives other samples"
+    # Still a stream of samples, not one fixed seed: the same prompt twice differs, as do the
+    # two choices of one request.
+    assert a[0] != a[2] and a[0][0] != a[0][1], a
+
+
+# --- no field silently ignored ---------------------------------------------------------------
+
+@pytest.mark.parametrize("path,extra,field", [
+    # Beam search runs (item 8) but cannot stream or stop on strings: refused by name.
+    ("/v1/completions", {"use_beam_search": True, "stream": True}, "stream"),
+    ("/v1/chat/completions", {"use_beam_search": True, "n": 2, "stop": ["x"]}, "stop"),
+    ("/v1/completions", {"allowed_token_ids": [1, 2, 3]}, "allowed_token_ids"),
+    ("/v1/completions", {"bad_words": ["cat"]}, "bad_words"),
+    ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"structured_outputs": {"choice": ["a", "b"]}},
+     "structured_outputs"),
+    ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("/v1/completions", {"guided_choice": ["a", "b"]}, "guided_choice"),
+    ("/v1/completions", {"priority": 3}, "priority"),
+    ("/v1/completions", {"logits_processors": ["x"]}, "logits_processors"),
+    ("/v1/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    ("/v1/completions", {"prompt_embeds": "AAAA"}, "prompt_embeds"),
+])
+def test_unimplemented_vllm_fields_are_refused_by_name(server, model, path, extra, field):
+    base = ({"prompt": "Hi"} if path == "/v1/completions"
+            else {"messages": [{"role": "user", "content": "Hi"}]})
+    status, err = send(server.port, "POST", path, {"model": model, "max_tokens": 2, **base,
+                                                   **extra})
+    assert status == 400, (extra, err)
+    assert err["error"]["param"] == field and field in err["error"]["message"], err
+
+
+def test_neutral_values_of_those_fields_are_accepted(server, model):
+    status, r = send(server.port, "POST", "/v1/completions",
+                     {"model": model, "prompt": "Hi", "max_tokens": 2, "use_beam_search": False,
+                      "priority": 0, "bad_words": [], "response_format": {"type": "text"},
+                      "length_penalty": 1.0, "structured_outputs": None})
+    assert status == 200, r
+
+
+def test_unknown_fields_are_logged_as_ignored_like_vllm(server, model):
+    # Known fields (flattened sampling fields and vLLM extras included) are not reported.
+    known = {"model": model, "prompt": "Hi", "max_tokens": 2, "temperature": 0.5, "top_k": 3,
+             "seed": 1, "stop": ["x"], "ignore_eos": False, "use_beam_search": False,
+             "truncate_prompt_tokens": 5, "return_token_ids": False, "echo": False, "user": "u"}
+    assert send(server.port, "POST", "/v1/completions", known)[0] == 200
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "max_completion_tokens": 2, "top_logprobs": 1, "logprobs": True,
+            "chat_template_kwargs": {}, "stream": False, "priority": 0}
+    assert send(server.port, "POST", "/v1/chat/completions", chat)[0] == 200
+    status, r = send(server.port, "POST", "/v1/completions",
+                     {"model": model, "prompt": "Hi", "max_tokens": 2, "frobnicate_level": 3})
+    assert status == 200, r
+    import time
+    deadline = time.monotonic() + 5
+    while "frobnicate_level" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [l for l in server.output().splitlines() if "but ignored" in l]
+    assert len(lines) == 1 and "frobnicate_level" in lines[0], lines
+
+
+def test_response_role_flag(flagged, server, model):
+    msgs = [{"role": "user", "content": "Hi"}]
+    status, r = send(flagged.port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": msgs, "max_tokens": 2})
+    assert status == 200 and r["choices"][0]["message"]["role"] == "bot", r
+    chunks = sse(flagged.port, "/v1/chat/completions",
+                 {"model": model, "messages": msgs, "max_tokens": 2, "stream": True})
+    assert chunks[0]["choices"][0]["delta"]["role"] == "bot", chunks[0]
+    # Continuing a message keeps that message's role (vLLM's get_chat_request_role).
+    cont = msgs + [{"role": "assistant", "content": "Hello"}]
+    status, r = send(flagged.port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": cont, "max_tokens": 2,
+                      "add_generation_prompt": False, "continue_final_message": True})
+    assert status == 200 and r["choices"][0]["message"]["role"] == "assistant", r
+    status, r = send(server.port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": msgs, "max_tokens": 2})
+    assert r["choices"][0]["message"]["role"] == "assistant", r
+
+
+# --- --generation-config / --override-generation-config ------------------------------------
+
+def _tiny_with_generation_config(tmp_path, gen):
+    """tiny-llama3's folder (files linked) with our own generation_config.json."""
+    from tpuserve_proc import SHARED
+    src = SHARED / "fixtures" / "tiny-llama3" / "model"
+    for f in src.iterdir():
+        if f.name != "generation_config.json":
+            (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    return str(tmp_path)
+
+
+def _gen_run(model_dir, *flags):
+    s = ServerProcess(model_dir, "--max-model-len", "64", *flags)
+    try:
+        msgs = [{"role": "user", "content": "Hi"}]
+        out = {}
+        for name, path, body in [
+            ("chat", "/v1/chat/completions", {"messages": msgs, "ignore_eos": True}),
+            ("chat_again", "/v1/chat/completions", {"messages": msgs, "ignore_eos": True}),
+            ("completion", "/v1/completions", {"prompt": "Hi", "ignore_eos": True}),
+            ("capped", "/v1/completions", {"prompt": "Hi", "ignore_eos": True,
+                                           "max_tokens": 8}),
+        ]:
+            status, r = send(s.port, "POST", path, body)
+            assert status == 200, (name, r)
+            c = r["choices"][0]
+            out[name] = (r["usage"]["completion_tokens"],
+                         c.get("text", c.get("message", {}).get("content")))
+        return out
+    finally:
+        s.close()
+
+
+def test_generation_config_defaults(tmp_path):
+    d = _tiny_with_generation_config(tmp_path, {"temperature": 0.0, "max_new_tokens": 5})
+    auto = _gen_run(d)
+    # max_new_tokens caps every request (as vLLM's get_max_tokens); temperature 0 = greedy.
+    assert [auto[k][0] for k in ("chat", "completion", "capped")] == [5, 5, 5], auto
+    assert auto["chat"] == auto["chat_again"], auto
+    over = _gen_run(d, "--override-generation-config", '{"max_new_tokens": 3}')
+    assert over["chat"][0] == 3 and over["chat"] == over["chat_again"], over
+    neutral = _gen_run(d, "--generation-config", "vllm")
+    assert neutral["chat"][0] > 5 and neutral["completion"][0] == 16, neutral
+    assert neutral["capped"][0] == 8, neutral
+
+
+# --- item 11: a body over --max-body-bytes gets a 413 the client can read ------------------
+
+def test_oversized_body_gets_a_readable_413(server, model):
+    """urllib sends all 64 MiB before reading: the server must take (and drop) the rest, then
+    answer, instead of closing on a client that is still writing (a connection reset)."""
+    import urllib.error
+    import urllib.request
+    body = b'{"prompt": "' + b"a" * (64 << 20) + b'", "max_tokens": 1}'
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    for _ in range(3):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 413
+        err = json.loads(e.value.read())
+        assert "max-body-bytes" in err["error"]["message"], err
+    # The server is fine afterwards.
+    assert send(server.port, "GET", "/health")[0] == 200
+
+
+# --- item 4: echo with logprobs covers the prompt ------------------------------------------
+
+def _check_offsets(lp, text):
+    assert lp["text_offset"][0] == 0
+    for i in range(len(lp["tokens"]) - 1):
+        assert lp["text_offset"][i + 1] == lp["text_offset"][i] + len(lp["tokens"][i]), lp
+    assert "".join(lp["tokens"]) == text
+
+
+def test_echo_logprobs_cover_the_prompt(server, model):
+    port = server.port
+    prompt = "The capital of France is"
+    base = {"model": model, "prompt": prompt, "max_tokens": 3, "temperature": 0,
+            "logprobs": 2, "ignore_eos": True}
+    status, r = send(port, "POST", "/v1/completions", {**base, "echo": True})
+    assert status == 200, r
+    ch, u = r["choices"][0], r["usage"]
+    lp = ch["logprobs"]
+    assert len(lp["tokens"]) == u["prompt_tokens"] + u["completion_tokens"], lp
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert ch["text"].startswith(prompt)
+    _check_offsets(lp, ch["text"])
+    assert "prompt_logprobs" not in ch or ch["prompt_logprobs"] is None
+    # The prompt part is the engine's prompt logprobs; the rest is the usual answer.
+    status, ref = send(port, "POST", "/v1/completions", {**base, "prompt_logprobs": 2})
+    plp = ref["choices"][0]["prompt_logprobs"]
+    ids = tokenize(port, model, prompt=prompt)["tokens"]
+    want = [None] + [plp[i][str(ids[i])]["logprob"] for i in range(1, len(ids))]
+    got = lp["token_logprobs"][:len(ids)]
+    assert got[0] is None and all(abs(a - b) < 1e-4 for a, b in zip(got[1:], want[1:])), (got,
+                                                                                        want)
+    assert lp["token_logprobs"][len(ids):] == ref["choices"][0]["logprobs"]["token_logprobs"]
+    # Streamed: the same tokens and logprobs, offsets running over the whole text.
+    chunks = sse(port, "/v1/completions", {**base, "echo": True, "stream": True})
+    toks, tlp, offs, text = [], [], [], ""
+    for c in chunks:
+        ch2 = c["choices"][0]
+        toks += ch2["logprobs"]["tokens"]
+        tlp += ch2["logprobs"]["token_logprobs"]
+        offs += ch2["logprobs"]["text_offset"]
+        text += ch2["text"]
+    assert toks == lp["tokens"] and offs == lp["text_offset"] and text == ch["text"]
+    assert tlp[0] is None and all(abs(a - b) < 1e-4 for a, b in zip(tlp[1:],
+                                                                    lp["token_logprobs"][1:]))
+
+
+# --- item 8: beam search ----------------------------------------------------------------
+
+def _reference_beam_search(port, model, prompt_ids, width, steps):
+    """vLLM's beam search, written out against the server's own next-token logprobs: each
+    step extends every live beam by its 2*width most likely next tokens and keeps the best
+    `width` by cumulative logprob (EOS is ignored, as the request below sets ignore_eos)."""
+    beams = [((), 0.0)]
+    for _ in range(steps):
+        cand = []
+        for toks, cum in beams:
+            status, r = send(port, "POST", "/v1/completions",
+                             {"model": model, "prompt": prompt_ids + list(toks), "max_tokens": 1,
+                              "temperature": 0, "logprobs": 2 * width, "ignore_eos": True,
+                              "return_token_ids": True})
+            assert status == 200, r
+            top = r["choices"][0]["logprobs"]["top_logprobs"][0]
+            ids = tokenize_pieces(port, model, list(top))
+            for (piece, lp), tid in zip(top.items(), ids):
+                if tid is not None:
+                    cand.append((toks + (tid,), cum + lp))
+        cand.sort(key=lambda c: -c[1])
+        beams = cand[:width]
+    return beams
+
+
+def tokenize_pieces(port, model, pieces):
+    """Token id of each decoded piece if it is a single token (else None)."""
+    out = []
+    for p in pieces:
+        r = tokenize(port, model, prompt=p, add_special_tokens=False)["tokens"]
+        out.append(r[0] if len(r) == 1 else None)
+    return out
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_beam_search_matches_a_reference(server, model, width):
+    port = server.port
+    prompt = "The capital of France is"
+    ids = tokenize(port, model, prompt=prompt)["tokens"]
+    steps = 3
+    status, r = send(port, "POST", "/v1/completions",
+                     {"model": model, "prompt": prompt, "max_tokens": steps, "n": width,
+                      "use_beam_search": True, "ignore_eos": True, "logprobs": 1,
+                      "return_token_ids": True})
+    assert status == 200, r
+    got = [(tuple(c["token_ids"]), sum(c["logprobs"]["token_logprobs"])) for c in r["choices"]]
+    assert [c["index"] for c in r["choices"]] == list(range(width))
+    # Sorted by score (equal lengths: cumulative logprob), best first.
+    assert [g[1] for g in got] == sorted((g[1] for g in got), reverse=True), got
+    ref = _reference_beam_search(port, model, ids, width, steps)
+    assert [g[0] for g in got] == [b[0] for b in ref], (got, ref)
+    for (_, a), (_, b) in zip(got, ref):
+        assert abs(a - b) < 1e-3, (got, ref)
+    # Chat runs the same search.
+    status, c = send(port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 2, "n": width, "use_beam_search": True})
+    assert status == 200 and len(c["choices"]) == width, c
+
+
+# --- CORS flags ---------------------------------------------------------------------------
+
+def test_cors_as_vllm(server, flagged, model):
+    pre = {"Origin": "http://a.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+
+    def raw(port, method, path, headers, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}
+
+    # Default (vLLM's): any origin, method and header.
+    status, h = raw(server.port, "OPTIONS", "/v1/completions", pre)
+    assert status == 200 and h["access-control-allow-origin"] == "*", h
+    assert "POST" in h["access-control-allow-methods"]
+    assert h["access-control-allow-headers"] == "authorization, content-type"
+    status, h = raw(server.port, "GET", "/v1/models", {"Origin": "http://a.example"})
+    assert status == 200 and h["access-control-allow-origin"] == "*", h
+    # --allowed-origins + --allow-credentials: only that origin, echoed, with credentials.
+    status, h = raw(flagged.port, "OPTIONS", "/v1/completions", pre)
+    assert status == 400, h
+    good = {**pre, "Origin": "http://good.example"}
+    status, h = raw(flagged.port, "OPTIONS", "/v1/completions", good)
+    assert status == 200 and h["access-control-allow-origin"] == "http://good.example", h
+    assert h["access-control-allow-credentials"] == "true"
+    status, h = raw(flagged.port, "GET", "/v1/models", {"Origin": "http://evil.example"})
+    assert status == 200 and "access-control-allow-origin" not in h, h
+
+
+# --- --root-path, --dtype on CPU ------------------------------------------------------------
+
+def test_root_path_and_dtype_on_cpu(flagged, model):
+    # uvicorn's root_path: the API answers under the prefix and without it.
+    for path in ["/api/v1/models", "/v1/models", "/api/health"]:
+        assert send(flagged.port, "GET", path)[0] == 200, path
+    status, r = send(flagged.port, "POST", "/api/v1/completions",
+                     {"model": model, "prompt": "Hi", "max_tokens": 2})
+    assert status == 200, r
+    assert send(flagged.port, "GET", "/apiv1/models")[0] == 404
+    # --dtype on the CPU runner: said not to apply.
+    flagged.log.seek(0)
+    log = flagged.log.read().decode(errors="replace")
+    line = [l for l in log.splitlines() if "--dtype bfloat16" in l]
+    assert line and "float32" in line[0], log[-3000:]
+
+
+def test_request_id_names_the_response(server, model):
+    status, r = send(server.port, "POST", "/v1/completions",
+                     {"model": model, "prompt": "Hi", "max_tokens": 1, "request_id": "abc-1"})
+    assert status == 200 and r["id"] == "cmpl-abc-1", r
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions",
+                 body=json.dumps({"model": model, "max_tokens": 1, "request_id": "field",
+                                  "messages": [{"role": "user", "content": "Hi"}]}),
+                 headers={**JSON, "X-Request-Id": "hdr-7"})
+    r = json.loads(conn.getresponse().read())
+    conn.close()
+    assert r["id"] == "chatcmpl-hdr-7", r
+
+
+def test_tokenizer_flag_loads_that_tokenizer(server, model):
+    """tiny-llama3 (Llama 3 tokenizer) served with SmolLM2's tokenizer folder: prompts are
+    tokenized, and chats rendered, as the SmolLM2 server does."""
+    from tpuserve_proc import SHARED
+    tiny = str(SHARED / "fixtures" / "tiny-llama3" / "model")
+    tok = str(SHARED / "fixtures" / "smollm2" / "tokenizer")
+    msgs = [{"role": "user", "content": "Hello world"}]
+    want = tokenize(server.port, model, prompt="Hello world")["tokens"]
+    want_chat = tokenize(server.port, model, messages=msgs)["tokens"]
+    plain = ServerProcess(tiny, "--max-model-len", "64")
+    try:
+        own = tokenize(plain.port, None, prompt="Hello world")["tokens"]
+    finally:
+        plain.close()
+    assert own != want
+    s = ServerProcess(tiny, "--max-model-len", "64", "--tokenizer", tok)
+    try:
+        assert tokenize(s.port, None, prompt="Hello world")["tokens"] == want
+        assert tokenize(s.port, None, messages=msgs)["tokens"] == want_chat
+        status, r = send(s.port, "POST", "/v1/completions",
+                         {"prompt": "Hello world", "max_tokens": 2})
+        assert status == 200 and r["usage"]["prompt_tokens"] == len(want), r
+    finally:
+        s.close()
+
+
+def test_chat_echo_prepends_the_continued_message(server, model):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    base = {"model": model, "messages": msgs, "max_tokens": 3, "temperature": 0,
+            "add_generation_prompt": False, "continue_final_message": True}
+    _, plain = send(server.port, "POST", "/v1/chat/completions", base)
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**base, "echo": True})
+    assert status == 200, r
+    assert r["choices"][0]["message"]["content"] == "Hello there" + \
+        plain["choices"][0]["message"]["content"], (r, plain)
+    chunks = sse(server.port, "/v1/chat/completions", {**base, "echo": True, "stream": True})
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == r["choices"][0]["message"]["content"]
+    # A new assistant message after a user one: nothing of the same role to echo.
+    one = {"model": model, "messages": msgs[:1], "max_tokens": 3, "temperature": 0}
+    _, a = send(server.port, "POST", "/v1/chat/completions", one)
+    _, b = send(server.port, "POST", "/v1/chat/completions", {**one, "echo": True})
+    assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+
+
+def test_request_chat_template_needs_trust(server, flagged, model):
+    tmpl = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}"
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "chat_template": tmpl}
+    status, err = send(server.port, "POST", "/v1/chat/completions", body)
+    assert status == 400 and err["error"]["param"] == "chat_template", err
+    status, r = send(flagged.port, "POST", "/v1/chat/completions",
+                     {**body, "return_token_ids": True})
+    assert status == 200, r
+    _, text = send(flagged.port, "POST", "/detokenize",
+                   {"model": model, "tokens": r["prompt_token_ids"]})
+    assert text["prompt"] == "<<user>>Hi", text
