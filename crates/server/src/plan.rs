@@ -288,11 +288,22 @@ fn step_model(
         // XLA fuses a big page gather into its consumer, and the cost analysis then charges
         // the fusion its whole operand, the KV cache (tens of GB per chunk); such a bucket's
         // chunk is modelled as the 32-row bucket's (gather standalone), per tile.
+        // The layer's other bytes (its weights, above all) come from that bucket too: the
+        // one- and two-layer variants carry the same whole-cache charge, so their difference
+        // is not a layer's reads either.
         if tiles > 32.0 && max_t >= 32 && s.chunk.bytes > 8.0 * page_bytes * tiles {
             let r = parts_of(32, 1)?;
             let scaled = Figures::default().plus(r.chunk, tiles / 32.0);
-            s.layer = s.layer.plus(s.chunk, -1.0).plus(scaled, 1.0);
-            s.chunk = scaled;
+            s.layer = Figures {
+                flops: s.layer.flops - s.chunk.flops + scaled.flops,
+                bytes: r.layer.bytes - r.chunk.bytes + scaled.bytes,
+                optimal_seconds: f64::NAN,
+            };
+            s.chunk = Figures {
+                optimal_seconds: f64::NAN,
+                ..scaled
+            };
+            s.outside.optimal_seconds = f64::NAN;
             return Ok((s, true));
         }
         Ok((s, false))
@@ -319,7 +330,8 @@ fn step_model(
     if scaled_any {
         println!(
             "* the compiler charges this bucket's fused page gather the whole KV cache; its \
-             chunk is the 32-row bucket's per tile ({:.1} MB of pages per tile per chunk)",
+             chunk is the 32-row bucket's per tile ({:.1} MB of pages per tile per chunk) and \
+             its layer's other bytes are the 32-row bucket's",
             page_bytes / 1e6
         );
     }
