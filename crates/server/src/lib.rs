@@ -25,3 +25,4 @@ pub mod streaming;
 pub mod tokenizer_info;
 pub mod unsupported;
 pub mod validate;
+pub mod vllm_flags;

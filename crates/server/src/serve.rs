@@ -66,8 +66,8 @@ fn kv_blocks(model: &LoadedModel, args: &ServeArgs, bytes_per_elem: usize) -> us
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    for flag in args.ignored_flags() {
-        tracing::warn!("{flag} is accepted for vLLM compatibility but has no effect in tpuserve");
+    for given in args.vllm_given.iter().filter(|g| !g.refused) {
+        tracing::warn!("{}", given.ignored_line());
     }
     let path = {
         let args = args.clone();
