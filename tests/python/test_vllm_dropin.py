@@ -877,9 +877,9 @@ def _smollm2_gguf():
     return next(str(d.locate_file(f)) for f in d.files if str(f).endswith(".gguf"))
 
 
-def _acted_on_flags(tmp_path):
-    """Flags tpuserve implements, with values that keep this server usable (SmolLM2 on CPU).
-    --host / --port come from ServerProcess; the --ssl-* flags are tested with a certificate."""
+def _acted_on_flags(tmp_path, pki):
+    """Flags tpuserve implements, with values that keep this server usable (SmolLM2 on CPU,
+    HTTPS with the test CA's certificate). --host / --port come from ServerProcess."""
     from tpuserve_proc import SHARED
     tmpl = tmp_path / "t.jinja"
     tmpl.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -902,8 +902,8 @@ def _acted_on_flags(tmp_path):
         "--tokenizer": [str(SHARED / "fixtures" / "smollm2" / "tokenizer")],
         "--shutdown-timeout": ["5"], "--load-format": ["auto"], "--root-path": ["/api"],
         "--response-role": ["assistant"], "--hf-token": ["hf_unused"],
-        "--ssl-keyfile": None, "--ssl-certfile": None, "--ssl-ca-certs": None,
-        "--ssl-cert-reqs": None,
+        "--ssl-keyfile": [str(pki / "server.key")], "--ssl-certfile": [str(pki / "server.pem")],
+        "--ssl-ca-certs": [str(pki / "ca.pem")], "--ssl-cert-reqs": ["1"],
     }
 
 
@@ -913,10 +913,10 @@ SPELLED = {"--data-parallel-size": ["-dp", "1"], "--quantization": ["-q", "fp8"]
            "--compilation-config": ["--compilation-config.mode", "3"]}
 
 
-def test_every_vllm_serve_flag_starts(tmp_path):
+def test_every_vllm_serve_flag_starts(tmp_path, pki):
     """`tpuserve serve` with every vLLM 0.32.0 serve flag set: tpuserve's own flags act, the
     others are logged once each with a reason, and the server answers."""
-    acted = _acted_on_flags(tmp_path)
+    acted = _acted_on_flags(tmp_path, pki)
     argv, ignored = [], []
     for f in VLLM_SERVE_FLAGS:
         name, kind, value = f["flag"], f["kind"], f["value"]
@@ -938,11 +938,23 @@ def test_every_vllm_serve_flag_starts(tmp_path):
             argv += [name, value]
     s = ServerProcess(*argv)
     try:
+        import http.client as hc
+        ctx = _client_ctx(pki, False)
+
+        def https(method, path, body=None, headers=None):
+            conn = hc.HTTPSConnection("127.0.0.1", s.port, timeout=300, context=ctx)
+            conn.request(method, path, body=json.dumps(body) if body else None,
+                         headers=headers or {})
+            resp = conn.getresponse()
+            out = (resp.status, json.loads(resp.read()))
+            conn.close()
+            return out
+
         key = {"Authorization": "Bearer sk-flags", **JSON}
-        status, r = send(s.port, "POST", "/api/v1/completions",
-                         {"model": "smol-alias", "prompt": "Hello", "max_tokens": 3}, key)
+        status, r = https("POST", "/api/v1/completions",
+                          {"model": "smol-alias", "prompt": "Hello", "max_tokens": 3}, key)
         assert status == 200 and r["usage"]["completion_tokens"] == 3, r
-        assert send(s.port, "GET", "/v1/models")[0] == 401
+        assert https("GET", "/v1/models")[0] == 401
         s.log.seek(0)
         log = s.log.read().decode(errors="replace")
     finally:
@@ -976,3 +988,110 @@ def test_vllm_flags_relied_on_for_correctness_are_refused(flag):
     assert p.returncode == 2, (p.returncode, (p.stdout + p.stderr)[-3000:])
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and flag in lines[0] and "not supported" in lines[0], p.stderr
+
+
+# --- TLS: --ssl-keyfile / --ssl-certfile / --ssl-ca-certs / --ssl-cert-reqs ---------------
+
+def _openssl(*args, cwd):
+    import subprocess
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _cert(d, name, cn, ext):
+    """A key and a certificate for `cn` signed by d/ca.pem, with extensions `ext`."""
+    (d / f"{name}.ext").write_text(ext)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
+             f"{name}.ext", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate, made with the
+    openssl command line."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.pem", "-days", "2", "-subj", "/CN=tpuserve test CA", cwd=d)
+    _cert(d, "server", "localhost",
+          "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _cert(d, "client", "a client", "extendedKeyUsage=clientAuth\n")
+    return d
+
+
+def _https(port, ctx, path="/v1/models"):
+    import urllib.request
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=ctx,
+                                timeout=60) as r:
+        return r.status, json.loads(r.read())
+
+
+def _client_ctx(pki, with_cert):
+    import ssl
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if with_cert:
+        ctx.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+    return ctx
+
+
+def test_tls_serves_https(pki):
+    import httpx2
+    s = ServerProcess("--max-model-len", "256", "--ssl-keyfile", str(pki / "server.key"),
+                      "--ssl-certfile", str(pki / "server.pem"))
+    try:
+        ctx = _client_ctx(pki, False)
+        status, models = _https(s.port, ctx)
+        assert status == 200 and models["data"], models
+        client = OpenAI(base_url=f"https://127.0.0.1:{s.port}/v1", api_key="x", max_retries=0,
+                        http_client=httpx2.Client(verify=ctx, timeout=120))
+        r = client.completions.create(model=models["data"][0]["id"], prompt="Hi", max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        # Plain HTTP on the TLS port gets no HTTP answer.
+        with pytest.raises(Exception):
+            send(s.port, "GET", "/v1/models")
+        # A client that does not trust the CA refuses the server.
+        import ssl
+        import urllib.error
+        with pytest.raises(urllib.error.URLError) as e:
+            _https(s.port, ssl.create_default_context())
+        assert "CERTIFICATE_VERIFY_FAILED" in str(e.value)
+        assert "ready on https://" in s.output()
+    finally:
+        s.close()
+
+
+def test_tls_client_certificates(pki):
+    import ssl
+    import urllib.error
+    common = ["--max-model-len", "256", "--ssl-keyfile", str(pki / "server.key"),
+              "--ssl-certfile", str(pki / "server.pem"), "--ssl-ca-certs", str(pki / "ca.pem")]
+    s = ServerProcess(*common, "--ssl-cert-reqs", "2")  # ssl.CERT_REQUIRED
+    try:
+        assert _https(s.port, _client_ctx(pki, True))[0] == 200
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _https(s.port, _client_ctx(pki, False))
+    finally:
+        s.close()
+    s = ServerProcess(*common, "--ssl-cert-reqs", "1")  # ssl.CERT_OPTIONAL
+    try:
+        assert _https(s.port, _client_ctx(pki, False))[0] == 200
+        assert _https(s.port, _client_ctx(pki, True))[0] == 200
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--ssl-keyfile", "k.pem"], "--ssl-certfile"),
+    (["--ssl-keyfile", "{d}/server.key", "--ssl-certfile", "{d}/server.pem",
+      "--ssl-cert-reqs", "2"], "--ssl-ca-certs"),
+])
+def test_tls_flag_errors_are_usage_errors(pki, args, flag):
+    import subprocess
+    from tpuserve_proc import binary, free_port
+    args = [a.format(d=pki) for a in args]
+    p = subprocess.run([binary(), "serve", "--port", str(free_port()), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, (p.returncode, (p.stdout + p.stderr)[-3000:])
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and flag in lines[0], p.stderr

@@ -229,10 +229,13 @@ impl ServeArgs {
                 "--ssl-keyfile and --ssl-certfile must be given together".into(),
             ));
         }
-        if self.ssl_keyfile.is_some() {
-            return Err(UsageError(
-                "--ssl-keyfile / --ssl-certfile: HTTPS is not supported yet".into(),
-            ));
+        if self.ssl_keyfile.is_some() && self.ssl_cert_reqs > 0 && self.ssl_ca_certs.is_none() {
+            // Python's ssl would then reject every client certificate (no trust anchors).
+            return Err(UsageError(format!(
+                "--ssl-cert-reqs {} needs --ssl-ca-certs (the CAs client certificates are \
+                 verified against)",
+                self.ssl_cert_reqs
+            )));
         }
         if let Some(token) = self
             .hf_token

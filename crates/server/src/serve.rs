@@ -69,6 +69,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for given in args.vllm_given.iter().filter(|g| !g.refused) {
         tracing::warn!("{}", given.ignored_line());
     }
+    // Certificate files are read before the model loads: a bad one fails at once.
+    let tls = match (&args.ssl_keyfile, &args.ssl_certfile) {
+        (Some(keyfile), Some(certfile)) => Some(crate::tls::acceptor(&crate::tls::TlsFiles {
+            keyfile,
+            certfile,
+            ca_certs: args.ssl_ca_certs.as_deref(),
+            cert_reqs: args.ssl_cert_reqs,
+        })?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let path = {
         let args = args.clone();
         tokio::task::spawn_blocking(move || resolve_model(&args)).await??
@@ -287,7 +298,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("Route: {route}, Methods: {methods}");
     }
     tracing::info!(
-        "tpuserve {} ready on http://{addr} in {:.1}s: {} ({runner_desc}), max_model_len {effective_len}, KV cache {} blocks of {}",
+        "tpuserve {} ready on {scheme}://{addr} in {:.1}s: {} ({runner_desc}), max_model_len {effective_len}, KV cache {} blocks of {}",
         env!("CARGO_PKG_VERSION"),
         t0.elapsed().as_secs_f64(),
         state.served_name(),
@@ -320,6 +331,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(|p| p.trim_end_matches('/'))
             .filter(|p| !p.is_empty())
             .map(Arc::from),
+        tls,
     };
     let drain_state = state.clone();
     let timeout = Duration::from_secs(args.shutdown_timeout);
