@@ -1095,3 +1095,100 @@ def test_tls_flag_errors_are_usage_errors(pki, args, flag):
     assert p.returncode == 2, (p.returncode, (p.stdout + p.stderr)[-3000:])
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and flag in lines[0], p.stderr
+
+
+# --- chat fields vLLM knows: reasoning_effort, include_reasoning, parallel_tool_calls, ... --
+
+EFFORT_TEMPLATE = ("{{ reasoning_effort }}|{{ enable_thinking }}|"
+                   "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+def _prompt_ids(port, model, **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+            "temperature": 0, "return_token_ids": True, "chat_template": EFFORT_TEMPLATE, **extra}
+    status, r = send(port, "POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    return r["prompt_token_ids"]
+
+
+def test_reasoning_effort_reaches_the_chat_template(flagged, model):
+    """As vLLM's build_chat_params: the template gets `reasoning_effort`, and `enable_thinking`
+    (effort != "none") unless chat_template_kwargs sets it."""
+    kw = lambda **k: {"chat_template_kwargs": k}
+    high = _prompt_ids(flagged.port, model, reasoning_effort="high")
+    assert high == _prompt_ids(flagged.port, model,
+                               **kw(reasoning_effort="high", enable_thinking=True))
+    assert high != _prompt_ids(flagged.port, model)
+    none = _prompt_ids(flagged.port, model, reasoning_effort="none")
+    assert none == _prompt_ids(flagged.port, model,
+                               **kw(reasoning_effort="none", enable_thinking=False))
+    # The request's own enable_thinking wins; reasoning_effort overrides the kwargs' one.
+    assert _prompt_ids(flagged.port, model, reasoning_effort="low",
+                       **kw(enable_thinking=False, reasoning_effort="max")) == \
+        _prompt_ids(flagged.port, model, **kw(reasoning_effort="low", enable_thinking=False))
+    status, r = send(flagged.port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                      "reasoning_effort": "extreme"})
+    assert status == 400 and "reasoning_effort" in json.dumps(r), r
+
+
+def test_fields_without_effect_for_this_model_are_accepted(server, model):
+    """include_reasoning / parallel_tool_calls (no reasoning or tool parser: nothing to drop)
+    and session_id (request grouping) leave the answer as it is, as in vLLM, and are known
+    fields (not logged as ignored)."""
+    base = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0}
+    status, plain = send(server.port, "POST", "/v1/chat/completions", base)
+    assert status == 200, plain
+    extra = {"include_reasoning": False, "parallel_tool_calls": False, "session_id": "conv-1"}
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**base, **extra})
+    assert status == 200, r
+    assert r["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    status, r = send(server.port, "POST", "/v1/completions",
+                     {"model": model, "prompt": "Hi", "max_tokens": 2, "session_id": "conv-1"})
+    assert status == 200, r
+    server.log.seek(0)
+    log = server.log.read().decode(errors="replace")
+    for name in [*extra, "session_id"]:
+        assert not re.search(rf"present in the request but ignored: \[[^\]]*[\"']{name}[\"']", log), name
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**base, "session_id": 5})
+    assert status == 400, r
+
+
+@pytest.mark.parametrize("path,field,value", [
+    ("/v1/chat/completions", "watermarking", True),
+    ("/v1/completions", "watermarking", True),
+    ("/v1/chat/completions", "stream_interval", 4),
+    ("/v1/completions", "return_token_offsets", True),
+    ("/v1/chat/completions", "return_prompt_text", True),
+    ("/v1/chat/completions", "repetition_detection", {"max_pattern_size": 4}),
+    ("/v1/completions", "ec_transfer_params", {"a": 1}),
+])
+def test_other_vllm_fields_are_refused_by_name(server, model, path, field, value):
+    body = {"model": model, "max_tokens": 2, field: value}
+    body.update({"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path
+                else {"prompt": "Hi"})
+    status, r = send(server.port, "POST", path, body)
+    assert status == 400 and field in r["error"]["message"], r
+    neutral = {**body, field: None}
+    assert send(server.port, "POST", path, neutral)[0] == 200
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("choice,message", [
+    ("auto", '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser'),
+    ("required", 'tool_choice="required" requires --tool-call-parser'),
+    ({"type": "function", "function": {"name": "get_weather"}},
+     'tool_choice=function "get_weather" requires --tool-call-parser'),
+])
+def test_tool_choice_needing_a_parser_is_refused_as_vllm(server, model, choice, message):
+    """No tool-call parser here: vLLM without one answers these with the same 400."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Weather?"}],
+            "max_tokens": 2, "tools": TOOLS, "tool_choice": choice}
+    status, r = send(server.port, "POST", "/v1/chat/completions", body)
+    assert status == 400 and message in r["error"]["message"], r
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**body, "tool_choice": "none"})
+    assert status == 200, r
