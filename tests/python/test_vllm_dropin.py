@@ -852,7 +852,6 @@ REFUSED_FLAGS = {
     "--logprobs-mode": ["--logprobs-mode", "raw_logprobs"],
     "--worker-cls": ["--worker-cls", "auto"],
     "--worker-extension-cls": ["--worker-extension-cls", ""],
-    "--default-chat-template-kwargs": ["--default-chat-template-kwargs", "{}"],
 }
 # The value each refused flag is refused with (a realistic one).
 REFUSED_VALUES = {
@@ -867,7 +866,6 @@ REFUSED_VALUES = {
     "--model-class-overrides": '{"a": "b"}', "--chat-template-content-format": "openai",
     "--logprobs-mode": "processed_logprobs", "--worker-cls": "my.Worker",
     "--worker-extension-cls": "my.Ext",
-    "--default-chat-template-kwargs": '{"enable_thinking": false}',
 }
 
 
@@ -902,6 +900,7 @@ def _acted_on_flags(tmp_path, pki):
         "--tokenizer": [str(SHARED / "fixtures" / "smollm2" / "tokenizer")],
         "--shutdown-timeout": ["5"], "--load-format": ["auto"], "--root-path": ["/api"],
         "--response-role": ["assistant"], "--hf-token": ["hf_unused"],
+        "--default-chat-template-kwargs": ['{"enable_thinking": false}'],
         "--ssl-keyfile": [str(pki / "server.key")], "--ssl-certfile": [str(pki / "server.pem")],
         "--ssl-ca-certs": [str(pki / "ca.pem")], "--ssl-cert-reqs": ["1"],
     }
@@ -1192,3 +1191,27 @@ def test_tool_choice_needing_a_parser_is_refused_as_vllm(server, model, choice, 
     assert status == 400 and message in r["error"]["message"], r
     status, r = send(server.port, "POST", "/v1/chat/completions", {**body, "tool_choice": "none"})
     assert status == 200, r
+
+
+def test_default_chat_template_kwargs_flag(flagged, model):
+    """--default-chat-template-kwargs: every chat's template gets them, under the request's
+    own chat_template_kwargs (as vLLM merges them); /tokenize renders the same way."""
+    tmpl = "{{ x }}|{{ enable_thinking }}|{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    s = ServerProcess("--max-model-len", str(MAX_MODEL_LEN), "--trust-request-chat-template",
+                      "--default-chat-template-kwargs", '{"enable_thinking": false, "x": "d"}')
+    try:
+        def ids(port, **kw):
+            body = {"model": None, "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 1, "return_token_ids": True, "chat_template": tmpl, **kw}
+            status, r = send(port, "POST", "/v1/chat/completions", body)
+            assert status == 200, r
+            return r["prompt_token_ids"]
+        kw = lambda **k: {"chat_template_kwargs": k}
+        assert ids(s.port) == ids(flagged.port, **kw(enable_thinking=False, x="d"))
+        assert ids(s.port) != ids(flagged.port)
+        assert ids(s.port, **kw(x="r")) == ids(flagged.port, **kw(enable_thinking=False, x="r"))
+        # reasoning_effort's enable_thinking overrides a default one.
+        assert ids(s.port, reasoning_effort="high") == \
+            ids(flagged.port, **kw(enable_thinking=True, x="d", reasoning_effort="high"))
+    finally:
+        s.close()

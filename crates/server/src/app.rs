@@ -840,7 +840,12 @@ async fn tokenize(
                 &ChatPromptOptions {
                     add_generation_prompt: *add_generation_prompt,
                     continue_final_message: *continue_final_message,
-                    kwargs: chat_template_kwargs.as_ref(),
+                    kwargs: crate::gate::template_kwargs(
+                        st.default_chat_template_kwargs.as_ref(),
+                        chat_template_kwargs.as_ref(),
+                        None,
+                    )
+                    .as_deref(),
                     tools: None,
                     documents: None,
                 },

@@ -142,6 +142,10 @@ pub struct ServeArgs {
     /// The role of chat answers after a generation prompt.
     #[arg(long, default_value = "assistant")]
     pub response_role: String,
+    /// Chat template variables (a JSON object) every chat gets under its own
+    /// `chat_template_kwargs`, e.g. '{"enable_thinking": false}'.
+    #[arg(long, value_parser = json_object)]
+    pub default_chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// `--hf-token`: the Hugging Face token for downloads (alone: the stored login token,
     /// which is already the default).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -290,6 +294,10 @@ fn json_list(s: &str) -> Result<JsonList, String> {
     serde_json::from_str(s)
         .map(JsonList)
         .map_err(|e| format!("expected a JSON list of strings: {e}"))
+}
+
+fn json_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    serde_json::from_str(s).map_err(|e| format!("expected a JSON object: {e}"))
 }
 
 fn parse_load_format(s: &str) -> Result<LoadFormat, String> {

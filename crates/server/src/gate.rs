@@ -19,6 +19,8 @@ pub struct GateContext<'a> {
     pub limits: Limits,
     /// `--trust-request-chat-template`: a request may bring its own `chat_template`.
     pub trust_request_chat_template: bool,
+    /// `--default-chat-template-kwargs`.
+    pub default_kwargs: Option<&'a Map<String, Value>>,
 }
 
 /// A `/v1/completions` request that passed the gate: one (token ids, text) per prompt.
@@ -91,19 +93,30 @@ pub struct ChatInput {
     pub logprobs: Option<i64>,
 }
 
-/// The chat template's extra variables: the request's `chat_template_kwargs`, and with
-/// `reasoning_effort` that value plus `enable_thinking` (effort other than "none") unless the
-/// request's kwargs set `enable_thinking` — vLLM's `build_chat_params` (templates that do not
-/// use them are unaffected; others, e.g. Qwen3's or Gemma's, switch thinking on or off).
-pub fn template_kwargs(
-    user: Option<&Map<String, Value>>,
+/// The chat template's extra variables: `--default-chat-template-kwargs` under the
+/// request's `chat_template_kwargs`, and with `reasoning_effort` that value plus
+/// `enable_thinking` (effort other than "none") unless the request's kwargs set
+/// `enable_thinking` — vLLM's `build_chat_params` (templates that do not use them are
+/// unaffected; others, e.g. Qwen3's or Gemma's, switch thinking on or off).
+pub fn template_kwargs<'a>(
+    defaults: Option<&'a Map<String, Value>>,
+    user: Option<&'a Map<String, Value>>,
     effort: Option<ReasoningEffort>,
-) -> Option<Cow<'_, Map<String, Value>>> {
-    let Some(effort) = effort else {
-        return user.map(Cow::Borrowed);
+) -> Option<Cow<'a, Map<String, Value>>> {
+    let base = match (defaults, user) {
+        (None, u) => u.map(Cow::Borrowed),
+        (Some(d), None) => Some(Cow::Borrowed(d)),
+        (Some(d), Some(u)) => {
+            let mut merged = d.clone();
+            merged.extend(u.iter().map(|(k, v)| (k.clone(), v.clone())));
+            Some(Cow::Owned(merged))
+        }
     };
-    let mut kwargs = user.cloned().unwrap_or_default();
-    if !kwargs.contains_key("enable_thinking") {
+    let Some(effort) = effort else {
+        return base;
+    };
+    let mut kwargs = base.map(Cow::into_owned).unwrap_or_default();
+    if !user.is_some_and(|u| u.contains_key("enable_thinking")) {
         kwargs.insert(
             "enable_thinking".into(),
             Value::Bool(effort != ReasoningEffort::None),
@@ -194,7 +207,11 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
             )
         })?),
     };
-    let kwargs = template_kwargs(req.chat_template_kwargs.as_ref(), effort);
+    let kwargs = template_kwargs(
+        ctx.default_kwargs,
+        req.chat_template_kwargs.as_ref(),
+        effort,
+    );
     let text = chat::render(
         own.as_ref().or(ctx.chat_template),
         &req.messages,

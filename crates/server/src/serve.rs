@@ -288,6 +288,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         sampling_defaults,
         eos_token_ids: beam_eos,
         trust_request_chat_template: args.trust_request_chat_template,
+        default_chat_template_kwargs: args.default_chat_template_kwargs.clone(),
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let addr = format!("{host}:{}", args.port);

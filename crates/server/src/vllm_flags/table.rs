@@ -36,7 +36,6 @@ pub static VLLM_FLAGS: &[VllmFlag] = &[
     VllmFlag { name: "lora-modules", no_name: "", aliases: &[], kind: List, what: Refused("LoRA adapters are not supported", &[]) },
     VllmFlag { name: "chat-template-content-format", no_name: "", aliases: &[], kind: Value, what: Refused("message content is rendered as a string", &["auto", "string"]) },
     VllmFlag { name: "trust-request-mm-kwargs", no_name: "no-trust-request-mm-kwargs", aliases: &[], kind: Bool, what: Ignored(TEXT) },
-    VllmFlag { name: "default-chat-template-kwargs", no_name: "", aliases: &[], kind: Value, what: Refused("chat templates get only the request's chat_template_kwargs", &["{}"]) },
     VllmFlag { name: "return-tokens-as-token-ids", no_name: "no-return-tokens-as-token-ids", aliases: &[], kind: Bool, what: Refused("logprob tokens are always text", &[]) },
     VllmFlag { name: "enable-auto-tool-choice", no_name: "no-enable-auto-tool-choice", aliases: &[], kind: Bool, what: Refused("no tool-call parser: tool calls would not be parsed from the output", &[]) },
     VllmFlag { name: "exclude-tools-when-tool-choice-none", no_name: "no-exclude-tools-when-tool-choice-none", aliases: &[], kind: Bool, what: Refused("tool definitions always reach the chat template", &[]) },
