@@ -884,7 +884,7 @@ def _acted_on_flags(tmp_path, pki):
                     "{% if add_generation_prompt %}assistant:{% endif %}")
     return {
         "--model": [_smollm2_gguf()], "--host": None, "--port": None,
-        "--served-model-name": ["smol", "smol-alias"], "--api-key": ["sk-flags"],
+        "--served-model-name": ["smol", "smol-alias"], "--api-key": ["sk-old", "sk-flags"],
         "--tensor-parallel-size": ["1"], "--max-model-len": ["1K"],
         "--max-num-batched-tokens": ["0.5k"], "--max-num-seqs": ["8"], "--block-size": ["16"],
         "--download-dir": [str(tmp_path)], "--dtype": ["auto"], "--seed": ["0"],
@@ -954,6 +954,9 @@ def test_every_vllm_serve_flag_starts(tmp_path, pki):
                           {"model": "smol-alias", "prompt": "Hello", "max_tokens": 3}, key)
         assert status == 200 and r["usage"]["completion_tokens"] == 3, r
         assert https("GET", "/v1/models")[0] == 401
+        # --api-key takes several keys (vLLM 0.32: nargs="+"); each one opens /v1.
+        assert https("GET", "/v1/models", headers={"Authorization": "Bearer sk-old"})[0] == 200
+        assert https("GET", "/v1/models", headers={"Authorization": "Bearer sk-x"})[0] == 401
         s.log.seek(0)
         log = s.log.read().decode(errors="replace")
     finally:

@@ -20,8 +20,10 @@ pub struct ServeArgs {
     /// Name(s) clients use in requests; the first is reported and used in metrics.
     #[arg(long, num_args = 1..)]
     pub served_model_name: Vec<String>,
-    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// Key(s) a client must send as `Authorization: Bearer` on /v1 (any one of them; vLLM
+    /// 0.32 takes several, `nargs="+"`).
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true, num_args = 1..)]
+    pub api_key: Vec<String>,
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel_size: usize,
     /// Longest context (prompt + answer); `auto` / -1 or absent: the model's. Takes vLLM's

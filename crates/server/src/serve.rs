@@ -271,7 +271,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         model_root: path.display().to_string(),
         max_model_len: effective_len,
         max_logprobs: args.max_logprobs,
-        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        api_keys: args
+            .api_key
+            .iter()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect(),
         log_requests: args.enable_log_requests && !args.disable_log_requests,
         created: now_secs(),
         metrics,

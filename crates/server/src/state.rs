@@ -21,7 +21,8 @@ pub struct AppState {
     pub max_model_len: usize,
     pub vocab_size: usize,
     pub max_logprobs: usize,
-    pub api_key: Option<String>,
+    /// `--api-key`: any one of these opens /v1 (none: open).
+    pub api_keys: Vec<String>,
     pub log_requests: bool,
     pub created: u64,
     pub metrics: Arc<Metrics>,
