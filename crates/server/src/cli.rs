@@ -20,13 +20,18 @@ pub struct ServeArgs {
     /// Name(s) clients use in requests; the first is reported and used in metrics.
     #[arg(long, num_args = 1..)]
     pub served_model_name: Vec<String>,
-    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// Key(s) a client must send as `Authorization: Bearer` on /v1 (any one of them; vLLM
+    /// 0.32 takes several, `nargs="+"`).
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true, num_args = 1..)]
+    pub api_key: Vec<String>,
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel_size: usize,
-    #[arg(long)]
-    pub max_model_len: Option<usize>,
-    #[arg(long)]
+    /// Longest context (prompt + answer); `auto` / -1 or absent: the model's. Takes vLLM's
+    /// human-readable numbers (`8k` = 8000, `8K` = 8192).
+    #[arg(long, value_parser = parse_model_len)]
+    pub max_model_len: Option<ModelLen>,
+    /// Tokens per engine step (human-readable as --max-model-len).
+    #[arg(long, value_parser = human_readable_int)]
     pub max_num_batched_tokens: Option<usize>,
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
@@ -44,7 +49,11 @@ pub struct ServeArgs {
     #[arg(long, action = ArgAction::SetTrue)]
     pub no_enable_prefix_caching: bool,
     /// Share of device memory for weights + KV cache (on CPU: of a fixed host budget).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(
+        long,
+        visible_alias = "device-memory-utilization",
+        default_value_t = 0.9
+    )]
     pub gpu_memory_utilization: f64,
     /// KV cache size for the CPU runner, GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
     #[arg(long, env = "VLLM_CPU_KVCACHE_SPACE", default_value_t = 1.0)]
@@ -91,10 +100,6 @@ pub struct ServeArgs {
     /// A JSON object of generation-config values merged on top (e.g. '{"temperature": 0.5}').
     #[arg(long)]
     pub override_generation_config: Option<String>,
-    #[arg(long, action = ArgAction::SetTrue)]
-    pub trust_remote_code: bool,
-    #[arg(long, default_value = "info")]
-    pub uvicorn_log_level: String,
     #[arg(long, default_value_t = 20)]
     pub max_logprobs: usize,
     #[arg(long)]
@@ -132,23 +137,6 @@ pub struct ServeArgs {
     /// are refused by name.
     #[arg(long, default_value = "auto", value_parser = parse_load_format)]
     pub load_format: LoadFormat,
-    /// Flags vLLM has that tpuserve accepts without implementing (a warning names each).
-    #[arg(long, action = ArgAction::SetTrue, hide = true)]
-    pub enforce_eager: bool,
-    #[arg(long, hide = true)]
-    pub swap_space: Option<f64>,
-    #[arg(long, hide = true)]
-    pub kv_cache_dtype: Option<String>,
-    #[arg(long, hide = true)]
-    pub quantization: Option<String>,
-    #[arg(long, hide = true)]
-    pub pipeline_parallel_size: Option<usize>,
-    #[arg(long, action = ArgAction::SetTrue, hide = true)]
-    pub enable_chunked_prefill: bool,
-    #[arg(long, action = ArgAction::SetTrue, hide = true)]
-    pub disable_fastapi_docs: bool,
-    #[arg(long, action = ArgAction::SetTrue, hide = true)]
-    pub enable_request_id_headers: bool,
     /// The path prefix a proxy serves the API under (uvicorn's root_path): requests may come
     /// with or without it.
     #[arg(long)]
@@ -156,10 +144,31 @@ pub struct ServeArgs {
     /// The role of chat answers after a generation prompt.
     #[arg(long, default_value = "assistant")]
     pub response_role: String,
-    /// Longest prompt text or id list printed per logged request. tpuserve's request log
-    /// (`--enable-log-requests`) never prints prompts, only their token counts.
+    /// Chat template variables (a JSON object) every chat gets under its own
+    /// `chat_template_kwargs`, e.g. '{"enable_thinking": false}'.
+    #[arg(long, value_parser = json_object)]
+    pub default_chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `--hf-token`: the Hugging Face token for downloads (alone: the stored login token,
+    /// which is already the default).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub hf_token: Option<String>,
+    /// Serve HTTPS with this private key (PEM; with --ssl-certfile).
     #[arg(long)]
-    pub max_log_len: Option<usize>,
+    pub ssl_keyfile: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM; with --ssl-keyfile).
+    #[arg(long)]
+    pub ssl_certfile: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates are verified against.
+    #[arg(long)]
+    pub ssl_ca_certs: Option<PathBuf>,
+    /// Client certificates, as Python's ssl module numbers it: 0 not asked for, 1 optional
+    /// (verified when sent), 2 required.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub ssl_cert_reqs: u8,
+    /// The vLLM flags of `vllm_flags::VLLM_FLAGS` given on the command line (filled by `main`
+    /// from the parsed matches).
+    #[arg(skip)]
+    pub vllm_given: Vec<crate::vllm_flags::Given>,
 }
 
 impl ServeArgs {
@@ -209,8 +218,39 @@ impl ServeArgs {
                 self.dtype
             ));
         }
-        if let Some(0 | 1) = self.max_model_len {
+        if let Some(ModelLen::Tokens(0 | 1)) = self.max_model_len {
             return bad("--max-model-len must be at least 2".into());
+        }
+        Ok(())
+    }
+
+    /// The vLLM flags tpuserve refuses (the first one given is the error), then the TLS
+    /// flags' pairing; applies `--hf-token` (before any download).
+    pub fn check_vllm_flags(&self) -> Result<(), UsageError> {
+        if let Some(g) = self.vllm_given.iter().find(|g| g.refused) {
+            return Err(UsageError(g.refused_line()));
+        }
+        if self.ssl_keyfile.is_some() != self.ssl_certfile.is_some() {
+            return Err(UsageError(
+                "--ssl-keyfile and --ssl-certfile must be given together".into(),
+            ));
+        }
+        if self.ssl_keyfile.is_some() && self.ssl_cert_reqs > 0 && self.ssl_ca_certs.is_none() {
+            // Python's ssl would then reject every client certificate (no trust anchors).
+            return Err(UsageError(format!(
+                "--ssl-cert-reqs {} needs --ssl-ca-certs (the CAs client certificates are \
+                 verified against)",
+                self.ssl_cert_reqs
+            )));
+        }
+        if let Some(token) = self
+            .hf_token
+            .as_deref()
+            .filter(|t| *t != "true" && !t.is_empty())
+        {
+            // As vLLM passes it to huggingface_hub; set before the runtime starts (one
+            // thread), read by tpuserve-hub when it resolves the model.
+            std::env::set_var("HF_TOKEN", token);
         }
         Ok(())
     }
@@ -225,48 +265,12 @@ impl ServeArgs {
     /// `--max-model-len` against the model's own maximum context (from its config).
     pub fn check_model_len(&self, model_max: usize) -> Result<usize, UsageError> {
         match self.max_model_len {
-            Some(m) if m > model_max => Err(UsageError(format!(
+            None | Some(ModelLen::Auto) => Ok(model_max),
+            Some(ModelLen::Tokens(m)) if m > model_max => Err(UsageError(format!(
                 "--max-model-len {m} is larger than the model's maximum context ({model_max})"
             ))),
-            Some(m) => Ok(m),
-            None => Ok(model_max),
+            Some(ModelLen::Tokens(m)) => Ok(m),
         }
-    }
-
-    /// One warning per vLLM flag given that tpuserve accepts but does not act on.
-    pub fn ignored_flags(&self) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        if self.enforce_eager {
-            v.push("--enforce-eager (programs are always precompiled)");
-        }
-        if self.swap_space.is_some() {
-            v.push("--swap-space (preemption is by recompute)");
-        }
-        if self.kv_cache_dtype.is_some() {
-            v.push("--kv-cache-dtype (the cache uses the weight dtype)");
-        }
-        if self.quantization.is_some() {
-            v.push("--quantization");
-        }
-        if self.pipeline_parallel_size.is_some_and(|p| p > 1) {
-            v.push("--pipeline-parallel-size");
-        }
-        if self.enable_chunked_prefill {
-            v.push("--enable-chunked-prefill (always on)");
-        }
-        if self.disable_fastapi_docs {
-            v.push("--disable-fastapi-docs");
-        }
-        if self.enable_request_id_headers {
-            v.push("--enable-request-id-headers");
-        }
-        if self.max_log_len.is_some() {
-            v.push("--max-log-len (request logs carry token counts, never prompt text)");
-        }
-        if self.trust_remote_code {
-            v.push("--trust-remote-code (no remote code is ever run)");
-        }
-        v
     }
 }
 
@@ -294,6 +298,10 @@ fn json_list(s: &str) -> Result<JsonList, String> {
         .map_err(|e| format!("expected a JSON list of strings: {e}"))
 }
 
+fn json_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    serde_json::from_str(s).map_err(|e| format!("expected a JSON object: {e}"))
+}
+
 fn parse_load_format(s: &str) -> Result<LoadFormat, String> {
     s.parse()
 }
@@ -306,5 +314,74 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
             "{s} is not between 0 (exclusive) and 86400 seconds"
         )),
         Err(e) => Err(format!("{s}: {e}")),
+    }
+}
+
+/// `--max-model-len`: a number of tokens, or the model's own maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelLen {
+    Auto,
+    Tokens(usize),
+}
+
+fn parse_model_len(s: &str) -> Result<ModelLen, String> {
+    let t = s.trim();
+    if t == "-1" || t.eq_ignore_ascii_case("auto") {
+        return Ok(ModelLen::Auto);
+    }
+    human_readable_int(t).map(ModelLen::Tokens)
+}
+
+/// vLLM's human-readable integers: `25.6k` = 25 600 (k, m, g, t: powers of 1000, decimals
+/// allowed), `1K` = 1024 (K, M, G, T: powers of 1024, whole numbers only), else a plain integer.
+pub fn human_readable_int(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let Some(last) = t.chars().last() else {
+        return Err("expected an integer".into());
+    };
+    let (num, mult, decimal) = match last {
+        'k' => (&t[..t.len() - 1], 1e3, true),
+        'm' => (&t[..t.len() - 1], 1e6, true),
+        'g' => (&t[..t.len() - 1], 1e9, true),
+        't' => (&t[..t.len() - 1], 1e12, true),
+        'K' => (&t[..t.len() - 1], 1024f64, false),
+        'M' => (&t[..t.len() - 1], (1u64 << 20) as f64, false),
+        'G' => (&t[..t.len() - 1], (1u64 << 30) as f64, false),
+        'T' => (&t[..t.len() - 1], (1u64 << 40) as f64, false),
+        _ => return t.parse::<usize>().map_err(|e| format!("{t}: {e}")),
+    };
+    let plain = !num.is_empty() && num.chars().all(|c| c.is_ascii_digit());
+    let dec = num.split_once('.').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.chars().all(|c| c.is_ascii_digit())
+            && b.chars().all(|c| c.is_ascii_digit())
+    });
+    if !(plain || (decimal && dec)) {
+        return Err(format!("{t}: not a number like 8k, 25.6k or 8K"));
+    }
+    let v: f64 = num.parse().map_err(|e| format!("{t}: {e}"))?;
+    let v = (v * mult).floor();
+    if !(0.0..=usize::MAX as f64).contains(&v) {
+        return Err(format!("{t}: out of range"));
+    }
+    Ok(v as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_readable_ints_as_vllm() {
+        assert_eq!(human_readable_int("1k"), Ok(1000));
+        assert_eq!(human_readable_int("1K"), Ok(1024));
+        assert_eq!(human_readable_int("25.6k"), Ok(25_600));
+        assert_eq!(human_readable_int("4096"), Ok(4096));
+        assert!(human_readable_int("1.5K").is_err());
+        assert!(human_readable_int("k").is_err());
+        assert_eq!(parse_model_len("auto"), Ok(ModelLen::Auto));
+        assert_eq!(parse_model_len("-1"), Ok(ModelLen::Auto));
+        assert_eq!(parse_model_len("8K"), Ok(ModelLen::Tokens(8192)));
     }
 }

@@ -2,11 +2,14 @@
 //! sampling fields range-checked, the chat template applied. Nothing here touches the engine,
 //! so the fuzz targets (`crates/fuzz`) drive exactly the code the handlers run.
 
+use std::borrow::Cow;
+
+use serde_json::{Map, Value};
 use tpuserve_model::{ChatTemplate, Tokenizer};
 
 use crate::chat::{self, ChatPromptOptions};
 use crate::error::ApiError;
-use crate::protocol::{ChatCompletionRequest, CompletionRequest, Prompt};
+use crate::protocol::{ChatCompletionRequest, CompletionRequest, Prompt, ReasoningEffort};
 use crate::validate::{self, Limits, Validated};
 
 /// What the gate needs from the server's state.
@@ -16,6 +19,8 @@ pub struct GateContext<'a> {
     pub limits: Limits,
     /// `--trust-request-chat-template`: a request may bring its own `chat_template`.
     pub trust_request_chat_template: bool,
+    /// `--default-chat-template-kwargs`.
+    pub default_kwargs: Option<&'a Map<String, Value>>,
 }
 
 /// A `/v1/completions` request that passed the gate: one (token ids, text) per prompt.
@@ -88,6 +93,39 @@ pub struct ChatInput {
     pub logprobs: Option<i64>,
 }
 
+/// The chat template's extra variables: `--default-chat-template-kwargs` under the
+/// request's `chat_template_kwargs`, and with `reasoning_effort` that value plus
+/// `enable_thinking` (effort other than "none") unless the request's kwargs set
+/// `enable_thinking` — vLLM's `build_chat_params` (templates that do not use them are
+/// unaffected; others, e.g. Qwen3's or Gemma's, switch thinking on or off).
+pub fn template_kwargs<'a>(
+    defaults: Option<&'a Map<String, Value>>,
+    user: Option<&'a Map<String, Value>>,
+    effort: Option<ReasoningEffort>,
+) -> Option<Cow<'a, Map<String, Value>>> {
+    let base = match (defaults, user) {
+        (None, u) => u.map(Cow::Borrowed),
+        (Some(d), None) => Some(Cow::Borrowed(d)),
+        (Some(d), Some(u)) => {
+            let mut merged = d.clone();
+            merged.extend(u.iter().map(|(k, v)| (k.clone(), v.clone())));
+            Some(Cow::Owned(merged))
+        }
+    };
+    let Some(effort) = effort else {
+        return base;
+    };
+    let mut kwargs = base.map(Cow::into_owned).unwrap_or_default();
+    if !user.is_some_and(|u| u.contains_key("enable_thinking")) {
+        kwargs.insert(
+            "enable_thinking".into(),
+            Value::Bool(effort != ReasoningEffort::None),
+        );
+    }
+    kwargs.insert("reasoning_effort".into(), effort.as_str().into());
+    Some(Cow::Owned(kwargs))
+}
+
 pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput, ApiError> {
     if req.top_logprobs.is_some() && !req.logprobs.unwrap_or(false) {
         return Err(ApiError::invalid_param(
@@ -100,6 +138,35 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
             "tool_choice",
             "When using `tool_choice`, `tools` must be set.",
         ));
+    }
+    // tpuserve has no tool-call parser, and vLLM without one refuses every tool_choice that
+    // needs the output parsed (its renderer's check, same messages): only "none" (or none
+    // given) renders the tools into the prompt and answers with plain content.
+    match &req.tool_choice {
+        None | Some(Value::Null) => {}
+        Some(Value::String(c)) if c == "none" => {}
+        Some(Value::String(c)) if c == "auto" => {
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser \
+                 to be set",
+            ))
+        }
+        Some(other) => {
+            let desc = match other {
+                Value::String(c) => format!("\"{c}\""),
+                v => format!(
+                    "function \"{}\"",
+                    v.pointer("/function/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                ),
+            };
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                format!("tool_choice={desc} requires --tool-call-parser to be set"),
+            ));
+        }
     }
     // vLLM refuses a request's own template unless the server trusts them: a template is code
     // run on the server (sandboxed here, but it can still cost time and memory).
@@ -121,13 +188,37 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
             .map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?,
         ),
     };
+    if req.return_prompt_text == Some(true) {
+        return Err(ApiError::invalid_param(
+            "return_prompt_text",
+            "return_prompt_text is not supported by tpuserve: the rendered prompt is not \
+             returned (POST /tokenize renders it)",
+        ));
+    }
+    let effort = match req.reasoning_effort.as_deref() {
+        None => None,
+        Some(e) => Some(ReasoningEffort::parse(e).ok_or_else(|| {
+            crate::numbers::bound_error(
+                "ChatCompletionRequest",
+                "reasoning_effort",
+                "Input should be 'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'",
+                "literal_error",
+                &format!("'{e}'"),
+            )
+        })?),
+    };
+    let kwargs = template_kwargs(
+        ctx.default_kwargs,
+        req.chat_template_kwargs.as_ref(),
+        effort,
+    );
     let text = chat::render(
         own.as_ref().or(ctx.chat_template),
         &req.messages,
         &ChatPromptOptions {
             add_generation_prompt: req.add_generation_prompt,
             continue_final_message: req.continue_final_message,
-            kwargs: req.chat_template_kwargs.as_ref(),
+            kwargs: kwargs.as_deref(),
             tools: req.tools.as_ref(),
             documents: req.documents.as_ref(),
         },

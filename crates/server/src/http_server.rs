@@ -3,7 +3,8 @@
 //! and tasks forever. Here every connection gets hyper's header-read deadline, which hyper
 //! restarts whenever it waits for a request head: one deadline covers a new connection that
 //! sends nothing, headers that trickle in, and an idle keep-alive connection (uvicorn's
-//! `timeout_keep_alive` under vLLM plays the same role).
+//! `timeout_keep_alive` under vLLM plays the same role). With `--ssl-*` each connection is a
+//! TLS one (see `tls.rs`), its handshake bounded by the same deadline.
 
 use std::future::Future;
 use std::io;
@@ -18,7 +19,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 /// Per-connection limits.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConnectionLimits {
     /// A request head must be complete this long after the connection opens or after the
     /// previous response ends; otherwise the connection is closed.
@@ -26,6 +27,8 @@ pub struct ConnectionLimits {
     /// `--root-path`: as Starlette routes under uvicorn's root_path, a request path starting
     /// with this prefix is routed without it; other paths are routed as they are.
     pub root_path: Option<Arc<str>>,
+    /// HTTPS: every connection goes through this TLS handshake first.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Drops `prefix` from the request path (and keeps the query) when the path starts with it.
@@ -84,8 +87,33 @@ pub async fn serve(
             }
             tower.call(req)
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let Some(acceptor) = limits.tls.clone() else {
+            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!("connection ended: {e}");
+                }
+            });
+            continue;
+        };
+        // The handshake runs in the connection's own task (a slow one holds up no other),
+        // bounded by the header deadline: a client that never completes it is dropped.
+        let watcher = graceful.watcher();
+        let http = http.clone();
+        let deadline = limits.header_timeout;
         tokio::spawn(async move {
+            let tls = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!("TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = watcher.watch(http.serve_connection(TokioIo::new(tls), service));
             if let Err(e) = conn.await {
                 tracing::debug!("connection ended: {e}");
             }

@@ -22,6 +22,8 @@ pub mod protocol;
 pub mod serve;
 pub mod state;
 pub mod streaming;
+pub mod tls;
 pub mod tokenizer_info;
 pub mod unsupported;
 pub mod validate;
+pub mod vllm_flags;

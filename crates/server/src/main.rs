@@ -2,7 +2,7 @@
 
 use tpuserve::{bench, cli, generate, plan, serve};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         )
         .with_ansi(false)
         .init();
-    let cli = Cli::parse();
+    let cli = parse_command_line();
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let result = args
                 .check_sizes()
+                .and_then(|()| args.check_vllm_flags())
                 .map_err(anyhow::Error::from)
                 .and_then(|()| {
                     tokio::runtime::Builder::new_multi_thread()
@@ -60,4 +61,18 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// clap's parse of the (vLLM-normalised) command line, with `vllm serve`'s flags that
+/// tpuserve does not implement added to `serve` and recorded in its arguments.
+fn parse_command_line() -> Cli {
+    let argv = tpuserve::vllm_flags::normalize_args(std::env::args_os().collect());
+    let cmd = Cli::command().mut_subcommand("serve", tpuserve::vllm_flags::augment);
+    let matches = cmd.get_matches_from(argv);
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Serve(args), Some(m)) = (&mut cli.command, matches.subcommand_matches("serve"))
+    {
+        args.vllm_given = tpuserve::vllm_flags::given(m);
+    }
+    cli
 }

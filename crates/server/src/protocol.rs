@@ -129,8 +129,61 @@ pub struct ChatCompletionRequest {
     pub chat_template: Option<String>,
     /// vLLM's chat `echo` (prepend the last message): refused when true (not implemented).
     pub echo: Option<bool>,
+    /// Given to the chat template as `reasoning_effort` (and `enable_thinking`), as vLLM's
+    /// `build_chat_params` does; see `gate::template_kwargs`.
+    /// A string here, so that a value outside vLLM's list gets vLLM's message naming the
+    /// field (`ReasoningEffort::parse`) rather than a decoder error.
+    pub reasoning_effort: Option<String>,
+    /// Only decides whether a reasoning parser's output is returned; without a reasoning
+    /// parser (vLLM's case for such a model, and always here) the answer is the same.
+    pub include_reasoning: Option<bool>,
+    /// `false` keeps only the first parsed tool call; without a tool-call parser there are
+    /// none to keep, as in vLLM without --tool-call-parser.
+    pub parallel_tool_calls: Option<bool>,
+    /// vLLM's `return_prompt_text` (the rendered prompt in the response): refused when true.
+    pub return_prompt_text: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+}
+
+/// vLLM's `reasoning_effort` values (any other is a 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasoningEffort {
+    None,
+    Minimal,
+    Low,
+    Medium,
+    High,
+    Xhigh,
+    Max,
+}
+
+impl ReasoningEffort {
+    const ALL: [ReasoningEffort; 7] = [
+        ReasoningEffort::None,
+        ReasoningEffort::Minimal,
+        ReasoningEffort::Low,
+        ReasoningEffort::Medium,
+        ReasoningEffort::High,
+        ReasoningEffort::Xhigh,
+        ReasoningEffort::Max,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasoningEffort::None => "none",
+            ReasoningEffort::Minimal => "minimal",
+            ReasoningEffort::Low => "low",
+            ReasoningEffort::Medium => "medium",
+            ReasoningEffort::High => "high",
+            ReasoningEffort::Xhigh => "xhigh",
+            ReasoningEffort::Max => "max",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]

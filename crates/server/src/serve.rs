@@ -66,9 +66,20 @@ fn kv_blocks(model: &LoadedModel, args: &ServeArgs, bytes_per_elem: usize) -> us
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    for flag in args.ignored_flags() {
-        tracing::warn!("{flag} is accepted for vLLM compatibility but has no effect in tpuserve");
+    for given in args.vllm_given.iter().filter(|g| !g.refused) {
+        tracing::warn!("{}", given.ignored_line());
     }
+    // Certificate files are read before the model loads: a bad one fails at once.
+    let tls = match (&args.ssl_keyfile, &args.ssl_certfile) {
+        (Some(keyfile), Some(certfile)) => Some(crate::tls::acceptor(&crate::tls::TlsFiles {
+            keyfile,
+            certfile,
+            ca_certs: args.ssl_ca_certs.as_deref(),
+            cert_reqs: args.ssl_cert_reqs,
+        })?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let path = {
         let args = args.clone();
         tokio::task::spawn_blocking(move || resolve_model(&args)).await??
@@ -260,7 +271,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         model_root: path.display().to_string(),
         max_model_len: effective_len,
         max_logprobs: args.max_logprobs,
-        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        api_keys: args
+            .api_key
+            .iter()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect(),
         log_requests: args.enable_log_requests && !args.disable_log_requests,
         created: now_secs(),
         metrics,
@@ -277,6 +293,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         sampling_defaults,
         eos_token_ids: beam_eos,
         trust_request_chat_template: args.trust_request_chat_template,
+        default_chat_template_kwargs: args.default_chat_template_kwargs.clone(),
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let addr = format!("{host}:{}", args.port);
@@ -287,7 +304,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("Route: {route}, Methods: {methods}");
     }
     tracing::info!(
-        "tpuserve {} ready on http://{addr} in {:.1}s: {} ({runner_desc}), max_model_len {effective_len}, KV cache {} blocks of {}",
+        "tpuserve {} ready on {scheme}://{addr} in {:.1}s: {} ({runner_desc}), max_model_len {effective_len}, KV cache {} blocks of {}",
         env!("CARGO_PKG_VERSION"),
         t0.elapsed().as_secs_f64(),
         state.served_name(),
@@ -320,6 +337,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(|p| p.trim_end_matches('/'))
             .filter(|p| !p.is_empty())
             .map(Arc::from),
+        tls,
     };
     let drain_state = state.clone();
     let timeout = Duration::from_secs(args.shutdown_timeout);

@@ -21,7 +21,8 @@ pub struct AppState {
     pub max_model_len: usize,
     pub vocab_size: usize,
     pub max_logprobs: usize,
-    pub api_key: Option<String>,
+    /// `--api-key`: any one of these opens /v1 (none: open).
+    pub api_keys: Vec<String>,
     pub log_requests: bool,
     pub created: u64,
     pub metrics: Arc<Metrics>,
@@ -45,6 +46,8 @@ pub struct AppState {
     pub eos_token_ids: Vec<u32>,
     /// `--trust-request-chat-template`.
     pub trust_request_chat_template: bool,
+    /// `--default-chat-template-kwargs`: template variables under every request's own.
+    pub default_chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// `--generation-config` defaults.
     pub sampling_defaults: crate::validate::SamplingDefaults,
 }
@@ -56,6 +59,7 @@ impl AppState {
             tokenizer: &self.tokenizer,
             chat_template: self.chat_template.as_ref(),
             trust_request_chat_template: self.trust_request_chat_template,
+            default_kwargs: self.default_chat_template_kwargs.as_ref(),
             limits: Limits {
                 vocab_size: self.vocab_size,
                 max_logprobs: self.max_logprobs,

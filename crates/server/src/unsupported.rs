@@ -41,6 +41,18 @@ pub struct Unimplemented {
     pub media_io_kwargs: Option<Value>,
     pub logprob_token_ids: Option<Value>,
     pub thinking_token_budget: Option<Value>,
+    /// Groups related requests for vLLM's KV connectors and tracing; it never changes an
+    /// answer, and nothing here groups requests: accepted (a string, as vLLM types it).
+    pub session_id: Option<String>,
+    pub watermarking: Option<bool>,
+    pub return_token_offsets: Option<Value>,
+    pub routed_experts_prompt_start: Option<Value>,
+    pub mm_payload: Option<Value>,
+    pub return_mm_kwargs: Option<Value>,
+    pub ec_transfer_params: Option<Value>,
+    pub repetition_detection: Option<Value>,
+    /// Tokens per streamed chunk (vLLM ≥ 1): tpuserve streams every token, i.e. 1.
+    pub stream_interval: Option<Value>,
 }
 
 /// Null, false, 0, "" and empty lists / objects ask for nothing.
@@ -165,6 +177,52 @@ impl Unimplemented {
             ),
         ];
         for (field, value, why) in generic {
+            if value.as_ref().is_some_and(|v| !neutral(v)) {
+                return Err(refuse(field, why));
+            }
+        }
+        if self.watermarking == Some(true) {
+            return Err(refuse("watermarking", "there is no output watermarking"));
+        }
+        if self
+            .stream_interval
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_i64() != Some(1))
+        {
+            return Err(refuse(
+                "stream_interval",
+                "every token is streamed as it comes (only 1)",
+            ));
+        }
+        let more: [(&str, &Option<Value>, &str); 6] = [
+            (
+                "return_token_offsets",
+                &self.return_token_offsets,
+                "not implemented",
+            ),
+            (
+                "routed_experts_prompt_start",
+                &self.routed_experts_prompt_start,
+                "no expert routing is reported (dense models)",
+            ),
+            ("mm_payload", &self.mm_payload, "the models are text-only"),
+            (
+                "return_mm_kwargs",
+                &self.return_mm_kwargs,
+                "the models are text-only",
+            ),
+            (
+                "ec_transfer_params",
+                &self.ec_transfer_params,
+                "there is no encoder-cache transfer",
+            ),
+            (
+                "repetition_detection",
+                &self.repetition_detection,
+                "not implemented",
+            ),
+        ];
+        for (field, value, why) in more {
             if value.as_ref().is_some_and(|v| !neutral(v)) {
                 return Err(refuse(field, why));
             }
