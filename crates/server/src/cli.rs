@@ -64,8 +64,9 @@ pub struct ServeArgs {
     pub enable_log_requests: bool,
     #[arg(long, action = ArgAction::SetTrue)]
     pub disable_log_stats: bool,
-    /// CORS: allowed origins, a JSON list as vLLM takes it (default: any).
-    #[arg(long, default_value = r#"["*"]"#, value_parser = json_list)]
+    /// CORS: allowed origins, a JSON list as vLLM takes it (default: none, as vLLM 0.32:
+    /// cross-origin browser access is off unless asked for; `'["*"]'` allows any).
+    #[arg(long, default_value = "[]", value_parser = json_list)]
     pub allowed_origins: JsonList,
     /// CORS: allowed methods (JSON list).
     #[arg(long, default_value = r#"["*"]"#, value_parser = json_list)]

@@ -1,7 +1,8 @@
 //! CORS as vLLM sets it up (Starlette's `CORSMiddleware` with `--allowed-origins`,
-//! `--allowed-methods`, `--allowed-headers`, `--allow-credentials`; every origin, method and
-//! header allowed by default): preflight requests are answered here, other requests from an
-//! allowed origin get `Access-Control-Allow-Origin` (and credentials) on their response.
+//! `--allowed-methods`, `--allowed-headers`, `--allow-credentials`; as in vLLM 0.32 no origin
+//! is allowed by default, and every method and header of an allowed origin): preflight
+//! requests are answered here (400 for an origin not allowed), other requests from an allowed
+//! origin get `Access-Control-Allow-Origin` (and credentials) on their response.
 
 use std::sync::Arc;
 
