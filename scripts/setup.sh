@@ -162,10 +162,12 @@ if [ "$want_test" = 1 ]; then
   apt_missing=()
   { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || apt_missing+=(prometheus)
   command -v mmdebstrap >/dev/null 2>&1 || apt_missing+=(mmdebstrap)
+  # The HTTPS tests make their certificates with the openssl command line.
+  command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
   if [ ${#apt_missing[@]} -gt 0 ]; then
     apt_install "${apt_missing[@]}"
   else
-    say "prometheus, promtool, mmdebstrap: ok"
+    say "prometheus, promtool, mmdebstrap, openssl: ok"
   fi
   # kubectl (its built-in kustomize renders k8s/) comes with this machine kind; Debian's
   # kubernetes-client is kubectl 1.20, whose kustomize v2 predates `components` and `patches`.
