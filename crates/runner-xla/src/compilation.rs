@@ -42,15 +42,7 @@ impl XlaRunner {
             cache: self.cache.as_ref(),
             environment: &self.environment,
             cfg: &self.cfg,
-            options: self.compile_options(),
-        }
-    }
-
-    fn compile_options(&self) -> CompileOptions {
-        if self.cfg.tp > 1 {
-            CompileOptions::spmd(self.cfg.tp)
-        } else {
-            CompileOptions::default()
+            options: compile_options(self.cfg.tp),
         }
     }
 

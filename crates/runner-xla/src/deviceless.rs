@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 pub use tpuserve_pjrt::Topology;
-use tpuserve_pjrt::{CompileOptions, MemoryStats, NamedValue, Plugin};
+use tpuserve_pjrt::{MemoryStats, NamedValue, Plugin};
 use tpuserve_runner_api::RunnerError;
 
 use crate::device::{self, DeviceKind};
@@ -139,7 +139,7 @@ pub fn step_parts(
     bucket: Bucket,
     dump: Option<&std::path::Path>,
 ) -> Result<StepParts, RunnerError> {
-    let options = compile_options(cfg);
+    let options = crate::compile_options(cfg.tp);
     let figures = |layers: i64, chunks: i64| -> Result<Figures, RunnerError> {
         let text = cfg.emit_unrolled(bucket, Unroll { layers, chunks });
         let exe = topology.compile(&text, &options).map_err(|e| {
@@ -174,14 +174,6 @@ pub fn step_parts(
     })
 }
 
-fn compile_options(cfg: &ProgramConfig) -> CompileOptions {
-    if cfg.tp > 1 {
-        CompileOptions::spmd(cfg.tp)
-    } else {
-        CompileOptions::default()
-    }
-}
-
 /// Compiles `cfg`'s program for `bucket` for the topology and reads the compiler's figures.
 pub fn program_cost(
     topology: &Topology,
@@ -189,7 +181,7 @@ pub fn program_cost(
     bucket: Bucket,
 ) -> Result<ProgramCost, RunnerError> {
     let t = Instant::now();
-    let options = compile_options(cfg);
+    let options = crate::compile_options(cfg.tp);
     let exe = topology
         .compile(&cfg.emit(bucket), &options)
         .map_err(|e| derr(format!("compiling {bucket:?} for TPU: {e}")))?;

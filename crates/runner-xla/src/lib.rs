@@ -134,6 +134,15 @@ pub fn default_kv_chunk_tokens(platform: &str) -> usize {
     }
 }
 
+/// How every step program is compiled: SPMD-partitioned over `tp` devices.
+pub(crate) fn compile_options(tp: i64) -> CompileOptions {
+    if tp > 1 {
+        CompileOptions::spmd(tp)
+    } else {
+        CompileOptions::default()
+    }
+}
+
 fn derr(e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Device(e.to_string())
 }

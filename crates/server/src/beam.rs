@@ -45,6 +45,18 @@ fn score(prompt_len: usize, b: &Beam, eos: &[u32], length_penalty: f64) -> f64 {
     b.cum_logprob / (len.max(1) as f64).powf(length_penalty)
 }
 
+/// Sorts beams by score, best first.
+fn best_first(beams: &mut [Beam], prompt_len: usize, eos: &[u32], length_penalty: f64) {
+    beams.sort_by(|a, b| {
+        score(prompt_len, b, eos, length_penalty).total_cmp(&score(
+            prompt_len,
+            a,
+            eos,
+            length_penalty,
+        ))
+    });
+}
+
 /// Queues the 1-token request that yields the next-token logprobs (top `k` and the greedy
 /// choice) after `tokens`.
 fn ask(st: &SharedState, tokens: Vec<u32>, k: usize) -> Result<RequestStream, ApiError> {
@@ -136,14 +148,7 @@ pub async fn search(
                 }
             }
         }
-        grown.sort_by(|a, b| {
-            score(prompt.len(), b, &eos, p.length_penalty).total_cmp(&score(
-                prompt.len(),
-                a,
-                &eos,
-                p.length_penalty,
-            ))
-        });
+        best_first(&mut grown, prompt.len(), &eos, p.length_penalty);
         grown.truncate(p.width);
         live = grown;
         if live.is_empty() {
@@ -151,14 +156,7 @@ pub async fn search(
         }
     }
     complete.extend(live);
-    complete.sort_by(|a, b| {
-        score(prompt.len(), b, &eos, p.length_penalty).total_cmp(&score(
-            prompt.len(),
-            a,
-            &eos,
-            p.length_penalty,
-        ))
-    });
+    best_first(&mut complete, prompt.len(), &eos, p.length_penalty);
     complete.truncate(p.width);
     if !p.include_stop_str_in_output {
         for b in &mut complete {
