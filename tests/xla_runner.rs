@@ -134,6 +134,7 @@ fn no_compilation_after_warm_up_and_the_guard_fires() {
 
 fn decode_plan(ctx: usize, token: u32) -> StepPlan {
     StepPlan {
+        masks: None,
         token_ids: vec![token],
         positions: vec![ctx as u32 - 1],
         slot_mapping: vec![ctx as u32 - 1],

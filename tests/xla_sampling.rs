@@ -37,6 +37,7 @@ fn seq(id: u64, start: usize, len: usize, ctx: usize, p: SamplingParams, sample:
 fn prefill(prompt: &[u32], sample: bool) -> StepPlan {
     let n = prompt.len();
     StepPlan {
+        masks: None,
         token_ids: prompt.to_vec(),
         positions: (0..n as u32).collect(),
         slot_mapping: (0..n as u32).collect(),
@@ -48,6 +49,7 @@ fn prefill(prompt: &[u32], sample: bool) -> StepPlan {
 /// slot: they write identical K/V), each with its own seed: i.i.d. draws from one distribution.
 fn draws(last: u32, pos: usize, p: &SamplingParams, seeds: &[u64]) -> StepPlan {
     StepPlan {
+        masks: None,
         token_ids: vec![last; seeds.len()],
         positions: vec![pos as u32; seeds.len()],
         slot_mapping: vec![pos as u32; seeds.len()],

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tpuserve_runner_api::{ModelRunner, StepOutput, TokenId};
+use tpuserve_runner_api::{ModelRunner, StepMasks, StepOutput, TokenId};
 
 use crate::block_manager::{BlockManager, PrefixCacheCounters};
 use crate::detokenizer::{DetokenizeOptions, IncrementalDetokenizer, TokenDecoder};
@@ -265,6 +265,7 @@ impl EngineCore {
                     ..Default::default()
                 },
                 dirty: false,
+                matcher: req.constraint.as_ref().map(|c| c.matcher()),
             });
         }
         self.requests.insert(
@@ -396,10 +397,40 @@ impl EngineCore {
         self.note_scheduling(&batch);
         // The plan shares each sequence's output vector; dropping it before the update lets
         // appends happen in place instead of copying.
-        let plan = std::mem::take(&mut batch.plan);
+        let mut plan = std::mem::take(&mut batch.plan);
         let num_tokens = plan.num_tokens();
         let t0 = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| self.runner.execute(&plan)));
+        let constrained = self.constrained_rows(&batch);
+        let mut mask_errors = Vec::new();
+        let result = if constrained.is_empty() {
+            catch_unwind(AssertUnwindSafe(|| self.runner.execute(&plan)))
+        } else {
+            // The grammar masks are computed on another thread while the runner runs the
+            // forward pass; the runner waits for them only when it samples.
+            let masks = Arc::new(StepMasks::default());
+            plan.masks = Some(masks.clone());
+            let num_seqs = plan.seqs.len();
+            let (runner, requests) = (&mut self.runner, &mut self.requests);
+            std::thread::scope(|scope| {
+                let worker = scope.spawn(|| {
+                    let _fill = FillOnDrop(&masks, num_seqs);
+                    compute_masks(requests, &constrained, num_seqs, &masks)
+                });
+                let r = catch_unwind(AssertUnwindSafe(|| runner.execute(&plan)));
+                mask_errors = worker.join().unwrap_or_else(|_| {
+                    constrained
+                        .iter()
+                        .map(|c| {
+                            (
+                                c.1,
+                                "structured output: the mask computation panicked".into(),
+                            )
+                        })
+                        .collect()
+                });
+                r
+            })
+        };
         let execute_time = t0.elapsed();
         drop(plan);
         let outcome = match result {
@@ -418,6 +449,9 @@ impl EngineCore {
                     format!("the runner panicked: {m}")
                 })),
         };
+        for (rid, msg) in mask_errors {
+            self.end_request(rid, FinishReason::Error, Some(msg));
+        }
         match outcome {
             Ok(out) => self.apply(&batch, out),
             Err(msg) => {
@@ -437,6 +471,27 @@ impl EngineCore {
         self.publish_stats(num_tokens, execute_time);
         self.flush();
         true
+    }
+
+    /// The rows of `batch` that sample under a grammar.
+    fn constrained_rows(&self, batch: &ScheduledBatch) -> Vec<ConstrainedRow> {
+        let mut rows = Vec::new();
+        for (i, s) in batch.scheduled.iter().enumerate() {
+            if !s.sample {
+                continue;
+            }
+            let Some(&(rid, index)) = self.owners.get(&s.seq_id) else {
+                continue;
+            };
+            let constrained = self
+                .requests
+                .get(&rid)
+                .is_some_and(|r| r.children[index].matcher.is_some());
+            if constrained {
+                rows.push((i, rid, index));
+            }
+        }
+        rows
     }
 
     /// Timestamps of first scheduling, cached-token counts, and prompt logprobs that a
@@ -500,7 +555,21 @@ impl EngineCore {
             self.scheduler.append_token(s.seq_id, sampled.token);
             let arrival = req.arrival;
             let child = &mut req.children[index];
-            match child.accept(self.decoder.as_ref(), sampled, now, arrival, &mut self.acc) {
+            let grammar_done = match child.advance_grammar(sampled.token, &self.eos) {
+                Ok(done) => done,
+                Err(e) => {
+                    failed.push((rid, e));
+                    continue;
+                }
+            };
+            match child.accept(
+                self.decoder.as_ref(),
+                sampled,
+                grammar_done,
+                now,
+                arrival,
+                &mut self.acc,
+            ) {
                 Ok(true) => {
                     self.scheduler.finish(s.seq_id);
                     self.owners.remove(&s.seq_id);
@@ -573,6 +642,45 @@ impl EngineCore {
             self.step();
         }
     }
+}
+
+/// Publishes empty masks if the worker ends without publishing (a panic), so the runner
+/// never waits forever.
+struct FillOnDrop<'a>(&'a StepMasks, usize);
+
+impl Drop for FillOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.set(vec![None; self.1]);
+    }
+}
+
+/// A constrained row of a step: (index in the plan, request, child).
+type ConstrainedRow = (usize, RequestId, usize);
+
+/// Computes and publishes the masks of `rows`; returns the requests whose grammar failed.
+fn compute_masks(
+    requests: &mut HashMap<RequestId, RequestState>,
+    rows: &[ConstrainedRow],
+    num_seqs: usize,
+    out: &StepMasks,
+) -> Vec<(RequestId, String)> {
+    let mut masks = vec![None; num_seqs];
+    let mut errors = Vec::new();
+    for &(i, rid, index) in rows {
+        let Some(m) = requests
+            .get_mut(&rid)
+            .and_then(|r| r.children.get_mut(index))
+            .and_then(|c| c.matcher.as_mut())
+        else {
+            continue;
+        };
+        match crate::structured::next_mask(m) {
+            Ok(mask) => masks[i] = Some(mask),
+            Err(e) => errors.push((rid, format!("structured output: {e}"))),
+        }
+    }
+    out.set(masks);
+    errors
 }
 
 /// The seed of the `k`-th unseeded request under `--seed base` (splitmix64: neighbouring

@@ -19,6 +19,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod stats;
 pub mod stop;
+pub mod structured;
 #[cfg(test)]
 mod testing;
 pub mod validation;

@@ -79,6 +79,8 @@ pub struct EngineRequest {
     pub n: usize,
     /// When the server received it (queue time and TTFT are measured from here).
     pub arrival: Instant,
+    /// Structured output: every child's tokens must follow this grammar.
+    pub constraint: Option<crate::structured::Constraint>,
 }
 
 impl EngineRequest {
@@ -90,6 +92,7 @@ impl EngineRequest {
             stop,
             n: 1,
             arrival: Instant::now(),
+            constraint: None,
         }
     }
 

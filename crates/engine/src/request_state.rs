@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
-use tpuserve_runner_api::{SampledToken, TokenLogprobs};
+use tpuserve_runner_api::{SampledToken, TokenId, TokenLogprobs};
 
 use crate::detokenizer::{DecodeError, IncrementalDetokenizer, TokenDecoder};
 use crate::output::{RequestOutput, SeqDelta};
@@ -36,6 +36,8 @@ pub(crate) struct Child {
     pub(crate) last_token: Option<Instant>,
     pub(crate) delta: SeqDelta,
     pub(crate) dirty: bool,
+    /// Structured output: the grammar state after the tokens accepted so far.
+    pub(crate) matcher: Option<llguidance::Matcher>,
 }
 
 pub(crate) struct RequestState {
@@ -83,12 +85,33 @@ impl Child {
         self.dirty = true;
     }
 
+    /// Advances the grammar by a sampled token. Returns whether the grammar is complete (the
+    /// sequence then ends with `stop`); an end token is not grammar text and is left to the
+    /// stop checker.
+    pub(crate) fn advance_grammar(
+        &mut self,
+        token: TokenId,
+        eos: &[TokenId],
+    ) -> Result<bool, String> {
+        let Some(m) = self.matcher.as_mut() else {
+            return Ok(false);
+        };
+        if eos.contains(&token) {
+            return Ok(false);
+        }
+        m.consume_token(token).map_err(|e| {
+            format!("structured output: the sampled token {token} does not follow the grammar: {e}")
+        })?;
+        Ok(m.is_stopped())
+    }
+
     /// Takes one sampled token: timings, text, stop conditions. Returns whether the sequence
-    /// is finished.
+    /// is finished. `grammar_done`: the structured output is complete.
     pub(crate) fn accept(
         &mut self,
         dec: &dyn TokenDecoder,
         sampled: SampledToken,
+        grammar_done: bool,
         now: Instant,
         arrival: Instant,
         acc: &mut StepAcc,
@@ -118,6 +141,9 @@ impl Child {
         } else if self.stop.keeps_stop_token_text() {
             let text = self.detok.push(dec, token)?;
             self.stop.append_text(&text);
+        }
+        if finish.is_none() && grammar_done {
+            finish = Some(Finish::new(FinishReason::Stop));
         }
         if finish.is_none() {
             finish = self.stop.check_length(n);

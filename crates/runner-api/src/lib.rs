@@ -4,10 +4,12 @@
 //! Runners return sampled tokens (and requested logprobs), never whole logits, so that on an
 //! accelerator only token ids cross back to the host.
 
+pub mod masks;
 pub mod sampler;
 
 use std::sync::Arc;
 
+pub use masks::{apply_mask, StepMasks, TokenBitmask};
 pub use sampler::{SamplingParams, TokenLogprobs};
 
 pub type TokenId = u32;
@@ -46,6 +48,9 @@ pub struct StepPlan {
     /// KV slot (block * block_size + offset) each token's key/value is written to.
     pub slot_mapping: Vec<u32>,
     pub seqs: Vec<SeqPlan>,
+    /// Allowed-token masks of the structured-output rows, filled by the engine while the
+    /// forward pass runs; `None` when no sequence of the step is constrained.
+    pub masks: Option<Arc<StepMasks>>,
 }
 
 impl StepPlan {

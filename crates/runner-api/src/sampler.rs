@@ -243,8 +243,40 @@ pub fn sample(
     output: &[TokenId],
     step: u64,
 ) -> (TokenId, Option<TokenLogprobs>) {
+    sample_masked(raw_logits, None, p, prompt, output, step)
+}
+
+/// [`sample`] under a structured-output mask. As in vLLM, the mask applies to the logits the
+/// sampler and the logprobs see. When bans (`min_tokens`) leave the grammar no token, the
+/// grammar wins: the bans are dropped for this draw.
+pub fn sample_masked(
+    raw_logits: &[f32],
+    mask: Option<&[u32]>,
+    p: &SamplingParams,
+    prompt: &[TokenId],
+    output: &[TokenId],
+    step: u64,
+) -> (TokenId, Option<TokenLogprobs>) {
+    let masked;
+    let raw_logits = match mask {
+        Some(m) => {
+            let mut l = raw_logits.to_vec();
+            crate::masks::apply_mask(&mut l, m);
+            masked = l;
+            &masked[..]
+        }
+        None => raw_logits,
+    };
     let mut logits = raw_logits.to_vec();
     apply_processors(&mut logits, p, prompt, output);
+    if mask.is_some() && !logits.iter().any(|l| l.is_finite()) {
+        logits.copy_from_slice(raw_logits);
+        let unbanned = SamplingParams {
+            banned_tokens: Vec::new(),
+            ..p.clone()
+        };
+        apply_processors(&mut logits, &unbanned, prompt, output);
+    }
     let token = if p.is_greedy() {
         top_n(&logits, 1).first().copied().unwrap_or(0) as TokenId
     } else {

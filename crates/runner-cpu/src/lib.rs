@@ -244,10 +244,13 @@ impl ModelRunner for CpuRunner {
             &logits[i * vocab..(i + 1) * vocab]
         };
 
+        // Structured-output masks were computed while the layers ran.
+        let masks = plan.masks.as_ref().map(|m| m.wait());
         let outputs = plan
             .seqs
             .par_iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(si, s)| {
                 let mut out = SeqOutput::default();
                 let n_lp = s.sampling.prompt_logprobs.unwrap_or(0);
                 for (j, &target) in s.prompt_logprob_targets.iter().enumerate() {
@@ -257,8 +260,10 @@ impl ModelRunner for CpuRunner {
                 }
                 let last = s.query_start + s.query_len - 1;
                 if s.sample {
-                    let (token, logprobs) = sampler::sample(
+                    let mask = masks.as_ref().and_then(|m| m.get(si)?.as_deref());
+                    let (token, logprobs) = sampler::sample_masked(
                         row_logits(last),
+                        mask,
                         &s.sampling,
                         &s.prompt_tokens,
                         &s.output_tokens,

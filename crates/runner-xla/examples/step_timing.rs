@@ -38,6 +38,7 @@ fn main() {
     let params = Arc::new(SamplingParams::greedy());
     for ctx in [16usize, 128, 512] {
         let plan = StepPlan {
+            masks: None,
             token_ids: vec![100; seqs],
             positions: vec![ctx as u32 - 1; seqs],
             slot_mapping: (0..seqs).map(|s| (s * 64 * 16 + ctx - 1) as u32).collect(),

@@ -21,6 +21,7 @@ fn main() {
     )
     .expect("runner");
     let plan = StepPlan {
+        masks: None,
         token_ids: vec![128000, 791, 6864, 315],
         positions: vec![0, 1, 2, 3],
         slot_mapping: vec![0, 1, 2, 3],

@@ -91,6 +91,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     while out.len() < args.max_tokens {
         let n = feed.len();
         let plan = StepPlan {
+            masks: None,
             token_ids: feed.clone(),
             positions: (ctx as u32..(ctx + n) as u32).collect(),
             slot_mapping: (ctx as u32..(ctx + n) as u32).collect(),
