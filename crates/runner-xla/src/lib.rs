@@ -26,13 +26,13 @@ use tpuserve_pjrt::{Buffer, Client, CompileOptions, Device, LoadedExecutable, Pl
 use tpuserve_runner_api::{
     sampler::seeded_uniform, validate_plan, CompileCounters, KvCacheShape, ModelRunner,
     RunnerError, SampledToken, SamplingParams, SamplingSupport, SeqOutput, StepOutput, StepPlan,
-    TokenLogprobs,
+    TokenBitmask, TokenLogprobs,
 };
 
 use crate::compile_cache::{CacheKey, CompileCache, Lookup};
 pub use crate::device::DeviceKind;
 pub use crate::program::WeightElem;
-use crate::program::{arg, out, Bucket, ProgramConfig};
+use crate::program::{arg, mask_words, out, Bucket, ProgramConfig};
 
 #[derive(Debug, Clone)]
 pub struct XlaRunnerOptions {
@@ -102,6 +102,8 @@ pub struct XlaStats {
     pub executions: usize,
     /// Bytes copied device → host by step executions.
     pub bytes_to_host: u64,
+    /// Structured-output mask bytes copied host → device (zero when no row is constrained).
+    pub bytes_to_device: u64,
 }
 
 pub struct XlaRunner {
@@ -121,6 +123,9 @@ pub struct XlaRunner {
     warmed_up: bool,
     scratch_block: u32,
     unseeded_counter: u64,
+    /// Per token bucket, a mask input that is never read (steps without structured output
+    /// pass it with the mask switched off, so nothing is uploaded for it).
+    idle_masks: HashMap<usize, Vec<Buffer>>,
 }
 
 /// Context read per attention iteration when not set: a loop iteration costs little on the
@@ -382,6 +387,7 @@ impl XlaRunner {
             counters: Arc::default(),
             warmed_up: false,
             unseeded_counter: 0,
+            idle_masks: HashMap::new(),
         };
         runner.warm_up()?;
         Ok(runner)

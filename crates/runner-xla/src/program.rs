@@ -125,7 +125,12 @@ pub mod arg {
     pub const MIN_P: usize = 26;
     /// KV chunks the attention loop runs (the longest context in the step, in chunks).
     pub const KV_CHUNKS: usize = 27;
-    pub const COUNT: usize = 28;
+    /// Structured outputs: the allowed tokens of each logit row, packed 32 per i32
+    /// (`[T, ceil(vocab / 32)]`, by logit-row order), and whether any row is constrained
+    /// (when not, the mask is neither read nor applied).
+    pub const MASK: usize = 28;
+    pub const MASK_ON: usize = 29;
+    pub const COUNT: usize = 30;
     pub const NUM_WEIGHTS: usize = 13;
 }
 
@@ -244,6 +249,8 @@ impl ProgramConfig {
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::F32),
             Ty::new(&[t], Elem::F32),
+            Ty::new(&[], Elem::I32),
+            Ty::new(&[t, mask_words(m.vocab)], Elem::I32),
             Ty::new(&[], Elem::I32),
         ]
     }
@@ -421,6 +428,8 @@ impl Emitter<'_> {
             &a[arg::TOP_K],
             &a[arg::TOP_P],
             &a[arg::MIN_P],
+            &a[arg::MASK],
+            &a[arg::MASK_ON],
         ];
         init.extend(acc.iter());
         let cfg = self.cfg.clone();
@@ -448,6 +457,7 @@ impl Emitter<'_> {
                 } else {
                     logits
                 };
+                let logits = apply_token_mask(body, &logits, &v[11], &v[12], &start);
                 let pick_rows = |body: &mut Block, x: &V| -> V {
                     let x2 = body.reshape(x, &[x.dims()[0], 1]);
                     let g = body.take_rows(&x2, &rows);
@@ -994,8 +1004,48 @@ pub(crate) fn uniform_hash(b: &mut Block, keys: &V, idx: &V, dims: &[i64]) -> V 
 }
 
 /// Carried values of the logits loop before its accumulators: counter, row count, hidden
-/// states, LM head, logit rows, temperature, RNG keys, targets, top-k, top-p, min-p.
-const LOOP_INPUTS: usize = 11;
+/// states, LM head, logit rows, temperature, RNG keys, targets, top-k, top-p, min-p, token
+/// mask, mask switch.
+const LOOP_INPUTS: usize = 13;
+
+/// i32 words of a packed token mask.
+pub fn mask_words(vocab: i64) -> i64 {
+    (vocab + 31) / 32
+}
+
+/// Structured outputs: sets to -inf the logits of tokens the packed mask rows
+/// `[start, start + rows)` do not allow, before logprobs and sampling see them (as vLLM
+/// applies its grammar bitmask). Skipped at run time when no row is constrained.
+fn apply_token_mask(b: &mut Block, logits: &V, mask: &V, on: &V, start: &V) -> V {
+    let (r, vocab) = (logits.dims()[0], logits.dims()[1]);
+    let words = mask.dims()[1];
+    let zero = b.constant_int(0, &[], Elem::I32);
+    let is_on = b.compare(Cmp::Gt, on, &zero);
+    b.if_else(
+        &is_on,
+        |b| {
+            let z = b.constant_int(0, &[], Elem::I32);
+            let rows = b.dynamic_slice(mask, &[start, &z], &[r, words]);
+            let wide = b.broadcast(&rows, &[r, words, 32], &[0, 1]);
+            let shift = b.iota(&[r, words, 32], 2, Elem::I32);
+            let shifted = b.shr(&wide, &shift);
+            let one = b.constant_int(1, &[r, words, 32], Elem::I32);
+            let bits = b.and(&shifted, &one);
+            let bits = b.reshape(&bits, &[r, words * 32]);
+            let bits = if words * 32 == vocab {
+                bits
+            } else {
+                b.slice(&bits, &[0, 0], &[r, vocab])
+            };
+            let zeros = b.constant_int(0, &[r, vocab], Elem::I32);
+            let allowed = b.compare(Cmp::Gt, &bits, &zeros);
+            let ninf = b.constant_f32(f32::NEG_INFINITY, &[r, vocab]);
+            vec![b.select(&allowed, logits, &ninf)]
+        },
+        |_| vec![logits.clone()],
+    )
+    .remove(0)
+}
 
 /// The per-row random-sampling filters of one chunk of logit rows.
 struct Filters {

@@ -65,6 +65,7 @@ impl XlaRunner {
         ex: &Execution,
         row_seq: &[usize],
         want_top: bool,
+        masks: Option<&[Option<TokenBitmask>]>,
     ) -> Result<ChunkResult, RunnerError> {
         let bs = self.opts.block_size;
         let bucket = self
@@ -94,6 +95,9 @@ impl XlaRunner {
         let mut min_p = vec![0f32; t];
         let mut logit_rows = vec![0i32; t];
         let mut logit_index = HashMap::new();
+        let words = mask_words(self.cfg.dims.vocab) as usize;
+        // Rows without a constraint allow every token (all bits set).
+        let mut mask_host: Option<Vec<i32>> = None;
         for (n, seq) in ex.tile_seq.iter().enumerate() {
             if let Some(i) = *seq {
                 for (k, &blk) in plan.seqs[i].block_table.iter().take(tb).enumerate() {
@@ -122,8 +126,16 @@ impl XlaRunner {
                 min_p[j] = s.sampling.min_p;
             }
             if samples_here || local < s.prompt_logprob_targets.len() {
-                logit_rows[logit_index.len()] = j as i32;
-                logit_index.insert(r, logit_index.len());
+                let k = logit_index.len();
+                logit_rows[k] = j as i32;
+                logit_index.insert(r, k);
+                let mask = masks.and_then(|m| m.get(row_seq[r])?.as_deref());
+                if let (true, Some(mask)) = (samples_here, mask) {
+                    let host = mask_host.get_or_insert_with(|| vec![-1i32; t * words]);
+                    for (dst, &w) in host[k * words..(k + 1) * words].iter_mut().zip(mask) {
+                        *dst = w as i32;
+                    }
+                }
             }
         }
         let num_logit_rows = logit_index.len() as i32;
@@ -148,12 +160,40 @@ impl XlaRunner {
                 upload_i32(&[kv_chunks as i32], &[], c, d).map_err(derr)?,
             ]);
         }
+        let mask_on = mask_host.is_some() as i32;
+        let mut mask_inputs: Vec<Buffer> = Vec::new();
+        for (d, dev) in self.devices.iter().enumerate() {
+            let c = &self.client;
+            if let Some(host) = &mask_host {
+                mask_inputs
+                    .push(upload_i32(host, &[t as i64, words as i64], c, dev).map_err(derr)?);
+                self.stats.bytes_to_device += (host.len() * 4) as u64;
+            }
+            step_inputs[d].push(upload_i32(&[mask_on], &[], c, dev).map_err(derr)?);
+        }
+        if mask_host.is_none() && !self.idle_masks.contains_key(&t) {
+            let zeros = vec![0i32; t * words];
+            let bufs = self
+                .devices
+                .iter()
+                .map(|dev| upload_i32(&zeros, &[t as i64, words as i64], &self.client, dev))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(derr)?;
+            self.idle_masks.insert(t, bufs);
+        }
+        let idle = &self.idle_masks;
         let args: Vec<Vec<&Buffer>> = (0..self.devices.len())
             .map(|d| {
                 let mut a: Vec<&Buffer> = self.weights.iter().map(|w| &w[d]).collect();
                 a.push(&self.k_cache[d]);
                 a.push(&self.v_cache[d]);
-                a.extend(step_inputs[d].iter());
+                let (switch, rest) = step_inputs[d].split_last().expect("step inputs");
+                a.extend(rest.iter());
+                a.push(match mask_inputs.get(d) {
+                    Some(m) => m,
+                    None => &idle[&t][d],
+                });
+                a.push(switch);
                 debug_assert_eq!(a.len(), arg::COUNT);
                 a
             })
@@ -296,10 +336,18 @@ impl ModelRunner for XlaRunner {
                     && s.sampling.prompt_logprobs.unwrap_or(0) > 0)
         });
         let execs = self.executions(plan)?;
+        // Structured outputs: the masks the engine computed while this step was prepared.
+        let masks = plan.masks.as_ref().map(|m| m.wait());
         let mut row_at: HashMap<usize, (usize, usize)> = HashMap::new();
         let mut results = Vec::with_capacity(execs.len());
         for (ci, ex) in execs.iter().enumerate() {
-            let res = self.run_chunk(plan, ex, &row_seq, want_top)?;
+            let res = self.run_chunk(
+                plan,
+                ex,
+                &row_seq,
+                want_top,
+                masks.as_deref().map(|m| &m[..]),
+            )?;
             for (&r, &j) in &res.logit_index {
                 row_at.insert(r, (ci, j));
             }

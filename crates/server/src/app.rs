@@ -453,13 +453,25 @@ struct Submitted {
 }
 
 /// `keep_ids`: keep each prompt's ids for the response (`return_token_ids`, echoed logprobs).
-fn submit(
+/// Compiles the request's structured-output constraint, if any (a 400 for a bad one).
+async fn constraint(
+    st: &SharedState,
+    v: &validate::Validated,
+) -> Result<Option<tpuserve_engine::structured::Constraint>, ApiError> {
+    match &v.constraint {
+        None => Ok(None),
+        Some((spec, field)) => Ok(Some(st.grammars.compile(field, spec.clone()).await?)),
+    }
+}
+
+async fn submit(
     st: &SharedState,
     prompts: Vec<(Vec<u32>, String)>,
     v: &validate::Validated,
     user: Option<&str>,
     keep_ids: bool,
 ) -> Result<Submitted, ApiError> {
+    let constraint = constraint(st, v).await?;
     let mut s = Submitted {
         streams: Vec::new(),
         prompt_texts: Vec::new(),
@@ -472,6 +484,7 @@ fn submit(
             .push(if keep_ids { ids.clone() } else { Vec::new() });
         let mut req = EngineRequest::new(ids, v.sampling.clone(), v.stop.clone());
         req.n = v.n;
+        req.constraint = constraint.clone();
         if st.log_requests {
             // Token counts and parameters only: prompts may be sensitive.
             tracing::info!(
@@ -519,7 +532,7 @@ async fn completions(
         return res;
     }
     let keep_ids = v.return_token_ids || echo_k.is_some();
-    let sub = submit(&st, prompts, &v, req.sampling.user.as_deref(), keep_ids)?;
+    let sub = submit(&st, prompts, &v, req.sampling.user.as_deref(), keep_ids).await?;
     let id = request_id("cmpl", &headers, req.sampling.request_id.as_deref());
     let created = now_secs();
     let model = st.served_name().to_string();
@@ -661,7 +674,8 @@ async fn chat_completions(
         &v,
         req.sampling.user.as_deref(),
         v.return_token_ids,
-    )?;
+    )
+    .await?;
     let role = chat::response_role(&req, &st.response_role);
     let echo = chat::echo_text(&req, &role);
     let id = request_id("chatcmpl", &headers, req.sampling.request_id.as_deref());

@@ -22,6 +22,7 @@ pub mod protocol;
 pub mod serve;
 pub mod state;
 pub mod streaming;
+pub mod structured;
 pub mod tls;
 pub mod tokenizer_info;
 pub mod unsupported;

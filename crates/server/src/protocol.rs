@@ -78,6 +78,9 @@ pub struct SamplingFields {
     /// vLLM extras refused by name unless neutral.
     #[serde(flatten)]
     pub unimplemented: crate::unsupported::Unimplemented,
+    /// `response_format`, `structured_outputs`, `guided_*`.
+    #[serde(flatten)]
+    pub structured: crate::structured::StructuredFields,
 }
 
 fn completion_max_tokens_default() -> Option<i64> {

@@ -262,7 +262,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             chat_template.as_ref().map(|t| t.source.as_str()),
         )
     });
+    let grammars =
+        crate::structured::Grammars::new(tokenizer.clone(), config.vocab_size, beam_eos.clone());
+    grammars.warm_in_background();
     let state = Arc::new(AppState {
+        grammars,
         engine,
         vocab_size: config.vocab_size,
         tokenizer,

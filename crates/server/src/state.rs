@@ -50,6 +50,8 @@ pub struct AppState {
     pub default_chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// `--generation-config` defaults.
     pub sampling_defaults: crate::validate::SamplingDefaults,
+    /// Structured outputs: the grammar compiler for this tokenizer.
+    pub grammars: Arc<crate::structured::Grammars>,
 }
 
 impl AppState {

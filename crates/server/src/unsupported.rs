@@ -22,14 +22,6 @@ pub struct Unimplemented {
     pub length_penalty: Option<f64>,
     pub allowed_token_ids: Option<Value>,
     pub bad_words: Option<Value>,
-    pub response_format: Option<Value>,
-    pub structured_outputs: Option<Value>,
-    pub guided_json: Option<Value>,
-    pub guided_regex: Option<Value>,
-    pub guided_choice: Option<Value>,
-    pub guided_grammar: Option<Value>,
-    pub guided_decoding_backend: Option<Value>,
-    pub guided_whitespace_pattern: Option<Value>,
     pub logits_processors: Option<Value>,
     pub priority: Option<i64>,
     pub return_tokens_as_token_ids: Option<bool>,
@@ -89,56 +81,13 @@ impl Unimplemented {
                  without --scheduling-policy priority)",
             ));
         }
-        if let Some(f) = &self.response_format {
-            if !neutral(f) && f.get("type").and_then(Value::as_str) != Some("text") {
-                return Err(refuse(
-                    "response_format",
-                    "structured output is not implemented (only {\"type\": \"text\"})",
-                ));
-            }
-        }
-        let generic: [(&str, &Option<Value>, &str); 17] = [
+        let generic: [(&str, &Option<Value>, &str); 10] = [
             (
                 "allowed_token_ids",
                 &self.allowed_token_ids,
                 "not implemented",
             ),
             ("bad_words", &self.bad_words, "not implemented"),
-            (
-                "structured_outputs",
-                &self.structured_outputs,
-                "structured output is not implemented",
-            ),
-            (
-                "guided_json",
-                &self.guided_json,
-                "structured output is not implemented",
-            ),
-            (
-                "guided_regex",
-                &self.guided_regex,
-                "structured output is not implemented",
-            ),
-            (
-                "guided_choice",
-                &self.guided_choice,
-                "structured output is not implemented",
-            ),
-            (
-                "guided_grammar",
-                &self.guided_grammar,
-                "structured output is not implemented",
-            ),
-            (
-                "guided_decoding_backend",
-                &self.guided_decoding_backend,
-                "structured output is not implemented",
-            ),
-            (
-                "guided_whitespace_pattern",
-                &self.guided_whitespace_pattern,
-                "structured output is not implemented",
-            ),
             (
                 "logits_processors",
                 &self.logits_processors,

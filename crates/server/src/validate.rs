@@ -72,6 +72,8 @@ pub struct Validated {
     pub truncation: Option<Truncation>,
     /// `use_beam_search`: the search's settings (width = n).
     pub beam: Option<crate::beam::BeamParams>,
+    /// Structured output asked for, and the request field it came from (for errors).
+    pub constraint: Option<(tpuserve_engine::structured::ConstraintSpec, &'static str)>,
 }
 
 fn range_f(
@@ -326,6 +328,10 @@ pub fn sampling(
         return_token_ids: f.return_token_ids.unwrap_or(false),
         truncation,
         beam: beam(f, n as usize, max_tokens, stream)?,
+        constraint: f
+            .structured
+            .spec()?
+            .map(|s| (s, crate::structured::field_of(&f.structured))),
     })
 }
 
@@ -364,6 +370,9 @@ fn beam(
     }
     if f.prompt_logprobs.is_some() {
         return refuse("prompt_logprobs");
+    }
+    if f.structured.spec()?.is_some() {
+        return refuse(crate::structured::field_of(&f.structured));
     }
     let length_penalty = u.length_penalty.unwrap_or(1.0);
     if !length_penalty.is_finite() {

@@ -221,17 +221,18 @@ impl GrammarCompiler {
     }
 }
 
-/// llguidance errors can carry the whole grammar after the first line.
+/// llguidance errors span lines (a regex error points at the column below the pattern): one
+/// line, bounded, for an HTTP error message.
 fn first_line(s: &str) -> String {
-    let line = s.lines().next().unwrap_or(s);
-    if line.len() > 500 {
-        let mut end = 500;
+    let line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.len() > 600 {
+        let mut end = 600;
         while !line.is_char_boundary(end) {
             end -= 1;
         }
         format!("{}…", &line[..end])
     } else {
-        line.to_string()
+        line
     }
 }
 
