@@ -24,6 +24,7 @@ pub mod state;
 pub mod streaming;
 pub mod tls;
 pub mod tokenizer_info;
+pub mod tools;
 pub mod unsupported;
 pub mod validate;
 pub mod vllm_flags;
