@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{random_call_id, start_delta, args_delta, calls_message, ParserKind, ToolCall};
+use super::{args_delta, calls_message, random_call_id, start_delta, ParserKind, ToolCall};
 use crate::error::ApiError;
 
 /// How the answer's tool calls are read.
@@ -141,7 +141,10 @@ fn tools_error(message: impl Into<String>) -> ApiError {
 
 /// The function definitions of `tools` (name, parameters), checked as vLLM's request model
 /// checks them.
-pub fn functions(tools: &Value) -> Result<Vec<(String, Option<Map<String, Value>>)>, ApiError> {
+/// A function tool: its name and parameters schema.
+pub type Function = (String, Option<Map<String, Value>>);
+
+pub fn functions(tools: &Value) -> Result<Vec<Function>, ApiError> {
     let Value::Array(items) = tools else {
         return Err(tools_error("`tools` must be a list of tools"));
     };
@@ -201,10 +204,7 @@ fn py_type_name(v: &Value) -> &'static str {
 /// (at least one item, at most one when `parallel_tool_calls` is false) of
 /// `{"name": <one of the tools>, "parameters": <its schema>}`, the tools' `$defs` hoisted
 /// to the top. `None` for "none" / "auto" / no tools.
-pub fn tool_choice_schema(
-    tools: &Value,
-    tool_choice: &Value,
-) -> Result<Option<Value>, ApiError> {
+pub fn tool_choice_schema(tools: &Value, tool_choice: &Value) -> Result<Option<Value>, ApiError> {
     required_or_named_schema(tools, tool_choice, None)
 }
 
@@ -347,14 +347,15 @@ fn scan_required(text: &str) -> Vec<Span> {
     let mut expect = E::Key;
     let mut key: Option<String> = None;
     let mut value_start = 0;
-    let end_value = |spans: &mut Vec<Span>, key: &Option<String>, expect: &E, vs: usize, pos: usize| {
-        let s = spans.last_mut().expect("a current element");
-        if key.as_deref() == Some("parameters") {
-            s.args_end = Some(pos);
-        } else if key.as_deref() == Some("name") && *expect == E::InString {
-            s.name = serde_json::from_str::<String>(&text[vs..pos]).ok();
-        }
-    };
+    let end_value =
+        |spans: &mut Vec<Span>, key: &Option<String>, expect: &E, vs: usize, pos: usize| {
+            let s = spans.last_mut().expect("a current element");
+            if key.as_deref() == Some("parameters") {
+                s.args_end = Some(pos);
+            } else if key.as_deref() == Some("name") && *expect == E::InString {
+                s.name = serde_json::from_str::<String>(&text[vs..pos]).ok();
+            }
+        };
     for (i, ch) in text.char_indices() {
         if in_str {
             if esc {
@@ -421,11 +422,8 @@ fn scan_required(text: &str) -> Vec<Span> {
                 }
             }
             _ if depth != 2 || !cur => {}
-            ':' => {
-                if expect == E::Colon {
-                    expect = E::Value;
-                }
-            }
+            ':' if expect == E::Colon => expect = E::Value,
+            ':' => {}
             ',' => {
                 if expect == E::InScalar {
                     end_value(&mut spans, &key, &expect, value_start, i);
@@ -433,12 +431,11 @@ fn scan_required(text: &str) -> Vec<Span> {
                 expect = E::Key;
                 key = None;
             }
-            c if c.is_whitespace() => {
-                if expect == E::InScalar {
-                    end_value(&mut spans, &key, &expect, value_start, i);
-                    expect = E::After;
-                }
+            c if c.is_whitespace() && expect == E::InScalar => {
+                end_value(&mut spans, &key, &expect, value_start, i);
+                expect = E::After;
             }
+            c if c.is_whitespace() => {}
             _ if expect == E::Value => {
                 value_start = i;
                 if key.as_deref() == Some("parameters") {
@@ -533,10 +530,17 @@ mod tests {
             {"function": {"name": "b", "parameters": {"$defs": {"X": {"type": "integer"}}}}}
         ]);
         let e = tool_choice_schema(&clash, &json!("required")).unwrap_err();
-        assert!(e.message.contains("'X' has multiple schemas"), "{}", e.message);
+        assert!(
+            e.message.contains("'X' has multiple schemas"),
+            "{}",
+            e.message
+        );
         let bad = json!([{"function": {"parameters": {}}}]);
         assert_eq!(
-            tool_choice_schema(&bad, &json!("required")).unwrap_err().param.as_deref(),
+            tool_choice_schema(&bad, &json!("required"))
+                .unwrap_err()
+                .param
+                .as_deref(),
             Some("tools")
         );
     }
@@ -586,12 +590,16 @@ mod tests {
         for i in 0..args.len() {
             let d = stream_all(&named, &[&args[..i], &args[i..]]);
             let (_, calls) = assemble(&d);
-            assert_eq!((calls[0].1.as_str(), calls[0].2.as_str()), ("get_weather", args));
+            assert_eq!(
+                (calls[0].1.as_str(), calls[0].2.as_str()),
+                ("get_weather", args)
+            );
         }
         let text = r#"[{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "now", "parameters": {}}]"#;
         let req = mode(Choice::Required, false);
-        let mut cuts: Vec<Vec<&str>> =
-            (0..text.len()).map(|i| vec![&text[..i], &text[i..]]).collect();
+        let mut cuts: Vec<Vec<&str>> = (0..text.len())
+            .map(|i| vec![&text[..i], &text[i..]])
+            .collect();
         cuts.push(text.split_inclusive(|_| true).collect());
         for pieces in cuts {
             let (_, calls) = assemble(&stream_all(&req, &pieces));

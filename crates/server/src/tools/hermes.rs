@@ -126,8 +126,7 @@ impl Stream {
                     let raw = &t[body_start..];
                     let raw = &raw[..raw.len() - tag_overlap(raw, END)];
                     let body = raw.trim();
-                    let complete =
-                        !body.is_empty() && serde_json::from_str::<Value>(body).is_ok();
+                    let complete = !body.is_empty() && serde_json::from_str::<Value>(body).is_ok();
                     (body, complete, None)
                 }
             };
@@ -206,7 +205,10 @@ mod tests {
         let text = "<tool_call>{\"name\":\"f\",\"arguments\":{\"a\":1.50}}</tool_call>";
         assert_eq!(calls(&extract(text)), [("f", r#"{"a": 1.5}"#)]);
         let mut s = ParserKind::Hermes.streamer();
-        let d: Vec<Value> = text.chars().filter_map(|c| s.push(&c.to_string())).collect();
+        let d: Vec<Value> = text
+            .chars()
+            .filter_map(|c| s.push(&c.to_string()))
+            .collect();
         let (_, streamed) = super::super::testutil::assemble(&d);
         assert_eq!(streamed[0].2, r#"{"a":1.50}"#);
     }
@@ -221,6 +223,9 @@ mod tests {
         ] {
             assert_eq!(extract(text), Extracted::content(text), "{text}");
         }
-        check_streaming(ParserKind::Hermes, "no call here, < or <tool but not a call");
+        check_streaming(
+            ParserKind::Hermes,
+            "no call here, < or <tool but not a call",
+        );
     }
 }

@@ -5,8 +5,8 @@ use serde_json::Value;
 
 use super::partial::{self, Stop};
 use super::{
-    args_delta, calls_message, content_message, pyjson, random_call_id, start_delta,
-    Extracted, ToolCall,
+    args_delta, calls_message, content_message, pyjson, random_call_id, start_delta, Extracted,
+    ToolCall,
 };
 
 pub const BOT: &str = "<|python_tag|>";
@@ -131,8 +131,13 @@ fn members(r: &mut partial::Reader, p: &mut Partial) -> Result<(), Stop> {
         r.pos += 1;
         r.ws();
         let n = partial::normalize(&r.s[r.pos..]);
+        if n.invalid {
+            return Err(Stop::Invalid);
+        }
         let is_args = (key == "arguments" || key == "parameters")
-            && args_key.as_ref().is_none_or(|k| *k == key || key == "arguments");
+            && args_key
+                .as_ref()
+                .is_none_or(|k| *k == key || key == "arguments");
         if key == "name" {
             if n.end.is_some() {
                 p.name = serde_json::from_str::<Value>(&n.out)
@@ -278,10 +283,7 @@ mod tests {
         let text = "<|python_tag|>{\"name\": \"a\", \"parameters\": {\"x\": [1.50, \"é\\n\"]}}; \
                     {\"name\": \"b\", \"parameters\": {}}";
         let e = extract(text);
-        assert_eq!(
-            calls(&e),
-            [("a", r#"{"x": [1.5, "é\n"]}"#), ("b", "{}")]
-        );
+        assert_eq!(calls(&e), [("a", r#"{"x": [1.5, "é\n"]}"#), ("b", "{}")]);
         check_streaming(ParserKind::Llama3Json, text);
     }
 
@@ -291,9 +293,15 @@ mod tests {
         // (its streaming parse treats an answer not starting with `{` as content).
         let text = r#"Sure! {"name": "f", "parameters": {"a": 1}} done"#;
         let e = extract(text);
-        assert_eq!((e.content.clone(), calls(&e)), (None, vec![("f", r#"{"a": 1}"#)]));
+        assert_eq!(
+            (e.content.clone(), calls(&e)),
+            (None, vec![("f", r#"{"a": 1}"#)])
+        );
         let mut s = ParserKind::Llama3Json.streamer();
-        let d: Vec<Value> = text.chars().filter_map(|c| s.push(&c.to_string())).collect();
+        let d: Vec<Value> = text
+            .chars()
+            .filter_map(|c| s.push(&c.to_string()))
+            .collect();
         let (content, calls) = super::super::testutil::assemble(&d);
         assert_eq!((content.as_str(), calls.len()), (text, 0));
     }

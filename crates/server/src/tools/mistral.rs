@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use super::llama::{scan_array, CallsSent};
 use super::{
-    args_delta, calls_message, content_message, mistral_call_id, pyjson, start_delta,
-    Extracted, ToolCall,
+    args_delta, calls_message, content_message, mistral_call_id, pyjson, start_delta, Extracted,
+    ToolCall,
 };
 
 pub const BOT: &str = "[TOOL_CALLS]";
@@ -242,7 +242,10 @@ mod tests {
     #[test]
     fn pre_v11_odd_shapes() {
         // A bare object is one call; string arguments are kept; no arguments is "{}".
-        let e = extract(r#"[TOOL_CALLS]{"name": "f", "arguments": "{\"x\":1}"}"#, false);
+        let e = extract(
+            r#"[TOOL_CALLS]{"name": "f", "arguments": "{\"x\":1}"}"#,
+            false,
+        );
         assert_eq!(calls(&e), [("f", r#"{"x":1}"#)]);
         let e = extract(r#"[TOOL_CALLS][{"name": "f"}] trailing"#, false);
         assert_eq!(calls(&e), [("f", "{}")]);
@@ -259,7 +262,10 @@ mod tests {
         let e = extract(text, true);
         assert_eq!(
             calls(&e),
-            [("get_weather", r#"{"city": "Paris"}"#), ("add", r#"{"a": 1, "b": [2]}"#)]
+            [
+                ("get_weather", r#"{"city": "Paris"}"#),
+                ("add", r#"{"a": 1, "b": [2]}"#)
+            ]
         );
         check_streaming(V11, text);
         let text = r#"Sure.[TOOL_CALLS]f{"q": "x"} thanks"#;

@@ -149,7 +149,9 @@ pub enum ParserKind {
     Hermes,
     /// `v11`: the tokenizer has `[ARGS]` (`[TOOL_CALLS]name[ARGS]{...}`); else the
     /// pre-v11 `[TOOL_CALLS][{"name": ..., "arguments": ...}]`.
-    Mistral { v11: bool },
+    Mistral {
+        v11: bool,
+    },
 }
 
 /// Why `--tool-call-parser` cannot be used.
@@ -311,8 +313,10 @@ pub(crate) mod testutil {
             let mut s = kind.streamer();
             let deltas: Vec<Value> = pieces.iter().filter_map(|p| s.push(p)).collect();
             let (content, calls) = assemble(&deltas);
-            let got: Vec<(String, String)> =
-                calls.iter().map(|(_, n, a)| (n.clone(), a.clone())).collect();
+            let got: Vec<(String, String)> = calls
+                .iter()
+                .map(|(_, n, a)| (n.clone(), a.clone()))
+                .collect();
             assert_eq!(got, want_calls, "{pieces:?}");
             assert_eq!(
                 content,

@@ -68,7 +68,10 @@ impl Reader<'_> {
     }
 
     pub fn ws(&mut self) {
-        while let Some(c) = self.peek().filter(|c| matches!(c, ' ' | '\t' | '\n' | '\r')) {
+        while let Some(c) = self
+            .peek()
+            .filter(|c| matches!(c, ' ' | '\t' | '\n' | '\r'))
+        {
             self.pos += c.len_utf8();
         }
     }
@@ -225,8 +228,7 @@ impl Reader<'_> {
         let len = rest
             .find(|c: char| !matches!(c, '0'..='9' | '-' | '+' | '.' | 'e' | 'E'))
             .ok_or(Stop::Incomplete)?;
-        let v: serde_json::Value =
-            serde_json::from_str(&rest[..len]).map_err(|_| Stop::Invalid)?;
+        let v: serde_json::Value = serde_json::from_str(&rest[..len]).map_err(|_| Stop::Invalid)?;
         self.out.push_str(&pyjson::dumps(&v));
         self.pos += len;
         Ok(())
@@ -263,7 +265,8 @@ mod tests {
 
     #[test]
     fn every_prefix_is_a_prefix_of_the_final_form() {
-        let text = r#"{ "city" :"Par\u00e9s \"x\"\ud83d\ude00", "n": [1.50, -2e3, true, null], "o": {}}"#;
+        let text =
+            r#"{ "city" :"Par\u00e9s \"x\"\ud83d\ude00", "n": [1.50, -2e3, true, null], "o": {}}"#;
         let full = normalize(text);
         assert_eq!(full.end, Some(text.len()));
         let want = pyjson::dumps(&serde_json::from_str(text).unwrap());
