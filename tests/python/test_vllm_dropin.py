@@ -831,17 +831,17 @@ VLLM_SERVE_FLAGS = json.loads(FLAGS_FILE.read_text())["flags"]
 # the neutral spelling the all-flags run uses (what tpuserve does anyway; logged as ignored),
 # or None when the flag has none.
 REFUSED_FLAGS = {
-    "--config": None, "--lora-modules": None, "--tool-call-parser": None,
+    "--config": None, "--lora-modules": None,
     "--tool-server": None, "--grpc": None, "--grpc-port": None, "--uds": None,
     "--middleware": None, "--reasoning-parser": None, "--reasoning-config": None,
     "--hf-config-path": None, "--tokenizer-revision": None, "--logits-processors": None,
     "--io-processor-plugin": None, "--kv-transfer-config": None, "--watermark-config": None,
     "--enable-lora": ["--no-enable-lora"],
-    "--enable-auto-tool-choice": ["--no-enable-auto-tool-choice"],
     "--tokens-only": ["--no-tokens-only"],
     "--skip-tokenizer-init": ["--no-skip-tokenizer-init"],
     "--return-tokens-as-token-ids": ["--no-return-tokens-as-token-ids"],
-    "--exclude-tools-when-tool-choice-none": ["--no-exclude-tools-when-tool-choice-none"],
+    "--tool-parser-plugin": ["--tool-parser-plugin", ""],
+    "--tool-strict-level": ["--tool-strict-level", "auto"],
     "--disable-sliding-window": ["--no-disable-sliding-window"],
     "--runner": ["--runner", "generate"], "--convert": ["--convert", "none"],
     "--tokenizer-mode": ["--tokenizer-mode", "hf"],
@@ -853,7 +853,8 @@ REFUSED_FLAGS = {
 }
 # The value each refused flag is refused with (a realistic one).
 REFUSED_VALUES = {
-    "--config": "serve.yaml", "--lora-modules": "sql=/loras/sql", "--tool-call-parser": "hermes",
+    "--config": "serve.yaml", "--lora-modules": "sql=/loras/sql",
+    "--tool-parser-plugin": "my_parser.py", "--tool-strict-level": "parameter",
     "--tool-server": "demo", "--grpc-port": "50051", "--uds": "/tmp/v.sock",
     "--middleware": "my.auth", "--reasoning-parser": "deepseek_r1",
     "--reasoning-config": '{"x": 1}', "--hf-config-path": "/cfg",
@@ -899,6 +900,8 @@ def _acted_on_flags(tmp_path, pki):
         "--shutdown-timeout": ["5"], "--load-format": ["auto"], "--root-path": ["/api"],
         "--response-role": ["assistant"], "--hf-token": ["hf_unused"],
         "--default-chat-template-kwargs": ['{"enable_thinking": false}'],
+        "--enable-auto-tool-choice": [], "--tool-call-parser": ["hermes"],
+        "--exclude-tools-when-tool-choice-none": [],
         "--ssl-keyfile": [str(pki / "server.key")], "--ssl-certfile": [str(pki / "server.pem")],
         "--ssl-ca-certs": [str(pki / "ca.pem")], "--ssl-cert-reqs": ["1"],
     }

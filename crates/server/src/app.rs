@@ -271,7 +271,7 @@ async fn beam_chat(
             index: i,
             message: ChatMessageOut {
                 role: role.clone(),
-                content: format!("{}{}", echo.as_deref().unwrap_or(""), b.text),
+                content: Some(format!("{}{}", echo.as_deref().unwrap_or(""), b.text)),
                 tool_calls: Vec::new(),
             },
             logprobs: b.logprobs.as_ref().map(|l| chat_logprobs(st, l)),
@@ -559,6 +559,7 @@ async fn completions(
             want_logprobs: want_lp,
             return_token_ids: v.return_token_ids,
             prompt_tokens_details: st.prompt_tokens_details,
+            tool_mode: None,
         };
         let prompts = streaming::Prompts {
             lens: sub.prompt_lens,
@@ -669,6 +670,7 @@ async fn chat_completions(
         text,
         params: v,
         logprobs: lp,
+        tool_mode,
     } = gate::chat(&st.gate(), &req)?;
     if let Some(bp) = v.beam {
         let role = chat::response_role(&req, &st.response_role);
@@ -706,6 +708,7 @@ async fn chat_completions(
             want_logprobs: want_lp,
             return_token_ids: v.return_token_ids,
             prompt_tokens_details: st.prompt_tokens_details,
+            tool_mode: tool_mode.clone(),
         };
         let prompts = streaming::Prompts {
             lens: sub.prompt_lens,
@@ -733,13 +736,31 @@ async fn chat_completions(
         .outputs
         .iter()
         .map(|o| {
-            let (fr, sr) = finish_fields(&o.finish);
+            let (mut fr, sr) = finish_fields(&o.finish);
+            let echoed = |c: Option<String>| match (&echo, c) {
+                (Some(e), c) => Some(format!("{e}{}", c.unwrap_or_default())),
+                (None, c) => c,
+            };
+            let (content, tool_calls) = match &tool_mode {
+                None => (echoed(Some(o.text.clone())), Vec::new()),
+                Some(m) => {
+                    let a = m.answer(&o.text);
+                    fr = fr.map(|f| m.finish_reason(!a.calls.is_empty(), &f));
+                    (
+                        echoed(a.content),
+                        a.calls
+                            .iter()
+                            .map(crate::tools::ToolCall::to_json)
+                            .collect(),
+                    )
+                }
+            };
             ChatChoice {
                 index: o.index,
                 message: ChatMessageOut {
                     role: role.clone(),
-                    content: format!("{}{}", echo.as_deref().unwrap_or(""), o.text),
-                    tool_calls: Vec::new(),
+                    content,
+                    tool_calls,
                 },
                 logprobs: o
                     .logprobs

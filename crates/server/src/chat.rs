@@ -112,6 +112,54 @@ pub fn echo_text(req: &crate::protocol::ChatCompletionRequest, role: &str) -> Op
     }
 }
 
+/// An assistant message's `tool_calls` as templates expect them (vLLM's
+/// `_postprocess_messages`): each call's `arguments` JSON text parsed to an object (text
+/// that is not a JSON object becomes `{}`, so the conversation can go on); an empty list is
+/// dropped.
+fn template_tool_calls(
+    role: &str,
+    calls: &serde_json::Value,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    use serde_json::Value;
+    let Value::Array(items) = calls else {
+        return Ok(Some(calls.clone()));
+    };
+    if role != "assistant" {
+        return Ok(Some(calls.clone()));
+    }
+    if items.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Object(call) = item else {
+            return Err(ApiError::invalid_param(
+                "tool_calls",
+                "assistant tool_calls entries must be objects.",
+            ));
+        };
+        let mut call = call.clone();
+        let is_function = call.get("type").is_none_or(|t| t == "function");
+        let Some(Value::Object(function)) = call.get_mut("function").filter(|_| is_function) else {
+            return Err(ApiError::invalid_param(
+                "tool_calls",
+                "chat completions only support assistant tool_calls of type 'function'.",
+            ));
+        };
+        let args = match function.get("arguments") {
+            Some(Value::Object(o)) => Value::Object(o.clone()),
+            Some(Value::String(s)) if !s.is_empty() => match serde_json::from_str::<Value>(s) {
+                Ok(Value::Object(o)) => Value::Object(o),
+                _ => Value::Object(Default::default()),
+            },
+            _ => Value::Object(Default::default()),
+        };
+        function.insert("arguments".into(), args);
+        out.push(Value::Object(call));
+    }
+    Ok(Some(Value::Array(out)))
+}
+
 /// Renders the conversation to the prompt text.
 pub fn render(
     template: Option<&ChatTemplate>,
@@ -144,7 +192,9 @@ pub fn render(
         let mut cm = ChatMessage::new(&m.role, "");
         cm.content = content_text(i, &m.content)?;
         if let Some(tc) = &m.tool_calls {
-            cm.extra.insert("tool_calls".into(), tc.clone());
+            if let Some(tc) = template_tool_calls(&m.role, tc)? {
+                cm.extra.insert("tool_calls".into(), tc);
+            }
         }
         if let Some(id) = &m.tool_call_id {
             cm.extra.insert("tool_call_id".into(), id.clone().into());
@@ -174,7 +224,25 @@ pub fn render(
 
 #[cfg(test)]
 mod tests {
-    use super::cut_after_final_message;
+    use super::{cut_after_final_message, template_tool_calls};
+    use serde_json::json;
+
+    #[test]
+    fn assistant_tool_call_arguments_reach_templates_as_objects() {
+        let calls = json!([
+            {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}},
+            {"id": "b", "type": "function", "function": {"name": "g", "arguments": "not json"}},
+            {"id": "c", "function": {"name": "h", "arguments": "[1]"}}
+        ]);
+        let got = template_tool_calls("assistant", &calls).unwrap().unwrap();
+        assert_eq!(got[0]["function"]["arguments"], json!({"x": 1}));
+        assert_eq!(got[1]["function"]["arguments"], json!({}));
+        assert_eq!(got[2]["function"]["arguments"], json!({}));
+        assert_eq!(template_tool_calls("assistant", &json!([])).unwrap(), None);
+        assert!(template_tool_calls("assistant", &json!([1])).is_err());
+        let typed = json!([{"type": "custom", "function": {"name": "f"}}]);
+        assert!(template_tool_calls("assistant", &typed).is_err());
+    }
 
     /// Found by `tests/fuzz.rs`: a final message the template trims (Llama 3.1 does) must not
     /// be looked up with its spaces, or the cut lands anywhere.

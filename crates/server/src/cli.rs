@@ -94,6 +94,16 @@ pub struct ServeArgs {
     pub enable_force_include_usage: bool,
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// `tool_choice` "auto" (the default when a request has tools): tool calls are read from
+    /// the answer with --tool-call-parser.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub enable_auto_tool_choice: bool,
+    /// How tool calls are read from answers: llama3_json (llama4_json), hermes or mistral.
+    #[arg(long)]
+    pub tool_call_parser: Option<String>,
+    /// With `tool_choice: "none"` the tools are not given to the chat template.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub exclude_tools_when_tool_choice_none: bool,
     /// `auto`: the model folder's generation_config.json sampling defaults apply to requests
     /// that leave them out (vLLM's default); `vllm`: neutral defaults; else a folder.
     #[arg(long, default_value = "auto")]
@@ -230,6 +240,18 @@ impl ServeArgs {
     pub fn check_vllm_flags(&self) -> Result<(), UsageError> {
         if let Some(g) = self.vllm_given.iter().find(|g| g.refused) {
             return Err(UsageError(g.refused_line()));
+        }
+        if let Some(p) = &self.tool_call_parser {
+            if !crate::tools::PARSERS.contains(&p.as_str()) {
+                return Err(UsageError(
+                    crate::tools::ParserError::Unsupported(p.clone()).to_string(),
+                ));
+            }
+        }
+        if self.enable_auto_tool_choice && self.tool_call_parser.is_none() {
+            return Err(UsageError(
+                "--enable-auto-tool-choice requires --tool-call-parser".into(),
+            ));
         }
         if self.ssl_keyfile.is_some() != self.ssl_certfile.is_some() {
             return Err(UsageError(

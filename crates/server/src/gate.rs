@@ -21,6 +21,10 @@ pub struct GateContext<'a> {
     pub trust_request_chat_template: bool,
     /// `--default-chat-template-kwargs`.
     pub default_kwargs: Option<&'a Map<String, Value>>,
+    /// `--enable-auto-tool-choice` with `--tool-call-parser`.
+    pub tool_parser: Option<crate::tools::ParserKind>,
+    /// `--exclude-tools-when-tool-choice-none`.
+    pub exclude_tools_when_tool_choice_none: bool,
 }
 
 /// A `/v1/completions` request that passed the gate: one (token ids, text) per prompt.
@@ -91,6 +95,8 @@ pub struct ChatInput {
     pub params: Validated,
     /// Top alternatives asked for when `logprobs` is true.
     pub logprobs: Option<i64>,
+    /// How tool calls are read from the answer (`None`: plain content).
+    pub tool_mode: Option<crate::tools::ToolMode>,
 }
 
 /// The chat template's extra variables: `--default-chat-template-kwargs` under the
@@ -133,41 +139,7 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
             "`top_logprobs` requires `logprobs` to be true.",
         ));
     }
-    if req.tool_choice.as_ref().is_some_and(|t| t != "none") && req.tools.is_none() {
-        return Err(ApiError::invalid_param(
-            "tool_choice",
-            "When using `tool_choice`, `tools` must be set.",
-        ));
-    }
-    // tpuserve has no tool-call parser, and vLLM without one refuses every tool_choice that
-    // needs the output parsed (its renderer's check, same messages): only "none" (or none
-    // given) renders the tools into the prompt and answers with plain content.
-    match &req.tool_choice {
-        None | Some(Value::Null) => {}
-        Some(Value::String(c)) if c == "none" => {}
-        Some(Value::String(c)) if c == "auto" => {
-            return Err(ApiError::invalid_param(
-                "tool_choice",
-                "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser \
-                 to be set",
-            ))
-        }
-        Some(other) => {
-            let desc = match other {
-                Value::String(c) => format!("\"{c}\""),
-                v => format!(
-                    "function \"{}\"",
-                    v.pointer("/function/name")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                ),
-            };
-            return Err(ApiError::invalid_param(
-                "tool_choice",
-                format!("tool_choice={desc} requires --tool-call-parser to be set"),
-            ));
-        }
-    }
+    let (tool_mode, tools_for_template) = tool_choice(ctx, req)?;
     // vLLM refuses a request's own template unless the server trusts them: a template is code
     // run on the server (sandboxed here, but it can still cost time and memory).
     let own = match &req.chat_template {
@@ -219,7 +191,7 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
             add_generation_prompt: req.add_generation_prompt,
             continue_final_message: req.continue_final_message,
             kwargs: kwargs.as_deref(),
-            tools: req.tools.as_ref(),
+            tools: tools_for_template,
             documents: req.documents.as_ref(),
         },
     )?;
@@ -233,7 +205,7 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
         None
     };
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let params = validate::sampling(
+    let mut params = validate::sampling(
         "ChatCompletionRequest",
         &req.sampling,
         max_tokens,
@@ -241,6 +213,9 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
         1.0,
         &ctx.limits,
     )?;
+    if tool_mode.is_some() && ctx.tool_parser.is_some_and(|p| p.keeps_special_tokens()) {
+        params.stop.skip_special_tokens = false;
+    }
     if let Some(t) = params.truncation {
         t.apply(&mut ids);
     }
@@ -249,5 +224,142 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
         text,
         params,
         logprobs,
+        tool_mode,
     })
+}
+
+/// `tools` / `tool_choice` / `parallel_tool_calls` checked as vLLM's request model and
+/// renderer check them: how calls are read from the answer, and the tools the chat template
+/// gets. Without tools and with `tool_choice` absent, "auto" is meant (vLLM's default),
+/// which needs the tool-call parser.
+fn tool_choice<'r>(
+    ctx: &GateContext,
+    req: &'r ChatCompletionRequest,
+) -> Result<(Option<crate::tools::ToolMode>, Option<&'r Value>), ApiError> {
+    use crate::tools::choice::{required_or_named_schema, Choice};
+    let tools = req.tools.as_ref().filter(|t| !t.is_null());
+    if tools.is_some_and(|t| t.as_array().is_some_and(Vec::is_empty)) {
+        return Err(ApiError::invalid_param(
+            "tools",
+            "`tools` must not be an empty array. Either provide at least one tool or omit the \
+             field entirely.",
+        ));
+    }
+    let absent_default = Value::String("auto".into());
+    let choice = match (&req.tool_choice, tools) {
+        (None, Some(_)) => &absent_default,
+        (None, None) => &Value::Null,
+        (Some(c), _) => c,
+    };
+    if choice == "none" {
+        let shown = tools.filter(|_| !ctx.exclude_tools_when_tool_choice_none);
+        return Ok((None, shown));
+    }
+    if !choice.is_null() && tools.is_none() {
+        return Err(ApiError::invalid_param(
+            "tool_choice",
+            "When using `tool_choice`, `tools` must be set.",
+        ));
+    }
+    let usage = r#"Correct usage: `{"type": "function", "function": {"name": "my_function"}}`"#;
+    match choice {
+        Value::Null => {}
+        Value::String(c) if c == "auto" || c == "required" => {}
+        Value::Object(o) => {
+            let function = o.get("function");
+            let Some(f) = function.and_then(Value::as_object) else {
+                let shown = function.map_or_else(|| "None".to_string(), Value::to_string);
+                return Err(ApiError::invalid_param(
+                    "tool_choice.function",
+                    format!("Invalid value for `function`: `{shown}` in `tool_choice`! {usage}"),
+                ));
+            };
+            let Some(name) = f.get("name") else {
+                return Err(ApiError::invalid_param(
+                    "tool_choice.function.name",
+                    format!("Expected field `name` in `function` in `tool_choice`! {usage}"),
+                ));
+            };
+            if name.as_str().is_none_or(str::is_empty) {
+                let shown = name
+                    .as_str()
+                    .map_or_else(|| name.to_string(), str::to_string);
+                return Err(ApiError::invalid_param(
+                    "tool_choice.function.name",
+                    format!("Invalid `name` in `function`: `{shown}` in `tool_choice`! {usage}"),
+                ));
+            }
+            let names = tools
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.pointer("/function/name"));
+            if !names.into_iter().any(|n| n == name) {
+                return Err(ApiError::invalid_param(
+                    "tool_choice",
+                    "The tool specified in `tool_choice` does not match any of the specified \
+                     `tools`",
+                ));
+            }
+        }
+        other => {
+            let shown = other
+                .as_str()
+                .map_or_else(|| other.to_string(), str::to_string);
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                format!(
+                    "Invalid value for `tool_choice`: {shown}! Only named tools, \"none\", \
+                     \"auto\" or \"required\" are supported."
+                ),
+            ));
+        }
+    }
+    let Some(tools) = tools else {
+        return Ok((None, None));
+    };
+    crate::tools::choice::functions(tools)?;
+    let Some(parser) = ctx.tool_parser else {
+        // vLLM's renderer: without a tool-call parser nothing needing the answer parsed is
+        // served (a null tool_choice renders the tools and answers with content).
+        return match choice {
+            Value::Null => Ok((None, Some(tools))),
+            Value::String(c) if c == "auto" => Err(ApiError::bad_request(
+                "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser \
+                 to be set",
+            )),
+            other => {
+                let desc = match other {
+                    Value::String(c) => format!("\"{c}\""),
+                    v => format!(
+                        "function \"{}\"",
+                        v.pointer("/function/name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                    ),
+                };
+                Err(ApiError::bad_request(format!(
+                    "tool_choice={desc} requires --tool-call-parser to be set"
+                )))
+            }
+        };
+    };
+    let schema = required_or_named_schema(tools, choice, req.parallel_tool_calls)?;
+    let choice = match choice {
+        Value::Object(_) => Choice::Named(
+            choice
+                .pointer("/function/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        Value::String(c) if c == "required" => Choice::Required,
+        _ => Choice::Auto(parser),
+    };
+    let mode = crate::tools::ToolMode {
+        choice,
+        single_call: req.parallel_tool_calls == Some(false),
+        schema,
+    };
+    Ok((Some(mode), Some(tools)))
 }

@@ -25,6 +25,7 @@ pub mod streaming;
 pub mod structured;
 pub mod tls;
 pub mod tokenizer_info;
+pub mod tools;
 pub mod unsupported;
 pub mod validate;
 pub mod vllm_flags;

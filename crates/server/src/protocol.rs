@@ -140,8 +140,7 @@ pub struct ChatCompletionRequest {
     /// Only decides whether a reasoning parser's output is returned; without a reasoning
     /// parser (vLLM's case for such a model, and always here) the answer is the same.
     pub include_reasoning: Option<bool>,
-    /// `false` keeps only the first parsed tool call; without a tool-call parser there are
-    /// none to keep, as in vLLM without --tool-call-parser.
+    /// `false` keeps only the first tool call (and limits "required" to one).
     pub parallel_tool_calls: Option<bool>,
     /// vLLM's `return_prompt_text` (the rendered prompt in the response): refused when true.
     pub return_prompt_text: Option<bool>,
@@ -303,7 +302,8 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessageOut {
     pub role: String,
-    pub content: String,
+    /// Null when the answer was only tool calls.
+    pub content: Option<String>,
     pub tool_calls: Vec<Value>,
 }
 

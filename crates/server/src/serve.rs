@@ -204,6 +204,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => (tokenizer, chat_template, path.clone()),
     };
     let tokenizer = Arc::new(tokenizer);
+    // As vLLM, the parser exists only with auto tool choice on, and is checked against the
+    // tokenizer at start-up (its marker tokens must be in the vocabulary).
+    let tool_parser = match (&args.tool_call_parser, args.enable_auto_tool_choice) {
+        (Some(name), true) => {
+            let model = args
+                .model_arg()
+                .map_or_else(|| path.display().to_string(), str::to_string);
+            let kind =
+                crate::tools::ParserKind::new(name, &model, |t| tokenizer.token_to_id(t).is_some())
+                    .map_err(|e| crate::cli::UsageError(e.to_string()))?;
+            tracing::info!("\"auto\" tool choice has been enabled (--tool-call-parser {name})");
+            Some(kind)
+        }
+        _ => None,
+    };
     let chat_template = match &args.chat_template {
         Some(p) => {
             let src =
@@ -298,6 +313,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         eos_token_ids: beam_eos,
         trust_request_chat_template: args.trust_request_chat_template,
         default_chat_template_kwargs: args.default_chat_template_kwargs.clone(),
+        tool_parser,
+        exclude_tools_when_tool_choice_none: args.exclude_tools_when_tool_choice_none,
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let addr = format!("{host}:{}", args.port);

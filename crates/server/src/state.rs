@@ -48,6 +48,10 @@ pub struct AppState {
     pub trust_request_chat_template: bool,
     /// `--default-chat-template-kwargs`: template variables under every request's own.
     pub default_chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `--enable-auto-tool-choice` with `--tool-call-parser`.
+    pub tool_parser: Option<crate::tools::ParserKind>,
+    /// `--exclude-tools-when-tool-choice-none`.
+    pub exclude_tools_when_tool_choice_none: bool,
     /// `--generation-config` defaults.
     pub sampling_defaults: crate::validate::SamplingDefaults,
     /// Structured outputs: the grammar compiler for this tokenizer.
@@ -62,6 +66,8 @@ impl AppState {
             chat_template: self.chat_template.as_ref(),
             trust_request_chat_template: self.trust_request_chat_template,
             default_kwargs: self.default_chat_template_kwargs.as_ref(),
+            tool_parser: self.tool_parser,
+            exclude_tools_when_tool_choice_none: self.exclude_tools_when_tool_choice_none,
             limits: Limits {
                 vocab_size: self.vocab_size,
                 max_logprobs: self.max_logprobs,

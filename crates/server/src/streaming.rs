@@ -36,6 +36,8 @@ pub struct StreamHead {
     pub return_token_ids: bool,
     /// `--enable-prompt-tokens-details`: cached prompt tokens in the final usage.
     pub prompt_tokens_details: bool,
+    /// Chat: how tool calls are read from the answer (`None`: plain content).
+    pub tool_mode: Option<crate::tools::ToolMode>,
 }
 
 /// The prompts of one streamed response.
@@ -211,7 +213,13 @@ pub fn chat(
 ) -> Response {
     sse_response(move |tx| async move {
         let _guard = guard;
+        let tool_mode = head.tool_mode.clone();
         let mut counts = Counts::new(&prompts.lens, head.n);
+        // One tool-call extractor per choice (they keep state across deltas).
+        let mut extractors: Vec<_> = (0..head.n)
+            .map(|_| tool_mode.as_ref().map(|m| m.streamer()))
+            .collect();
+        let mut tools_streamed = vec![false; head.n];
         let chunk = |choice: Value, usage: Option<Usage>| {
             let mut c = json!({"id": head.id, "object": "chat.completion.chunk",
                 "created": head.created, "model": head.model, "choices": [choice]});
@@ -255,17 +263,43 @@ pub fn chat(
             }
             for d in ev.seqs {
                 counts.generated[d.index] += d.token_ids.len();
-                let (fr, sr) = finish_fields(&d.finish);
-                let delta = if d.text.is_empty() && fr.is_some() {
-                    json!({})
-                } else {
-                    json!({"content": d.text})
-                };
+                let (mut fr, sr) = finish_fields(&d.finish);
                 let logprobs = d
                     .logprobs
                     .as_ref()
                     .filter(|_| head.want_logprobs)
                     .map(|l| chat_logprobs(&st, l));
+                let delta = match (extractors[d.index].as_mut(), &tool_mode) {
+                    (Some(x), Some(m)) => {
+                        let mut out = x.push(&d.text);
+                        if let Some(o) = out.as_mut() {
+                            if o["tool_calls"].as_array().is_some_and(|c| !c.is_empty()) {
+                                tools_streamed[d.index] = true;
+                            }
+                            m.filter_delta(o);
+                        }
+                        // vLLM: "tool_calls" replaces "stop" once calls were streamed,
+                        // except for a named function.
+                        let named = matches!(m.choice, crate::tools::choice::Choice::Named(_));
+                        if tools_streamed[d.index] && !named && fr.as_deref() == Some("stop") {
+                            fr = Some("tool_calls".into());
+                        }
+                        match out {
+                            Some(o) => o,
+                            // Nothing to show yet (a call still being read): no chunk,
+                            // unless it must carry the finish, logprobs or token ids.
+                            None if fr.is_none()
+                                && logprobs.is_none()
+                                && !head.return_token_ids =>
+                            {
+                                continue
+                            }
+                            None => json!({}),
+                        }
+                    }
+                    _ if d.text.is_empty() && fr.is_some() => json!({}),
+                    _ => json!({"content": d.text}),
+                };
                 let mut choice = json!({"index": d.index, "delta": delta, "logprobs": logprobs,
                     "finish_reason": fr, "stop_reason": sr});
                 if head.return_token_ids {

@@ -188,6 +188,8 @@ const IMPLEMENTED_BOOLS: &[&str] = &[
     "enable-prompt-tokens-details",
     "enable-force-include-usage",
     "allow-credentials",
+    "enable-auto-tool-choice",
+    "exclude-tools-when-tool-choice-none",
 ];
 
 /// Short spellings of flags tpuserve implements.

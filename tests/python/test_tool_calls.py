@@ -1,0 +1,166 @@
+"""Issue 19: tool calling as vLLM 0.32 serves it, through a real `tpuserve serve` (SmolLM2 on
+CPU) with `--enable-auto-tool-choice --tool-call-parser hermes`. SmolLM2 seldom calls a tool
+by itself, so the parsers' reading of calls is covered by the Rust unit tests
+(`crates/server/src/tools`); here: plain answers stay plain, tool messages render, the tool
+fields are checked as vLLM checks them, and the flags start or refuse as vLLM's do."""
+
+import json
+import subprocess
+
+import pytest
+from openai import OpenAI
+from tpuserve_proc import ServerProcess, binary, free_port
+
+from test_vllm_dropin import send, sse
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+# Shows how many tools the template was given (requests bring it: --trust-request-chat-template).
+COUNT_TEMPLATE = ("{{ (tools | length) if tools else 0 }}|"
+                  "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess("--max-model-len", "512", "--enable-auto-tool-choice",
+                      "--tool-call-parser", "hermes", "--exclude-tools-when-tool-choice-none",
+                      "--trust-request-chat-template")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0,
+                  timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def test_plain_answer_with_auto_tools_has_no_tool_calls(client, model):
+    """tool_choice defaults to "auto" when tools are given; an answer without a call is plain
+    content with the engine's finish_reason."""
+    r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=24,
+                                       temperature=0)
+    c = r.choices[0]
+    assert "<tool_call>" not in c.message.content
+    assert not c.message.tool_calls
+    assert c.finish_reason in ("stop", "length")
+    # The same answer streamed: content deltas only, same text, same finish.
+    chunks = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS,
+                                            max_tokens=24, temperature=0, stream=True)
+    text, finish = "", None
+    for ch in chunks:
+        d = ch.choices[0].delta
+        assert not d.tool_calls
+        text += d.content or ""
+        finish = ch.choices[0].finish_reason or finish
+    assert (text, finish) == (c.message.content, c.finish_reason)
+
+
+def test_n2_stream_each_choice_finishes(server, model):
+    body = {"model": model, "messages": ASK, "tools": TOOLS, "tool_choice": "auto", "n": 2,
+            "max_tokens": 8, "temperature": 1, "seed": 1, "stream": True}
+    chunks = sse(server.port, "/v1/chat/completions", body)
+    finishes = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"]
+                for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]}
+    assert sorted(finishes) == [0, 1] and set(finishes.values()) <= {"stop", "length"}
+
+
+def test_tool_messages_render(client, model):
+    """An assistant message with tool_calls (arguments as a JSON string) and the tool's answer
+    go through the chat template (vLLM parses the arguments to an object for it)."""
+    messages = ASK + [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "chatcmpl-tool-1", "type": "function",
+             "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+        {"role": "tool", "tool_call_id": "chatcmpl-tool-1", "content": "Sunny, 21 C"},
+    ]
+    r = client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
+                                       max_tokens=4, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+
+
+def _prompt_ids(port, model, **extra):
+    body = {"model": model, "messages": ASK, "max_tokens": 1, "temperature": 0,
+            "return_token_ids": True, "chat_template": COUNT_TEMPLATE, **extra}
+    status, r = send(port, "POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    return r["prompt_token_ids"]
+
+
+def test_exclude_tools_when_tool_choice_none(server, model):
+    none = _prompt_ids(server.port, model, tools=TOOLS, tool_choice="none")
+    assert none == _prompt_ids(server.port, model)
+    assert _prompt_ids(server.port, model, tools=TOOLS, tool_choice="auto") != none
+
+
+@pytest.mark.parametrize("extra,param,message", [
+    ({"tools": []}, "tools", "`tools` must not be an empty array"),
+    ({"tool_choice": "auto"}, "tool_choice", "When using `tool_choice`, `tools` must be set."),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice",
+     "Invalid value for `tool_choice`: sometimes!"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice", "The tool specified in `tool_choice` does not match any of the specified"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {}}},
+     "tool_choice.function.name", "Expected field `name` in `function` in `tool_choice`!"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools",
+     "function.name"),
+])
+def test_tool_fields_are_checked_as_vllm(server, model, extra, param, message):
+    body = {"model": model, "messages": ASK, "max_tokens": 2, **extra}
+    status, r = send(server.port, "POST", "/v1/chat/completions", body)
+    assert status == 400 and message in r["error"]["message"], r
+    assert r["error"]["param"] == param, r
+
+
+def test_without_a_parser_tools_default_to_auto_and_are_refused():
+    """vLLM's request model makes a missing tool_choice "auto" when tools are given, which a
+    server without --enable-auto-tool-choice refuses; tool_choice "none" renders them."""
+    s = ServerProcess("--max-model-len", "256")
+    try:
+        body = {"messages": ASK, "max_tokens": 2, "tools": TOOLS}
+        status, r = send(s.port, "POST", "/v1/chat/completions", body)
+        assert status == 400 and '"auto" tool choice requires' in r["error"]["message"], r
+        status, r = send(s.port, "POST", "/v1/chat/completions", {**body, "tool_choice": "none"})
+        assert status == 200, r
+    finally:
+        s.close()
+
+
+def _serve_exit(*args, timeout=240):
+    p = subprocess.run([binary(), "serve", "--port", str(free_port()), *args],
+                       capture_output=True, text=True, timeout=timeout)
+    lines = [l for l in p.stderr.splitlines() if l.strip() and "INFO" not in l
+             and "WARN" not in l]
+    return p.returncode, lines
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--enable-auto-tool-choice"], ["--enable-auto-tool-choice requires --tool-call-parser"]),
+    (["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"],
+     ["--tool-call-parser pythonic", "not supported", "hermes"]),
+    (["--tool-call-parser", "qwen3_xml"], ["qwen3_xml", "not supported"]),
+    (["--tool-parser-plugin", "my_parser.py"], ["--tool-parser-plugin", "not supported"]),
+    (["--tool-strict-level", "parameter"], ["--tool-strict-level", "not supported"]),
+])
+def test_tool_flags_refused_by_name(args, words):
+    rc, lines = _serve_exit(*args)
+    assert rc == 2 and len(lines) == 1, (rc, lines)
+    assert all(w in lines[0] for w in words), lines
+
+
+def test_llama3_json_needs_the_python_tag_token():
+    """vLLM checks the parser against the tokenizer at start-up: SmolLM2 has no
+    <|python_tag|>, so llama3_json cannot read its calls."""
+    rc, lines = _serve_exit("--max-model-len", "256", "--enable-auto-tool-choice",
+                            "--tool-call-parser", "llama3_json")
+    assert rc == 2 and any("<|python_tag|>" in l and "llama3_json" in l for l in lines), lines
