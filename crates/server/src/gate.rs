@@ -216,6 +216,22 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
     if tool_mode.is_some() && ctx.tool_parser.is_some_and(|p| p.keeps_special_tokens()) {
         params.stop.skip_special_tokens = false;
     }
+    // Named and required tool choice are enforced by structured output: the answer follows
+    // the schema built from the tools' parameters, so the arguments always parse.
+    if let Some(schema) = tool_mode.as_ref().and_then(|m| m.schema.clone()) {
+        let named = req.tool_choice.as_ref().is_some_and(Value::is_object);
+        if named && params.constraint.is_some() {
+            return Err(ApiError::bad_request(
+                "You can only either use constraints for structured outputs or tools, not both.",
+            ));
+        }
+        params.constraint = Some((
+            tpuserve_engine::structured::ConstraintSpec::new(
+                tpuserve_engine::structured::GrammarKind::JsonSchema(schema),
+            ),
+            "tool_choice",
+        ));
+    }
     if let Some(t) = params.truncation {
         t.apply(&mut ids);
     }
