@@ -340,6 +340,8 @@ fn gate_context(f: &Fixture, llama: bool) -> GateContext<'_> {
         chat_template: Some(if llama { &f.llama31 } else { &f.smollm2 }),
         trust_request_chat_template: false,
         default_kwargs: None,
+        tool_parser: None,
+        exclude_tools_when_tool_choice_none: false,
         limits: Limits {
             vocab_size: f.tokenizer.vocab_size(),
             max_logprobs: 20,

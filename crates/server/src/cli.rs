@@ -159,6 +159,11 @@ pub struct ServeArgs {
     /// `chat_template_kwargs`, e.g. '{"enable_thinking": false}'.
     #[arg(long, value_parser = json_object)]
     pub default_chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Structured-output settings for every request (a JSON object, vLLM's
+    /// `StructuredOutputsConfig`): `backend`, `disable_any_whitespace`,
+    /// `disable_additional_properties`, `disable_fallback`. llguidance serves every backend.
+    #[arg(long, value_parser = json_object)]
+    pub structured_outputs_config: Option<serde_json::Map<String, serde_json::Value>>,
     /// `--hf-token`: the Hugging Face token for downloads (alone: the stored login token,
     /// which is already the default).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -247,6 +252,9 @@ impl ServeArgs {
                     crate::tools::ParserError::Unsupported(p.clone()).to_string(),
                 ));
             }
+        }
+        if let Some(c) = &self.structured_outputs_config {
+            crate::structured::ServerDefaults::from_config(c).map_err(UsageError)?;
         }
         if self.enable_auto_tool_choice && self.tool_call_parser.is_none() {
             return Err(UsageError(

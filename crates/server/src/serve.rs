@@ -277,8 +277,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             chat_template.as_ref().map(|t| t.source.as_str()),
         )
     });
-    let grammars =
-        crate::structured::Grammars::new(tokenizer.clone(), config.vocab_size, beam_eos.clone());
+    let so_defaults = match &args.structured_outputs_config {
+        Some(c) => crate::structured::ServerDefaults::from_config(c).map_err(anyhow::Error::msg)?,
+        None => Default::default(),
+    };
+    let grammars = crate::structured::Grammars::new(
+        tokenizer.clone(),
+        config.vocab_size,
+        beam_eos.clone(),
+        so_defaults,
+    );
     grammars.warm_in_background();
     let state = Arc::new(AppState {
         grammars,

@@ -277,12 +277,74 @@ fn with_opts(mut s: ConstraintSpec, opts: (bool, bool, Option<String>)) -> Const
     s
 }
 
+/// `--structured-outputs-config`: settings every request's constraint gets (a request can
+/// only add to them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerDefaults {
+    pub disable_any_whitespace: bool,
+    pub disable_additional_properties: bool,
+}
+
+impl ServerDefaults {
+    /// Checks the flag's JSON as vLLM's `StructuredOutputsConfig` would take it; settings
+    /// that need what tpuserve lacks (a reasoning parser) are refused by name.
+    pub fn from_config(c: &serde_json::Map<String, Value>) -> Result<Self, String> {
+        let flag = "--structured-outputs-config";
+        let mut d = ServerDefaults::default();
+        let boolean = |k: &str, v: &Value| {
+            v.as_bool()
+                .ok_or_else(|| format!("{flag}: `{k}` must be true or false"))
+        };
+        for (k, v) in c {
+            match k.as_str() {
+                "backend" => {
+                    let b = v.as_str().unwrap_or_default();
+                    if !BACKENDS.contains(&b) {
+                        return Err(format!(
+                            "{flag}: backend '{b}' is not one of {}",
+                            BACKENDS.join(", ")
+                        ));
+                    }
+                    if b != "auto" && b != "guidance" && b != "llguidance" {
+                        tracing::info!(
+                            "{flag}: backend '{b}' requested; llguidance serves every                              structured-output request (the same constraints)"
+                        );
+                    }
+                }
+                "disable_any_whitespace" => d.disable_any_whitespace = boolean(k, v)?,
+                "disable_additional_properties" => d.disable_additional_properties = boolean(k, v)?,
+                // Fallback between backends: there is one backend, nothing to fall back to.
+                "disable_fallback" => {
+                    boolean(k, v)?;
+                }
+                "enable_in_reasoning" => {
+                    if boolean(k, v)? {
+                        return Err(format!(
+                            "{flag}: enable_in_reasoning needs a reasoning parser, which                              tpuserve does not have"
+                        ));
+                    }
+                }
+                "reasoning_parser" | "reasoning_parser_plugin" => {
+                    if v.as_str() != Some("") {
+                        return Err(format!(
+                            "{flag}: {k} is not supported by tpuserve (no reasoning parsers)"
+                        ));
+                    }
+                }
+                other => return Err(format!("{flag}: unknown setting `{other}`")),
+            }
+        }
+        Ok(d)
+    }
+}
+
 /// A grammar that takes longer than this to compile is refused.
 const COMPILE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server's grammar compiler, built on first use (or ahead, in the background, at
 /// start-up) so that serving starts without waiting for it.
 pub struct Grammars {
+    defaults: ServerDefaults,
     tokenizer: Arc<Tokenizer>,
     vocab_size: usize,
     eos: Vec<u32>,
@@ -290,8 +352,14 @@ pub struct Grammars {
 }
 
 impl Grammars {
-    pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize, eos: Vec<u32>) -> Arc<Self> {
+    pub fn new(
+        tokenizer: Arc<Tokenizer>,
+        vocab_size: usize,
+        eos: Vec<u32>,
+        defaults: ServerDefaults,
+    ) -> Arc<Self> {
         Arc::new(Grammars {
+            defaults,
             tokenizer,
             vocab_size,
             eos,
@@ -323,8 +391,10 @@ impl Grammars {
     pub async fn compile(
         self: &Arc<Self>,
         field: &str,
-        spec: ConstraintSpec,
+        mut spec: ConstraintSpec,
     ) -> Result<Constraint, ApiError> {
+        spec.disable_any_whitespace |= self.defaults.disable_any_whitespace;
+        spec.disable_additional_properties |= self.defaults.disable_additional_properties;
         let me = self.clone();
         let job = tokio::task::spawn_blocking(move || {
             let c = me.compiler().map_err(ConstraintError::Tokenizer)?;

@@ -289,7 +289,6 @@ pub static VLLM_FLAGS: &[VllmFlag] = &[
     VllmFlag { name: "reasoning-config", no_name: "", aliases: &[], kind: Value, what: Refused("no reasoning parser: reasoning would not be split from the content", &[]) },
     VllmFlag { name: "kernel-config", no_name: "", aliases: &[], kind: Value, what: Ignored(KERNEL) },
     VllmFlag { name: "additional-config", no_name: "", aliases: &[], kind: Value, what: Ignored(KERNEL) },
-    VllmFlag { name: "structured-outputs-config", no_name: "", aliases: &[], kind: Value, what: Ignored("structured-output requests are refused by name") },
     VllmFlag { name: "aux-output-config", no_name: "", aliases: &[], kind: Value, what: Ignored("extra outputs are not produced") },
     VllmFlag { name: "profiler-config", no_name: "", aliases: &[], kind: Value, what: Ignored(OBS) },
     VllmFlag { name: "optimization-level", no_name: "", aliases: &[], kind: Value, what: Ignored(KERNEL) },
