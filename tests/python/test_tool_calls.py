@@ -114,6 +114,8 @@ def test_exclude_tools_when_tool_choice_none(server, model):
      "tool_choice.function.name", "Expected field `name` in `function` in `tool_choice`!"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools",
      "function.name"),
+    ({"tools": TOOLS, "tool_choice": "auto", "use_beam_search": True, "n": 2}, "tools",
+     "not supported together with use_beam_search"),
 ])
 def test_tool_fields_are_checked_as_vllm(server, model, extra, param, message):
     body = {"model": model, "messages": ASK, "max_tokens": 2, **extra}

@@ -1,8 +1,8 @@
-"""Issue 19: tool_choice "required" and a named function, which vLLM enforces by constraining
-the answer to a JSON schema built from the tools. These tests need the constrained decoding
-(llguidance) that `ChatInput.tool_mode.schema` feeds: without it SmolLM2 writes free text and
-the calls come back empty or unparseable."""
+"""Issue 19: tool_choice "required" and a named function, enforced by constraining the answer
+to a JSON schema built from the tools (`ChatInput.tool_mode.schema` becomes the request's
+structured-output constraint): the arguments always parse and validate, greedy or sampled."""
 
+import concurrent.futures as cf
 import json
 
 import jsonschema
@@ -10,11 +10,11 @@ import pytest
 from openai import OpenAI
 from tpuserve_proc import ServerProcess
 
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"},
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"], "additionalProperties": False}
-TIME = {"type": "object", "properties": {"timezone": {"type": "string"}},
-        "required": ["timezone"]}
+TIME = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}},
+        "required": ["timezone"], "additionalProperties": False}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
          {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
@@ -24,8 +24,11 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 @pytest.fixture(scope="module")
 def client():
+    # Closed objects: vLLM's schema for "required" leaves each call object open, and a sampled
+    # answer may then add properties until max_tokens.
     s = ServerProcess("--max-model-len", "512", "--enable-auto-tool-choice",
-                      "--tool-call-parser", "hermes")
+                      "--tool-call-parser", "hermes", "--structured-outputs-config",
+                      '{"disable_additional_properties": true}')
     try:
         yield OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="x", max_retries=0,
                      timeout=300)
@@ -90,3 +93,26 @@ def test_streamed_named_call_assembles_into_the_same_call(client, model):
     assert len(ids) == 1 and name == "get_weather" and finish == "stop"
     assert args == want.function.arguments
     jsonschema.validate(json.loads(args), WEATHER)
+
+
+def test_hundred_sampled_calls_validate(client, model):
+    # 50 seeds each of a named and a required choice, sampled at temperature 1 (required with
+    # one call: a list of calls has no length bound, and sampling may grow it past max_tokens).
+    jobs = [(choice, seed) for choice in (NAMED, "required") for seed in range(50)]
+
+    def run(job):
+        choice, seed = job
+        return client.chat.completions.create(
+            model=model, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=200,
+            temperature=1.0, seed=seed, parallel_tool_calls=False)
+
+    with cf.ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(run, jobs))
+    for (choice, seed), r in zip(jobs, results):
+        c = r.choices[0]
+        assert c.finish_reason == ("stop" if choice is NAMED else "tool_calls"), (seed, c)
+        assert c.message.tool_calls, (seed, c)
+        for call in c.message.tool_calls:
+            if choice is NAMED:
+                assert call.function.name == "get_weather"
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])

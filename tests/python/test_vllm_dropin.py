@@ -461,11 +461,11 @@ def test_seed_flag_makes_unseeded_requests_repeatable():
     ("/v1/chat/completions", {"use_beam_search": True, "n": 2, "stop": ["x"]}, "stop"),
     ("/v1/completions", {"allowed_token_ids": [1, 2, 3]}, "allowed_token_ids"),
     ("/v1/completions", {"bad_words": ["cat"]}, "bad_words"),
-    ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {"structured_outputs": {"choice": ["a", "b"]}},
-     "structured_outputs"),
-    ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json"),
-    ("/v1/completions", {"guided_choice": ["a", "b"]}, "guided_choice"),
+    # Structured outputs run (issue 19), except vLLM's structural tags.
+    ("/v1/completions", {"response_format": {"type": "structural_tag", "format": {}}},
+     "response_format"),
+    ("/v1/chat/completions", {"structured_outputs": {"structural_tag": "{}"}},
+     "structured_outputs.structural_tag"),
     ("/v1/completions", {"priority": 3}, "priority"),
     ("/v1/completions", {"logits_processors": ["x"]}, "logits_processors"),
     ("/v1/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
@@ -902,6 +902,7 @@ def _acted_on_flags(tmp_path, pki):
         "--default-chat-template-kwargs": ['{"enable_thinking": false}'],
         "--enable-auto-tool-choice": [], "--tool-call-parser": ["hermes"],
         "--exclude-tools-when-tool-choice-none": [],
+        "--structured-outputs-config": ['{"backend": "xgrammar", "disable_any_whitespace": true}'],
         "--ssl-keyfile": [str(pki / "server.key")], "--ssl-certfile": [str(pki / "server.pem")],
         "--ssl-ca-certs": [str(pki / "ca.pem")], "--ssl-cert-reqs": ["1"],
     }
@@ -1219,3 +1220,23 @@ def test_default_chat_template_kwargs_flag(flagged, model):
             ids(flagged.port, **kw(enable_thinking=True, x="d", reasoning_effort="high"))
     finally:
         s.close()
+
+
+def test_tokenize_chat_renders_tools_and_a_trusted_template(flagged, server, model):
+    tmpl = ("{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+            "{% for m in messages %}{{ m.content }}{% endfor %}")
+    msgs = [{"role": "user", "content": "Hello"}]
+    tools = [{"type": "function", "function": {"name": "get_weather_in_a_city",
+                                               "parameters": {"type": "object"}}}]
+    body = {"model": model, "messages": msgs, "chat_template": tmpl}
+    status, plain = send(flagged.port, "POST", "/tokenize", body)
+    assert status == 200, plain
+    status, with_tools = send(flagged.port, "POST", "/tokenize", {**body, "tools": tools})
+    assert status == 200, with_tools
+    assert with_tools["count"] > plain["count"], (plain, with_tools)
+    status, r = send(server.port, "POST", "/tokenize", body)
+    assert status == 400 and "trust-request-chat-template" in r["error"]["message"], r
+    status, r = send(server.port, "POST", "/tokenize",
+                     {"model": model, "messages": msgs, "add_generation_prompt": True,
+                      "continue_final_message": True})
+    assert status == 400, r

@@ -885,10 +885,48 @@ async fn tokenize(
             add_special_tokens,
             chat_template_kwargs,
             return_token_strs,
+            tools,
+            chat_template,
+            mm_processor_kwargs,
+            media_io_kwargs,
         } => {
             check_model(&st, model.as_deref())?;
+            for (field, v) in [
+                ("mm_processor_kwargs", mm_processor_kwargs),
+                ("media_io_kwargs", media_io_kwargs),
+            ] {
+                if v.as_ref().is_some_and(|v| !v.is_null()) {
+                    return Err(ApiError::invalid_param(
+                        field,
+                        format!("{field} is not supported by tpuserve: the model is text-only"),
+                    ));
+                }
+            }
+            if *continue_final_message == Some(true) && *add_generation_prompt == Some(true) {
+                return Err(ApiError::bad_request(
+                    "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                ));
+            }
+            let own = match chat_template {
+                None => None,
+                Some(_) if !st.trust_request_chat_template => {
+                    return Err(ApiError::invalid_param(
+                        "chat_template",
+                        "Chat template is passed with request, but --trust-request-chat-template \
+                         is not set. Refused request with untrusted chat template.",
+                    ))
+                }
+                Some(src) => Some(
+                    tpuserve_model::ChatTemplate::new(
+                        src,
+                        st.tokenizer.bos_token.as_deref().unwrap_or(""),
+                        st.tokenizer.eos_token.as_deref().unwrap_or(""),
+                    )
+                    .map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?,
+                ),
+            };
             let text = chat::render(
-                st.chat_template.as_ref(),
+                own.as_ref().or(st.chat_template.as_ref()),
                 messages,
                 &ChatPromptOptions {
                     add_generation_prompt: *add_generation_prompt,
@@ -899,7 +937,7 @@ async fn tokenize(
                         None,
                     )
                     .as_deref(),
-                    tools: None,
+                    tools: tools.as_ref().filter(|t| !t.is_null()),
                     documents: None,
                 },
             )?;

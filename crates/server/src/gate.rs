@@ -216,6 +216,13 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
     if tool_mode.is_some() && ctx.tool_parser.is_some_and(|p| p.keeps_special_tokens()) {
         params.stop.skip_special_tokens = false;
     }
+    if params.beam.is_some() && tool_mode.is_some() {
+        return Err(ApiError::invalid_param(
+            "tools",
+            "tools is not supported together with use_beam_search by tpuserve (tool calls \
+             would not be read from the beams)",
+        ));
+    }
     // Named and required tool choice are enforced by structured output: the answer follows
     // the schema built from the tools' parameters, so the arguments always parse.
     if let Some(schema) = tool_mode.as_ref().and_then(|m| m.schema.clone()) {

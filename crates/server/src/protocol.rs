@@ -199,6 +199,13 @@ pub enum TokenizeRequest {
         add_special_tokens: Option<bool>,
         chat_template_kwargs: Option<serde_json::Map<String, Value>>,
         return_token_strs: Option<bool>,
+        /// Rendered into the prompt by the chat template, as in a chat request.
+        tools: Option<Value>,
+        /// A template for this request (only with --trust-request-chat-template).
+        chat_template: Option<String>,
+        /// Multimodal settings: refused when set (text-only models).
+        mm_processor_kwargs: Option<Value>,
+        media_io_kwargs: Option<Value>,
     },
     Text {
         model: Option<String>,

@@ -183,7 +183,7 @@ impl StructuredFields {
                     None => return Err(bad(&f, format!("{f} must be a boolean"))),
                 },
                 "structural_tag" => {
-                    return Err(bad(&f, "structural_tag is not supported by tpuserve"))
+                    return Err(bad(&f, format!("{f} is not supported by tpuserve")))
                 }
                 "disable_any_whitespace" => opts.0 = bool_field(&f, v)?,
                 "disable_additional_properties" => opts.1 = bool_field(&f, v)?,
