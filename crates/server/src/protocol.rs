@@ -190,6 +190,8 @@ impl ReasoningEffort {
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
+// Parsed once per request and matched right away: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum TokenizeRequest {
     Chat {
         model: Option<String>,
