@@ -1240,3 +1240,23 @@ def test_tokenize_chat_renders_tools_and_a_trusted_template(flagged, server, mod
                      {"model": model, "messages": msgs, "add_generation_prompt": True,
                       "continue_final_message": True})
     assert status == 400, r
+
+
+def test_multi_prompt_streams_interleave(server, model):
+    # Prompts generated in the same steps stream as they generate (vLLM merges its
+    # per-prompt generators): prompt 1's chunks do not wait for prompt 0 to finish.
+    chunks = sse(server.port, "/v1/completions",
+                 {"model": model, "prompt": ["Once upon a time", "The weather today"],
+                  "max_tokens": 24, "ignore_eos": True, "temperature": 0, "stream": True,
+                  "stream_options": {"include_usage": True}})
+    order = [c["choices"][0]["index"] for c in chunks if c["choices"]]
+    assert order != sorted(order), order
+    texts = ["", ""]
+    for c in chunks:
+        for ch in c["choices"]:
+            texts[ch["index"]] += ch["text"]
+    status, whole = send(server.port, "POST", "/v1/completions",
+                         {"model": model, "prompt": ["Once upon a time", "The weather today"],
+                          "max_tokens": 24, "ignore_eos": True, "temperature": 0})
+    assert texts == [c["text"] for c in whole["choices"]], (texts, whole)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 48

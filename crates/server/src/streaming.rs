@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::Sender;
 use tokio_stream::wrappers::ReceiverStream;
-use tpuserve_engine::{RequestStream, SeqDelta};
+use tokio_stream::StreamExt;
+use tpuserve_engine::{RequestStream, SeqDelta, TokenLogprobs};
 
 use crate::app::{chat_logprobs, completion_logprobs, finish_fields, sse_json};
 use crate::error::ApiError;
@@ -110,58 +111,68 @@ pub fn completions(
         let _guard = guard;
         let n = head.n;
         let mut counts = Counts::new(&prompts.lens, n);
-        for (pi, mut stream) in streams.into_iter().enumerate() {
-            let mut first = vec![true; n];
-            // Text sent so far per choice: where the next chunk's logprob offsets start.
-            let mut sent = vec![0usize; n];
-            let mut prompt_lps = Vec::new();
-            while let Some(ev) = stream.next().await {
-                if let Some(p) = ev.prompt {
-                    counts.cached[pi] = p.num_cached_tokens;
-                    prompt_lps = p.prompt_logprobs.unwrap_or_default();
+        let np = streams.len();
+        // Per prompt: first chunk of each choice still to come, text sent so far per choice
+        // (where the next chunk's logprob offsets start), and its prompt logprobs.
+        let mut first = vec![vec![true; n]; np];
+        let mut sent = vec![vec![0usize; n]; np];
+        let mut prompt_lps: Vec<Vec<Option<TokenLogprobs>>> = vec![Vec::new(); np];
+        // The prompts' events interleave as the engine produces them (vLLM merges its
+        // generators the same way): a later prompt's first tokens do not wait for the
+        // earlier prompts to finish.
+        let mut merged = tokio_stream::StreamMap::new();
+        for (pi, stream) in streams.into_iter().enumerate() {
+            merged.insert(
+                pi,
+                tokio_stream::wrappers::UnboundedReceiverStream::new(stream.receiver),
+            );
+        }
+        while let Some((pi, ev)) = merged.next().await {
+            if let Some(p) = ev.prompt {
+                counts.cached[pi] = p.num_cached_tokens;
+                prompt_lps[pi] = p.prompt_logprobs.unwrap_or_default();
+            }
+            if let Some(e) = &ev.error {
+                send_error(&tx, e).await;
+            }
+            for d in ev.seqs {
+                let index = pi * n + d.index;
+                counts.generated[index] += d.token_ids.len();
+                let mut text = String::new();
+                let is_first = std::mem::take(&mut first[pi][d.index]);
+                if let (true, Some(t)) = (is_first, &prompts.echo_texts) {
+                    text.push_str(&t[pi]);
                 }
-                if let Some(e) = &ev.error {
-                    send_error(&tx, e).await;
+                text.push_str(&d.text);
+                let mut choice = completion_choice(&st, &head, index, text, &d, sent[pi][d.index]);
+                if let (true, Some(k), Some(l)) = (
+                    is_first,
+                    prompts.echo_logprobs,
+                    d.logprobs.as_ref().filter(|_| head.want_logprobs),
+                ) {
+                    choice.logprobs = Some(crate::echo::prompt_then_output(
+                        &st,
+                        &prompts.ids[pi],
+                        &prompt_lps[pi],
+                        l,
+                        k,
+                        0,
+                    ));
                 }
-                for d in ev.seqs {
-                    let index = pi * n + d.index;
-                    counts.generated[index] += d.token_ids.len();
-                    let mut text = String::new();
-                    let is_first = std::mem::take(&mut first[d.index]);
-                    if let (true, Some(t)) = (is_first, &prompts.echo_texts) {
-                        text.push_str(&t[pi]);
-                    }
-                    text.push_str(&d.text);
-                    let mut choice = completion_choice(&st, &head, index, text, &d, sent[d.index]);
-                    if let (true, Some(k), Some(l)) = (
-                        is_first,
-                        prompts.echo_logprobs,
-                        d.logprobs.as_ref().filter(|_| head.want_logprobs),
-                    ) {
-                        choice.logprobs = Some(crate::echo::prompt_then_output(
-                            &st,
-                            &prompts.ids[pi],
-                            &prompt_lps,
-                            l,
-                            k,
-                            0,
-                        ));
-                    }
-                    sent[d.index] += choice.text.len();
-                    if is_first && head.return_token_ids {
-                        choice.prompt_token_ids = Some(prompts.ids[pi].clone());
-                    }
-                    let chunk = CompletionResponse {
-                        id: head.id.clone(),
-                        object: "text_completion",
-                        created: head.created,
-                        model: head.model.clone(),
-                        choices: vec![choice],
-                        usage: head.continuous_usage.then(|| counts.choice(pi, index)),
-                    };
-                    if tx.send(sse_json(&chunk)).await.is_err() {
-                        return; // client gone: dropping `stream` aborts the request
-                    }
+                sent[pi][d.index] += choice.text.len();
+                if is_first && head.return_token_ids {
+                    choice.prompt_token_ids = Some(prompts.ids[pi].clone());
+                }
+                let chunk = CompletionResponse {
+                    id: head.id.clone(),
+                    object: "text_completion",
+                    created: head.created,
+                    model: head.model.clone(),
+                    choices: vec![choice],
+                    usage: head.continuous_usage.then(|| counts.choice(pi, index)),
+                };
+                if tx.send(sse_json(&chunk)).await.is_err() {
+                    return; // client gone: dropping the receivers aborts the requests
                 }
             }
         }
