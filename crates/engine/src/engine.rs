@@ -664,17 +664,34 @@ fn compute_masks(
     num_seqs: usize,
     out: &StepMasks,
 ) -> Vec<(RequestId, String)> {
+    use rayon::prelude::*;
+    let want: HashMap<(RequestId, usize), usize> = rows
+        .iter()
+        .map(|&(i, rid, index)| ((rid, index), i))
+        .collect();
+    // Each matcher is its own state: the rows' masks are independent work, spread over the
+    // pool (a 128k-token vocabulary costs up to milliseconds a row).
+    let mut jobs: Vec<(usize, RequestId, &mut llguidance::Matcher)> =
+        Vec::with_capacity(rows.len());
+    for (&rid, r) in requests.iter_mut() {
+        for (index, c) in r.children.iter_mut().enumerate() {
+            if let (Some(&i), Some(m)) = (want.get(&(rid, index)), c.matcher.as_mut()) {
+                jobs.push((i, rid, m));
+            }
+        }
+    }
+    let results: Vec<(
+        usize,
+        RequestId,
+        Result<tpuserve_runner_api::TokenBitmask, String>,
+    )> = jobs
+        .into_par_iter()
+        .map(|(i, rid, m)| (i, rid, crate::structured::next_mask(m)))
+        .collect();
     let mut masks = vec![None; num_seqs];
     let mut errors = Vec::new();
-    for &(i, rid, index) in rows {
-        let Some(m) = requests
-            .get_mut(&rid)
-            .and_then(|r| r.children.get_mut(index))
-            .and_then(|c| c.matcher.as_mut())
-        else {
-            continue;
-        };
-        match crate::structured::next_mask(m) {
+    for (i, rid, r) in results {
+        match r {
             Ok(mask) => masks[i] = Some(mask),
             Err(e) => errors.push((rid, format!("structured output: {e}"))),
         }
