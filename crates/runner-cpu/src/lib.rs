@@ -4,6 +4,7 @@
 
 mod attention;
 pub mod matvec;
+pub mod qmatvec;
 mod weights;
 
 use candle_core::{Device, Tensor};
