@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use tpuserve_engine::{EngineConfig, EngineCore, EngineHandle, TokenDecoder};
 use tpuserve_model::{load_model_with, ChatTemplate, LoadedModel};
 use tpuserve_runner_api::ModelRunner;
-use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions};
+use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
 use tpuserve_runner_xla::{DeviceKind, WeightElem, XlaRunner, XlaRunnerOptions};
 
 use crate::cli::ServeArgs;
@@ -121,6 +121,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 CpuRunnerOptions {
                     num_blocks,
                     block_size: args.block_size,
+                    weights: CpuWeights::F32,
                 },
             )?)
         }
