@@ -288,7 +288,7 @@ fn task_portable<const T: u8>(a: &QActs, w: &QMatrix, j0: usize, yt: &mut [f32])
 /// The tile driver shared by the SIMD kernels: `R`-row × `J`-weight-row tiles over a task's
 /// output rows, then the leftovers one by one, every pair through the same `tile`.
 macro_rules! tile_driver {
-    ($feature:literal, $tj:literal) => {
+    ($feature:literal, $tj:literal, $tr:literal) => {
         #[inline]
         #[target_feature(enable = $feature)]
         unsafe fn rows_for<const T: u8, const J: usize>(
@@ -299,6 +299,15 @@ macro_rules! tile_driver {
             let rows = a.rows;
             let xr = |r: usize| super::x_row(a, r);
             let mut r = 0;
+            while $tr == 8 && r + 8 <= rows {
+                let d = tile::<T, 8, J>(std::array::from_fn(|i| xr(r + i)), ws, a.blocks);
+                for (dr, rr) in d.iter().zip(r..) {
+                    for (j, v) in dr.iter().enumerate() {
+                        out[j * rows + rr] = *v;
+                    }
+                }
+                r += 8;
+            }
             while r + 4 <= rows {
                 let d = tile::<T, 4, J>([xr(r), xr(r + 1), xr(r + 2), xr(r + 3)], ws, a.blocks);
                 for (dr, rr) in d.iter().zip(r..) {
@@ -388,6 +397,14 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// `v` in lane 0, zeros elsewhere: the Q4 offset term `mw·s` rides in the same vector
+    /// accumulator as the block dots (one FMA instead of scalar work per pair).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lane0(v: f32) -> __m256 {
+        _mm256_zextps128_ps256(_mm_set_ss(v))
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile<const T: u8, const R: usize, const J: usize>(
@@ -398,24 +415,27 @@ mod avx2 {
         let bb = block_bytes(T);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); J]; R];
-        let mut macc = [[0f32; J]; R];
         for b in 0..nb {
             let mut wv = [_mm256_setzero_si256(); J];
             let mut wu = [_mm256_setzero_si256(); J];
-            let mut wd = [0f32; J];
-            let mut wm = [0f32; J];
+            let mut dwv = [_mm256_setzero_ps(); J];
+            let mut mwv = [_mm256_setzero_ps(); J];
             for j in 0..J {
-                (wv[j], wd[j], wm[j]) = decode::<T>(ws[j].add(b * bb));
+                let (v, d, m) = decode::<T>(ws[j].add(b * bb));
+                wv[j] = v;
                 // Q8_0: |w| as the unsigned operand, the sign moved onto x below.
                 wu[j] = if T == T_Q8_0 {
-                    _mm256_sign_epi8(wv[j], wv[j])
+                    _mm256_sign_epi8(v, v)
                 } else {
-                    wv[j]
+                    v
                 };
+                dwv[j] = _mm256_set1_ps(d);
+                mwv[j] = lane0(m);
             }
             for r in 0..R {
                 let x = _mm256_loadu_si256(xs[r].q.add(b * QK) as *const __m256i);
-                let (dx, sx) = (*xs[r].d.add(b), *xs[r].s.add(b));
+                let dxv = _mm256_set1_ps(*xs[r].d.add(b));
+                let sxv = lane0(*xs[r].s.add(b));
                 for j in 0..J {
                     let xv = if T == T_Q8_0 {
                         _mm256_sign_epi8(x, wv[j])
@@ -423,13 +443,10 @@ mod avx2 {
                         x
                     };
                     let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu[j], xv), ones);
-                    acc[r][j] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(wd[j] * dx),
-                        _mm256_cvtepi32_ps(p),
-                        acc[r][j],
-                    );
+                    let scale = _mm256_mul_ps(dwv[j], dxv);
+                    acc[r][j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r][j]);
                     if T != T_Q8_0 {
-                        macc[r][j] += wm[j] * sx;
+                        acc[r][j] = _mm256_fmadd_ps(mwv[j], sxv, acc[r][j]);
                     }
                 }
             }
@@ -437,14 +454,14 @@ mod avx2 {
         let mut out = [[0f32; J]; R];
         for r in 0..R {
             for j in 0..J {
-                out[r][j] = hsum(acc[r][j]) + macc[r][j];
+                out[r][j] = hsum(acc[r][j]);
             }
         }
         out
     }
 
     // 16 registers: 4 × 2 accumulators plus the operands.
-    tile_driver!("avx2,fma,f16c", 2);
+    tile_driver!("avx2,fma,f16c", 2, 4);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -460,6 +477,13 @@ mod vnni {
         _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
     }
 
+    /// `[a × 8, b × 8]`: one value per block of a pair.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn halves(a: f32, b: f32) -> __m512 {
+        _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b))
+    }
+
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn tile<const T: u8, const R: usize, const J: usize>(
@@ -469,15 +493,14 @@ mod vnni {
     ) -> [[f32; J]; R] {
         let bb = block_bytes(T);
         let mut acc = [[_mm512_setzero_ps(); J]; R];
-        let mut macc = [[0f32; J]; R];
         let mut b = 0;
         while b < nb {
-            // The last block of an odd count pairs with zeros (weights, x and scale).
+            // The last block of an odd count pairs with zeros (weights, x and scales).
             let two = b + 1 < nb;
             let mut wu = [_mm512_setzero_si512(); J];
             let mut neg = [0u64; J];
-            let mut wd = [[0f32; 2]; J];
-            let mut wm = [[0f32; 2]; J];
+            let mut dwv = [_mm512_setzero_ps(); J];
+            let mut mwv = [_mm512_setzero_ps(); J];
             for j in 0..J {
                 let (v0, d0, m0) = decode::<T>(ws[j].add(b * bb));
                 let (v1, d1, m1) = if two {
@@ -486,7 +509,9 @@ mod vnni {
                     (_mm256_setzero_si256(), 0.0, 0.0)
                 };
                 let v = pair(v0, v1);
-                (wd[j], wm[j]) = ([d0, d1], [m0, m1]);
+                dwv[j] = halves(d0, d1);
+                // The Q4 offset term `mw·s` rides in lanes 0 and 8 of the same accumulator.
+                mwv[j] = _mm512_maskz_mov_ps(0x0101, halves(m0, m1));
                 if T == T_Q8_0 {
                     // |w| unsigned, the sign of w moved onto x below.
                     neg[j] = _mm512_movepi8_mask(v);
@@ -496,15 +521,17 @@ mod vnni {
                 }
             }
             for r in 0..R {
-                let x0 = _mm256_loadu_si256(xs[r].q.add(b * QK) as *const __m256i);
-                let x1 = if two {
-                    _mm256_loadu_si256(xs[r].q.add((b + 1) * QK) as *const __m256i)
+                // A row's blocks are contiguous: one load for the pair (half of it for the
+                // last block of an odd count, which must not read past the row).
+                let xp = xs[r].q.add(b * QK);
+                let x = if two {
+                    _mm512_loadu_si512(xp as *const __m512i)
                 } else {
-                    _mm256_setzero_si256()
+                    _mm512_maskz_loadu_epi8(0xffff_ffff, xp)
                 };
-                let x = pair(x0, x1);
-                let dx = [*xs[r].d.add(b), if two { *xs[r].d.add(b + 1) } else { 0.0 }];
-                let sx = [*xs[r].s.add(b), if two { *xs[r].s.add(b + 1) } else { 0.0 }];
+                let at = |p: *const f32| if two { *p.add(b + 1) } else { 0.0 };
+                let dxv = halves(*xs[r].d.add(b), at(xs[r].d));
+                let sxv = _mm512_maskz_mov_ps(0x0101, halves(*xs[r].s.add(b), at(xs[r].s)));
                 for j in 0..J {
                     let xv = if T == T_Q8_0 {
                         _mm512_mask_sub_epi8(x, neg[j], _mm512_setzero_si512(), x)
@@ -512,17 +539,10 @@ mod vnni {
                         x
                     };
                     let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu[j], xv);
-                    let scale = _mm512_mask_blend_ps(
-                        0xff00,
-                        _mm512_set1_ps(wd[j][0] * dx[0]),
-                        _mm512_set1_ps(wd[j][1] * dx[1]),
-                    );
+                    let scale = _mm512_mul_ps(dwv[j], dxv);
                     acc[r][j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc[r][j]);
                     if T != T_Q8_0 {
-                        macc[r][j] += wm[j][0] * sx[0];
-                        if two {
-                            macc[r][j] += wm[j][1] * sx[1];
-                        }
+                        acc[r][j] = _mm512_fmadd_ps(mwv[j], sxv, acc[r][j]);
                     }
                 }
             }
@@ -531,14 +551,15 @@ mod vnni {
         let mut out = [[0f32; J]; R];
         for r in 0..R {
             for j in 0..J {
-                out[r][j] = _mm512_reduce_add_ps(acc[r][j]) + macc[r][j];
+                out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
             }
         }
         out
     }
 
-    // 32 registers: 4 × 4 accumulators plus the operands.
-    tile_driver!("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c", 4);
+    // 32 registers: 8 × 2 accumulators plus the operands (a weight block's decoding, the
+    // costly part, is shared by 8 rows).
+    tile_driver!("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c", 2, 8);
 }
 
 fn task(isa: QIsa, a: &QActs, w: &QMatrix, j0: usize, yt: &mut [f32]) {
