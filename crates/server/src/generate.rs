@@ -73,7 +73,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         CpuRunnerOptions {
             num_blocks: blocks,
             block_size: args.block_size,
-            weights: CpuWeights::F32,
+            // As `serve --dtype auto`: the checkpoint's own form.
+            weights: CpuWeights::Native,
         },
     )?;
     tracing::info!(
