@@ -119,7 +119,12 @@ fn smollm2_sampling_distributions_and_seeded_draws_match_the_fixture() {
     .unwrap();
     let prompt: Vec<TokenId> = serde_json::from_value(fixture["prompt_token_ids"].clone()).unwrap();
     let model = load_model(&smollm2_gguf()).unwrap();
-    let mut runner = tpuserve_runner_cpu::CpuRunner::new(&model, Default::default()).unwrap();
+    // The f32 reference: the fixture's distributions come from the f32 logits.
+    let opts = tpuserve_runner_cpu::CpuRunnerOptions {
+        weights: tpuserve_runner_cpu::CpuWeights::F32,
+        ..Default::default()
+    };
+    let mut runner = tpuserve_runner_cpu::CpuRunner::new(&model, opts).unwrap();
     let logits = driver::run(
         &mut runner,
         vec![SeqRequest {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use tpuserve_model::load_model;
-use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions};
+use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
 use tpuserve_suite::checks::TOL;
 use tpuserve_suite::driver::{self, SeqRequest};
 use tpuserve_suite::goldens::{Case, Goldens};
@@ -78,6 +78,7 @@ fn cpu_greedy(prompt: &str, max_tokens: usize) -> (Vec<u32>, Vec<u32>, String) {
         CpuRunnerOptions {
             num_blocks: 8,
             block_size: 16,
+            weights: CpuWeights::F32,
         },
     )
     .unwrap();

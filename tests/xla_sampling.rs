@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tpuserve_model::load_model;
 use tpuserve_runner_api::sampler::filtered_distribution;
 use tpuserve_runner_api::{ModelRunner, SamplingParams, SeqPlan, StepPlan};
-use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions};
+use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
 use tpuserve_runner_xla::{XlaRunner, XlaRunnerOptions};
 use tpuserve_suite::goldens::Goldens;
 use tpuserve_suite::{fixtures_dir, shared_xla_cache, smollm2_gguf};
@@ -90,6 +90,7 @@ fn filtered_sampling_matches_the_host_distribution_and_seeds_repeat() {
         CpuRunnerOptions {
             num_blocks: 8,
             block_size: 16,
+            weights: CpuWeights::F32,
         },
     )
     .unwrap();

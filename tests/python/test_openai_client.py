@@ -34,7 +34,9 @@ def server():
     env.pop("VLLM_API_KEY", None)
     proc = subprocess.Popen(
         [_binary(), "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY],
+         "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY,
+         # The f32 reference: the expected texts are the f32 goldens, exactly.
+         "--dtype", "float32"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
     )
 

@@ -33,6 +33,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pin_cpu_reference(args) -> list[str]:
+    """`--dtype float32` added on the CPU runner when no `--dtype` is given: the tests compare
+    with the f32 goldens exactly, and `auto` now keeps GGUF blocks in place (int8 activations,
+    close to the goldens but not bit for bit). Other devices are left alone."""
+    args = list(args)
+    def flag(name):
+        for i, a in enumerate(args):
+            if a == name:
+                return args[i + 1] if i + 1 < len(args) else ""
+            if a.startswith(name + "="):
+                return a.split("=", 1)[1]
+        return None
+    if flag("--dtype") is None and flag("--device") in (None, "cpu", "auto"):
+        args += ["--dtype", "float32"]
+    return args
+
+
 class ServerProcess:
     """`tpuserve serve --host 127.0.0.1 --port <free> ARGS` with its output captured; the
     constructor returns once the port is open (start-up failures raise with the log)."""
@@ -43,7 +60,8 @@ class ServerProcess:
         env = dict(os.environ, RUST_LOG="info", **(env or {}))
         env.pop("VLLM_API_KEY", None)
         self.proc = subprocess.Popen(
-            [binary(), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [binary(), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             *pin_cpu_reference(args)],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.monotonic() + timeout

@@ -9,7 +9,7 @@ use tpuserve_engine::{
 };
 use tpuserve_model::LoadedModel;
 use tpuserve_runner_api::{ModelRunner, TokenId};
-use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions};
+use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
 
 use crate::driver::SeqResult;
 use crate::goldens::Case;
@@ -36,6 +36,7 @@ pub fn cpu_runner(model: &LoadedModel, num_blocks: usize) -> Box<dyn ModelRunner
             CpuRunnerOptions {
                 num_blocks,
                 block_size: BLOCK_SIZE,
+                weights: CpuWeights::F32,
             },
         )
         .expect("CPU runner"),

@@ -97,6 +97,30 @@ pub fn http() -> reqwest::blocking::Client {
         .expect("http client")
 }
 
+/// `serve` on the CPU runner with no `--dtype` gets `--dtype float32`: the tests compare the
+/// CPU runner with the f32 goldens exactly, and `auto` now keeps GGUF blocks in place (int8
+/// activations, close to but not the goldens bit for bit). Other devices and an explicit
+/// `--dtype` are left alone.
+pub fn pin_cpu_reference(args: &[String]) -> Vec<String> {
+    let mut out = args.to_vec();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name || a.starts_with(&format!("{name}=")))
+    };
+    let device = flag("--device").map(|i| {
+        args[i]
+            .strip_prefix("--device=")
+            .map(str::to_string)
+            .or_else(|| args.get(i + 1).cloned())
+            .unwrap_or_default()
+    });
+    let on_cpu = matches!(device.as_deref(), None | Some("cpu") | Some("auto"));
+    if args.first().map(String::as_str) == Some("serve") && on_cpu && flag("--dtype").is_none() {
+        out.extend(["--dtype".to_string(), "float32".to_string()]);
+    }
+    out
+}
+
 /// A running `tpuserve serve`; killed on drop.
 pub struct Server {
     child: Option<Child>,
@@ -127,8 +151,9 @@ impl Server {
     /// Spawns the binary with exactly `args` and `env` (plus `RUST_LOG=info`), and waits
     /// until `port` on 127.0.0.1 accepts a connection.
     pub fn spawn(args: &[String], env: &[(&str, &str)], port: u16) -> Server {
+        let args = pin_cpu_reference(args);
         let mut cmd = Command::new(tpuserve_bin());
-        cmd.args(args)
+        cmd.args(&args)
             .env("RUST_LOG", "info")
             .env_remove("VLLM_API_KEY")
             .stdin(Stdio::null())

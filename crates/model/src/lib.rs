@@ -16,7 +16,8 @@ pub mod tokenizer;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling};
+pub use dequant::GgmlType;
 pub use error::ModelError;
 pub use loader::{load_model, load_model_with, LoadFormat, LoadedModel, ModelFormat};
-pub use tensor::{DType, HostTensor, WeightSource};
+pub use tensor::{DType, HostTensor, QuantTensor, WeightSource};
 pub use tokenizer::Tokenizer;

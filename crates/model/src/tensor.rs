@@ -4,6 +4,7 @@ use std::borrow::Cow;
 
 use half::{bf16, f16};
 
+use crate::dequant::{dequantize, GgmlType};
 use crate::ModelError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +85,24 @@ impl<'a> HostTensor<'a> {
     }
 }
 
+/// A 2-D weight kept in a ggml block format (`Q4_0`, `Q4_1`, `Q8_0`, ...): `shape` is
+/// `[rows, cols]` in HF order, each row is `cols / 32` whole blocks, rows in HF order (GGUF's
+/// rotary permutation of q/k rows already undone). Runners with block kernels use these in
+/// place instead of a dequantised f32 copy.
+#[derive(Debug, Clone)]
+pub struct QuantTensor<'a> {
+    pub shape: Vec<usize>,
+    pub ggml_type: GgmlType,
+    pub bytes: Cow<'a, [u8]>,
+}
+
+impl QuantTensor<'_> {
+    /// The values dequantised to f32 (the reference the block kernels are checked against).
+    pub fn to_f32(&self) -> Result<Vec<f32>, String> {
+        dequantize(self.ggml_type, &self.bytes, self.shape.iter().product())
+    }
+}
+
 /// A source of named weights in Hugging Face Llama naming (`model.layers.0.self_attn.q_proj.weight`).
 /// GGUF sources translate their names and layouts into this convention.
 pub trait WeightSource: Send + Sync {
@@ -104,6 +123,11 @@ pub trait WeightSource: Send + Sync {
     /// sources that know it without reading (or dequantising) override this.
     fn tensor_dtype(&self, name: &str) -> Result<DType, ModelError> {
         Ok(self.tensor(name)?.dtype)
+    }
+    /// `name` in its stored block-quantised form, or `None` where the source does not store it
+    /// quantised (float tensors, formats without blocks): then use [`WeightSource::tensor`].
+    fn quantized(&self, _name: &str) -> Result<Option<QuantTensor<'_>>, ModelError> {
+        Ok(None)
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod attention;
 pub mod matvec;
+pub mod qmatvec;
 mod weights;
 
 use candle_core::{Device, Tensor};
@@ -14,12 +15,24 @@ use tpuserve_runner_api::{
     StepOutput, StepPlan,
 };
 
-use crate::weights::{LayerWeights, ModelWeights};
+use crate::weights::{LayerWeights, Matrix, ModelWeights};
+
+/// The form the runner keeps weights in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuWeights {
+    /// The checkpoint's own form: GGUF Q4_0 / Q4_1 / Q8_0 blocks used in place by the
+    /// `qmatvec` kernels (int8 activations); everything else dequantised / widened to f32.
+    #[default]
+    Native,
+    /// Every weight dequantised to f32: the numerical reference.
+    F32,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct CpuRunnerOptions {
     pub num_blocks: usize,
     pub block_size: usize,
+    pub weights: CpuWeights,
 }
 
 impl Default for CpuRunnerOptions {
@@ -27,6 +40,7 @@ impl Default for CpuRunnerOptions {
         CpuRunnerOptions {
             num_blocks: 512,
             block_size: 16,
+            weights: CpuWeights::Native,
         }
     }
 }
@@ -50,8 +64,13 @@ fn werr(e: impl std::fmt::Display) -> RunnerError {
 /// each packed panel across many rows.
 const MATVEC_MAX_ROWS: usize = 64;
 
-/// `x [rows, in] · wᵀ` with `w [out, in]`.
-fn linear(x: &[f32], rows: usize, w: &Tensor) -> Result<Vec<f32>, RunnerError> {
+/// `x [rows, in] · wᵀ` with `w [out, in]`. Block-quantised weights always go through
+/// `qmatvec` (which chunks long prefills itself): there is no f32 copy to hand a GEMM.
+fn linear(x: &[f32], rows: usize, w: &Matrix) -> Result<Vec<f32>, RunnerError> {
+    let w = match w {
+        Matrix::Quant(q) => return Ok(qmatvec::qmatmul_wt(x, rows, q)),
+        Matrix::F32(t) => t,
+    };
     let (out, inner) = w.dims2().map_err(werr)?;
     if rows <= MATVEC_MAX_ROWS {
         let (storage, layout) = w.storage_and_layout();
@@ -84,7 +103,7 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 impl CpuRunner {
     pub fn new(model: &LoadedModel, opts: CpuRunnerOptions) -> Result<Self, RunnerError> {
         let cfg = model.config.clone();
-        let w = ModelWeights::load(model.weights.as_ref(), &cfg)?;
+        let w = ModelWeights::load(model.weights.as_ref(), &cfg, opts.weights)?;
         let slots = opts.num_blocks * opts.block_size;
         let per_layer = slots * cfg.kv_size();
         Ok(CpuRunner {
@@ -289,6 +308,6 @@ impl ModelRunner for CpuRunner {
     }
 
     fn describe(&self) -> String {
-        "cpu (candle, f32)".into()
+        format!("cpu ({})", self.w.describe())
     }
 }

@@ -39,7 +39,9 @@ pub struct ServeArgs {
     pub block_size: usize,
     #[arg(long)]
     pub download_dir: Option<PathBuf>,
-    /// auto | float32 | bfloat16 | float16 (float16 runs as bfloat16 on XLA).
+    /// auto | float32 | bfloat16 | float16 (float16 runs as bfloat16 on XLA). On the CPU runner,
+    /// auto keeps GGUF Q4_0 / Q4_1 / Q8_0 blocks in place (8-bit activations) and float32
+    /// dequantises every weight (the reference).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     #[arg(long, default_value_t = 0)]

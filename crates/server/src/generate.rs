@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tpuserve_model::{chat_template::RenderOptions, load_model, locate, ChatMessage};
 use tpuserve_runner_api::{ModelRunner, SamplingParams, SeqPlan, StepPlan};
-use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions};
+use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -73,6 +73,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         CpuRunnerOptions {
             num_blocks: blocks,
             block_size: args.block_size,
+            // As `serve --dtype auto`: the checkpoint's own form.
+            weights: CpuWeights::Native,
         },
     )?;
     tracing::info!(

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use tpuserve_engine::{EngineConfig, EngineCore, EngineHandle, TokenDecoder};
 use tpuserve_model::{load_model_with, ChatTemplate, LoadedModel};
 use tpuserve_runner_api::ModelRunner;
-use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions};
+use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
 use tpuserve_runner_xla::{DeviceKind, WeightElem, XlaRunner, XlaRunnerOptions};
 
 use crate::cli::ServeArgs;
@@ -106,12 +106,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let runner: Box<dyn ModelRunner> = match &backend {
         Backend::Cpu => {
-            if !matches!(args.dtype.as_str(), "auto" | "float32" | "float" | "fp32") {
-                tracing::warn!(
-                    "--dtype {} has no effect on the CPU runner: it computes in float32",
-                    args.dtype
-                );
-            }
+            // `auto`: the checkpoint's own form (GGUF blocks in place); `float32`: every
+            // weight dequantised to f32, the numerical reference.
+            let weights = match args.dtype.as_str() {
+                "float32" | "float" | "fp32" => CpuWeights::F32,
+                "auto" => CpuWeights::Native,
+                other => {
+                    tracing::warn!(
+                        "--dtype {other} has no effect on the CPU runner: it keeps the \
+                         checkpoint's weights as stored (auto) or float32"
+                    );
+                    CpuWeights::Native
+                }
+            };
             if args.tensor_parallel_size > 1 {
                 bail!("--tensor-parallel-size > 1 needs an XLA device (--device xla-cpu, tpu or cuda)");
             }
@@ -121,6 +128,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 CpuRunnerOptions {
                     num_blocks,
                     block_size: args.block_size,
+                    weights,
                 },
             )?)
         }
