@@ -66,12 +66,9 @@ fn choices(field: &str, v: &Value) -> Result<Vec<String>, ApiError> {
     items
         .iter()
         .map(|c| {
-            // vLLM joins choices as strings; numbers and booleans are their JSON text.
-            match c {
-                Value::String(s) => Ok(s.clone()),
-                Value::Number(_) | Value::Bool(_) => Ok(c.to_string()),
-                _ => Err(bad(field, format!("{field} must be a list of strings"))),
-            }
+            c.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad(field, format!("{field} must be a list of strings")))
         })
         .collect()
 }
@@ -137,13 +134,18 @@ impl StructuredFields {
                 if !js.get("name").is_some_and(Value::is_string) {
                     return Err(bad(field, "response_format.json_schema.name must be a string"));
                 }
-                // vLLM: a json_schema without `schema` constrains nothing beyond JSON.
+                // vLLM turns a json_schema without `schema` into a constraint of no kind,
+                // which its validation refuses.
                 match js.get("schema").filter(|v| !v.is_null()) {
                     Some(s) => Ok(Some(GrammarKind::JsonSchema(schema_value(
                         "response_format.json_schema.schema",
                         s,
                     )?))),
-                    None => Ok(Some(GrammarKind::JsonSchema(serde_json::json!({})))),
+                    None => Err(bad(
+                        field,
+                        "You must use one kind of structured outputs constraint but none are \
+                         specified (response_format.json_schema has no `schema`)",
+                    )),
                 }
             }
             "structural_tag" => Err(bad(
@@ -499,6 +501,8 @@ mod tests {
             json!({"guided_choice": []}),
             json!({"guided_regex": "a", "guided_decoding_backend": "magic"}),
             json!({"guided_regex": "a", "structured_outputs": {"regex": "b"}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            json!({"structured_outputs": {"choice": ["a", 1]}}),
         ] {
             let e = fields(v.clone()).spec().unwrap_err();
             assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{v}");
