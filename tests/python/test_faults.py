@@ -14,7 +14,6 @@
 import http.client
 import json
 import random
-import re
 import socket
 import threading
 import time
@@ -27,15 +26,7 @@ GOLDENS = json.loads((SHARED / "fixtures" / "smollm2" / "goldens.json").read_tex
 JSON = {"Content-Type": "application/json"}
 
 
-class Server(ServerProcess):
-    def metric(self, name: str) -> float:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-        conn.close()
-        m = re.search(r"^" + re.escape(name) + r"\{[^}]*\} (\S+)$", text, re.M)
-        assert m, f"{name} missing"
-        return float(m.group(1))
+Server = ServerProcess
 
 
 def post(port, body, timeout=300):

@@ -7,8 +7,8 @@ batch with constrained ones must still equal their goldens token for token.
 """
 
 import concurrent.futures as cf
-import http.client
 import json
+import os
 import random
 import re
 import time
@@ -16,33 +16,15 @@ import time
 import jsonschema
 import lark
 import pytest
-from openai import OpenAI
 from pydantic import BaseModel, Field
 
 from tpuserve_proc import SHARED, ServerProcess
 
 GOLDENS = json.loads((SHARED / "fixtures" / "smollm2" / "goldens.json").read_text())
-JSON = {"Content-Type": "application/json"}
 XLA_CACHE_ENV = "TPUSERVE_XLA_TEST_CACHE"
 
 
-class Server(ServerProcess):
-    def post(self, path: str, body: dict, timeout: float = 600):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        conn.request("POST", path, json.dumps(body).encode(), JSON)
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
-        return resp.status, json.loads(data)
-
-    def metric(self, name: str) -> float:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-        conn.close()
-        m = re.search(r"^" + re.escape(name) + r"\{[^}]*\} (\S+)$", text, re.M)
-        assert m, f"{name} missing"
-        return float(m.group(1))
+Server = ServerProcess
 
 
 def start(device: str, *extra: str) -> Server:
@@ -51,7 +33,6 @@ def start(device: str, *extra: str) -> Server:
     env = {}
     if device == "xla-cpu":
         args += ["--device", "xla-cpu"]
-        import os
         cache = os.environ.get(XLA_CACHE_ENV)
         if cache:
             env["VLLM_XLA_CACHE_PATH"] = cache + "/structured"
@@ -64,11 +45,6 @@ def server(request):
     s.device = request.param
     yield s
     s.close()
-
-
-def client(s: Server) -> OpenAI:
-    return OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="unused", max_retries=0,
-                  timeout=600)
 
 
 def parallel(fn, items, workers=16):
@@ -156,7 +132,7 @@ class Person(BaseModel):
 
 
 def test_openai_parse_with_pydantic_model(server):
-    c = client(server)
+    c = server.openai()
     r = c.chat.completions.parse(
         model="SmolLM2-135M-Instruct",
         messages=[{"role": "user", "content": "Describe a programmer as JSON."}],
@@ -271,7 +247,7 @@ def test_mixed_batch_plain_outputs_stay_golden(server):
 
 
 def test_streaming_json_schema_assembles(server):
-    c = client(server)
+    c = server.openai()
     schema = SCHEMAS[3]
     stream = c.chat.completions.create(
         model="SmolLM2-135M-Instruct", stream=True, max_tokens=300, temperature=0,

@@ -8,7 +8,6 @@ import json
 import subprocess
 
 import pytest
-from openai import OpenAI
 from tpuserve_proc import ServerProcess, binary, free_port
 
 from test_vllm_dropin import send, sse
@@ -36,8 +35,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0,
-                  timeout=300)
+    return server.openai()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 
 import jsonschema
 import pytest
-from openai import OpenAI
 from tpuserve_proc import ServerProcess
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
@@ -30,8 +29,7 @@ def client():
                       "--tool-call-parser", "hermes", "--structured-outputs-config",
                       '{"disable_additional_properties": true}')
     try:
-        yield OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="x", max_retries=0,
-                     timeout=300)
+        yield s.openai()
     finally:
         s.close()
 

@@ -1,7 +1,10 @@
 """Shared by the HTTP-level tests: the release binary, a free loopback port, and a real
 `tpuserve serve` process that is ready once its port accepts connections."""
 
+import http.client
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -78,6 +81,31 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 self.close(check=False)
                 raise RuntimeError(f"tpuserve did not open port {self.port}")
+
+    def openai(self, timeout: float = 600):
+        """The official client against this server's /v1 (no retries: a failure shows)."""
+        from openai import OpenAI
+        return OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused",
+                      max_retries=0, timeout=timeout)
+
+    def post(self, path: str, body: dict, timeout: float = 600):
+        """POSTs JSON; returns (status, decoded body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, json.loads(data)
+
+    def metric(self, name: str) -> float:
+        """The value of an unlabelled-or-single-series metric on /metrics."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        m = re.search(r"^" + re.escape(name) + r"\{[^}]*\} (\S+)$", text, re.M)
+        assert m, f"{name} missing"
+        return float(m.group(1))
 
     def output(self) -> str:
         self.log.seek(0)

@@ -84,19 +84,23 @@ const BACKENDS: &[&str] = &[
 ];
 
 impl StructuredFields {
-    /// The one constraint the fields ask for, if any.
-    pub fn spec(&self) -> Result<Option<ConstraintSpec>, ApiError> {
-        let mut spec = self.structured_outputs_spec()?;
+    /// The one constraint the fields ask for, if any, and the request field it came from
+    /// (what a later error names).
+    pub fn spec(&self) -> Result<Option<(ConstraintSpec, &'static str)>, ApiError> {
+        let mut spec = self
+            .structured_outputs_spec()?
+            .map(|s| (s, "structured_outputs"));
         // response_format overrides the kind, keeping structured_outputs' options (vLLM's
         // `structured_outputs_from_response_format`).
         if let Some(kind) = self.response_format_kind()? {
-            spec = Some(match spec {
-                Some(mut s) => {
+            let s = match spec {
+                Some((mut s, _)) => {
                     s.kind = kind;
                     s
                 }
                 None => ConstraintSpec::new(kind),
-            });
+            };
+            spec = Some((s, "response_format"));
         }
         let guided = self.guided_spec()?;
         match (spec, guided) {
@@ -218,20 +222,32 @@ impl StructuredFields {
         Ok(Some(with_opts(ConstraintSpec::new(kind), opts)))
     }
 
-    fn guided_spec(&self) -> Result<Option<ConstraintSpec>, ApiError> {
+    fn guided_spec(&self) -> Result<Option<(ConstraintSpec, &'static str)>, ApiError> {
         let set = |v: &Option<Value>| v.as_ref().filter(|v| !v.is_null()).cloned();
         let mut kinds = Vec::new();
         if let Some(v) = set(&self.guided_json) {
-            kinds.push(GrammarKind::JsonSchema(schema_value("guided_json", &v)?));
+            kinds.push((
+                GrammarKind::JsonSchema(schema_value("guided_json", &v)?),
+                "guided_json",
+            ));
         }
         if let Some(v) = set(&self.guided_regex) {
-            kinds.push(GrammarKind::Regex(string_field("guided_regex", &v)?));
+            kinds.push((
+                GrammarKind::Regex(string_field("guided_regex", &v)?),
+                "guided_regex",
+            ));
         }
         if let Some(v) = set(&self.guided_choice) {
-            kinds.push(GrammarKind::Choice(choices("guided_choice", &v)?));
+            kinds.push((
+                GrammarKind::Choice(choices("guided_choice", &v)?),
+                "guided_choice",
+            ));
         }
         if let Some(v) = set(&self.guided_grammar) {
-            kinds.push(GrammarKind::Grammar(string_field("guided_grammar", &v)?));
+            kinds.push((
+                GrammarKind::Grammar(string_field("guided_grammar", &v)?),
+                "guided_grammar",
+            ));
         }
         if let Some(v) = set(&self.guided_decoding_backend) {
             check_backend("guided_decoding_backend", &v)?;
@@ -248,7 +264,7 @@ impl StructuredFields {
         }
         Ok(kinds
             .pop()
-            .map(|k| with_opts(ConstraintSpec::new(k), (false, false, ws))))
+            .map(|(k, field)| (with_opts(ConstraintSpec::new(k), (false, false, ws)), field)))
     }
 }
 
@@ -422,26 +438,6 @@ impl Grammars {
     }
 }
 
-/// The request field a spec came from, for error messages.
-pub fn field_of(f: &StructuredFields) -> &'static str {
-    if f.response_format
-        .as_ref()
-        .is_some_and(|v| !v.is_null() && v.get("type").and_then(Value::as_str) != Some("text"))
-    {
-        "response_format"
-    } else if f.structured_outputs.as_ref().is_some_and(|v| !v.is_null()) {
-        "structured_outputs"
-    } else if f.guided_regex.is_some() {
-        "guided_regex"
-    } else if f.guided_choice.is_some() {
-        "guided_choice"
-    } else if f.guided_grammar.is_some() {
-        "guided_grammar"
-    } else {
-        "guided_json"
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,34 +453,59 @@ mod tests {
             json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer"}}}}),
         );
         assert_eq!(
-            s.spec().unwrap().unwrap().kind,
+            s.spec().unwrap().unwrap().0.kind,
             GrammarKind::JsonSchema(json!({"type": "integer"}))
         );
         let s = fields(json!({"response_format": {"type": "json_object"}}));
-        assert_eq!(s.spec().unwrap().unwrap().kind, GrammarKind::JsonObject);
+        assert_eq!(s.spec().unwrap().unwrap().0.kind, GrammarKind::JsonObject);
         assert!(fields(json!({"response_format": {"type": "text"}}))
             .spec()
             .unwrap()
             .is_none());
         let s =
             fields(json!({"structured_outputs": {"regex": "a+", "disable_any_whitespace": true}}));
-        let spec = s.spec().unwrap().unwrap();
+        let (spec, _) = s.spec().unwrap().unwrap();
         assert_eq!(spec.kind, GrammarKind::Regex("a+".into()));
         assert!(spec.disable_any_whitespace);
         let s = fields(json!({"structured_outputs": {"json": "{\"type\": \"string\"}"}}));
         assert_eq!(
-            s.spec().unwrap().unwrap().kind,
+            s.spec().unwrap().unwrap().0.kind,
             GrammarKind::JsonSchema(json!({"type": "string"}))
         );
         let s = fields(json!({"guided_choice": ["a", "b"], "guided_decoding_backend": "xgrammar"}));
         assert_eq!(
-            s.spec().unwrap().unwrap().kind,
+            s.spec().unwrap().unwrap().0.kind,
             GrammarKind::Choice(vec!["a".into(), "b".into()])
         );
         let s =
             fields(json!({"guided_grammar": "root ::= \"x\"", "guided_whitespace_pattern": " "}));
-        let spec = s.spec().unwrap().unwrap();
+        let (spec, _) = s.spec().unwrap().unwrap();
         assert_eq!(spec.whitespace_pattern.as_deref(), Some(" "));
+    }
+
+    #[test]
+    fn the_spec_names_the_field_it_came_from() {
+        for (v, field) in [
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (
+                json!({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}),
+                "response_format",
+            ),
+            (
+                json!({"structured_outputs": {"regex": "a"}}),
+                "structured_outputs",
+            ),
+            (json!({"guided_grammar": "start: \"a\""}), "guided_grammar"),
+            (
+                json!({"guided_choice": ["a"], "guided_json": null}),
+                "guided_choice",
+            ),
+        ] {
+            assert_eq!(fields(v.clone()).spec().unwrap().unwrap().1, field, "{v}");
+        }
     }
 
     #[test]

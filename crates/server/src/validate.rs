@@ -318,6 +318,7 @@ pub fn sampling(
     // vLLM's `should_include_usage`: the server flag forces the final usage chunk; continuous
     // usage still needs the request's `continuous_usage_stats`.
     let include_usage = opts.include_usage.unwrap_or(false) || lim.force_include_usage;
+    let constraint = f.structured.spec()?;
     Ok(Validated {
         sampling,
         stop,
@@ -327,11 +328,14 @@ pub fn sampling(
         continuous_usage: include_usage && opts.continuous_usage_stats.unwrap_or(false),
         return_token_ids: f.return_token_ids.unwrap_or(false),
         truncation,
-        beam: beam(f, n as usize, max_tokens, stream)?,
-        constraint: f
-            .structured
-            .spec()?
-            .map(|s| (s, crate::structured::field_of(&f.structured))),
+        beam: beam(
+            f,
+            n as usize,
+            max_tokens,
+            stream,
+            constraint.as_ref().map(|c| c.1),
+        )?,
+        constraint,
     })
 }
 
@@ -342,6 +346,7 @@ fn beam(
     width: usize,
     max_tokens: Option<usize>,
     stream: bool,
+    constraint_field: Option<&'static str>,
 ) -> Result<Option<crate::beam::BeamParams>, ApiError> {
     let u = &f.unimplemented;
     if u.use_beam_search != Some(true) {
@@ -371,8 +376,8 @@ fn beam(
     if f.prompt_logprobs.is_some() {
         return refuse("prompt_logprobs");
     }
-    if f.structured.spec()?.is_some() {
-        return refuse(crate::structured::field_of(&f.structured));
+    if let Some(field) = constraint_field {
+        return refuse(field);
     }
     let length_penalty = u.length_penalty.unwrap_or(1.0);
     if !length_penalty.is_finite() {

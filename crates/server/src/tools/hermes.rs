@@ -159,16 +159,9 @@ impl Stream {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::check_streaming;
+    use super::super::testutil::{calls, check_streaming};
     use super::super::ParserKind;
     use super::*;
-
-    fn calls(e: &Extracted) -> Vec<(&str, &str)> {
-        e.calls
-            .iter()
-            .map(|c| (c.name.as_str(), c.arguments.as_str()))
-            .collect()
-    }
 
     #[test]
     fn single_and_parallel_calls() {

@@ -248,16 +248,9 @@ pub(super) fn scan_array(s: &str, finish: Finish) -> Vec<Partial> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::check_streaming;
+    use super::super::testutil::{calls, check_streaming};
     use super::super::ParserKind;
     use super::*;
-
-    fn calls(e: &Extracted) -> Vec<(&str, &str)> {
-        e.calls
-            .iter()
-            .map(|c| (c.name.as_str(), c.arguments.as_str()))
-            .collect()
-    }
 
     #[test]
     fn single_call_with_and_without_the_tag() {

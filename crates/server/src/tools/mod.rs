@@ -259,6 +259,14 @@ impl Streamer {
 pub(crate) mod testutil {
     use super::*;
 
+    /// (name, arguments) of each extracted call.
+    pub fn calls(e: &Extracted) -> Vec<(&str, &str)> {
+        e.calls
+            .iter()
+            .map(|c| (c.name.as_str(), c.arguments.as_str()))
+            .collect()
+    }
+
     /// Assembles streamed deltas as a client does: content concatenated, per call index
     /// the id and name of its first delta and its argument fragments concatenated.
     pub fn assemble(deltas: &[Value]) -> (String, Vec<(String, String, String)>) {
