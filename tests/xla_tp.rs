@@ -139,7 +139,7 @@ fn tp8_partitioned_step_never_gathers_or_copies_the_kv_cache() {
         let insts = hlo_proto::instructions(&p.code);
         // The reader sees the partitioned module: the per-device cache parameters and the
         // row-parallel all-reduces are there.
-        let per_device = [layers * blocks, 16, kvh / 8, d];
+        let per_device = [layers * blocks, kvh / 8, 16, d];
         assert!(
             insts
                 .iter()

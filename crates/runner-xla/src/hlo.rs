@@ -427,51 +427,46 @@ impl Block {
         self.reshape(&g, &dims)
     }
 
-    /// Slices of `table` along `axis` picked by `idx [n]` (i32) → `table` with that axis
-    /// replaced by `n`. Every other axis is taken whole, so a table sharded on one of them
-    /// stays sharded without a collective.
-    pub fn take_along(&mut self, table: &V, axis: usize, idx: &V) -> V {
-        let n = idx.dims()[0];
-        let idx2 = self.reshape(idx, &[n, 1]);
-        let rank = table.dims().len();
-        let offset_dims: Vec<i64> = (0..rank as i64).filter(|&i| i != axis as i64).collect();
-        let mut slice = table.dims().to_vec();
-        slice[axis] = 1;
+    /// Pages of a paged cache `[N, H, P, D]` for `idx [A, B]` (i32 row numbers) →
+    /// `[A, H, B, P, D]`: each row is taken whole, and the picked rows land between the `H`
+    /// and `P` axes, the order the attention dots want (batch axes `A, H` first), so no
+    /// relayout copy follows the gather. A cache sharded on `H` stays sharded (GSPMD passes
+    /// a whole-slice axis through).
+    pub fn gather_pages(&mut self, table: &V, idx: &V) -> V {
+        let t = table.dims();
+        let (a, bb) = (idx.dims()[0], idx.dims()[1]);
+        let idx3 = self.reshape(idx, &[a, bb, 1]);
         let attrs = format!(
-            "dimension_numbers = #stablehlo.gather<offset_dims = [{}], collapsed_slice_dims = [{axis}], start_index_map = [{axis}], index_vector_dim = 1>, slice_sizes = {}, indices_are_sorted = false",
-            join(&offset_dims),
-            i64_array(&slice)
+            "dimension_numbers = #stablehlo.gather<offset_dims = [1, 3, 4], collapsed_slice_dims = [0], start_index_map = [0], index_vector_dim = 2>, slice_sizes = {}, indices_are_sorted = false",
+            i64_array(&[1, t[1], t[2], t[3]])
         );
-        let mut out = table.dims().to_vec();
-        out[axis] = n;
         self.generic(
             "gather",
-            &[table, &idx2],
+            &[table, &idx3],
             &attrs,
-            Ty::new(&out, table.ty.elem),
+            Ty::new(&[a, t[1], bb, t[2], t[3]], table.ty.elem),
         )
     }
 
-    /// Writes `updates` into `table` at points `idx [n, k]` over the `k` axes `axes`
-    /// (`updates` is `table` without those axes plus one axis of length `n`, where the first
-    /// of them was); in place when `table` is donated. Later updates win.
-    pub fn scatter_points(&mut self, table: &V, axes: &[i64], idx: &V, updates: &V) -> V {
-        let rank = updates.dims().len() as i64;
-        let first = axes[0];
-        let window: Vec<i64> = (0..rank).filter(|&i| i != first).collect();
+    /// Writes `updates [H, n, D]` into the paged cache `table [N, H, P, D]`: update `(h, i)`
+    /// goes to `table[idx[i, 0], h, idx[i, 1], :]`; in place when `table` is donated. `H` is
+    /// a batching axis (on both sides), so the scatter's window is the single minor `D`
+    /// axis: the cache keeps its `[P, D]` tiles and a cache sharded on `H` stays sharded.
+    /// (With `H` in the window, the TPU compiler wanted `H` and `D` adjacent and copied the
+    /// whole cache into that layout and back after every write.)
+    pub fn scatter_rows(&mut self, table: &V, idx: &V, updates: &V) -> V {
+        let (h, n) = (updates.dims()[0], updates.dims()[1]);
+        let idx3 = self.broadcast(idx, &[h, n, 2], &[1, 2]);
         let s = Ty::new(&[], table.ty.elem).mlir();
         let name = self.fresh();
         let (x, y) = (format!("{name}a"), format!("{name}b"));
         self.lines.push(format!(
-            "{name} = \"stablehlo.scatter\"({}, {}, {}) ({{\n  ^bb0({x}: {s}, {y}: {s}):\n    \"stablehlo.return\"({y}) : ({s}) -> ()\n  }}) {{scatter_dimension_numbers = #stablehlo.scatter<update_window_dims = [{}], inserted_window_dims = [{}], scatter_dims_to_operand_dims = [{}], index_vector_dim = 1>, indices_are_sorted = false, unique_indices = false}} : ({}, {}, {}) -> {}",
+            "{name} = \"stablehlo.scatter\"({}, {}, {}) ({{\n  ^bb0({x}: {s}, {y}: {s}):\n    \"stablehlo.return\"({y}) : ({s}) -> ()\n  }}) {{scatter_dimension_numbers = #stablehlo.scatter<update_window_dims = [2], inserted_window_dims = [0, 2], input_batching_dims = [1], scatter_indices_batching_dims = [0], scatter_dims_to_operand_dims = [0, 2], index_vector_dim = 2>, indices_are_sorted = false, unique_indices = false}} : ({}, {}, {}) -> {}",
             table.name,
-            idx.name,
+            idx3.name,
             updates.name,
-            join(&window),
-            join(axes),
-            join(axes),
             table.ty.mlir(),
-            idx.ty.mlir(),
+            idx3.ty.mlir(),
             updates.ty.mlir(),
             table.ty.mlir()
         ));

@@ -158,10 +158,10 @@ pub fn arg_sharding(index: usize, tp: i64) -> String {
         arg::LM_HEAD => d(&format!("[1,{tp}]")),
         arg::WQ | arg::WK | arg::WV | arg::WG | arg::WU => d(&format!("[1,1,{tp}]")),
         arg::WO | arg::WD => d(&format!("[1,{tp},1]")),
-        // The KV-head axis is its own (major) dimension, from the buffer to the attention dot,
-        // so GSPMD never has to all-gather or copy the cache to reshape it (see the KV write
-        // in the layer for why the layout is [blocks, block_size, KV heads, head_dim]).
-        arg::K_CACHE | arg::V_CACHE => d(&format!("[1,1,{tp},1]")),
+        // The KV-head axis is its own dimension, from the buffer to the attention dot, so
+        // GSPMD never has to all-gather or copy the cache to reshape it (see the KV write in
+        // the layer for why the layout is [blocks, KV heads, block_size, head_dim]).
+        arg::K_CACHE | arg::V_CACHE => d(&format!("[1,{tp},1,1]")),
         _ => "{replicated}".into(),
     }
 }
@@ -205,6 +205,17 @@ impl ProgramConfig {
         self.num_blocks * self.block_size
     }
 
+    /// One cache (K or V): `[layers × blocks, KV heads, block_size, head_dim]`.
+    pub fn cache_dims(&self) -> [i64; 4] {
+        let m = &self.dims;
+        [
+            m.layers * self.num_blocks,
+            m.kv_heads,
+            self.block_size,
+            m.head_dim,
+        ]
+    }
+
     pub fn kv_width(&self) -> i64 {
         self.dims.kv_heads * self.dims.head_dim
     }
@@ -229,14 +240,8 @@ impl ProgramConfig {
             Ty::new(&[l, h, m.inter], w),
             Ty::new(&[l, m.inter, h], w),
             Ty::new(&[m.head_dim / 2], Elem::F32),
-            Ty::new(
-                &[l * self.num_blocks, self.block_size, m.kv_heads, m.head_dim],
-                w,
-            ),
-            Ty::new(
-                &[l * self.num_blocks, self.block_size, m.kv_heads, m.head_dim],
-                w,
-            ),
+            Ty::new(&self.cache_dims(), w),
+            Ty::new(&self.cache_dims(), w),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::I32),
@@ -542,12 +547,14 @@ impl Emitter<'_> {
         let q = rope(b, &q, t, nh, d, cos, sin);
         let k = rope(b, &k, t, kvh, d, cos, sin);
 
-        // KV write: the cache is [L × blocks, BS, KVH, D]; token t goes to block
-        // (layer × blocks + slot / BS), offset slot % BS, as one contiguous [KVH, D] row. The
-        // cache is never reshaped (on TPU a reshape that splits or merges a tiled axis copies
-        // the whole cache) and a block is one contiguous [BS, KVH, D] slice, the unit of every
-        // gather; with KVH between the offset and D a TPU scatter wants another layout and
-        // copies the cache in and out of the layer loop.
+        // KV write: the cache is [L × blocks, KVH, BS, D]; token t goes to block
+        // (layer × blocks + slot / BS), offset slot % BS, one [D] row per KV head. The cache
+        // is never reshaped (on TPU a reshape that splits or merges a tiled axis copies the
+        // whole cache) and a block is one contiguous [KVH, BS, D] slice, the unit of every
+        // gather. Each head's page is a [BS, D] matrix, the TPU's (sublane, lane) tile and the
+        // attention dots' operand as it is: with KVH between BS and D (the layout before),
+        // 2 KV heads per chip (70B at TP 4) padded every tile and the compiler copied the
+        // whole cache into the dots' layout after every write.
         let bs = cfg.block_size;
         let bs_c = b.constant_int(bs, &[t], Elem::I32);
         let nb_total = b.constant_int(cfg.num_blocks, &[], Elem::I32);
@@ -564,8 +571,10 @@ impl Emitter<'_> {
         let vw = b.convert(&vv, w);
         let kw = b.reshape(&kw, &[t, kvh, d]);
         let vw = b.reshape(&vw, &[t, kvh, d]);
-        let kc2 = b.scatter_points(kc, &[0, 1], &widx, &kw);
-        let vc2 = b.scatter_points(vc, &[0, 1], &widx, &vw);
+        let kw = b.transpose(&kw, &[1, 0, 2]);
+        let vw = b.transpose(&vw, &[1, 0, 2]);
+        let kc2 = b.scatter_rows(kc, &widx, &kw);
+        let vc2 = b.scatter_rows(vc, &widx, &vw);
 
         let (o, kc2, vc2) = attention(
             b,
@@ -847,17 +856,14 @@ fn attend_chunk(b: &mut Block, cfg: &ProgramConfig, c: &Chunk) -> (V, V, V) {
     let tbl = b.dynamic_slice(c.tables, &[&z, &start], &[nt, kch]);
     let base = b.broadcast(c.bbase, &[nt, kch], &[]);
     let rows = b.add(&tbl, &base);
-    let rows = b.reshape(&rows, &[nt * kch]);
-    // [NT·kch, BS, KVH, D] → [NT, kch, BS, KVH, D]: whole blocks, the cache's own layout.
-    let kg = b.take_along(c.kc, 0, &rows);
-    let vg = b.take_along(c.vc, 0, &rows);
-    let kg = b.reshape(&kg, &[nt, kch, bs, kvh, d]);
-    let vg = b.reshape(&vg, &[nt, kch, bs, kvh, d]);
+    // [NT, KVH, kch, BS, D]: whole blocks, each head's page the cache's own [BS, D] tile.
+    let kg = b.gather_pages(c.kc, &rows);
+    let vg = b.gather_pages(c.vc, &rows);
 
     // scores [NT, KVH, R, G, kch, BS], kept 6-D to the PV dot: merging (kch, BS) into one
     // axis would change the tiled layout on TPU and copy the scores twice per chunk.
     let full = [nt, kvh, r, g, kch, bs];
-    let s = b.dot_general(c.q5, &kg, (&[0, 2], &[0, 3]), (&[4], &[4]), Elem::F32);
+    let s = b.dot_general(c.q5, &kg, (&[0, 2], &[0, 1]), (&[4], &[4]), Elem::F32);
     let scale = b.constant_f32(1.0 / (d as f32).sqrt(), &full);
     let s = b.mul(&s, &scale);
     let ck_c = b.constant_int(ck, &[], Elem::I32);
@@ -891,7 +897,7 @@ fn attend_chunk(b: &mut Block, cfg: &ProgramConfig, c: &Chunk) -> (V, V, V) {
     let l = b.add(&l, &psum);
     let p6 = b.convert(&p, w);
     // [NT, KVH, R, G, D]
-    let pv = b.dot_general(&p6, &vg, (&[0, 1], &[0, 3]), (&[4, 5], &[1, 2]), Elem::F32);
+    let pv = b.dot_general(&p6, &vg, (&[0, 1], &[0, 1]), (&[4, 5], &[2, 3]), Elem::F32);
     let cb = b.broadcast(&corr, &[nt, kvh, r, g, d], &keep);
     let acc = b.mul(c.acc, &cb);
     let acc = b.add(&acc, &pv);

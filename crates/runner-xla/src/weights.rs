@@ -755,8 +755,8 @@ pub mod fill {
     }
 }
 
-/// A zeroed KV cache `[layers × blocks, block_size, kv_heads, head_dim]`, sharded on the KV
-/// heads, made on the devices.
+/// A zeroed KV cache `[layers × blocks, kv_heads, block_size, head_dim]` (the step program's
+/// layout), sharded on the KV heads, made on the devices.
 pub fn zero_cache(
     client: &Client,
     devices: &[Device],
@@ -766,7 +766,7 @@ pub fn zero_cache(
     head_dim: usize,
     elem: WeightElem,
 ) -> Result<Vec<Buffer>, RunnerError> {
-    let dims = [block_rows, block_size, kv_heads, head_dim].map(|x| x as i64);
+    let dims = [block_rows, kv_heads, block_size, head_dim].map(|x| x as i64);
     let ty = Ty::new(&dims, elem.elem());
     fill::run(
         client,
