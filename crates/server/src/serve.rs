@@ -299,13 +299,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         grammars,
         engine,
-        vocab_size: config.vocab_size,
         tokenizer,
         chat_template,
         served_model_names,
         model_root: path.display().to_string(),
-        max_model_len: effective_len,
-        max_logprobs: args.max_logprobs,
         api_keys: args
             .api_key
             .iter()
