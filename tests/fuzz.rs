@@ -26,10 +26,10 @@ use tpuserve::gate::{self, GateContext};
 use tpuserve::protocol::{ChatCompletionRequest, ChatMessageIn, CompletionRequest};
 use tpuserve::validate::{Limits, MAX_N, MAX_STOP_STRINGS, MAX_STOP_STRING_LEN};
 use tpuserve_engine::{RequestLimits, ValidatedRequest};
-use tpuserve_runner_api::SamplingSupport;
 use tpuserve_model::gguf::GgufFile;
 use tpuserve_model::safetensors_source::{check_header, parse_index};
 use tpuserve_model::{load_model, ChatTemplate, Tokenizer};
+use tpuserve_runner_api::SamplingSupport;
 use tpuserve_suite::{smollm2_gguf, tiny_llama3_dir};
 
 /// SmolLM2's tokenizer and chat template, and Llama 3.1's template (the tiny fixture's).

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tpuserve_runner_api::{ModelRunner, StepMasks, StepOutput, TokenId};
+use tpuserve_runner_api::{sizing, ModelRunner, StepMasks, StepOutput, TokenId};
 
 use crate::block_manager::{BlockManager, PrefixCacheCounters};
 use crate::detokenizer::{DetokenizeOptions, IncrementalDetokenizer, TokenDecoder};
@@ -43,14 +43,19 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    /// vLLM V1's defaults for everything but the model length.
+    /// vLLM V1's defaults (the host runner's token budget) for everything but the model
+    /// length.
     pub fn new(max_model_len: usize) -> Self {
         EngineConfig {
             max_model_len,
-            max_num_batched_tokens: 2048,
-            max_num_seqs: 256,
+            max_num_batched_tokens: sizing::max_num_batched_tokens(
+                None,
+                false,
+                sizing::DEFAULT_MAX_NUM_SEQS,
+            ),
+            max_num_seqs: sizing::DEFAULT_MAX_NUM_SEQS,
             enable_prefix_caching: true,
-            max_logprobs: 20,
+            max_logprobs: sizing::DEFAULT_MAX_LOGPROBS,
             seed: None,
         }
     }
