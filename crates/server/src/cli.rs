@@ -246,6 +246,10 @@ impl ServeArgs {
     /// The vLLM flags tpuserve refuses (the first one given is the error), then the TLS
     /// flags' pairing; applies `--hf-token` (before any download).
     pub fn check_vllm_flags(&self) -> Result<(), UsageError> {
+        // argparse converts every value before anything else looks at them.
+        if let Some(line) = self.vllm_given.iter().find_map(|g| g.invalid_line()) {
+            return Err(UsageError(line));
+        }
         if let Some(g) = self.vllm_given.iter().find(|g| g.refused) {
             return Err(UsageError(g.refused_line()));
         }
