@@ -25,9 +25,11 @@ use tpuserve::error::ApiError;
 use tpuserve::gate::{self, GateContext};
 use tpuserve::protocol::{ChatCompletionRequest, ChatMessageIn, CompletionRequest};
 use tpuserve::validate::{Limits, MAX_N, MAX_STOP_STRINGS, MAX_STOP_STRING_LEN};
+use tpuserve_engine::{RequestLimits, ValidatedRequest};
 use tpuserve_model::gguf::GgufFile;
 use tpuserve_model::safetensors_source::{check_header, parse_index};
 use tpuserve_model::{load_model, ChatTemplate, Tokenizer};
+use tpuserve_runner_api::SamplingSupport;
 use tpuserve_suite::{smollm2_gguf, tiny_llama3_dir};
 
 /// SmolLM2's tokenizer and chat template, and Llama 3.1's template (the tiny fixture's).
@@ -343,9 +345,12 @@ fn gate_context(f: &Fixture, llama: bool) -> GateContext<'_> {
         tool_parser: None,
         exclude_tools_when_tool_choice_none: false,
         limits: Limits {
-            vocab_size: f.tokenizer.vocab_size(),
-            max_logprobs: 20,
-            max_model_len: 2048,
+            engine: RequestLimits {
+                vocab_size: f.tokenizer.vocab_size(),
+                max_logprobs: 20,
+                max_model_len: 2048,
+                sampling: SamplingSupport::Full,
+            },
             force_include_usage: false,
             defaults: Default::default(),
         },
@@ -364,8 +369,10 @@ fn assert_client_error(e: &ApiError, body: &[u8]) {
     assert!(!e.message.is_empty());
 }
 
-fn assert_in_range(v: &tpuserve::validate::Validated, vocab: usize) {
-    assert!((1..=MAX_N as usize).contains(&v.n));
+/// What the engine's gate let through (the request it would queue).
+fn assert_in_range(v: &ValidatedRequest, vocab: usize) {
+    let v = v.request();
+    assert!((1..=MAX_N).contains(&v.n));
     let s = &v.sampling;
     for x in [
         s.temperature,
@@ -444,9 +451,10 @@ fn request_gate() {
                 &COMPLETIONS,
                 |req: &CompletionRequest| gate::completion(&ctx, req),
                 |ok| {
-                    assert_in_range(&ok.params, vocab);
                     assert!(!ok.prompts.is_empty());
-                    for (ids, _) in &ok.prompts {
+                    for (req, _) in &ok.prompts {
+                        assert_in_range(req, vocab);
+                        let ids = &req.request().prompt_token_ids;
                         assert!(ids.iter().all(|&t| (t as usize) < vocab));
                     }
                 },
@@ -456,8 +464,9 @@ fn request_gate() {
                 &CHATS,
                 |req: &ChatCompletionRequest| gate::chat(&ctx, req),
                 |ok| {
-                    assert_in_range(&ok.params, vocab);
-                    assert!(ok.ids.iter().all(|&t| (t as usize) < vocab));
+                    assert_in_range(&ok.request, vocab);
+                    let ids = &ok.request.request().prompt_token_ids;
+                    assert!(ids.iter().all(|&t| (t as usize) < vocab));
                 },
             );
         });

@@ -994,6 +994,49 @@ def test_vllm_flags_relied_on_for_correctness_are_refused(flag):
     assert len(lines) == 1 and flag in lines[0] and "not supported" in lines[0], p.stderr
 
 
+# An ignored flag still takes only what vLLM's argparse takes: a value of the wrong type, or
+# not one of the choices, is argparse's error (exit 2, one line naming the flag), as vLLM.
+@pytest.mark.parametrize("args,flag,what", [
+    (["--max-log-len", "abc"], "--max-log-len", "invalid int value: 'abc'"),
+    (["--dp-supervisor-probe-interval-s", "soon"], "--dp-supervisor-probe-interval-s",
+     "invalid float value: 'soon'"),
+    (["--uvicorn-log-level", "loud"], "--uvicorn-log-level", "invalid choice: 'loud'"),
+    (["--kv-cache-dtype", "int3"], "--kv-cache-dtype", "invalid choice: 'int3'"),
+    (["--compilation-config", "{mode: 3"], "--compilation-config", "invalid JSON value"),
+    (["--numa-bind-nodes", "0", "one"], "--numa-bind-nodes", "invalid int value: 'one'"),
+    (["-pp", "two"], "--pipeline-parallel-size", "invalid int value: 'two'"),
+    (["--kv-cache-memory-bytes", "lots"], "--kv-cache-memory-bytes", "'lots'"),
+])
+def test_ignored_flags_with_a_bad_value_are_argparse_errors(args, flag, what):
+    import subprocess
+    from tpuserve_proc import binary, free_port
+    try:
+        p = subprocess.run([binary(), "serve", "--port", str(free_port()), *args],
+                           capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{args}: the server started instead of refusing the value")
+    assert p.returncode == 2, (p.returncode, (p.stdout + p.stderr)[-3000:])
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and f"argument {flag}:" in lines[0] and what in lines[0], p.stderr
+
+
+def test_ignored_flags_take_what_argparse_takes():
+    """The value checks are no stricter than vLLM's argparse: None for an optional value,
+    underscores in an int, human-readable sizes, exponents, an int among int choices."""
+    from tpuserve_proc import ServerProcess
+    args = ["--max-log-len", "None", "--max-num-queued-reqs", "1_000",
+            "--kv-cache-memory-bytes", "1G", "--log-level", "INFO", "--max-lora-rank", "16",
+            "--watermark", "1e-2"]
+    s = ServerProcess(*args)
+    try:
+        s.log.seek(0)
+        log = s.log.read().decode(errors="replace")
+    finally:
+        s.close()
+    for flag in args[::2]:
+        assert f"vLLM flag {flag}:" in log, flag
+
+
 # --- TLS: --ssl-keyfile / --ssl-certfile / --ssl-ca-certs / --ssl-cert-reqs ---------------
 
 def _openssl(*args, cwd):

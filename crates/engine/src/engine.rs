@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tpuserve_runner_api::{ModelRunner, StepMasks, StepOutput, TokenId};
+use tpuserve_runner_api::{sizing, ModelRunner, StepMasks, StepOutput, TokenId};
 
 use crate::block_manager::{BlockManager, PrefixCacheCounters};
 use crate::detokenizer::{DetokenizeOptions, IncrementalDetokenizer, TokenDecoder};
@@ -21,7 +21,7 @@ use crate::scheduler::{ScheduledBatch, Scheduler, SchedulerConfig};
 use crate::sequence::NewSeq;
 use crate::stats::StepStats;
 use crate::stop::StopChecker;
-use crate::validation::RequestLimits;
+use crate::validation::{RequestLimits, ValidatedRequest};
 
 /// Engine settings (vLLM flag names in comments).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,14 +43,19 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    /// vLLM V1's defaults for everything but the model length.
+    /// vLLM V1's defaults (the host runner's token budget) for everything but the model
+    /// length.
     pub fn new(max_model_len: usize) -> Self {
         EngineConfig {
             max_model_len,
-            max_num_batched_tokens: 2048,
-            max_num_seqs: 256,
+            max_num_batched_tokens: sizing::max_num_batched_tokens(
+                None,
+                false,
+                sizing::DEFAULT_MAX_NUM_SEQS,
+            ),
+            max_num_seqs: sizing::DEFAULT_MAX_NUM_SEQS,
             enable_prefix_caching: true,
-            max_logprobs: 20,
+            max_logprobs: sizing::DEFAULT_MAX_LOGPROBS,
             seed: None,
         }
     }
@@ -193,20 +198,26 @@ impl EngineCore {
         self.stats_published.clone()
     }
 
-    /// Validates and queues a request; its events arrive on the returned stream.
+    /// Passes `req` through the gate and queues it; its events arrive on the returned stream.
     pub fn add_request(&mut self, req: EngineRequest) -> Result<RequestStream, EngineError> {
-        self.limits.validate(&req)?;
-        if self.requests.contains_key(&req.id) {
-            return Err(RequestError::DuplicateId(req.id).into());
+        let req = self.limits.validate(req)?;
+        self.add(req)
+    }
+
+    /// Queues a request that passed the gate; its events arrive on the returned stream.
+    pub fn add(&mut self, req: ValidatedRequest) -> Result<RequestStream, EngineError> {
+        if self.requests.contains_key(&req.id()) {
+            return Err(RequestError::DuplicateId(req.id()).into());
         }
         let (tx, rx) = unbounded_channel();
-        let id = req.id;
+        let id = req.id();
         self.insert(req, tx);
         Ok(RequestStream { id, receiver: rx })
     }
 
-    /// Queues an already validated request (the handle validates on the caller's thread).
-    pub(crate) fn insert(&mut self, mut req: EngineRequest, tx: UnboundedSender<RequestOutput>) {
+    /// Queues a validated request (the handle validates on the caller's thread).
+    pub(crate) fn insert(&mut self, req: ValidatedRequest, tx: UnboundedSender<RequestOutput>) {
+        let mut req = req.into_inner();
         if self.requests.contains_key(&req.id) {
             let _ = tx.send(RequestOutput {
                 request_id: req.id,

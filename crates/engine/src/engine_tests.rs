@@ -337,8 +337,11 @@ fn handle_runs_requests_on_its_thread_and_gives_the_core_back() {
         .iter()
         .map(|r| reference(&r.prompt_token_ids, 20, &[], 0))
         .collect();
-    let streams: Vec<RequestStream> = reqs.into_iter().map(|r| engine.add(r).unwrap()).collect();
-    assert!(engine.add(request("", 3)).is_err());
+    let streams: Vec<RequestStream> = reqs
+        .into_iter()
+        .map(|r| engine.add(engine.validate(r).unwrap()).unwrap())
+        .collect();
+    assert!(engine.validate(request("", 3)).is_err());
     for (s, e) in streams.into_iter().zip(&expect) {
         assert_eq!(&s.collect_blocking().outputs[0].token_ids, e);
     }

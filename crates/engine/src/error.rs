@@ -16,9 +16,16 @@ pub enum RequestError {
         prompt_tokens: usize,
         max_tokens: usize,
     },
-    #[error("token id {token} is outside the vocabulary ({vocab_size} tokens)")]
-    TokenOutOfRange { token: u32, vocab_size: usize },
-    #[error("invalid parameter `{param}`: {reason}")]
+    /// `param`: the request field that held it (`prompt`, `stop_token_ids`, `logit_bias`…).
+    #[error("token id {token} is out of vocabulary (0..{vocab_size})")]
+    TokenOutOfRange {
+        param: &'static str,
+        token: i64,
+        vocab_size: usize,
+    },
+    /// `reason` is the whole message and names `param` (vLLM's wording, e.g.
+    /// "top_p must be in (0, 1], got 1.5.").
+    #[error("{reason}")]
     InvalidParameter { param: &'static str, reason: String },
     #[error("request id {0} is already in use")]
     DuplicateId(crate::request::RequestId),

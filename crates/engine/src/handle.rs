@@ -10,12 +10,13 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use crate::engine::EngineCore;
 use crate::error::EngineError;
+use crate::error::RequestError;
 use crate::output::{RequestOutput, RequestStream};
 use crate::request::{EngineRequest, RequestId};
-use crate::validation::RequestLimits;
+use crate::validation::{RequestLimits, ValidatedRequest};
 
 enum Command {
-    Add(Box<EngineRequest>, UnboundedSender<RequestOutput>),
+    Add(Box<ValidatedRequest>, UnboundedSender<RequestOutput>),
     Abort(RequestId),
     Shutdown,
 }
@@ -43,17 +44,22 @@ impl EngineHandle {
         })
     }
 
-    /// What requests are validated against (max_model_len, vocabulary, max_logprobs).
+    /// What requests are validated against (max_model_len, vocabulary, max_logprobs, the
+    /// sampler's support).
     pub fn limits(&self) -> RequestLimits {
         self.limits
     }
 
-    /// Validates `req` here, on the caller's thread, and queues it. Events arrive on the
-    /// returned stream; dropping the stream aborts the request.
-    pub fn add(&self, req: EngineRequest) -> Result<RequestStream, EngineError> {
-        self.limits.validate(&req)?;
+    /// The engine's gate, run on the caller's thread (see [`RequestLimits::validate`]).
+    pub fn validate(&self, req: EngineRequest) -> Result<ValidatedRequest, RequestError> {
+        self.limits.validate(req)
+    }
+
+    /// Queues a request that passed the gate. Events arrive on the returned stream;
+    /// dropping the stream aborts the request.
+    pub fn add(&self, req: ValidatedRequest) -> Result<RequestStream, EngineError> {
         let (out_tx, out_rx) = unbounded_channel();
-        let id = req.id;
+        let id = req.id();
         self.tx
             .send(Command::Add(Box::new(req), out_tx))
             .map_err(|_| EngineError::Stopped)?;

@@ -4,8 +4,10 @@
 //! per-step stats. No HTTP and no tensors: the model runs behind `tpuserve_runner_api`.
 //!
 //! The server builds an [`EngineCore`], takes a stats receiver if it wants one, moves the core
-//! onto its thread with [`EngineHandle::spawn`], then calls [`EngineHandle::add`] per request
-//! and reads [`RequestOutput`] events from the returned [`RequestStream`].
+//! onto its thread with [`EngineHandle::spawn`]; per request it passes an [`EngineRequest`]
+//! through the gate ([`EngineHandle::validate`]), queues the [`ValidatedRequest`] with
+//! [`EngineHandle::add`] and reads [`RequestOutput`] events from the returned
+//! [`RequestStream`].
 
 pub mod block_manager;
 pub mod detokenizer;
@@ -36,4 +38,4 @@ pub use request::{
 };
 pub use stats::{FinishedSeqStats, StepStats};
 pub use tpuserve_runner_api::{SamplingParams, TokenId, TokenLogprobs};
-pub use validation::RequestLimits;
+pub use validation::{RequestLimits, ValidatedRequest};

@@ -1,5 +1,6 @@
-//! What a request is once it has passed the server's gate: ids, prompt, sampling and stop
-//! settings, and how a finished sequence reports why it ended.
+//! What a request is: ids, prompt, sampling and stop settings (checked by the engine's gate,
+//! `validation.rs`, before anything is queued), and how a finished sequence reports why it
+//! ended.
 //!
 //! Lifecycle of every child sequence: waiting → running → finished (stop / length / abort /
 //! error); a running sequence that loses its KV blocks is preempted back to the front of the
@@ -68,7 +69,9 @@ impl Default for StopParams {
     }
 }
 
-/// A request as the engine receives it: already tokenized and validated by the server.
+/// A request as the server builds it: tokenized and typed, not yet checked against the
+/// engine's limits ([`crate::RequestLimits::validate`] turns it into a
+/// [`crate::ValidatedRequest`]).
 #[derive(Debug, Clone)]
 pub struct EngineRequest {
     pub id: RequestId,
@@ -77,6 +80,8 @@ pub struct EngineRequest {
     pub stop: StopParams,
     /// Independent samples sharing the prompt; child `i` of a seeded request uses `seed + i`.
     pub n: usize,
+    /// vLLM's `best_of`: only `None` or `n` is accepted (V1 samples exactly `n`).
+    pub best_of: Option<usize>,
     /// When the server received it (queue time and TTFT are measured from here).
     pub arrival: Instant,
     /// Structured output: every child's tokens must follow this grammar.
@@ -91,6 +96,7 @@ impl EngineRequest {
             sampling,
             stop,
             n: 1,
+            best_of: None,
             arrival: Instant::now(),
             constraint: None,
         }

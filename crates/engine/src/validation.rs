@@ -1,10 +1,21 @@
-//! The engine's gate: every request is checked against the model's limits before it is
-//! queued, so nothing a client sends can make a step fail for the other requests in it.
+//! The engine's gate: every request is checked against the engine's limits (model length,
+//! vocabulary, max logprobs, what the sampler implements) and the sampling ranges, and comes
+//! out as a [`ValidatedRequest`] — the only thing the engine queues. Nothing a client sends
+//! can then make a step fail for the other requests in it. The server only converts JSON
+//! into an [`EngineRequest`]; the rules and their (vLLM-worded) messages live here, once.
 
-use tpuserve_runner_api::{SamplingParams, SamplingSupport};
+use tpuserve_runner_api::{SamplingParams, SamplingSupport, TokenId};
 
 use crate::error::RequestError;
-use crate::request::EngineRequest;
+use crate::request::{EngineRequest, RequestId};
+use crate::structured::Constraint;
+
+/// Most samples one request may ask for (`n`; vLLM's `VLLM_MAX_N_SEQUENCES` policy).
+pub const MAX_N: usize = 128;
+/// Most stop strings one request may carry (each is matched against every new token's text).
+pub const MAX_STOP_STRINGS: usize = 64;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_STRING_LEN: usize = 1024;
 
 /// What a request is checked against; cheap to copy to the server's side of the channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +28,34 @@ pub struct RequestLimits {
     pub sampling: SamplingSupport,
 }
 
+/// A request that passed [`RequestLimits::validate`]. Its fields are private and it has no
+/// other constructor, so holding one proves the checks ran (values are also normalised:
+/// `top_k` -1 is stored as 0, "off").
+#[derive(Debug, Clone)]
+pub struct ValidatedRequest(EngineRequest);
+
+impl ValidatedRequest {
+    pub fn request(&self) -> &EngineRequest {
+        &self.0
+    }
+
+    pub fn id(&self) -> RequestId {
+        self.0.id
+    }
+
+    /// Attaches a compiled structured-output constraint. Allowed after validation because a
+    /// [`Constraint`] is built by the engine's own grammar compiler over the model's
+    /// tokenizer: it holds no value the limits bound.
+    pub fn with_constraint(mut self, constraint: Option<Constraint>) -> Self {
+        self.0.constraint = constraint;
+        self
+    }
+
+    pub(crate) fn into_inner(self) -> EngineRequest {
+        self.0
+    }
+}
+
 fn invalid(param: &'static str, reason: impl Into<String>) -> RequestError {
     RequestError::InvalidParameter {
         param,
@@ -24,108 +63,193 @@ fn invalid(param: &'static str, reason: impl Into<String>) -> RequestError {
     }
 }
 
+/// `{name} must be {rule}, got {v}.` unless `ok(v)`; a value that is not finite (a JSON
+/// number that overflowed the engine's f32) is named as such first.
+fn range(
+    name: &'static str,
+    v: f32,
+    ok: impl Fn(f32) -> bool,
+    rule: &str,
+) -> Result<(), RequestError> {
+    if !v.is_finite() {
+        return Err(invalid(
+            name,
+            format!("{name} must be a finite number, got {v}."),
+        ));
+    }
+    if !ok(v) {
+        return Err(invalid(name, format!("{name} must be {rule}, got {v}.")));
+    }
+    Ok(())
+}
+
 impl RequestLimits {
-    pub fn validate(&self, req: &EngineRequest) -> Result<(), RequestError> {
+    /// A token id as a client may send it (any integer) checked against the vocabulary;
+    /// `param` names the field in the error.
+    pub fn token(&self, param: &'static str, v: i64) -> Result<TokenId, RequestError> {
+        match TokenId::try_from(v) {
+            Ok(t) if (t as usize) < self.vocab_size => Ok(t),
+            _ => Err(RequestError::TokenOutOfRange {
+                param,
+                token: v,
+                vocab_size: self.vocab_size,
+            }),
+        }
+    }
+
+    fn tokens(&self, param: &'static str, ids: &[TokenId]) -> Result<(), RequestError> {
+        match ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+            Some(&t) => Err(RequestError::TokenOutOfRange {
+                param,
+                token: t.into(),
+                vocab_size: self.vocab_size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The engine's gate: every rule a request must meet before it may be queued.
+    pub fn validate(&self, mut req: EngineRequest) -> Result<ValidatedRequest, RequestError> {
         let prompt_len = req.prompt_token_ids.len();
         if prompt_len == 0 {
             return Err(RequestError::EmptyPrompt);
         }
-        if let Some(&token) = req
-            .prompt_token_ids
-            .iter()
-            .find(|&&t| t as usize >= self.vocab_size)
+        self.tokens("prompt", &req.prompt_token_ids)?;
+        if req.n < 1 {
+            return Err(invalid(
+                "n",
+                format!("n must be at least 1, got {}.", req.n),
+            ));
+        }
+        if req.n > MAX_N {
+            return Err(invalid(
+                "n",
+                format!("n must be at most {MAX_N}, got {}.", req.n),
+            ));
+        }
+        if let Some(b) = req.best_of.filter(|&b| b != req.n) {
+            // vLLM V1 dropped best_of; only the value that changes nothing is accepted.
+            return Err(invalid(
+                "best_of",
+                format!(
+                    "best_of ({b}) different from n ({}) is not supported.",
+                    req.n
+                ),
+            ));
+        }
+        self.validate_sampling(&mut req.sampling)?;
+        self.validate_stop(&req)?;
+        if let Some(param) = self
+            .sampling
+            .unsupported(&req.sampling, req.stop.min_tokens)
         {
-            return Err(RequestError::TokenOutOfRange {
-                token,
-                vocab_size: self.vocab_size,
-            });
+            return Err(invalid(
+                param,
+                format!(
+                    "{param} is not supported on XLA devices (TPU, GPU, xla-cpu) yet; use \
+                     --device cpu for it"
+                ),
+            ));
         }
-        if req.n == 0 {
-            return Err(invalid("n", "must be at least 1"));
-        }
+        Ok(ValidatedRequest(req))
+    }
+
+    fn validate_stop(&self, req: &EngineRequest) -> Result<(), RequestError> {
         let stop = &req.stop;
-        if stop.max_tokens == Some(0) {
-            return Err(invalid("max_tokens", "must be at least 1"));
+        let prompt_len = req.prompt_token_ids.len();
+        if let Some(m) = stop.max_tokens.filter(|&m| m < 1) {
+            return Err(invalid(
+                "max_tokens",
+                format!("max_tokens must be at least 1, got {m}."),
+            ));
         }
         // At least one token must fit after the prompt.
         let max_tokens = stop.max_tokens.unwrap_or(1);
-        if prompt_len + max_tokens > self.max_model_len {
+        if prompt_len.saturating_add(max_tokens) > self.max_model_len {
             return Err(RequestError::ContextLengthExceeded {
                 max_model_len: self.max_model_len,
-                requested: prompt_len + max_tokens,
+                requested: prompt_len.saturating_add(max_tokens),
                 prompt_tokens: prompt_len,
                 max_tokens,
             });
         }
-        if let Some(m) = stop.max_tokens.filter(|&m| stop.min_tokens > m) {
+        if stop.max_tokens.is_some_and(|m| stop.min_tokens > m) {
             return Err(invalid(
                 "min_tokens",
-                format!("{} is greater than max_tokens ({m})", stop.min_tokens),
+                format!(
+                    "min_tokens must be between 0 and max_tokens, got {}.",
+                    stop.min_tokens
+                ),
             ));
         }
-        if stop.stop.iter().any(String::is_empty) {
-            return Err(invalid("stop", "stop strings must not be empty"));
-        }
-        self.validate_sampling(&req.sampling)?;
-        if let Some(param) = self.sampling.unsupported(&req.sampling, stop.min_tokens) {
+        if stop.stop.len() > MAX_STOP_STRINGS {
             return Err(invalid(
-                param,
-                "is not supported on XLA devices (TPU, GPU, xla-cpu) yet; use --device cpu \
-                 for it",
+                "stop",
+                format!("at most {MAX_STOP_STRINGS} stop strings are allowed."),
             ));
         }
-        Ok(())
+        if stop
+            .stop
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_STOP_STRING_LEN)
+        {
+            return Err(invalid(
+                "stop",
+                format!("stop strings must be non-empty and at most {MAX_STOP_STRING_LEN} bytes."),
+            ));
+        }
+        self.tokens("stop_token_ids", &stop.stop_token_ids)
     }
 
-    fn validate_sampling(&self, p: &SamplingParams) -> Result<(), RequestError> {
-        if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-            return Err(invalid("temperature", "must be a finite number >= 0"));
-        }
-        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            return Err(invalid("top_p", "must be in (0, 1]"));
-        }
-        if p.top_k < -1 {
-            return Err(invalid("top_k", "must be -1 (off), 0 (off) or positive"));
-        }
-        if !(0.0..=1.0).contains(&p.min_p) {
-            return Err(invalid("min_p", "must be in [0, 1]"));
-        }
+    fn validate_sampling(&self, p: &mut SamplingParams) -> Result<(), RequestError> {
+        range("temperature", p.temperature, |v| v >= 0.0, "non-negative")?;
+        range("top_p", p.top_p, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?;
+        range("min_p", p.min_p, |v| (0.0..=1.0).contains(&v), "in [0, 1]")?;
         for (name, v) in [
             ("presence_penalty", p.presence_penalty),
             ("frequency_penalty", p.frequency_penalty),
         ] {
-            if !(-2.0..=2.0).contains(&v) {
-                return Err(invalid(name, "must be in [-2, 2]"));
-            }
+            range(name, v, |v| (-2.0..=2.0).contains(&v), "in [-2, 2]")?;
         }
-        if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
-            return Err(invalid("repetition_penalty", "must be a finite number > 0"));
+        range(
+            "repetition_penalty",
+            p.repetition_penalty,
+            |v| v > 0.0 && v <= 2.0,
+            "in (0, 2]",
+        )?;
+        if p.top_k < -1 || p.top_k as i64 > self.vocab_size as i64 {
+            return Err(invalid(
+                "top_k",
+                format!(
+                    "top_k must be -1 (disable), 0 or in [1, {}], got {}.",
+                    self.vocab_size, p.top_k
+                ),
+            ));
         }
+        // -1 and 0 both mean off; the samplers see one spelling.
+        p.top_k = p.top_k.max(0);
         for (name, n) in [
             ("logprobs", p.logprobs),
             ("prompt_logprobs", p.prompt_logprobs),
         ] {
-            if n.is_some_and(|n| n > self.max_logprobs) {
+            if let Some(n) = n.filter(|&n| n > self.max_logprobs) {
                 return Err(invalid(
                     name,
-                    format!("at most {} alternatives", self.max_logprobs),
+                    format!(
+                        "{name} must be between 0 and {}, got {n}.",
+                        self.max_logprobs
+                    ),
                 ));
             }
         }
-        if let Some(&(t, b)) = p
-            .logit_bias
-            .iter()
-            .find(|(t, b)| *t as usize >= self.vocab_size || !b.is_finite())
-        {
-            if !b.is_finite() {
-                return Err(invalid("logit_bias", format!("bias for {t} is not finite")));
-            }
-            return Err(RequestError::TokenOutOfRange {
-                token: t,
-                vocab_size: self.vocab_size,
-            });
+        if let Some(&(t, b)) = p.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return Err(invalid(
+                "logit_bias",
+                format!("logit_bias values must be finite (token {t}: {b})"),
+            ));
         }
-        Ok(())
+        let biased: Vec<TokenId> = p.logit_bias.iter().map(|&(t, _)| t).collect();
+        self.tokens("logit_bias", &biased)
     }
 }
 
@@ -141,6 +265,10 @@ mod tests {
         sampling: SamplingSupport::Full,
     };
 
+    fn check(l: &RequestLimits, r: &EngineRequest) -> Result<(), RequestError> {
+        l.validate(r.clone()).map(|_| ())
+    }
+
     fn req(prompt_len: usize, max_tokens: Option<usize>) -> EngineRequest {
         EngineRequest::new(
             vec![1; prompt_len],
@@ -154,13 +282,13 @@ mod tests {
 
     #[test]
     fn context_length_is_enforced_with_vllms_message() {
-        assert!(LIMITS.validate(&req(90, Some(10))).is_ok());
-        let e = LIMITS.validate(&req(90, Some(11))).unwrap_err();
+        assert!(check(&LIMITS, &req(90, Some(10))).is_ok());
+        let e = check(&LIMITS, &req(90, Some(11))).unwrap_err();
         assert!(e
             .to_string()
             .starts_with("This model's maximum context length is 100 tokens. However, you requested 101 tokens (90 in the messages, 11 in the completion)"));
-        assert!(LIMITS.validate(&req(100, None)).is_err());
-        assert!(LIMITS.validate(&req(99, None)).is_ok());
+        assert!(check(&LIMITS, &req(100, None)).is_err());
+        assert!(check(&LIMITS, &req(99, None)).is_ok());
     }
 
     #[test]
@@ -174,8 +302,8 @@ mod tests {
         r.sampling.top_k = 5;
         r.sampling.top_p = 0.9;
         r.sampling.min_p = 0.05;
-        assert!(device.validate(&r).is_ok());
-        let param = |r: &EngineRequest| match device.validate(r) {
+        assert!(check(&device, &r).is_ok());
+        let param = |r: &EngineRequest| match check(&device, r) {
             Err(RequestError::InvalidParameter { param, .. }) => param,
             other => panic!("{other:?}"),
         };
@@ -188,32 +316,89 @@ mod tests {
         let mut p = r.clone();
         p.stop.min_tokens = 2;
         assert_eq!(param(&p), "min_tokens");
-        assert!(LIMITS.validate(&p).is_ok(), "the host sampler has them all");
+        assert!(check(&LIMITS, &p).is_ok(), "the host sampler has them all");
+    }
+
+    /// The rules the server used to hold alone (issue 18: one gate, in the engine).
+    #[test]
+    fn the_engine_owns_every_limit_rule() {
+        let refused = |f: &dyn Fn(&mut EngineRequest)| {
+            let mut r = req(3, Some(4));
+            f(&mut r);
+            check(&LIMITS, &r).is_err()
+        };
+        assert!(refused(&|r| r.n = 129), "n above the policy maximum");
+        assert!(
+            refused(&|r| r.sampling.top_k = 51),
+            "top_k above the vocabulary"
+        );
+        assert!(
+            refused(&|r| r.sampling.repetition_penalty = 3.0),
+            "repetition_penalty > 2"
+        );
+        assert!(
+            refused(&|r| r.stop.stop = vec!["x".into(); 65]),
+            "too many stop strings"
+        );
+        assert!(
+            refused(&|r| r.stop.stop = vec!["x".repeat(1025)]),
+            "a stop string too long"
+        );
+        assert!(
+            refused(&|r| r.stop.stop_token_ids = vec![50]),
+            "stop token out of vocab"
+        );
+        assert!(refused(&|r| r.best_of = Some(2)), "best_of other than n");
+        assert!(
+            refused(&|r| r.sampling.temperature = f32::INFINITY),
+            "temperature overflowed"
+        );
+        assert!(
+            !refused(&|r| r.best_of = Some(1)),
+            "best_of equal to n changes nothing"
+        );
+        assert!(
+            !refused(&|r| r.sampling.top_k = 50),
+            "top_k up to the vocabulary"
+        );
+        let mut r = req(3, Some(4));
+        r.sampling.top_k = -1;
+        let v = LIMITS.validate(r).unwrap();
+        assert_eq!(v.request().sampling.top_k, 0, "-1 (off) is normalised to 0");
+        assert_eq!(
+            LIMITS.token("prompt", -1),
+            Err(RequestError::TokenOutOfRange {
+                param: "prompt",
+                token: -1,
+                vocab_size: 50
+            })
+        );
+        assert_eq!(LIMITS.token("prompt", 49), Ok(49));
     }
 
     #[test]
     fn bad_values_are_rejected() {
         assert_eq!(
-            LIMITS.validate(&req(0, None)),
+            check(&LIMITS, &req(0, None)),
             Err(RequestError::EmptyPrompt)
         );
         let mut r = req(3, Some(4));
         r.prompt_token_ids[1] = 50;
         assert!(matches!(
-            LIMITS.validate(&r),
+            check(&LIMITS, &r),
             Err(RequestError::TokenOutOfRange { token: 50, .. })
         ));
         let mut r = req(3, Some(4));
         r.sampling.top_p = 0.0;
-        assert!(LIMITS.validate(&r).is_err());
+        assert!(check(&LIMITS, &r).is_err());
         let mut r = req(3, Some(4));
         r.sampling.logprobs = Some(21);
-        assert!(LIMITS.validate(&r).is_err());
+        assert!(check(&LIMITS, &r).is_err());
         let mut r = req(3, Some(4));
         r.stop.min_tokens = 5;
-        assert!(LIMITS.validate(&r).is_err());
+        assert!(check(&LIMITS, &r).is_err());
         let mut r = req(3, Some(4));
         r.n = 0;
-        assert!(LIMITS.validate(&r).is_err());
+        assert!(check(&LIMITS, &r).is_err());
     }
 }

@@ -54,6 +54,12 @@ impl LlamaConfig {
         self.num_key_value_heads * self.head_dim
     }
 
+    /// Bytes of KV cache one token takes over all devices: K and V, every layer, at
+    /// `elem_bytes` per value (a tensor-parallel device holds `1 / tp` of it).
+    pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
+        2 * self.num_hidden_layers * self.kv_size() * elem_bytes
+    }
+
     /// Inverse rotary frequencies (length `head_dim / 2`) with the configured scaling applied,
     /// computed as Hugging Face transformers does.
     pub fn rope_inv_freq(&self) -> Vec<f32> {

@@ -6,6 +6,7 @@
 
 pub mod masks;
 pub mod sampler;
+pub mod sizing;
 
 use std::sync::Arc;
 

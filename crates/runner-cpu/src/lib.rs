@@ -39,7 +39,7 @@ impl Default for CpuRunnerOptions {
     fn default() -> Self {
         CpuRunnerOptions {
             num_blocks: 512,
-            block_size: 16,
+            block_size: tpuserve_runner_api::sizing::DEFAULT_BLOCK_SIZE,
             weights: CpuWeights::Native,
         }
     }
@@ -121,11 +121,6 @@ impl CpuRunner {
             cfg,
             w,
         })
-    }
-
-    /// Bytes of KV cache one token occupies (all layers, K and V).
-    pub fn kv_bytes_per_token(cfg: &LlamaConfig) -> usize {
-        2 * cfg.num_hidden_layers * cfg.kv_size() * 4
     }
 
     fn rope_tables(&self, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {

@@ -24,7 +24,7 @@ use std::time::Instant;
 use tpuserve_model::LoadedModel;
 use tpuserve_pjrt::{Buffer, Client, CompileOptions, Device, LoadedExecutable, Plugin};
 use tpuserve_runner_api::{
-    sampler::seeded_uniform, validate_plan, CompileCounters, KvCacheShape, ModelRunner,
+    sampler::seeded_uniform, sizing, validate_plan, CompileCounters, KvCacheShape, ModelRunner,
     RunnerError, SampledToken, SamplingParams, SamplingSupport, SeqOutput, StepOutput, StepPlan,
     TokenBitmask, TokenLogprobs,
 };
@@ -75,10 +75,11 @@ impl Default for XlaRunnerOptions {
             plugin_path: None,
             tensor_parallel_size: 1,
             num_blocks: 256,
-            block_size: 16,
+            block_size: sizing::DEFAULT_BLOCK_SIZE,
+            // Smaller than serving's default: tests compile fewer buckets.
             max_num_batched_tokens: 256,
             max_model_len: 2048,
-            max_logprobs: 20,
+            max_logprobs: sizing::DEFAULT_MAX_LOGPROBS,
             weight_dtype: WeightElem::F32,
             compile_cache_dir: None,
             attention_tile: 16,
@@ -306,7 +307,7 @@ impl XlaRunner {
             } else {
                 2
             };
-            let per_token = (2 * c.num_hidden_layers * c.kv_size() * elem / tp) as f64;
+            let per_token = (c.kv_bytes_per_token(elem) / tp) as f64;
             let blocks = plan::kv_blocks_in_memory(&plan::KvMemory {
                 device_bytes: limit,
                 utilization: util,

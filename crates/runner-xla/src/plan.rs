@@ -91,13 +91,19 @@ pub fn workspace_reserve(device_bytes: f64) -> f64 {
     (0.04 * device_bytes).max(512.0 * 1024.0 * 1024.0)
 }
 
+/// Bytes per device left for the KV cache: `utilization` × device memory less the weights and
+/// the workspace (the one rule both the runner and `plan` size the cache by; may be negative).
+pub fn kv_budget_bytes(device_bytes: f64, utilization: f64, weight_bytes: f64) -> f64 {
+    utilization * device_bytes - weight_bytes - workspace_reserve(device_bytes)
+}
+
 /// KV blocks per device (the one the runner reserves for padding included) that fit in
 /// `utilization` × device memory after the weights and the workspace; an error naming the
 /// numbers when not even one `max_model_len` sequence fits.
 pub fn kv_blocks_in_memory(m: &KvMemory) -> Result<usize, PlanError> {
     let budget = m.utilization * m.device_bytes;
     let reserve = workspace_reserve(m.device_bytes);
-    let kv = budget - m.weight_bytes - reserve;
+    let kv = kv_budget_bytes(m.device_bytes, m.utilization, m.weight_bytes);
     let block_bytes = m.kv_bytes_per_token * m.block_size as f64;
     let blocks = if kv > 0.0 {
         (kv / block_bytes).floor() as usize
@@ -243,11 +249,15 @@ pub fn plan(
     let parameters = parameter_count(c);
     let weight_bytes_total = (parameters * dtype_bytes as u64) as f64;
     let weight_bytes_per_device = weight_bytes_total / tp as f64;
-    let kv_total = 2 * c.num_hidden_layers as u64 * c.kv_size() as u64 * dtype_bytes as u64;
+    let kv_total = c.kv_bytes_per_token(dtype_bytes) as u64;
     let kv_dev = kv_total / tp as u64;
     let budget = memory_utilization * device.memory_bytes;
-    // The same reserve the runner keeps when it sizes its cache from device memory.
-    let kv_budget = budget - weight_bytes_per_device - workspace_reserve(device.memory_bytes);
+    // The same rule the runner sizes its cache from device memory by.
+    let kv_budget = kv_budget_bytes(
+        device.memory_bytes,
+        memory_utilization,
+        weight_bytes_per_device,
+    );
     let min_kv = (kv_dev * max_model_len as u64) as f64;
     if kv_budget < min_kv {
         return Err(PlanError::OutOfMemory {

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tpuserve_engine::{
-    EngineRequest, FinalOutput, Finish, RequestStream, StopReason, TokenLogprobs,
+    FinalOutput, Finish, RequestStream, StopReason, TokenLogprobs, ValidatedRequest,
 };
 
 use crate::chat::{self, ChatPromptOptions};
@@ -205,14 +205,16 @@ async fn linger(mut rest: axum::body::Body) {
 async fn beam_completion(
     st: &SharedState,
     id: String,
-    prompts: Vec<(Vec<u32>, String)>,
+    prompts: Vec<(ValidatedRequest, String)>,
     bp: crate::beam::BeamParams,
     v: &validate::Validated,
     echo: bool,
 ) -> Result<Response, ApiError> {
     let (mut pt, mut ct) = (0, 0);
     let mut choices = Vec::new();
-    for (pi, (ids, text)) in prompts.iter().enumerate() {
+    for (pi, (req, text)) in prompts.iter().enumerate() {
+        // The request passed the gate; the search asks the engine with its own requests.
+        let ids = &req.request().prompt_token_ids;
         let beams = crate::beam::search(st, ids, bp).await?;
         pt += ids.len();
         let shown = crate::beam::show(st, beams, v.stop.skip_special_tokens, v.sampling.logprobs);
@@ -476,7 +478,7 @@ async fn constraint(
 
 async fn submit(
     st: &SharedState,
-    prompts: Vec<(Vec<u32>, String)>,
+    prompts: Vec<(ValidatedRequest, String)>,
     v: &validate::Validated,
     user: Option<&str>,
     keep_ids: bool,
@@ -488,26 +490,25 @@ async fn submit(
         prompt_lens: Vec::new(),
         prompt_ids: Vec::new(),
     };
-    for (ids, text) in prompts {
+    for (req, text) in prompts {
+        let ids = &req.request().prompt_token_ids;
         s.prompt_lens.push(ids.len());
         s.prompt_ids
             .push(if keep_ids { ids.clone() } else { Vec::new() });
-        let mut req = EngineRequest::new(ids, v.sampling.clone(), v.stop.clone());
-        req.n = v.n;
-        req.constraint = constraint.clone();
         if st.log_requests {
             // Token counts and parameters only: prompts may be sensitive.
             tracing::info!(
                 "Received request {:?}: {} prompt tokens, n={}, max_tokens={:?}, temperature={}, user={:?}",
-                req.id,
-                req.prompt_token_ids.len(),
+                req.id(),
+                ids.len(),
                 v.n,
                 v.stop.max_tokens,
                 v.sampling.temperature,
                 user
             );
         }
-        s.streams.push(st.engine.add(req)?);
+        s.streams
+            .push(st.engine.add(req.with_constraint(constraint.clone()))?);
         s.prompt_texts.push(text);
     }
     Ok(s)
@@ -523,18 +524,15 @@ async fn completions(
     static KNOWN: OnceLock<BTreeSet<String>> = OnceLock::new();
     unsupported::log_unknown::<CompletionRequest>(&KNOWN, &body);
     check_model(&st, req.model.as_deref())?;
+    // Echo with logprobs covers the prompt: the gate has the engine compute its logprobs
+    // too (the response shows `prompt_logprobs` only when the request asked for them).
     let gate::CompletionInput {
         prompts,
-        params: mut v,
+        params: v,
+        echo_logprobs: echo_k,
+        show_prompt_logprobs: show_prompt_lps,
     } = gate::completion(&st.gate(), &req)?;
     let echo = req.echo.unwrap_or(false);
-    // Echo with logprobs covers the prompt: the engine computes its logprobs too (the
-    // response shows `prompt_logprobs` only when the request asked for them).
-    let show_prompt_lps = v.sampling.prompt_logprobs.is_some();
-    let echo_k = v.sampling.logprobs.filter(|_| echo);
-    if let Some(k) = echo_k {
-        v.sampling.prompt_logprobs = Some(v.sampling.prompt_logprobs.unwrap_or(0).max(k));
-    }
     if let Some(bp) = v.beam {
         let id = request_id("cmpl", &headers, req.sampling.request_id.as_deref());
         let res = beam_completion(&st, id, prompts, bp, &v, echo).await;
@@ -666,7 +664,7 @@ async fn chat_completions(
     unsupported::log_unknown::<ChatCompletionRequest>(&KNOWN, &body);
     check_model(&st, req.model.as_deref())?;
     let gate::ChatInput {
-        ids,
+        request,
         text,
         params: v,
         logprobs: lp,
@@ -676,13 +674,14 @@ async fn chat_completions(
         let role = chat::response_role(&req, &st.response_role);
         let id = request_id("chatcmpl", &headers, req.sampling.request_id.as_deref());
         let echo = chat::echo_text(&req, &role);
+        let ids = request.request().prompt_token_ids.clone();
         let res = beam_chat(&st, id, ids, bp, &v, role, echo).await;
         drop(guard);
         return res;
     }
     let sub = submit(
         &st,
-        vec![(ids, text)],
+        vec![(request, text)],
         &v,
         req.sampling.user.as_deref(),
         v.return_token_ids,
@@ -793,7 +792,7 @@ async fn models(State(st): State<SharedState>) -> Json<Value> {
         .iter()
         .map(|name| {
             json!({"id": name, "object": "model", "created": st.created, "owned_by": "vllm",
-                "root": st.model_root, "parent": null, "max_model_len": st.max_model_len,
+                "root": st.model_root, "parent": null, "max_model_len": st.limits().max_model_len,
                 "permission": [{"id": format!("modelperm-{:032x}", rand::random::<u128>()),
                     "object": "model_permission", "created": st.created, "allow_create_engine": false,
                     "allow_sampling": true, "allow_logprobs": true, "allow_search_indices": false,
@@ -955,7 +954,7 @@ async fn tokenize(
             .collect::<Vec<_>>()
     });
     Ok(Json(
-        json!({"count": ids.len(), "max_model_len": st.max_model_len, "tokens": ids, "token_strs": token_strs}),
+        json!({"count": ids.len(), "max_model_len": st.limits().max_model_len, "tokens": ids, "token_strs": token_strs}),
     ))
 }
 
@@ -969,7 +968,7 @@ async fn detokenize(
     let ids = req
         .tokens
         .iter()
-        .map(|&t| validate::token_id("tokens", t, st.vocab_size))
+        .map(|&t| validate::token_id("tokens", t, &st.limits()))
         .collect::<Result<Vec<_>, _>>()?;
     let text = st
         .tokenizer

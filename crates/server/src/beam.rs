@@ -70,7 +70,10 @@ fn ask(st: &SharedState, tokens: Vec<u32>, k: usize) -> Result<RequestStream, Ap
         ignore_eos: true,
         ..Default::default()
     };
-    Ok(st.engine.add(EngineRequest::new(tokens, sampling, stop))?)
+    let req = st
+        .engine
+        .validate(EngineRequest::new(tokens, sampling, stop))?;
+    Ok(st.engine.add(req)?)
 }
 
 async fn answer(stream: RequestStream) -> Result<TokenLogprobs, ApiError> {
@@ -94,8 +97,9 @@ pub async fn search(
 ) -> Result<Vec<Beam>, ApiError> {
     let eos: Arc<[u32]> = st.eos_token_ids.clone().into();
     // vLLM asks for 2 × width alternatives; the server's --max-logprobs bounds them.
-    let k = (2 * p.width).min(st.max_logprobs).max(1);
-    let room = st.max_model_len.saturating_sub(prompt.len());
+    let limits = st.limits();
+    let k = (2 * p.width).min(limits.max_logprobs).max(1);
+    let room = limits.max_model_len.saturating_sub(prompt.len());
     let steps = p.max_tokens.min(room);
     let mut live = vec![Beam {
         tokens: Vec::new(),

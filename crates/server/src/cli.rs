@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Args};
 use tpuserve_model::LoadFormat;
+use tpuserve_runner_api::sizing;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -33,9 +34,9 @@ pub struct ServeArgs {
     /// Tokens per engine step (human-readable as --max-model-len).
     #[arg(long, value_parser = human_readable_int)]
     pub max_num_batched_tokens: Option<usize>,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = sizing::DEFAULT_MAX_NUM_SEQS)]
     pub max_num_seqs: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = sizing::DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
     #[arg(long)]
     pub download_dir: Option<PathBuf>,
@@ -113,7 +114,7 @@ pub struct ServeArgs {
     /// A JSON object of generation-config values merged on top (e.g. '{"temperature": 0.5}').
     #[arg(long)]
     pub override_generation_config: Option<String>,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = sizing::DEFAULT_MAX_LOGPROBS)]
     pub max_logprobs: usize,
     #[arg(long)]
     pub revision: Option<String>,
@@ -245,6 +246,10 @@ impl ServeArgs {
     /// The vLLM flags tpuserve refuses (the first one given is the error), then the TLS
     /// flags' pairing; applies `--hf-token` (before any download).
     pub fn check_vllm_flags(&self) -> Result<(), UsageError> {
+        // argparse converts every value before anything else looks at them.
+        if let Some(line) = self.vllm_given.iter().find_map(|g| g.invalid_line()) {
+            return Err(UsageError(line));
+        }
         if let Some(g) = self.vllm_given.iter().find(|g| g.refused) {
             return Err(UsageError(g.refused_line()));
         }
@@ -288,11 +293,9 @@ impl ServeArgs {
         Ok(())
     }
 
-    /// `--max-num-batched-tokens`, else the backend's default raised to `--max-num-seqs`
-    /// (a larger `--max-num-seqs` alone must not make the defaults invalid).
-    pub fn batched_tokens(&self, default: usize) -> usize {
-        self.max_num_batched_tokens
-            .unwrap_or(default.max(self.max_num_seqs))
+    /// `--max-num-batched-tokens`, else the backend's default (see `sizing`).
+    pub fn batched_tokens(&self, xla: bool) -> usize {
+        sizing::max_num_batched_tokens(self.max_num_batched_tokens, xla, self.max_num_seqs)
     }
 
     /// `--max-model-len` against the model's own maximum context (from its config).

@@ -87,15 +87,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The engine gate's refusals: a 400 naming the field where the error has one.
+impl From<tpuserve_engine::RequestError> for ApiError {
+    fn from(r: tpuserve_engine::RequestError) -> Self {
+        use tpuserve_engine::RequestError as R;
+        match &r {
+            // vLLM's own messages already name the parameter.
+            R::InvalidParameter { param, reason } => ApiError::invalid_param(param, reason),
+            R::TokenOutOfRange { param, .. } => ApiError::invalid_param(param, r.to_string()),
+            R::EmptyPrompt => ApiError::invalid_param("prompt", r.to_string()),
+            _ => ApiError::bad_request(r.to_string()),
+        }
+    }
+}
+
 impl From<tpuserve_engine::EngineError> for ApiError {
     fn from(e: tpuserve_engine::EngineError) -> Self {
         match e {
-            tpuserve_engine::EngineError::Request(r) => match &r {
-                tpuserve_engine::RequestError::InvalidParameter { param, .. } => {
-                    ApiError::invalid_param(param, r.to_string())
-                }
-                _ => ApiError::bad_request(r.to_string()),
-            },
+            tpuserve_engine::EngineError::Request(r) => r.into(),
             tpuserve_engine::EngineError::Stopped => {
                 ApiError::unavailable("the engine has stopped")
             }

@@ -1,10 +1,13 @@
-//! The request gate as a pure function of a parsed body: prompts tokenized and checked,
-//! sampling fields range-checked, the chat template applied. Nothing here touches the engine,
-//! so the fuzz targets (`crates/fuzz`) drive exactly the code the handlers run.
+//! The request gate as a pure function of a parsed body: prompts tokenized, fields converted,
+//! the chat template applied, and every prompt's request passed through the engine's own
+//! validation (`RequestLimits::validate`, a pure function of the engine's limits). Nothing
+//! here touches the running engine, so the fuzz targets (`tests/fuzz.rs`) drive exactly the
+//! code the handlers run.
 
 use std::borrow::Cow;
 
 use serde_json::{Map, Value};
+use tpuserve_engine::ValidatedRequest;
 use tpuserve_model::{ChatTemplate, Tokenizer};
 
 use crate::chat::{self, ChatPromptOptions};
@@ -27,10 +30,16 @@ pub struct GateContext<'a> {
     pub exclude_tools_when_tool_choice_none: bool,
 }
 
-/// A `/v1/completions` request that passed the gate: one (token ids, text) per prompt.
+/// A `/v1/completions` request that passed the gate: one (engine request, text) per prompt.
 pub struct CompletionInput {
-    pub prompts: Vec<(Vec<u32>, String)>,
+    pub prompts: Vec<(ValidatedRequest, String)>,
     pub params: Validated,
+    /// `echo` with `logprobs`: the prompt's logprobs are computed (this many alternatives)
+    /// to show it with the answer.
+    pub echo_logprobs: Option<usize>,
+    /// Whether the response shows `prompt_logprobs` (the request asked for them; echo alone
+    /// computes them without showing that field).
+    pub show_prompt_logprobs: bool,
 }
 
 pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<CompletionInput, ApiError> {
@@ -41,11 +50,11 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
         ));
     }
     let add_special = req.add_special_tokens.unwrap_or(true);
-    let vocab = ctx.limits.vocab_size;
+    let engine = &ctx.limits.engine;
     let to_ids = |v: &[i64]| -> Result<(Vec<u32>, String), ApiError> {
         let ids = v
             .iter()
-            .map(|&t| validate::token_id("prompt", t, vocab))
+            .map(|&t| validate::token_id("prompt", t, engine))
             .collect::<Result<Vec<_>, _>>()?;
         let text = ctx.tokenizer.decode(&ids, false).unwrap_or_default();
         Ok((ids, text))
@@ -69,7 +78,7 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
             "prompt must not be an empty list",
         ));
     }
-    let params = validate::sampling(
+    let mut params = validate::sampling(
         "CompletionRequest",
         &req.sampling,
         req.max_tokens,
@@ -85,12 +94,28 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
             }
         }
     }
-    Ok(CompletionInput { prompts, params })
+    let show_prompt_logprobs = params.sampling.prompt_logprobs.is_some();
+    let echo_logprobs = params.sampling.logprobs.filter(|_| req.echo == Some(true));
+    if let Some(k) = echo_logprobs {
+        let p = &mut params.sampling.prompt_logprobs;
+        *p = Some(p.unwrap_or(0).max(k));
+    }
+    let prompts = prompts
+        .into_iter()
+        .map(|(ids, text)| Ok((params.engine_request(engine, ids)?, text)))
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(CompletionInput {
+        prompts,
+        params,
+        echo_logprobs,
+        show_prompt_logprobs,
+    })
 }
 
-/// A `/v1/chat/completions` request that passed the gate: the rendered prompt and its ids.
+/// A `/v1/chat/completions` request that passed the gate: the rendered prompt and its engine
+/// request.
 pub struct ChatInput {
-    pub ids: Vec<u32>,
+    pub request: ValidatedRequest,
     pub text: String,
     pub params: Validated,
     /// Top alternatives asked for when `logprobs` is true.
@@ -242,8 +267,9 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
     if let Some(t) = params.truncation {
         t.apply(&mut ids);
     }
+    let request = params.engine_request(&ctx.limits.engine, ids)?;
     Ok(ChatInput {
-        ids,
+        request,
         text,
         params,
         logprobs,

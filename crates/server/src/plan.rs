@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use tpuserve_model::{gguf::GgufFile, LlamaConfig};
+use tpuserve_runner_api::sizing;
 use tpuserve_runner_xla::deviceless::{self, Figures, ProgramCost, StepParts};
 use tpuserve_runner_xla::plan::{device_spec, plan, Plan, DEVICES};
 use tpuserve_runner_xla::program::Bucket;
@@ -25,11 +26,11 @@ pub struct PlanArgs {
     dtype: String,
     #[arg(long)]
     max_model_len: Option<usize>,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = sizing::DEFAULT_MAX_NUM_SEQS)]
     max_num_seqs: usize,
     #[arg(long, default_value_t = 0.9)]
     gpu_memory_utilization: f64,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = sizing::DEFAULT_BLOCK_SIZE)]
     block_size: usize,
     /// Storage read rate (GB/s) for the weight-placement estimate: ~1 for GCS FUSE or a
     /// persistent disk, 2–7 for local NVMe.
@@ -47,11 +48,12 @@ pub struct PlanArgs {
     /// --tensor-parallel-size 1, 4 or 8).
     #[arg(long)]
     topology: Option<String>,
-    /// Token budget per step, as `serve --max-num-batched-tokens` (decides the buckets).
-    #[arg(long, default_value_t = 512)]
-    max_num_batched_tokens: usize,
+    /// Token budget per step, as `serve --max-num-batched-tokens` (decides the buckets;
+    /// absent: serve's default on XLA devices).
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
     /// As `serve --max-logprobs`: 0 leaves out the top-logprobs variant of every bucket.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = sizing::DEFAULT_MAX_LOGPROBS)]
     max_logprobs: usize,
     /// With --cost: leave out the modelled serving steps (each bucket it models compiles
     /// three more variants); the per-bucket table alone says whether everything fits.
@@ -60,6 +62,11 @@ pub struct PlanArgs {
     /// With --cost: write each program's optimized, partitioned HLO (`hlo_with_config`) here.
     #[arg(long)]
     dump_hlo: Option<PathBuf>,
+}
+
+/// The step's token budget `serve` would use on an XLA device with these flags.
+fn batched_tokens(a: &PlanArgs) -> usize {
+    sizing::max_num_batched_tokens(a.max_num_batched_tokens, true, a.max_num_seqs)
 }
 
 fn default_topology(tp: usize) -> anyhow::Result<String> {
@@ -130,7 +137,7 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         tpuserve_runner_xla::default_kv_chunk_tokens("tpu"),
     );
     let buckets = XlaRunner::bucket_set(&XlaRunnerOptions {
-        max_num_batched_tokens: a.max_num_batched_tokens,
+        max_num_batched_tokens: batched_tokens(a),
         max_model_len,
         block_size: a.block_size,
         max_logprobs: a.max_logprobs,
@@ -232,7 +239,7 @@ fn step_model(
     let (bw, peak) = (p.device.bandwidth_bytes_per_s, p.device.bf16_flops_per_s);
     let layers = c.num_hidden_layers as i64;
     let chunk_tokens = (cfg.kv_chunk * cfg.block_size) as usize;
-    let max_t = a.max_num_batched_tokens.max(16).next_power_of_two();
+    let max_t = batched_tokens(a).max(16).next_power_of_two();
     let roof = |f: &Figures| (f.bytes / bw).max(f.flops / peak);
     let chunks = |ctx: usize| ctx.div_ceil(chunk_tokens) as i64;
     let mut parts: Vec<(Bucket, StepParts)> = Vec::new();

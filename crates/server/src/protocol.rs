@@ -130,7 +130,8 @@ pub struct ChatCompletionRequest {
     pub documents: Option<Value>,
     /// A Jinja chat template for this request (only with --trust-request-chat-template).
     pub chat_template: Option<String>,
-    /// vLLM's chat `echo` (prepend the last message): refused when true (not implemented).
+    /// vLLM's chat `echo`: the last message, when it has the answer's role, is prepended to
+    /// every choice (`chat::echo_text`).
     pub echo: Option<bool>,
     /// Given to the chat template as `reasoning_effort` (and `enable_thinking`), as vLLM's
     /// `build_chat_params` does; see `gate::template_kwargs`.

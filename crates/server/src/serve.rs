@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tpuserve_engine::{EngineConfig, EngineCore, EngineHandle, TokenDecoder};
 use tpuserve_model::{load_model_with, ChatTemplate, LoadedModel};
-use tpuserve_runner_api::ModelRunner;
+use tpuserve_runner_api::{sizing, ModelRunner};
 use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
 use tpuserve_runner_xla::{DeviceKind, WeightElem, XlaRunner, XlaRunnerOptions};
 
@@ -58,10 +58,12 @@ fn backend(args: &ServeArgs) -> anyhow::Result<Backend> {
 }
 
 fn kv_blocks(model: &LoadedModel, args: &ServeArgs, bytes_per_elem: usize) -> usize {
-    let c = &model.config;
-    let per_token = 2 * c.num_hidden_layers * c.kv_size() * bytes_per_elem;
-    let budget = (args.kv_cache_space * (1u64 << 30) as f64) as usize;
-    (budget / (per_token * args.block_size)).max(1)
+    let budget = (args.kv_cache_space * (1u64 << 30) as f64) as u64;
+    sizing::kv_blocks_in_budget(
+        budget,
+        model.config.kv_bytes_per_token(bytes_per_elem),
+        args.block_size,
+    )
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -158,7 +160,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     tensor_parallel_size: args.tensor_parallel_size,
                     num_blocks: kv_blocks(&model, &args, elem_bytes),
                     block_size: args.block_size,
-                    max_num_batched_tokens: args.batched_tokens(512),
+                    max_num_batched_tokens: args.batched_tokens(true),
                     max_model_len,
                     max_logprobs: args.max_logprobs,
                     weight_dtype,
@@ -241,10 +243,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let engine_cfg = EngineConfig {
         max_model_len: max_model_len.min(kv.num_blocks * kv.block_size),
-        max_num_batched_tokens: args.batched_tokens(match backend {
-            Backend::Cpu => 2048,
-            Backend::Xla(_) => 512,
-        }),
+        max_num_batched_tokens: args.batched_tokens(matches!(backend, Backend::Xla(_))),
         max_num_seqs: args.max_num_seqs,
         enable_prefix_caching: args.prefix_caching(),
         max_logprobs: args.max_logprobs,
@@ -299,13 +298,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         grammars,
         engine,
-        vocab_size: config.vocab_size,
         tokenizer,
         chat_template,
         served_model_names,
         model_root: path.display().to_string(),
-        max_model_len: effective_len,
-        max_logprobs: args.max_logprobs,
         api_keys: args
             .api_key
             .iter()

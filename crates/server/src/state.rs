@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
-use tpuserve_engine::EngineHandle;
+use tpuserve_engine::{EngineHandle, RequestLimits};
 use tpuserve_model::{ChatTemplate, Tokenizer};
 
 use crate::gate::GateContext;
@@ -18,9 +18,6 @@ pub struct AppState {
     pub served_model_names: Vec<String>,
     /// The path or id the model was loaded from (`root` in `/v1/models`).
     pub model_root: String,
-    pub max_model_len: usize,
-    pub vocab_size: usize,
-    pub max_logprobs: usize,
     /// `--api-key`: any one of these opens /v1 (none: open).
     pub api_keys: Vec<String>,
     pub log_requests: bool,
@@ -69,13 +66,16 @@ impl AppState {
             tool_parser: self.tool_parser,
             exclude_tools_when_tool_choice_none: self.exclude_tools_when_tool_choice_none,
             limits: Limits {
-                vocab_size: self.vocab_size,
-                max_logprobs: self.max_logprobs,
-                max_model_len: self.max_model_len,
+                engine: self.engine.limits(),
                 force_include_usage: self.force_include_usage,
                 defaults: self.sampling_defaults,
             },
         }
+    }
+
+    /// The engine's limits (model length, vocabulary, max logprobs): the engine owns them.
+    pub fn limits(&self) -> RequestLimits {
+        self.engine.limits()
     }
 
     pub fn served_name(&self) -> &str {

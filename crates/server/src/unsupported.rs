@@ -39,6 +39,8 @@ pub struct Unimplemented {
     pub watermarking: Option<bool>,
     pub return_token_offsets: Option<Value>,
     pub routed_experts_prompt_start: Option<Value>,
+    /// What multimodal payload the response carries: `tensors` (vLLM's default) or `none`;
+    /// a text-only model has none to return either way, so both are honoured as they are.
     pub mm_payload: Option<Value>,
     pub return_mm_kwargs: Option<Value>,
     pub ec_transfer_params: Option<Value>,
@@ -143,7 +145,15 @@ impl Unimplemented {
                 "every token is streamed as it comes (only 1)",
             ));
         }
-        let more: [(&str, &Option<Value>, &str); 6] = [
+        if let Some(v) = self.mm_payload.as_ref().filter(|v| !v.is_null()) {
+            if v != "tensors" && v != "none" {
+                return Err(ApiError::invalid_param(
+                    "mm_payload",
+                    format!("mm_payload must be 'tensors' or 'none', got {v}"),
+                ));
+            }
+        }
+        let more: [(&str, &Option<Value>, &str); 5] = [
             (
                 "return_token_offsets",
                 &self.return_token_offsets,
@@ -154,7 +164,6 @@ impl Unimplemented {
                 &self.routed_experts_prompt_start,
                 "no expert routing is reported (dense models)",
             ),
-            ("mm_payload", &self.mm_payload, "the models are text-only"),
             (
                 "return_mm_kwargs",
                 &self.return_mm_kwargs,
@@ -223,5 +232,28 @@ pub fn log_unknown<T: JsonSchema>(known: &'static OnceLock<BTreeSet<String>>, bo
         .collect();
     if !unknown.is_empty() {
         tracing::warn!("The following fields were present in the request but ignored: {unknown:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_mm_payload(v: Value) -> Result<(), ApiError> {
+        Unimplemented {
+            mm_payload: Some(v),
+            ..Default::default()
+        }
+        .check()
+    }
+
+    /// vLLM's default (`tensors`) and `none` ask a text-only model for nothing.
+    #[test]
+    fn mm_payload_takes_vllms_values_only() {
+        assert!(with_mm_payload("tensors".into()).is_ok());
+        assert!(with_mm_payload("none".into()).is_ok());
+        assert!(with_mm_payload(Value::Null).is_ok());
+        let e = with_mm_payload("pixels".into()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("mm_payload"));
     }
 }

@@ -1,22 +1,21 @@
-//! The input gate (as TGI's `validation.rs`): every request field is range-checked here once,
-//! and what leaves is a typed, already-valid engine request. Messages name the parameter and
-//! the accepted range, like vLLM's.
+//! JSON → typed request: the OpenAI-only fields (stream options, beam search, truncation,
+//! structured-output spec, generation-config defaults) are checked here; every value the
+//! engine bounds (ranges, model length, vocabulary, logprobs, n) is only converted to the
+//! engine's types and checked by the engine's gate (`RequestLimits::validate`), once, with
+//! vLLM's messages. A value too wide for the engine's type (a negative count, a token id
+//! beyond 32 bits) is refused here, naming the field.
 
-use tpuserve_engine::{SamplingParams, StopParams};
+use tpuserve_engine::{EngineRequest, RequestLimits, SamplingParams, StopParams, ValidatedRequest};
 
 use crate::error::ApiError;
 use crate::numbers::bound_error;
 use crate::protocol::SamplingFields;
 
-/// Hard limits the gate enforces beyond the model's own (issue-level policy, configurable later).
-pub const MAX_N: i64 = 128;
-pub const MAX_STOP_STRINGS: usize = 64;
-pub const MAX_STOP_STRING_LEN: usize = 1024;
+pub use tpuserve_engine::validation::{MAX_N, MAX_STOP_STRINGS, MAX_STOP_STRING_LEN};
 
 pub struct Limits {
-    pub vocab_size: usize,
-    pub max_logprobs: usize,
-    pub max_model_len: usize,
+    /// The engine's limits (model length, vocabulary, max logprobs, sampler support).
+    pub engine: RequestLimits,
     /// `--enable-force-include-usage`: streams carry usage as if `include_usage` were set.
     pub force_include_usage: bool,
     /// `--generation-config`: defaults for fields a request leaves out.
@@ -58,10 +57,13 @@ impl Truncation {
     }
 }
 
+/// A request's fields, converted: what the engine gets for each prompt (`sampling`, `stop`,
+/// `n`, `best_of`, checked by [`Validated::engine_request`]) and what only the server uses.
 pub struct Validated {
     pub sampling: SamplingParams,
     pub stop: StopParams,
     pub n: usize,
+    pub best_of: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
     /// `stream_options.continuous_usage_stats` together with `include_usage` (vLLM ignores
@@ -76,37 +78,36 @@ pub struct Validated {
     pub constraint: Option<(tpuserve_engine::structured::ConstraintSpec, &'static str)>,
 }
 
-fn range_f(
-    name: &str,
-    v: Option<f64>,
-    default: f64,
-    ok: impl Fn(f64) -> bool,
-    rule: &str,
-) -> Result<f64, ApiError> {
-    let v = v.unwrap_or(default);
-    // Checked as the engine will use it, in f32: 1e39 is finite in f64 but infinite there,
-    // and 1e-300 > 0 becomes 0 (a repetition penalty of 0 divides by zero).
-    let engine_value = v as f32;
-    if !engine_value.is_finite() || !ok(engine_value as f64) {
-        return Err(ApiError::invalid_param(
-            name,
-            format!("{name} must be {rule}, got {v}."),
-        ));
+impl Validated {
+    /// One prompt's engine request, through the engine's gate. The shared settings keep the
+    /// gate's normalised values (`top_k` -1 → 0), so what the handlers read is what runs.
+    pub fn engine_request(
+        &mut self,
+        limits: &RequestLimits,
+        prompt: Vec<u32>,
+    ) -> Result<ValidatedRequest, ApiError> {
+        let mut req = EngineRequest::new(prompt, self.sampling.clone(), self.stop.clone());
+        req.n = self.n;
+        req.best_of = self.best_of;
+        let v = limits.validate(req)?;
+        self.sampling = v.request().sampling.clone();
+        Ok(v)
     }
-    Ok(engine_value as f64)
 }
 
-pub fn token_id(name: &str, v: i64, vocab: usize) -> Result<u32, ApiError> {
-    if v < 0 || v as u64 >= vocab as u64 {
-        return Err(ApiError::invalid_param(
-            name,
-            format!("token id {v} is out of vocabulary (0..{vocab})"),
-        ));
-    }
-    Ok(v as u32)
+/// A JSON count (`n`, `logprobs`, `min_tokens`…) as the engine's unsigned type.
+fn count(name: &str, v: i64) -> Result<usize, ApiError> {
+    usize::try_from(v).map_err(|_| {
+        ApiError::invalid_param(name, format!("{name} must be non-negative, got {v}."))
+    })
 }
 
-/// Checks the shared sampling fields. `logprobs` is the number of top alternatives the
+/// A JSON token id as the engine's type, checked against the vocabulary by the engine's rule.
+pub fn token_id(name: &'static str, v: i64, limits: &RequestLimits) -> Result<u32, ApiError> {
+    Ok(limits.token(name, v)?)
+}
+
+/// Converts the shared sampling fields. `logprobs` is the number of top alternatives the
 /// endpoint asked for (completions' int, chat's `top_logprobs` when `logprobs` is true).
 pub fn sampling(
     model: &str,
@@ -117,100 +118,28 @@ pub fn sampling(
     lim: &Limits,
 ) -> Result<Validated, ApiError> {
     f.unimplemented.check()?;
-    let n = f.n.unwrap_or(1);
-    if !(1..=MAX_N).contains(&n) {
-        return Err(ApiError::invalid_param(
-            "n",
-            format!("n must be between 1 and {MAX_N}, got {n}."),
-        ));
-    }
-    if let Some(b) = f.best_of {
-        if b != n {
-            return Err(ApiError::invalid_param(
-                "best_of",
-                format!("best_of ({b}) different from n ({n}) is not supported."),
-            ));
-        }
-    }
+    let n = count("n", f.n.unwrap_or(1))?;
+    let best_of = f.best_of.map(|b| count("best_of", b)).transpose()?;
     let d = &lim.defaults;
-    let temperature = range_f(
-        "temperature",
-        f.temperature.or(d.temperature),
-        default_temperature,
-        |v| v >= 0.0,
-        "non-negative",
-    )?;
-    let top_p = range_f(
-        "top_p",
-        f.top_p.or(d.top_p),
-        1.0,
-        |v| v > 0.0 && v <= 1.0,
-        "in (0, 1]",
-    )?;
-    let min_p = range_f(
-        "min_p",
-        f.min_p.or(d.min_p),
-        0.0,
-        |v| (0.0..=1.0).contains(&v),
-        "in [0, 1]",
-    )?;
-    let presence = range_f(
-        "presence_penalty",
-        f.presence_penalty,
-        0.0,
-        |v| (-2.0..=2.0).contains(&v),
-        "in [-2, 2]",
-    )?;
-    let frequency = range_f(
-        "frequency_penalty",
-        f.frequency_penalty,
-        0.0,
-        |v| (-2.0..=2.0).contains(&v),
-        "in [-2, 2]",
-    )?;
-    let repetition = range_f(
-        "repetition_penalty",
-        f.repetition_penalty.or(d.repetition_penalty),
-        1.0,
-        |v| v > 0.0 && v <= 2.0,
-        "in (0, 2]",
-    )?;
+    // f32 is what the engine holds: a value beyond it becomes infinite and the gate says so.
+    let temperature = f
+        .temperature
+        .or(d.temperature)
+        .unwrap_or(default_temperature) as f32;
+    let top_p = f.top_p.or(d.top_p).unwrap_or(1.0) as f32;
+    let min_p = f.min_p.or(d.min_p).unwrap_or(0.0) as f32;
+    let presence = f.presence_penalty.unwrap_or(0.0) as f32;
+    let frequency = f.frequency_penalty.unwrap_or(0.0) as f32;
+    let repetition = f.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0) as f32;
     let top_k = f.top_k.or(d.top_k).unwrap_or(-1);
-    if top_k < -1 || top_k > lim.vocab_size as i64 {
-        return Err(ApiError::invalid_param(
-            "top_k",
-            format!(
-                "top_k must be -1 (disable), 0 or in [1, {}], got {top_k}.",
-                lim.vocab_size
-            ),
-        ));
-    }
-    let lp = match logprobs {
-        None => None,
-        Some(v) if v < 0 || v as usize > lim.max_logprobs => {
-            return Err(ApiError::invalid_param(
-                "logprobs",
-                format!(
-                    "logprobs must be between 0 and {}, got {v}.",
-                    lim.max_logprobs
-                ),
-            ))
-        }
-        Some(v) => Some(v as usize),
-    };
-    let prompt_lp = match f.prompt_logprobs {
-        None => None,
-        Some(v) if v < 0 || v as usize > lim.max_logprobs => {
-            return Err(ApiError::invalid_param(
-                "prompt_logprobs",
-                format!(
-                    "prompt_logprobs must be between 0 and {}, got {v}.",
-                    lim.max_logprobs
-                ),
-            ))
-        }
-        Some(v) => Some(v as usize),
-    };
+    let top_k = i32::try_from(top_k).map_err(|_| {
+        ApiError::invalid_param("top_k", format!("top_k must fit in 32 bits, got {top_k}."))
+    })?;
+    let lp = logprobs.map(|v| count("logprobs", v)).transpose()?;
+    let prompt_lp = f
+        .prompt_logprobs
+        .map(|v| count("prompt_logprobs", v))
+        .transpose()?;
     let stream = f.stream.unwrap_or(false);
     if f.stream_options.is_some() && !stream {
         return Err(ApiError::invalid_param(
@@ -228,47 +157,19 @@ pub fn sampling(
         (Some(m), Some(cap)) => Some(m.min(cap)),
         (m, cap) => m.or(cap),
     };
-    let max_tokens = match max_tokens {
-        None => None,
-        Some(m) if m < 1 => {
-            return Err(ApiError::invalid_param(
-                "max_tokens",
-                format!("max_tokens must be at least 1, got {m}."),
-            ))
-        }
-        // The client's value, bounded only against overflow: a request over max_model_len is
-        // rejected naming the max_tokens it asked for, as vLLM's message does.
-        Some(m) => Some(m.min(u32::MAX as i64) as usize),
-    };
-    let min_tokens = f.min_tokens.unwrap_or(0);
-    if min_tokens < 0 || max_tokens.is_some_and(|m| min_tokens as usize > m) {
-        return Err(ApiError::invalid_param(
-            "min_tokens",
-            format!("min_tokens must be between 0 and max_tokens, got {min_tokens}."),
-        ));
-    }
+    // Bounded only against overflow: a request over max_model_len is refused by the engine
+    // naming the max_tokens it asked for, as vLLM's message does.
+    let max_tokens = max_tokens
+        .map(|m| count("max_tokens", m.min(u32::MAX as i64)))
+        .transpose()?;
+    let min_tokens = count("min_tokens", f.min_tokens.unwrap_or(0))?;
     let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    if stop.len() > MAX_STOP_STRINGS {
-        return Err(ApiError::invalid_param(
-            "stop",
-            format!("at most {MAX_STOP_STRINGS} stop strings are allowed."),
-        ));
-    }
-    if stop
-        .iter()
-        .any(|s| s.is_empty() || s.len() > MAX_STOP_STRING_LEN)
-    {
-        return Err(ApiError::invalid_param(
-            "stop",
-            format!("stop strings must be non-empty and at most {MAX_STOP_STRING_LEN} bytes."),
-        ));
-    }
     let stop_token_ids = f
         .stop_token_ids
         .clone()
         .unwrap_or_default()
         .into_iter()
-        .map(|t| token_id("stop_token_ids", t, lim.vocab_size))
+        .map(|t| token_id("stop_token_ids", t, &lim.engine))
         .collect::<Result<Vec<_>, _>>()?;
     let mut logit_bias = Vec::new();
     for (k, &v) in f.logit_bias.iter().flatten() {
@@ -278,25 +179,22 @@ pub fn sampling(
                 format!("logit_bias key `{k}` is not a token id"),
             )
         })?;
-        if !v.is_finite() {
-            return Err(ApiError::invalid_param(
-                "logit_bias",
-                "logit_bias values must be finite",
-            ));
-        }
-        logit_bias.push((
-            token_id("logit_bias", id, lim.vocab_size)?,
-            v.clamp(-100.0, 100.0) as f32,
-        ));
+        // OpenAI's documented range; non-finite values stay so and the gate refuses them.
+        let bias = if v.is_finite() {
+            v.clamp(-100.0, 100.0)
+        } else {
+            v
+        };
+        logit_bias.push((token_id("logit_bias", id, &lim.engine)?, bias as f32));
     }
     let sampling = SamplingParams {
-        temperature: temperature as f32,
-        top_k: top_k.max(0) as i32,
-        top_p: top_p as f32,
-        min_p: min_p as f32,
-        presence_penalty: presence as f32,
-        frequency_penalty: frequency as f32,
-        repetition_penalty: repetition as f32,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        presence_penalty: presence,
+        frequency_penalty: frequency,
+        repetition_penalty: repetition,
         logit_bias,
         banned_tokens: Vec::new(),
         seed: f.seed.map(|s| s as u64),
@@ -305,7 +203,7 @@ pub fn sampling(
     };
     let stop = StopParams {
         max_tokens,
-        min_tokens: min_tokens as usize,
+        min_tokens,
         ignore_eos: f.ignore_eos.unwrap_or(false),
         stop_token_ids,
         stop,
@@ -322,19 +220,14 @@ pub fn sampling(
     Ok(Validated {
         sampling,
         stop,
-        n: n as usize,
+        n,
+        best_of,
         stream,
         include_usage,
         continuous_usage: include_usage && opts.continuous_usage_stats.unwrap_or(false),
         return_token_ids: f.return_token_ids.unwrap_or(false),
         truncation,
-        beam: beam(
-            f,
-            n as usize,
-            max_tokens,
-            stream,
-            constraint.as_ref().map(|c| c.1),
-        )?,
+        beam: beam(f, n, max_tokens, stream, constraint.as_ref().map(|c| c.1))?,
         constraint,
     })
 }
@@ -417,7 +310,7 @@ fn truncation(
     };
     let keep = match f.truncate_prompt_tokens {
         None => return Ok(None),
-        Some(-1) => lim.max_model_len,
+        Some(-1) => lim.engine.max_model_len,
         Some(t) if t < -1 => {
             return Err(bound_error(
                 model,
@@ -427,13 +320,13 @@ fn truncation(
                 &t.to_string(),
             ))
         }
-        Some(t) if t as u64 > lim.max_model_len as u64 => {
+        Some(t) if t as u64 > lim.engine.max_model_len as u64 => {
             return Err(ApiError::invalid_param(
                 "truncate_prompt_tokens",
                 format!(
                     "truncate_prompt_tokens value ({t}) is greater than max_model_len ({}). \
                      Please, select a smaller truncation size.",
-                    lim.max_model_len
+                    lim.engine.max_model_len
                 ),
             ))
         }
@@ -445,22 +338,31 @@ fn truncation(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tpuserve_runner_api::SamplingSupport;
 
+    const ENGINE: RequestLimits = RequestLimits {
+        vocab_size: 100,
+        max_logprobs: 5,
+        max_model_len: 64,
+        sampling: SamplingSupport::Full,
+    };
+
+    /// Converts `f` and passes it through the engine's gate, as the routes do.
     fn check(f: SamplingFields) -> Result<Validated, ApiError> {
-        sampling(
+        let mut v = sampling(
             "CompletionRequest",
             &f,
             Some(16),
             None,
             1.0,
             &Limits {
-                vocab_size: 100,
-                max_logprobs: 5,
-                max_model_len: 64,
+                engine: ENGINE,
                 force_include_usage: false,
                 defaults: SamplingDefaults::default(),
             },
-        )
+        )?;
+        v.engine_request(&ENGINE, vec![1, 2, 3])?;
+        Ok(v)
     }
 
     /// Found by `tests/fuzz.rs`: values that pass in f64 but break in the engine's f32.
@@ -483,5 +385,57 @@ mod tests {
         })
         .unwrap();
         assert!(ok.sampling.temperature.is_finite() && ok.sampling.repetition_penalty > 0.0);
+    }
+
+    /// Values too wide for the engine's types are refused naming the field, not wrapped.
+    #[test]
+    fn negative_counts_and_wide_ids_are_refused_by_name() {
+        for (f, param) in [
+            (
+                SamplingFields {
+                    n: Some(-1),
+                    ..Default::default()
+                },
+                "n",
+            ),
+            (
+                SamplingFields {
+                    min_tokens: Some(-1),
+                    ..Default::default()
+                },
+                "min_tokens",
+            ),
+            (
+                SamplingFields {
+                    prompt_logprobs: Some(-2),
+                    ..Default::default()
+                },
+                "prompt_logprobs",
+            ),
+            (
+                SamplingFields {
+                    top_k: Some(1 << 40),
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+            (
+                SamplingFields {
+                    stop_token_ids: Some(vec![-1]),
+                    ..Default::default()
+                },
+                "stop_token_ids",
+            ),
+            (
+                SamplingFields {
+                    stop_token_ids: Some(vec![1 << 33]),
+                    ..Default::default()
+                },
+                "stop_token_ids",
+            ),
+        ] {
+            let e = check(f).err().expect(param);
+            assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+        }
     }
 }

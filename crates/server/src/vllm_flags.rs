@@ -16,7 +16,9 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
 mod table;
+mod types;
 pub use table::VLLM_FLAGS;
+pub use types::VALUE_TYPES;
 
 /// How the flag takes its value, as vLLM's argparse defines it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +33,85 @@ pub enum Kind {
     List,
     /// `nargs="?"`: `--x` alone or `--x VALUE`.
     OptValue,
+}
+
+/// What an ignored flag's value must be, as vLLM's argparse converts it: a wrong one is
+/// argparse's error (exit 2) there, so it is here too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    /// Any string.
+    Str,
+    /// Python's `int()`.
+    Int,
+    /// vLLM's `human_readable_int` (`1k`, `2M`, `1G`…).
+    HumanInt,
+    /// Python's `float()`.
+    Float,
+    /// `json.loads` (or a config dataclass read from JSON).
+    Json,
+    /// One of these, exactly.
+    Choices(&'static [&'static str]),
+}
+
+/// Python's `int()` of a string: surrounding whitespace, a sign, digits with single
+/// underscores between them.
+fn python_int(s: &str) -> bool {
+    let t = s.trim();
+    let t = t.strip_prefix(['+', '-']).unwrap_or(t);
+    !t.is_empty()
+        && !t.starts_with('_')
+        && !t.ends_with('_')
+        && !t.contains("__")
+        && t.chars().all(|c| c.is_ascii_digit() || c == '_')
+}
+
+/// Python's `float()`: what Rust's parser takes (inf, nan, exponents), plus whitespace and
+/// underscores between digits.
+fn python_float(s: &str) -> bool {
+    let t = s.trim();
+    !t.starts_with('_') && !t.ends_with('_') && t.replace('_', "").parse::<f64>().is_ok()
+}
+
+impl ValueType {
+    /// argparse's message for `v` (after `argument --flag: `), or `None` when it takes it.
+    pub fn check(self, v: &str, optional: bool) -> Option<String> {
+        if optional && (v.is_empty() || v == "None") {
+            return None;
+        }
+        let ok = match self {
+            ValueType::Str => true,
+            ValueType::Int => python_int(v),
+            ValueType::HumanInt => crate::cli::human_readable_int(v).is_ok() || python_int(v),
+            ValueType::Float => python_float(v),
+            ValueType::Json => serde_json::from_str::<serde_json::Value>(v).is_ok(),
+            ValueType::Choices(c) => c.contains(&v),
+        };
+        if ok {
+            return None;
+        }
+        Some(match self {
+            ValueType::Int => format!("invalid int value: '{v}'"),
+            ValueType::HumanInt => format!("invalid human-readable int value: '{v}'"),
+            ValueType::Float => format!("invalid float value: '{v}'"),
+            ValueType::Json => format!("invalid JSON value: '{v}'"),
+            ValueType::Choices(c) => format!(
+                "invalid choice: '{v}' (choose from {})",
+                c.iter()
+                    .map(|c| format!("'{c}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            ValueType::Str => unreachable!("a string is always taken"),
+        })
+    }
+}
+
+/// The value type of table flag `name` (`None`: a switch, or a refused flag).
+pub fn value_type(name: &str) -> Option<(ValueType, bool)> {
+    VALUE_TYPES
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|&(_, t, o)| (t, o))
 }
 
 /// What tpuserve does with the flag.
@@ -64,6 +145,8 @@ pub struct Given {
     /// Refused (else ignored).
     pub refused: bool,
     pub reason: &'static str,
+    /// argparse's error for a value vLLM would not take (its type or choices).
+    pub invalid: Option<String>,
 }
 
 impl Given {
@@ -73,6 +156,13 @@ impl Given {
             "ignoring vLLM flag {}: {} (accepted so vLLM command lines start)",
             self.flag, self.reason
         )
+    }
+
+    /// argparse's one-line error for a value of the wrong type (exit 2, as vLLM).
+    pub fn invalid_line(&self) -> Option<String> {
+        self.invalid
+            .as_ref()
+            .map(|why| format!("argument {}: {why}", self.flag))
     }
 
     /// The usage error of a refused flag.
@@ -151,13 +241,22 @@ pub fn given(m: &ArgMatches) -> Vec<Given> {
             if id.is_empty() || m.value_source(id) != Some(ValueSource::CommandLine) {
                 continue;
             }
-            let value = match f.kind {
-                Kind::Switch | Kind::Bool => None,
-                _ => m.get_raw(id).map(|vs| {
-                    vs.map(|v| v.to_string_lossy().into_owned())
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                }),
+            let values: Vec<String> = match f.kind {
+                Kind::Switch | Kind::Bool => Vec::new(),
+                _ => m
+                    .get_raw(id)
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect(),
+            };
+            let value = (!values.is_empty()).then(|| values.join(" "));
+            // `nargs="?"` given alone is `true`, not a value to convert.
+            let invalid = match (f.kind, value_type(f.name)) {
+                (Kind::Value | Kind::List, Some((ty, optional))) if positive => {
+                    values.iter().find_map(|v| ty.check(v, optional))
+                }
+                _ => None,
             };
             let (refused, reason) = match f.what {
                 What::Ignored(r) => (false, r),
@@ -172,6 +271,7 @@ pub fn given(m: &ArgMatches) -> Vec<Given> {
                 value,
                 refused,
                 reason,
+                invalid,
             });
         }
     }
@@ -448,6 +548,54 @@ mod tests {
                 .as_deref(),
             Some("3")
         );
+    }
+
+    #[test]
+    fn every_ignored_value_flag_has_vllms_value_type() {
+        for f in VLLM_FLAGS {
+            let valued = matches!(f.kind, Kind::Value | Kind::List);
+            let ignored = matches!(f.what, What::Ignored(_));
+            assert_eq!(
+                value_type(f.name).is_some(),
+                valued && ignored,
+                "--{}: a value type exactly for ignored value flags",
+                f.name
+            );
+        }
+        for (n, ..) in VALUE_TYPES {
+            assert!(
+                VLLM_FLAGS.iter().any(|f| f.name == *n),
+                "--{n} is not in the table"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_values_are_argparse_errors() {
+        let line = |args: &[&str]| parse(args).unwrap()[0].invalid_line();
+        assert_eq!(
+            line(&["--max-log-len", "abc"]).as_deref(),
+            Some("argument --max-log-len: invalid int value: 'abc'")
+        );
+        assert!(line(&["--uvicorn-log-level", "loud"])
+            .is_some_and(|l| l.contains("invalid choice: 'loud' (choose from 'critical'")));
+        assert!(line(&["--watermark", "x"]).is_some());
+        assert!(line(&["--compilation-config", "{x"]).is_some());
+        assert!(line(&["--numa-bind-nodes", "0", "x"]).is_some());
+        for ok in [
+            &["--max-log-len", "None"][..],
+            &["--max-log-len", " -1_000 "],
+            &["--watermark", "1e-2"],
+            &["--kv-cache-memory-bytes", "1G"],
+            &["--compilation-config", "{\"mode\": 3}"],
+            &["--custom-histogram-buckets", "0.5"],
+            &["--cohere-format", "anything"],
+            &["--max-lora-rank", "16"],
+        ] {
+            assert_eq!(line(ok), None, "{ok:?}");
+        }
+        // Refused flags keep their own message; --no- forms take no value.
+        assert_eq!(line(&["--runner", "pooling"]), None);
     }
 
     #[test]
