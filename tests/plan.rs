@@ -3,6 +3,7 @@
 
 use tpuserve_model::LlamaConfig;
 use tpuserve_runner_xla::plan::{device_spec, parameter_count, plan};
+use tpuserve_runner_xla::Quantization;
 use tpuserve_suite::fixtures_dir;
 
 fn cfg(name: &str) -> (LlamaConfig, serde_json::Value) {
@@ -35,7 +36,18 @@ fn llama_70b_on_v6e_8() {
     assert!((params / 1e9 - 70.55).abs() < 0.01, "{params}");
     assert_eq!(parameter_count(&c) as f64, params);
 
-    let p = plan(&c, device_spec("v6e").unwrap(), 8, 2, 4096, 128, 0.9, 16).unwrap();
+    let p = plan(
+        &c,
+        device_spec("v6e").unwrap(),
+        8,
+        2,
+        4096,
+        128,
+        0.9,
+        16,
+        Quantization::None,
+    )
+    .unwrap();
     assert!(
         (p.weight_bytes_total / 1e9 - 141.1).abs() < 0.05,
         "{}",
@@ -73,7 +85,18 @@ fn llama_70b_on_v6e_8() {
 #[test]
 fn llama_8b_on_one_v6e_and_clear_errors() {
     let (c, _) = cfg("llama-3.1-8b.config.json");
-    let p = plan(&c, device_spec("v6e").unwrap(), 1, 2, 4096, 128, 0.9, 16).unwrap();
+    let p = plan(
+        &c,
+        device_spec("v6e").unwrap(),
+        1,
+        2,
+        4096,
+        128,
+        0.9,
+        16,
+        Quantization::None,
+    )
+    .unwrap();
     assert!(
         (p.parameters as f64 / 1e9 - 8.03).abs() < 0.01,
         "{}",
@@ -82,18 +105,95 @@ fn llama_8b_on_one_v6e_and_clear_errors() {
     assert_eq!(p.kv_bytes_per_token_per_device, 2 * 32 * 8 * 128 * 2);
     // 70B does not fit one chip; TP=3 does not divide 64 heads.
     let (big, _) = cfg("llama-3.1-70b.config.json");
-    let e = plan(&big, device_spec("v6e").unwrap(), 1, 2, 4096, 128, 0.9, 16)
-        .unwrap_err()
-        .to_string();
+    let e = plan(
+        &big,
+        device_spec("v6e").unwrap(),
+        1,
+        2,
+        4096,
+        128,
+        0.9,
+        16,
+        Quantization::None,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("141.11 GB of weights per device") && e.contains("28.80 GB"),
         "{e}"
     );
-    let e = plan(&big, device_spec("v6e").unwrap(), 3, 2, 4096, 128, 0.9, 16)
-        .unwrap_err()
-        .to_string();
+    let e = plan(
+        &big,
+        device_spec("v6e").unwrap(),
+        3,
+        2,
+        4096,
+        128,
+        0.9,
+        16,
+        Quantization::None,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("--tensor-parallel-size 3") && e.contains("attention heads (64)"),
         "{e}"
+    );
+}
+
+/// `--quantization int8` on 70B at TP 8: the projections and the LM head at one byte per
+/// parameter plus an f32 scale per output channel, the embedding still bf16 (hand count from
+/// the raw config) — about half the bf16 bytes per chip; the memory freed goes to the KV
+/// cache, a decode step's roofline reads less, and placing the weights still reads the whole
+/// bf16 checkpoint.
+#[test]
+fn int8_halves_the_weight_bytes_of_70b_and_the_kv_cache_gets_them() {
+    let (c, raw) = cfg("llama-3.1-70b.config.json");
+    let (h, v, l, i) = (
+        u(&raw, "hidden_size"),
+        u(&raw, "vocab_size"),
+        u(&raw, "num_hidden_layers"),
+        u(&raw, "intermediate_size"),
+    );
+    let kvw = u(&raw, "num_key_value_heads") * h / u(&raw, "num_attention_heads");
+    let v6e = device_spec("v6e").unwrap();
+    let bf16 = plan(&c, v6e, 8, 2, 4096, 128, 0.9, 16, Quantization::None).unwrap();
+    let int8 = plan(&c, v6e, 8, 2, 4096, 128, 0.9, 16, Quantization::Int8).unwrap();
+    let matrices = l * (2.0 * h * h + 2.0 * h * kvw + 3.0 * h * i) + v * h;
+    let channels = l * (2.0 * h + 2.0 * kvw + 2.0 * i + h) + v;
+    let rest = v * h * 2.0 + l * 2.0 * h * 2.0 + h * 2.0;
+    let want = matrices + 4.0 * channels + rest;
+    assert!(
+        (int8.weight_bytes_total - want).abs() < 1.0,
+        "{} vs {want}",
+        int8.weight_bytes_total
+    );
+    let ratio = int8.weight_bytes_per_device / bf16.weight_bytes_per_device;
+    assert!(
+        (0.5..0.53).contains(&ratio),
+        "int8 / bf16 weight bytes {ratio}"
+    );
+    assert!(
+        (int8.weight_bytes_per_device / 1e9 - 8.95).abs() < 0.01,
+        "{}",
+        int8.weight_bytes_per_device
+    );
+    // Every byte the weights free per chip holds KV (the budget is otherwise the same).
+    let freed = bf16.weight_bytes_per_device - int8.weight_bytes_per_device;
+    assert!(
+        (int8.kv_budget_bytes_per_device - bf16.kv_budget_bytes_per_device - freed).abs() < 1.0
+    );
+    assert!(int8.max_full_length_sequences > bf16.max_full_length_sequences + 40);
+    assert_eq!(
+        int8.kv_bytes_per_token_per_device,
+        bf16.kv_bytes_per_token_per_device
+    );
+    assert!(int8.roofline_tokens_per_s > bf16.roofline_tokens_per_s);
+    assert_eq!(int8.weight_load_seconds, bf16.weight_load_seconds);
+    let text = int8.to_string();
+    assert!(text.contains("int8 projections and LM head"), "{text}");
+    assert!(
+        text.contains("(141.1 GB;"),
+        "the checkpoint read is bf16: {text}"
     );
 }

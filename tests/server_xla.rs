@@ -364,3 +364,87 @@ fn load_format_dummy_serves_a_config_folder_at_tp_1_and_8() {
     // eight devices fill make up the same weights as one device: the same greedy text.
     assert_eq!(texts[0], texts[1]);
 }
+
+/// `--quantization int8` (here spelled as vLLM's `-q int8`) serves on an XLA device: a golden
+/// case whose top-1 / top-2 gap is at least 0.1 at every step comes back whole, and the log
+/// says what was quantised. `--load-format dummy` fills int8 weights and their scales on the
+/// devices at TP 2. On the CPU runner the flag is a usage error naming it (exit 2), before
+/// anything loads.
+#[test]
+fn quantization_int8_serves_on_xla_and_is_refused_on_cpu() {
+    let out = Command::new(tpuserve_bin())
+        .args([
+            "serve",
+            "/nonexistent",
+            "--device",
+            "cpu",
+            "--quantization",
+            "int8",
+        ])
+        .args(["--port", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--quantization int8 needs an XLA device"),
+        "{err}"
+    );
+
+    let g = Goldens::load(&fixtures_dir().join("smollm2/goldens.json"));
+    let c = g.case("single_token");
+    assert!(c.min_margin_top1_top2 >= 0.1);
+    let small = [
+        "--max-model-len",
+        "256",
+        "--max-num-batched-tokens",
+        "32",
+        "--max-num-seqs",
+        "4",
+        "--max-logprobs",
+        "0",
+        "--kv-cache-space",
+        "0.05",
+    ];
+    let mut args = vec!["-q", "int8"];
+    args.extend(small);
+    let s = spawn_xla(tpuserve_suite::smollm2_gguf().to_str().unwrap(), &args);
+    let v = s.post_ok(
+        "/v1/completions",
+        &json!({"prompt": c.prompt_token_ids, "max_tokens": c.completion_token_ids.len(),
+            "temperature": 0, "ignore_eos": true, "skip_special_tokens": false}),
+    );
+    assert_eq!(v["choices"][0]["text"], c.completion_text, "{v}");
+    let log = s.log();
+    assert!(
+        log.contains("projections and LM head quantised to int8 per output channel"),
+        "{log}"
+    );
+    assert!(!log.contains("ignoring vLLM flag --quantization"), "{log}");
+    drop(s);
+
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        std::fs::copy(tiny_llama3_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    let mut args = vec![
+        "--load-format",
+        "dummy",
+        "--quantization",
+        "int8",
+        "--tensor-parallel-size",
+        "2",
+    ];
+    args.extend(small);
+    let s = spawn_xla(dir.path().to_str().unwrap(), &args);
+    let v = s.post_ok(
+        "/v1/completions",
+        &json!({"prompt": "Hello there", "max_tokens": 5, "ignore_eos": true, "temperature": 0}),
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 5, "{v}");
+}

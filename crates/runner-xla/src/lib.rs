@@ -13,6 +13,7 @@ pub mod deviceless;
 pub mod hlo;
 pub mod plan;
 pub mod program;
+pub mod quant;
 mod step;
 pub mod weights;
 
@@ -33,6 +34,7 @@ use crate::compile_cache::{CacheKey, CompileCache, Lookup};
 pub use crate::device::DeviceKind;
 pub use crate::program::WeightElem;
 use crate::program::{arg, mask_words, out, Bucket, ProgramConfig};
+pub use crate::quant::Quantization;
 
 #[derive(Debug, Clone)]
 pub struct XlaRunnerOptions {
@@ -48,6 +50,8 @@ pub struct XlaRunnerOptions {
     /// Top logprobs computed on device when a request asks for any (vLLM's `max_logprobs`).
     pub max_logprobs: usize,
     pub weight_dtype: WeightElem,
+    /// `--quantization int8`: projections and LM head as int8 with per-channel scales.
+    pub quantization: Quantization,
     /// `VLLM_XLA_CACHE_PATH`: where compiled executables persist across restarts and pods.
     pub compile_cache_dir: Option<PathBuf>,
     /// Query rows per attention tile of a prompt (rows of one sequence that share one read
@@ -81,6 +85,7 @@ impl Default for XlaRunnerOptions {
             max_model_len: 2048,
             max_logprobs: sizing::DEFAULT_MAX_LOGPROBS,
             weight_dtype: WeightElem::F32,
+            quantization: Quantization::None,
             compile_cache_dir: None,
             attention_tile: 16,
             kv_chunk_tokens: 0,
@@ -240,7 +245,8 @@ impl XlaRunner {
             opts.block_size,
             opts.max_model_len,
             opts.kv_chunk_tokens,
-        );
+        )
+        .with_quantization(opts.quantization);
         let (weights, report) = if model.weights.is_dummy() {
             weights::dummy(&client, &devices, c, &cfg)?
         } else {
@@ -249,7 +255,7 @@ impl XlaRunner {
                 &devices,
                 model.weights.as_ref(),
                 c,
-                opts.weight_dtype,
+                (opts.weight_dtype, opts.quantization),
                 opts.weight_layout,
             )?
         };
@@ -262,8 +268,13 @@ impl XlaRunner {
                 )
             })
             .unwrap_or_default();
+        let quantized = if opts.quantization.is_int8() {
+            ", projections and LM head quantised to int8 per output channel"
+        } else {
+            ""
+        };
         tracing::info!(
-            "weights ({}) on {} device(s): {}{rss}",
+            "weights ({}{quantized}) on {} device(s): {}{rss}",
             model.weights.describe(),
             devices.len(),
             report.summary()
@@ -274,7 +285,7 @@ impl XlaRunner {
             tile: 1,
             top_k: 0,
         });
-        for (i, per_device) in weights.iter().enumerate() {
+        for (&i, per_device) in cfg.weight_args().iter().zip(&weights) {
             let full: i64 = expected[i].dims.iter().product();
             let sharded = program::arg_sharding(i, tp as i64) != "{replicated}";
             let want = if sharded { full / tp as i64 } else { full };
@@ -420,8 +431,11 @@ impl XlaRunner {
     /// back from the device: how a test proves the weights landed exactly.
     pub fn weight_shard(&self, index: usize, device: usize) -> Result<Vec<u8>, RunnerError> {
         let b = self
-            .weights
-            .get(index)
+            .cfg
+            .weight_args()
+            .iter()
+            .position(|&i| i == index)
+            .and_then(|slot| self.weights.get(slot))
             .and_then(|w| w.get(device))
             .ok_or_else(|| derr(format!("no weight argument {index} on device {device}")))?;
         b.to_host().map_err(derr)

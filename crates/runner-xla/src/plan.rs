@@ -6,6 +6,8 @@
 use serde::Serialize;
 use tpuserve_model::LlamaConfig;
 
+use crate::quant::Quantization;
+
 /// Memory capacity and bandwidth of one device (decimal bytes, as vendors quote them).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct DeviceSpec {
@@ -136,8 +138,13 @@ pub fn device_spec(name: &str) -> Option<DeviceSpec> {
 pub struct Plan {
     pub device: DeviceSpec,
     pub tensor_parallel_size: usize,
+    /// Bytes per element of the activations, the KV cache and the unquantised weights.
     pub dtype_bytes: usize,
+    /// `int8`: projections and LM head at one byte per parameter plus an f32 scale per
+    /// output channel (the embedding and norms stay at `dtype_bytes`).
+    pub quantization: Option<&'static str>,
     pub parameters: u64,
+    /// Bytes the weights take on the devices (all of them).
     pub weight_bytes_total: f64,
     pub weight_bytes_per_device: f64,
     pub kv_bytes_per_token_total: u64,
@@ -155,6 +162,9 @@ pub struct Plan {
     pub roofline_tokens_per_s: f64,
     /// Storage read rate the start-up estimate assumes (`--read-gbps`), GB/s.
     pub read_gbps: f64,
+    /// The checkpoint's bytes (at `dtype_bytes` per parameter: what placing the weights
+    /// reads, quantised or not).
+    pub checkpoint_bytes: f64,
     /// Seconds to place the weights when reading the checkpoint is the bound (conversion and
     /// uploads overlap the reads): the checkpoint's bytes at `read_gbps`.
     pub weight_load_seconds: f64,
@@ -167,7 +177,7 @@ impl Plan {
     /// The start-up estimate at another storage read rate.
     pub fn with_read_gbps(mut self, gbps: f64) -> Plan {
         self.read_gbps = gbps;
-        self.weight_load_seconds = self.weight_bytes_total / (gbps * 1e9);
+        self.weight_load_seconds = self.checkpoint_bytes / (gbps * 1e9);
         self
     }
 }
@@ -186,6 +196,39 @@ pub fn parameter_count(c: &LlamaConfig) -> u64 {
     let per_layer = h * qs + 2 * h * kvs + qs * h + 3 * h * i + 2 * h;
     let head = if c.tie_word_embeddings { 0 } else { v * h };
     v * h + head + l * per_layer + h
+}
+
+/// Parameters of the matrices `--quantization int8` stores as int8 (every projection and the
+/// LM head, counted as `parameter_count` counts it), and their output channels (one f32 scale
+/// each).
+pub fn quantized_counts(c: &LlamaConfig) -> (u64, u64) {
+    let (h, v, l) = (
+        c.hidden_size as u64,
+        c.vocab_size as u64,
+        c.num_hidden_layers as u64,
+    );
+    let (qs, kvs, i) = (
+        c.q_size() as u64,
+        c.kv_size() as u64,
+        c.intermediate_size as u64,
+    );
+    let head = if c.tie_word_embeddings { 0 } else { v };
+    let params = l * (h * qs + 2 * h * kvs + qs * h + 3 * h * i) + head * h;
+    let channels = l * (qs + 2 * kvs + h + 2 * i + h) + head;
+    (params, channels)
+}
+
+/// Bytes of all the weights on the devices: `dtype_bytes` per parameter, or with int8 the
+/// quantised matrices at one byte plus four per output channel.
+pub fn weight_bytes(c: &LlamaConfig, dtype_bytes: usize, quant: Quantization) -> f64 {
+    let all = parameter_count(c);
+    match quant {
+        Quantization::None => (all * dtype_bytes as u64) as f64,
+        Quantization::Int8 => {
+            let (q, channels) = quantized_counts(c);
+            ((all - q) * dtype_bytes as u64 + q + 4 * channels) as f64
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +280,7 @@ pub fn plan(
     max_num_seqs: usize,
     memory_utilization: f64,
     block_size: usize,
+    quant: Quantization,
 ) -> Result<Plan, PlanError> {
     for (what, n) in [
         ("attention heads", c.num_attention_heads),
@@ -247,7 +291,7 @@ pub fn plan(
         }
     }
     let parameters = parameter_count(c);
-    let weight_bytes_total = (parameters * dtype_bytes as u64) as f64;
+    let weight_bytes_total = weight_bytes(c, dtype_bytes, quant);
     let weight_bytes_per_device = weight_bytes_total / tp as f64;
     let kv_total = c.kv_bytes_per_token(dtype_bytes) as u64;
     let kv_dev = kv_total / tp as u64;
@@ -281,6 +325,7 @@ pub fn plan(
         device,
         tensor_parallel_size: tp,
         dtype_bytes,
+        quantization: quant.is_int8().then_some("int8"),
         parameters,
         weight_bytes_total,
         weight_bytes_per_device,
@@ -297,6 +342,7 @@ pub fn plan(
         roofline_step_seconds: step,
         roofline_tokens_per_s: batch as f64 / step,
         read_gbps: 0.0,
+        checkpoint_bytes: (parameters * dtype_bytes as u64) as f64,
         weight_load_seconds: 0.0,
     }
     .with_read_gbps(DEFAULT_READ_GBPS))
@@ -318,12 +364,18 @@ impl std::fmt::Display for Plan {
             "parameters                  {:.2} B",
             self.parameters as f64 / 1e9
         )?;
+        let form = match self.quantization {
+            Some(q) => format!(
+                "{q} projections and LM head with per-channel scales, embedding at {} bytes/param",
+                self.dtype_bytes
+            ),
+            None => format!("{} bytes/param", self.dtype_bytes),
+        };
         writeln!(
             f,
-            "weights                     {:.2} GB in all, {:.2} GB per device ({} bytes/param)",
+            "weights                     {:.2} GB in all, {:.2} GB per device ({form})",
             gb(self.weight_bytes_total),
             gb(self.weight_bytes_per_device),
-            self.dtype_bytes
         )?;
         writeln!(
             f,
@@ -350,7 +402,7 @@ impl std::fmt::Display for Plan {
              and uploads overlap the reads)",
             self.weight_load_seconds,
             self.read_gbps,
-            gb(self.weight_bytes_total)
+            gb(self.checkpoint_bytes)
         )
     }
 }

@@ -9,8 +9,13 @@
 //! Sharding (tensor parallel over `tp` devices, Megatron style): q/k/v/gate/up split by output
 //! rows, o/down by input columns, embedding and LM head by vocabulary rows, KV caches by the
 //! KV-head axis. GSPMD inserts the collectives.
+//!
+//! With int8 weights ([`Quantization::Int8`]) the projections and the LM head are int8
+//! arguments with per-output-channel scales (extra arguments after all others); each dot
+//! converts the int8 matrix to the activation dtype as its operand and scales its f32 result.
 
 use crate::hlo::{module, Arg, Block, Cmp, Elem, Ty, V};
+pub use crate::quant::Quantization;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ModelDims {
@@ -58,7 +63,9 @@ pub struct Bucket {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProgramConfig {
     pub dims: ModelDims,
+    /// The activations', the KV cache's and the unquantised weights' dtype.
     pub weight_elem: WeightElem,
+    pub quantization: Quantization,
     pub num_blocks: i64,
     pub block_size: i64,
     pub tp: i64,
@@ -130,8 +137,37 @@ pub mod arg {
     /// (when not, the mask is neither read nor applied).
     pub const MASK: usize = 28;
     pub const MASK_ON: usize = 29;
+    /// Arguments of a program without quantised weights.
     pub const COUNT: usize = 30;
     pub const NUM_WEIGHTS: usize = 13;
+    /// int8 programs only: the f32 per-output-channel scales of the quantised matrices (LM
+    /// head `[vocab]`, projections `[L, out]`), after every other argument so that the
+    /// indices above mean the same in every program.
+    pub const S_LM_HEAD: usize = 30;
+    pub const S_WQ: usize = 31;
+    pub const S_WK: usize = 32;
+    pub const S_WV: usize = 33;
+    pub const S_WO: usize = 34;
+    pub const S_WG: usize = 35;
+    pub const S_WU: usize = 36;
+    pub const S_WD: usize = 37;
+    /// Arguments of an int8 program.
+    pub const COUNT_INT8: usize = 38;
+
+    /// The scale argument of a quantised weight argument.
+    pub fn scale_of(weight: usize) -> Option<usize> {
+        Some(match weight {
+            LM_HEAD => S_LM_HEAD,
+            WQ => S_WQ,
+            WK => S_WK,
+            WV => S_WV,
+            WO => S_WO,
+            WG => S_WG,
+            WU => S_WU,
+            WD => S_WD,
+            _ => return None,
+        })
+    }
 }
 
 /// Output order: caches, then per-row results.
@@ -158,6 +194,10 @@ pub fn arg_sharding(index: usize, tp: i64) -> String {
         arg::LM_HEAD => d(&format!("[1,{tp}]")),
         arg::WQ | arg::WK | arg::WV | arg::WG | arg::WU => d(&format!("[1,1,{tp}]")),
         arg::WO | arg::WD => d(&format!("[1,{tp},1]")),
+        // Scales follow their matrix's output axis: split with the column-parallel ones and
+        // the vocabulary, whole beside the row-parallel ones (whose output is not split).
+        arg::S_LM_HEAD => d(&format!("[{tp}]")),
+        arg::S_WQ | arg::S_WK | arg::S_WV | arg::S_WG | arg::S_WU => d(&format!("[1,{tp}]")),
         // The KV-head axis is its own dimension, from the buffer to the attention dot, so
         // GSPMD never has to all-gather or copy the cache to reshape it (see the KV write in
         // the layer for why the layout is [blocks, KV heads, block_size, head_dim]).
@@ -195,10 +235,35 @@ impl ProgramConfig {
                 eps: format!("{:e}", c.rms_norm_eps),
             },
             weight_elem,
+            quantization: Quantization::None,
             num_blocks: num_blocks as i64 + 1,
             block_size: block_size as i64,
             tp: tp as i64,
         }
+    }
+
+    /// The same programs with the projections and LM head stored as `q`.
+    pub fn with_quantization(mut self, q: Quantization) -> ProgramConfig {
+        self.quantization = q;
+        self
+    }
+
+    pub fn arg_count(&self) -> usize {
+        if self.quantization.is_int8() {
+            arg::COUNT_INT8
+        } else {
+            arg::COUNT
+        }
+    }
+
+    /// The arguments the runner holds for the whole run, in the order it keeps them: the
+    /// weights, then (int8) their scales.
+    pub fn weight_args(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..arg::NUM_WEIGHTS).collect();
+        if self.quantization.is_int8() {
+            v.extend(arg::S_LM_HEAD..arg::COUNT_INT8);
+        }
+        v
     }
 
     pub fn slots(&self) -> i64 {
@@ -223,22 +288,28 @@ impl ProgramConfig {
     pub fn arg_types(&self, b: Bucket) -> Vec<Ty> {
         let m = &self.dims;
         let w = self.weight_elem.elem();
+        // The matrices the dots read: int8 when quantised.
+        let mw = if self.quantization.is_int8() {
+            Elem::I8
+        } else {
+            w
+        };
         let (l, h, t) = (m.layers, m.hidden, b.tokens);
         let qs = m.heads * m.head_dim;
         let kvs = self.kv_width();
-        vec![
+        let mut types = vec![
             Ty::new(&[m.vocab, h], w),
             Ty::new(&[h], Elem::F32),
-            Ty::new(&[h, m.vocab], w),
+            Ty::new(&[h, m.vocab], mw),
             Ty::new(&[l, h], Elem::F32),
-            Ty::new(&[l, h, qs], w),
-            Ty::new(&[l, h, kvs], w),
-            Ty::new(&[l, h, kvs], w),
-            Ty::new(&[l, qs, h], w),
+            Ty::new(&[l, h, qs], mw),
+            Ty::new(&[l, h, kvs], mw),
+            Ty::new(&[l, h, kvs], mw),
+            Ty::new(&[l, qs, h], mw),
             Ty::new(&[l, h], Elem::F32),
-            Ty::new(&[l, h, m.inter], w),
-            Ty::new(&[l, h, m.inter], w),
-            Ty::new(&[l, m.inter, h], w),
+            Ty::new(&[l, h, m.inter], mw),
+            Ty::new(&[l, h, m.inter], mw),
+            Ty::new(&[l, m.inter, h], mw),
             Ty::new(&[m.head_dim / 2], Elem::F32),
             Ty::new(&self.cache_dims(), w),
             Ty::new(&self.cache_dims(), w),
@@ -257,7 +328,22 @@ impl ProgramConfig {
             Ty::new(&[], Elem::I32),
             Ty::new(&[t, mask_words(m.vocab)], Elem::I32),
             Ty::new(&[], Elem::I32),
-        ]
+        ];
+        if self.quantization.is_int8() {
+            // Per output channel, as `arg::S_*`.
+            let f = Elem::F32;
+            types.extend([
+                Ty::new(&[m.vocab], f),
+                Ty::new(&[l, qs], f),
+                Ty::new(&[l, kvs], f),
+                Ty::new(&[l, kvs], f),
+                Ty::new(&[l, h], f),
+                Ty::new(&[l, m.inter], f),
+                Ty::new(&[l, m.inter], f),
+                Ty::new(&[l, h], f),
+            ]);
+        }
+        types
     }
 
     /// The StableHLO text of the step program for one bucket.
@@ -358,6 +444,10 @@ impl Emitter<'_> {
             &a[arg::KV_CHUNKS],
         ];
         init.extend(carried_consts.iter().copied());
+        if self.cfg.quantization.is_int8() {
+            // After everything else, so the layer finds the other values where it always does.
+            init.extend(a[arg::S_WQ..=arg::S_WD].iter());
+        }
         let layers = m.layers;
         let cfg = self.cfg.clone();
         let bucket = self.b;
@@ -436,6 +526,13 @@ impl Emitter<'_> {
             &a[arg::MASK],
             &a[arg::MASK_ON],
         ];
+        let int8 = self.cfg.quantization.is_int8();
+        if int8 {
+            init.push(&a[arg::S_LM_HEAD]);
+        }
+        // Carried inputs before the accumulators.
+        let inputs = init.len();
+        debug_assert_eq!(inputs, LOOP_INPUTS + int8 as usize);
         init.extend(acc.iter());
         let cfg = self.cfg.clone();
         let bucket = self.b;
@@ -452,7 +549,18 @@ impl Emitter<'_> {
                 let start = body.mul(&v[0], &step);
                 let rows = body.dynamic_slice(&v[4], &[&start], &[r]);
                 let hr = body.take_rows(&v[2], &rows);
-                let logits = body.dot_general(&hr, &v[3], (&[], &[]), (&[1], &[0]), Elem::F32);
+                let head = if int8 {
+                    body.convert(&v[3], hr.ty.elem)
+                } else {
+                    v[3].clone()
+                };
+                let logits = body.dot_general(&hr, &head, (&[], &[]), (&[1], &[0]), Elem::F32);
+                let logits = if int8 {
+                    let s = body.broadcast(&v[LOOP_INPUTS], logits.dims(), &[1]);
+                    body.mul(&logits, &s)
+                } else {
+                    logits
+                };
                 let logits = if cfg.tp > 1 {
                     // Computed vocab-sharded where the LM head lives, then the (small) logits
                     // gathered: left alone, GSPMD all-gathers the whole LM head instead.
@@ -486,8 +594,8 @@ impl Emitter<'_> {
                 let one = body.constant_int(1, &[], Elem::I32);
                 let z = body.constant_int(0, &[], Elem::I32);
                 let mut next = vec![body.add(&v[0], &one)];
-                next.extend(v[1..LOOP_INPUTS].iter().cloned());
-                for (acc, o) in v[LOOP_INPUTS..].iter().zip(&outs) {
+                next.extend(v[1..inputs].iter().cloned());
+                for (acc, o) in v[inputs..].iter().zip(&outs) {
                     let starts: Vec<&V> = if o.dims().len() == 2 {
                         vec![&start, &z]
                     } else {
@@ -499,7 +607,7 @@ impl Emitter<'_> {
             },
         );
         let mut res = vec![kc.clone(), vc.clone()];
-        res.extend(outs[LOOP_INPUTS..].iter().cloned());
+        res.extend(outs[inputs..].iter().cloned());
         res
     }
 
@@ -517,6 +625,8 @@ impl Emitter<'_> {
         let (wg, wu, wd) = (&v[10], &v[11], &v[12]);
         let (cos, sin, pos, slots) = (&v[13], &v[14], &v[15], &v[16]);
         let (tables, nchunks) = (&v[17], &v[18]);
+        // int8: the stacked scales of wq, wk, wv, wo, wg, wu, wd, carried after the rest.
+        let scales = cfg.quantization.is_int8().then(|| &v[19..26]);
         let b = &mut *self.blk;
         let z = b.constant_int(0, &[], Elem::I32);
 
@@ -530,20 +640,30 @@ impl Emitter<'_> {
             b.reshape(&s, &[r, c])
         };
         // x [T, in] · w [in, out], accumulated in f32 (weights are stored [in, out], the
-        // layout XLA's dot wants without a transpose).
-        let linear = |b: &mut Block, x: &V, wt: &V| -> V {
+        // layout XLA's dot wants without a transpose). An int8 matrix enters the dot converted
+        // to the activation dtype (a convert XLA fuses into the dot's operand, so the int8
+        // bytes are what is read) and its per-channel scales multiply the f32 result.
+        // `which` is the matrix's place in the int8 scales (wq 0, …, wd 6).
+        let linear = |b: &mut Block, x: &V, wt: &V, which: usize| -> V {
             let xw = b.convert(x, w);
-            b.dot_general(&xw, wt, (&[], &[]), (&[1], &[0]), Elem::F32)
+            let Some(scales) = scales else {
+                return b.dot_general(&xw, wt, (&[], &[]), (&[1], &[0]), Elem::F32);
+            };
+            let wt = b.convert(wt, w);
+            let y = b.dot_general(&xw, &wt, (&[], &[]), (&[1], &[0]), Elem::F32);
+            let s = layer_vec(b, &scales[which]);
+            let s = b.broadcast(&s, y.dims(), &[1]);
+            b.mul(&y, &s)
         };
 
         let g_in = layer_vec(b, in_norm);
         let hn = rms_norm(b, x, &g_in, &m.eps);
         let q_w = layer_mat(b, wq);
-        let q = linear(b, &hn, &q_w);
+        let q = linear(b, &hn, &q_w, 0);
         let k_w = layer_mat(b, wk);
-        let k = linear(b, &hn, &k_w);
+        let k = linear(b, &hn, &k_w, 1);
         let vv_w = layer_mat(b, wv);
-        let vv = linear(b, &hn, &vv_w);
+        let vv = linear(b, &hn, &vv_w, 2);
         let q = rope(b, &q, t, nh, d, cos, sin);
         let k = rope(b, &k, t, kvh, d, cos, sin);
 
@@ -592,20 +712,20 @@ impl Emitter<'_> {
             },
         );
         let attn_w = layer_mat(b, wo);
-        let attn = linear(b, &o, &attn_w);
+        let attn = linear(b, &o, &attn_w, 3);
         let x1 = b.add(x, &attn);
 
         let g_post = layer_vec(b, post_norm);
         let hn2 = rms_norm(b, &x1, &g_post, &m.eps);
         let gate_w = layer_mat(b, wg);
-        let gate = linear(b, &hn2, &gate_w);
+        let gate = linear(b, &hn2, &gate_w, 4);
         let up_w = layer_mat(b, wu);
-        let up = linear(b, &hn2, &up_w);
+        let up = linear(b, &hn2, &up_w, 5);
         let sig = b.unary("logistic", &gate);
         let act = b.mul(&gate, &sig);
         let act = b.mul(&act, &up);
         let down_w = layer_mat(b, wd);
-        let down = linear(b, &act, &down_w);
+        let down = linear(b, &act, &down_w, 6);
         let x2 = b.add(&x1, &down);
         let _ = h;
         (x2, kc2, vc2)
@@ -1011,7 +1131,7 @@ pub(crate) fn uniform_hash(b: &mut Block, keys: &V, idx: &V, dims: &[i64]) -> V 
 
 /// Carried values of the logits loop before its accumulators: counter, row count, hidden
 /// states, LM head, logit rows, temperature, RNG keys, targets, top-k, top-p, min-p, token
-/// mask, mask switch.
+/// mask, mask switch; int8 programs carry the LM head's scales after them.
 const LOOP_INPUTS: usize = 13;
 
 /// i32 words of a packed token mask.

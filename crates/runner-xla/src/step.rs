@@ -184,7 +184,8 @@ impl XlaRunner {
         let idle = &self.idle_masks;
         let args: Vec<Vec<&Buffer>> = (0..self.devices.len())
             .map(|d| {
-                let mut a: Vec<&Buffer> = self.weights.iter().map(|w| &w[d]).collect();
+                let (weights, scales) = self.weights.split_at(arg::NUM_WEIGHTS);
+                let mut a: Vec<&Buffer> = weights.iter().map(|w| &w[d]).collect();
                 a.push(&self.k_cache[d]);
                 a.push(&self.v_cache[d]);
                 let (switch, rest) = step_inputs[d].split_last().expect("step inputs");
@@ -194,7 +195,9 @@ impl XlaRunner {
                     None => &idle[&t][d],
                 });
                 a.push(switch);
-                debug_assert_eq!(a.len(), arg::COUNT);
+                // int8: the scales, after everything else (see `arg`).
+                a.extend(scales.iter().map(|s| &s[d]));
+                debug_assert_eq!(a.len(), self.cfg.arg_count());
                 a
             })
             .collect();

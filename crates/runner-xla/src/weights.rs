@@ -10,7 +10,10 @@
 //!   program per argument run once (device memory holds the raw and the laid-out copy of
 //!   one argument at a time);
 //! - host memory holds the tensors in flight, never a copy of the model (a GGUF tensor is
-//!   dequantised on the host, one layer per thread).
+//!   dequantised on the host, one layer per thread);
+//! - with `--quantization int8` each projection and the LM head is quantised on the host as
+//!   it is read, one layer per thread (see [`crate::quant`]), and goes to the devices as int8
+//!   with its per-channel scales; the devices then only transpose and stack it.
 //!
 //! `--load-format dummy` and the KV cache never touch the host: a tiny program fills them on
 //! the devices (see [`fill`]).
@@ -26,6 +29,7 @@ use tpuserve_runner_api::RunnerError;
 
 use crate::hlo::{self, Arg, Elem, Ty};
 use crate::program::{arg, arg_sharding, uniform_hash, ProgramConfig, WeightElem};
+use crate::quant::{quantize_rows, Quantization};
 
 fn werr(e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Weights(e.to_string())
@@ -71,6 +75,15 @@ impl LoadReport {
     }
 }
 
+/// One little-endian element of `dtype` as f32 (exact for every weight dtype).
+pub(crate) fn widen(dtype: DType, c: &[u8]) -> f32 {
+    match dtype {
+        DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+        DType::F16 => f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+        DType::BF16 => bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+    }
+}
+
 /// The tensor's bytes in `to`: borrowed when it already is, else converted on all cores.
 fn in_dtype<'a>(t: &'a HostTensor<'_>, to: DType) -> Cow<'a, [u8]> {
     if t.dtype == to {
@@ -80,13 +93,7 @@ fn in_dtype<'a>(t: &'a HostTensor<'_>, to: DType) -> Cow<'a, [u8]> {
     let (from_size, to_size) = (t.dtype.size_bytes(), to.size_bytes());
     let n = t.bytes.len() / from_size;
     let mut out = vec![0u8; n * to_size];
-    let widen = |c: &[u8]| -> f32 {
-        match t.dtype {
-            DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-            DType::F16 => f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
-            DType::BF16 => bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
-        }
-    };
+    let widen = |c: &[u8]| widen(t.dtype, c);
     out.par_chunks_mut(CHUNK * to_size)
         .zip(t.bytes.par_chunks(CHUNK * from_size))
         .for_each(|(dst, src)| {
@@ -137,9 +144,41 @@ struct WeightPlan {
     transpose: bool,
     /// Stacked `[layers, ...]` even when there is one tensor.
     stacked: bool,
+    /// Held as int8 with per-row (output channel) scales, the argument `arg::scale_of(index)`.
+    quantize: bool,
 }
 
-fn plans(src: &dyn WeightSource, cfg: &LlamaConfig) -> Vec<WeightPlan> {
+impl WeightPlan {
+    /// Rows (output channels) of each device's shard.
+    fn shard_rows(&self, n: usize) -> usize {
+        match self.split {
+            Split::Rows => self.rows / n,
+            Split::Cols => self.rows,
+        }
+    }
+
+    /// Device `d`'s scales of every layer, `[layers, shard rows]` flat, from each layer's
+    /// whole `[rows]`, and their dims.
+    fn scale_shard(&self, per_layer: &[Vec<f32>], d: usize, n: usize) -> (Vec<f32>, Vec<i64>) {
+        let r = self.shard_rows(n);
+        let first = match self.split {
+            Split::Rows => d * r,
+            Split::Cols => 0,
+        };
+        let v: Vec<f32> = per_layer
+            .iter()
+            .flat_map(|s| s[first..first + r].iter().copied())
+            .collect();
+        let dims = if self.stacked {
+            vec![per_layer.len() as i64, r as i64]
+        } else {
+            vec![r as i64]
+        };
+        (v, dims)
+    }
+}
+
+fn plans(src: &dyn WeightSource, cfg: &LlamaConfig, quant: Quantization) -> Vec<WeightPlan> {
     let (h, qs, kvs, inter, vocab, layers) = (
         cfg.hidden_size,
         cfg.q_size(),
@@ -167,6 +206,7 @@ fn plans(src: &dyn WeightSource, cfg: &LlamaConfig) -> Vec<WeightPlan> {
         split,
         transpose: true,
         stacked: true,
+        quantize: quant.is_int8(),
     };
     let (rs, cs) = (Split::Rows, Split::Cols);
     vec![
@@ -179,6 +219,8 @@ fn plans(src: &dyn WeightSource, cfg: &LlamaConfig) -> Vec<WeightPlan> {
             split: rs,
             transpose: false,
             stacked: false,
+            // Looked up by row, never read whole by a step: kept in the weight dtype.
+            quantize: false,
         },
         WeightPlan {
             index: arg::LM_HEAD,
@@ -188,6 +230,7 @@ fn plans(src: &dyn WeightSource, cfg: &LlamaConfig) -> Vec<WeightPlan> {
             split: rs,
             transpose: true,
             stacked: false,
+            quantize: quant.is_int8(),
         },
         layer(arg::WQ, "self_attn.q_proj.weight", qs, h, rs),
         layer(arg::WK, "self_attn.k_proj.weight", kvs, h, rs),
@@ -319,8 +362,25 @@ fn run_once(
         .collect()
 }
 
-/// One layer's shards on every device: (layer, `[device]`, bytes sent).
-type Uploaded = (usize, Vec<Buffer>, u64);
+/// One layer's shards on every device: (layer, `[device]`, bytes sent, int8 scales of the
+/// whole layer).
+type Uploaded = (usize, Vec<Buffer>, u64, Vec<f32>);
+
+/// One argument placed on the devices: `[device]`, and (int8) its scales' `[device]`.
+struct Placed {
+    weight: Vec<Buffer>,
+    scales: Option<Vec<Buffer>>,
+}
+
+/// What the devices receive of one argument before the layout program.
+struct Raw {
+    /// `[layer][device]`
+    layers: Vec<Vec<Buffer>>,
+    elem: Elem,
+    bytes: u64,
+    /// int8: each layer's `[rows]` scales.
+    scales: Vec<Vec<f32>>,
+}
 
 struct Placer<'a> {
     client: &'a Client,
@@ -333,13 +393,17 @@ struct Placer<'a> {
 
 impl Placer<'_> {
     /// Uploads every tensor of `p` in its checkpoint dtype (converted on the host only when a
-    /// layer's dtype differs from the first layer's), each device's shard separately, layers
-    /// on `threads` threads at once. Returns `[layer][device]` and the dtype.
-    fn upload_raw(&self, p: &WeightPlan) -> Result<(Vec<Vec<Buffer>>, DType, u64), RunnerError> {
+    /// layer's dtype differs from the first layer's) or quantised to int8, each device's shard
+    /// separately, layers on `threads` threads at once.
+    fn upload_raw(&self, p: &WeightPlan) -> Result<Raw, RunnerError> {
         let shape = [p.rows, p.cols];
         let dtype = self.src.tensor_dtype(&p.names[0]).map_err(werr)?;
-        let (ety, _) = element_type(dtype);
-        let es = dtype.size_bytes();
+        let (ety, elem, es) = if p.quantize {
+            (ElementType::S8, Elem::I8, 1)
+        } else {
+            let (ety, elem) = element_type(dtype);
+            (ety, elem, dtype.size_bytes())
+        };
         let n = self.devices.len();
         let dims: [i64; 2] = match p.split {
             Split::Rows => [(p.rows / n) as i64, p.cols as i64],
@@ -355,7 +419,12 @@ impl Placer<'_> {
                             let l = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(name) = p.names.get(l) else { break };
                             let t = self.src.expect(name, &shape).map_err(werr)?;
-                            let bytes = in_dtype(&t, dtype);
+                            let (bytes, scales) = if p.quantize {
+                                let q = quantize_rows(&t, p.rows, p.cols);
+                                (Cow::Owned(q.bytes), q.scales)
+                            } else {
+                                (in_dtype(&t, dtype), Vec::new())
+                            };
                             let mut bufs = Vec::with_capacity(n);
                             let mut sent = 0u64;
                             for (d, dev) in self.devices.iter().enumerate() {
@@ -366,7 +435,7 @@ impl Placer<'_> {
                                         .map_err(derr)?,
                                 );
                             }
-                            done.push((l, bufs, sent));
+                            done.push((l, bufs, sent, scales));
                         }
                         Ok(done)
                     })
@@ -380,45 +449,81 @@ impl Placer<'_> {
                 })
                 .collect()
         });
-        let mut layers: Vec<Option<Vec<Buffer>>> = (0..p.names.len()).map(|_| None).collect();
+        let mut layers: Vec<Option<(Vec<Buffer>, Vec<f32>)>> =
+            (0..p.names.len()).map(|_| None).collect();
         let mut bytes = 0;
         for r in results {
-            for (l, bufs, sent) in r? {
-                layers[l] = Some(bufs);
+            for (l, bufs, sent, scales) in r? {
+                layers[l] = Some((bufs, scales));
                 bytes += sent;
             }
         }
-        let layers = layers
+        let (layers, scales) = layers
             .into_iter()
             .map(|l| l.ok_or_else(|| werr("a layer was not uploaded")))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((layers, dtype, bytes))
+            .collect::<Result<(Vec<_>, Vec<_>), _>>()?;
+        Ok(Raw {
+            layers,
+            elem,
+            bytes,
+            scales: if p.quantize { scales } else { Vec::new() },
+        })
+    }
+
+    /// The int8 scales of `p` on every device, from each layer's `[rows]` (small: uploaded
+    /// as they are, stacked and sharded on the host).
+    fn scale_buffers(
+        &self,
+        p: &WeightPlan,
+        per_layer: &[Vec<f32>],
+        report: &mut LoadReport,
+    ) -> Result<Vec<Buffer>, RunnerError> {
+        let n = self.devices.len();
+        self.devices
+            .iter()
+            .enumerate()
+            .map(|(d, dev)| {
+                let (v, dims) = p.scale_shard(per_layer, d, n);
+                report.bytes += (v.len() * 4) as u64;
+                Buffer::from_slice(self.client, &v, &dims, dev).map_err(derr)
+            })
+            .collect()
     }
 
     /// One argument on the devices, as `[device]`.
-    fn place(&self, p: &WeightPlan, report: &mut LoadReport) -> Result<Vec<Buffer>, RunnerError> {
+    fn place(&self, p: &WeightPlan, report: &mut LoadReport) -> Result<Placed, RunnerError> {
         if self.on_host {
             return self.place_on_host(p, report);
         }
         let t = Instant::now();
-        let (mut layers, dtype, bytes) = self.upload_raw(p)?;
+        let mut raw = self.upload_raw(p)?;
         report.upload += t.elapsed();
-        report.bytes += bytes;
-        let (_, input) = element_type(dtype);
-        let output = self.elem.elem();
+        report.bytes += raw.bytes;
+        let scales = if p.quantize {
+            Some(self.scale_buffers(p, &raw.scales, report)?)
+        } else {
+            None
+        };
+        let input = raw.elem;
+        let output = if p.quantize {
+            Elem::I8
+        } else {
+            self.elem.elem()
+        };
         if !p.transpose && !p.stacked && input == output {
             // Already the argument (the embedding table in the device dtype).
-            return Ok(layers.pop().expect("one tensor"));
+            let weight = raw.layers.pop().expect("one tensor");
+            return Ok(Placed { weight, scales });
         }
         let t = Instant::now();
         let n = self.devices.len();
         let text = layout_program(p, input, output, n);
         let inputs: Vec<Vec<&Buffer>> = (0..n)
-            .map(|d| layers.iter().map(|l| &l[d]).collect())
+            .map(|d| raw.layers.iter().map(|l| &l[d]).collect())
             .collect();
-        let out = run_once(self.client, self.devices, &text, &inputs)?;
+        let weight = run_once(self.client, self.devices, &text, &inputs)?;
         report.layout += t.elapsed();
-        Ok(out)
+        Ok(Placed { weight, scales })
     }
 }
 
@@ -467,6 +572,7 @@ fn transpose_block(
     dst: &mut [u8],
 ) {
     match esize {
+        1 => transpose_into::<1>(src, cols, rows, cs, dst),
         2 => transpose_into::<2>(src, cols, rows, cs, dst),
         4 => transpose_into::<4>(src, cols, rows, cs, dst),
         other => unreachable!("no {other}-byte weight dtype"),
@@ -481,12 +587,15 @@ impl Placer<'_> {
         &self,
         p: &WeightPlan,
         report: &mut LoadReport,
-    ) -> Result<Vec<Buffer>, RunnerError> {
+    ) -> Result<Placed, RunnerError> {
         let t = Instant::now();
         let n = self.devices.len();
         let to = host_dtype(self.elem);
-        let (ety, _) = element_type(to);
-        let es = to.size_bytes();
+        let (ety, es) = if p.quantize {
+            (ElementType::S8, 1)
+        } else {
+            (element_type(to).0, to.size_bytes())
+        };
         let (sr, sc) = match p.split {
             Split::Rows => (p.rows / n, p.cols),
             Split::Cols => (p.rows, p.cols / n),
@@ -513,11 +622,18 @@ impl Placer<'_> {
         }
         let shape = [p.rows, p.cols];
         let read = std::sync::atomic::AtomicU64::new(0);
-        jobs.into_par_iter().zip(p.names.par_iter()).try_for_each(
-            |(dsts, name)| -> Result<(), RunnerError> {
+        let per_layer_scales = jobs
+            .into_par_iter()
+            .zip(p.names.par_iter())
+            .map(|(dsts, name)| -> Result<Vec<f32>, RunnerError> {
                 let t = self.src.expect(name, &shape).map_err(werr)?;
                 read.fetch_add(t.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                let b = in_dtype(&t, to);
+                let (b, scales) = if p.quantize {
+                    let q = quantize_rows(&t, p.rows, p.cols);
+                    (Cow::Owned(q.bytes), q.scales)
+                } else {
+                    (in_dtype(&t, to), Vec::new())
+                };
                 for (d, dst) in dsts.into_iter().enumerate() {
                     let (rr, cc) = match p.split {
                         Split::Rows => ((d * sr, (d + 1) * sr), (0, p.cols)),
@@ -529,17 +645,24 @@ impl Placer<'_> {
                         dst.copy_from_slice(&shard(&b, p.rows, p.cols, es, p.split, d, n));
                     }
                 }
-                Ok(())
-            },
-        )?;
+                Ok(scales)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         report.upload += t.elapsed();
         report.bytes += read.into_inner();
-        outs.into_iter()
+        let scales = if p.quantize {
+            Some(self.scale_buffers(p, &per_layer_scales, report)?)
+        } else {
+            None
+        };
+        let weight = outs
+            .into_iter()
             .zip(self.devices)
             .map(|(bytes, dev)| {
                 Buffer::from_host_owned(self.client, bytes, ety, &dims, dev).map_err(derr)
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Placed { weight, scales })
     }
 }
 
@@ -579,13 +702,23 @@ fn rope_arg(
         .collect()
 }
 
-/// Every weight argument of the step program, as `[argument][device]`, and what it cost.
+/// The place of weight argument `index` in the runner's list (`ProgramConfig::weight_args`).
+pub fn weight_slot(index: usize) -> usize {
+    if index < arg::NUM_WEIGHTS {
+        index
+    } else {
+        arg::NUM_WEIGHTS + index - arg::S_LM_HEAD
+    }
+}
+
+/// Every weight argument of the step program (with `quant` int8, then the scales), as
+/// `[argument][device]` in `ProgramConfig::weight_args` order, and what it cost.
 pub fn upload(
     client: &Client,
     devices: &[Device],
     src: &dyn WeightSource,
     cfg: &LlamaConfig,
-    elem: WeightElem,
+    (elem, quant): (WeightElem, Quantization),
     layout: Layout,
 ) -> Result<(Vec<Vec<Buffer>>, LoadReport), RunnerError> {
     let t0 = Instant::now();
@@ -605,15 +738,24 @@ pub fn upload(
             .map_or(4, |p| p.get())
             .clamp(4, 32),
     };
-    let plans = plans(src, cfg);
+    let plans = plans(src, cfg, quant);
     let mut report = LoadReport::default();
-    let mut slots: Vec<Option<Vec<Buffer>>> = (0..arg::NUM_WEIGHTS).map(|_| None).collect();
+    let count = if quant.is_int8() {
+        arg::NUM_WEIGHTS + arg::COUNT_INT8 - arg::S_LM_HEAD
+    } else {
+        arg::NUM_WEIGHTS
+    };
+    let mut slots: Vec<Option<Vec<Buffer>>> = (0..count).map(|_| None).collect();
     src.prefetch(&plans[0].names);
     for (k, p) in plans.iter().enumerate() {
         if let Some(next) = plans.get(k + 1) {
             src.prefetch(&next.names);
         }
-        slots[p.index] = Some(placer.place(p, &mut report)?);
+        let placed = placer.place(p, &mut report)?;
+        slots[p.index] = Some(placed.weight);
+        if let (Some(s), Some(i)) = (placed.scales, arg::scale_of(p.index)) {
+            slots[weight_slot(i)] = Some(s);
+        }
     }
     let layers = cfg.num_hidden_layers;
     let per_layer = |suffix: &str| -> Vec<String> {
@@ -668,12 +810,26 @@ pub fn dummy(
         tile: 1,
         top_k: 0,
     });
-    let mut out = Vec::with_capacity(arg::NUM_WEIGHTS);
+    let mut out = Vec::with_capacity(program.weight_args().len());
     let mut report = LoadReport::default();
-    for (i, ty) in types.iter().enumerate().take(arg::NUM_WEIGHTS - 1) {
-        let fill = Fill::Uniform {
-            seed: i as u32 + 1,
-            scale: tpuserve_model::dummy::DUMMY_SCALE,
+    let dummy = tpuserve_model::dummy::DUMMY_SCALE;
+    for i in program.weight_args() {
+        if i == arg::INV_FREQ {
+            out.push(rope_arg(client, devices, cfg)?);
+            continue;
+        }
+        let ty = &types[i];
+        let fill = match ty.elem {
+            // int8 values over the whole range, and scales that make them ±DUMMY_SCALE.
+            Elem::I8 => Fill::Uniform {
+                seed: i as u32 + 1,
+                scale: 127.0,
+            },
+            _ if i >= arg::S_LM_HEAD => Fill::Constant(dummy / 127.0),
+            _ => Fill::Uniform {
+                seed: i as u32 + 1,
+                scale: dummy,
+            },
         };
         let bufs = fill::run(client, devices, ty, &arg_sharding(i, program.tp), fill)?;
         report.bytes += bufs
@@ -682,7 +838,6 @@ pub fn dummy(
             .sum::<u64>();
         out.push(bufs);
     }
-    out.push(rope_arg(client, devices, cfg)?);
     report.wall = t0.elapsed();
     Ok((out, report))
 }
@@ -697,6 +852,7 @@ pub mod fill {
     #[derive(Debug, Clone, Copy)]
     pub enum Fill {
         Zeros,
+        Constant(f32),
         /// Uniform in `(-scale, scale)` from a hash of each element's index in the whole
         /// tensor (the sampler's hash, `program::uniform_hash`).
         Uniform {
@@ -709,8 +865,12 @@ pub mod fill {
     pub fn program(ty: &Ty, sharding: &str, tp: usize, fill: Fill) -> String {
         hlo::module("fill", tp, &[] as &[Arg], |b, _| {
             let v = match fill {
-                Fill::Zeros => {
-                    let z = b.constant_f32(0.0, &[]);
+                Fill::Zeros | Fill::Constant(_) => {
+                    let v = match fill {
+                        Fill::Constant(v) => v,
+                        _ => 0.0,
+                    };
+                    let z = b.constant_f32(v, &[]);
                     let z = b.convert(&z, ty.elem);
                     b.broadcast(&z, &ty.dims, &[])
                 }

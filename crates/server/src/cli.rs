@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Args};
 use tpuserve_model::LoadFormat;
 use tpuserve_runner_api::sizing;
+use tpuserve_runner_xla::Quantization;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -45,6 +46,12 @@ pub struct ServeArgs {
     /// dequantises every weight (the reference).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// `int8` (XLA devices): projections and LM head held as int8 with one scale per output
+    /// channel, quantised at load from any checkpoint (bf16, f32, GGUF) and dequantised inside
+    /// each dot; half the weight bytes of bf16, and the memory freed goes to the KV cache.
+    /// vLLM's other methods (fp8, awq, gptq, ...) are logged as ignored.
+    #[arg(long)]
+    pub quantization: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_enable_prefix_caching")]
@@ -199,6 +206,42 @@ impl ServeArgs {
         !self.no_enable_prefix_caching
     }
 
+    /// The `--quantization` tpuserve applies (int8), or none (absent, or a vLLM method it
+    /// does not have: that one is `ignored`, the line to log).
+    pub fn quantization(&self) -> (Quantization, Option<String>) {
+        let Some(v) = &self.quantization else {
+            return (Quantization::None, None);
+        };
+        match Quantization::from_flag(v) {
+            Some(q) => (q, None),
+            None => {
+                let given = crate::vllm_flags::Given {
+                    flag: "--quantization".into(),
+                    value: Some(v.clone()),
+                    refused: false,
+                    reason: "tpuserve implements only int8 (weight-only, per-channel scales, \
+                             XLA devices); other methods run the weights in the checkpoint's \
+                             dtype (or --dtype)",
+                    invalid: None,
+                };
+                (Quantization::None, Some(given.ignored_line()))
+            }
+        }
+    }
+
+    /// `--quantization int8` on the CPU runner: a usage error naming the flag (the CPU runner
+    /// runs GGUF blocks in place, or float32; it has no int8 path of this kind).
+    pub fn check_quantization_on_cpu(&self) -> Result<(), UsageError> {
+        if self.quantization().0.is_int8() {
+            return Err(UsageError(
+                "--quantization int8 needs an XLA device (--device xla-cpu, tpu or cuda); the \
+                 CPU runner keeps GGUF blocks in place (--dtype auto) or runs float32"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The size flags that need no model: each bad value is a usage error naming its flag
     /// (checked before anything loads; a block size of 0 would divide by zero later).
     pub fn check_sizes(&self) -> Result<(), UsageError> {
@@ -252,6 +295,9 @@ impl ServeArgs {
         }
         if let Some(g) = self.vllm_given.iter().find(|g| g.refused) {
             return Err(UsageError(g.refused_line()));
+        }
+        if self.device == "cpu" {
+            self.check_quantization_on_cpu()?;
         }
         if let Some(p) = &self.tool_call_parser {
             if !crate::tools::PARSERS.contains(&p.as_str()) {

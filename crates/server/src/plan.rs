@@ -10,7 +10,7 @@ use tpuserve_runner_xla::deviceless::{self, Figures, ProgramCost, StepParts};
 use tpuserve_runner_xla::plan::{device_spec, plan, Plan, DEVICES};
 use tpuserve_runner_xla::program::Bucket;
 use tpuserve_runner_xla::program::ProgramConfig;
-use tpuserve_runner_xla::{WeightElem, XlaRunner, XlaRunnerOptions};
+use tpuserve_runner_xla::{Quantization, WeightElem, XlaRunner, XlaRunnerOptions};
 
 #[derive(Args)]
 pub struct PlanArgs {
@@ -24,6 +24,10 @@ pub struct PlanArgs {
     device: String,
     #[arg(long, default_value = "bfloat16")]
     dtype: String,
+    /// As `serve --quantization`: `int8` plans the projections and the LM head as int8 with
+    /// per-channel scales (the KV cache gets the bytes they free).
+    #[arg(long, value_parser = parse_quantization)]
+    quantization: Option<Quantization>,
     #[arg(long)]
     max_model_len: Option<usize>,
     #[arg(long, default_value_t = sizing::DEFAULT_MAX_NUM_SEQS)]
@@ -135,7 +139,8 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         a.block_size,
         max_model_len,
         tpuserve_runner_xla::default_kv_chunk_tokens("tpu"),
-    );
+    )
+    .with_quantization(a.quantization.unwrap_or_default());
     let buckets = XlaRunner::bucket_set(&XlaRunnerOptions {
         max_num_batched_tokens: batched_tokens(a),
         max_model_len,
@@ -389,6 +394,11 @@ fn step_model(
     Ok(())
 }
 
+fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    Quantization::from_flag(s)
+        .ok_or_else(|| format!("{s}: tpuserve plans only int8 (weight-only, per-channel scales)"))
+}
+
 fn positive_gbps(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
@@ -459,6 +469,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         a.max_num_seqs,
         a.gpu_memory_utilization,
         a.block_size,
+        a.quantization.unwrap_or_default(),
     )?
     .with_read_gbps(a.read_gbps);
     if a.json {

@@ -71,6 +71,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for given in args.vllm_given.iter().filter(|g| !g.refused) {
         tracing::warn!("{}", given.ignored_line());
     }
+    let (quantization, ignored) = args.quantization();
+    if let Some(line) = ignored {
+        tracing::warn!("{line}");
+    }
     // Certificate files are read before the model loads: a bad one fails at once.
     let tls = match (&args.ssl_keyfile, &args.ssl_certfile) {
         (Some(keyfile), Some(certfile)) => Some(crate::tls::acceptor(&crate::tls::TlsFiles {
@@ -108,6 +112,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let runner: Box<dyn ModelRunner> = match &backend {
         Backend::Cpu => {
+            // `--device auto` may land here: the same usage error as `--device cpu`.
+            args.check_quantization_on_cpu()?;
             // `auto`: the checkpoint's own form (GGUF blocks in place); `float32`: every
             // weight dequantised to f32, the numerical reference.
             let weights = match args.dtype.as_str() {
@@ -164,6 +170,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     max_model_len,
                     max_logprobs: args.max_logprobs,
                     weight_dtype,
+                    quantization,
                     compile_cache_dir: cache_dir,
                     strict_no_recompile: std::env::var("VLLM_XLA_CHECK_RECOMPILATION")
                         .is_ok_and(|v| v == "1"),

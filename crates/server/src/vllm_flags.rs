@@ -293,7 +293,8 @@ const IMPLEMENTED_BOOLS: &[&str] = &[
 ];
 
 /// Short spellings of flags tpuserve implements.
-const IMPLEMENTED_ALIASES: &[(&str, &str)] = &[("-tp", "--tensor-parallel-size")];
+const IMPLEMENTED_ALIASES: &[(&str, &str)] =
+    &[("-tp", "--tensor-parallel-size"), ("-q", "--quantization")];
 
 /// The long flag a vLLM short spelling stands for.
 fn alias_target(short: &str) -> Option<String> {
