@@ -192,7 +192,8 @@ pub fn arg_sharding(index: usize, tp: i64) -> String {
     match index {
         arg::EMBED => d(&format!("[{tp},1]")),
         arg::LM_HEAD => d(&format!("[1,{tp}]")),
-        arg::WQ | arg::WK | arg::WV | arg::WG | arg::WU => d(&format!("[1,1,{tp}]")),
+        arg::WQ => d(&format!("[1,{tp},1]")),
+        arg::WK | arg::WV | arg::WG | arg::WU => d(&format!("[1,1,{tp}]")),
         arg::WO | arg::WD => d(&format!("[1,{tp},1]")),
         // Scales follow their matrix's output axis: split with the column-parallel ones and
         // the vocabulary, whole beside the row-parallel ones (whose output is not split).
@@ -302,7 +303,7 @@ impl ProgramConfig {
             Ty::new(&[h], Elem::F32),
             Ty::new(&[h, m.vocab], mw),
             Ty::new(&[l, h], Elem::F32),
-            Ty::new(&[l, h, qs], mw),
+            Ty::new(&[l, qs, h], mw),
             Ty::new(&[l, h, kvs], mw),
             Ty::new(&[l, h, kvs], mw),
             Ty::new(&[l, qs, h], mw),
@@ -640,17 +641,22 @@ impl Emitter<'_> {
             b.reshape(&s, &[r, c])
         };
         // x [T, in] · w [in, out], accumulated in f32 (weights are stored [in, out], the
-        // layout XLA's dot wants without a transpose). An int8 matrix enters the dot converted
+        // layout XLA's dot wants without a transpose), except wq (`which` 0), stored
+        // [out, in] as in the checkpoint: its output is split into heads for RoPE and the
+        // attention, and the TPU compiler lays that dot out heads-major; from [in, out] it
+        // copied the layer's whole Q slice into [out, in] every layer (~33 MB per layer per
+        // chip at 70B TP 8, deviceless v6e:2x4). An int8 matrix enters the dot converted
         // to the activation dtype (a convert XLA fuses into the dot's operand, so the int8
         // bytes are what is read) and its per-channel scales multiply the f32 result.
         // `which` is the matrix's place in the int8 scales (wq 0, …, wd 6).
         let linear = |b: &mut Block, x: &V, wt: &V, which: usize| -> V {
             let xw = b.convert(x, w);
+            let rc: &[i64] = if which == 0 { &[1] } else { &[0] };
             let Some(scales) = scales else {
-                return b.dot_general(&xw, wt, (&[], &[]), (&[1], &[0]), Elem::F32);
+                return b.dot_general(&xw, wt, (&[], &[]), (&[1], rc), Elem::F32);
             };
             let wt = b.convert(wt, w);
-            let y = b.dot_general(&xw, &wt, (&[], &[]), (&[1], &[0]), Elem::F32);
+            let y = b.dot_general(&xw, &wt, (&[], &[]), (&[1], rc), Elem::F32);
             let s = layer_vec(b, &scales[which]);
             let s = b.broadcast(&s, y.dims(), &[1]);
             b.mul(&y, &s)

@@ -197,7 +197,7 @@ fn plans(src: &dyn WeightSource, cfg: &LlamaConfig, quant: Quantization) -> Vec<
     } else {
         "model.embed_tokens.weight"
     };
-    // Every per-layer matrix is stored transposed ([in, out]) and stacked.
+    // Every per-layer matrix but wq is stored transposed ([in, out]); all are stacked.
     let layer = |index: usize, suffix: &str, rows: usize, cols: usize, split: Split| WeightPlan {
         index,
         names: per_layer(suffix),
@@ -232,7 +232,11 @@ fn plans(src: &dyn WeightSource, cfg: &LlamaConfig, quant: Quantization) -> Vec<
             stacked: false,
             quantize: quant.is_int8(),
         },
-        layer(arg::WQ, "self_attn.q_proj.weight", qs, h, rs),
+        // wq stays [out, in], as stored (program.rs `linear` says why).
+        WeightPlan {
+            transpose: false,
+            ..layer(arg::WQ, "self_attn.q_proj.weight", qs, h, rs)
+        },
         layer(arg::WK, "self_attn.k_proj.weight", kvs, h, rs),
         layer(arg::WV, "self_attn.v_proj.weight", kvs, h, rs),
         layer(arg::WO, "self_attn.o_proj.weight", h, qs, cs),

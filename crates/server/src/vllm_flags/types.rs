@@ -31,7 +31,6 @@ pub static VALUE_TYPES: &[(&str, ValueType, bool)] = &[
     ("allowed-local-media-path", Str, false),
     ("allowed-media-domains", Str, true),
     ("code-revision", Str, true),
-    ("quantization", Str, true),
     ("quantization-config", Json, true),
     ("config-format", Str, false),
     ("pooler-config", Json, true),
