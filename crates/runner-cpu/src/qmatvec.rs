@@ -266,15 +266,56 @@ fn quantize_into(x: &[f32], a: &mut QActs) {
     }
 }
 
-/// The same code compiled for AVX2 so that LLVM vectorises it 8 wide (the crate's baseline
-/// is SSE2). Same operations, same results.
+/// AVX2: a block is 4 vectors; max |x| by a vector max tree, values scaled, rounded to
+/// nearest even by `vcvtps2dq` (what `ROUND_MAGIC` does in the portable code, so both give
+/// the same bytes) and packed to bytes. The auto-vectorised portable loop stayed scalar and
+/// was 16 % of a 32-stream decode profile.
 ///
 /// # Safety
 /// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_into_avx2(x: &[f32], a: &mut QActs) {
-    quantize_into(x, a)
+    use std::arch::x86_64::*;
+    let sign = _mm256_set1_ps(-0.0);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let lim = _mm256_set1_ps(127.0);
+    for (i, xb) in x.chunks_exact(QK).enumerate() {
+        let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(xb.as_ptr().add(8 * k)));
+        let ab = v.map(|v| _mm256_andnot_ps(sign, v));
+        let m = _mm256_max_ps(_mm256_max_ps(ab[0], ab[1]), _mm256_max_ps(ab[2], ab[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+        let scale = _mm_cvtss_f32(m) / 127.0;
+        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let q = v.map(|v| {
+            let t = _mm256_mul_ps(v, inv);
+            _mm256_cvtps_epi32(_mm256_max_ps(
+                _mm256_min_ps(t, lim),
+                _mm256_sub_ps(_mm256_setzero_ps(), lim),
+            ))
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            ),
+            order,
+        );
+        _mm256_storeu_si256(a.q.as_mut_ptr().add(i * QK) as *mut __m256i, bytes);
+        let ub = _mm256_xor_si256(bytes, _mm256_set1_epi8(-128));
+        _mm256_storeu_si256(a.qu.as_mut_ptr().add(i * QK) as *mut __m256i, ub);
+        a.d[i] = scale;
+        a.s[i] = scale * _mm_cvtsi128_si32(s) as f32;
+    }
 }
 
 /// Quantises `rows × cols` activations (`cols` a multiple of 32), block by block:
@@ -768,6 +809,25 @@ mod tests {
         for (&q, &u) in a.q.iter().zip(&a.qu) {
             assert_eq!(q as i32 + 128, u as i32);
         }
+        let mut portable = QActs {
+            rows: 5,
+            blocks: 2,
+            q: vec![0; 5 * 64],
+            qu: vec![0; 5 * 64],
+            d: vec![0.0; 10],
+            s: vec![0.0; 10],
+        };
+        quantize_into(&x, &mut portable);
+        assert_eq!(
+            (&portable.q, &portable.qu, &portable.d, &portable.s),
+            (&a.q, &a.qu, &a.d, &a.s),
+            "the vector path differs from the portable one"
+        );
+        // Exact ties (scale 1) round to even on both paths.
+        let mut tie = vec![0.5f32; 32];
+        tie[..4].copy_from_slice(&[127.0, 2.5, -3.5, -0.5]);
+        let t = quantize_acts(&tie, 1, 32);
+        assert_eq!(&t.q[..5], &[127, 2, -4, 0, 0]);
         let z = quantize_acts(&[0f32; 32], 1, 32);
         assert_eq!((z.d[0], z.s[0]), (0.0, 0.0));
     }
