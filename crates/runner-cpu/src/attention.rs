@@ -199,11 +199,31 @@ fn query_row(
             *s = (*s - max).exp();
             sum += *s;
         }
+        for s in scores.iter_mut() {
+            *s /= sum;
+        }
+        // 32 output dims at a time held in registers across all positions (the loop over
+        // positions inside re-loaded and re-stored the output row per position); each dim
+        // still adds its terms in position order from zero: the same bits.
+        const C: usize = 32;
         let oh = &mut orow[h * head_dim..(h + 1) * head_dim];
-        for (s, &slot) in scores.iter().zip(&slots) {
-            let w = s / sum;
-            let vh = &v_cache[slot * kvs + g * head_dim..slot * kvs + (g + 1) * head_dim];
-            for (o, &v) in oh.iter_mut().zip(vh) {
+        let vbase = g * head_dim;
+        let mut c0 = 0;
+        while c0 + C <= head_dim {
+            let mut acc = [0f32; C];
+            acc.copy_from_slice(&oh[c0..c0 + C]);
+            for (&w, &slot) in scores.iter().zip(&slots) {
+                let vh = &v_cache[slot * kvs + vbase + c0..slot * kvs + vbase + c0 + C];
+                for k in 0..C {
+                    acc[k] += w * vh[k];
+                }
+            }
+            oh[c0..c0 + C].copy_from_slice(&acc);
+            c0 += C;
+        }
+        for (&w, &slot) in scores.iter().zip(&slots) {
+            let vh = &v_cache[slot * kvs + vbase + c0..slot * kvs + vbase + head_dim];
+            for (o, &v) in oh[c0..].iter_mut().zip(vh) {
                 *o += w * v;
             }
         }
