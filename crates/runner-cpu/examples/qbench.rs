@@ -1,5 +1,5 @@
 //! Micro-benchmark of the decode matmuls at SmolLM2-135M shapes (Q4_1 layers, Q8_0 LM head)
-//! per kernel, against the f32 kernel on same-shaped weights:
+//! at 1, 8, 32 and 64 rows per kernel, against the f32 kernel on same-shaped weights:
 //! `cargo run --release -p tpuserve-runner-cpu --example qbench` (`QISA=Avx2` picks one).
 
 use std::time::Instant;
@@ -14,7 +14,7 @@ fn main() {
         (576, 1536, QType::Q4_1),
         (49152, 576, QType::Q8_0),
     ];
-    for rows in [1usize, 8] {
+    for rows in [1usize, 8, 32, 64] {
         for isa in available_isas()
             .into_iter()
             .filter(|i| std::env::var("QISA").map_or(true, |v| format!("{i:?}") == v))

@@ -20,8 +20,9 @@ use crate::weights::{LayerWeights, Matrix, ModelWeights};
 /// The form the runner keeps weights in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuWeights {
-    /// The checkpoint's own form: GGUF Q4_0 / Q4_1 / Q8_0 blocks used in place by the
-    /// `qmatvec` kernels (int8 activations); everything else dequantised / widened to f32.
+    /// The checkpoint's own form: GGUF Q4_0 / Q4_1 / Q8_0 blocks, repacked at load into the
+    /// `qmatvec` kernels' 16-row panels (same bytes per weight) and computed on with int8
+    /// activations; everything else dequantised / widened to f32.
     #[default]
     Native,
     /// Every weight dequantised to f32: the numerical reference.

@@ -1,18 +1,24 @@
-//! `x · Wᵀ` with W kept in the checkpoint's ggml blocks (Q4_0, Q4_1, Q8_0): a decode step
-//! reads ~0.6 (Q4) or ~1.06 (Q8) bytes per weight instead of 4 for an f32 copy, and the CPU
-//! runner is bound by that stream. As llama.cpp does, each activation row is first quantised
-//! per 32-block to int8 with an f32 scale `d` and `s = d·Σq` (the term Q4's per-block offset
-//! multiplies), so a block's dot product is one integer dot of 32 bytes:
+//! `x · Wᵀ` with W kept in the checkpoint's ggml block forms (Q4_0, Q4_1, Q8_0): a decode step
+//! reads ~0.6 (Q4) or ~1.06 (Q8) bytes per weight instead of 4 for an f32 copy. As llama.cpp
+//! does, each activation row is first quantised per 32-block to int8 with an f32 scale `d` and
+//! `s = d·Σq` (the term Q4's per-block offset multiplies), so a block's dot product is one
+//! integer dot of 32 bytes:
 //!
 //! - Q4_1 (`w = dw·u + mw`, u in 0..16): `dw·dx·Σ u·q + mw·s`
 //! - Q4_0 (`w = dw·(u − 8)`): the same with `mw = −8·dw`
 //! - Q8_0 (`w = dw·q'`): `dw·dx·Σ q'·q`
 //!
-//! Integer dots use AVX-512 VNNI (`vpdpbusd`, two blocks per instruction) or AVX2
-//! (`vpmaddubsw` + `vpmaddwd`), picked at run time, with a portable scalar path. Like
-//! `matvec`, a tile of R activation rows × J weight rows shares every load, and one (row,
-//! weight row) pair runs the same operations in the same order whatever R, J and the batch
-//! are, so a row's result does not depend on what it is batched with.
+//! The blocks are repacked once at load into panels of 16 weight rows (same bytes per weight,
+//! no f32 copy): per (panel, block), 4 bytes of each of the 16 rows side by side, so one
+//! 64-byte vector holds `W[j0..j0+16, k..k+4]`. A row's 4 activation bytes broadcast against
+//! it make one `vpdpbusd` (AVX-512 VNNI) or `vpmaddubsw`+`vpmaddwd` (AVX2) compute 16 (8)
+//! outputs at once, and a block's scales convert to f32 16 at a time (`vcvtph2ps`). The
+//! earlier layout (one row's blocks contiguous, a horizontal integer dot per block and row)
+//! spent more instructions converting and scaling each block than on its 32 products; here
+//! the scale work per block is a few vector ops per 16 outputs, and each unpacked weight
+//! vector is reused by up to 8 activation rows. The integer sums are exact, and a lane's
+//! float operations (one FMA per block, plus one for Q4's offset) are the same whatever the
+//! tile size and batch, so a row's result does not depend on what it is batched with.
 
 use rayon::prelude::*;
 use tpuserve_model::GgmlType;
@@ -20,8 +26,11 @@ use tpuserve_model::GgmlType;
 /// Values per block, for every supported type.
 pub const QK: usize = 32;
 
-/// Output rows of W per parallel task.
-const TASK_ROWS: usize = 64;
+/// Weight rows per panel (the f32 lanes of one AVX-512 vector).
+const PJ: usize = 16;
+
+/// Panels per parallel task.
+const TASK_PANELS: usize = 4;
 
 /// Activation rows quantised and computed together; longer prefills run chunk after chunk
 /// (the chunk's int8 rows stay in cache while the weights stream past them).
@@ -39,11 +48,12 @@ const T_Q4_0: u8 = 0;
 const T_Q4_1: u8 = 1;
 const T_Q8_0: u8 = 2;
 
-const fn block_bytes(t: u8) -> usize {
-    match t {
-        T_Q4_0 => 18,
-        T_Q4_1 => 20,
-        _ => 34,
+/// Bytes of one panel's quantised values for one block (16 rows × 32 values).
+const fn panel_block_bytes(t: u8) -> usize {
+    if t == T_Q8_0 {
+        PJ * QK
+    } else {
+        PJ * QK / 2
     }
 }
 
@@ -66,123 +76,270 @@ impl QType {
         }
     }
 
+    /// Bytes of one ggml block.
     pub fn block_bytes(self) -> usize {
-        block_bytes(self.code())
+        match self {
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+            QType::Q8_0 => 34,
+        }
     }
 }
 
-/// A weight matrix `[rows (out), cols (in)]`, each row `cols / 32` blocks in ggml layout.
+/// A weight matrix `[rows (out), cols (in)]` in 16-row panels (rows padded with zero blocks
+/// to a whole panel). Per (panel p, block b), at index `pb = p·blocks + b`:
+/// - `qs[pb·bytes ..]`: chunk `c` (64 bytes) holds, for each panel row `jl`, 4 bytes at
+///   `c·64 + jl·4`. Q4: ggml's block bytes `4c..4c+4` (low nibbles: values `4c..4c+4`, high
+///   nibbles: values `16+4c..`), c in 0..4. Q8_0: values `4c..4c+4`, c in 0..8.
+/// - `d[pb·16 + jl]`, `m[..]` (Q4_1): the f16 scale and offset bits as stored.
+/// - `wsum[pb·16 + jl]` (Q8_0): `128·Σ q'` over the block, which VNNI's unsigned-activation
+///   form (`q + 128`) adds and takes away again.
 pub struct QMatrix {
     pub ty: QType,
     pub rows: usize,
     pub cols: usize,
-    pub data: Vec<u8>,
+    blocks: usize,
+    panels: usize,
+    qs: Vec<u8>,
+    d: Vec<u16>,
+    m: Vec<u16>,
+    wsum: Vec<i32>,
 }
 
-fn f16(b: &[u8], i: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+fn f16(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+fn le16(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[i], b[i + 1]])
 }
 
 impl QMatrix {
+    /// Repacks `data`, `rows × cols / 32` ggml blocks of `ty` (row after row), into panels.
     pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
         if !cols.is_multiple_of(QK) {
             return Err(format!("{ty:?} rows of {cols} values are not whole blocks"));
         }
-        if data.len() != rows * cols / QK * ty.block_bytes() {
+        let bb = ty.block_bytes();
+        if data.len() != rows * cols / QK * bb {
             return Err(format!(
                 "{ty:?} [{rows}, {cols}] needs {} bytes, got {}",
-                rows * cols / QK * ty.block_bytes(),
+                rows * cols / QK * bb,
                 data.len()
             ));
         }
-        Ok(QMatrix {
+        let blocks = cols / QK;
+        let panels = rows.div_ceil(PJ);
+        let pbb = panel_block_bytes(ty.code());
+        let n = panels * blocks;
+        let mut w = QMatrix {
             ty,
             rows,
             cols,
-            data,
-        })
-    }
-
-    fn row_bytes(&self) -> usize {
-        self.cols / QK * self.ty.block_bytes()
+            blocks,
+            panels,
+            qs: vec![0u8; n * pbb],
+            d: vec![0u16; n * PJ],
+            m: if ty == QType::Q4_1 {
+                vec![0u16; n * PJ]
+            } else {
+                Vec::new()
+            },
+            wsum: if ty == QType::Q8_0 {
+                vec![0i32; n * PJ]
+            } else {
+                Vec::new()
+            },
+        };
+        for j in 0..rows {
+            let (p, jl) = (j / PJ, j % PJ);
+            for b in 0..blocks {
+                let blk = &data[(j * blocks + b) * bb..(j * blocks + b + 1) * bb];
+                let pb = p * blocks + b;
+                w.d[pb * PJ + jl] = le16(blk, 0);
+                let vals = match ty {
+                    QType::Q4_1 => {
+                        w.m[pb * PJ + jl] = le16(blk, 2);
+                        &blk[4..20]
+                    }
+                    QType::Q4_0 => &blk[2..18],
+                    QType::Q8_0 => {
+                        w.wsum[pb * PJ + jl] =
+                            128 * blk[2..34].iter().map(|&q| (q as i8) as i32).sum::<i32>();
+                        &blk[2..34]
+                    }
+                };
+                let dst = &mut w.qs[pb * pbb..(pb + 1) * pbb];
+                for (c, four) in vals.chunks_exact(4).enumerate() {
+                    dst[c * 64 + jl * 4..c * 64 + jl * 4 + 4].copy_from_slice(four);
+                }
+            }
+        }
+        Ok(w)
     }
 
     /// Row `r` dequantised into `out` (embedding lookups).
     pub fn dequant_row(&self, r: usize, out: &mut [f32]) {
-        let rb = self.row_bytes();
-        let row = &self.data[r * rb..(r + 1) * rb];
-        for (b, o) in row
-            .chunks_exact(self.ty.block_bytes())
-            .zip(out.chunks_exact_mut(QK))
-        {
+        let (p, jl) = (r / PJ, r % PJ);
+        let pbb = panel_block_bytes(self.ty.code());
+        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+            let pb = p * self.blocks + b;
+            let q = &self.qs[pb * pbb..(pb + 1) * pbb];
+            let d = f16(self.d[pb * PJ + jl]);
             match self.ty {
                 QType::Q4_0 | QType::Q4_1 => {
-                    let d = f16(b, 0);
-                    let (m, qs) = if self.ty == QType::Q4_1 {
-                        (f16(b, 2), &b[4..20])
+                    let m = if self.ty == QType::Q4_1 {
+                        f16(self.m[pb * PJ + jl])
                     } else {
-                        (-8.0 * d, &b[2..18])
+                        -8.0 * d
                     };
-                    for j in 0..16 {
-                        o[j] = (qs[j] & 0x0f) as f32 * d + m;
-                        o[j + 16] = (qs[j] >> 4) as f32 * d + m;
+                    for k in 0..16 {
+                        let byte = q[(k / 4) * 64 + jl * 4 + k % 4];
+                        o[k] = (byte & 0x0f) as f32 * d + m;
+                        o[k + 16] = (byte >> 4) as f32 * d + m;
                     }
                 }
                 QType::Q8_0 => {
-                    let d = f16(b, 0);
-                    for (o, &q) in o.iter_mut().zip(&b[2..34]) {
-                        *o = (q as i8) as f32 * d;
+                    for (k, o) in o.iter_mut().enumerate() {
+                        *o = (q[(k / 4) * 64 + jl * 4 + k % 4] as i8) as f32 * d;
                     }
                 }
             }
         }
     }
+
+    /// Bytes held (weights, scales and sums).
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 2 * (self.d.len() + self.m.len()) + 4 * self.wsum.len()
+    }
 }
 
-/// Activation rows quantised per 32-block: `q` int8 (in −127..=127), per block `d` (scale)
-/// and `s = d·Σq`.
+/// Activation rows quantised per 32-block: `q` int8 (in −127..=127), `qu = q + 128` as
+/// unsigned bytes (the operand VNNI's Q8_0 kernel needs), per block `d` (scale) and
+/// `s = d·Σq`.
 pub struct QActs {
     pub rows: usize,
     pub blocks: usize,
     pub q: Vec<i8>,
+    pub qu: Vec<u8>,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
 }
 
+/// Adding and subtracting 1.5·2²³ rounds an f32 of magnitude < 2²² to the nearest integer
+/// (ties to even) in two plain additions, which vectorise; `f32::round` is a libm call per
+/// value on the baseline target and was 2 % of a decode profile.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+#[inline(always)]
+fn quantize_block(xb: &[f32], qb: &mut [i8], ub: &mut [u8]) -> (f32, f32) {
+    let mut amax = [0f32; 8];
+    for (i, &v) in xb.iter().enumerate() {
+        let a = v.abs();
+        if a > amax[i % 8] {
+            amax[i % 8] = a;
+        }
+    }
+    let amax = amax.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut sum = 0i32;
+    for ((q, u), &v) in qb.iter_mut().zip(ub.iter_mut()).zip(xb) {
+        let r = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0) as i32;
+        *q = r as i8;
+        *u = (r + 128) as u8;
+        sum += r;
+    }
+    (scale, scale * sum as f32)
+}
+
+#[inline(always)]
+fn quantize_into(x: &[f32], a: &mut QActs) {
+    for ((((xb, qb), ub), d), s) in x
+        .chunks_exact(QK)
+        .zip(a.q.chunks_exact_mut(QK))
+        .zip(a.qu.chunks_exact_mut(QK))
+        .zip(&mut a.d)
+        .zip(&mut a.s)
+    {
+        (*d, *s) = quantize_block(xb, qb, ub);
+    }
+}
+
+/// AVX2: a block is 4 vectors; max |x| by a vector max tree, values scaled, rounded to
+/// nearest even by `vcvtps2dq` (what `ROUND_MAGIC` does in the portable code, so both give
+/// the same bytes) and packed to bytes. The auto-vectorised portable loop stayed scalar and
+/// was 16 % of a 32-stream decode profile.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_into_avx2(x: &[f32], a: &mut QActs) {
+    use std::arch::x86_64::*;
+    let sign = _mm256_set1_ps(-0.0);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let lim = _mm256_set1_ps(127.0);
+    for (i, xb) in x.chunks_exact(QK).enumerate() {
+        let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(xb.as_ptr().add(8 * k)));
+        let ab = v.map(|v| _mm256_andnot_ps(sign, v));
+        let m = _mm256_max_ps(_mm256_max_ps(ab[0], ab[1]), _mm256_max_ps(ab[2], ab[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+        let scale = _mm_cvtss_f32(m) / 127.0;
+        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+        let q = v.map(|v| {
+            let t = _mm256_mul_ps(v, inv);
+            _mm256_cvtps_epi32(_mm256_max_ps(
+                _mm256_min_ps(t, lim),
+                _mm256_sub_ps(_mm256_setzero_ps(), lim),
+            ))
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            ),
+            order,
+        );
+        _mm256_storeu_si256(a.q.as_mut_ptr().add(i * QK) as *mut __m256i, bytes);
+        let ub = _mm256_xor_si256(bytes, _mm256_set1_epi8(-128));
+        _mm256_storeu_si256(a.qu.as_mut_ptr().add(i * QK) as *mut __m256i, ub);
+        a.d[i] = scale;
+        a.s[i] = scale * _mm_cvtsi128_si32(s) as f32;
+    }
+}
+
 /// Quantises `rows × cols` activations (`cols` a multiple of 32), block by block:
-/// `d = max|x| / 127`, `q = round(x / d)`.
+/// `d = max|x| / 127`, `q = round(x / d)` (ties to even).
 pub fn quantize_acts(x: &[f32], rows: usize, cols: usize) -> QActs {
     assert!(cols.is_multiple_of(QK), "activation width {cols}");
     assert_eq!(x.len(), rows * cols, "activation shape");
     let nb = rows * cols / QK;
-    let mut q = vec![0i8; rows * cols];
-    let mut d = vec![0f32; nb];
-    let mut s = vec![0f32; nb];
-    for (((xb, qb), d), s) in x
-        .chunks_exact(QK)
-        .zip(q.chunks_exact_mut(QK))
-        .zip(&mut d)
-        .zip(&mut s)
-    {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in qb.iter_mut().zip(xb) {
-            let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            *q = r;
-            sum += r as i32;
-        }
-        *d = scale;
-        *s = scale * sum as f32;
-    }
-    QActs {
+    let mut a = QActs {
         rows,
         blocks: cols / QK,
-        q,
-        d,
-        s,
+        q: vec![0i8; rows * cols],
+        qu: vec![0u8; rows * cols],
+        d: vec![0f32; nb],
+        s: vec![0f32; nb],
+    };
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected at run time.
+        unsafe { quantize_into_avx2(x, &mut a) };
+        return a;
     }
+    quantize_into(x, &mut a);
+    a
 }
 
 /// Which kernel runs; tests call each one the machine has.
@@ -221,365 +378,299 @@ fn best_isa() -> QIsa {
     *BEST.get_or_init(|| available_isas()[0])
 }
 
-/// One activation row's pointers for the kernels.
+/// Where a panel's results go: row `r` of the chunk, outputs `j0 .. j0 + valid`.
 #[derive(Clone, Copy)]
-struct XRow {
-    q: *const i8,
-    d: *const f32,
-    s: *const f32,
+struct Out {
+    y: *mut f32,
+    stride: usize,
 }
 
-fn x_row(a: &QActs, r: usize) -> XRow {
-    XRow {
-        q: a.q[r * a.blocks * QK..].as_ptr(),
-        d: a.d[r * a.blocks..].as_ptr(),
-        s: a.s[r * a.blocks..].as_ptr(),
-    }
-}
+// SAFETY: tasks write disjoint output columns (their own panels) of the shared buffer.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
 
-/// Portable: one (row, weight row) pair at a time, exact integer block dots.
-fn dot_portable<const T: u8>(a: &QActs, r: usize, w: &[u8]) -> f32 {
-    let bb = block_bytes(T);
-    let nb = a.blocks;
-    let (mut acc, mut macc) = (0f32, 0f32);
-    for b in 0..nb {
-        let blk = &w[b * bb..(b + 1) * bb];
-        let i = r * nb + b;
-        let (xq, dx, sx) = (&a.q[i * QK..(i + 1) * QK], a.d[i], a.s[i]);
-        let dw = f16(blk, 0);
-        let isum: i32 = if T == T_Q8_0 {
-            blk[2..34]
-                .iter()
-                .zip(xq)
-                .map(|(&w, &q)| (w as i8) as i32 * q as i32)
-                .sum()
-        } else {
-            let qs = if T == T_Q4_1 {
-                &blk[4..20]
-            } else {
-                &blk[2..18]
-            };
-            (0..16)
-                .map(|j| {
-                    (qs[j] & 0x0f) as i32 * xq[j] as i32 + (qs[j] >> 4) as i32 * xq[j + 16] as i32
-                })
-                .sum()
-        };
-        acc += (dw * dx) * isum as f32;
-        if T != T_Q8_0 {
-            let mw = if T == T_Q4_1 { f16(blk, 2) } else { -8.0 * dw };
-            macc += mw * sx;
-        }
-    }
-    acc + macc
-}
-
-fn task_portable<const T: u8>(a: &QActs, w: &QMatrix, j0: usize, yt: &mut [f32]) {
-    let rows = a.rows;
-    let rb = w.row_bytes();
-    for (jj, out) in yt.chunks_mut(rows).enumerate() {
-        let wj = &w.data[(j0 + jj) * rb..(j0 + jj + 1) * rb];
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = dot_portable::<T>(a, r, wj);
-        }
+impl Out {
+    fn ptr(&self) -> *mut f32 {
+        self.y
     }
 }
 
-/// The tile driver shared by the SIMD kernels: `R`-row × `J`-weight-row tiles over a task's
-/// output rows, then the leftovers one by one, every pair through the same `tile`.
-macro_rules! tile_driver {
-    ($feature:literal, $tj:literal, $tr:literal) => {
-        #[inline]
-        #[target_feature(enable = $feature)]
-        unsafe fn rows_for<const T: u8, const J: usize>(
-            a: &super::QActs,
-            ws: [*const u8; J],
-            out: &mut [f32],
-        ) {
-            let rows = a.rows;
-            let xr = |r: usize| super::x_row(a, r);
-            let mut r = 0;
-            while $tr == 8 && r + 8 <= rows {
-                let d = tile::<T, 8, J>(std::array::from_fn(|i| xr(r + i)), ws, a.blocks);
-                for (dr, rr) in d.iter().zip(r..) {
-                    for (j, v) in dr.iter().enumerate() {
-                        out[j * rows + rr] = *v;
-                    }
-                }
-                r += 8;
-            }
-            while r + 4 <= rows {
-                let d = tile::<T, 4, J>([xr(r), xr(r + 1), xr(r + 2), xr(r + 3)], ws, a.blocks);
-                for (dr, rr) in d.iter().zip(r..) {
-                    for (j, v) in dr.iter().enumerate() {
-                        out[j * rows + rr] = *v;
-                    }
-                }
-                r += 4;
-            }
-            while r < rows {
-                let d = tile::<T, 1, J>([xr(r)], ws, a.blocks);
-                for (j, v) in d[0].iter().enumerate() {
-                    out[j * rows + r] = *v;
-                }
-                r += 1;
-            }
-        }
-
-        /// # Safety
-        /// The CPU must support the module's features; `w` holds at least the weight rows
-        /// `j0 .. j0 + yt.len() / a.rows`, of `a.blocks` blocks each.
-        #[target_feature(enable = $feature)]
-        pub unsafe fn task<const T: u8>(
-            a: &super::QActs,
-            w: &super::QMatrix,
-            j0: usize,
-            yt: &mut [f32],
-        ) {
-            const TJ: usize = $tj;
-            let rows = a.rows;
-            let rb = w.row_bytes();
-            let wp = |j: usize| w.data.as_ptr().add(j * rb);
-            let count = yt.len() / rows;
-            let mut jj = 0;
-            while jj + TJ <= count {
-                let ws: [*const u8; TJ] = std::array::from_fn(|t| wp(j0 + jj + t));
-                rows_for::<T, TJ>(a, ws, &mut yt[jj * rows..(jj + TJ) * rows]);
-                jj += TJ;
-            }
-            while jj < count {
-                rows_for::<T, 1>(a, [wp(j0 + jj)], &mut yt[jj * rows..(jj + 1) * rows]);
-                jj += 1;
-            }
-        }
-    };
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{block_bytes, XRow, QK, T_Q4_1, T_Q8_0};
-    use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn h2f(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    /// A weight block as 32 bytes for `vpmaddubsw` (Q4: the nibbles 0..16 in element order;
-    /// Q8_0: the signed values, made unsigned per pair in `tile`), its scale and offset.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn decode<const T: u8>(p: *const u8) -> (__m256i, f32, f32) {
-        let d = h2f(p);
-        if T == T_Q8_0 {
-            return (_mm256_loadu_si256(p.add(2) as *const __m256i), d, 0.0);
-        }
-        let (m, qs) = if T == T_Q4_1 {
-            (h2f(p.add(2)), p.add(4))
-        } else {
-            (-8.0 * d, p.add(2))
-        };
-        let raw = _mm_loadu_si128(qs as *const __m128i);
-        let mask = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(raw, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        (_mm256_set_m128i(hi, lo), d, m)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    /// `v` in lane 0, zeros elsewhere: the Q4 offset term `mw·s` rides in the same vector
-    /// accumulator as the block dots (one FMA instead of scalar work per pair).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lane0(v: f32) -> __m256 {
-        _mm256_zextps128_ps256(_mm_set_ss(v))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const T: u8, const R: usize, const J: usize>(
-        xs: [XRow; R],
-        ws: [*const u8; J],
-        nb: usize,
-    ) -> [[f32; J]; R] {
-        let bb = block_bytes(T);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); J]; R];
-        for b in 0..nb {
-            let mut wv = [_mm256_setzero_si256(); J];
-            let mut wu = [_mm256_setzero_si256(); J];
-            let mut dwv = [_mm256_setzero_ps(); J];
-            let mut mwv = [_mm256_setzero_ps(); J];
-            for j in 0..J {
-                let (v, d, m) = decode::<T>(ws[j].add(b * bb));
-                wv[j] = v;
-                // Q8_0: |w| as the unsigned operand, the sign moved onto x below.
-                wu[j] = if T == T_Q8_0 {
-                    _mm256_sign_epi8(v, v)
-                } else {
-                    v
-                };
-                dwv[j] = _mm256_set1_ps(d);
-                mwv[j] = lane0(m);
-            }
-            for r in 0..R {
-                let x = _mm256_loadu_si256(xs[r].q.add(b * QK) as *const __m256i);
-                let dxv = _mm256_set1_ps(*xs[r].d.add(b));
-                let sxv = lane0(*xs[r].s.add(b));
-                for j in 0..J {
-                    let xv = if T == T_Q8_0 {
-                        _mm256_sign_epi8(x, wv[j])
+/// Portable: one (row, weight row) pair at a time over the panel layout, exact integer
+/// block dots, then the block's scale and offset terms.
+fn panel_portable<const T: u8>(a: &QActs, w: &QMatrix, p: usize, out: Out) {
+    let (nb, pbb) = (a.blocks, panel_block_bytes(T));
+    let valid = (w.rows - p * PJ).min(PJ);
+    for r in 0..a.rows {
+        for jl in 0..valid {
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let pb = p * nb + b;
+                let q = &w.qs[pb * pbb..(pb + 1) * pbb];
+                let xq = &a.q[(r * nb + b) * QK..(r * nb + b + 1) * QK];
+                let mut isum = 0i32;
+                for k in 0..QK {
+                    let wv = if T == T_Q8_0 {
+                        (q[(k / 4) * 64 + jl * 4 + k % 4] as i8) as i32
                     } else {
-                        x
+                        let byte = q[((k % 16) / 4) * 64 + jl * 4 + k % 4];
+                        (if k < 16 { byte & 0x0f } else { byte >> 4 }) as i32
                     };
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu[j], xv), ones);
-                    let scale = _mm256_mul_ps(dwv[j], dxv);
-                    acc[r][j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r][j]);
-                    if T != T_Q8_0 {
-                        acc[r][j] = _mm256_fmadd_ps(mwv[j], sxv, acc[r][j]);
-                    }
+                    isum += wv * xq[k] as i32;
+                }
+                let dw = f16(w.d[pb * PJ + jl]);
+                acc += (dw * a.d[r * nb + b]) * isum as f32;
+                if T != T_Q8_0 {
+                    let mw = if T == T_Q4_1 {
+                        f16(w.m[pb * PJ + jl])
+                    } else {
+                        -8.0 * dw
+                    };
+                    acc += mw * a.s[r * nb + b];
                 }
             }
+            // SAFETY: row r < a.rows and column p·16 + jl < w.rows of the chunk's output.
+            unsafe { *out.ptr().add(r * out.stride + p * PJ + jl) = acc };
         }
-        let mut out = [[0f32; J]; R];
-        for r in 0..R {
-            for j in 0..J {
-                out[r][j] = hsum(acc[r][j]);
-            }
-        }
-        out
     }
+}
 
-    // 16 registers: 4 × 2 accumulators plus the operands.
-    tile_driver!("avx2,fma,f16c", 2, 4);
+/// The 4 activation bytes of row `r`, block `b`, starting at value `k`, as one i32.
+///
+/// # Safety
+/// `q` points at the chunk's activations (`blocks · 32` bytes per row) and the bytes exist.
+#[inline(always)]
+unsafe fn x4(q: *const u8, nb: usize, r: usize, b: usize, k: usize) -> i32 {
+    std::ptr::read_unaligned(q.add((r * nb + b) * QK + k) as *const i32)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::avx2::decode;
-    use super::{block_bytes, XRow, QK, T_Q8_0};
+    use super::{panel_block_bytes, x4, Out, QActs, QMatrix, PJ, T_Q4_1, T_Q8_0};
     use std::arch::x86_64::*;
 
-    /// Two blocks side by side in one 512-bit register (the second zero past the last block).
+    /// `R` activation rows from `r0` × panel `p`: per block, 8 `vpdpbusd` per row into an
+    /// integer sum per (row, weight row), then one FMA with the block's scales (and one more
+    /// for Q4's offset).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn pair(lo: __m256i, hi: __m256i) -> __m512i {
-        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-    }
-
-    /// `[a × 8, b × 8]`: one value per block of a pair.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn halves(a: f32, b: f32) -> __m512 {
-        _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn tile<const T: u8, const R: usize, const J: usize>(
-        xs: [XRow; R],
-        ws: [*const u8; J],
-        nb: usize,
-    ) -> [[f32; J]; R] {
-        let bb = block_bytes(T);
-        let mut acc = [[_mm512_setzero_ps(); J]; R];
-        let mut b = 0;
-        while b < nb {
-            // The last block of an odd count pairs with zeros (weights, x and scales).
-            let two = b + 1 < nb;
-            let mut wu = [_mm512_setzero_si512(); J];
-            let mut neg = [0u64; J];
-            let mut dwv = [_mm512_setzero_ps(); J];
-            let mut mwv = [_mm512_setzero_ps(); J];
-            for j in 0..J {
-                let (v0, d0, m0) = decode::<T>(ws[j].add(b * bb));
-                let (v1, d1, m1) = if two {
-                    decode::<T>(ws[j].add((b + 1) * bb))
-                } else {
-                    (_mm256_setzero_si256(), 0.0, 0.0)
-                };
-                let v = pair(v0, v1);
-                dwv[j] = halves(d0, d1);
-                // The Q4 offset term `mw·s` rides in lanes 0 and 8 of the same accumulator.
-                mwv[j] = _mm512_maskz_mov_ps(0x0101, halves(m0, m1));
-                if T == T_Q8_0 {
-                    // |w| unsigned, the sign of w moved onto x below.
-                    neg[j] = _mm512_movepi8_mask(v);
-                    wu[j] = _mm512_abs_epi8(v);
-                } else {
-                    wu[j] = v;
+    unsafe fn tile<const T: u8, const R: usize>(
+        a: &QActs,
+        r0: usize,
+        w: &QMatrix,
+        p: usize,
+        out: Out,
+    ) {
+        let nb = a.blocks;
+        let pbb = panel_block_bytes(T);
+        let xq = if T == T_Q8_0 {
+            a.qu.as_ptr()
+        } else {
+            a.q.as_ptr() as *const u8
+        };
+        let mask = _mm512_set1_epi8(0x0f);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let pb = p * nb + b;
+            let wp = w.qs.as_ptr().add(pb * pbb);
+            let mut isum = [_mm512_setzero_si512(); R];
+            if T == T_Q8_0 {
+                for c in 0..8 {
+                    let wv = _mm512_loadu_si512(wp.add(c * 64) as *const __m512i);
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let xv = _mm512_set1_epi32(x4(xq, nb, r0 + r, b, 4 * c));
+                        *s = _mm512_dpbusd_epi32(*s, xv, wv);
+                    }
                 }
-            }
-            for r in 0..R {
-                // A row's blocks are contiguous: one load for the pair (half of it for the
-                // last block of an odd count, which must not read past the row).
-                let xp = xs[r].q.add(b * QK);
-                let x = if two {
-                    _mm512_loadu_si512(xp as *const __m512i)
-                } else {
-                    _mm512_maskz_loadu_epi8(0xffff_ffff, xp)
-                };
-                let at = |p: *const f32| if two { *p.add(b + 1) } else { 0.0 };
-                let dxv = halves(*xs[r].d.add(b), at(xs[r].d));
-                let sxv = _mm512_maskz_mov_ps(0x0101, halves(*xs[r].s.add(b), at(xs[r].s)));
-                for j in 0..J {
-                    let xv = if T == T_Q8_0 {
-                        _mm512_mask_sub_epi8(x, neg[j], _mm512_setzero_si512(), x)
-                    } else {
-                        x
-                    };
-                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu[j], xv);
-                    let scale = _mm512_mul_ps(dwv[j], dxv);
-                    acc[r][j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc[r][j]);
-                    if T != T_Q8_0 {
-                        acc[r][j] = _mm512_fmadd_ps(mwv[j], sxv, acc[r][j]);
+                let corr = _mm512_loadu_si512(w.wsum.as_ptr().add(pb * PJ) as *const __m512i);
+                for s in isum.iter_mut() {
+                    *s = _mm512_sub_epi32(*s, corr);
+                }
+            } else {
+                for c in 0..4 {
+                    let raw = _mm512_loadu_si512(wp.add(c * 64) as *const __m512i);
+                    let lo = _mm512_and_si512(raw, mask);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let xl = _mm512_set1_epi32(x4(xq, nb, r0 + r, b, 4 * c));
+                        let xh = _mm512_set1_epi32(x4(xq, nb, r0 + r, b, 16 + 4 * c));
+                        *s = _mm512_dpbusd_epi32(*s, lo, xl);
+                        *s = _mm512_dpbusd_epi32(*s, hi, xh);
                     }
                 }
             }
-            b += 2;
-        }
-        let mut out = [[0f32; J]; R];
-        for r in 0..R {
-            for j in 0..J {
-                out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(
+                w.d.as_ptr().add(pb * PJ) as *const __m256i
+            ));
+            let mw = if T == T_Q4_1 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(
+                    w.m.as_ptr().add(pb * PJ) as *const __m256i
+                ))
+            } else {
+                _mm512_mul_ps(dw, _mm512_set1_ps(-8.0))
+            };
+            for (r, (ac, s)) in acc.iter_mut().zip(&isum).enumerate() {
+                let i = (r0 + r) * nb + b;
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(i)));
+                *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), scale, *ac);
+                if T != T_Q8_0 {
+                    *ac = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(i)), *ac);
+                }
             }
         }
-        out
+        let valid = (w.rows - p * PJ).min(PJ);
+        let m: __mmask16 = if valid == PJ {
+            0xffff
+        } else {
+            (1u16 << valid) - 1
+        };
+        for (r, ac) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.ptr().add((r0 + r) * out.stride + p * PJ), m, *ac);
+        }
     }
 
-    // 32 registers: 8 × 2 accumulators plus the operands (a weight block's decoding, the
-    // costly part, is shared by 8 rows).
-    tile_driver!("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c", 2, 8);
+    /// # Safety
+    /// The CPU must have the module's features; `p` < `w.panels`; `out` has `a.rows` rows
+    /// of at least `w.rows` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn panel<const T: u8>(a: &QActs, w: &QMatrix, p: usize, out: Out) {
+        let mut r = 0;
+        while r + 8 <= a.rows {
+            tile::<T, 8>(a, r, w, p, out);
+            r += 8;
+        }
+        while r + 4 <= a.rows {
+            tile::<T, 4>(a, r, w, p, out);
+            r += 4;
+        }
+        while r < a.rows {
+            tile::<T, 1>(a, r, w, p, out);
+            r += 1;
+        }
+    }
 }
 
-fn task(isa: QIsa, a: &QActs, w: &QMatrix, j0: usize, yt: &mut [f32]) {
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{panel_block_bytes, x4, Out, QActs, QMatrix, PJ, T_Q4_1, T_Q8_0};
+    use std::arch::x86_64::*;
+
+    /// As the VNNI tile on one half (8 weight rows) of a panel: `vpmaddubsw` + `vpmaddwd`
+    /// per 4-byte group (Q8_0: |w| against x with w's sign, which keeps the i16 pair sums
+    /// below saturation).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const T: u8, const R: usize>(
+        a: &QActs,
+        r0: usize,
+        w: &QMatrix,
+        p: usize,
+        half: usize,
+        out: Out,
+    ) {
+        let nb = a.blocks;
+        let pbb = panel_block_bytes(T);
+        let xq = a.q.as_ptr() as *const u8;
+        let mask = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let pb = p * nb + b;
+            let wp = w.qs.as_ptr().add(pb * pbb + half * 32);
+            let mut isum = [_mm256_setzero_si256(); R];
+            let dot =
+                |wu: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones);
+            if T == T_Q8_0 {
+                for c in 0..8 {
+                    let wv = _mm256_loadu_si256(wp.add(c * 64) as *const __m256i);
+                    let wa = _mm256_sign_epi8(wv, wv);
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let xv = _mm256_set1_epi32(x4(xq, nb, r0 + r, b, 4 * c));
+                        *s = _mm256_add_epi32(*s, dot(wa, _mm256_sign_epi8(xv, wv)));
+                    }
+                }
+            } else {
+                for c in 0..4 {
+                    let raw = _mm256_loadu_si256(wp.add(c * 64) as *const __m256i);
+                    let lo = _mm256_and_si256(raw, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let xl = _mm256_set1_epi32(x4(xq, nb, r0 + r, b, 4 * c));
+                        let xh = _mm256_set1_epi32(x4(xq, nb, r0 + r, b, 16 + 4 * c));
+                        *s = _mm256_add_epi32(*s, dot(lo, xl));
+                        *s = _mm256_add_epi32(*s, dot(hi, xh));
+                    }
+                }
+            }
+            let sp = pb * PJ + half * 8;
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(sp) as *const __m128i));
+            let mw = if T == T_Q4_1 {
+                _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(sp) as *const __m128i))
+            } else {
+                _mm256_mul_ps(dw, _mm256_set1_ps(-8.0))
+            };
+            for (r, (ac, s)) in acc.iter_mut().zip(&isum).enumerate() {
+                let i = (r0 + r) * nb + b;
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*a.d.get_unchecked(i)));
+                *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, *ac);
+                if T != T_Q8_0 {
+                    *ac = _mm256_fmadd_ps(mw, _mm256_set1_ps(*a.s.get_unchecked(i)), *ac);
+                }
+            }
+        }
+        let j0 = p * PJ + half * 8;
+        let valid = w.rows.saturating_sub(j0).min(8);
+        for (r, ac) in acc.iter().enumerate() {
+            let dst = out.ptr().add((r0 + r) * out.stride + j0);
+            if valid == 8 {
+                _mm256_storeu_ps(dst, *ac);
+            } else {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), *ac);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, valid);
+            }
+        }
+    }
+
+    /// # Safety
+    /// As `vnni::panel`, for AVX2.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn panel<const T: u8>(a: &QActs, w: &QMatrix, p: usize, out: Out) {
+        for half in 0..2 {
+            if p * PJ + half * 8 >= w.rows {
+                break;
+            }
+            let mut r = 0;
+            while r + 4 <= a.rows {
+                tile::<T, 4>(a, r, w, p, half, out);
+                r += 4;
+            }
+            while r < a.rows {
+                tile::<T, 1>(a, r, w, p, half, out);
+                r += 1;
+            }
+        }
+    }
+}
+
+fn panel(isa: QIsa, a: &QActs, w: &QMatrix, p: usize, out: Out) {
     macro_rules! by_type {
         ($($f:ident)::+) => {
             match w.ty {
-                QType::Q4_0 => $($f)::+::<T_Q4_0>(a, w, j0, yt),
-                QType::Q4_1 => $($f)::+::<T_Q4_1>(a, w, j0, yt),
-                QType::Q8_0 => $($f)::+::<T_Q8_0>(a, w, j0, yt),
+                QType::Q4_0 => $($f)::+::<T_Q4_0>(a, w, p, out),
+                QType::Q4_1 => $($f)::+::<T_Q4_1>(a, w, p, out),
+                QType::Q8_0 => $($f)::+::<T_Q8_0>(a, w, p, out),
             }
         };
     }
     match isa {
-        // SAFETY: `isa` comes from `available_isas` (features detected at run time); the
-        // task's rows lie inside `w` (`qmatmul_wt_with` sizes the chunks from `w.rows`).
+        // SAFETY: `isa` comes from `available_isas` (features detected at run time); `p` is a
+        // panel of `w` and `out` holds the chunk's `a.rows × w.rows` outputs
+        // (`qmatmul_wt_with`).
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx512Vnni => unsafe { by_type!(vnni::task) },
+        QIsa::Avx512Vnni => unsafe { by_type!(vnni::panel) },
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 => unsafe { by_type!(avx2::task) },
-        _ => by_type!(task_portable),
+        QIsa::Avx2 => unsafe { by_type!(avx2::panel) },
+        _ => by_type!(panel_portable),
     }
 }
 
@@ -603,15 +694,17 @@ pub fn qmatmul_wt_with(isa: QIsa, x: &[f32], rows: usize, w: &QMatrix) -> Vec<f3
     {
         let n = ychunk.len() / out;
         let a = quantize_acts(&x[r0 * inner..(r0 + n) * inner], n, inner);
-        let mut yt = vec![0f32; out * n];
-        yt.par_chunks_mut(TASK_ROWS * n)
-            .enumerate()
-            .for_each(|(t, chunk)| task(isa, &a, w, t * TASK_ROWS, chunk));
-        for j in 0..out {
-            for r in 0..n {
-                ychunk[r * out + j] = yt[j * n + r];
-            }
-        }
+        let o = Out {
+            y: ychunk.as_mut_ptr(),
+            stride: out,
+        };
+        (0..w.panels.div_ceil(TASK_PANELS))
+            .into_par_iter()
+            .for_each(|t| {
+                for p in t * TASK_PANELS..((t + 1) * TASK_PANELS).min(w.panels) {
+                    panel(isa, &a, w, p, o);
+                }
+            });
     }
     y
 }
@@ -634,8 +727,9 @@ mod tests {
             .collect()
     }
 
-    /// Random blocks of `ty`: scales around 0.01, Q4_1 offsets negative as real checkpoints'.
-    fn matrix(ty: QType, rows: usize, cols: usize, seed: u32) -> QMatrix {
+    /// Random ggml blocks of `ty`: scales around 0.01, Q4_1 offsets negative as real
+    /// checkpoints'.
+    fn ggml_bytes(ty: QType, rows: usize, cols: usize, seed: u32) -> Vec<u8> {
         let nb = rows * cols / QK;
         let mut bytes = Vec::with_capacity(nb * ty.block_bytes());
         let h = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
@@ -648,7 +742,11 @@ mod tests {
             let n = if ty == QType::Q8_0 { 32 } else { 16 };
             bytes.extend((0..n).map(|k| (hash(b * 64 + k, seed ^ 0x5555) >> 7) as u8));
         }
-        QMatrix::new(ty, rows, cols, bytes).unwrap()
+        bytes
+    }
+
+    fn matrix(ty: QType, rows: usize, cols: usize, seed: u32) -> QMatrix {
+        QMatrix::new(ty, rows, cols, ggml_bytes(ty, rows, cols, seed)).unwrap()
     }
 
     /// f64 dot products of the dequantised weights with the dequantised activations, and the
@@ -676,13 +774,14 @@ mod tests {
     #[test]
     fn dequant_row_matches_the_model_crate() {
         for ty in TYPES {
-            let w = matrix(ty, 3, 96, 7);
+            let bytes = ggml_bytes(ty, 3, 96, 7);
+            let w = QMatrix::new(ty, 3, 96, bytes.clone()).unwrap();
             let g = match ty {
                 QType::Q4_0 => GgmlType::Q4_0,
                 QType::Q4_1 => GgmlType::Q4_1,
                 QType::Q8_0 => GgmlType::Q8_0,
             };
-            let all = tpuserve_model::dequant::dequantize(g, &w.data, 3 * 96).unwrap();
+            let all = tpuserve_model::dequant::dequantize(g, &bytes, 3 * 96).unwrap();
             let mut row = vec![0f32; 96];
             for r in 0..3 {
                 w.dequant_row(r, &mut row);
@@ -707,6 +806,28 @@ mod tests {
             let sum: i32 = a.q[b * QK..(b + 1) * QK].iter().map(|&q| q as i32).sum();
             assert_eq!(a.s[b], a.d[b] * sum as f32);
         }
+        for (&q, &u) in a.q.iter().zip(&a.qu) {
+            assert_eq!(q as i32 + 128, u as i32);
+        }
+        let mut portable = QActs {
+            rows: 5,
+            blocks: 2,
+            q: vec![0; 5 * 64],
+            qu: vec![0; 5 * 64],
+            d: vec![0.0; 10],
+            s: vec![0.0; 10],
+        };
+        quantize_into(&x, &mut portable);
+        assert_eq!(
+            (&portable.q, &portable.qu, &portable.d, &portable.s),
+            (&a.q, &a.qu, &a.d, &a.s),
+            "the vector path differs from the portable one"
+        );
+        // Exact ties (scale 1) round to even on both paths.
+        let mut tie = vec![0.5f32; 32];
+        tie[..4].copy_from_slice(&[127.0, 2.5, -3.5, -0.5]);
+        let t = quantize_acts(&tie, 1, 32);
+        assert_eq!(&t.q[..5], &[127, 2, -4, 0, 0]);
         let z = quantize_acts(&[0f32; 32], 1, 32);
         assert_eq!((z.d[0], z.s[0]), (0.0, 0.0));
     }
@@ -716,8 +837,15 @@ mod tests {
         eprintln!("kernels on this CPU: {:?}", available_isas());
         for isa in available_isas() {
             for ty in TYPES {
-                for &(out, inner) in &[(1, 32), (3, 64), (70, 96), (130, 160), (67, 576)] {
-                    for rows in 1..=9 {
+                for &(out, inner) in &[
+                    (1, 32),
+                    (3, 64),
+                    (70, 96),
+                    (130, 160),
+                    (67, 576),
+                    (17, 1536),
+                ] {
+                    for rows in (1..=9).chain([13, 21]) {
                         let w = matrix(ty, out, inner, (out * 31 + inner) as u32);
                         let x = data(rows * inner, rows as u32);
                         let y = qmatmul_wt_with(isa, &x, rows, &w);
@@ -766,11 +894,8 @@ mod tests {
         let x = data(rows * inner, 9);
         for ty in TYPES {
             let w = matrix(ty, out, inner, 5);
-            let wf = w
-                .data
-                .chunks(w.row_bytes())
-                .enumerate()
-                .flat_map(|(j, _)| {
+            let wf = (0..out)
+                .flat_map(|j| {
                     let mut r = vec![0f32; inner];
                     w.dequant_row(j, &mut r);
                     r

@@ -8,7 +8,7 @@ use tpuserve_runner_api::RunnerError;
 use crate::qmatvec::{QMatrix, QType};
 use crate::CpuWeights;
 
-/// A `[out, in]` weight matrix: f32, or ggml blocks used in place by `qmatvec`.
+/// A `[out, in]` weight matrix: f32, or ggml blocks in `qmatvec`'s panel layout.
 pub enum Matrix {
     F32(Tensor),
     Quant(QMatrix),
