@@ -563,13 +563,11 @@ impl Emitter<'_> {
                     logits
                 };
                 let logits = if cfg.tp > 1 {
-                    // Computed and sampled vocab-sharded where the LM head lives: left alone,
-                    // GSPMD all-gathers the whole LM head instead; gathered, every chip ran
-                    // the whole sampling tail on every row's full vocabulary (about 55 passes
-                    // over [rows, vocab] f32). Sharded, each chip reads its 1/TP of it and
-                    // the reductions over the vocabulary end in small all-reduces.
+                    // Computed vocab-sharded where the LM head lives, then the (small) logits
+                    // gathered: left alone, GSPMD all-gathers the whole LM head instead.
                     let tp = cfg.tp;
-                    body.shard(&logits, &format!("{{devices=[1,{tp}]<=[{tp}]}}"))
+                    let sharded = body.shard(&logits, &format!("{{devices=[1,{tp}]<=[{tp}]}}"));
+                    body.shard(&sharded, "{replicated}")
                 } else {
                     logits
                 };
