@@ -79,6 +79,17 @@ fn params(temperature: f32, top_k: i32, top_p: f32, min_p: f32) -> SamplingParam
 
 #[test]
 fn filtered_sampling_matches_the_host_distribution_and_seeds_repeat() {
+    sampling_at(1);
+}
+
+/// At TP > 1 the logits stay split by vocabulary and the sampling tail runs on the shards
+/// (GSPMD turns each reduction over the vocabulary into a small all-reduce): the same draws.
+#[test]
+fn vocab_sharded_sampling_at_tp_3_matches_the_host_distribution() {
+    sampling_at(3);
+}
+
+fn sampling_at(tp: usize) {
     let model = load_model(&smollm2_gguf()).unwrap();
     let g = Goldens::load(&fixtures_dir().join("smollm2/goldens.json"));
     let prompt = g.cases[0].prompt_token_ids.clone();
@@ -109,6 +120,7 @@ fn filtered_sampling_matches_the_host_distribution_and_seeds_repeat() {
             max_logprobs: 0,
             strict_no_recompile: true,
             compile_cache_dir: Some(shared_xla_cache()),
+            tensor_parallel_size: tp,
             ..Default::default()
         },
     )

@@ -129,10 +129,12 @@ impl StepParts {
     }
 }
 
-/// Compiles the (1 layer, 1 chunk), (2 layers, 1 chunk) and (1 layer, 2 chunks) variants of
-/// `bucket` and takes differences.
+/// Compiles the layers without the tail as (1 layer, 1 chunk), (2 layers, 1 chunk) and
+/// (1 layer, 2 chunks) and takes differences; the rest of the step is the tail (embedding,
+/// final norm, LM head, sampling) compiled with no layer, plus what the layer-only variants
+/// hold outside their layers.
 /// With `dump`, each variant's optimized program is written there
-/// (`parts-t{tokens}-r{tile}-l{layers}-c{chunks}.hlo.pb`).
+/// (`parts-t{tokens}-r{tile}-l{layers}-c{chunks}[-tail].hlo.pb`).
 pub fn step_parts(
     topology: &Topology,
     cfg: &ProgramConfig,
@@ -140,17 +142,19 @@ pub fn step_parts(
     dump: Option<&std::path::Path>,
 ) -> Result<StepParts, RunnerError> {
     let options = crate::compile_options(cfg.tp);
-    let figures = |layers: i64, chunks: i64| -> Result<Figures, RunnerError> {
-        let text = cfg.emit_unrolled(bucket, Unroll { layers, chunks });
-        let exe = topology.compile(&text, &options).map_err(|e| {
-            derr(format!(
-                "compiling {bucket:?} ({layers}, {chunks}) for TPU: {e}"
-            ))
-        })?;
+    let figures = |u: Unroll| -> Result<Figures, RunnerError> {
+        let text = cfg.emit_unrolled(bucket, u);
+        let exe = topology
+            .compile(&text, &options)
+            .map_err(|e| derr(format!("compiling {bucket:?} {u:?} for TPU: {e}")))?;
         if let Some(dir) = dump {
             let path = dir.join(format!(
-                "parts-t{}-r{}-l{layers}-c{chunks}.hlo.pb",
-                bucket.tokens, bucket.tile
+                "parts-t{}-r{}-l{}-c{}{}.hlo.pb",
+                bucket.tokens,
+                bucket.tile,
+                u.layers,
+                u.chunks,
+                if u.tail { "-tail" } else { "" }
             ));
             let code = exe.optimized_program().map_err(derr)?.code;
             std::fs::write(&path, code)
@@ -165,10 +169,24 @@ pub fn step_parts(
             optimal_seconds: f("optimal_seconds")?,
         })
     };
-    let (c11, c21, c12) = (figures(1, 1)?, figures(2, 1)?, figures(1, 2)?);
+    let layers = |layers, chunks| Unroll {
+        layers,
+        chunks,
+        tail: false,
+    };
+    let (c11, c21, c12) = (
+        figures(layers(1, 1))?,
+        figures(layers(2, 1))?,
+        figures(layers(1, 2))?,
+    );
+    let tail = figures(Unroll {
+        layers: 0,
+        chunks: 1,
+        tail: true,
+    })?;
     let layer = c21.plus(c11, -1.0);
     Ok(StepParts {
-        outside: c11.plus(layer, -1.0),
+        outside: tail.plus(c11, 1.0).plus(layer, -1.0),
         layer,
         chunk: c12.plus(c11, -1.0),
     })

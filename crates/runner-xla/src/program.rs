@@ -82,6 +82,12 @@ pub struct ProgramConfig {
 pub struct Unroll {
     pub layers: i64,
     pub chunks: i64,
+    /// With the LM head and sampling tail; without it the program ends at the last layer's
+    /// hidden states (outputs: K cache, V cache, hidden). The model compiles the tail on its
+    /// own: in one program with the layers, the compiler fuses and shards the tail a little
+    /// differently for each layer count, and differences of such variants are not a layer's
+    /// or a chunk's cost.
+    pub tail: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -491,6 +497,9 @@ impl Emitter<'_> {
             )
         };
         let (x, kc, vc) = (&outs[1], &outs[2], &outs[3]);
+        if unroll.is_some_and(|u| !u.tail) {
+            return vec![kc.clone(), vc.clone(), x.clone()];
+        }
         let blk = &mut *self.blk;
         let h = rms_norm(blk, x, &a[arg::FINAL_NORM], &m.eps);
         let hw = blk.convert(&h, w);
@@ -563,11 +572,13 @@ impl Emitter<'_> {
                     logits
                 };
                 let logits = if cfg.tp > 1 {
-                    // Computed vocab-sharded where the LM head lives, then the (small) logits
-                    // gathered: left alone, GSPMD all-gathers the whole LM head instead.
+                    // Computed and sampled vocab-sharded where the LM head lives: left alone,
+                    // GSPMD all-gathers the whole LM head instead; gathered, every chip ran
+                    // the whole sampling tail on every row's full vocabulary (about 55 passes
+                    // over [rows, vocab] f32). Sharded, each chip reads its 1/TP of it and
+                    // the reductions over the vocabulary end in small all-reduces.
                     let tp = cfg.tp;
-                    let sharded = body.shard(&logits, &format!("{{devices=[1,{tp}]<=[{tp}]}}"));
-                    body.shard(&sharded, "{replicated}")
+                    body.shard(&logits, &format!("{{devices=[1,{tp}]<=[{tp}]}}"))
                 } else {
                     logits
                 };
