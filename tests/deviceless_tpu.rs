@@ -76,7 +76,7 @@ fn plan_cost(
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() != 12 || f[0].parse::<i64>().is_err() {
+            if f.len() != 13 || f[0].parse::<i64>().is_err() {
                 return None;
             }
             Some(Row {

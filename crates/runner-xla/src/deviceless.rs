@@ -91,6 +91,9 @@ pub struct ProgramCost {
     pub compile_seconds: f64,
     /// The optimized, partitioned program (`hlo_with_config` bytes).
     pub optimized: Vec<u8>,
+    /// The compiler offloaded a gather to the SparseCores; the cost figures are then the
+    /// same program's without offload.
+    pub gather_offloaded: bool,
 }
 
 /// The compiler's three figures for one program, per device.
@@ -129,6 +132,26 @@ impl StepParts {
     }
 }
 
+/// The TPU compiler hands big gathers (the attention's pages, from about 2,048 indices) to the
+/// SparseCores, and its cost analysis charges such an offloaded gather its whole table, the
+/// KV cache (tens of GB), whatever it reads. Programs compiled for the cost figures keep the
+/// gather on the TensorCore, where it is charged the pages it reads; HBM traffic is the same
+/// either way (pages read, written, read again by the dots).
+fn without_gather_offload(tp: i64) -> tpuserve_pjrt::CompileOptions {
+    let mut options = crate::compile_options(tp);
+    options.env_option_overrides.push((
+        "xla_tpu_offload_gather_to_sparsecore".into(),
+        tpuserve_pjrt::OptionOverride::Bool(false),
+    ));
+    options
+}
+
+/// Whether an optimized program (`hlo_with_config` bytes) holds a gather offloaded to the
+/// SparseCores (the compiler names those fusions `gather_offload…`).
+pub fn has_gather_offload(optimized: &[u8]) -> bool {
+    optimized.windows(14).any(|w| w == b"gather_offload")
+}
+
 /// Compiles the layers without the tail as (1 layer, 1 chunk), (2 layers, 1 chunk) and
 /// (1 layer, 2 chunks) and takes differences; the rest of the step is the tail (embedding,
 /// final norm, LM head, sampling) compiled with no layer, plus what the layer-only variants
@@ -141,7 +164,7 @@ pub fn step_parts(
     bucket: Bucket,
     dump: Option<&std::path::Path>,
 ) -> Result<StepParts, RunnerError> {
-    let options = crate::compile_options(cfg.tp);
+    let options = without_gather_offload(cfg.tp);
     let figures = |u: Unroll| -> Result<Figures, RunnerError> {
         let text = cfg.emit_unrolled(bucket, u);
         let exe = topology
@@ -192,20 +215,35 @@ pub fn step_parts(
     })
 }
 
-/// Compiles `cfg`'s program for `bucket` for the topology and reads the compiler's figures.
+/// Compiles `cfg`'s program for `bucket` for the topology and reads the compiler's figures:
+/// memory from the program as it would run; flops, bytes and `optimal_seconds` from the same
+/// program compiled without SparseCore gather offload when the compiler offloaded a gather
+/// (see [`without_gather_offload`]).
 pub fn program_cost(
     topology: &Topology,
     cfg: &ProgramConfig,
     bucket: Bucket,
 ) -> Result<ProgramCost, RunnerError> {
     let t = Instant::now();
-    let options = crate::compile_options(cfg.tp);
-    let exe = topology
-        .compile(&cfg.emit(bucket), &options)
-        .map_err(|e| derr(format!("compiling {bucket:?} for TPU: {e}")))?;
+    let text = cfg.emit(bucket);
+    let compile = |options: &tpuserve_pjrt::CompileOptions| {
+        topology
+            .compile(&text, options)
+            .map_err(|e| derr(format!("compiling {bucket:?} for TPU: {e}")))
+    };
+    let exe = compile(&crate::compile_options(cfg.tp))?;
     let compile_seconds = t.elapsed().as_secs_f64();
+    let optimized = exe.optimized_program().map_err(derr)?.code;
+    let gather_offloaded = has_gather_offload(&optimized);
+    let without;
+    let costed = if gather_offloaded {
+        without = compile(&without_gather_offload(cfg.tp))?;
+        &without
+    } else {
+        &exe
+    };
     let figure = |name: &str| -> Result<f64, RunnerError> {
-        Ok(exe.cost(name).map_err(derr)?.unwrap_or(f64::NAN))
+        Ok(costed.cost(name).map_err(derr)?.unwrap_or(f64::NAN))
     };
     Ok(ProgramCost {
         bucket,
@@ -214,6 +252,7 @@ pub fn program_cost(
         optimal_seconds: figure("optimal_seconds")?,
         memory: exe.memory_stats().map_err(derr)?,
         compile_seconds,
-        optimized: exe.optimized_program().map_err(derr)?.code,
+        optimized,
+        gather_offloaded,
     })
 }

@@ -430,17 +430,20 @@ impl Block {
     }
 
     /// Pages of a paged cache `[N, H, P, D]` for `idx [A, B]` (i32 row numbers) →
-    /// `[A, H, B, P, D]`: each row is taken whole, and the picked rows land between the `H`
-    /// and `P` axes, the order the attention dots want (batch axes `A, H` first), so no
-    /// relayout copy follows the gather. A cache sharded on `H` stays sharded (GSPMD passes
-    /// a whole-slice axis through).
+    /// `[A, H, B, P, D]`: each head's page is its own `[P, D]` tile of the cache, and `H` is
+    /// a batching axis of the gather (as in [`Block::scatter_rows`]), so the result comes out
+    /// in the order the attention dots want (batch axes `A, H` first) as the gather's natural
+    /// order: batch dimensions, then the window. (With `H` in the window the natural order is
+    /// `[A, B, H, P, D]`, and with more than one KV head per chip the TPU compiler copied
+    /// every gathered page once more into the dots' order.) A cache sharded on `H` stays
+    /// sharded: the indices are sharded with it.
     pub fn gather_pages(&mut self, table: &V, idx: &V) -> V {
         let t = table.dims();
         let (a, bb) = (idx.dims()[0], idx.dims()[1]);
-        let idx3 = self.reshape(idx, &[a, bb, 1]);
+        let idx3 = self.broadcast(idx, &[a, t[1], bb], &[0, 2]);
         let attrs = format!(
-            "dimension_numbers = #stablehlo.gather<offset_dims = [1, 3, 4], collapsed_slice_dims = [0], start_index_map = [0], index_vector_dim = 2>, slice_sizes = {}, indices_are_sorted = false",
-            i64_array(&[1, t[1], t[2], t[3]])
+            "dimension_numbers = #stablehlo.gather<offset_dims = [3, 4], collapsed_slice_dims = [0], operand_batching_dims = [1], start_indices_batching_dims = [1], start_index_map = [0], index_vector_dim = 3>, slice_sizes = {}, indices_are_sorted = false",
+            i64_array(&[1, 1, t[2], t[3]])
         );
         self.generic(
             "gather",

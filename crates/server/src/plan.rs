@@ -158,7 +158,7 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         a.block_size
     );
     println!(
-        "{:>6} {:>7} {:>5} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8}",
+        "{:>6} {:>7} {:>5} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6}",
         "tokens",
         "tile",
         "top_k",
@@ -170,14 +170,16 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         "alias GB",
         "temp GB",
         "temp/HBM",
-        "compile"
+        "compile",
+        "gather"
     );
     let mut worst: Option<ProgramCost> = None;
+    let mut any_offloaded = false;
     for b in buckets {
         let r = deviceless::program_cost(&topo, &cfg, b)?;
         let roof = (r.bytes_accessed / bw).max(r.flops / peak);
         println!(
-            "{:>6} {:>7} {:>5} {:>9.1} {:>9.2} {:>10.3} {:>9.3} {:>8.2} {:>8.2} {:>8.3} {:>8.1}% {:>7.1}s",
+            "{:>6} {:>7} {:>5} {:>9.1} {:>9.2} {:>10.3} {:>9.3} {:>8.2} {:>8.2} {:>8.3} {:>8.1}% {:>7.1}s {:>6}",
             b.tokens,
             b.tile,
             b.top_k,
@@ -189,8 +191,10 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
             r.memory.aliased as f64 / 1e9,
             r.memory.temporaries as f64 / 1e9,
             100.0 * r.memory.temporaries as f64 / hbm,
-            r.compile_seconds
+            r.compile_seconds,
+            if r.gather_offloaded { "SC" } else { "TC" }
         );
+        any_offloaded |= r.gather_offloaded;
         if let Some(dir) = &a.dump_hlo {
             std::fs::create_dir_all(dir)?;
             let f = dir.join(format!(
@@ -218,6 +222,13 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
             w.bucket.tile,
             w.memory.arguments as f64 / 1e9,
             if (total as f64) <= hbm { "yes" } else { "NO" }
+        );
+    }
+    if any_offloaded {
+        println!(
+            "gather SC: the compiler hands this bucket's page gathers to the SparseCores and \
+             charges an offloaded gather the whole KV cache; its flops, GB read and ms are the \
+             same program's compiled with the gathers on the TensorCore (same HBM traffic)"
         );
     }
     println!(
