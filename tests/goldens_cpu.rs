@@ -4,7 +4,7 @@
 use tpuserve_model::{load_model, LoadedModel};
 use tpuserve_runner_api::ModelRunner;
 use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
-use tpuserve_suite::checks::{check_case, prompt_ids, request, TOL};
+use tpuserve_suite::checks::{agreeing_prefix, check_case, prompt_ids, request, TOL};
 use tpuserve_suite::driver;
 use tpuserve_suite::goldens::{last_logits, Case, Goldens};
 use tpuserve_suite::{fixtures_dir, smollm2_gguf, tiny_llama3_dir};
@@ -138,13 +138,7 @@ fn smollm2_q4_1_in_place_follows_the_goldens() {
     let mut required_total = 0;
     for c in &g.cases {
         let res = driver::run(&mut r, vec![request(c, 0)], 4096).remove(0);
-        // Logprobs compare while the continuation still agrees with the golden one.
-        let same = res
-            .tokens
-            .iter()
-            .zip(&c.completion_token_ids)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let same = agreeing_prefix(&res.tokens, &c.completion_token_ids);
         for (lp, st) in res.logprobs.iter().zip(&c.steps).take(same) {
             let d = (lp.logprob as f64 - st.logprob).abs();
             sum += d;

@@ -6,7 +6,7 @@ use tpuserve_runner_xla::{XlaRunner, XlaRunnerOptions};
 use tpuserve_suite::checks::{check_case, prompt_ids, request};
 use tpuserve_suite::driver;
 use tpuserve_suite::goldens::{Case, Goldens};
-use tpuserve_suite::{fixtures_dir, shared_xla_cache, smollm2_gguf, tiny_llama3_dir};
+use tpuserve_suite::{fixtures_dir, golden_xla_options, smollm2_gguf, tiny_llama3_dir};
 
 pub fn xla_runner(model: &LoadedModel, tp: usize, max_model_len: usize) -> XlaRunner {
     // TPUSERVE_TEST_XLA_DEVICE=cuda runs the same goldens on a GPU host's PJRT plugin.
@@ -18,15 +18,9 @@ pub fn xla_runner(model: &LoadedModel, tp: usize, max_model_len: usize) -> XlaRu
         model,
         XlaRunnerOptions {
             device,
-            tensor_parallel_size: tp,
-            num_blocks: 320,
-            block_size: 16,
-            max_num_batched_tokens: 64,
-            max_model_len,
-            max_logprobs: 5,
-            strict_no_recompile: true,
-            compile_cache_dir: Some(shared_xla_cache()),
-            ..Default::default()
+            // As many devices as the TP size (0: the plugin's default).
+            cpu_device_count: 0,
+            ..golden_xla_options(tp, max_model_len)
         },
     )
     .expect("XLA runner on the CPU plugin (run scripts/setup.sh if the plugin is missing)")

@@ -297,15 +297,7 @@ fn fresh_cache_two_servers_fill_one_compile_cache_at_once() {
 /// read are refused by name with exit 2.
 #[test]
 fn load_format_dummy_serves_a_config_folder_at_tp_1_and_8() {
-    let dir = tempfile::tempdir().unwrap();
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-    ] {
-        std::fs::copy(tiny_llama3_dir().join(f), dir.path().join(f)).unwrap();
-    }
+    let dir = config_folder();
     let folder = dir.path().to_str().unwrap();
     let run = |extra: &[&str]| {
         Command::new(tpuserve_bin())
@@ -423,15 +415,7 @@ fn quantization_int8_serves_on_xla_and_is_refused_on_cpu() {
     assert!(!log.contains("ignoring vLLM flag --quantization"), "{log}");
     drop(s);
 
-    let dir = tempfile::tempdir().unwrap();
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-    ] {
-        std::fs::copy(tiny_llama3_dir().join(f), dir.path().join(f)).unwrap();
-    }
+    let dir = config_folder();
     let mut args = vec![
         "--load-format",
         "dummy",
@@ -447,4 +431,18 @@ fn quantization_int8_serves_on_xla_and_is_refused_on_cpu() {
         &json!({"prompt": "Hello there", "max_tokens": 5, "ignore_eos": true, "temperature": 0}),
     );
     assert_eq!(v["usage"]["completion_tokens"], 5, "{v}");
+}
+
+/// tiny-llama3's config and tokenizer files in a folder of their own, without weights.
+fn config_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        std::fs::copy(tiny_llama3_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    dir
 }

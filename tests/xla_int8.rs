@@ -20,10 +20,10 @@ use tpuserve_runner_xla::program::arg;
 use tpuserve_runner_xla::quant::quantize_rows;
 use tpuserve_runner_xla::weights::Layout;
 use tpuserve_runner_xla::{Quantization, WeightElem, XlaRunner, XlaRunnerOptions};
-use tpuserve_suite::checks::request;
+use tpuserve_suite::checks::{agreeing_prefix, request};
 use tpuserve_suite::driver::{self, SeqRequest};
 use tpuserve_suite::goldens::{Case, Goldens};
-use tpuserve_suite::{fixtures_dir, shared_xla_cache, smollm2_gguf, tiny_llama3_dir};
+use tpuserve_suite::{fixtures_dir, golden_xla_options, smollm2_gguf, tiny_llama3_dir};
 
 /// Golden top-1 / top-2 gap (nats) of the steps whose greedy choice int8 should keep.
 const GAP: f64 = 0.1;
@@ -36,18 +36,9 @@ const MAX_SWAPS: f64 = 0.03;
 
 fn opts(tp: usize, max_model_len: usize) -> XlaRunnerOptions {
     XlaRunnerOptions {
-        tensor_parallel_size: tp,
-        cpu_device_count: 8,
-        num_blocks: 320,
-        block_size: 16,
-        max_num_batched_tokens: 64,
-        max_model_len,
-        max_logprobs: 5,
         weight_dtype: WeightElem::BF16,
         quantization: Quantization::Int8,
-        strict_no_recompile: true,
-        compile_cache_dir: Some(shared_xla_cache()),
-        ..Default::default()
+        ..golden_xla_options(tp, max_model_len)
     }
 }
 
@@ -70,12 +61,7 @@ fn follow_goldens(model: &LoadedModel, goldens: &str, o: XlaRunnerOptions, label
             }
         };
         let res = driver::run(&mut r, vec![request(c, 0)], 64).remove(0);
-        let same = res
-            .tokens
-            .iter()
-            .zip(&c.completion_token_ids)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let same = agreeing_prefix(&res.tokens, &c.completion_token_ids);
         if c.min_margin_top1_top2 >= GAP {
             assert_eq!(
                 res.tokens, c.completion_token_ids,

@@ -14,21 +14,10 @@ use tpuserve_suite::checks::{check_case, request};
 use tpuserve_suite::driver;
 use tpuserve_suite::goldens::{Case, Goldens};
 use tpuserve_suite::hlo_proto;
-use tpuserve_suite::{fixtures_dir, shared_xla_cache, smollm2_gguf, tiny_llama3_dir};
+use tpuserve_suite::{fixtures_dir, golden_xla_options, smollm2_gguf, tiny_llama3_dir};
 
 fn opts(tp: usize, max_model_len: usize) -> XlaRunnerOptions {
-    XlaRunnerOptions {
-        tensor_parallel_size: tp,
-        cpu_device_count: 8,
-        num_blocks: 320,
-        block_size: 16,
-        max_num_batched_tokens: 64,
-        max_model_len,
-        max_logprobs: 5,
-        strict_no_recompile: true,
-        compile_cache_dir: Some(shared_xla_cache()),
-        ..Default::default()
-    }
+    golden_xla_options(tp, max_model_len)
 }
 
 /// The golden batch at one TP size, without the cases longer than `max_model_len`; with

@@ -42,6 +42,12 @@ pub fn request(c: &Case, arrive: usize) -> SeqRequest {
     }
 }
 
+/// How many leading tokens of `got` equal the golden continuation `want`: logprobs compare
+/// only while the continuations still agree.
+pub fn agreeing_prefix(got: &[u32], want: &[u32]) -> usize {
+    got.iter().zip(want).take_while(|(a, b)| a == b).count()
+}
+
 pub fn close(a: f64, b: f64, what: &str) {
     assert!((a - b).abs() <= TOL, "{what}: {a} vs golden {b}");
 }

@@ -62,3 +62,24 @@ pub fn shared_xla_cache() -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create the shared XLA cache dir");
     dir
 }
+
+/// The XLA runner options the golden tests share: 320 blocks of 16, 64-token steps, 5
+/// logprobs, no compilation after warm-up, the suite's compile cache; on the CPU plugin's 8
+/// devices. Tests change the device, dtype or quantization with struct update syntax.
+pub fn golden_xla_options(
+    tp: usize,
+    max_model_len: usize,
+) -> tpuserve_runner_xla::XlaRunnerOptions {
+    tpuserve_runner_xla::XlaRunnerOptions {
+        tensor_parallel_size: tp,
+        cpu_device_count: 8,
+        num_blocks: 320,
+        block_size: 16,
+        max_num_batched_tokens: 64,
+        max_model_len,
+        max_logprobs: 5,
+        strict_no_recompile: true,
+        compile_cache_dir: Some(shared_xla_cache()),
+        ..Default::default()
+    }
+}

@@ -182,17 +182,20 @@ impl Plan {
     }
 }
 
-pub fn parameter_count(c: &LlamaConfig) -> u64 {
-    let (h, v, l) = (
+/// hidden, vocab, layers, q size, kv size, intermediate size.
+fn dims(c: &LlamaConfig) -> [u64; 6] {
+    [
         c.hidden_size as u64,
         c.vocab_size as u64,
         c.num_hidden_layers as u64,
-    );
-    let (qs, kvs, i) = (
         c.q_size() as u64,
         c.kv_size() as u64,
         c.intermediate_size as u64,
-    );
+    ]
+}
+
+pub fn parameter_count(c: &LlamaConfig) -> u64 {
+    let [h, v, l, qs, kvs, i] = dims(c);
     let per_layer = h * qs + 2 * h * kvs + qs * h + 3 * h * i + 2 * h;
     let head = if c.tie_word_embeddings { 0 } else { v * h };
     v * h + head + l * per_layer + h
@@ -202,16 +205,7 @@ pub fn parameter_count(c: &LlamaConfig) -> u64 {
 /// LM head, counted as `parameter_count` counts it), and their output channels (one f32 scale
 /// each).
 pub fn quantized_counts(c: &LlamaConfig) -> (u64, u64) {
-    let (h, v, l) = (
-        c.hidden_size as u64,
-        c.vocab_size as u64,
-        c.num_hidden_layers as u64,
-    );
-    let (qs, kvs, i) = (
-        c.q_size() as u64,
-        c.kv_size() as u64,
-        c.intermediate_size as u64,
-    );
+    let [h, v, l, qs, kvs, i] = dims(c);
     let head = if c.tie_word_embeddings { 0 } else { v };
     let params = l * (h * qs + 2 * h * kvs + qs * h + 3 * h * i) + head * h;
     let channels = l * (qs + 2 * kvs + h + 2 * i + h) + head;
