@@ -302,42 +302,11 @@ fn step_model(
             toks as f64 / roof(f)
         );
     };
-    // K and V pages one decode tile reads per chunk and layer, on one chip.
-    let page_bytes = chunk_tokens as f64 * p.kv_bytes_per_token_per_device as f64 / layers as f64;
-    let mut scaled_any = false;
-    let mut decode_parts = |batch: usize| -> anyhow::Result<(StepParts, bool)> {
-        let mut s = parts_of(batch, 1)?;
-        let tiles = batch.max(16).next_power_of_two() as f64;
-        // XLA fuses a big page gather into its consumer, and the cost analysis then charges
-        // the fusion its whole operand, the KV cache (tens of GB per chunk); such a bucket's
-        // chunk is modelled as the 32-row bucket's (gather standalone), per tile.
-        // The layer's other bytes (its weights, above all) come from that bucket too: the
-        // one- and two-layer variants carry the same whole-cache charge, so their difference
-        // is not a layer's reads either.
-        if tiles > 32.0 && max_t >= 32 && s.chunk.bytes > 8.0 * page_bytes * tiles {
-            let r = parts_of(32, 1)?;
-            let scaled = Figures::default().plus(r.chunk, tiles / 32.0);
-            s.layer = Figures {
-                flops: s.layer.flops - s.chunk.flops + scaled.flops,
-                bytes: r.layer.bytes - r.chunk.bytes + scaled.bytes,
-                optimal_seconds: f64::NAN,
-            };
-            s.chunk = Figures {
-                optimal_seconds: f64::NAN,
-                ..scaled
-            };
-            s.outside.optimal_seconds = f64::NAN;
-            return Ok((s, true));
-        }
-        Ok((s, false))
-    };
     let mut decode_128 = None;
     for batch in [1usize, 32, 128].into_iter().filter(|&b| b <= max_t) {
-        let (s, scaled) = decode_parts(batch)?;
-        scaled_any |= scaled;
-        let kind = if scaled { "decode*" } else { "decode" };
+        let s = parts_of(batch, 1)?;
         for &ctx in &contexts {
-            row(kind, batch, ctx, &s.step(layers, chunks(ctx)), batch);
+            row("decode", batch, ctx, &s.step(layers, chunks(ctx)), batch);
         }
         if batch == 128 {
             decode_128 = Some(s);
@@ -350,14 +319,6 @@ fn step_model(
     }
     // The issue's three goals, from the same parts.
     let tp = a.tensor_parallel_size as f64;
-    if scaled_any {
-        println!(
-            "* the compiler charges this bucket's fused page gather the whole KV cache; its \
-             chunk is the 32-row bucket's per tile ({:.1} MB of pages per tile per chunk) and \
-             its layer's other bytes are the 32-row bucket's",
-            page_bytes / 1e6
-        );
-    }
     if let (Some(d), true) = (decode_128, max_model_len >= 2048) {
         let f = d.step(layers, chunks(2048));
         let live_kv = 128.0 * 2048.0 * p.kv_bytes_per_token_per_device as f64;
