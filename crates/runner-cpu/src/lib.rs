@@ -2,7 +2,8 @@
 //! keys and values from a paged cache through each sequence's block table. It is the numerical
 //! reference the XLA runner is checked against.
 
-mod attention;
+#[doc(hidden)]
+pub mod attention;
 pub mod matvec;
 pub mod qmatvec;
 mod weights;
