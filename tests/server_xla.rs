@@ -10,6 +10,18 @@ use tpuserve_suite::goldens::Goldens;
 use tpuserve_suite::server::{free_port, metric, tpuserve_bin, Server};
 use tpuserve_suite::{fixtures_dir, shared_xla_cache, tiny_llama3_dir};
 
+/// A small server: short contexts, small steps, few sequences, no logprobs.
+const SMALL: [&str; 8] = [
+    "--max-model-len",
+    "256",
+    "--max-num-batched-tokens",
+    "32",
+    "--max-num-seqs",
+    "4",
+    "--max-logprobs",
+    "0",
+];
+
 fn spawn_xla(model: &str, extra: &[&str]) -> Server {
     let port = free_port();
     let mut args: Vec<String> = [
@@ -386,20 +398,8 @@ fn quantization_int8_serves_on_xla_and_is_refused_on_cpu() {
     let g = Goldens::load(&fixtures_dir().join("smollm2/goldens.json"));
     let c = g.case("single_token");
     assert!(c.min_margin_top1_top2 >= 0.1);
-    let small = [
-        "--max-model-len",
-        "256",
-        "--max-num-batched-tokens",
-        "32",
-        "--max-num-seqs",
-        "4",
-        "--max-logprobs",
-        "0",
-        "--kv-cache-space",
-        "0.05",
-    ];
-    let mut args = vec!["-q", "int8"];
-    args.extend(small);
+    let mut args = vec!["-q", "int8", "--kv-cache-space", "0.05"];
+    args.extend(SMALL);
     let s = spawn_xla(tpuserve_suite::smollm2_gguf().to_str().unwrap(), &args);
     let v = s.post_ok(
         "/v1/completions",
@@ -423,8 +423,10 @@ fn quantization_int8_serves_on_xla_and_is_refused_on_cpu() {
         "int8",
         "--tensor-parallel-size",
         "2",
+        "--kv-cache-space",
+        "0.05",
     ];
-    args.extend(small);
+    args.extend(SMALL);
     let s = spawn_xla(dir.path().to_str().unwrap(), &args);
     let v = s.post_ok(
         "/v1/completions",
@@ -445,4 +447,64 @@ fn config_folder() -> tempfile::TempDir {
         std::fs::copy(tiny_llama3_dir().join(f), dir.path().join(f)).unwrap();
     }
     dir
+}
+
+/// `--kv-cache-dtype fp8` (vLLM's flag): K and V stored as fp8 on XLA devices, so the same
+/// `--kv-cache-space` holds twice the blocks of a bf16 cache, and requests complete; refused
+/// (exit 2, naming the flag) on the CPU runner and for cache types tpuserve does not have.
+#[test]
+fn kv_cache_dtype_fp8_serves_on_xla_and_is_refused_on_cpu() {
+    for (device, value, want) in [
+        ("cpu", "fp8", "--kv-cache-dtype fp8 needs an XLA device"),
+        (
+            "xla-cpu",
+            "float16",
+            "--kv-cache-dtype float16: tpuserve stores",
+        ),
+        (
+            "xla-cpu",
+            "nvfp4",
+            "--kv-cache-dtype nvfp4: tpuserve stores",
+        ),
+    ] {
+        let out = Command::new(tpuserve_bin())
+            .args(["serve", "/nonexistent", "--device", device])
+            .args(["--kv-cache-dtype", value, "--port", "1"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{device} {value}: {err}");
+        assert!(err.contains(want), "{device} {value}: {err}");
+    }
+    let model = tiny_llama3_dir();
+    let blocks = |kv: &str| -> (u64, String) {
+        let mut args = vec!["--dtype", "bfloat16", "--kv-cache-dtype", kv];
+        args.extend(["--kv-cache-space", "0.01"]);
+        args.extend(SMALL);
+        let s = spawn_xla(model.to_str().unwrap(), &args);
+        let v = s.post_ok(
+            "/v1/completions",
+            &json!({"prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0,
+                "ignore_eos": true}),
+        );
+        assert_eq!(v["usage"]["completion_tokens"], 6, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        let log = s.log();
+        let n = regex::Regex::new(r"KV cache: (\d+) blocks of 16 in (\w+)")
+            .unwrap()
+            .captures(&log)
+            .unwrap_or_else(|| panic!("{log}"));
+        (n[1].parse().unwrap(), n[2].to_string())
+    };
+    let (bf16, bf16_elem) = blocks("auto");
+    let (fp8, fp8_elem) = blocks("fp8");
+    assert_eq!(
+        (bf16_elem.as_str(), fp8_elem.as_str()),
+        ("bf16", "f8E4M3FN")
+    );
+    // One block is reserved on both sides.
+    assert!(
+        (fp8 + 1).abs_diff(2 * (bf16 + 1)) <= 1,
+        "fp8 {fp8} blocks vs bf16 {bf16}"
+    );
 }

@@ -895,7 +895,7 @@ def _acted_on_flags(tmp_path, pki):
         "--enable-tokenizer-info-endpoint": [], "--enable-prompt-tokens-details": [],
         "--enable-force-include-usage": [], "--chat-template": [str(tmpl)],
         "--generation-config": ["vllm"], "--override-generation-config": ['{"temperature": 0}'],
-        "--max-logprobs": ["5"], "--revision": ["main"],
+        "--max-logprobs": ["5"], "--revision": ["main"], "--kv-cache-dtype": ["auto"],
         "--tokenizer": [str(SHARED / "fixtures" / "smollm2" / "tokenizer")],
         "--shutdown-timeout": ["5"], "--load-format": ["auto"], "--root-path": ["/api"],
         "--response-role": ["assistant"], "--hf-token": ["hf_unused"],

@@ -4,11 +4,13 @@
 
 use std::fmt::Write;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Elem {
     F32,
     F16,
     BF16,
+    F8E4M3FN,
+    F8E5M2,
     I8,
     I32,
     U32,
@@ -21,10 +23,21 @@ impl Elem {
             Elem::F32 => "f32",
             Elem::F16 => "f16",
             Elem::BF16 => "bf16",
+            Elem::F8E4M3FN => "f8E4M3FN",
+            Elem::F8E5M2 => "f8E5M2",
             Elem::I8 => "i8",
             Elem::I32 => "i32",
             Elem::U32 => "ui32",
             Elem::I1 => "i1",
+        }
+    }
+
+    /// Bytes per element (a predicate takes one).
+    pub fn bytes(self) -> usize {
+        match self {
+            Elem::F32 | Elem::I32 | Elem::U32 => 4,
+            Elem::F16 | Elem::BF16 => 2,
+            Elem::F8E4M3FN | Elem::F8E5M2 | Elem::I8 | Elem::I1 => 1,
         }
     }
 }

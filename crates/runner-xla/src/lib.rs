@@ -34,7 +34,7 @@ use crate::compile_cache::{CacheKey, CompileCache, Lookup};
 pub use crate::device::DeviceKind;
 pub use crate::program::WeightElem;
 use crate::program::{arg, mask_words, out, Bucket, ProgramConfig};
-pub use crate::quant::Quantization;
+pub use crate::quant::{KvCacheDtype, Quantization};
 
 #[derive(Debug, Clone)]
 pub struct XlaRunnerOptions {
@@ -52,6 +52,8 @@ pub struct XlaRunnerOptions {
     pub weight_dtype: WeightElem,
     /// `--quantization int8`: projections and LM head as int8 with per-channel scales.
     pub quantization: Quantization,
+    /// `--kv-cache-dtype`: the activations' dtype (auto) or fp8.
+    pub kv_cache_dtype: KvCacheDtype,
     /// `VLLM_XLA_CACHE_PATH`: where compiled executables persist across restarts and pods.
     pub compile_cache_dir: Option<PathBuf>,
     /// Query rows per attention tile of a prompt (rows of one sequence that share one read
@@ -86,6 +88,7 @@ impl Default for XlaRunnerOptions {
             max_logprobs: sizing::DEFAULT_MAX_LOGPROBS,
             weight_dtype: WeightElem::F32,
             quantization: Quantization::None,
+            kv_cache_dtype: KvCacheDtype::Auto,
             compile_cache_dir: None,
             attention_tile: 16,
             kv_chunk_tokens: 0,
@@ -246,7 +249,8 @@ impl XlaRunner {
             opts.max_model_len,
             opts.kv_chunk_tokens,
         )
-        .with_quantization(opts.quantization);
+        .with_quantization(opts.quantization)
+        .with_kv_cache(opts.kv_cache_dtype);
         let (weights, report) = if model.weights.is_dummy() {
             weights::dummy(&client, &devices, c, &cfg)?
         } else {
@@ -313,12 +317,7 @@ impl XlaRunner {
                 .iter()
                 .map(|w| w[0].on_device_size().unwrap_or(0) as f64)
                 .sum::<f64>();
-            let elem = if opts.weight_dtype == WeightElem::F32 {
-                4
-            } else {
-                2
-            };
-            let per_token = (c.kv_bytes_per_token(elem) / tp) as f64;
+            let per_token = (c.kv_bytes_per_token(cfg.cache_elem.bytes()) / tp) as f64;
             let blocks = plan::kv_blocks_in_memory(&plan::KvMemory {
                 device_bytes: limit,
                 utilization: util,
@@ -349,7 +348,7 @@ impl XlaRunner {
                 opts.block_size,
                 kv_heads,
                 head_dim,
-                opts.weight_dtype,
+                cfg.cache_elem,
             )
         };
         let t_kv = Instant::now();
@@ -360,10 +359,11 @@ impl XlaRunner {
             .map(|b| b.on_device_size().unwrap_or(0))
             .sum();
         tracing::info!(
-            "KV cache: {} blocks of {} ({:.2} GB over {} device(s)) zeroed on device in {:.2}s; \
-             weights and KV ready {:.1}s after start",
+            "KV cache: {} blocks of {} in {} ({:.2} GB over {} device(s)) zeroed on device in \
+             {:.2}s; weights and KV ready {:.1}s after start",
             opts.num_blocks,
             opts.block_size,
+            cfg.cache_elem.mlir(),
             kv_bytes as f64 / 1e9,
             devices.len(),
             t_kv.elapsed().as_secs_f64(),

@@ -264,12 +264,39 @@ pub enum PlanError {
     },
 }
 
+/// The plan with the KV cache in the weights' dtype.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     c: &LlamaConfig,
     device: DeviceSpec,
     tp: usize,
     dtype_bytes: usize,
+    max_model_len: usize,
+    max_num_seqs: usize,
+    memory_utilization: f64,
+    block_size: usize,
+    quant: Quantization,
+) -> Result<Plan, PlanError> {
+    plan_with_kv(
+        c,
+        device,
+        tp,
+        (dtype_bytes, dtype_bytes),
+        max_model_len,
+        max_num_seqs,
+        memory_utilization,
+        block_size,
+        quant,
+    )
+}
+
+/// The plan with `(weight, KV cache)` bytes per element (`--kv-cache-dtype fp8`: 1).
+#[allow(clippy::too_many_arguments)]
+pub fn plan_with_kv(
+    c: &LlamaConfig,
+    device: DeviceSpec,
+    tp: usize,
+    (dtype_bytes, kv_elem_bytes): (usize, usize),
     max_model_len: usize,
     max_num_seqs: usize,
     memory_utilization: f64,
@@ -287,7 +314,7 @@ pub fn plan(
     let parameters = parameter_count(c);
     let weight_bytes_total = weight_bytes(c, dtype_bytes, quant);
     let weight_bytes_per_device = weight_bytes_total / tp as f64;
-    let kv_total = c.kv_bytes_per_token(dtype_bytes) as u64;
+    let kv_total = c.kv_bytes_per_token(kv_elem_bytes) as u64;
     let kv_dev = kv_total / tp as u64;
     let budget = memory_utilization * device.memory_bytes;
     // The same rule the runner sizes its cache from device memory by.

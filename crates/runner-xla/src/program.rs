@@ -15,7 +15,7 @@
 //! converts the int8 matrix to the activation dtype as its operand and scales its f32 result.
 
 use crate::hlo::{module, Arg, Block, Cmp, Elem, Ty, V};
-pub use crate::quant::Quantization;
+pub use crate::quant::{KvCacheDtype, Quantization};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ModelDims {
@@ -66,6 +66,8 @@ pub struct ProgramConfig {
     /// The activations', the KV cache's and the unquantised weights' dtype.
     pub weight_elem: WeightElem,
     pub quantization: Quantization,
+    /// The KV cache's element type (`weight_elem`'s unless `--kv-cache-dtype` says fp8).
+    pub cache_elem: Elem,
     pub num_blocks: i64,
     pub block_size: i64,
     pub tp: i64,
@@ -243,6 +245,7 @@ impl ProgramConfig {
             },
             weight_elem,
             quantization: Quantization::None,
+            cache_elem: weight_elem.elem(),
             num_blocks: num_blocks as i64 + 1,
             block_size: block_size as i64,
             tp: tp as i64,
@@ -252,6 +255,13 @@ impl ProgramConfig {
     /// The same programs with the projections and LM head stored as `q`.
     pub fn with_quantization(mut self, q: Quantization) -> ProgramConfig {
         self.quantization = q;
+        self
+    }
+
+    /// The same programs with the KV cache stored as `kv` (converted on write, and back to
+    /// the activations' dtype inside the attention's dots).
+    pub fn with_kv_cache(mut self, kv: KvCacheDtype) -> ProgramConfig {
+        self.cache_elem = kv.elem(self.weight_elem.elem());
         self
     }
 
@@ -318,8 +328,8 @@ impl ProgramConfig {
             Ty::new(&[l, h, m.inter], mw),
             Ty::new(&[l, m.inter, h], mw),
             Ty::new(&[m.head_dim / 2], Elem::F32),
-            Ty::new(&self.cache_dims(), w),
-            Ty::new(&self.cache_dims(), w),
+            Ty::new(&self.cache_dims(), self.cache_elem),
+            Ty::new(&self.cache_dims(), self.cache_elem),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::I32),
             Ty::new(&[t], Elem::I32),
@@ -704,8 +714,8 @@ impl Emitter<'_> {
         let wb2 = b.reshape(&wblock, &[t, 1]);
         let wo2 = b.reshape(&woff, &[t, 1]);
         let widx = b.concat(&[&wb2, &wo2], 1);
-        let kw = b.convert(&k, w);
-        let vw = b.convert(&vv, w);
+        let kw = b.convert(&k, cfg.cache_elem);
+        let vw = b.convert(&vv, cfg.cache_elem);
         let kw = b.reshape(&kw, &[t, kvh, d]);
         let vw = b.reshape(&vw, &[t, kvh, d]);
         let kw = b.transpose(&kw, &[1, 0, 2]);
@@ -1001,6 +1011,10 @@ fn attend_chunk(b: &mut Block, cfg: &ProgramConfig, c: &Chunk) -> (V, V, V) {
     let vg = b.gather_pages(c.vc, &rows);
     let kg = b.reshape(&kg, &[nt, kvh, ck, d]);
     let vg = b.reshape(&vg, &[nt, kvh, ck, d]);
+    // An fp8 cache enters the dots widened to the activations' dtype (a convert the
+    // compiler fuses into the dot's operand: the fp8 bytes are what is read).
+    let kg = b.convert(&kg, w);
+    let vg = b.convert(&vg, w);
 
     // scores [NT, KVH, R, G, kch·BS]
     let full = [nt, kvh, r, g, ck];

@@ -10,6 +10,8 @@
 use rayon::prelude::*;
 use tpuserve_model::HostTensor;
 
+use crate::hlo::Elem;
+
 /// How the projection matrices and the LM head are stored on the devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Quantization {
@@ -32,6 +34,44 @@ impl Quantization {
 
     pub fn is_int8(self) -> bool {
         self == Quantization::Int8
+    }
+}
+
+/// The KV cache's element type (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KvCacheDtype {
+    /// The activations' dtype (`--dtype`).
+    #[default]
+    Auto,
+    /// fp8 e4m3 (vLLM's `fp8` / `fp8_e4m3`), no scale (vLLM's default scale of 1.0): half
+    /// the bytes of a bf16 cache, so twice the tokens and half the page reads per step.
+    Fp8E4m3,
+    /// fp8 e5m2: more range, less precision.
+    Fp8E5m2,
+}
+
+impl KvCacheDtype {
+    /// The value named on the command line, if tpuserve implements it.
+    pub fn from_flag(s: &str) -> Option<KvCacheDtype> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(KvCacheDtype::Auto),
+            "fp8" | "fp8_e4m3" => Some(KvCacheDtype::Fp8E4m3),
+            "fp8_e5m2" => Some(KvCacheDtype::Fp8E5m2),
+            _ => None,
+        }
+    }
+
+    /// The cache's element type when the activations are `w`.
+    pub fn elem(self, w: Elem) -> Elem {
+        match self {
+            KvCacheDtype::Auto => w,
+            KvCacheDtype::Fp8E4m3 => Elem::F8E4M3FN,
+            KvCacheDtype::Fp8E5m2 => Elem::F8E5M2,
+        }
+    }
+
+    pub fn is_fp8(self) -> bool {
+        self != KvCacheDtype::Auto
     }
 }
 

@@ -928,10 +928,10 @@ pub fn zero_cache(
     block_size: usize,
     kv_heads: usize,
     head_dim: usize,
-    elem: WeightElem,
+    elem: Elem,
 ) -> Result<Vec<Buffer>, RunnerError> {
     let dims = [block_rows, kv_heads, block_size, head_dim].map(|x| x as i64);
-    let ty = Ty::new(&dims, elem.elem());
+    let ty = Ty::new(&dims, elem);
     fill::run(
         client,
         devices,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Args};
 use tpuserve_model::LoadFormat;
 use tpuserve_runner_api::sizing;
-use tpuserve_runner_xla::Quantization;
+use tpuserve_runner_xla::{KvCacheDtype, Quantization};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -52,6 +52,12 @@ pub struct ServeArgs {
     /// vLLM's other methods (fp8, awq, gptq, ...) are logged as ignored.
     #[arg(long)]
     pub quantization: Option<String>,
+    /// `auto` (the activations' dtype), or `fp8` / `fp8_e4m3` / `fp8_e5m2` (XLA devices): K and
+    /// V stored as fp8 (no scale, vLLM's default of 1.0), converted on write and widened inside
+    /// the attention's dots: twice the tokens in the same memory and half the page bytes each
+    /// step reads. vLLM's other cache types are refused.
+    #[arg(long)]
+    pub kv_cache_dtype: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_enable_prefix_caching")]
@@ -229,7 +235,27 @@ impl ServeArgs {
         }
     }
 
-    /// `--quantization int8` on the CPU runner: a usage error naming the flag (the CPU runner
+    /// `--kv-cache-dtype`: what tpuserve stores the KV cache as, or a usage error naming the
+    /// value (exit 2).
+    pub fn kv_cache_dtype(&self) -> Result<KvCacheDtype, UsageError> {
+        let Some(v) = &self.kv_cache_dtype else {
+            return Ok(KvCacheDtype::Auto);
+        };
+        // A value vLLM's argparse does not take is its error, as for every vLLM flag.
+        if let Some(why) =
+            crate::vllm_flags::ValueType::Choices(Self::VLLM_KV_CACHE_DTYPES).check(v, false)
+        {
+            return Err(UsageError(format!("argument --kv-cache-dtype: {why}")));
+        }
+        KvCacheDtype::from_flag(v).ok_or_else(|| {
+            UsageError(format!(
+                "--kv-cache-dtype {v}: tpuserve stores the KV cache in the activations' dtype \
+                 (auto) or as fp8 (fp8, fp8_e4m3, fp8_e5m2; XLA devices)"
+            ))
+        })
+    }
+
+    /// `--quantization int8` or `--kv-cache-dtype fp8` on the CPU runner: a usage error naming the flag (the CPU runner
     /// runs GGUF blocks in place, or float32; it has no int8 path of this kind).
     pub fn check_quantization_on_cpu(&self) -> Result<(), UsageError> {
         if self.quantization().0.is_int8() {
@@ -239,8 +265,38 @@ impl ServeArgs {
                     .into(),
             ));
         }
+        if self.kv_cache_dtype()?.is_fp8() {
+            return Err(UsageError(
+                "--kv-cache-dtype fp8 needs an XLA device (--device xla-cpu, tpu or cuda); the \
+                 CPU runner keeps its KV cache in float32"
+                    .into(),
+            ));
+        }
         Ok(())
     }
+
+    /// vLLM 0.32's `--kv-cache-dtype` choices.
+    const VLLM_KV_CACHE_DTYPES: &[&str] = &[
+        "auto",
+        "float16",
+        "bfloat16",
+        "fp8",
+        "fp8_e4m3",
+        "fp8_e5m2",
+        "fp8_inc",
+        "fp8_ds_mla",
+        "nvfp4_ds_mla",
+        "turboquant_k8v4",
+        "turboquant_4bit_nc",
+        "turboquant_k3v4_nc",
+        "turboquant_3bit_nc",
+        "ultraquant_4bit",
+        "int4_per_token_head",
+        "int8_per_token_head",
+        "fp8_per_token_head",
+        "nvfp4",
+        "nvfp4_4over6",
+    ];
 
     /// The size flags that need no model: each bad value is a usage error naming its flag
     /// (checked before anything loads; a block size of 0 would divide by zero later).
@@ -296,6 +352,7 @@ impl ServeArgs {
         if let Some(g) = self.vllm_given.iter().find(|g| g.refused) {
             return Err(UsageError(g.refused_line()));
         }
+        self.kv_cache_dtype()?;
         if self.device == "cpu" {
             self.check_quantization_on_cpu()?;
         }

@@ -7,10 +7,10 @@ use clap::Args;
 use tpuserve_model::{gguf::GgufFile, LlamaConfig};
 use tpuserve_runner_api::sizing;
 use tpuserve_runner_xla::deviceless::{self, Figures, ProgramCost, StepParts};
-use tpuserve_runner_xla::plan::{device_spec, plan, Plan, DEVICES};
+use tpuserve_runner_xla::plan::{device_spec, plan_with_kv, Plan, DEVICES};
 use tpuserve_runner_xla::program::Bucket;
 use tpuserve_runner_xla::program::ProgramConfig;
-use tpuserve_runner_xla::{Quantization, WeightElem, XlaRunner, XlaRunnerOptions};
+use tpuserve_runner_xla::{KvCacheDtype, Quantization, WeightElem, XlaRunner, XlaRunnerOptions};
 
 #[derive(Args)]
 pub struct PlanArgs {
@@ -28,6 +28,9 @@ pub struct PlanArgs {
     /// per-channel scales (the KV cache gets the bytes they free).
     #[arg(long, value_parser = parse_quantization)]
     quantization: Option<Quantization>,
+    /// As `serve --kv-cache-dtype`: `fp8` (`fp8_e4m3`, `fp8_e5m2`) plans a one-byte KV cache.
+    #[arg(long, value_parser = parse_kv_cache_dtype, default_value = "auto")]
+    kv_cache_dtype: KvCacheDtype,
     #[arg(long)]
     max_model_len: Option<usize>,
     #[arg(long, default_value_t = sizing::DEFAULT_MAX_NUM_SEQS)]
@@ -140,7 +143,8 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         max_model_len,
         tpuserve_runner_xla::default_kv_chunk_tokens("tpu"),
     )
-    .with_quantization(a.quantization.unwrap_or_default());
+    .with_quantization(a.quantization.unwrap_or_default())
+    .with_kv_cache(a.kv_cache_dtype);
     let buckets = XlaRunner::bucket_set(&XlaRunnerOptions {
         max_num_batched_tokens: batched_tokens(a),
         max_model_len,
@@ -371,6 +375,11 @@ fn parse_quantization(s: &str) -> Result<Quantization, String> {
         .ok_or_else(|| format!("{s}: tpuserve plans only int8 (weight-only, per-channel scales)"))
 }
 
+fn parse_kv_cache_dtype(s: &str) -> Result<KvCacheDtype, String> {
+    KvCacheDtype::from_flag(s)
+        .ok_or_else(|| format!("{s}: tpuserve plans a KV cache of auto, fp8, fp8_e4m3 or fp8_e5m2"))
+}
+
 fn positive_gbps(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
@@ -432,11 +441,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("unknown --dtype `{other}`"),
     };
     let max_model_len = a.max_model_len.unwrap_or(c.max_position_embeddings);
-    let p = plan(
+    let kv_bytes = if a.kv_cache_dtype.is_fp8() { 1 } else { bytes };
+    let p = plan_with_kv(
         &c,
         dev,
         a.tensor_parallel_size,
-        bytes,
+        (bytes, kv_bytes),
         max_model_len,
         a.max_num_seqs,
         a.gpu_memory_utilization,

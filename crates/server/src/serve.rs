@@ -148,7 +148,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 ("auto", _) => WeightElem::BF16,
                 (other, _) => bail!("unknown --dtype `{other}` (auto, float32, bfloat16, float16)"),
             };
-            let elem_bytes = if weight_dtype == WeightElem::F32 {
+            let kv_cache_dtype = args.kv_cache_dtype()?;
+            let elem_bytes = if kv_cache_dtype.is_fp8() {
+                1
+            } else if weight_dtype == WeightElem::F32 {
                 4
             } else {
                 2
@@ -171,6 +174,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     max_logprobs: args.max_logprobs,
                     weight_dtype,
                     quantization,
+                    kv_cache_dtype,
                     compile_cache_dir: cache_dir,
                     strict_no_recompile: std::env::var("VLLM_XLA_CHECK_RECOMPILATION")
                         .is_ok_and(|v| v == "1"),

@@ -172,7 +172,6 @@ pub static VLLM_FLAGS: &[VllmFlag] = &[
     VllmFlag { name: "enable-fault-tolerance", no_name: "no-enable-fault-tolerance", aliases: &[], kind: Bool, what: Ignored(MULTI) },
     VllmFlag { name: "fault-tolerance-config", no_name: "", aliases: &[], kind: Value, what: Ignored(MULTI) },
     VllmFlag { name: "kv-cache-memory-bytes", no_name: "", aliases: &[], kind: Value, what: Ignored(CACHE) },
-    VllmFlag { name: "kv-cache-dtype", no_name: "", aliases: &[], kind: Value, what: Ignored("the KV cache uses the compute dtype") },
     VllmFlag { name: "num-gpu-blocks-override", no_name: "", aliases: &[], kind: Value, what: Ignored(GPU) },
     VllmFlag { name: "prefix-caching-hash-algo", no_name: "", aliases: &[], kind: Value, what: Ignored(CACHE) },
     VllmFlag { name: "prefix-cache-retention-interval", no_name: "", aliases: &[], kind: Value, what: Ignored(CACHE) },

@@ -82,7 +82,6 @@ pub static VALUE_TYPES: &[(&str, ValueType, bool)] = &[
     ("max-parallel-loading-workers", Int, true),
     ("fault-tolerance-config", Json, false),
     ("kv-cache-memory-bytes", HumanInt, true),
-    ("kv-cache-dtype", Choices(&["auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla", "nvfp4_ds_mla", "turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc", "ultraquant_4bit", "int4_per_token_head", "int8_per_token_head", "fp8_per_token_head", "nvfp4", "nvfp4_4over6"]), false),
     ("num-gpu-blocks-override", Int, true),
     ("prefix-caching-hash-algo", Choices(&["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]), false),
     ("prefix-cache-retention-interval", Int, true),
