@@ -47,6 +47,7 @@ fn plan_cost(
     util: &str,
     dump: &Path,
     model: bool,
+    extra: &[&str],
 ) -> (Vec<Row>, u64, String) {
     let mut cmd = Command::new(tpuserve_bin());
     cmd.args(["plan", "--cost", "--model"])
@@ -56,6 +57,7 @@ fn plan_cost(
         .args(["--max-num-batched-tokens", "32", "--max-logprobs", "0"])
         .args(["--gpu-memory-utilization", util, "--dump-hlo"])
         .arg(dump)
+        .args(extra)
         .env("RUST_BACKTRACE", "0");
     if !model {
         cmd.arg("--no-step-model");
@@ -93,13 +95,14 @@ fn plan_cost(
     (rows, blocks, text)
 }
 
-/// `model`: also build the step model (three straight-line variants per modelled bucket).
-fn check(name: &str, tp: usize, model: bool) {
+/// `model`: also build the step model (three straight-line variants per modelled bucket);
+/// `extra`: more `plan` flags.
+fn check(name: &str, tp: usize, model: bool, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(name, 2, dir.path());
     let (small_dump, big_dump) = (dir.path().join("small"), dir.path().join("big"));
-    let (small, small_blocks, _) = plan_cost(&cfg, tp, "0.3", &small_dump, false);
-    let (big, big_blocks, text) = plan_cost(&cfg, tp, "0.9", &big_dump, model);
+    let (small, small_blocks, _) = plan_cost(&cfg, tp, "0.3", &small_dump, false, extra);
+    let (big, big_blocks, text) = plan_cost(&cfg, tp, "0.9", &big_dump, model, extra);
     assert!(
         big_blocks > 2 * small_blocks,
         "{small_blocks} vs {big_blocks}"
@@ -248,17 +251,29 @@ fn check_model(name: &str, tp: usize, big: &[Parts], text: &str) {
 
 #[test]
 fn tpu_v6e_2x4_llama_70b_shapes_tp8_cache_is_never_copied_or_gathered() {
-    check("llama-3.1-70b.config.json", 8, true);
+    check("llama-3.1-70b.config.json", 8, true, &[]);
+}
+
+/// `--kv-cache-dtype fp8`: the fp8 cache compiles for TPU, is written in place and read
+/// without a copy, at two cache sizes.
+#[test]
+fn tpu_v6e_2x4_llama_70b_shapes_tp8_fp8_kv_cache_is_never_copied() {
+    check(
+        "llama-3.1-70b.config.json",
+        8,
+        false,
+        &["--kv-cache-dtype", "fp8"],
+    );
 }
 
 /// 70B at TP 4 holds 2 KV heads per chip: the layout where the compiler once copied the
 /// whole cache into the attention dots' layout after every KV write (temporaries 3.2 GB).
 #[test]
 fn tpu_v6e_2x2_llama_70b_shapes_tp4_two_kv_heads_per_chip_cache_is_never_copied() {
-    check("llama-3.1-70b.config.json", 4, false);
+    check("llama-3.1-70b.config.json", 4, false, &[]);
 }
 
 #[test]
 fn tpu_v6e_1x1_llama_8b_shapes_tp1_cache_is_never_copied() {
-    check("llama-3.1-8b.config.json", 1, true);
+    check("llama-3.1-8b.config.json", 1, true, &[]);
 }
