@@ -148,7 +148,7 @@ fn without_gather_offload(tp: i64) -> tpuserve_pjrt::CompileOptions {
 
 /// Whether an optimized program (`hlo_with_config` bytes) holds a gather offloaded to the
 /// SparseCores (the compiler names those fusions `gather_offload…`).
-pub fn has_gather_offload(optimized: &[u8]) -> bool {
+fn has_gather_offload(optimized: &[u8]) -> bool {
     optimized.windows(14).any(|w| w == b"gather_offload")
 }
 

@@ -149,13 +149,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 (other, _) => bail!("unknown --dtype `{other}` (auto, float32, bfloat16, float16)"),
             };
             let kv_cache_dtype = args.kv_cache_dtype()?;
-            let elem_bytes = if kv_cache_dtype.is_fp8() {
-                1
-            } else if weight_dtype == WeightElem::F32 {
-                4
-            } else {
-                2
-            };
+            // The runner sizes a device-memory cache by the same element.
+            let elem_bytes = kv_cache_dtype.elem(weight_dtype.elem()).bytes();
             let cache_dir = std::env::var_os("VLLM_XLA_CACHE_PATH")
                 .map(PathBuf::from)
                 .or_else(|| {
