@@ -28,6 +28,7 @@ struct Row {
     gb_read: f64,
     args_gb: f64,
     temp_gb: f64,
+    kern_ms: f64,
 }
 
 /// A copy of a fixture config with `layers` layers.
@@ -78,7 +79,7 @@ fn plan_cost(
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() != 13 || f[0].parse::<i64>().is_err() {
+            if f.len() != 14 || f[0].parse::<i64>().is_err() {
                 return None;
             }
             Some(Row {
@@ -86,12 +87,26 @@ fn plan_cost(
                 tile: f[1].parse().ok()?,
                 top_k: f[2].parse().ok()?,
                 gb_read: f[4].parse().ok()?,
-                args_gb: f[7].parse().ok()?,
-                temp_gb: f[9].parse().ok()?,
+                kern_ms: f[7].parse().ok()?,
+                args_gb: f[8].parse().ok()?,
+                temp_gb: f[10].parse().ok()?,
             })
         })
         .collect();
     assert!(!rows.is_empty(), "{text}");
+    // The clock the code generator's cycle estimates imply, from its weight-streaming and
+    // matmul probes: both a TPU's clock (GHz), within 1.5× of each other.
+    let clocks =
+        regex::Regex::new(r"at (\S+) TB/s: (\S+) GHz; a large matmul at \S+ TFLOP/s: (\S+) GHz")
+            .unwrap()
+            .captures(&text)
+            .unwrap_or_else(|| panic!("{text}"));
+    let (hbm, mxu): (f64, f64) = (clocks[2].parse().unwrap(), clocks[3].parse().unwrap());
+    assert!(
+        (0.5..5.0).contains(&hbm) && (0.5..5.0).contains(&mxu),
+        "{text}"
+    );
+    assert!(hbm.max(mxu) / hbm.min(mxu) < 1.5, "{text}");
     (rows, blocks, text)
 }
 
@@ -122,6 +137,11 @@ fn check(name: &str, tp: usize, model: bool, extra: &[&str]) {
             "{name} TP {tp}: temporaries grow with the KV cache: {s:?} vs {b:?}\n{text}"
         );
         assert!(b.temp_gb * 1e9 <= 0.1 * HBM, "{name} TP {tp}: {b:?}");
+        // Nor what its kernels cost, loops counted by their trips.
+        assert!(
+            b.kern_ms > 0.0 && (b.kern_ms - s.kern_ms).abs() <= 0.02 * s.kern_ms + 0.002,
+            "{name} TP {tp}: kernel estimates grow with the KV cache: {s:?} vs {b:?}\n{text}"
+        );
         // What a step reads does not depend on how big the cache is.
         assert!(
             (b.gb_read - s.gb_read).abs() <= 0.02 * s.gb_read + 0.01,
@@ -175,7 +195,7 @@ fn check(name: &str, tp: usize, model: bool, extra: &[&str]) {
     }
 }
 
-/// `parts tokens=T tile=R: rest A GB B GFLOP; layer C GB D GFLOP; chunk E GB F GFLOP`.
+/// `parts tokens=T tile=R: rest A GB B GFLOP …; layer C GB D GFLOP …; chunk E GB F GFLOP …`.
 #[derive(Debug, Clone, Copy)]
 struct Parts {
     tokens: i64,
@@ -186,7 +206,7 @@ struct Parts {
 
 fn parts(text: &str) -> Vec<Parts> {
     let re = regex::Regex::new(
-        r"parts tokens=(\d+) tile=(\d+): rest \S+ GB \S+ GFLOP; layer (\S+) GB \S+ GFLOP; chunk (\S+) GB",
+        r"parts tokens=(\d+) tile=(\d+): rest \S+ GB \S+ GFLOP[^;]*; layer (\S+) GB \S+ GFLOP[^;]*; chunk (\S+) GB",
     )
     .unwrap();
     re.captures_iter(text)

@@ -17,6 +17,7 @@ use tpuserve_pjrt::{MemoryStats, NamedValue, Plugin};
 use tpuserve_runner_api::RunnerError;
 
 use crate::device::{self, DeviceKind};
+use crate::kernels::KernelSums;
 use crate::program::{Bucket, ProgramConfig, Unroll};
 
 fn derr(e: impl std::fmt::Display) -> RunnerError {
@@ -87,6 +88,8 @@ pub struct ProgramCost {
     pub flops: f64,
     pub bytes_accessed: f64,
     pub optimal_seconds: f64,
+    /// The code generator's per-kernel estimates, of the same program as the flops.
+    pub kernels: KernelSums,
     pub memory: MemoryStats,
     pub compile_seconds: f64,
     /// The optimized, partitioned program (`hlo_with_config` bytes).
@@ -96,22 +99,81 @@ pub struct ProgramCost {
     pub gather_offloaded: bool,
 }
 
-/// The compiler's three figures for one program, per device.
+/// The compiler's figures for one program, per device: its cost analysis' three, and its
+/// code generator's per-kernel cycle estimates summed (see [`crate::kernels`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Figures {
     pub flops: f64,
     pub bytes: f64,
     pub optimal_seconds: f64,
+    pub kernels: KernelSums,
 }
 
 impl Figures {
     pub fn plus(self, o: Figures, k: f64) -> Figures {
+        let mut kernels = self.kernels;
+        kernels.cycles += k * o.kernels.cycles;
+        kernels.launches += k * o.kernels.launches;
+        kernels.all_reduce_bytes += k * o.kernels.all_reduce_bytes;
+        kernels.unknown += k * o.kernels.unknown;
         Figures {
             flops: self.flops + k * o.flops,
             bytes: self.bytes + k * o.bytes,
             optimal_seconds: self.optimal_seconds + k * o.optimal_seconds,
+            kernels,
         }
     }
+}
+
+/// The TPU's clock as the compiler's cycle estimates imply it: cycles per second at which its
+/// estimate for a weight-streaming matmul (16 rows × a 256 MB bf16 matrix, what a decode
+/// step's dots are) takes bytes / HBM bandwidth (`hbm`), and at which a large bf16 matmul
+/// takes flops / peak flops (`mxu`). How far apart the two are says how far the cycle counts
+/// and the chip's published figures agree.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clock {
+    pub hbm_hz: f64,
+    pub mxu_hz: f64,
+}
+
+/// Compiles two probe matmuls for the topology (`[16, 8192] · [8192, 16384]` and
+/// `[8192, 8192] · [8192, 8192]`, bf16) and reads their cycle estimates; `bandwidth` and
+/// `peak_flops` are the chip's published HBM bytes/s and bf16 flop/s.
+pub fn clock(topology: &Topology, bandwidth: f64, peak_flops: f64) -> Result<Clock, RunnerError> {
+    use crate::hlo::{module, Arg, Elem, Ty};
+    let cycles = |text: String| -> Result<f64, RunnerError> {
+        let exe = topology
+            .compile(&text, &crate::compile_options(1))
+            .map_err(|e| derr(format!("compiling a clock probe for TPU: {e}")))?;
+        let code = exe.optimized_program().map_err(derr)?.code;
+        let s = crate::kernels::kernel_sums(&code).map_err(derr)?;
+        if s.cycles > 0.0 {
+            Ok(s.cycles)
+        } else {
+            Err(derr(
+                "the TPU compiler gave a clock probe no cycle estimate",
+            ))
+        }
+    };
+    let arg = |dims: &[i64]| Arg {
+        ty: Ty::new(dims, Elem::BF16),
+        attrs: vec![],
+    };
+    let matmul = |name: &str, rows: i64, k: i64, n: i64| {
+        module(name, 1, &[arg(&[rows, k]), arg(&[k, n])], |b, v| {
+            let y = b.dot_general(&v[0], &v[1], (&[], &[]), (&[1], &[0]), Elem::BF16);
+            vec![(y, None)]
+        })
+    };
+    let (k, n, m) = (8192i64, 16384i64, 8192i64);
+    let stream = matmul("clock_hbm", 16, k, n);
+    let mxu = matmul("clock_mxu", m, m, m);
+    let stream_bytes = 2.0 * (k * n + 16 * (k + n)) as f64;
+    let mxu_flops = 2.0 * (m as f64).powi(3);
+    Ok(Clock {
+        hbm_hz: cycles(stream)? / (stream_bytes / bandwidth),
+        mxu_hz: cycles(mxu)? / (mxu_flops / peak_flops),
+    })
 }
 
 /// A step's cost in parts, from straight-line variants of its program (XLA's cost analysis
@@ -170,6 +232,7 @@ pub fn step_parts(
         let exe = topology
             .compile(&text, &options)
             .map_err(|e| derr(format!("compiling {bucket:?} {u:?} for TPU: {e}")))?;
+        let code = exe.optimized_program().map_err(derr)?.code;
         if let Some(dir) = dump {
             let path = dir.join(format!(
                 "parts-t{}-r{}-l{}-c{}{}.hlo.pb",
@@ -179,8 +242,7 @@ pub fn step_parts(
                 u.chunks,
                 if u.tail { "-tail" } else { "" }
             ));
-            let code = exe.optimized_program().map_err(derr)?.code;
-            std::fs::write(&path, code)
+            std::fs::write(&path, &code)
                 .map_err(|e| derr(format!("writing {}: {e}", path.display())))?;
         }
         let f = |name: &str| -> Result<f64, RunnerError> {
@@ -190,6 +252,7 @@ pub fn step_parts(
             flops: f("flops")?,
             bytes: f("bytes accessed")?,
             optimal_seconds: f("optimal_seconds")?,
+            kernels: crate::kernels::kernel_sums(&code).map_err(derr)?,
         })
     };
     let layers = |layers, chunks| Unroll {
@@ -250,6 +313,8 @@ pub fn program_cost(
         flops: figure("flops")?,
         bytes_accessed: figure("bytes accessed")?,
         optimal_seconds: figure("optimal_seconds")?,
+        kernels: crate::kernels::kernel_sums(&costed.optimized_program().map_err(derr)?.code)
+            .map_err(derr)?,
         memory: exe.memory_stats().map_err(derr)?,
         compile_seconds,
         optimized,

@@ -11,6 +11,7 @@ pub mod compile_cache;
 pub mod device;
 pub mod deviceless;
 pub mod hlo;
+pub mod kernels;
 pub mod plan;
 pub mod program;
 pub mod quant;

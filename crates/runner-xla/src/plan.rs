@@ -16,6 +16,9 @@ pub struct DeviceSpec {
     pub bandwidth_bytes_per_s: f64,
     /// Dense bf16 matrix throughput (vendor peak).
     pub bf16_flops_per_s: f64,
+    /// Chip-to-chip bandwidth per device, one direction, all links (vendor's bidirectional
+    /// figure halved): what an all-reduce's traffic is charged.
+    pub ici_bytes_per_s: f64,
 }
 
 pub const DEVICES: &[DeviceSpec] = &[
@@ -24,36 +27,42 @@ pub const DEVICES: &[DeviceSpec] = &[
         memory_bytes: 32e9,
         bandwidth_bytes_per_s: 1638e9,
         bf16_flops_per_s: 918e12,
+        ici_bytes_per_s: 448e9 / 2.0,
     },
     DeviceSpec {
         name: "v5e",
         memory_bytes: 16e9,
         bandwidth_bytes_per_s: 819e9,
         bf16_flops_per_s: 197e12,
+        ici_bytes_per_s: 200e9 / 2.0,
     },
     DeviceSpec {
         name: "v5p",
         memory_bytes: 95e9,
         bandwidth_bytes_per_s: 2765e9,
         bf16_flops_per_s: 459e12,
+        ici_bytes_per_s: 600e9 / 2.0,
     },
     DeviceSpec {
         name: "H100",
         memory_bytes: 80e9,
         bandwidth_bytes_per_s: 3350e9,
         bf16_flops_per_s: 989e12,
+        ici_bytes_per_s: 900e9 / 2.0,
     },
     DeviceSpec {
         name: "H200",
         memory_bytes: 141e9,
         bandwidth_bytes_per_s: 4800e9,
         bf16_flops_per_s: 989e12,
+        ici_bytes_per_s: 900e9 / 2.0,
     },
     DeviceSpec {
         name: "CPU",
         memory_bytes: 24e9,
         bandwidth_bytes_per_s: 20e9,
         bf16_flops_per_s: 1e12,
+        ici_bytes_per_s: 20e9,
     },
 ];
 

@@ -154,6 +154,13 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
     });
     let hbm = p.device.memory_bytes;
     let (bw, peak) = (p.device.bandwidth_bytes_per_s, p.device.bf16_flops_per_s);
+    let clock = deviceless::clock(&topo, bw, peak)?;
+    let kern = KernelModel {
+        // The slower of the two clocks: the longer, more cautious step times.
+        hz: clock.hbm_hz.min(clock.mxu_hz),
+        ici: p.device.ici_bytes_per_s,
+        tp: a.tensor_parallel_size as f64,
+    };
     println!(
         "\nTPU compiler (libtpu, {} {topology}, deviceless), per chip, {} KV blocks of {}; the \
          compiler's cost model, not a measurement:",
@@ -162,7 +169,19 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         a.block_size
     );
     println!(
-        "{:>6} {:>7} {:>5} {:>9} {:>9} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6}",
+        "kern ms: the code generator's cycle estimates of every kernel a step launches (loops \
+         whose bound is a constant × their trip count) at {:.2} GHz, the slower of the clocks \
+         its own estimates imply (a weight-streaming matmul at {:.2} TB/s: {:.2} GHz; a large \
+         matmul at {:.0} TFLOP/s: {:.2} GHz), plus all-reduce traffic at {:.0} GB/s ICI",
+        kern.hz / 1e9,
+        bw / 1e12,
+        clock.hbm_hz / 1e9,
+        peak / 1e12,
+        clock.mxu_hz / 1e9,
+        kern.ici / 1e9
+    );
+    println!(
+        "{:>6} {:>7} {:>5} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6}",
         "tokens",
         "tile",
         "top_k",
@@ -170,6 +189,7 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         "GB read",
         "model ms",
         "roof ms",
+        "kern ms",
         "args GB",
         "alias GB",
         "temp GB",
@@ -183,7 +203,7 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         let r = deviceless::program_cost(&topo, &cfg, b)?;
         let roof = (r.bytes_accessed / bw).max(r.flops / peak);
         println!(
-            "{:>6} {:>7} {:>5} {:>9.1} {:>9.2} {:>10.3} {:>9.3} {:>8.2} {:>8.2} {:>8.3} {:>8.1}% {:>7.1}s {:>6}",
+            "{:>6} {:>7} {:>5} {:>9.1} {:>9.2} {:>10.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2} {:>8.3} {:>8.1}% {:>7.1}s {:>6}",
             b.tokens,
             b.tile,
             b.top_k,
@@ -191,6 +211,7 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
             r.bytes_accessed / 1e9,
             r.optimal_seconds * 1e3,
             roof * 1e3,
+            kern.seconds(&r.kernels) * 1e3,
             r.memory.arguments as f64 / 1e9,
             r.memory.aliased as f64 / 1e9,
             r.memory.temporaries as f64 / 1e9,
@@ -242,7 +263,23 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
     if a.no_step_model {
         return Ok(());
     }
-    step_model(&topo, &cfg, c, p, a, max_model_len)
+    step_model(&topo, &cfg, c, p, a, max_model_len, &kern)
+}
+
+/// Time from the code generator's cycle estimates: kernels back to back at `hz`, then each
+/// all-reduce's ring traffic (2 (n − 1) / n of its payload) at the ICI bandwidth, not
+/// overlapped with compute.
+struct KernelModel {
+    hz: f64,
+    ici: f64,
+    tp: f64,
+}
+
+impl KernelModel {
+    fn seconds(&self, k: &tpuserve_runner_xla::kernels::KernelSums) -> f64 {
+        let ring = 2.0 * (self.tp - 1.0) / self.tp;
+        k.cycles / self.hz + ring * k.all_reduce_bytes / self.ici
+    }
 }
 
 /// The step time the compiler's figures imply for serving shapes: each bucket's parts (see
@@ -254,6 +291,7 @@ fn step_model(
     p: &Plan,
     a: &PlanArgs,
     max_model_len: usize,
+    kern: &KernelModel,
 ) -> anyhow::Result<()> {
     let opts = XlaRunnerOptions::default();
     let (bw, peak) = (p.device.bandwidth_bytes_per_s, p.device.bf16_flops_per_s);
@@ -285,8 +323,18 @@ fn step_model(
         peak / 1e12
     );
     println!(
-        "{:>8} {:>6} {:>8} {:>9} {:>10} {:>9} {:>11} {:>9}",
-        "step", "rows", "context", "GB read", "GFLOP", "roof ms", "compiler ms", "tok/s"
+        "{:>8} {:>6} {:>8} {:>9} {:>10} {:>9} {:>11} {:>9} {:>9} {:>10} {:>9}",
+        "step",
+        "rows",
+        "context",
+        "GB read",
+        "GFLOP",
+        "roof ms",
+        "compiler ms",
+        "tok/s",
+        "kern ms",
+        "launches",
+        "kern tok/s"
     );
     let contexts: Vec<usize> = [512, 2048, 8192]
         .into_iter()
@@ -298,12 +346,16 @@ fn step_model(
         } else {
             "n/a".to_string()
         };
+        let k = kern.seconds(&f.kernels);
         println!(
-            "{kind:>8} {rows:>6} {ctx:>8} {:>9.2} {:>10.1} {:>9.2} {compiler:>11} {:>9.0}",
+            "{kind:>8} {rows:>6} {ctx:>8} {:>9.2} {:>10.1} {:>9.2} {compiler:>11} {:>9.0} {:>9.2} {:>10.0} {:>9.0}",
             f.bytes / 1e9,
             f.flops / 1e9,
             roof(f) * 1e3,
-            toks as f64 / roof(f)
+            toks as f64 / roof(f),
+            k * 1e3,
+            f.kernels.launches,
+            toks as f64 / k
         );
     };
     let mut decode_128 = None;
@@ -334,10 +386,16 @@ fn step_model(
             live_kv / 1e9
         );
         let f = d.step(layers, chunks(1800));
+        let k = kern.seconds(&f.kernels);
         println!(
-            "tutorial load (128 sequences, ~1,800-token contexts): {:.0} tok/s ({:.2} ms a step)",
+            "tutorial load (128 sequences, ~1,800-token contexts): {:.0} tok/s ({:.2} ms a step) \
+             from bytes and flops; {:.0} tok/s ({:.2} ms, {:.0} kernel launches) from the \
+             kernels' cycle estimates",
             128.0 / roof(&f),
-            roof(&f) * 1e3
+            roof(&f) * 1e3,
+            128.0 / k,
+            k * 1e3,
+            f.kernels.launches
         );
     }
     if max_model_len >= 2048 {
@@ -349,14 +407,28 @@ fn step_model(
         // (QK and PV: 2 × 2 × heads × head_dim per visible key, half the square).
         let attn = 2.0 * (c.num_attention_heads * c.head_dim) as f64 * 2048f64.powi(2);
         let flops = (2.0 * p.parameters as f64 * 2048.0 + layers as f64 * attn) / tp;
+        let kernels: f64 = (1..=n)
+            .map(|i| kern.seconds(&pre.step(layers, chunks(i * chunk)).kernels))
+            .sum();
         println!(
-            "2,048-token prompt in {n} chunks of {chunk}: {:.1} ms; its flop bound {:.1} ms ({:.2}×)",
+            "2,048-token prompt in {n} chunks of {chunk}: {:.1} ms; its flop bound {:.1} ms \
+             ({:.2}×); from the kernels' cycle estimates {:.1} ms ({:.2}×)",
             total * 1e3,
             flops / peak * 1e3,
-            total / (flops / peak)
+            total / (flops / peak),
+            kernels * 1e3,
+            kernels / (flops / peak)
         );
     }
-    let gb = |f: &Figures| format!("{:.4} GB {:.2} GFLOP", f.bytes / 1e9, f.flops / 1e9);
+    let gb = |f: &Figures| {
+        format!(
+            "{:.4} GB {:.2} GFLOP {:.0} kcycles {:.0} launches",
+            f.bytes / 1e9,
+            f.flops / 1e9,
+            f.kernels.cycles / 1e3,
+            f.kernels.launches
+        )
+    };
     for (b, s) in &parts {
         println!(
             "parts tokens={} tile={}: rest {}; layer {}; chunk {}",

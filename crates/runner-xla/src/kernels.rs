@@ -1,0 +1,434 @@
+//! What the TPU compiler's own per-kernel estimates add up to. An optimized TPU program (the
+//! `hlo_with_config` proto `PJRT_Executable_OptimizedProgram` returns) carries, for every
+//! kernel it will launch, the code generator's `estimated_cycles` in the instruction's
+//! backend config. Unlike the cost analysis' `bytes accessed`, those know where each operand
+//! lives (HBM or on-chip VMEM) and what a launch costs; and this walk multiplies a loop's
+//! body by its trip count where the loop's bound is a constant (XLA's cost analysis counts
+//! a body once), which is how a scatter the compiler turned into a loop of one row per
+//! iteration shows its real price.
+//!
+//! Collectives carry no estimate: their payload bytes are summed for an ICI term.
+
+use std::collections::HashMap;
+
+/// A kernel estimate at or above this is the compiler's "unknown" (SparseCore offloads
+/// report `i64::MAX`).
+const UNKNOWN_CYCLES: u64 = 1 << 60;
+
+/// The sums for one program, per device.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KernelSums {
+    /// Σ estimated cycles of the kernels one execution launches.
+    pub cycles: f64,
+    /// Kernel launches (loop bodies × their trip counts).
+    pub launches: f64,
+    /// Payload bytes of the all-reduces one execution runs.
+    pub all_reduce_bytes: f64,
+    /// Kernels whose estimate the compiler left unknown (SparseCore offloads).
+    pub unknown: f64,
+}
+
+impl KernelSums {
+    fn add(&mut self, o: KernelSums, k: f64) {
+        self.cycles += k * o.cycles;
+        self.launches += k * o.launches;
+        self.all_reduce_bytes += k * o.all_reduce_bytes;
+        self.unknown += k * o.unknown;
+    }
+}
+
+// --- a minimal protobuf reader: only the fields this walk needs ---
+
+enum Field<'a> {
+    Int(u64),
+    Bytes(&'a [u8]),
+}
+
+fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let c = *b.get(*i)?;
+        *i += 1;
+        v |= ((c & 0x7f) as u64) << shift;
+        if c < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+fn fields(b: &[u8]) -> Option<Vec<(u32, Field<'_>)>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let key = varint(b, &mut i)?;
+        let (num, wire) = ((key >> 3) as u32, key & 7);
+        match wire {
+            0 => out.push((num, Field::Int(varint(b, &mut i)?))),
+            1 => i += 8,
+            2 => {
+                let n = varint(b, &mut i)? as usize;
+                let s = b.get(i..i.checked_add(n)?)?;
+                i += n;
+                out.push((num, Field::Bytes(s)));
+            }
+            5 => i += 4,
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn bytes_of<'a>(f: &[(u32, Field<'a>)], num: u32) -> Vec<&'a [u8]> {
+    f.iter()
+        .filter_map(|(n, v)| match v {
+            Field::Bytes(b) if *n == num => Some(*b),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A repeated integer field, packed or not.
+fn ints(f: &[(u32, Field<'_>)], num: u32) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (n, v) in f {
+        if *n != num {
+            continue;
+        }
+        match v {
+            Field::Int(x) => out.push(*x),
+            Field::Bytes(b) => {
+                let mut i = 0;
+                while i < b.len() {
+                    match varint(b, &mut i) {
+                        Some(x) => out.push(x),
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn text<'a>(f: &[(u32, Field<'a>)], num: u32) -> &'a str {
+    bytes_of(f, num)
+        .first()
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .unwrap_or("")
+}
+
+/// Bytes of a `ShapeProto` (tuples summed), from XLA's primitive type numbers.
+fn shape_bytes(b: &[u8]) -> u64 {
+    let Some(f) = fields(b) else { return 0 };
+    let tuple = bytes_of(&f, 4);
+    if !tuple.is_empty() {
+        return tuple.into_iter().map(shape_bytes).sum();
+    }
+    let size = match ints(&f, 2).first().copied().unwrap_or(0) {
+        1 | 2 | 6 => 1,         // pred, s8, u8
+        3 | 7 | 10 | 16 => 2,   // s16, u16, f16, bf16
+        4 | 8 | 11 => 4,        // s32, u32, f32
+        5 | 9 | 12 | 15 => 8,   // s64, u64, f64, c64
+        18 => 16,               // c128
+        19 | 20 | 23..=25 => 1, // f8 types
+        _ => 0,
+    };
+    size * ints(&f, 3).iter().product::<u64>()
+}
+
+struct Inst {
+    opcode: String,
+    cycles: Option<u64>,
+    called: Vec<u64>,
+    out_bytes: u64,
+    /// Scalar integer constants only.
+    constant: Option<i64>,
+    direction: String,
+}
+
+fn estimated_cycles(config: &[u8]) -> Option<u64> {
+    let key = b"\"estimated_cycles\":\"";
+    let at = config.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits: Vec<u8> = config[at..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .copied()
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+fn scalar_int(literal: &[u8]) -> Option<i64> {
+    let f = fields(literal)?;
+    // LiteralProto: s32s = 4, s64s = 5 (a scalar has one value).
+    let v = ints(&f, 4);
+    let v = if v.is_empty() { ints(&f, 5) } else { v };
+    match v.as_slice() {
+        [x] => Some(*x as i32 as i64),
+        _ => None,
+    }
+}
+
+fn instruction(b: &[u8]) -> Option<Inst> {
+    let f = fields(b)?;
+    let config: Vec<u8> = bytes_of(&f, 43).concat();
+    Some(Inst {
+        opcode: text(&f, 2).to_string(),
+        cycles: estimated_cycles(&config),
+        called: ints(&f, 38),
+        out_bytes: bytes_of(&f, 3).first().map(|b| shape_bytes(b)).unwrap_or(0),
+        constant: bytes_of(&f, 8).first().and_then(|b| scalar_int(b)),
+        direction: text(&f, 63).to_string(),
+    })
+}
+
+/// The trip count of a loop whose condition is `counter < N` (or `<= N`) against a constant,
+/// the counter starting at 0 and stepping by 1 (how the compiler writes the loops it makes
+/// of scatters); `None` for any other condition (our own loops, bounded by step inputs).
+fn trip_count(cond: &[Inst]) -> Option<f64> {
+    let simple = cond.iter().all(|i| {
+        matches!(
+            i.opcode.as_str(),
+            "parameter" | "get-tuple-element" | "constant" | "compare" | "copy"
+        )
+    });
+    let compare = cond.iter().find(|i| i.opcode == "compare")?;
+    let n = cond.iter().filter_map(|i| i.constant).next()?;
+    if !simple || cond.iter().filter(|i| i.constant.is_some()).count() != 1 {
+        return None;
+    }
+    match compare.direction.as_str() {
+        "LT" => Some(n.max(0) as f64),
+        "LE" => Some((n + 1).max(0) as f64),
+        _ => None,
+    }
+}
+
+/// Sums the kernel estimates of an optimized program (`hlo_with_config` or bare
+/// `HloModuleProto` bytes) over one execution: the entry computation, loop bodies × their
+/// trip counts where constant (else once, as XLA's cost analysis counts them), the
+/// costliest branch of a conditional. Fused computations are not walked: a fusion is one
+/// kernel and carries its own estimate.
+pub fn kernel_sums(program: &[u8]) -> Result<KernelSums, String> {
+    let top = fields(program).ok_or("not a protobuf")?;
+    let module = match (bytes_of(&top, 1).first(), bytes_of(&top, 3).first()) {
+        (Some(m), None) => fields(m).ok_or("bad HloModuleProto")?,
+        _ => top,
+    };
+    let mut comps: HashMap<u64, Vec<Inst>> = HashMap::new();
+    let mut by_name: HashMap<String, u64> = HashMap::new();
+    for c in bytes_of(&module, 3) {
+        let cf = fields(c).ok_or("bad HloComputationProto")?;
+        let id = ints(&cf, 5)
+            .first()
+            .copied()
+            .ok_or("computation without id")?;
+        let insts = bytes_of(&cf, 2)
+            .into_iter()
+            .map(instruction)
+            .collect::<Option<Vec<_>>>()
+            .ok_or("bad HloInstructionProto")?;
+        by_name.insert(text(&cf, 1).to_string(), id);
+        comps.insert(id, insts);
+    }
+    let entry = ints(&module, 6)
+        .first()
+        .copied()
+        .filter(|id| comps.contains_key(id))
+        .or_else(|| by_name.get(text(&module, 2)).copied())
+        .ok_or("no entry computation")?;
+    let mut memo = HashMap::new();
+    Ok(walk(entry, &comps, &mut memo, 0))
+}
+
+fn walk(
+    id: u64,
+    comps: &HashMap<u64, Vec<Inst>>,
+    memo: &mut HashMap<u64, KernelSums>,
+    depth: usize,
+) -> KernelSums {
+    if let Some(s) = memo.get(&id) {
+        return *s;
+    }
+    let mut s = KernelSums::default();
+    let Some(insts) = comps.get(&id) else {
+        return s;
+    };
+    if depth > 64 {
+        return s;
+    }
+    for i in insts {
+        match i.opcode.as_str() {
+            "fusion" => {}
+            "while" => {
+                // `[body, condition]` as the compiler writes them; the condition is the
+                // one whose root (last instruction) is not the carried tuple.
+                let (body, cond) = match i.called.as_slice() {
+                    [a, b] => {
+                        let root_is_tuple = |c: &u64| {
+                            comps
+                                .get(c)
+                                .and_then(|x| x.last())
+                                .is_some_and(|x| x.opcode == "tuple")
+                        };
+                        if root_is_tuple(b) && !root_is_tuple(a) {
+                            (*b, *a)
+                        } else {
+                            (*a, *b)
+                        }
+                    }
+                    _ => continue,
+                };
+                let trips = comps.get(&cond).and_then(|c| trip_count(c)).unwrap_or(1.0);
+                let b = walk(body, comps, memo, depth + 1);
+                let c = walk(cond, comps, memo, depth + 1);
+                s.add(b, trips);
+                s.add(c, trips + 1.0);
+            }
+            "conditional" => {
+                let worst = i
+                    .called
+                    .iter()
+                    .map(|&c| walk(c, comps, memo, depth + 1))
+                    .max_by(|a, b| a.cycles.total_cmp(&b.cycles));
+                if let Some(w) = worst {
+                    s.add(w, 1.0);
+                }
+            }
+            "call" | "async-start" => {
+                for &c in &i.called {
+                    let sub = walk(c, comps, memo, depth + 1);
+                    s.add(sub, 1.0);
+                }
+            }
+            "all-reduce" | "all-reduce-start" => s.all_reduce_bytes += i.out_bytes as f64,
+            _ => {}
+        }
+        match i.cycles {
+            Some(c) if c >= UNKNOWN_CYCLES => s.unknown += 1.0,
+            Some(c) => {
+                s.cycles += c as f64;
+                s.launches += 1.0;
+            }
+            None => {}
+        }
+    }
+    memo.insert(id, s);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put_varint(v: &mut Vec<u8>, mut x: u64) {
+        while x >= 0x80 {
+            v.push((x as u8) | 0x80);
+            x >>= 7;
+        }
+        v.push(x as u8);
+    }
+    fn put_bytes(v: &mut Vec<u8>, num: u32, b: &[u8]) {
+        put_varint(v, ((num as u64) << 3) | 2);
+        put_varint(v, b.len() as u64);
+        v.extend_from_slice(b);
+    }
+    fn put_int(v: &mut Vec<u8>, num: u32, x: u64) {
+        put_varint(v, (num as u64) << 3);
+        put_varint(v, x);
+    }
+    fn shape(elem: u64, dims: &[u64]) -> Vec<u8> {
+        let mut v = Vec::new();
+        put_int(&mut v, 2, elem);
+        for &d in dims {
+            put_int(&mut v, 3, d);
+        }
+        v
+    }
+    fn inst(opcode: &str, cycles: Option<u64>, called: &[u64], shp: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        put_bytes(&mut v, 2, opcode.as_bytes());
+        put_bytes(&mut v, 3, shp);
+        for &c in called {
+            put_int(&mut v, 38, c);
+        }
+        if let Some(c) = cycles {
+            let cfg = format!("{{\"window_config\":{{\"estimated_cycles\":\"{c}\"}}}}");
+            put_bytes(&mut v, 43, cfg.as_bytes());
+        }
+        v
+    }
+    fn comp(id: u64, name: &str, insts: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        put_bytes(&mut v, 1, name.as_bytes());
+        for i in insts {
+            put_bytes(&mut v, 2, i);
+        }
+        put_int(&mut v, 5, id);
+        v
+    }
+
+    /// Entry: a kernel (100 cycles), an all-reduce of f32[4, 8], a loop `i < 7` whose body
+    /// holds two kernels (10 + 20) and a fusion-internal computation that must not count, a
+    /// conditional whose costlier branch is 50, and an offloaded kernel of unknown cost.
+    #[test]
+    fn sums_kernels_loops_branches_and_all_reduces() {
+        let scalar = shape(4, &[]);
+        let mut literal = Vec::new();
+        put_bytes(&mut literal, 1, &scalar);
+        put_int(&mut literal, 4, 7);
+        let mut constant = inst("constant", None, &[], &scalar);
+        put_bytes(&mut constant, 8, &literal);
+        let mut compare = inst("compare", None, &[], &shape(1, &[]));
+        put_bytes(&mut compare, 63, b"LT");
+        let cond = comp(
+            2,
+            "cond",
+            &[
+                inst("parameter", None, &[], &scalar),
+                inst("get-tuple-element", None, &[], &scalar),
+                constant,
+                compare,
+            ],
+        );
+        let fused = comp(4, "fused", &[inst("multiply", Some(999), &[], &scalar)]);
+        let body = comp(
+            3,
+            "body",
+            &[
+                inst("fusion", Some(10), &[4], &scalar),
+                inst("copy", Some(20), &[], &scalar),
+                inst("tuple", None, &[], &scalar),
+            ],
+        );
+        let branch_a = comp(5, "a", &[inst("fusion", Some(50), &[4], &scalar)]);
+        let branch_b = comp(6, "b", &[inst("fusion", Some(5), &[4], &scalar)]);
+        let entry = comp(
+            1,
+            "main",
+            &[
+                inst("fusion", Some(100), &[4], &scalar),
+                inst("all-reduce", None, &[], &shape(11, &[4, 8])),
+                inst("while", None, &[2, 3], &scalar),
+                inst("conditional", None, &[5, 6], &scalar),
+                inst("fusion", Some(i64::MAX as u64), &[4], &scalar),
+            ],
+        );
+        let mut module = Vec::new();
+        for c in [&cond, &fused, &body, &branch_a, &branch_b, &entry] {
+            put_bytes(&mut module, 3, c);
+        }
+        put_int(&mut module, 6, 1);
+        let mut with_config = Vec::new();
+        put_bytes(&mut with_config, 1, &module);
+
+        let s = kernel_sums(&with_config).unwrap();
+        assert_eq!(s.cycles, 100.0 + 7.0 * 30.0 + 50.0);
+        assert_eq!(s.launches, 1.0 + 7.0 * 2.0 + 1.0);
+        assert_eq!(s.all_reduce_bytes, 4.0 * 8.0 * 4.0);
+        assert_eq!(s.unknown, 1.0);
+        // The bare module reads the same.
+        assert_eq!(kernel_sums(&module).unwrap(), s);
+        assert!(kernel_sums(b"\xff\xff\xff").is_err());
+    }
+}
