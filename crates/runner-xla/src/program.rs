@@ -701,7 +701,8 @@ impl Emitter<'_> {
         // gather. Each head's page is a [BS, D] matrix, the TPU's (sublane, lane) tile and the
         // attention dots' operand as it is: with KVH between BS and D (the layout before),
         // 2 KV heads per chip (70B at TP 4) padded every tile and the compiler copied the
-        // whole cache into the dots' layout after every write.
+        // whole cache into the dots' layout after every write. The write goes a whole block
+        // at a time (`write_pages`): a scatter of single rows is a loop on TPU.
         let bs = cfg.block_size;
         let bs_c = b.constant_int(bs, &[t], Elem::I32);
         let nb_total = b.constant_int(cfg.num_blocks, &[], Elem::I32);
@@ -711,17 +712,13 @@ impl Emitter<'_> {
         let wblock = b.add(&q_blk, &bbase_t);
         let wblk_off = b.mul(&q_blk, &bs_c);
         let woff = b.sub(slots, &wblk_off);
-        let wb2 = b.reshape(&wblock, &[t, 1]);
-        let wo2 = b.reshape(&woff, &[t, 1]);
-        let widx = b.concat(&[&wb2, &wo2], 1);
+        let pw = page_write(b, &wblock, &woff, bs);
         let kw = b.convert(&k, cfg.cache_elem);
         let vw = b.convert(&vv, cfg.cache_elem);
         let kw = b.reshape(&kw, &[t, kvh, d]);
         let vw = b.reshape(&vw, &[t, kvh, d]);
-        let kw = b.transpose(&kw, &[1, 0, 2]);
-        let vw = b.transpose(&vw, &[1, 0, 2]);
-        let kc2 = b.scatter_rows(kc, &widx, &kw);
-        let vc2 = b.scatter_rows(vc, &widx, &vw);
+        let kc2 = write_pages(b, kc, &pw, &kw);
+        let vc2 = write_pages(b, vc, &pw, &vw);
 
         let (o, kc2, vc2) = attention(
             b,
@@ -1053,6 +1050,60 @@ fn attend_chunk(b: &mut Block, cfg: &ProgramConfig, c: &Chunk) -> (V, V, V) {
     let acc = b.mul(c.acc, &cb);
     let acc = b.add(&acc, &pv);
     (m_new, l, acc)
+}
+
+/// Where a step's new K / V rows go, page by page. Row `r` writes block `blocks[r]` (a row of
+/// the stacked cache) at offset `offs[r]`; the cache is written a whole page at a time (see
+/// [`Block::scatter_pages`]), so each row's page is rebuilt with every row of the step that
+/// writes into it: `from [T, BS]` names, per slot of row `r`'s page, the last row writing that
+/// slot (0 where none does) and `hit [T, BS]` whether any does. Rows sharing a page (a
+/// prompt's tokens; padding rows, all on the scratch block) build the same page, so the
+/// scatter's repeated indices agree.
+struct PageWrite {
+    blocks: V,
+    from: V,
+    hit: V,
+}
+
+fn page_write(b: &mut Block, blocks: &V, offs: &V, bs: i64) -> PageWrite {
+    let t = blocks.dims()[0];
+    let dims = [t, bs, t];
+    // [r, s, r']: row r' writes slot s of row r's page.
+    let blk_r = b.broadcast(blocks, &dims, &[0]);
+    let blk_w = b.broadcast(blocks, &dims, &[2]);
+    let same = b.compare(Cmp::Eq, &blk_r, &blk_w);
+    let off_w = b.broadcast(offs, &dims, &[2]);
+    let slot = b.iota(&dims, 1, Elem::I32);
+    let at = b.compare(Cmp::Eq, &off_w, &slot);
+    let writes = b.and(&same, &at);
+    let who = b.iota(&dims, 2, Elem::I32);
+    let none = b.constant_int(-1, &dims, Elem::I32);
+    let who = b.select(&writes, &who, &none);
+    let lowest = b.constant_int(-1, &[], Elem::I32);
+    let last = b.reduce(&who, &lowest, &[2], "maximum");
+    let zero = b.constant_int(0, &[t, bs], Elem::I32);
+    let hit = b.compare(Cmp::Ge, &last, &zero);
+    let from = b.max(&last, &zero);
+    PageWrite {
+        blocks: blocks.clone(),
+        from,
+        hit,
+    }
+}
+
+/// The cache `[L × blocks, KVH, BS, D]` with the step's rows `[T, KVH, D]` written: each
+/// row's page is gathered, its written slots replaced, and the page scattered back whole.
+fn write_pages(b: &mut Block, cache: &V, w: &PageWrite, rows: &V) -> V {
+    let (t, kvh, d) = (rows.dims()[0], rows.dims()[1], rows.dims()[2]);
+    let bs = cache.dims()[2];
+    let idx = b.reshape(&w.blocks, &[t, 1]);
+    let old = b.gather_pages(cache, &idx);
+    let old = b.reshape(&old, &[t, kvh, bs, d]);
+    let new = b.take_rows(rows, &w.from);
+    let new = b.transpose(&new, &[0, 2, 1, 3]);
+    let hit = b.broadcast(&w.hit, &[t, kvh, bs, d], &[0, 2]);
+    let page = b.select(&hit, &new, &old);
+    b.scatter_pages(cache, &w.blocks, &page)
 }
 
 fn rms_norm(b: &mut Block, x: &V, gain: &V, eps: &str) -> V {
