@@ -1,13 +1,24 @@
 //! Prints the TPU compiler's per-kernel estimates summed over optimized programs, e.g. the
 //! `--dump-hlo` files of `tpuserve plan --cost`:
-//! `cargo run --release -p tpuserve-runner-xla --example kernel_sums -- DIR/*.hlo.pb`.
+//! `cargo run --release -p tpuserve-runner-xla --example kernel_sums -- [--top N] DIR/*.hlo.pb`.
+//! With `--top N`, also each program's N costliest kernels (cycles × launches).
 
 fn main() {
-    for path in std::env::args().skip(1) {
-        match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| tpuserve_runner_xla::kernels::kernel_sums(&b))
-        {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut top = 0;
+    if let Some(at) = args.iter().position(|a| a == "--top") {
+        top = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(20);
+        args.drain(at..(at + 2).min(args.len()));
+    }
+    for path in args {
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("{path}: {e}");
+                continue;
+            }
+        };
+        match tpuserve_runner_xla::kernels::kernel_sums(&bytes) {
             Ok(s) => println!(
                 "{path}: {:.0} cycles, {:.0} launches, all-reduce {:.2} MB, {:.0} unknown",
                 s.cycles,
@@ -16,6 +27,23 @@ fn main() {
                 s.unknown
             ),
             Err(e) => println!("{path}: {e}"),
+        }
+        if top == 0 {
+            continue;
+        }
+        let Ok(mut list) = tpuserve_runner_xla::kernels::kernel_list(&bytes) else {
+            continue;
+        };
+        list.sort_by(|a, b| (b.cycles * b.times).total_cmp(&(a.cycles * a.times)));
+        for k in list.iter().take(top) {
+            println!(
+                "  {:>12.0} = {:>9.0} × {:<6} {:<14} {}",
+                k.cycles * k.times,
+                k.cycles,
+                k.times,
+                k.opcode,
+                k.name
+            );
         }
     }
 }

@@ -112,10 +112,7 @@ pub struct Figures {
 impl Figures {
     pub fn plus(self, o: Figures, k: f64) -> Figures {
         let mut kernels = self.kernels;
-        kernels.cycles += k * o.kernels.cycles;
-        kernels.launches += k * o.kernels.launches;
-        kernels.all_reduce_bytes += k * o.kernels.all_reduce_bytes;
-        kernels.unknown += k * o.kernels.unknown;
+        kernels.add(o.kernels, k);
         Figures {
             flops: self.flops + k * o.flops,
             bytes: self.bytes + k * o.bytes,
@@ -270,11 +267,41 @@ pub fn step_parts(
         chunks: 1,
         tail: true,
     })?;
-    let layer = c21.plus(c11, -1.0);
+    let mut layer = c21.plus(c11, -1.0);
+    let outside = tail.plus(c11, 1.0).plus(layer, -1.0);
+    let mut chunk = c12.plus(c11, -1.0);
+    // The kernels of a layer and of a chunk come from the program that runs: straight-line
+    // layers are scheduled differently from the loops' bodies (unrolled, the compiler copied
+    // a layer's Q matrix out of the stack where the loop's dot reads it in place; a second
+    // straight-line chunk came out cheaper than none at 70B, 32 rows). The kernel sums count
+    // the layer loop (a constant bound) its trip count times and give the KV-chunk loop's
+    // body on its own (`open_*`: its bound is the step's context). So the step's own program
+    // is compiled too: a chunk is one more trip of that body, and a layer is what the
+    // program holds beyond the rest, split evenly over its layers, less that chunk;
+    // `step(layers, 1)` is the program's estimate.
+    let text = cfg.emit(bucket);
+    let exe = topology
+        .compile(&text, &options)
+        .map_err(|e| derr(format!("compiling {bucket:?} for TPU: {e}")))?;
+    let whole =
+        crate::kernels::kernel_sums(&exe.optimized_program().map_err(derr)?.code).map_err(derr)?;
+    let n = cfg.dims.layers.max(1) as f64;
+    chunk.kernels = KernelSums {
+        cycles: whole.open_cycles / n,
+        launches: whole.open_launches / n,
+        ..KernelSums::default()
+    };
+    let mut per_layer = whole;
+    per_layer.add(outside.kernels, -1.0);
+    let mut k = KernelSums::default();
+    k.add(per_layer, 1.0 / n);
+    k.add(chunk.kernels, -1.0);
+    (k.open_cycles, k.open_launches) = (0.0, 0.0);
+    layer.kernels = k;
     Ok(StepParts {
-        outside: tail.plus(c11, 1.0).plus(layer, -1.0),
+        outside,
         layer,
-        chunk: c12.plus(c11, -1.0),
+        chunk,
     })
 }
 

@@ -26,14 +26,22 @@ pub struct KernelSums {
     pub all_reduce_bytes: f64,
     /// Kernels whose estimate the compiler left unknown (SparseCore offloads).
     pub unknown: f64,
+    /// One iteration (body and condition) of each loop whose bound is not a constant — in a
+    /// step, the attention's KV-chunk loop, bounded by the step's longest context — as the
+    /// loops around it repeat it. Counted once in `cycles` and `launches` as well.
+    pub open_cycles: f64,
+    pub open_launches: f64,
 }
 
 impl KernelSums {
-    fn add(&mut self, o: KernelSums, k: f64) {
+    /// `self + k × o`, field by field.
+    pub fn add(&mut self, o: KernelSums, k: f64) {
         self.cycles += k * o.cycles;
         self.launches += k * o.launches;
         self.all_reduce_bytes += k * o.all_reduce_bytes;
         self.unknown += k * o.unknown;
+        self.open_cycles += k * o.open_cycles;
+        self.open_launches += k * o.open_launches;
     }
 }
 
@@ -138,6 +146,7 @@ fn shape_bytes(b: &[u8]) -> u64 {
 }
 
 struct Inst {
+    name: String,
     opcode: String,
     cycles: Option<u64>,
     called: Vec<u64>,
@@ -173,6 +182,7 @@ fn instruction(b: &[u8]) -> Option<Inst> {
     let f = fields(b)?;
     let config: Vec<u8> = bytes_of(&f, 43).concat();
     Some(Inst {
+        name: text(&f, 1).to_string(),
         opcode: text(&f, 2).to_string(),
         cycles: estimated_cycles(&config),
         called: ints(&f, 38),
@@ -210,12 +220,49 @@ fn trip_count(cond: &[Inst]) -> Option<f64> {
 /// costliest branch of a conditional. Fused computations are not walked: a fusion is one
 /// kernel and carries its own estimate.
 pub fn kernel_sums(program: &[u8]) -> Result<KernelSums, String> {
+    let (comps, entry) = module(program)?;
+    let mut w = Walk {
+        comps: &comps,
+        memo: HashMap::new(),
+        list: None,
+    };
+    Ok(w.walk(entry, 1.0, 0))
+}
+
+/// One kernel of an optimized program, as [`kernel_list`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kernel {
+    /// The instruction's name in the optimized module (e.g. `fusion.12`).
+    pub name: String,
+    pub opcode: String,
+    /// The code generator's estimate for one launch.
+    pub cycles: f64,
+    /// Launches per execution (the trip counts of the loops around it).
+    pub times: f64,
+}
+
+/// Every kernel [`kernel_sums`] counts, with its launches per execution, in program order:
+/// which kernels a step's cycles go to.
+pub fn kernel_list(program: &[u8]) -> Result<Vec<Kernel>, String> {
+    let (comps, entry) = module(program)?;
+    let mut w = Walk {
+        comps: &comps,
+        memo: HashMap::new(),
+        list: Some(Vec::new()),
+    };
+    w.walk(entry, 1.0, 0);
+    Ok(w.list.unwrap_or_default())
+}
+
+type Computations = HashMap<u64, Vec<Inst>>;
+
+fn module(program: &[u8]) -> Result<(Computations, u64), String> {
     let top = fields(program).ok_or("not a protobuf")?;
     let module = match (bytes_of(&top, 1).first(), bytes_of(&top, 3).first()) {
         (Some(m), None) => fields(m).ok_or("bad HloModuleProto")?,
         _ => top,
     };
-    let mut comps: HashMap<u64, Vec<Inst>> = HashMap::new();
+    let mut comps: Computations = HashMap::new();
     let mut by_name: HashMap<String, u64> = HashMap::new();
     for c in bytes_of(&module, 3) {
         let cf = fields(c).ok_or("bad HloComputationProto")?;
@@ -237,84 +284,108 @@ pub fn kernel_sums(program: &[u8]) -> Result<KernelSums, String> {
         .filter(|id| comps.contains_key(id))
         .or_else(|| by_name.get(text(&module, 2)).copied())
         .ok_or("no entry computation")?;
-    let mut memo = HashMap::new();
-    Ok(walk(entry, &comps, &mut memo, 0))
+    Ok((comps, entry))
 }
 
-fn walk(
-    id: u64,
-    comps: &HashMap<u64, Vec<Inst>>,
-    memo: &mut HashMap<u64, KernelSums>,
-    depth: usize,
-) -> KernelSums {
-    if let Some(s) = memo.get(&id) {
-        return *s;
-    }
-    let mut s = KernelSums::default();
-    let Some(insts) = comps.get(&id) else {
-        return s;
-    };
-    if depth > 64 {
-        return s;
-    }
-    for i in insts {
-        match i.opcode.as_str() {
-            "fusion" => {}
-            "while" => {
-                // `[body, condition]` as the compiler writes them; the condition is the
-                // one whose root (last instruction) is not the carried tuple.
-                let (body, cond) = match i.called.as_slice() {
-                    [a, b] => {
-                        let root_is_tuple = |c: &u64| {
-                            comps
-                                .get(c)
-                                .and_then(|x| x.last())
-                                .is_some_and(|x| x.opcode == "tuple")
-                        };
-                        if root_is_tuple(b) && !root_is_tuple(a) {
-                            (*b, *a)
-                        } else {
-                            (*a, *b)
+struct Walk<'a> {
+    comps: &'a Computations,
+    memo: HashMap<u64, KernelSums>,
+    /// When listing, every kernel is recorded with its launches (and the memo is not read:
+    /// a computation reached twice is listed twice).
+    list: Option<Vec<Kernel>>,
+}
+
+impl Walk<'_> {
+    /// The sums of computation `id`; `mult` is how often it runs (for the list).
+    fn walk(&mut self, id: u64, mult: f64, depth: usize) -> KernelSums {
+        if self.list.is_none() {
+            if let Some(s) = self.memo.get(&id) {
+                return *s;
+            }
+        }
+        let comps = self.comps;
+        let mut s = KernelSums::default();
+        let Some(insts) = comps.get(&id) else {
+            return s;
+        };
+        if depth > 64 {
+            return s;
+        }
+        for i in insts {
+            match i.opcode.as_str() {
+                "fusion" => {}
+                "while" => {
+                    // `[body, condition]` as the compiler writes them; the condition is the
+                    // one whose root (last instruction) is not the carried tuple.
+                    let (body, cond) = match i.called.as_slice() {
+                        [a, b] => {
+                            let root_is_tuple = |c: &u64| {
+                                comps
+                                    .get(c)
+                                    .and_then(|x| x.last())
+                                    .is_some_and(|x| x.opcode == "tuple")
+                            };
+                            if root_is_tuple(b) && !root_is_tuple(a) {
+                                (*b, *a)
+                            } else {
+                                (*a, *b)
+                            }
+                        }
+                        _ => continue,
+                    };
+                    let bound = comps.get(&cond).and_then(|c| trip_count(c));
+                    let trips = bound.unwrap_or(1.0);
+                    let b = self.walk(body, mult * trips, depth + 1);
+                    let c = self.walk(cond, mult * (trips + 1.0), depth + 1);
+                    s.add(b, trips);
+                    s.add(c, trips + 1.0);
+                    if bound.is_none() {
+                        s.open_cycles += b.cycles + c.cycles;
+                        s.open_launches += b.launches + c.launches;
+                    }
+                }
+                "conditional" => {
+                    // Listed: every branch, as if it ran (the sums take the costliest).
+                    let mut worst: Option<KernelSums> = None;
+                    for &c in &i.called {
+                        let b = self.walk(c, mult, depth + 1);
+                        if worst.is_none_or(|w| b.cycles > w.cycles) {
+                            worst = Some(b);
                         }
                     }
-                    _ => continue,
-                };
-                let trips = comps.get(&cond).and_then(|c| trip_count(c)).unwrap_or(1.0);
-                let b = walk(body, comps, memo, depth + 1);
-                let c = walk(cond, comps, memo, depth + 1);
-                s.add(b, trips);
-                s.add(c, trips + 1.0);
-            }
-            "conditional" => {
-                let worst = i
-                    .called
-                    .iter()
-                    .map(|&c| walk(c, comps, memo, depth + 1))
-                    .max_by(|a, b| a.cycles.total_cmp(&b.cycles));
-                if let Some(w) = worst {
-                    s.add(w, 1.0);
+                    if let Some(w) = worst {
+                        s.add(w, 1.0);
+                    }
                 }
-            }
-            "call" | "async-start" => {
-                for &c in &i.called {
-                    let sub = walk(c, comps, memo, depth + 1);
-                    s.add(sub, 1.0);
+                "call" | "async-start" => {
+                    for &c in &i.called {
+                        let sub = self.walk(c, mult, depth + 1);
+                        s.add(sub, 1.0);
+                    }
                 }
+                "all-reduce" | "all-reduce-start" => s.all_reduce_bytes += i.out_bytes as f64,
+                _ => {}
             }
-            "all-reduce" | "all-reduce-start" => s.all_reduce_bytes += i.out_bytes as f64,
-            _ => {}
-        }
-        match i.cycles {
-            Some(c) if c >= UNKNOWN_CYCLES => s.unknown += 1.0,
-            Some(c) => {
-                s.cycles += c as f64;
-                s.launches += 1.0;
+            match i.cycles {
+                Some(c) if c >= UNKNOWN_CYCLES => s.unknown += 1.0,
+                Some(c) => {
+                    s.cycles += c as f64;
+                    s.launches += 1.0;
+                    if let Some(list) = &mut self.list {
+                        list.push(Kernel {
+                            name: i.name.clone(),
+                            opcode: i.opcode.clone(),
+                            cycles: c as f64,
+                            times: mult,
+                        });
+                    }
+                }
+                None => {}
             }
-            None => {}
         }
+        self.memo.insert(id, s);
+        s
     }
-    memo.insert(id, s);
-    s
 }
 
 #[cfg(test)]
@@ -391,6 +462,19 @@ mod tests {
                 compare,
             ],
         );
+        // A loop bounded by a carried value, not a constant (as the KV-chunk loop is).
+        let mut open_compare = inst("compare", None, &[], &shape(1, &[]));
+        put_bytes(&mut open_compare, 63, b"LT");
+        let open_cond = comp(
+            7,
+            "open_cond",
+            &[
+                inst("parameter", None, &[], &scalar),
+                inst("get-tuple-element", None, &[], &scalar),
+                inst("get-tuple-element", None, &[], &scalar),
+                open_compare,
+            ],
+        );
         let fused = comp(4, "fused", &[inst("multiply", Some(999), &[], &scalar)]);
         let body = comp(
             3,
@@ -412,10 +496,13 @@ mod tests {
                 inst("while", None, &[2, 3], &scalar),
                 inst("conditional", None, &[5, 6], &scalar),
                 inst("fusion", Some(i64::MAX as u64), &[4], &scalar),
+                inst("while", None, &[7, 3], &scalar),
             ],
         );
         let mut module = Vec::new();
-        for c in [&cond, &fused, &body, &branch_a, &branch_b, &entry] {
+        for c in [
+            &cond, &open_cond, &fused, &body, &branch_a, &branch_b, &entry,
+        ] {
             put_bytes(&mut module, 3, c);
         }
         put_int(&mut module, 6, 1);
@@ -423,12 +510,31 @@ mod tests {
         put_bytes(&mut with_config, 1, &module);
 
         let s = kernel_sums(&with_config).unwrap();
-        assert_eq!(s.cycles, 100.0 + 7.0 * 30.0 + 50.0);
-        assert_eq!(s.launches, 1.0 + 7.0 * 2.0 + 1.0);
+        // The open loop's body counts once, and on its own.
+        assert_eq!(s.cycles, 100.0 + 7.0 * 30.0 + 50.0 + 30.0);
+        assert_eq!(s.launches, 1.0 + 7.0 * 2.0 + 1.0 + 2.0);
         assert_eq!(s.all_reduce_bytes, 4.0 * 8.0 * 4.0);
         assert_eq!(s.unknown, 1.0);
+        assert_eq!((s.open_cycles, s.open_launches), (30.0, 2.0));
         // The bare module reads the same.
         assert_eq!(kernel_sums(&module).unwrap(), s);
         assert!(kernel_sums(b"\xff\xff\xff").is_err());
+
+        // The list: each kernel once with its launches, both branches listed.
+        let list = kernel_list(&with_config).unwrap();
+        let got: Vec<(f64, f64)> = list.iter().map(|k| (k.cycles, k.times)).collect();
+        assert_eq!(
+            got,
+            [
+                (100.0, 1.0),
+                (10.0, 7.0),
+                (20.0, 7.0),
+                (50.0, 1.0),
+                (5.0, 1.0),
+                (10.0, 1.0),
+                (20.0, 1.0)
+            ]
+        );
+        assert_eq!(list[2].opcode, "copy");
     }
 }

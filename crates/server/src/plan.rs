@@ -317,7 +317,7 @@ fn step_model(
     println!(
         "\nModelled steps per chip: the compiler's figures for the rest of the step, one layer \
          and one more KV chunk ({chunk_tokens} tokens), from straight-line variants of each \
-         program, × {layers} layers × chunks. roof = max(bytes / {:.2} TB/s, flops / {:.0} \
+         program (kernels: a layer from the step's own loop), × {layers} layers × chunks. roof = max(bytes / {:.2} TB/s, flops / {:.0} \
          TFLOP/s). The compiler's model, not a measurement.",
         bw / 1e12,
         peak / 1e12
