@@ -16,8 +16,15 @@ use tpuserve_suite::goldens::{Case, Goldens};
 use tpuserve_suite::hlo_proto;
 use tpuserve_suite::{fixtures_dir, golden_xla_options, smollm2_gguf, tiny_llama3_dir};
 
+/// The goldens' options with attention chunks sized as on TPU, scaled down: one block the
+/// least, grown for buckets with few query tiles (decode 16 rows: 2 blocks; prompt buckets:
+/// 8 to 32), so that steps read several chunks and buckets read chunks of different sizes.
 fn opts(tp: usize, max_model_len: usize) -> XlaRunnerOptions {
-    golden_xla_options(tp, max_model_len)
+    XlaRunnerOptions {
+        kv_chunk_tokens: 16,
+        kv_chunk_budget: Some(512),
+        ..golden_xla_options(tp, max_model_len)
+    }
 }
 
 /// The golden batch at one TP size, without the cases longer than `max_model_len`; with

@@ -63,6 +63,9 @@ pub struct XlaRunnerOptions {
     /// Context read per attention iteration, in tokens (rounded down to whole blocks); 0
     /// picks the platform's default.
     pub kv_chunk_tokens: usize,
+    /// Buckets with few query tiles read bigger chunks, up to this many tiles × tokens an
+    /// iteration (`ProgramConfig::chunk_blocks`); `None` picks the platform's default.
+    pub kv_chunk_budget: Option<usize>,
     /// Make a compilation after warm-up an error instead of a counted event.
     pub strict_no_recompile: bool,
     /// Devices the XLA CPU plugin exposes (0 = as many as the tensor-parallel size).
@@ -93,6 +96,7 @@ impl Default for XlaRunnerOptions {
             compile_cache_dir: None,
             attention_tile: 16,
             kv_chunk_tokens: 0,
+            kv_chunk_budget: None,
             strict_no_recompile: false,
             cpu_device_count: 0,
             kv_memory_utilization: None,
@@ -146,6 +150,18 @@ pub fn default_kv_chunk_tokens(platform: &str) -> usize {
         128
     } else {
         256
+    }
+}
+
+/// Tiles × tokens an attention iteration may gather when not set: none beyond
+/// `kv_chunk_tokens` on the XLA CPU plugin (its iterations are cheap, and a bigger chunk
+/// reads context a short sequence does not have); on accelerators 128 decode rows × 256
+/// tokens, so fewer rows read longer chunks in fewer iterations.
+pub fn default_kv_chunk_budget(platform: &str) -> usize {
+    if platform == "cpu" {
+        0
+    } else {
+        128 * 256
     }
 }
 
@@ -250,6 +266,9 @@ impl XlaRunner {
             opts.max_model_len,
             opts.kv_chunk_tokens,
         )
+        .with_kv_chunk_budget(opts.kv_chunk_budget.unwrap_or_else(|| {
+            default_kv_chunk_budget(&client.platform_name().unwrap_or_default())
+        }))
         .with_quantization(opts.quantization)
         .with_kv_cache(opts.kv_cache_dtype);
         let (weights, report) = if model.weights.is_dummy() {

@@ -81,7 +81,7 @@ impl XlaRunner {
         let t = bucket.tokens as usize;
         let nt = t / ex.tile;
         let tb = self.cfg.table_blocks as usize;
-        let chunk = self.cfg.kv_chunk as usize;
+        let chunk = self.cfg.chunk_blocks(bucket) as usize;
         let scratch = self.scratch_block;
         let mut tokens = vec![0i32; t];
         let mut positions = vec![0i32; t];

@@ -143,6 +143,7 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         max_model_len,
         tpuserve_runner_xla::default_kv_chunk_tokens("tpu"),
     )
+    .with_kv_chunk_budget(tpuserve_runner_xla::default_kv_chunk_budget("tpu"))
     .with_quantization(a.quantization.unwrap_or_default())
     .with_kv_cache(a.kv_cache_dtype);
     let buckets = XlaRunner::bucket_set(&XlaRunnerOptions {
@@ -282,6 +283,21 @@ impl KernelModel {
     }
 }
 
+/// One bucket's parts and the context it reads per attention iteration.
+#[derive(Clone, Copy)]
+struct Parts {
+    s: StepParts,
+    chunk: usize,
+    layers: i64,
+}
+
+impl Parts {
+    /// A step at `ctx` tokens of context: every layer reads the chunks that context needs.
+    fn step(&self, ctx: usize) -> Figures {
+        self.s.step(self.layers, ctx.div_ceil(self.chunk) as i64)
+    }
+}
+
 /// The step time the compiler's figures imply for serving shapes: each bucket's parts (see
 /// `StepParts`) scaled to the model's layers and the KV chunks a context needs.
 fn step_model(
@@ -296,29 +312,41 @@ fn step_model(
     let opts = XlaRunnerOptions::default();
     let (bw, peak) = (p.device.bandwidth_bytes_per_s, p.device.bf16_flops_per_s);
     let layers = c.num_hidden_layers as i64;
-    let chunk_tokens = (cfg.kv_chunk * cfg.block_size) as usize;
     let max_t = batched_tokens(a).max(16).next_power_of_two();
     let roof = |f: &Figures| (f.bytes / bw).max(f.flops / peak);
-    let chunks = |ctx: usize| ctx.div_ceil(chunk_tokens) as i64;
+    let bucket_of = |tokens: usize, tile: usize| Bucket {
+        tokens: tokens.max(16).next_power_of_two() as i64,
+        tile: tile as i64,
+        top_k: 0,
+    };
+    // Each bucket reads its own chunk of context per attention iteration.
+    let chunk_tokens =
+        |tokens, tile| (cfg.chunk_blocks(bucket_of(tokens, tile)) * cfg.block_size) as usize;
     let mut parts: Vec<(Bucket, StepParts)> = Vec::new();
-    let mut parts_of = |tokens: usize, tile: usize| -> anyhow::Result<StepParts> {
-        let b = Bucket {
-            tokens: tokens.max(16).next_power_of_two() as i64,
-            tile: tile as i64,
-            top_k: 0,
-        };
+    let mut parts_of = |tokens: usize, tile: usize| -> anyhow::Result<Parts> {
+        let b = bucket_of(tokens, tile);
+        let chunk = chunk_tokens(tokens, tile);
         if let Some((_, s)) = parts.iter().find(|(x, _)| *x == b) {
-            return Ok(*s);
+            return Ok(Parts {
+                s: *s,
+                chunk,
+                layers,
+            });
         }
         let s = deviceless::step_parts(topo, cfg, b, a.dump_hlo.as_deref())?;
         parts.push((b, s));
-        Ok(s)
+        Ok(Parts { s, chunk, layers })
     };
     println!(
         "\nModelled steps per chip: the compiler's figures for the rest of the step, one layer \
-         and one more KV chunk ({chunk_tokens} tokens), from straight-line variants of each \
-         program (kernels: a layer from the step's own loop), × {layers} layers × chunks. roof = max(bytes / {:.2} TB/s, flops / {:.0} \
+         and one more KV chunk (decode rows 1 / 32 / 128: {} / {} / {} tokens; 512-token \
+         prompt chunks: {}), from straight-line variants of each program (kernels: a layer \
+         from the step's own loop), × {layers} layers × chunks. roof = max(bytes / {:.2} TB/s, flops / {:.0} \
          TFLOP/s). The compiler's model, not a measurement.",
+        chunk_tokens(1, 1),
+        chunk_tokens(32, 1),
+        chunk_tokens(128, 1),
+        chunk_tokens(512, opts.attention_tile),
         bw / 1e12,
         peak / 1e12
     );
@@ -362,7 +390,7 @@ fn step_model(
     for batch in [1usize, 32, 128].into_iter().filter(|&b| b <= max_t) {
         let s = parts_of(batch, 1)?;
         for &ctx in &contexts {
-            row("decode", batch, ctx, &s.step(layers, chunks(ctx)), batch);
+            row("decode", batch, ctx, &s.step(ctx), batch);
         }
         if batch == 128 {
             decode_128 = Some(s);
@@ -371,12 +399,12 @@ fn step_model(
     let chunk = 512.min(max_t);
     let pre = parts_of(chunk, opts.attention_tile)?;
     for &ctx in contexts.iter().filter(|&&x| x >= chunk) {
-        row("prefill", chunk, ctx, &pre.step(layers, chunks(ctx)), chunk);
+        row("prefill", chunk, ctx, &pre.step(ctx), chunk);
     }
     // The issue's three goals, from the same parts.
     let tp = a.tensor_parallel_size as f64;
     if let (Some(d), true) = (decode_128, max_model_len >= 2048) {
-        let f = d.step(layers, chunks(2048));
+        let f = d.step(2048);
         let live_kv = 128.0 * 2048.0 * p.kv_bytes_per_token_per_device as f64;
         println!(
             "decode 128 × 2,048: {:.2} GB read per chip = {:.2} × (weights {:.2} GB + live KV {:.2} GB)",
@@ -385,7 +413,7 @@ fn step_model(
             p.weight_bytes_per_device / 1e9,
             live_kv / 1e9
         );
-        let f = d.step(layers, chunks(1800));
+        let f = d.step(1800);
         let k = kern.seconds(&f.kernels);
         println!(
             "tutorial load (128 sequences, ~1,800-token contexts): {:.0} tok/s ({:.2} ms a step) \
@@ -400,15 +428,13 @@ fn step_model(
     }
     if max_model_len >= 2048 {
         let n = 2048 / chunk;
-        let total: f64 = (1..=n)
-            .map(|i| roof(&pre.step(layers, chunks(i * chunk))))
-            .sum();
+        let total: f64 = (1..=n).map(|i| roof(&pre.step(i * chunk))).sum();
         // The prompt's own flops: 2 per parameter per token, and causal attention
         // (QK and PV: 2 × 2 × heads × head_dim per visible key, half the square).
         let attn = 2.0 * (c.num_attention_heads * c.head_dim) as f64 * 2048f64.powi(2);
         let flops = (2.0 * p.parameters as f64 * 2048.0 + layers as f64 * attn) / tp;
         let kernels: f64 = (1..=n)
-            .map(|i| kern.seconds(&pre.step(layers, chunks(i * chunk)).kernels))
+            .map(|i| kern.seconds(&pre.step(i * chunk).kernels))
             .sum();
         println!(
             "2,048-token prompt in {n} chunks of {chunk}: {:.1} ms; its flop bound {:.1} ms \
