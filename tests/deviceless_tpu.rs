@@ -29,6 +29,7 @@ struct Row {
     args_gb: f64,
     temp_gb: f64,
     kern_ms: f64,
+    greedy_ms: f64,
 }
 
 /// A copy of a fixture config with `layers` layers.
@@ -79,7 +80,7 @@ fn plan_cost(
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() != 14 || f[0].parse::<i64>().is_err() {
+            if f.len() != 15 || f[0].parse::<i64>().is_err() {
                 return None;
             }
             Some(Row {
@@ -88,8 +89,9 @@ fn plan_cost(
                 top_k: f[2].parse().ok()?,
                 gb_read: f[4].parse().ok()?,
                 kern_ms: f[7].parse().ok()?,
-                args_gb: f[8].parse().ok()?,
-                temp_gb: f[10].parse().ok()?,
+                greedy_ms: f[8].parse().ok()?,
+                args_gb: f[9].parse().ok()?,
+                temp_gb: f[11].parse().ok()?,
             })
         })
         .collect();
@@ -145,6 +147,15 @@ fn check(name: &str, tp: usize, model: bool, extra: &[&str]) {
         assert!(
             b.kern_ms > 0.0 && (b.kern_ms - s.kern_ms).abs() <= 0.02 * s.kern_ms + 0.002,
             "{name} TP {tp}: kernel estimates grow with the KV cache: {s:?} vs {b:?}\n{text}"
+        );
+        // A greedy step skips the sampling tail's conditional work (random sampling, the
+        // filters' bisections over the vocabulary, the token mask): its kernels cost less
+        // than the same step with every option on, never more.
+        assert!(
+            b.greedy_ms > 0.0 && b.greedy_ms < b.kern_ms,
+            "{name} TP {tp}: greedy {} ms vs every option on {} ms: {b:?}\n{text}",
+            b.greedy_ms,
+            b.kern_ms
         );
         // What a step reads does not depend on how big the cache is.
         assert!(
@@ -211,7 +222,7 @@ struct Parts {
 
 fn parts(text: &str) -> Vec<Parts> {
     let re = regex::Regex::new(
-        r"parts tokens=(\d+) tile=(\d+): rest \S+ GB \S+ GFLOP[^;]*; layer (\S+) GB \S+ GFLOP \S+ kcycles (\S+) launches; chunk (\S+) GB",
+        r"parts tokens=(\d+) tile=(\d+): rest \S+ GB \S+ GFLOP[^;]*; layer (\S+) GB \S+ GFLOP \S+ kcycles \(\S+ greedy\) (\S+) launches; chunk (\S+) GB",
     )
     .unwrap();
     re.captures_iter(text)

@@ -9,6 +9,7 @@
 //! machine's cores, so each extra pass costs minutes of CI.
 
 use tpuserve_model::{load_model, LoadedModel};
+use tpuserve_runner_xla::program::SEQ_PARALLEL_ROWS;
 use tpuserve_runner_xla::{XlaRunner, XlaRunnerOptions};
 use tpuserve_suite::checks::{check_case, request};
 use tpuserve_suite::driver;
@@ -145,6 +146,15 @@ fn tp8_partitioned_step_never_gathers_or_copies_the_kv_cache() {
         assert!(
             insts.iter().any(|i| i.opcode == "all-reduce"),
             "{b:?}: no all-reduce in a TP-8 program"
+        );
+        // From SEQ_PARALLEL_ROWS rows the residual stream is split by rows: wo's and wd's
+        // sums are scattered (the CPU compiler writes that as an all-reduce and a slice) and
+        // the norms' rows leave by all-gather; below, nothing is gathered.
+        let sp = b.tokens >= SEQ_PARALLEL_ROWS;
+        assert_eq!(
+            insts.iter().any(|i| i.opcode == "all-gather"),
+            sp,
+            "{b:?}: sequence parallel should be {sp}"
         );
         let bad: Vec<_> = insts
             .iter()

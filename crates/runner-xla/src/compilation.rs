@@ -42,7 +42,10 @@ impl XlaRunner {
             cache: self.cache.as_ref(),
             environment: &self.environment,
             cfg: &self.cfg,
-            options: compile_options(self.cfg.tp),
+            options: compile_options(
+                self.cfg.tp,
+                &self.client.platform_name().unwrap_or_default(),
+            ),
         }
     }
 

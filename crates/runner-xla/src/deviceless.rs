@@ -140,7 +140,7 @@ pub fn clock(topology: &Topology, bandwidth: f64, peak_flops: f64) -> Result<Clo
     use crate::hlo::{module, Arg, Elem, Ty};
     let cycles = |text: String| -> Result<f64, RunnerError> {
         let exe = topology
-            .compile(&text, &crate::compile_options(1))
+            .compile(&text, &crate::compile_options(1, "tpu"))
             .map_err(|e| derr(format!("compiling a clock probe for TPU: {e}")))?;
         let code = exe.optimized_program().map_err(derr)?.code;
         let s = crate::kernels::kernel_sums(&code).map_err(derr)?;
@@ -197,7 +197,7 @@ impl StepParts {
 /// gather on the TensorCore, where it is charged the pages it reads; HBM traffic is the same
 /// either way (pages read, written, read again by the dots).
 fn without_gather_offload(tp: i64) -> tpuserve_pjrt::CompileOptions {
-    let mut options = crate::compile_options(tp);
+    let mut options = crate::compile_options(tp, "tpu");
     options.env_option_overrides.push((
         "xla_tpu_offload_gather_to_sparsecore".into(),
         tpuserve_pjrt::OptionOverride::Bool(false),
@@ -217,10 +217,13 @@ fn has_gather_offload(optimized: &[u8]) -> bool {
 /// hold outside their layers.
 /// With `dump`, each variant's optimized program is written there
 /// (`parts-t{tokens}-r{tile}-l{layers}-c{chunks}[-tail].hlo.pb`).
+/// `whole`: the kernel sums of the step's own program for `bucket` when the caller has
+/// them already ([`ProgramCost::kernels`]); that program is compiled here otherwise.
 pub fn step_parts(
     topology: &Topology,
     cfg: &ProgramConfig,
     bucket: Bucket,
+    whole: Option<KernelSums>,
     dump: Option<&std::path::Path>,
 ) -> Result<StepParts, RunnerError> {
     let options = without_gather_offload(cfg.tp);
@@ -279,16 +282,23 @@ pub fn step_parts(
     // is compiled too: a chunk is one more trip of that body, and a layer is what the
     // program holds beyond the rest, split evenly over its layers, less that chunk;
     // `step(layers, 1)` is the program's estimate.
-    let text = cfg.emit(bucket);
-    let exe = topology
-        .compile(&text, &options)
-        .map_err(|e| derr(format!("compiling {bucket:?} for TPU: {e}")))?;
-    let whole =
-        crate::kernels::kernel_sums(&exe.optimized_program().map_err(derr)?.code).map_err(derr)?;
+    let whole = match whole {
+        Some(w) => w,
+        None => {
+            let exe = topology
+                .compile(&cfg.emit(bucket), &options)
+                .map_err(|e| derr(format!("compiling {bucket:?} for TPU: {e}")))?;
+            crate::kernels::kernel_sums(&exe.optimized_program().map_err(derr)?.code)
+                .map_err(derr)?
+        }
+    };
     let n = cfg.dims.layers.max(1) as f64;
+    // The chunk loop's body holds no conditional: its plain sums are its sums.
     chunk.kernels = KernelSums {
         cycles: whole.open_cycles / n,
         launches: whole.open_launches / n,
+        plain_cycles: whole.open_cycles / n,
+        plain_launches: whole.open_launches / n,
         ..KernelSums::default()
     };
     let mut per_layer = whole;
@@ -297,6 +307,7 @@ pub fn step_parts(
     k.add(per_layer, 1.0 / n);
     k.add(chunk.kernels, -1.0);
     (k.open_cycles, k.open_launches) = (0.0, 0.0);
+    (k.loose_cycles, k.loose_launches) = (0.0, 0.0);
     layer.kernels = k;
     Ok(StepParts {
         outside,
@@ -321,7 +332,7 @@ pub fn program_cost(
             .compile(&text, options)
             .map_err(|e| derr(format!("compiling {bucket:?} for TPU: {e}")))
     };
-    let exe = compile(&crate::compile_options(cfg.tp))?;
+    let exe = compile(&crate::compile_options(cfg.tp, "tpu"))?;
     let compile_seconds = t.elapsed().as_secs_f64();
     let optimized = exe.optimized_program().map_err(derr)?.code;
     let gather_offloaded = has_gather_offload(&optimized);

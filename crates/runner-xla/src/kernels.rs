@@ -24,13 +24,28 @@ pub struct KernelSums {
     pub launches: f64,
     /// Payload bytes of the all-reduces one execution runs.
     pub all_reduce_bytes: f64,
+    /// Bytes of each chip's share of the reduce-scatters (their outputs): an all-reduce's
+    /// first half (sequence parallel: wo's and wd's sums, split by rows).
+    pub reduce_scatter_bytes: f64,
+    /// Bytes of the all-gathers' outputs (whole): an all-reduce's second half.
+    pub all_gather_bytes: f64,
     /// Kernels whose estimate the compiler left unknown (SparseCore offloads).
     pub unknown: f64,
-    /// One iteration (body and condition) of each loop whose bound is not a constant — in a
-    /// step, the attention's KV-chunk loop, bounded by the step's longest context — as the
-    /// loops around it repeat it. Counted once in `cycles` and `launches` as well.
+    /// One iteration (body and condition) of each loop whose bound is not a constant and
+    /// that runs inside a loop whose bound is — in a step, the attention's KV-chunk loop,
+    /// bounded by the step's longest context, inside the layer loop — as the loops around
+    /// it repeat it. Counted once in `cycles` and `launches` as well.
     pub open_cycles: f64,
     pub open_launches: f64,
+    /// The same for such loops not (yet) inside a constant-bound loop: in a step, the
+    /// LM-head loop over chunks of logit rows, outside the layers.
+    pub loose_cycles: f64,
+    pub loose_launches: f64,
+    /// `cycles` and `launches` with every conditional at its cheapest branch instead: in a
+    /// step, the run where no row samples at random, asks for a filter, a token mask or
+    /// prompt logprobs (greedy decode), where the full sums price every option on.
+    pub plain_cycles: f64,
+    pub plain_launches: f64,
 }
 
 impl KernelSums {
@@ -39,9 +54,15 @@ impl KernelSums {
         self.cycles += k * o.cycles;
         self.launches += k * o.launches;
         self.all_reduce_bytes += k * o.all_reduce_bytes;
+        self.reduce_scatter_bytes += k * o.reduce_scatter_bytes;
+        self.all_gather_bytes += k * o.all_gather_bytes;
         self.unknown += k * o.unknown;
         self.open_cycles += k * o.open_cycles;
         self.open_launches += k * o.open_launches;
+        self.loose_cycles += k * o.loose_cycles;
+        self.loose_launches += k * o.loose_launches;
+        self.plain_cycles += k * o.plain_cycles;
+        self.plain_launches += k * o.plain_launches;
     }
 }
 
@@ -127,11 +148,12 @@ fn text<'a>(f: &[(u32, Field<'a>)], num: u32) -> &'a str {
 }
 
 /// Bytes of a `ShapeProto` (tuples summed), from XLA's primitive type numbers.
-fn shape_bytes(b: &[u8]) -> u64 {
-    let Some(f) = fields(b) else { return 0 };
+/// The bytes of each array in a shape (one for an array, each element's for a tuple).
+fn leaf_bytes(b: &[u8]) -> Vec<u64> {
+    let Some(f) = fields(b) else { return vec![] };
     let tuple = bytes_of(&f, 4);
     if !tuple.is_empty() {
-        return tuple.into_iter().map(shape_bytes).sum();
+        return tuple.into_iter().flat_map(leaf_bytes).collect();
     }
     let size = match ints(&f, 2).first().copied().unwrap_or(0) {
         1 | 2 | 6 => 1,         // pred, s8, u8
@@ -142,7 +164,7 @@ fn shape_bytes(b: &[u8]) -> u64 {
         19 | 20 | 23..=25 => 1, // f8 types
         _ => 0,
     };
-    size * ints(&f, 3).iter().product::<u64>()
+    vec![size * ints(&f, 3).iter().product::<u64>()]
 }
 
 struct Inst {
@@ -151,6 +173,10 @@ struct Inst {
     cycles: Option<u64>,
     called: Vec<u64>,
     out_bytes: u64,
+    /// The smallest and the largest array of the output (an async collective's start
+    /// returns its operand with its result).
+    out_min: u64,
+    out_max: u64,
     /// Scalar integer constants only.
     constant: Option<i64>,
     direction: String,
@@ -181,12 +207,18 @@ fn scalar_int(literal: &[u8]) -> Option<i64> {
 fn instruction(b: &[u8]) -> Option<Inst> {
     let f = fields(b)?;
     let config: Vec<u8> = bytes_of(&f, 43).concat();
+    let out_leaves = bytes_of(&f, 3)
+        .first()
+        .map(|b| leaf_bytes(b))
+        .unwrap_or_default();
     Some(Inst {
         name: text(&f, 1).to_string(),
         opcode: text(&f, 2).to_string(),
         cycles: estimated_cycles(&config),
         called: ints(&f, 38),
-        out_bytes: bytes_of(&f, 3).first().map(|b| shape_bytes(b)).unwrap_or(0),
+        out_bytes: out_leaves.iter().sum(),
+        out_min: out_leaves.iter().copied().min().unwrap_or(0),
+        out_max: out_leaves.iter().copied().max().unwrap_or(0),
         constant: bytes_of(&f, 8).first().and_then(|b| scalar_int(b)),
         direction: text(&f, 63).to_string(),
     })
@@ -337,24 +369,39 @@ impl Walk<'_> {
                     let trips = bound.unwrap_or(1.0);
                     let b = self.walk(body, mult * trips, depth + 1);
                     let c = self.walk(cond, mult * (trips + 1.0), depth + 1);
+                    // The loose loops of the body become open ones inside a bounded loop.
+                    let mut b = b;
+                    if bound.is_some() {
+                        b.open_cycles += b.loose_cycles;
+                        b.open_launches += b.loose_launches;
+                        (b.loose_cycles, b.loose_launches) = (0.0, 0.0);
+                    }
                     s.add(b, trips);
                     s.add(c, trips + 1.0);
                     if bound.is_none() {
-                        s.open_cycles += b.cycles + c.cycles;
-                        s.open_launches += b.launches + c.launches;
+                        s.loose_cycles += b.cycles + c.cycles;
+                        s.loose_launches += b.launches + c.launches;
                     }
                 }
                 "conditional" => {
-                    // Listed: every branch, as if it ran (the sums take the costliest).
+                    // Listed: every branch, as if it ran (the sums take the costliest, the
+                    // plain sums the cheapest).
                     let mut worst: Option<KernelSums> = None;
+                    let mut cheapest: Option<KernelSums> = None;
                     for &c in &i.called {
                         let b = self.walk(c, mult, depth + 1);
                         if worst.is_none_or(|w| b.cycles > w.cycles) {
                             worst = Some(b);
                         }
+                        if cheapest.is_none_or(|w| b.plain_cycles < w.plain_cycles) {
+                            cheapest = Some(b);
+                        }
                     }
-                    if let Some(w) = worst {
-                        s.add(w, 1.0);
+                    if let (Some(w), Some(c)) = (worst, cheapest) {
+                        let mut both = w;
+                        (both.plain_cycles, both.plain_launches) =
+                            (c.plain_cycles, c.plain_launches);
+                        s.add(both, 1.0);
                     }
                 }
                 "call" | "async-start" => {
@@ -364,6 +411,10 @@ impl Walk<'_> {
                     }
                 }
                 "all-reduce" | "all-reduce-start" => s.all_reduce_bytes += i.out_bytes as f64,
+                "reduce-scatter" | "reduce-scatter-start" => {
+                    s.reduce_scatter_bytes += i.out_min as f64
+                }
+                "all-gather" | "all-gather-start" => s.all_gather_bytes += i.out_max as f64,
                 _ => {}
             }
             match i.cycles {
@@ -371,6 +422,8 @@ impl Walk<'_> {
                 Some(c) => {
                     s.cycles += c as f64;
                     s.launches += 1.0;
+                    s.plain_cycles += c as f64;
+                    s.plain_launches += 1.0;
                     if let Some(list) = &mut self.list {
                         list.push(Kernel {
                             name: i.name.clone(),
@@ -441,7 +494,8 @@ mod tests {
 
     /// Entry: a kernel (100 cycles), an all-reduce of f32[4, 8], a loop `i < 7` whose body
     /// holds two kernels (10 + 20) and a fusion-internal computation that must not count, a
-    /// conditional whose costlier branch is 50, and an offloaded kernel of unknown cost.
+    /// conditional whose costlier branch is 50, an offloaded kernel of unknown cost, the
+    /// same body in a loop of unknown bound, and that loop inside another `i < 7` loop.
     #[test]
     fn sums_kernels_loops_branches_and_all_reduces() {
         let scalar = shape(4, &[]);
@@ -485,6 +539,16 @@ mod tests {
                 inst("tuple", None, &[], &scalar),
             ],
         );
+        // A bounded loop's body holding the open loop (the layer loop around the KV chunks).
+        let outer = comp(
+            8,
+            "outer",
+            &[
+                inst("fusion", Some(10), &[4], &scalar),
+                inst("while", None, &[7, 3], &scalar),
+                inst("tuple", None, &[], &scalar),
+            ],
+        );
         let branch_a = comp(5, "a", &[inst("fusion", Some(50), &[4], &scalar)]);
         let branch_b = comp(6, "b", &[inst("fusion", Some(5), &[4], &scalar)]);
         let entry = comp(
@@ -497,11 +561,12 @@ mod tests {
                 inst("conditional", None, &[5, 6], &scalar),
                 inst("fusion", Some(i64::MAX as u64), &[4], &scalar),
                 inst("while", None, &[7, 3], &scalar),
+                inst("while", None, &[2, 8], &scalar),
             ],
         );
         let mut module = Vec::new();
         for c in [
-            &cond, &open_cond, &fused, &body, &branch_a, &branch_b, &entry,
+            &cond, &open_cond, &fused, &body, &outer, &branch_a, &branch_b, &entry,
         ] {
             put_bytes(&mut module, 3, c);
         }
@@ -510,12 +575,20 @@ mod tests {
         put_bytes(&mut with_config, 1, &module);
 
         let s = kernel_sums(&with_config).unwrap();
-        // The open loop's body counts once, and on its own.
-        assert_eq!(s.cycles, 100.0 + 7.0 * 30.0 + 50.0 + 30.0);
-        assert_eq!(s.launches, 1.0 + 7.0 * 2.0 + 1.0 + 2.0);
+        // An open loop's body counts once per run, and on its own: loose at the top, open
+        // inside the bounded loop, which runs it 7 times.
+        assert_eq!(
+            s.cycles,
+            100.0 + 7.0 * 30.0 + 50.0 + 30.0 + 7.0 * (10.0 + 30.0)
+        );
+        assert_eq!(s.launches, 1.0 + 7.0 * 2.0 + 1.0 + 2.0 + 7.0 * 3.0);
         assert_eq!(s.all_reduce_bytes, 4.0 * 8.0 * 4.0);
         assert_eq!(s.unknown, 1.0);
-        assert_eq!((s.open_cycles, s.open_launches), (30.0, 2.0));
+        assert_eq!((s.loose_cycles, s.loose_launches), (30.0, 2.0));
+        assert_eq!((s.open_cycles, s.open_launches), (7.0 * 30.0, 7.0 * 2.0));
+        // The plain sums take the conditional's cheapest branch.
+        assert_eq!(s.plain_cycles, s.cycles - 50.0 + 5.0);
+        assert_eq!(s.plain_launches, s.launches);
         // The bare module reads the same.
         assert_eq!(kernel_sums(&module).unwrap(), s);
         assert!(kernel_sums(b"\xff\xff\xff").is_err());
@@ -532,7 +605,10 @@ mod tests {
                 (50.0, 1.0),
                 (5.0, 1.0),
                 (10.0, 1.0),
-                (20.0, 1.0)
+                (20.0, 1.0),
+                (10.0, 7.0),
+                (10.0, 7.0),
+                (20.0, 7.0)
             ]
         );
         assert_eq!(list[2].opcode, "copy");

@@ -48,6 +48,9 @@ impl Bucket {
     }
 }
 
+/// The fewest rows a sequence-parallel step has (see [`ProgramConfig::seq_parallel`]).
+pub const SEQ_PARALLEL_ROWS: i64 = 64;
+
 /// One compiled shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Bucket {
@@ -282,6 +285,26 @@ impl ProgramConfig {
     }
 
     /// The same programs with the projections and LM head stored as `q`.
+    /// Whether `b`'s residual stream is split by rows across the chips (sequence parallel):
+    /// at TP > 1 when the rows divide evenly. Each chip then adds, normalises and keeps in
+    /// f32 only its 1/TP of the rows; the sums of wo and wd arrive by reduce-scatter and the
+    /// normalised rows leave by all-gather, the same bytes over ICI as one all-reduce.
+    /// Replicated, every chip ran each layer's two norms and residual adds over all rows
+    /// (70B TP 8, 512-row prompt chunk: ~20 % of a layer's cycles, deviceless v6e).
+    /// From 64 rows: below, the norms are too small to pay for the extra collectives
+    /// (70B TP 8 deviceless v6e, greedy step, 8 layers: +1 % at 16 and 32 rows; −6 % at 64,
+    /// −10 % at 128, −22 % at 256, −34 % at 512 rows).
+    pub fn seq_parallel(&self, b: Bucket) -> bool {
+        self.tp > 1 && b.tokens % self.tp == 0 && b.tokens >= SEQ_PARALLEL_ROWS
+    }
+
+    /// The GSPMD sharding of `[rows, …]` activations split by rows across the chips.
+    fn rows_sharding(&self, rank: usize) -> String {
+        let tp = self.tp;
+        let rest = ",1".repeat(rank - 1);
+        format!("{{devices=[{tp}{rest}]<=[{tp}]}}")
+    }
+
     pub fn with_quantization(mut self, q: Quantization) -> ProgramConfig {
         self.quantization = q;
         self
@@ -458,6 +481,13 @@ impl Emitter<'_> {
 
         // Embedding rows for the step's tokens.
         let x0 = blk.take_rows(&a[arg::EMBED], &a[arg::TOKENS]);
+        let sp = self.cfg.seq_parallel(self.b);
+        let x0 = if sp {
+            // The vocab-sharded table's partial rows, reduce-scattered by rows.
+            blk.shard(&x0, &self.cfg.rows_sharding(2))
+        } else {
+            x0
+        };
         let x0 = blk.convert(&x0, Elem::F32);
 
         // Rotary angles per token: position × inverse frequency.
@@ -468,6 +498,16 @@ impl Emitter<'_> {
         let ang = blk.mul(&pos, &inv);
         let cos = blk.unary("cosine", &ang);
         let sin = blk.unary("sine", &ang);
+
+        // Where the step's K / V rows go: a block of the layer's cache and an offset in it.
+        // Which rows write which slots of each row's page is the same in every layer (the
+        // layers' blocks differ by a constant), so it is worked out once, here: a [T, BS, T]
+        // comparison that cost a 512-row prompt layer ~6 % of its time (70B TP 8, v6e).
+        let bs_c = blk.constant_int(self.cfg.block_size, &[t], Elem::I32);
+        let q_blk = blk.div(&a[arg::SLOTS], &bs_c);
+        let blk_off = blk.mul(&q_blk, &bs_c);
+        let woff = blk.sub(&a[arg::SLOTS], &blk_off);
+        let pw = page_write(blk, &q_blk, &woff, self.cfg.block_size);
 
         let zero = blk.constant_int(0, &[], Elem::I32);
         let mut init: Vec<&V> = vec![&zero, &x0, &a[arg::K_CACHE], &a[arg::V_CACHE]];
@@ -485,9 +525,11 @@ impl Emitter<'_> {
             &cos,
             &sin,
             &a[arg::POSITIONS],
-            &a[arg::SLOTS],
+            &q_blk,
             &a[arg::BLOCKS],
             &a[arg::KV_CHUNKS],
+            &pw.from,
+            &pw.hit,
         ];
         init.extend(carried_consts.iter().copied());
         if self.cfg.quantization.is_int8() {
@@ -542,6 +584,12 @@ impl Emitter<'_> {
         let blk = &mut *self.blk;
         let h = rms_norm(blk, x, &a[arg::FINAL_NORM], &m.eps);
         let hw = blk.convert(&h, w);
+        // The LM head reads every row: gathered from the chips' row shards.
+        let hw = if sp {
+            blk.shard(&hw, "{replicated}")
+        } else {
+            hw
+        };
 
         // Logits only for the rows that need them, `logit_chunk` rows per loop iteration: the
         // LM head and the sampling tail cost what the step asks for, not the token bucket.
@@ -674,10 +722,23 @@ impl Emitter<'_> {
         let (wq, wk, wv, wo) = (&v[5], &v[6], &v[7], &v[8]);
         let post_norm = &v[9];
         let (wg, wu, wd) = (&v[10], &v[11], &v[12]);
-        let (cos, sin, pos, slots) = (&v[13], &v[14], &v[15], &v[16]);
+        // q_blk: each row's block within a layer's cache; from / hit: see `PageWrite`.
+        let (cos, sin, pos, q_blk) = (&v[13], &v[14], &v[15], &v[16]);
         let (tables, nchunks) = (&v[17], &v[18]);
+        let (from, hit) = (&v[19], &v[20]);
         // int8: the stacked scales of wq, wk, wv, wo, wg, wu, wd, carried after the rest.
-        let scales = cfg.quantization.is_int8().then(|| &v[19..26]);
+        let scales = cfg.quantization.is_int8().then(|| &v[21..28]);
+        let sp = cfg.seq_parallel(self.b);
+        // Sequence parallel: a norm's rows, in the dots' dtype, all-gathered from the chips'
+        // row shards (once for q, k and v; once for gate and up).
+        let gather_rows = |b: &mut Block, x: &V| -> V {
+            let xw = b.convert(x, w);
+            if sp {
+                b.shard(&xw, "{replicated}")
+            } else {
+                xw
+            }
+        };
         let b = &mut *self.blk;
         let z = b.constant_int(0, &[], Elem::I32);
 
@@ -713,6 +774,16 @@ impl Emitter<'_> {
         };
         let linear = |b: &mut Block, x: &V, wt: &V, which: usize| -> V {
             let xw = b.convert(x, w);
+            // Sequence parallel: wo's and wd's inputs stay split by columns, as their
+            // weights' rows are, so the dot is local and its sums are reduce-scattered.
+            // Unconstrained, GSPMD moved the input to row shards instead and gathered the
+            // whole weight on every chip at some shapes (70B TP 8, 16–128-row prompt tiles:
+            // the full 8192 × 8192 wo read per layer per chip).
+            let xw = if sp && (which == 3 || which == 6) {
+                b.shard(&xw, &format!("{{devices=[1,{0}]<=[{0}]}}", cfg.tp))
+            } else {
+                xw
+            };
             // wq [heads, D, in] contracts its last axis; the rest [in, out] their first.
             let rc: &[i64] = if which == 0 { &[2] } else { &[0] };
             let out = reduced_elem(which);
@@ -721,12 +792,33 @@ impl Emitter<'_> {
                 let y = b.reshape(y, &[y.dims()[0], n]);
                 b.convert(&y, Elem::F32)
             };
+            // wo's and wd's partial sums are reduced right at the dot, in the dot's output
+            // dtype: replicated, or split by rows (sequence parallel: a reduce-scatter).
+            // Left to find the all-reduce's place, GSPMD put wo's after the convert to f32
+            // (70B TP 8 deviceless: an f32 [rows, 8192] all-reduce a layer).
+            let reduce_here = |b: &mut Block, y: V| -> V {
+                if !(which == 3 || which == 6) || cfg.tp == 1 {
+                    y
+                } else if sp {
+                    b.shard(&y, &cfg.rows_sharding(2))
+                } else if out == Elem::BF16 {
+                    // The barrier keeps the convert to f32 after the all-reduce: the
+                    // compiler folded it into the dot ahead of the all-reduce otherwise.
+                    let y = b.shard(&y, "{replicated}");
+                    let ty = y.ty.clone();
+                    b.generic("optimization_barrier", &[&y], "", ty)
+                } else {
+                    y
+                }
+            };
             let Some(scales) = scales else {
                 let y = b.dot_general(&xw, wt, (&[], &[]), (&[1], rc), out);
+                let y = reduce_here(b, y);
                 return flat(b, &y);
             };
             let wt = b.convert(wt, w);
             let y = b.dot_general(&xw, &wt, (&[], &[]), (&[1], rc), out);
+            let y = reduce_here(b, y);
             let y = flat(b, &y);
             let s = layer_vec(b, &scales[which]);
             let s = b.broadcast(&s, y.dims(), &[1]);
@@ -735,6 +827,7 @@ impl Emitter<'_> {
 
         let g_in = layer_vec(b, in_norm);
         let hn = rms_norm(b, x, &g_in, &m.eps);
+        let hn = gather_rows(b, &hn);
         // wq's layer is sliced from the stack seen as [L, heads, D, in] and enters the dot
         // as [heads, D, in], the form the compiler gives it for the heads-major output: a
         // slice reshaped after the dynamic-slice (splitting out into heads) made the TPU
@@ -764,16 +857,14 @@ impl Emitter<'_> {
         // 2 KV heads per chip (70B at TP 4) padded every tile and the compiler copied the
         // whole cache into the dots' layout after every write. The write goes a whole block
         // at a time (`write_pages`): a scatter of single rows is a loop on TPU.
-        let bs = cfg.block_size;
-        let bs_c = b.constant_int(bs, &[t], Elem::I32);
         let nb_total = b.constant_int(cfg.num_blocks, &[], Elem::I32);
         let bbase = b.mul(i, &nb_total);
         let bbase_t = b.broadcast(&bbase, &[t], &[]);
-        let q_blk = b.div(slots, &bs_c);
-        let wblock = b.add(&q_blk, &bbase_t);
-        let wblk_off = b.mul(&q_blk, &bs_c);
-        let woff = b.sub(slots, &wblk_off);
-        let pw = page_write(b, &wblock, &woff, bs);
+        let pw = PageWrite {
+            blocks: b.add(q_blk, &bbase_t),
+            from: from.clone(),
+            hit: hit.clone(),
+        };
         let kw = b.convert(&k, cfg.cache_elem);
         let vw = b.convert(&vv, cfg.cache_elem);
         let kw = b.reshape(&kw, &[t, kvh, d]);
@@ -803,6 +894,7 @@ impl Emitter<'_> {
 
         let g_post = layer_vec(b, post_norm);
         let hn2 = rms_norm(b, &x1, &g_post, &m.eps);
+        let hn2 = gather_rows(b, &hn2);
         let gate_w = layer_mat(b, wg);
         let gate = linear(b, &hn2, &gate_w, 4);
         let up_w = layer_mat(b, wu);
@@ -843,36 +935,42 @@ impl Emitter<'_> {
         let iota = b.iota(&[t, vocab], 1, Elem::I32);
 
         // Temperature sampling by Gumbel-max with per-row keys hashed with the vocab index;
-        // skipped at run time when every row is greedy.
+        // skipped at run time when every row is greedy. The branch also picks the token's
+        // logprob: with the pick outside, the TPU compiler sank part of it into a clone of
+        // the whole conditional and ran both (the filters' bisections twice per step).
         let zero_t = b.constant_f32(0.0, &[t]);
         let is_random = b.compare(Cmp::Gt, temp, &zero_t);
         let greedy_tok = argmax(b, logits, &iota, t, vocab);
         let any_random = any(b, &is_random);
-        let sampled = b
-            .if_else(
-                &any_random,
-                |b| {
-                    let keys = b.broadcast(keys, &[t, vocab], &[0]);
-                    let iota = b.iota(&[t, vocab], 1, Elem::I32);
-                    let idx_u = b.convert(&iota, Elem::U32);
-                    let u = uniform_hash(b, &keys, &idx_u, &[t, vocab]);
-                    let lnu = b.unary("log", &u);
-                    let neg = b.unary("negate", &lnu);
-                    let lnn = b.unary("log", &neg);
-                    let gumbel = b.unary("negate", &lnn);
-                    let tiny = b.constant_f32(1e-6, &[t]);
-                    let tsafe = b.max(temp, &tiny);
-                    let tb = b.broadcast(&tsafe, &[t, vocab], &[0]);
-                    let scaled = b.div(logits, &tb);
-                    let scaled = filters.apply(b, &scaled, t, vocab);
-                    let noisy = b.add(&scaled, &gumbel);
-                    let random_tok = argmax(b, &noisy, &iota, t, vocab);
-                    vec![b.select(&is_random, &random_tok, &greedy_tok)]
-                },
-                |_| vec![greedy_tok.clone()],
-            )
-            .remove(0);
-        let sampled_lp = pick(b, &logprobs, &iota, &sampled, t, vocab);
+        let chosen = b.if_else(
+            &any_random,
+            |b| {
+                let keys = b.broadcast(keys, &[t, vocab], &[0]);
+                let iota = b.iota(&[t, vocab], 1, Elem::I32);
+                let idx_u = b.convert(&iota, Elem::U32);
+                let u = uniform_hash(b, &keys, &idx_u, &[t, vocab]);
+                let lnu = b.unary("log", &u);
+                let neg = b.unary("negate", &lnu);
+                let lnn = b.unary("log", &neg);
+                let gumbel = b.unary("negate", &lnn);
+                let tiny = b.constant_f32(1e-6, &[t]);
+                let tsafe = b.max(temp, &tiny);
+                let tb = b.broadcast(&tsafe, &[t, vocab], &[0]);
+                let scaled = b.div(logits, &tb);
+                let scaled = filters.apply(b, &scaled, t, vocab);
+                let noisy = b.add(&scaled, &gumbel);
+                let random_tok = argmax(b, &noisy, &iota, t, vocab);
+                let tok = b.select(&is_random, &random_tok, &greedy_tok);
+                let lp = pick(b, &logprobs, &iota, &tok, t, vocab);
+                vec![tok, lp]
+            },
+            |b| {
+                let iota = b.iota(&[t, vocab], 1, Elem::I32);
+                let lp = pick(b, &logprobs, &iota, &greedy_tok, t, vocab);
+                vec![greedy_tok.clone(), lp]
+            },
+        );
+        let (sampled, sampled_lp) = (chosen[0].clone(), chosen[1].clone());
         let zero_ti = b.constant_int(0, &[t], Elem::I32);
         // The rank of the sampled token is reported only with logprobs (the top-k variant).
         let sampled_rank = if self.b.top_k > 0 {
@@ -1132,6 +1230,8 @@ struct PageWrite {
     hit: V,
 }
 
+/// `blocks` may be blocks within one layer's cache: only which rows share a block matters
+/// here, and [`PageWrite::blocks`] is what the scatter uses.
 fn page_write(b: &mut Block, blocks: &V, offs: &V, bs: i64) -> PageWrite {
     let t = blocks.dims()[0];
     let dims = [t, bs, t];
