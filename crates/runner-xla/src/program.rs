@@ -202,23 +202,38 @@ pub fn arg_sharding(index: usize, tp: i64) -> String {
     if tp == 1 {
         return "{replicated}".into();
     }
-    let d = |spec: &str| format!("{{devices={spec}<=[{tp}]}}");
+    let d = |axis, rank| split_sharding(tp, axis, rank);
     match index {
-        arg::EMBED => d(&format!("[{tp},1]")),
-        arg::LM_HEAD => d(&format!("[1,{tp}]")),
-        arg::WQ => d(&format!("[1,{tp},1]")),
-        arg::WK | arg::WV | arg::WG | arg::WU => d(&format!("[1,1,{tp}]")),
-        arg::WO | arg::WD => d(&format!("[1,{tp},1]")),
+        arg::EMBED => d(0, 2),
+        arg::LM_HEAD => d(1, 2),
+        arg::WQ => d(1, 3),
+        arg::WK | arg::WV | arg::WG | arg::WU => d(2, 3),
+        arg::WO | arg::WD => d(1, 3),
         // Scales follow their matrix's output axis: split with the column-parallel ones and
         // the vocabulary, whole beside the row-parallel ones (whose output is not split).
-        arg::S_LM_HEAD => d(&format!("[{tp}]")),
-        arg::S_WQ | arg::S_WK | arg::S_WV | arg::S_WG | arg::S_WU => d(&format!("[1,{tp}]")),
+        arg::S_LM_HEAD => d(0, 1),
+        arg::S_WQ | arg::S_WK | arg::S_WV | arg::S_WG | arg::S_WU => d(1, 2),
         // The KV-head axis is its own dimension, from the buffer to the attention dot, so
         // GSPMD never has to all-gather or copy the cache to reshape it (see the KV write in
         // the layer for why the layout is [blocks, KV heads, block_size, head_dim]).
-        arg::K_CACHE | arg::V_CACHE => d(&format!("[1,{tp},1,1]")),
+        arg::K_CACHE | arg::V_CACHE => d(1, 4),
         _ => "{replicated}".into(),
     }
+}
+
+/// The GSPMD sharding of a rank-`rank` array split `tp` ways along `axis`, whole along the
+/// others: `{devices=[1,tp,1]<=[tp]}` for axis 1 of 3.
+pub fn split_sharding(tp: i64, axis: usize, rank: usize) -> String {
+    let dims: Vec<String> = (0..rank)
+        .map(|i| {
+            if i == axis {
+                tp.to_string()
+            } else {
+                "1".into()
+            }
+        })
+        .collect();
+    format!("{{devices=[{}]<=[{tp}]}}", dims.join(","))
 }
 
 impl ProgramConfig {
@@ -284,7 +299,6 @@ impl ProgramConfig {
         )
     }
 
-    /// The same programs with the projections and LM head stored as `q`.
     /// Whether `b`'s residual stream is split by rows across the chips (sequence parallel):
     /// at TP > 1 when the rows divide evenly. Each chip then adds, normalises and keeps in
     /// f32 only its 1/TP of the rows; the sums of wo and wd arrive by reduce-scatter and the
@@ -298,13 +312,7 @@ impl ProgramConfig {
         self.tp > 1 && b.tokens % self.tp == 0 && b.tokens >= SEQ_PARALLEL_ROWS
     }
 
-    /// The GSPMD sharding of `[rows, …]` activations split by rows across the chips.
-    fn rows_sharding(&self, rank: usize) -> String {
-        let tp = self.tp;
-        let rest = ",1".repeat(rank - 1);
-        format!("{{devices=[{tp}{rest}]<=[{tp}]}}")
-    }
-
+    /// The same programs with the projections and LM head stored as `q`.
     pub fn with_quantization(mut self, q: Quantization) -> ProgramConfig {
         self.quantization = q;
         self
@@ -484,7 +492,7 @@ impl Emitter<'_> {
         let sp = self.cfg.seq_parallel(self.b);
         let x0 = if sp {
             // The vocab-sharded table's partial rows, reduce-scattered by rows.
-            blk.shard(&x0, &self.cfg.rows_sharding(2))
+            blk.shard(&x0, &split_sharding(self.cfg.tp, 0, 2))
         } else {
             x0
         };
@@ -664,8 +672,7 @@ impl Emitter<'_> {
                     // the whole sampling tail on every row's full vocabulary (about 55 passes
                     // over [rows, vocab] f32). Sharded, each chip reads its 1/TP of it and
                     // the reductions over the vocabulary end in small all-reduces.
-                    let tp = cfg.tp;
-                    body.shard(&logits, &format!("{{devices=[1,{tp}]<=[{tp}]}}"))
+                    body.shard(&logits, &split_sharding(cfg.tp, 1, 2))
                 } else {
                     logits
                 };
@@ -765,8 +772,9 @@ impl Emitter<'_> {
         // dot as bf16 (accumulated in f32 inside it), so the all-reduce moves half the bytes
         // over ICI (at 70B TP 8, 128 rows: 8.4 → 4.2 MB a layer), as vLLM's all-reduce does;
         // f32 weights keep f32 sums (the goldens are exact there).
+        let split_by_input = |which: usize| cfg.tp > 1 && (which == 3 || which == 6);
         let reduced_elem = |which: usize| {
-            if cfg.tp > 1 && w == Elem::BF16 && (which == 3 || which == 6) {
+            if split_by_input(which) && w == Elem::BF16 {
                 Elem::BF16
             } else {
                 Elem::F32
@@ -779,8 +787,8 @@ impl Emitter<'_> {
             // Unconstrained, GSPMD moved the input to row shards instead and gathered the
             // whole weight on every chip at some shapes (70B TP 8, 16–128-row prompt tiles:
             // the full 8192 × 8192 wo read per layer per chip).
-            let xw = if sp && (which == 3 || which == 6) {
-                b.shard(&xw, &format!("{{devices=[1,{0}]<=[{0}]}}", cfg.tp))
+            let xw = if sp && split_by_input(which) {
+                b.shard(&xw, &split_sharding(cfg.tp, 1, 2))
             } else {
                 xw
             };
@@ -797,10 +805,10 @@ impl Emitter<'_> {
             // Left to find the all-reduce's place, GSPMD put wo's after the convert to f32
             // (70B TP 8 deviceless: an f32 [rows, 8192] all-reduce a layer).
             let reduce_here = |b: &mut Block, y: V| -> V {
-                if !(which == 3 || which == 6) || cfg.tp == 1 {
+                if !split_by_input(which) {
                     y
                 } else if sp {
-                    b.shard(&y, &cfg.rows_sharding(2))
+                    b.shard(&y, &split_sharding(cfg.tp, 0, 2))
                 } else if out == Elem::BF16 {
                     // The barrier keeps the convert to f32 after the all-reduce: the
                     // compiler folded it into the dot ahead of the all-reduce otherwise.
@@ -1577,7 +1585,16 @@ fn grown_chunk(base: i64, block_size: i64, table_blocks: i64, tiles: i64, budget
 
 #[cfg(test)]
 mod tests {
-    use super::grown_chunk;
+    use super::{arg, arg_sharding, grown_chunk, split_sharding};
+
+    #[test]
+    fn shardings_split_one_axis() {
+        assert_eq!(split_sharding(8, 1, 3), "{devices=[1,8,1]<=[8]}");
+        assert_eq!(split_sharding(4, 0, 1), "{devices=[4]<=[4]}");
+        assert_eq!(arg_sharding(arg::K_CACHE, 8), "{devices=[1,8,1,1]<=[8]}");
+        assert_eq!(arg_sharding(arg::EMBED, 2), "{devices=[2,1]<=[2]}");
+        assert_eq!(arg_sharding(arg::WK, 1), "{replicated}");
+    }
 
     #[test]
     fn chunks_grow_for_few_tiles_within_the_budget_and_the_table() {

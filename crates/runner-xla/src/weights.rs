@@ -28,7 +28,7 @@ use tpuserve_pjrt::{AlignedBytes, Buffer, Client, CompileOptions, Device, Elemen
 use tpuserve_runner_api::RunnerError;
 
 use crate::hlo::{self, Arg, Elem, Ty};
-use crate::program::{arg, arg_sharding, uniform_hash, ProgramConfig, WeightElem};
+use crate::program::{arg, arg_sharding, split_sharding, uniform_hash, ProgramConfig, WeightElem};
 use crate::quant::{quantize_rows, Quantization};
 
 fn werr(e: impl std::fmt::Display) -> RunnerError {
@@ -295,8 +295,8 @@ fn shard<'a>(
 fn layout_program(p: &WeightPlan, input: Elem, output: Elem, tp: usize) -> String {
     let in_sharding = match (tp, p.split) {
         (1, _) => "{replicated}".to_string(),
-        (_, Split::Rows) => format!("{{devices=[{tp},1]<=[{tp}]}}"),
-        (_, Split::Cols) => format!("{{devices=[1,{tp}]<=[{tp}]}}"),
+        (_, Split::Rows) => split_sharding(tp as i64, 0, 2),
+        (_, Split::Cols) => split_sharding(tp as i64, 1, 2),
     };
     let ty = Ty::new(&[p.rows as i64, p.cols as i64], input);
     let args: Vec<Arg> = p
