@@ -18,12 +18,14 @@ use tpuserve_suite::hlo_proto;
 use tpuserve_suite::{fixtures_dir, golden_xla_options, smollm2_gguf, tiny_llama3_dir};
 
 /// The goldens' options with attention chunks sized as on TPU, scaled down: one block the
-/// least, grown for buckets with few query tiles (decode 16 rows: 2 blocks; prompt buckets:
-/// 8 to 32), so that steps read several chunks and buckets read chunks of different sizes.
+/// least, grown for buckets with few query tiles within 128 KiB of f32 K and V a chip (a
+/// token's are 512 / TP bytes a layer; at TP 2, decode 16 rows: 2 blocks, prompt buckets: 8
+/// to 32; twice as many tokens at each doubling of TP), so that steps read several chunks
+/// and buckets read chunks of different sizes.
 fn opts(tp: usize, max_model_len: usize) -> XlaRunnerOptions {
     XlaRunnerOptions {
         kv_chunk_tokens: 16,
-        kv_chunk_budget: Some(512),
+        kv_chunk_budget: Some(128 << 10),
         ..golden_xla_options(tp, max_model_len)
     }
 }

@@ -278,10 +278,10 @@ pub fn step_parts(
     // a layer's Q matrix out of the stack where the loop's dot reads it in place; a second
     // straight-line chunk came out cheaper than none at 70B, 32 rows). The kernel sums count
     // the layer loop (a constant bound) its trip count times and give the KV-chunk loop's
-    // body on its own (`open_*`: its bound is the step's context). So the step's own program
-    // is compiled too: a chunk is one more trip of that body, and a layer is what the
-    // program holds beyond the rest, split evenly over its layers, less that chunk;
-    // `step(layers, 1)` is the program's estimate.
+    // body on its own (`open_*`: its bound is the step's context), counting that loop's body
+    // once per layer. So the step's own program is compiled too: a chunk is one more trip of
+    // that body, and a layer — its first chunk included — is what the program holds beyond
+    // the rest, split evenly over its layers; `step(layers, 1)` is the program's estimate.
     let whole = match whole {
         Some(w) => w,
         None => {
@@ -305,7 +305,6 @@ pub fn step_parts(
     per_layer.add(outside.kernels, -1.0);
     let mut k = KernelSums::default();
     k.add(per_layer, 1.0 / n);
-    k.add(chunk.kernels, -1.0);
     (k.open_cycles, k.open_launches) = (0.0, 0.0);
     (k.loose_cycles, k.loose_launches) = (0.0, 0.0);
     layer.kernels = k;

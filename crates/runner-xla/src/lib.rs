@@ -63,8 +63,9 @@ pub struct XlaRunnerOptions {
     /// Context read per attention iteration, in tokens (rounded down to whole blocks); 0
     /// picks the platform's default.
     pub kv_chunk_tokens: usize,
-    /// Buckets with few query tiles read bigger chunks, up to this many tiles × tokens an
-    /// iteration (`ProgramConfig::chunk_blocks`); `None` picks the platform's default.
+    /// Buckets with few query tiles read bigger chunks, up to this many bytes of K and V
+    /// gathered per chip an iteration (`ProgramConfig::chunk_blocks`); `None` picks the
+    /// platform's default.
     pub kv_chunk_budget: Option<usize>,
     /// Make a compilation after warm-up an error instead of a counted event.
     pub strict_no_recompile: bool,
@@ -153,15 +154,15 @@ pub fn default_kv_chunk_tokens(platform: &str) -> usize {
     }
 }
 
-/// Tiles × tokens an attention iteration may gather when not set: none beyond
+/// Bytes of K and V an attention iteration may gather per chip when not set: none beyond
 /// `kv_chunk_tokens` on the XLA CPU plugin (its iterations are cheap, and a bigger chunk
-/// reads context a short sequence does not have); on accelerators 128 decode rows × 256
-/// tokens, so fewer rows read longer chunks in fewer iterations.
+/// reads context a short sequence does not have); on accelerators 128 MiB, so fewer rows
+/// read longer chunks in fewer iterations (see `ProgramConfig::chunk_blocks`).
 pub fn default_kv_chunk_budget(platform: &str) -> usize {
     if platform == "cpu" {
         0
     } else {
-        128 * 256
+        128 << 20
     }
 }
 

@@ -78,8 +78,9 @@ pub struct ProgramConfig {
     pub table_blocks: i64,
     /// KV blocks read per attention iteration (the least; see [`ProgramConfig::chunk_blocks`]).
     pub kv_chunk: i64,
-    /// Query tiles × context tokens one attention iteration may gather: buckets with few
-    /// tiles read bigger chunks, up to this (0: every bucket reads `kv_chunk` blocks).
+    /// Bytes of K and V one attention iteration may gather per chip (query tiles × context
+    /// tokens × a token's K and V of one layer): buckets with few tiles read bigger chunks,
+    /// up to this (0: every bucket reads `kv_chunk` blocks).
     pub kv_chunk_budget: i64,
 }
 
@@ -275,26 +276,34 @@ impl ProgramConfig {
     }
 
     /// The same programs with attention chunks grown for buckets with few query tiles, up to
-    /// `tile_tokens` tiles × tokens an iteration (see [`ProgramConfig::chunk_blocks`]).
-    pub fn with_kv_chunk_budget(mut self, tile_tokens: usize) -> ProgramConfig {
-        self.kv_chunk_budget = tile_tokens as i64;
+    /// `bytes` of K and V gathered per chip an iteration (see [`ProgramConfig::chunk_blocks`]).
+    pub fn with_kv_chunk_budget(mut self, bytes: usize) -> ProgramConfig {
+        self.kv_chunk_budget = bytes as i64;
         self
     }
 
+    /// Bytes of one token's K and V in one layer's cache on one chip.
+    pub fn kv_token_bytes(&self) -> i64 {
+        2 * (self.dims.kv_heads / self.tp) * self.dims.head_dim * self.cache_elem.bytes() as i64
+    }
+
     /// KV blocks bucket `b`'s attention reads per iteration: `kv_chunk`, doubled while the
-    /// bucket's query tiles × the chunk's tokens stay within `kv_chunk_budget` and the chunk
-    /// divides the block table (a chunk never runs past it). An iteration has a fixed cost
-    /// on TPU of ~19k cycles and 14 launches (70B TP 8, 16 rows, deviceless v6e:2x4) whatever
-    /// it reads, so a 16-row decode step at 2,048 tokens of context spent more on eight
-    /// iterations' overhead than on reading its pages; a 128-row step's 256-token chunk is
-    /// already as big as its gathered pages should grow.
+    /// K and V the bucket's query tiles gather for the chunk stay within `kv_chunk_budget`
+    /// bytes and the chunk divides the block table (a chunk never runs past it), up to 2,048
+    /// tokens. An iteration has a fixed cost on TPU of ~19k cycles and 14 launches (70B TP 8,
+    /// 16 rows, deviceless v6e:2x4) whatever it reads, so a 16-row decode step at 2,048 tokens
+    /// of context spent more on eight iterations' overhead than on reading its pages. The
+    /// budget is in bytes because the cost of a chunk jumps once its gathered pages outgrow
+    /// ~134 MB (8B TP 1, where a token's K and V of a layer are 4 KiB a chip: 100k cycles for
+    /// 134 MB, 448k for 268 MB), while 70B at TP 8 (512 bytes a token) kept growing cheaply:
+    /// 128 decode rows × 512 tokens, 41k cycles against 30k for 256 tokens.
     pub fn chunk_blocks(&self, b: Bucket) -> i64 {
         let tiles = (b.tokens / b.tile.max(1)).max(1);
         grown_chunk(
             self.kv_chunk,
             self.block_size,
             self.table_blocks,
-            tiles,
+            tiles * self.kv_token_bytes(),
             self.kv_chunk_budget,
         )
     }
@@ -1575,13 +1584,32 @@ fn bisect_threshold(
 
 /// `base` blocks doubled while `tiles` × the chunk's tokens stay within `budget` and the
 /// chunk divides `table_blocks`.
-fn grown_chunk(base: i64, block_size: i64, table_blocks: i64, tiles: i64, budget: i64) -> i64 {
+/// `base` blocks doubled while `token_bytes` (a token's K and V over every query tile) × the
+/// chunk's tokens stay within `budget` and the chunk divides the table.
+fn grown_chunk(
+    base: i64,
+    block_size: i64,
+    table_blocks: i64,
+    token_bytes: i64,
+    budget: i64,
+) -> i64 {
     let mut k = base;
-    while budget > 0 && tiles * 2 * k * block_size <= budget && table_blocks % (2 * k) == 0 {
+    while budget > 0
+        && token_bytes * 2 * k * block_size <= budget
+        && 2 * k * block_size <= MAX_GROWN_CHUNK_TOKENS
+        && table_blocks % (2 * k) == 0
+    {
         k *= 2;
     }
     k
 }
+
+/// The longest chunk a bucket's attention grows to. An iteration reads its whole chunk
+/// of every row's pages whatever the rows' contexts are, so a few decode rows with short
+/// contexts would read up to the table's end in one iteration (70B TP 8 deviceless
+/// v6e:2x4: a 16-row step at 512 tokens of context, 13.75 ms with 2,048-token chunks,
+/// 14.41 ms with 4,096).
+const MAX_GROWN_CHUNK_TOKENS: i64 = 2048;
 
 #[cfg(test)]
 mod tests {
@@ -1598,14 +1626,20 @@ mod tests {
 
     #[test]
     fn chunks_grow_for_few_tiles_within_the_budget_and_the_table() {
-        // TPU defaults: 16-token blocks, 16-block chunks, 128 × 256 tile-tokens, 4,096 tokens.
-        let at = |tiles| grown_chunk(16, 16, 256, tiles, 128 * 256);
-        assert_eq!(at(128), 16);
-        assert_eq!(at(256), 16, "never below the base chunk");
-        assert_eq!(at(64), 32);
-        assert_eq!(at(32), 64);
-        assert_eq!(at(16), 128);
-        assert_eq!(at(1), 256, "capped by the table");
+        // TPU defaults: 16-token blocks, 16-block chunks, 128 MiB, a 4,096-token table.
+        // 70B at TP 8: a token's K and V of a layer are 512 bytes a chip.
+        let at = |tiles: i64| grown_chunk(16, 16, 256, tiles * 512, 128 << 20);
+        assert_eq!(at(1024), 16);
+        assert_eq!(at(2048), 16, "never below the base chunk");
+        assert_eq!(at(512), 32);
+        assert_eq!(at(256), 64);
+        assert_eq!(at(128), 128, "at most 2,048 tokens");
+        assert_eq!(at(1), 128, "at most 2,048 tokens");
+        // 8B at TP 1: 4 KiB a token.
+        assert_eq!(grown_chunk(16, 16, 256, 128 * 4096, 128 << 20), 16);
+        assert_eq!(grown_chunk(16, 16, 256, 32 * 4096, 128 << 20), 64);
+        // Capped by the table: 1,024 tokens of context.
+        assert_eq!(grown_chunk(16, 16, 64, 512, 128 << 20), 64);
         // A table of 48 blocks takes chunks that divide it: 16, not 32.
         assert_eq!(grown_chunk(16, 16, 48, 1, 1 << 20), 16);
         assert_eq!(grown_chunk(8, 16, 48, 1, 1 << 20), 16);
