@@ -42,6 +42,32 @@ pub struct SeqPlan {
     pub prompt_tokens: Arc<Vec<TokenId>>,
 }
 
+impl SeqPlan {
+    /// A sequence whose last query position samples with the default parameters (no
+    /// penalties, logprobs or logits): what kernel tests and benchmarks need.
+    pub fn sampling(
+        seq_id: u64,
+        query_start: usize,
+        query_len: usize,
+        context_len: usize,
+        block_table: Vec<u32>,
+    ) -> SeqPlan {
+        SeqPlan {
+            seq_id,
+            query_start,
+            query_len,
+            context_len,
+            block_table,
+            sample: true,
+            prompt_logprob_targets: Vec::new(),
+            return_logits: false,
+            sampling: Default::default(),
+            output_tokens: Default::default(),
+            prompt_tokens: Default::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct StepPlan {
     pub token_ids: Vec<TokenId>,

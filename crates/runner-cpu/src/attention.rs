@@ -89,13 +89,20 @@ fn head_scores<'k>(
     max
 }
 
+/// A layer's K and V caches, `[slots, kv_heads, head_dim]`: f32 (the reference), or f16
+/// (half the bytes to hold and to read; each row widened to f32 before use).
+#[derive(Clone, Copy)]
+pub enum KvRef<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [half::f16], &'a [half::f16]),
+}
+
 /// Causal attention for every query token of the step. Keys and values of position `j` of a
 /// sequence live in slot `block_table[j / block_size] * block_size + j % block_size`.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    kv: KvRef<'_>,
     plan: &StepPlan,
     token_seq: &[usize],
     heads: usize,
@@ -117,10 +124,10 @@ pub fn paged_attention(
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: AVX2 was detected at run time.
-            unsafe { query_row_avx2(q, k_cache, v_cache, plan, token_seq, dims, i, orow) };
+            unsafe { query_row_avx2(q, kv, plan, token_seq, dims, i, orow) };
             return;
         }
-        query_row(q, k_cache, v_cache, plan, token_seq, dims, i, orow);
+        query_row(q, kv, plan, token_seq, dims, i, orow);
     });
     out
 }
@@ -141,27 +148,23 @@ struct Dims {
 /// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn query_row_avx2(
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    kv: KvRef<'_>,
     plan: &StepPlan,
     token_seq: &[usize],
     dims: Dims,
     i: usize,
     orow: &mut [f32],
 ) {
-    query_row(q, k_cache, v_cache, plan, token_seq, dims, i, orow)
+    query_row(q, kv, plan, token_seq, dims, i, orow)
 }
 
 /// Attention of query token `i` over its sequence's visible positions, into `orow`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn query_row(
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    kv: KvRef<'_>,
     plan: &StepPlan,
     token_seq: &[usize],
     dims: Dims,
@@ -186,46 +189,98 @@ fn query_row(
         .map(|j| seq.block_table[j / block_size] as usize * block_size + j % block_size)
         .collect();
     let mut scores = vec![0f32; n];
-    for h in 0..heads {
-        let g = h / group;
-        let qh = &q[i * qs + h * head_dim..i * qs + (h + 1) * head_dim];
-        let kh = |j: usize| {
-            let slot = slots[j];
-            &k_cache[slot * kvs + g * head_dim..slot * kvs + (g + 1) * head_dim]
-        };
-        let max = head_scores(qh, kh, scale, &mut scores);
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+    let qh = |h: usize| &q[i * qs + h * head_dim..i * qs + (h + 1) * head_dim];
+    match kv {
+        KvRef::F32(k_cache, v_cache) => {
+            for h in 0..heads {
+                let base = (h / group) * head_dim;
+                let at = |j: usize| slots[j] * kvs + base;
+                let (a, b) = (h * head_dim, (h + 1) * head_dim);
+                head_attend(
+                    qh(h),
+                    |j| &k_cache[at(j)..at(j) + head_dim],
+                    |j| &v_cache[at(j)..at(j) + head_dim],
+                    scale,
+                    &mut scores,
+                    &mut orow[a..b],
+                );
+            }
         }
-        for s in scores.iter_mut() {
-            *s /= sum;
-        }
-        // 32 output dims at a time held in registers across all positions (the loop over
-        // positions inside re-loaded and re-stored the output row per position); each dim
-        // still adds its terms in position order from zero: the same bits.
-        const C: usize = 32;
-        let oh = &mut orow[h * head_dim..(h + 1) * head_dim];
-        let vbase = g * head_dim;
-        let mut c0 = 0;
-        while c0 + C <= head_dim {
-            let mut acc = [0f32; C];
-            acc.copy_from_slice(&oh[c0..c0 + C]);
-            for (&w, &slot) in scores.iter().zip(&slots) {
-                let vh = &v_cache[slot * kvs + vbase + c0..slot * kvs + vbase + c0 + C];
-                for k in 0..C {
-                    acc[k] += w * vh[k];
+        KvRef::F16(k_cache, v_cache) => {
+            // The group's K and V rows widened once into f32 (exact), then read as the f32
+            // cache is: the same operations on the same values as an f32 cache holding them.
+            let mut kw = vec![0f32; n * head_dim];
+            let mut vw = vec![0f32; n * head_dim];
+            for g in 0..kv_heads {
+                for (j, &slot) in slots.iter().enumerate() {
+                    let at = slot * kvs + g * head_dim;
+                    let dst = j * head_dim..(j + 1) * head_dim;
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                        &k_cache[at..at + head_dim],
+                        &mut kw[dst.clone()],
+                    );
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                        &v_cache[at..at + head_dim],
+                        &mut vw[dst],
+                    );
+                }
+                for h in g * group..(g + 1) * group {
+                    let (a, b) = (h * head_dim, (h + 1) * head_dim);
+                    head_attend(
+                        qh(h),
+                        |j| &kw[j * head_dim..(j + 1) * head_dim],
+                        |j| &vw[j * head_dim..(j + 1) * head_dim],
+                        scale,
+                        &mut scores,
+                        &mut orow[a..b],
+                    );
                 }
             }
-            oh[c0..c0 + C].copy_from_slice(&acc);
-            c0 += C;
         }
-        for (&w, &slot) in scores.iter().zip(&slots) {
-            let vh = &v_cache[slot * kvs + vbase + c0..slot * kvs + vbase + head_dim];
-            for (o, &v) in oh[c0..].iter_mut().zip(vh) {
-                *o += w * v;
+    }
+}
+
+/// One head's softmax(q·Kᵀ·scale)·V over positions `0..scores.len()`, added into `oh`;
+/// `kh(j)` / `vh(j)`: position `j`'s key / value row of the head's KV group.
+#[inline(always)]
+fn head_attend<'k>(
+    qh: &[f32],
+    kh: impl Fn(usize) -> &'k [f32],
+    vh: impl Fn(usize) -> &'k [f32],
+    scale: f32,
+    scores: &mut [f32],
+    oh: &mut [f32],
+) {
+    let head_dim = qh.len();
+    let max = head_scores(qh, kh, scale, scores);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    for s in scores.iter_mut() {
+        *s /= sum;
+    }
+    // 32 output dims at a time held in registers across all positions (the loop over
+    // positions inside re-loaded and re-stored the output row per position); each dim
+    // still adds its terms in position order from zero: the same bits.
+    const C: usize = 32;
+    let mut c0 = 0;
+    while c0 + C <= head_dim {
+        let mut acc = [0f32; C];
+        acc.copy_from_slice(&oh[c0..c0 + C]);
+        for (j, &w) in scores.iter().enumerate() {
+            let v = &vh(j)[c0..c0 + C];
+            for k in 0..C {
+                acc[k] += w * v[k];
             }
+        }
+        oh[c0..c0 + C].copy_from_slice(&acc);
+        c0 += C;
+    }
+    for (j, &w) in scores.iter().enumerate() {
+        for (o, &v) in oh[c0..].iter_mut().zip(&vh(j)[c0..]) {
+            *o += w * v;
         }
     }
 }
@@ -233,6 +288,43 @@ fn query_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tpuserve_runner_api::SeqPlan;
+
+    /// An f16 cache gives the bits an f32 cache holding the same values gives: its rows are
+    /// widened exactly and then read the same way. A decoding row and a prompt of several
+    /// rows, heads in groups of 2, blocks spread over the cache, head dims with and without
+    /// a tail past the 32-dim value tiles.
+    #[test]
+    fn an_f16_cache_attends_as_an_f32_cache_of_the_same_values() {
+        let val = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 1e7 - 0.8;
+        let (heads, kv_heads, bs, blocks) = (4usize, 2usize, 4usize, 16usize);
+        for hd in [8usize, 40, 64] {
+            let slots = blocks * bs * kv_heads * hd;
+            let k16: Vec<half::f16> = (0..slots).map(|i| half::f16::from_f32(val(i))).collect();
+            let v16: Vec<half::f16> = (0..slots)
+                .map(|i| half::f16::from_f32(val(i + 5)))
+                .collect();
+            let k32: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
+            let v32: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+            let seq = SeqPlan::sampling;
+            let plan = StepPlan {
+                token_ids: vec![0; 6],
+                positions: vec![0; 6],
+                slot_mapping: vec![0; 6],
+                seqs: vec![
+                    seq(0, 0, 1, 11, vec![9, 2, 14]),
+                    seq(1, 1, 5, 7, vec![5, 11]),
+                ],
+                masks: None,
+            };
+            let token_seq = [0, 1, 1, 1, 1, 1];
+            let q: Vec<f32> = (0..6 * heads * hd).map(|i| val(i + 11)).collect();
+            let run = |kv| paged_attention(&q, kv, &plan, &token_seq, heads, kv_heads, hd, bs);
+            let want = run(KvRef::F32(&k32, &v32));
+            assert_eq!(run(KvRef::F16(&k16, &v16)), want, "head_dim {hd}");
+            assert!(want.iter().all(|x| x.is_finite() && *x != 0.0));
+        }
+    }
 
     #[test]
     fn grouped_scores_have_the_bits_of_one_dot_at_a_time() {

@@ -9,6 +9,7 @@ pub mod qmatvec;
 mod weights;
 
 use candle_core::{Device, Tensor};
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use tpuserve_model::{LlamaConfig, LoadedModel};
 use tpuserve_runner_api::{
@@ -28,6 +29,25 @@ pub enum CpuWeights {
     Native,
     /// Every weight dequantised to f32: the numerical reference.
     F32,
+}
+
+impl CpuWeights {
+    /// Bytes of one K or V element in the cache: f16 beside the checkpoint's own weights
+    /// (half the memory a sequence holds and half the bytes attention reads), f32 beside the
+    /// f32 reference, whose results stay those of an all-f32 forward.
+    pub fn kv_bytes(self) -> usize {
+        match self {
+            CpuWeights::Native => 2,
+            CpuWeights::F32 => 4,
+        }
+    }
+}
+
+/// A layer's K and V caches, `[slots, kv_heads, head_dim]`, in the element type the weights'
+/// form chooses ([`CpuWeights::kv_bytes`]).
+enum KvCache {
+    F32(Vec<f32>, Vec<f32>),
+    F16(Vec<half::f16>, Vec<half::f16>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,9 +71,8 @@ pub struct CpuRunner {
     cfg: LlamaConfig,
     w: ModelWeights,
     inv_freq: Vec<f32>,
-    /// Per layer: [slots, kv_heads, head_dim].
-    k_cache: Vec<Vec<f32>>,
-    v_cache: Vec<Vec<f32>>,
+    /// Per layer.
+    kv_cache: Vec<KvCache>,
     kv: KvCacheShape,
 }
 
@@ -110,11 +129,14 @@ impl CpuRunner {
         let per_layer = slots * cfg.kv_size();
         Ok(CpuRunner {
             inv_freq: cfg.rope_inv_freq(),
-            k_cache: (0..cfg.num_hidden_layers)
-                .map(|_| vec![0f32; per_layer])
-                .collect(),
-            v_cache: (0..cfg.num_hidden_layers)
-                .map(|_| vec![0f32; per_layer])
+            kv_cache: (0..cfg.num_hidden_layers)
+                .map(|_| match opts.weights.kv_bytes() {
+                    2 => KvCache::F16(
+                        vec![half::f16::ZERO; per_layer],
+                        vec![half::f16::ZERO; per_layer],
+                    ),
+                    _ => KvCache::F32(vec![0f32; per_layer], vec![0f32; per_layer]),
+                })
                 .collect(),
             kv: KvCacheShape {
                 num_blocks: opts.num_blocks,
@@ -158,7 +180,8 @@ impl CpuRunner {
         let qkv = linear(&normed, t, &lw.qkv)?;
         let width = qs + 2 * kvs;
         let mut q = vec![0f32; t * qs];
-        let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
+        let cache = &mut self.kv_cache[li];
+        let mut k = vec![0f32; kvs];
         for i in 0..t {
             let row = &qkv[i * width..(i + 1) * width];
             let (c, s) = (
@@ -168,16 +191,29 @@ impl CpuRunner {
             let qo = &mut q[i * qs..(i + 1) * qs];
             qo.copy_from_slice(&row[..qs]);
             attention::rope_in_place(qo, hd, c, s);
-            let slot = plan.slot_mapping[i] as usize;
-            let kdst = &mut kc[slot * kvs..(slot + 1) * kvs];
-            kdst.copy_from_slice(&row[qs..qs + kvs]);
-            attention::rope_in_place(kdst, hd, c, s);
-            vc[slot * kvs..(slot + 1) * kvs].copy_from_slice(&row[qs + kvs..]);
+            k.copy_from_slice(&row[qs..qs + kvs]);
+            attention::rope_in_place(&mut k, hd, c, s);
+            let v = &row[qs + kvs..];
+            let at = plan.slot_mapping[i] as usize * kvs..(plan.slot_mapping[i] as usize + 1) * kvs;
+            match cache {
+                KvCache::F32(kc, vc) => {
+                    kc[at.clone()].copy_from_slice(&k);
+                    vc[at].copy_from_slice(v);
+                }
+                KvCache::F16(kc, vc) => {
+                    // Rounded to nearest (even), as a cast to f16 does.
+                    kc[at.clone()].convert_from_f32_slice(&k);
+                    vc[at].convert_from_f32_slice(v);
+                }
+            }
         }
+        let kv = match &self.kv_cache[li] {
+            KvCache::F32(kc, vc) => attention::KvRef::F32(kc, vc),
+            KvCache::F16(kc, vc) => attention::KvRef::F16(kc, vc),
+        };
         let attn = attention::paged_attention(
             &q,
-            kc,
-            vc,
+            kv,
             plan,
             token_seq,
             cfg.num_attention_heads,
@@ -305,6 +341,10 @@ impl ModelRunner for CpuRunner {
     }
 
     fn describe(&self) -> String {
-        format!("cpu ({})", self.w.describe())
+        let kv = match self.kv_cache.first() {
+            Some(KvCache::F16(..)) => ", f16 KV cache",
+            _ => ", f32 KV cache",
+        };
+        format!("cpu ({}{kv})", self.w.describe())
     }
 }

@@ -130,7 +130,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             if args.tensor_parallel_size > 1 {
                 bail!("--tensor-parallel-size > 1 needs an XLA device (--device xla-cpu, tpu or cuda)");
             }
-            let num_blocks = kv_blocks(&model, &args, 4);
+            let num_blocks = kv_blocks(&model, &args, weights.kv_bytes());
             Box::new(CpuRunner::new(
                 &model,
                 CpuRunnerOptions {
