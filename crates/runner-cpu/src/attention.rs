@@ -215,14 +215,8 @@ fn query_row(
                 for (j, &slot) in slots.iter().enumerate() {
                     let at = slot * kvs + g * head_dim;
                     let dst = j * head_dim..(j + 1) * head_dim;
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                        &k_cache[at..at + head_dim],
-                        &mut kw[dst.clone()],
-                    );
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                        &v_cache[at..at + head_dim],
-                        &mut vw[dst],
-                    );
+                    widen(&k_cache[at..at + head_dim], &mut kw[dst.clone()]);
+                    widen(&v_cache[at..at + head_dim], &mut vw[dst]);
                 }
                 for h in g * group..(g + 1) * group {
                     let (a, b) = (h * head_dim, (h + 1) * head_dim);
@@ -237,6 +231,46 @@ fn query_row(
                 }
             }
         }
+    }
+}
+
+/// `dst = src` widened to f32 (exact). Under AVX2 with F16C, eight at a time in registers:
+/// `half`'s slice conversion checks the CPU on every call, and a call per 64-value row made
+/// an f16 cache's attention 15–40 % slower than an f32 one's (attnbench).
+#[inline(always)]
+fn widen(src: &[half::f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if cfg!(target_feature = "f16c") || F16C.with(|f| *f) {
+        // SAFETY: F16C is present (compiled in or detected at run time).
+        unsafe { widen_f16c(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static F16C: bool = std::arch::is_x86_feature_detected!("f16c");
+}
+
+/// # Safety
+/// The CPU must have F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "f16c,avx")]
+unsafe fn widen_f16c(src: &[half::f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    for k in i..n {
+        dst[k] = src[k].to_f32();
     }
 }
 

@@ -10,6 +10,7 @@ mod weights;
 
 use candle_core::{Device, Tensor};
 use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 use rayon::prelude::*;
 use tpuserve_model::{LlamaConfig, LoadedModel};
 use tpuserve_runner_api::{
@@ -131,9 +132,13 @@ impl CpuRunner {
             inv_freq: cfg.rope_inv_freq(),
             kv_cache: (0..cfg.num_hidden_layers)
                 .map(|_| match opts.weights.kv_bytes() {
+                    // Zeroed u16 bits reinterpreted: `vec![0u16; n]` asks the allocator for
+                    // zeroed pages, which stay untouched until a block is written, where
+                    // `vec![f16::ZERO; n]` wrote every element (a 1 GiB cache resident at
+                    // start, +1 GB RSS and +0.6 s).
                     2 => KvCache::F16(
-                        vec![half::f16::ZERO; per_layer],
-                        vec![half::f16::ZERO; per_layer],
+                        vec![0u16; per_layer].reinterpret_into(),
+                        vec![0u16; per_layer].reinterpret_into(),
                     ),
                     _ => KvCache::F32(vec![0f32; per_layer], vec![0f32; per_layer]),
                 })
