@@ -117,6 +117,8 @@ pub fn paged_attention(
         kv_heads,
         head_dim,
         block_size,
+        #[cfg(target_arch = "x86_64")]
+        f16c: std::arch::is_x86_feature_detected!("f16c"),
     };
     #[cfg(target_arch = "x86_64")]
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
@@ -138,6 +140,9 @@ struct Dims {
     kv_heads: usize,
     head_dim: usize,
     block_size: usize,
+    /// The CPU converts f16 with F16C (checked once a call, not per row).
+    #[cfg(target_arch = "x86_64")]
+    f16c: bool,
 }
 
 /// [`query_row`] compiled for AVX2 so that LLVM vectorises the score and value loops 8 wide
@@ -176,6 +181,7 @@ fn query_row(
         kv_heads,
         head_dim,
         block_size,
+        ..
     } = dims;
     let qs = heads * head_dim;
     let kvs = kv_heads * head_dim;
@@ -215,8 +221,8 @@ fn query_row(
                 for (j, &slot) in slots.iter().enumerate() {
                     let at = slot * kvs + g * head_dim;
                     let dst = j * head_dim..(j + 1) * head_dim;
-                    widen(&k_cache[at..at + head_dim], &mut kw[dst.clone()]);
-                    widen(&v_cache[at..at + head_dim], &mut vw[dst]);
+                    widen(dims, &k_cache[at..at + head_dim], &mut kw[dst.clone()]);
+                    widen(dims, &v_cache[at..at + head_dim], &mut vw[dst]);
                 }
                 for h in g * group..(g + 1) * group {
                     let (a, b) = (h * head_dim, (h + 1) * head_dim);
@@ -234,25 +240,21 @@ fn query_row(
     }
 }
 
-/// `dst = src` widened to f32 (exact). Under AVX2 with F16C, eight at a time in registers:
-/// `half`'s slice conversion checks the CPU on every call, and a call per 64-value row made
-/// an f16 cache's attention 15–40 % slower than an f32 one's (attnbench).
+/// `dst = src` widened to f32 (exact). With F16C, eight at a time in registers: `half`'s
+/// slice conversion checks the CPU on every call, and a call per 64-value row made an f16
+/// cache's attention 15–40 % slower than an f32 one's (attnbench).
 #[inline(always)]
-fn widen(src: &[half::f16], dst: &mut [f32]) {
+fn widen(dims: Dims, src: &[half::f16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if cfg!(target_feature = "f16c") || F16C.with(|f| *f) {
-        // SAFETY: F16C is present (compiled in or detected at run time).
+    if dims.f16c {
+        // SAFETY: F16C was detected at run time (`paged_attention`).
         unsafe { widen_f16c(src, dst) };
         return;
     }
+    let _ = dims;
     for (d, s) in dst.iter_mut().zip(src) {
         *d = s.to_f32();
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-thread_local! {
-    static F16C: bool = std::arch::is_x86_feature_detected!("f16c");
 }
 
 /// # Safety

@@ -131,16 +131,16 @@ impl CpuRunner {
         Ok(CpuRunner {
             inv_freq: cfg.rope_inv_freq(),
             kv_cache: (0..cfg.num_hidden_layers)
-                .map(|_| match opts.weights.kv_bytes() {
+                .map(|_| match opts.weights {
                     // Zeroed u16 bits reinterpreted: `vec![0u16; n]` asks the allocator for
                     // zeroed pages, which stay untouched until a block is written, where
                     // `vec![f16::ZERO; n]` wrote every element (a 1 GiB cache resident at
                     // start, +1 GB RSS and +0.6 s).
-                    2 => KvCache::F16(
+                    CpuWeights::Native => KvCache::F16(
                         vec![0u16; per_layer].reinterpret_into(),
                         vec![0u16; per_layer].reinterpret_into(),
                     ),
-                    _ => KvCache::F32(vec![0f32; per_layer], vec![0f32; per_layer]),
+                    CpuWeights::F32 => KvCache::F32(vec![0f32; per_layer], vec![0f32; per_layer]),
                 })
                 .collect(),
             kv: KvCacheShape {
