@@ -115,31 +115,23 @@ fn native_runner(model: &LoadedModel, blocks: usize) -> CpuRunner {
     CpuRunner::new(model, opts).unwrap()
 }
 
-/// SmolLM2's Q4_1 blocks used in place with int8 activations and an f16 KV cache (`--dtype
-/// auto`). The weights are the goldens' own (dequantised exactly), so every difference comes
-/// from quantising the activations to 8 bits per 32-block (llama.cpp's scheme) and K and V to
-/// f16 (mean |Δ logprob| 0.033 with an f32 cache, 0.040 with f16): logprobs move by a few hundredths
-/// of a nat on average but up to ~0.4 at single steps, enough to swap two candidates whose
-/// golden logprobs are 0.26 apart (`single_token`, step 4, on some summation orders). So the
-/// greedy tokens must equal the goldens' up to the first step whose golden top-1 / top-2 gap
-/// is under `GAP` nats (a continuation after a swap is a different text, not comparable),
-/// the mean |Δ logprob| over the agreeing steps stays small, and it is printed.
-#[test]
-fn smollm2_q4_1_in_place_follows_the_goldens() {
-    const GAP: f64 = 0.5;
-    let model = load_model(&smollm2_gguf()).unwrap();
-    let mut r = native_runner(&model, 256);
-    assert!(
-        r.describe().contains("Q4_1 layers, Q8_0 embeddings")
-            && r.describe().contains("f16 KV cache"),
-        "{}",
-        r.describe()
-    );
-    let g = Goldens::load(&fixtures_dir().join("smollm2/goldens.json"));
+/// Runs every golden case alone on `r` and checks that the greedy tokens equal the goldens'
+/// up to the first step whose golden top-1 / top-2 gap is under `gap` nats (a continuation
+/// after a swap is a different text, not comparable), and that the mean |Δ logprob| over the
+/// agreeing steps stays under `max_mean`; prints it. Returns the mean.
+fn follows_the_goldens(
+    r: &mut CpuRunner,
+    goldens: &str,
+    what: &str,
+    gap: f64,
+    min_required: usize,
+    max_mean: f64,
+) -> f64 {
+    let g = Goldens::load(&fixtures_dir().join(goldens));
     let (mut sum, mut n, mut worst) = (0f64, 0usize, 0f64);
     let mut required_total = 0;
     for c in &g.cases {
-        let res = driver::run(&mut r, vec![request(c, 0)], 4096).remove(0);
+        let res = driver::run(r, vec![request(c, 0)], 4096).remove(0);
         let same = agreeing_prefix(&res.tokens, &c.completion_token_ids);
         for (lp, st) in res.logprobs.iter().zip(&c.steps).take(same) {
             let d = (lp.logprob as f64 - st.logprob).abs();
@@ -150,27 +142,134 @@ fn smollm2_q4_1_in_place_follows_the_goldens() {
         let required = c
             .steps
             .iter()
-            .position(|st| st.top.len() > 1 && st.top[0].1 - st.top[1].1 < GAP)
+            .position(|st| st.top.len() > 1 && st.top[0].1 - st.top[1].1 < gap)
             .unwrap_or(c.steps.len());
         eprintln!(
-            "{}: {same}/{} greedy tokens as the goldens (required {required}: first golden gap \
-             under {GAP}); whole-case min margin {:.3}",
+            "{what} {}: {same}/{} greedy tokens as the goldens (required {required}: first \
+             golden gap under {gap}); whole-case min margin {:.3}",
             c.name,
             c.completion_token_ids.len(),
             c.min_margin_top1_top2
         );
-        assert!(same >= required, "{}: {same} < {required}", c.name);
+        assert!(same >= required, "{what} {}: {same} < {required}", c.name);
         required_total += required;
     }
     let mean = sum / n as f64;
-    eprintln!(
-        "Q4_1 in place vs f32 goldens: mean |Δ logprob| {mean:.4} over {n} steps (max {worst:.4})"
-    );
+    eprintln!("{what} vs f32 goldens: mean |Δ logprob| {mean:.4} over {n} steps (max {worst:.4})");
     assert!(
-        required_total >= 40,
-        "too few steps checked: {required_total}"
+        required_total >= min_required,
+        "{what}: too few steps checked: {required_total}"
     );
-    assert!(mean < 0.1, "mean |Δ logprob| {mean}");
+    assert!(mean < max_mean, "{what}: mean |Δ logprob| {mean}");
+    mean
+}
+
+/// SmolLM2's Q4_1 blocks used in place with int8 activations and an f16 KV cache (`--dtype
+/// auto`). The weights are the goldens' own (dequantised exactly), so every difference comes
+/// from quantising the activations to 8 bits per 32-block (llama.cpp's scheme) and K and V to
+/// f16 (mean |Δ logprob| 0.033 with an f32 cache, 0.040 with f16): logprobs move by a few hundredths
+/// of a nat on average but up to ~0.4 at single steps, enough to swap two candidates whose
+/// golden logprobs are 0.26 apart (`single_token`, step 4, on some summation orders). So the
+/// greedy tokens must equal the goldens' up to the first step whose golden top-1 / top-2 gap
+/// is under 0.5 nats, and the mean |Δ logprob| over the agreeing steps stays small.
+#[test]
+fn smollm2_q4_1_in_place_follows_the_goldens() {
+    let model = load_model(&smollm2_gguf()).unwrap();
+    let mut r = native_runner(&model, 256);
+    assert!(
+        r.describe().contains("Q4_1 layers, Q8_0 embeddings")
+            && r.describe().contains("f16 KV cache"),
+        "{}",
+        r.describe()
+    );
+    follows_the_goldens(
+        &mut r,
+        "smollm2/goldens.json",
+        "Q4_1 in place",
+        0.5,
+        40,
+        0.1,
+    );
+}
+
+fn bf16_runner(model: &LoadedModel, blocks: usize) -> CpuRunner {
+    let opts = CpuRunnerOptions {
+        num_blocks: blocks,
+        block_size: 16,
+        weights: CpuWeights::Bf16,
+    };
+    CpuRunner::new(model, opts).unwrap()
+}
+
+/// tiny-llama3's checkpoint is bf16: `--dtype auto` keeps it so (half the bytes of f32, the
+/// same values: a bf16 weight widens to f32 exactly), and `--dtype bfloat16` is the same
+/// runner. Only the f16 KV cache separates it from the f32 reference (|Δ logprob| ~1e-3 at
+/// most), so greedy tokens follow the goldens up to the first step whose golden margin is
+/// under 0.01 nats (this random model's margins go down to 0.004).
+#[test]
+fn tiny_llama3_bf16_in_place_follows_the_goldens() {
+    let model = load_model(&tiny_llama3_dir()).unwrap();
+    for weights in [CpuWeights::Native, CpuWeights::Bf16] {
+        let opts = CpuRunnerOptions {
+            num_blocks: 256,
+            block_size: 16,
+            weights,
+        };
+        let mut r = CpuRunner::new(&model, opts).unwrap();
+        assert_eq!(
+            r.describe(),
+            "cpu (bf16 layers, bf16 embeddings, bf16 LM head, f16 KV cache)"
+        );
+        let what = format!("tiny-llama3 bf16 ({weights:?})");
+        let mean = follows_the_goldens(&mut r, "tiny-llama3/goldens.json", &what, 0.01, 60, 0.005);
+        assert!(mean > 0.0, "an f16 KV cache cannot reproduce f32 exactly");
+    }
+}
+
+/// `--dtype bfloat16` on SmolLM2's GGUF: Q4_1 / Q8_0 blocks dequantised and rounded to bf16
+/// (a relative error up to 2⁻⁹ per weight), f32 activations, f16 KV cache.
+#[test]
+fn smollm2_as_bf16_follows_the_goldens() {
+    let model = load_model(&smollm2_gguf()).unwrap();
+    let mut r = bf16_runner(&model, 256);
+    assert_eq!(
+        r.describe(),
+        "cpu (bf16 layers, bf16 embeddings, bf16 LM head, f16 KV cache)"
+    );
+    follows_the_goldens(
+        &mut r,
+        "smollm2/goldens.json",
+        "SmolLM2 as bf16",
+        0.1,
+        60,
+        0.1,
+    );
+}
+
+/// Batched, staggered and chunked, each bf16 sequence gets the same tokens and logprobs as
+/// alone.
+#[test]
+fn tiny_llama3_bf16_is_batch_invariant() {
+    let model = load_model(&tiny_llama3_dir()).unwrap();
+    let g = Goldens::load(&fixtures_dir().join("tiny-llama3/goldens.json"));
+    let cases: Vec<&Case> = g.batch.case_names.iter().map(|n| g.case(n)).collect();
+    let mut r = bf16_runner(&model, 512);
+    let alone: Vec<_> = cases
+        .iter()
+        .map(|c| driver::run(&mut r, vec![request(c, 0)], 64).remove(0))
+        .collect();
+    let reqs = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| request(c, i * 3))
+        .collect();
+    let batched = driver::run(&mut r, reqs, 64);
+    for ((c, a), b) in cases.iter().zip(&alone).zip(&batched) {
+        assert_eq!(a.tokens, b.tokens, "{}", c.name);
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert_eq!(x.logprob, y.logprob, "{}", c.name);
+        }
+    }
 }
 
 /// Batched, staggered and chunked, each sequence gets the same tokens and logprobs as alone.

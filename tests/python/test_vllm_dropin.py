@@ -742,11 +742,11 @@ def test_root_path_and_dtype_on_cpu(flagged, model):
                      {"model": model, "prompt": "Hi", "max_tokens": 2})
     assert status == 200, r
     assert send(flagged.port, "GET", "/apiv1/models")[0] == 404
-    # --dtype on the CPU runner: said not to apply.
+    # --dtype bfloat16 on the CPU runner: every matrix held as bf16, as the ready line says.
     flagged.log.seek(0)
     log = flagged.log.read().decode(errors="replace")
-    line = [l for l in log.splitlines() if "--dtype bfloat16" in l]
-    assert line and "float32" in line[0], log[-3000:]
+    line = [l for l in log.splitlines() if " ready on " in l]
+    assert line and "bf16 layers, bf16 embeddings, bf16 LM head" in line[0], log[-3000:]
 
 
 def test_request_id_names_the_response(server, model):

@@ -25,9 +25,13 @@ use crate::weights::{LayerWeights, Matrix, ModelWeights};
 pub enum CpuWeights {
     /// The checkpoint's own form: GGUF Q4_0 / Q4_1 / Q8_0 blocks, repacked at load into the
     /// `qmatvec` kernels' 16-row panels (same bytes per weight) and computed on with int8
-    /// activations; everything else dequantised / widened to f32.
+    /// activations; bf16 matrices kept as bf16 (widened in registers: the same values as
+    /// f32); everything else dequantised / widened to f32.
     #[default]
     Native,
+    /// Every matrix as bf16 (`--dtype bfloat16`): a bf16 checkpoint as stored, f32 / f16
+    /// rounded to bf16, GGUF blocks dequantised and rounded. Activations stay f32.
+    Bf16,
     /// Every weight dequantised to f32: the numerical reference.
     F32,
 }
@@ -38,7 +42,7 @@ impl CpuWeights {
     /// f32 reference, whose results stay those of an all-f32 forward.
     pub fn kv_bytes(self) -> usize {
         match self {
-            CpuWeights::Native => 2,
+            CpuWeights::Native | CpuWeights::Bf16 => 2,
             CpuWeights::F32 => 4,
         }
     }
@@ -84,13 +88,15 @@ fn werr(e: impl std::fmt::Display) -> RunnerError {
 /// Up to this many rows (a decode step's batch, short prefill chunks) go through the
 /// unpacked kernel of `matvec`; longer prefills through candle's packed GEMM, which reuses
 /// each packed panel across many rows.
-const MATVEC_MAX_ROWS: usize = 64;
+pub(crate) const MATVEC_MAX_ROWS: usize = 64;
 
-/// `x [rows, in] · wᵀ` with `w [out, in]`. Block-quantised weights always go through
-/// `qmatvec` (which chunks long prefills itself): there is no f32 copy to hand a GEMM.
+/// `x [rows, in] · wᵀ` with `w [out, in]`. Block-quantised and bf16 weights always go
+/// through their unpacked kernels (which chunk long prefills themselves): there is no f32
+/// copy to hand a GEMM.
 fn linear(x: &[f32], rows: usize, w: &Matrix) -> Result<Vec<f32>, RunnerError> {
     let w = match w {
         Matrix::Quant(q) => return Ok(qmatvec::qmatmul_wt(x, rows, q)),
+        Matrix::Bf16(m) => return Ok(m.matmul_wt(x, rows)),
         Matrix::F32(t) => t,
     };
     let (out, inner) = w.dims2().map_err(werr)?;
@@ -136,7 +142,7 @@ impl CpuRunner {
                     // zeroed pages, which stay untouched until a block is written, where
                     // `vec![f16::ZERO; n]` wrote every element (a 1 GiB cache resident at
                     // start, +1 GB RSS and +0.6 s).
-                    CpuWeights::Native => KvCache::F16(
+                    CpuWeights::Native | CpuWeights::Bf16 => KvCache::F16(
                         vec![0u16; per_layer].reinterpret_into(),
                         vec![0u16; per_layer].reinterpret_into(),
                     ),

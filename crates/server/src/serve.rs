@@ -114,18 +114,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Backend::Cpu => {
             // `--device auto` may land here: the same usage error as `--device cpu`.
             args.check_quantization_on_cpu()?;
-            // `auto`: the checkpoint's own form (GGUF blocks in place); `float32`: every
-            // weight dequantised to f32, the numerical reference.
+            // `auto`: the checkpoint's own form (GGUF blocks and bf16 in place); `bfloat16`:
+            // every matrix as bf16; `float32`: every weight dequantised to f32, the
+            // numerical reference.
             let weights = match args.dtype.as_str() {
                 "float32" | "float" | "fp32" => CpuWeights::F32,
-                "auto" => CpuWeights::Native,
-                other => {
+                "bfloat16" | "bf16" => CpuWeights::Bf16,
+                "float16" | "half" | "fp16" => {
                     tracing::warn!(
-                        "--dtype {other} has no effect on the CPU runner: it keeps the \
-                         checkpoint's weights as stored (auto) or float32"
+                        "--dtype {}: the CPU runner has no float16 kernels; running bfloat16 \
+                         weights (f32 activations) instead",
+                        args.dtype
                     );
-                    CpuWeights::Native
+                    CpuWeights::Bf16
                 }
+                "auto" => CpuWeights::Native,
+                other => bail!("unknown --dtype `{other}` (auto, float32, bfloat16, float16)"),
             };
             if args.tensor_parallel_size > 1 {
                 bail!("--tensor-parallel-size > 1 needs an XLA device (--device xla-cpu, tpu or cuda)");
