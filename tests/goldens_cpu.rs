@@ -246,53 +246,52 @@ fn smollm2_as_bf16_follows_the_goldens() {
     );
 }
 
-/// Batched, staggered and chunked, each bf16 sequence gets the same tokens and logprobs as
-/// alone.
+/// Batched, staggered and prefilled `chunk` tokens a sequence a step, each sequence gets the
+/// same tokens and logprobs as alone.
+fn assert_batch_invariant(r: &mut CpuRunner, goldens: &str, chunk: usize) -> usize {
+    let g = Goldens::load(&fixtures_dir().join(goldens));
+    let cases: Vec<&Case> = g.batch.case_names.iter().map(|n| g.case(n)).collect();
+    let alone: Vec<_> = cases
+        .iter()
+        .map(|c| driver::run(r, vec![request(c, 0)], chunk).remove(0))
+        .collect();
+    let reqs = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| request(c, i * 3))
+        .collect();
+    let batched = driver::run(r, reqs, chunk);
+    for ((c, a), b) in cases.iter().zip(&alone).zip(&batched) {
+        assert_eq!(a.tokens, b.tokens, "{}", c.name);
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert_eq!(x.logprob, y.logprob, "{}", c.name);
+        }
+    }
+    cases.len()
+}
+
+/// bf16 steps of up to 64 rows (`MATVEC_MAX_ROWS`: every decode batch up to 64 sequences)
+/// run the unpacked kernel, whose rows do not depend on the batch. Longer steps go through a
+/// GEMM (2.2× the unpacked kernel's speed at 704 rows), which sums in its own order, as the
+/// f32 path always has: those are not bit-identical to a row alone, so the prefill chunks
+/// here keep every step within 64 rows.
 #[test]
 fn tiny_llama3_bf16_is_batch_invariant() {
     let model = load_model(&tiny_llama3_dir()).unwrap();
-    let g = Goldens::load(&fixtures_dir().join("tiny-llama3/goldens.json"));
-    let cases: Vec<&Case> = g.batch.case_names.iter().map(|n| g.case(n)).collect();
-    let mut r = bf16_runner(&model, 512);
-    let alone: Vec<_> = cases
-        .iter()
-        .map(|c| driver::run(&mut r, vec![request(c, 0)], 64).remove(0))
-        .collect();
-    let reqs = cases
-        .iter()
-        .enumerate()
-        .map(|(i, c)| request(c, i * 3))
-        .collect();
-    let batched = driver::run(&mut r, reqs, 64);
-    for ((c, a), b) in cases.iter().zip(&alone).zip(&batched) {
-        assert_eq!(a.tokens, b.tokens, "{}", c.name);
-        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
-            assert_eq!(x.logprob, y.logprob, "{}", c.name);
-        }
-    }
+    let n = assert_batch_invariant(
+        &mut bf16_runner(&model, 512),
+        "tiny-llama3/goldens.json",
+        10,
+    );
+    assert!(
+        n * 10 <= 64,
+        "{n} sequences of 10 rows exceed the kernel's 64 rows"
+    );
 }
 
-/// Batched, staggered and chunked, each sequence gets the same tokens and logprobs as alone.
+/// Q4_1 blocks run the same kernel at every row count (`qmatvec` chunks long prefills).
 #[test]
 fn smollm2_q4_1_in_place_is_batch_invariant() {
     let model = load_model(&smollm2_gguf()).unwrap();
-    let g = Goldens::load(&fixtures_dir().join("smollm2/goldens.json"));
-    let cases: Vec<&Case> = g.batch.case_names.iter().map(|n| g.case(n)).collect();
-    let mut r = native_runner(&model, 512);
-    let alone: Vec<_> = cases
-        .iter()
-        .map(|c| driver::run(&mut r, vec![request(c, 0)], 64).remove(0))
-        .collect();
-    let reqs = cases
-        .iter()
-        .enumerate()
-        .map(|(i, c)| request(c, i * 3))
-        .collect();
-    let batched = driver::run(&mut r, reqs, 64);
-    for ((c, a), b) in cases.iter().zip(&alone).zip(&batched) {
-        assert_eq!(a.tokens, b.tokens, "{}", c.name);
-        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
-            assert_eq!(x.logprob, y.logprob, "{}", c.name);
-        }
-    }
+    assert_batch_invariant(&mut native_runner(&model, 512), "smollm2/goldens.json", 64);
 }
