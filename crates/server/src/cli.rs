@@ -41,9 +41,10 @@ pub struct ServeArgs {
     pub block_size: usize,
     #[arg(long)]
     pub download_dir: Option<PathBuf>,
-    /// auto | float32 | bfloat16 | float16 (float16 runs as bfloat16 on XLA). On the CPU runner,
-    /// auto keeps GGUF Q4_0 / Q4_1 / Q8_0 blocks in place (8-bit activations) and float32
-    /// dequantises every weight (the reference).
+    /// auto | float32 | bfloat16 | float16 (float16 runs as bfloat16). On the CPU runner, auto
+    /// keeps GGUF Q4_0 / Q4_1 / Q8_0 blocks (8-bit activations) and bf16 checkpoints in place,
+    /// bfloat16 holds every matrix as bf16 (f32 activations), and float32 dequantises every
+    /// weight (the reference).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// `int8` (XLA devices): projections and LM head held as int8 with one scale per output
