@@ -488,16 +488,25 @@ fn step_model(
         let ring: f64 = (1..=n)
             .map(|i| kern.ring_seconds(&pre.step(i * chunk).kernels))
             .sum();
+        // The attention's KV-chunk loop (page gathers, scores, softmax, values), every
+        // iteration of every layer: what a fused attention kernel would replace.
+        let chunk_loop: f64 = (1..=n)
+            .map(|i| {
+                let chunks = (i * chunk).div_ceil(pre.chunk) as f64;
+                pre.layers as f64 * chunks * pre.s.chunk.kernels.plain_cycles / kern.hz
+            })
+            .sum();
         println!(
             "2,048-token prompt in {n} chunks of {chunk}: {:.1} ms; its flop bound {:.1} ms \
              ({:.2}×); from the kernels' cycle estimates, greedy, {:.1} ms ({:.2}×), of which \
-             collective traffic {:.1} ms",
+             collective traffic {:.1} ms and the attention's KV-chunk loop {:.1} ms",
             total * 1e3,
             flops / peak * 1e3,
             total / (flops / peak),
             kernels * 1e3,
             kernels / (flops / peak),
-            ring * 1e3
+            ring * 1e3,
+            chunk_loop * 1e3
         );
     }
     let gb = |f: &Figures| {
