@@ -29,6 +29,12 @@ TEST_PY_NODEPS_PKGS=(
   "libtpu==0.0.51"
 )
 LIBTPU_REL=libtpu/libtpu.so
+# The kernels tool (kernels/: Pallas TPU kernels, their CPU interpreter tests and their
+# lowering for TPU) in a venv of its own: JAX must never share a venv with libtpu, which it
+# would start as a backend (and libtpu off a TPU queries the cloud metadata server).
+KERNELS_VENV=${TPUSERVE_KERNELS_VENV:-$HOME/.cache/tpuserve/kernels-venv}
+KERNELS_PY=$KERNELS_VENV/bin/python
+KERNELS_REQUIREMENTS=kernels/requirements.txt
 CARGO_DENY_VERSION=0.20.2
 NEXTEST_VERSION=0.9.143
 NEXTEST_MIN_VERSION=0.9.100

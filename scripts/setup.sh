@@ -106,16 +106,12 @@ else
   say "venv $VENV: ok"
 fi
 
-# pip_install [--no-deps] SPEC...: installs the specs whose exact version the venv lacks.
+# missing_pins PYTHON SPEC...: prints the specs whose exact version PYTHON's environment lacks.
 # Versions are read with importlib.metadata (pip show exits 1 for a missing package).
-pip_install() {
-  local flags=()
-  if [ "$1" = --no-deps ]; then
-    flags+=(--no-deps)
-    shift
-  fi
-  local missing
-  missing=$("$VENV_PY" - "$@" <<'PY'
+missing_pins() {
+  local py=$1
+  shift
+  "$py" - "$@" <<'PY'
 import sys
 from importlib import metadata
 for spec in sys.argv[1:]:
@@ -127,7 +123,17 @@ for spec in sys.argv[1:]:
     if have != want:
         print(spec)
 PY
-  ) || die "cannot query the venv's packages with $VENV_PY"
+}
+
+# pip_install [--no-deps] SPEC...: installs the specs whose exact version the venv lacks.
+pip_install() {
+  local flags=()
+  if [ "$1" = --no-deps ]; then
+    flags+=(--no-deps)
+    shift
+  fi
+  local missing
+  missing=$(missing_pins "$VENV_PY" "$@") || die "cannot query the venv's packages with $VENV_PY"
   if [ -z "$missing" ]; then
     say "python packages $*: ok"
     return
@@ -155,6 +161,24 @@ if [ "$want_test" = 1 ]; then
     || die "libtpu ($LIBTPU_REL) is not in $VENV after installing it"
   say "libtpu (deviceless TPU compiles): $libtpu"
   command -v unshare >/dev/null 2>&1 || die "unshare (util-linux) is missing: libtpu runs only without network"
+
+  # The kernels tool's venv (kernels/): JAX for the CPU, kept apart from libtpu.
+  if ! "$KERNELS_PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+    "$base_python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+      || die "kernels/ needs Python >= 3.11 for jax (set PYTHON to one)"
+    rm -rf "$KERNELS_VENV"
+    mkdir -p "$(dirname "$KERNELS_VENV")"
+    step "python -m venv $KERNELS_VENV" "$base_python" -m venv "$KERNELS_VENV"
+  fi
+  mapfile -t kernel_pins < <(grep -v '^ *#' "$KERNELS_REQUIREMENTS" | grep .)
+  k_missing=$(missing_pins "$KERNELS_PY" "${kernel_pins[@]}") \
+    || die "cannot query the kernels venv's packages with $KERNELS_PY"
+  if [ -n "$k_missing" ]; then
+    step "pip install -r $KERNELS_REQUIREMENTS into $KERNELS_VENV" "$KERNELS_PY" -m pip install \
+      --quiet --disable-pip-version-check --no-input -r "$KERNELS_REQUIREMENTS"
+  else
+    say "kernels venv $KERNELS_VENV (jax $(grep '^jax==' "$KERNELS_REQUIREMENTS" | cut -d= -f3)): ok"
+  fi
 
   # promtool and a Prometheus server for the metrics tests; mmdebstrap, with which
   # tests/python/test_deploy.py replays the image's runtime install script in a scratch Debian

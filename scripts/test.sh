@@ -53,4 +53,13 @@ if [ "$pytest_rc" -eq 5 ]; then
   echo "pytest collected no tests in tests/python" >&2
   exit 1
 fi
-exit "$pytest_rc"
+
+# kernels/: the Pallas kernels in Pallas' TPU interpreter on the CPU, their lowering for v6e,
+# and libtpu compiling it (target/…/examples/compile_tpu, inside `unshare -n`).
+kernels_tests() {
+  (cd kernels && PYTHONDONTWRITEBYTECODE=1 "$KERNELS_PY" -m pytest -q -p no:cacheprovider tests)
+}
+kernels_rc=0
+stage kernels kernels_tests || kernels_rc=$?
+[ "$pytest_rc" -ne 0 ] && exit "$pytest_rc"
+exit "$kernels_rc"

@@ -1,0 +1,66 @@
+"""Lowers the kernels for a TPU on a machine without one, into artifacts the XLA runner can
+splice into its step programs.
+
+JAX lowers a Pallas TPU kernel to a `stablehlo.custom_call @tpu_custom_call` whose
+`backend_config` carries the Mosaic module; the lowering needs only the target chip's
+description, which an abstract mesh of that device kind supplies (no TPU, no libtpu: the TPU
+backend is never started here). libtpu compiles the custom call when the program is compiled.
+"""
+
+import hashlib
+import json
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from tpuserve_kernels.paged_attention import paged_attention  # noqa: E402
+
+FORMAT = 1
+# `jax.Device.device_kind` of a v6e chip.
+V6E = "TPU v6 lite"
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def paged_attention_module(*, tiles, kv_heads, rows, group, head_dim, page_size, pages,
+                           table_pages, chunk_pages, dtype, target=V6E):
+    """The StableHLO module (text) of one attention call of these shapes, lowered for
+    `target`: `main(q, k_cache, v_cache, tables, ctx, qpos) -> out`, per chip."""
+    dt = DTYPES[dtype]
+    s = jax.ShapeDtypeStruct
+    rg = rows * group
+    args = (
+        s((tiles, kv_heads, rg, head_dim), dt),
+        s((pages, kv_heads, page_size, head_dim), dt),
+        s((pages, kv_heads, page_size, head_dim), dt),
+        s((tiles, table_pages), jnp.int32),
+        s((tiles,), jnp.int32),
+        s((tiles, rg, 1), jnp.int32),
+    )
+    f = jax.jit(lambda *a: paged_attention(*a, chunk_pages=chunk_pages))
+    device = jax.sharding.AbstractDevice(device_kind=target, num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return f.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def artifact(shape, target=V6E):
+    """The versioned artifact for `shape` (paged_attention_module's keywords)."""
+    module = paged_attention_module(**shape, target=target)
+    return {
+        "format": FORMAT,
+        "kernel": "paged_attention",
+        "jax": jax.__version__,
+        "target": target,
+        "shape": shape,
+        "module_sha256": hashlib.sha256(module.encode()).hexdigest(),
+        "module": module,
+    }
+
+
+def write(path, art):
+    with open(path, "w") as f:
+        json.dump(art, f, indent=1, sort_keys=True)
+        f.write("\n")
