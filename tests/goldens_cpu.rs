@@ -9,16 +9,19 @@ use tpuserve_suite::driver;
 use tpuserve_suite::goldens::{last_logits, Case, Goldens};
 use tpuserve_suite::{fixtures_dir, smollm2_gguf, tiny_llama3_dir};
 
+/// A runner over `blocks` KV blocks of 16 tokens with the weights in `weights`' form.
+fn runner_with(model: &LoadedModel, blocks: usize, weights: CpuWeights) -> CpuRunner {
+    let opts = CpuRunnerOptions {
+        num_blocks: blocks,
+        block_size: 16,
+        weights,
+    };
+    CpuRunner::new(model, opts).unwrap()
+}
+
+/// The f32 reference.
 fn runner(model: &LoadedModel, blocks: usize) -> CpuRunner {
-    CpuRunner::new(
-        model,
-        CpuRunnerOptions {
-            num_blocks: blocks,
-            block_size: 16,
-            weights: CpuWeights::F32,
-        },
-    )
-    .unwrap()
+    runner_with(model, blocks, CpuWeights::F32)
 }
 
 fn run_all_single(model: &LoadedModel, goldens: &str, logits_file: &str) {
@@ -107,12 +110,7 @@ fn tiny_llama3_batch_and_chunked_prefill_match_goldens() {
 }
 
 fn native_runner(model: &LoadedModel, blocks: usize) -> CpuRunner {
-    let opts = CpuRunnerOptions {
-        num_blocks: blocks,
-        block_size: 16,
-        weights: CpuWeights::Native,
-    };
-    CpuRunner::new(model, opts).unwrap()
+    runner_with(model, blocks, CpuWeights::Native)
 }
 
 /// Runs every golden case alone on `r` and checks that the greedy tokens equal the goldens'
@@ -193,12 +191,7 @@ fn smollm2_q4_1_in_place_follows_the_goldens() {
 }
 
 fn bf16_runner(model: &LoadedModel, blocks: usize) -> CpuRunner {
-    let opts = CpuRunnerOptions {
-        num_blocks: blocks,
-        block_size: 16,
-        weights: CpuWeights::Bf16,
-    };
-    CpuRunner::new(model, opts).unwrap()
+    runner_with(model, blocks, CpuWeights::Bf16)
 }
 
 /// tiny-llama3's checkpoint is bf16: `--dtype auto` keeps it so (half the bytes of f32, the
@@ -210,12 +203,7 @@ fn bf16_runner(model: &LoadedModel, blocks: usize) -> CpuRunner {
 fn tiny_llama3_bf16_in_place_follows_the_goldens() {
     let model = load_model(&tiny_llama3_dir()).unwrap();
     for weights in [CpuWeights::Native, CpuWeights::Bf16] {
-        let opts = CpuRunnerOptions {
-            num_blocks: 256,
-            block_size: 16,
-            weights,
-        };
-        let mut r = CpuRunner::new(&model, opts).unwrap();
+        let mut r = runner_with(&model, 256, weights);
         assert_eq!(
             r.describe(),
             "cpu (bf16 layers, bf16 embeddings, bf16 LM head, f16 KV cache)"

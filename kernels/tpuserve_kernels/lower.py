@@ -3,20 +3,18 @@ splice into its step programs.
 
 JAX lowers a Pallas TPU kernel to a `stablehlo.custom_call @tpu_custom_call` whose
 `backend_config` carries the Mosaic module; the lowering needs only the target chip's
-description, which an abstract mesh of that device kind supplies (no TPU, no libtpu: the TPU
-backend is never started here). libtpu compiles the custom call when the program is compiled.
+description, which an abstract mesh of that device kind supplies: no TPU backend starts here
+(the package pins JAX to the CPU) and nothing here loads libtpu, which compiles the custom
+call later, with the program (on a TPU, or deviceless inside `unshare -n`).
 """
 
 import hashlib
 import json
-import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from tpuserve_kernels.paged_attention import paged_attention  # noqa: E402
+from tpuserve_kernels.paged_attention import paged_attention
 
 FORMAT = 1
 # `jax.Device.device_kind` of a v6e chip.

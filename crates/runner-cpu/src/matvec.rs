@@ -126,8 +126,9 @@ fn task_portable<W: WeightElem>(
 /// is used `J` or `R` times and both operands stream once per tile. A pair's operations are
 /// the same for every `R` and `J`, so a row's result does not depend on the batch.
 macro_rules! simd_kernel {
-    ($name:ident, $feature:literal, $vec:ty, $lanes:literal, $tile_j:literal,
-     $zero:path, $load:path, $fma:path, $hsum:path, $wty:ty, $wload:path) => {
+    ($feature:literal, $vec:ty, $lanes:literal, $tile_j:literal,
+     $zero:path, $load:path, $fma:path, $hsum:path;
+     $($name:ident: $wty:ty = $wload:path),+ $(,)?) => {$(
         #[cfg(target_arch = "x86_64")]
         mod $name {
             #[allow(unused_imports)]
@@ -233,7 +234,7 @@ macro_rules! simd_kernel {
                 }
             }
         }
-    };
+    )+};
 }
 
 /// Horizontal sum of 8 lanes in a fixed order.
@@ -269,8 +270,8 @@ unsafe fn load_bf16x16(p: *const bf16) -> std::arch::x86_64::__m512 {
 }
 
 // AVX-512: 32 registers hold 4 × 4 accumulators plus operands. AVX2: 16 registers, 4 × 2.
+// One module per weight element: f32 loaded as is, bf16 widened in registers.
 simd_kernel!(
-    avx512,
     "avx512f,fma",
     __m512,
     16,
@@ -278,12 +279,11 @@ simd_kernel!(
     _mm512_setzero_ps,
     _mm512_loadu_ps,
     _mm512_fmadd_ps,
-    _mm512_reduce_add_ps,
-    f32,
-    _mm512_loadu_ps
+    _mm512_reduce_add_ps;
+    avx512: f32 = _mm512_loadu_ps,
+    avx512_bf16: half::bf16 = super::load_bf16x16,
 );
 simd_kernel!(
-    avx2,
     "avx2,fma",
     __m256,
     8,
@@ -291,35 +291,9 @@ simd_kernel!(
     _mm256_setzero_ps,
     _mm256_loadu_ps,
     _mm256_fmadd_ps,
-    super::hsum256,
-    f32,
-    _mm256_loadu_ps
-);
-simd_kernel!(
-    avx512_bf16,
-    "avx512f,fma",
-    __m512,
-    16,
-    4,
-    _mm512_setzero_ps,
-    _mm512_loadu_ps,
-    _mm512_fmadd_ps,
-    _mm512_reduce_add_ps,
-    half::bf16,
-    super::load_bf16x16
-);
-simd_kernel!(
-    avx2_bf16,
-    "avx2,fma",
-    __m256,
-    8,
-    2,
-    _mm256_setzero_ps,
-    _mm256_loadu_ps,
-    _mm256_fmadd_ps,
-    super::hsum256,
-    half::bf16,
-    super::load_bf16x8
+    super::hsum256;
+    avx2: f32 = _mm256_loadu_ps,
+    avx2_bf16: half::bf16 = super::load_bf16x8,
 );
 
 /// A kernel flavour (instruction set).

@@ -167,11 +167,15 @@ fn matrix(
     if form == CpuWeights::Bf16 || (form == CpuWeights::Native && all_bf16()?) {
         let mut bits: Vec<u16> = Vec::new();
         for (name, rows) in parts {
-            let t = src.expect(name, &[*rows, cols]).map_err(werr)?;
-            if bits.is_empty() && parts.len() == 1 {
-                bits = t.to_bf16_bits();
+            let part = src
+                .expect(name, &[*rows, cols])
+                .map_err(werr)?
+                .to_bf16_bits();
+            // The first part is taken as is: no second copy of a lone matrix (embeddings).
+            if bits.is_empty() {
+                bits = part;
             } else {
-                bits.extend(t.to_bf16_bits());
+                bits.extend(part);
             }
         }
         let rows = bits.len() / cols.max(1);
