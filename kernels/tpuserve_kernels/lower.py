@@ -44,6 +44,33 @@ def paged_attention_module(*, tiles, kv_heads, rows, group, head_dim, page_size,
         return f.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
 
 
+SHAPE_KEYS = ("tiles", "kv_heads", "rows", "group", "head_dim", "page_size", "pages",
+              "table_pages", "chunk_pages", "dtype")
+
+
+def file_name(shape):
+    """The artifact's file name for `shape`, the one the runner looks for
+    (`AttentionShape::file_name` in crates/runner-xla/src/pallas.rs)."""
+    s = shape
+    return (f"paged_attention-t{s['tiles']}-h{s['kv_heads']}-r{s['rows']}-g{s['group']}"
+            f"-d{s['head_dim']}-p{s['page_size']}-n{s['pages']}-b{s['table_pages']}"
+            f"-c{s['chunk_pages']}-{s['dtype']}.json")
+
+
+def check_shape(shape):
+    """Why `shape` cannot be lowered, or None."""
+    if sorted(shape) != sorted(SHAPE_KEYS):
+        return f"shape keys {sorted(shape)}, expected {sorted(SHAPE_KEYS)}"
+    if shape["dtype"] not in DTYPES:
+        return f"dtype {shape['dtype']!r} is not one of {sorted(DTYPES)}"
+    for k in SHAPE_KEYS[:-1]:
+        if not isinstance(shape[k], int) or shape[k] <= 0:
+            return f"{k} must be a positive integer, got {shape[k]!r}"
+    if shape["table_pages"] % shape["chunk_pages"]:
+        return "table_pages must be a multiple of chunk_pages"
+    return None
+
+
 def artifact(shape, target=V6E):
     """The versioned artifact for `shape` (paged_attention_module's keywords)."""
     module = paged_attention_module(**shape, target=target)

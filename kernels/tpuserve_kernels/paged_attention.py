@@ -9,8 +9,10 @@ tile's `rows × group` query vectors.
 
 Per grid step the kernel walks the tile's context `chunk_pages` pages at a time: it copies
 those pages of K and V from HBM into VMEM (the page numbers come from the tile's row of the
-block table, prefetched into SMEM), scores them against the queries in f32, masks keys past
-each query's position, and folds them into a running max, sum and output (online softmax).
+block table, prefetched into SMEM; two buffers, so the next chunk's copies run while this one
+is scored), scores them against the queries (dots in the activations' dtype, accumulated in
+f32), masks keys past each query's position, and folds them into a running max, sum and
+output (online softmax).
 The scores never leave VMEM: the StableHLO attention writes and reads them in HBM three times.
 """
 
@@ -30,25 +32,46 @@ def _kernel(tables_ref, ctx_ref, q_ref, qpos_ref, k_hbm, v_hbm, o_ref, k_buf, v_
     tile, head = pl.program_id(0), pl.program_id(1)
     chunk = chunk_pages * page_size
     n = ctx_ref[tile]
-    q = q_ref[...].astype(jnp.float32) * scale  # [rows·group, D]
+    chunks = (n + chunk - 1) // chunk
+    # The dots take their operands in the activations' dtype (bf16 on the MXU's native path)
+    # and accumulate in f32, as the runner's StableHLO attention does.
+    q = q_ref[...]  # [rows·group, D]
     qpos = qpos_ref[...]  # [rows·group, 1]: each query row's position
     rg, d = q.shape
 
-    def body(c, state):
-        m, l, acc = state
-        copies = []
+    def copies(c, slot):
+        """The DMAs of chunk c's pages of K and V into buffer `slot`."""
+        out = []
         for i in range(chunk_pages):
             page = tables_ref[tile, c * chunk_pages + i]
             for j, (src, dst) in enumerate(((k_hbm, k_buf), (v_hbm, v_buf))):
-                cp = pltpu.make_async_copy(src.at[page, head], dst.at[i], sems.at[j, i])
-                cp.start()
-                copies.append(cp)
-        for cp in copies:
+                out.append(pltpu.make_async_copy(src.at[page, head], dst.at[slot, i],
+                                                 sems.at[j, slot, i]))
+        return out
+
+    def fetch(c, slot):
+        for cp in copies(c, slot):
+            cp.start()
+
+    # Double buffered: chunk c + 1's pages are in flight while chunk c is scored.
+    @pl.when(chunks > 0)
+    def _():
+        fetch(0, 0)
+
+    def body(c, state):
+        m, l, acc = state
+        slot = c % 2
+
+        @pl.when(c + 1 < chunks)
+        def _():
+            fetch(c + 1, 1 - slot)
+
+        for cp in copies(c, slot):
             cp.wait()
-        k = k_buf[...].astype(jnp.float32).reshape(chunk, d)
-        v = v_buf[...].astype(jnp.float32).reshape(chunk, d)
+        k = k_buf[slot].reshape(chunk, d).astype(q.dtype)
+        v = v_buf[slot].reshape(chunk, d).astype(q.dtype)
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)  # [rg, chunk]
+                                preferred_element_type=jnp.float32) * scale  # [rg, chunk]
         key = c * chunk + jax.lax.broadcasted_iota(jnp.int32, (rg, chunk), 1)
         s = jnp.where(key <= qpos, s, _MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -56,13 +79,13 @@ def _kernel(tables_ref, ctx_ref, q_ref, qpos_ref, k_hbm, v_hbm, o_ref, k_buf, v_
         p = jnp.where(key <= qpos, p, 0.0)
         corr = jnp.exp(m - m_new)
         l = l * corr + jnp.sum(p, axis=1, keepdims=True)
-        acc = acc * corr + jax.lax.dot_general(p, v, (((1,), (0,)), ((), ())),
+        acc = acc * corr + jax.lax.dot_general(p.astype(q.dtype), v, (((1,), (0,)), ((), ())),
                                                preferred_element_type=jnp.float32)
         return m_new, l, acc
 
     init = (jnp.full((rg, 1), _MASKED, jnp.float32), jnp.zeros((rg, 1), jnp.float32),
             jnp.zeros((rg, d), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, (n + chunk - 1) // chunk, body, init)
+    _, l, acc = jax.lax.fori_loop(0, chunks, body, init)
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
@@ -102,9 +125,9 @@ def paged_attention(q, k_cache, v_cache, tables, ctx, qpos, *, chunk_pages, scal
             ],
             out_specs=block,
             scratch_shapes=[
-                pltpu.VMEM((chunk_pages, page_size, d), k_cache.dtype),
-                pltpu.VMEM((chunk_pages, page_size, d), v_cache.dtype),
-                pltpu.SemaphoreType.DMA((2, chunk_pages)),
+                pltpu.VMEM((2, chunk_pages, page_size, d), k_cache.dtype),
+                pltpu.VMEM((2, chunk_pages, page_size, d), v_cache.dtype),
+                pltpu.SemaphoreType.DMA((2, 2, chunk_pages)),
             ],
         ),
     )(tables, ctx, q, qpos, k_cache, v_cache)

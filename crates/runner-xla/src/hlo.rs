@@ -178,6 +178,17 @@ impl Block {
         self.op(text, result)
     }
 
+    /// `"stablehlo.custom_call"(operands) {call_target_name = target, attrs} : … -> result`
+    pub fn custom_call(&mut self, target: &str, operands: &[&V], attrs: &str, result: Ty) -> V {
+        let text = format!(
+            "\"stablehlo.custom_call\"({}) {{call_target_name = \"{target}\", {attrs}}} : ({}) -> {}",
+            Self::names(operands),
+            Self::types(operands),
+            result.mlir()
+        );
+        self.op(text, result)
+    }
+
     pub fn push_raw(&mut self, line: String) {
         self.lines.push(line);
     }

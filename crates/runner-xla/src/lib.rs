@@ -12,6 +12,7 @@ pub mod device;
 pub mod deviceless;
 pub mod hlo;
 pub mod kernels;
+pub mod pallas;
 pub mod plan;
 pub mod program;
 pub mod quant;

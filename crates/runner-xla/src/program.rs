@@ -82,6 +82,9 @@ pub struct ProgramConfig {
     /// tokens × a token's K and V of one layer): buckets with few tiles read bigger chunks,
     /// up to this (0: every bucket reads `kv_chunk` blocks).
     pub kv_chunk_budget: i64,
+    /// The Pallas attention kernel's calls, by shape (`--attention-backend pallas`): a
+    /// bucket whose shape has one runs it in place of the StableHLO attention.
+    pub attention_kernels: Option<std::sync::Arc<crate::pallas::AttentionKernels>>,
 }
 
 /// A step written out without its loops, for the cost model: XLA's cost analysis counts a
@@ -256,6 +259,7 @@ impl ProgramConfig {
             table_blocks: (max_blocks.div_ceil(kv_chunk) * kv_chunk) as i64,
             kv_chunk: kv_chunk as i64,
             kv_chunk_budget: 0,
+            attention_kernels: None,
             dims: ModelDims {
                 hidden: c.hidden_size as i64,
                 heads: c.num_attention_heads as i64,
@@ -319,6 +323,22 @@ impl ProgramConfig {
     /// −10 % at 128, −22 % at 256, −34 % at 512 rows).
     pub fn seq_parallel(&self, b: Bucket) -> bool {
         self.tp > 1 && b.tokens % self.tp == 0 && b.tokens >= SEQ_PARALLEL_ROWS
+    }
+
+    /// The same programs with the Pallas kernel's attention in every bucket `kernels` has
+    /// a call for.
+    pub fn with_attention_kernels(
+        mut self,
+        kernels: crate::pallas::AttentionKernels,
+    ) -> ProgramConfig {
+        self.attention_kernels = Some(std::sync::Arc::new(kernels));
+        self
+    }
+
+    /// The kernel call bucket `b` runs, if any.
+    pub fn kernel_for(&self, b: Bucket) -> Option<&crate::pallas::KernelCall> {
+        let k = self.attention_kernels.as_ref()?;
+        k.get(&crate::pallas::AttentionShape::of(self, b).ok()?)
     }
 
     /// The same programs with the projections and LM head stored as `q`.
@@ -889,22 +909,31 @@ impl Emitter<'_> {
         let kc2 = write_pages(b, kc, &pw, &kw);
         let vc2 = write_pages(b, vc, &pw, &vw);
 
-        let (o, kc2, vc2) = attention(
-            b,
-            cfg,
-            self.b.tile,
-            cfg.chunk_blocks(self.b),
-            self.unroll.map(|u| u.chunks),
-            &Attend {
-                q: &q,
-                kc: &kc2,
-                vc: &vc2,
-                pos,
-                tables,
-                nchunks,
-                bbase: &bbase,
-            },
-        );
+        let at = Attend {
+            q: &q,
+            kc: &kc2,
+            vc: &vc2,
+            pos,
+            tables,
+            nchunks,
+            bbase: &bbase,
+        };
+        let (o, kc2, vc2) = match cfg.kernel_for(self.b) {
+            // The kernel only reads the caches: they go on as they are.
+            Some(call) => (
+                crate::pallas::attention(b, cfg, call, &at),
+                kc2.clone(),
+                vc2.clone(),
+            ),
+            None => attention(
+                b,
+                cfg,
+                self.b.tile,
+                cfg.chunk_blocks(self.b),
+                self.unroll.map(|u| u.chunks),
+                &at,
+            ),
+        };
         let attn_w = layer_mat(b, wo);
         let attn = linear(b, &o, &attn_w, 3);
         let x1 = b.add(x, &attn);
@@ -1047,14 +1076,14 @@ impl Emitter<'_> {
 /// What one layer's attention reads: `q [T, heads·D]` (roped, f32), the layer's caches
 /// (already holding this step's K/V), positions, the block table of every tile
 /// `[T / tile, table_blocks]`, the number of KV chunks to read and the layer's first block row.
-struct Attend<'a> {
-    q: &'a V,
-    kc: &'a V,
-    vc: &'a V,
-    pos: &'a V,
-    tables: &'a V,
-    nchunks: &'a V,
-    bbase: &'a V,
+pub(crate) struct Attend<'a> {
+    pub q: &'a V,
+    pub kc: &'a V,
+    pub vc: &'a V,
+    pub pos: &'a V,
+    pub tables: &'a V,
+    pub nchunks: &'a V,
+    pub bbase: &'a V,
 }
 
 /// Attention by query tile. Tile n holds rows [n·R, (n+1)·R) of one sequence; its pages are

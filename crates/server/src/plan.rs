@@ -8,6 +8,7 @@ use tpuserve_model::{gguf::GgufFile, LlamaConfig};
 use tpuserve_runner_api::sizing;
 use tpuserve_runner_xla::deviceless::{self, Figures, ProgramCost, StepParts};
 use tpuserve_runner_xla::kernels::KernelSums;
+use tpuserve_runner_xla::pallas::{AttentionKernels, AttentionShape};
 use tpuserve_runner_xla::plan::{device_spec, plan_with_kv, Plan, DEVICES};
 use tpuserve_runner_xla::program::Bucket;
 use tpuserve_runner_xla::program::ProgramConfig;
@@ -70,6 +71,18 @@ pub struct PlanArgs {
     /// With --cost: write each program's optimized, partitioned HLO (`hlo_with_config`) here.
     #[arg(long)]
     dump_hlo: Option<PathBuf>,
+    /// With --cost: `pallas` compiles the programs with the Pallas paged-attention kernel
+    /// (artifacts from --attention-kernels) in place of the StableHLO attention, and prices
+    /// the kernel by tpuserve's own model (the compiler does not see inside it).
+    #[arg(long, default_value = "xla", value_parser = ["xla", "pallas"])]
+    attention_backend: String,
+    /// The kernel artifacts (`scripts/attention-kernels.sh` writes them).
+    #[arg(long)]
+    attention_kernels: Option<PathBuf>,
+    /// Print the Pallas attention kernel's shapes this configuration compiles (JSON, the
+    /// input of `python -m tpuserve_kernels paged-attention --shapes`) and exit.
+    #[arg(long, conflicts_with = "cost")]
+    attention_shapes: bool,
 }
 
 /// The step's token budget `serve` would use on an XLA device with these flags.
@@ -123,19 +136,14 @@ fn rerun_isolated(topology: &str) -> anyhow::Result<i32> {
     Ok(status.code().unwrap_or(1))
 }
 
-/// `--cost`: every bucket the server would compile, compiled for the TPU topology.
-fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> anyhow::Result<()> {
-    let topology = match &a.topology {
-        Some(t) => t.clone(),
-        None => default_topology(a.tensor_parallel_size)?,
-    };
-    let topo = deviceless::open_topology(&topology)?;
+/// The step programs' configuration `serve` would build on a TPU with these flags.
+fn program_config(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> ProgramConfig {
     let elem = if p.dtype_bytes == 4 {
         WeightElem::F32
     } else {
         WeightElem::BF16
     };
-    let cfg = ProgramConfig::for_model(
+    ProgramConfig::for_model(
         c,
         a.tensor_parallel_size,
         elem,
@@ -146,14 +154,68 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
     )
     .with_kv_chunk_budget(tpuserve_runner_xla::default_kv_chunk_budget("tpu"))
     .with_quantization(a.quantization.unwrap_or_default())
-    .with_kv_cache(a.kv_cache_dtype);
-    let buckets = XlaRunner::bucket_set(&XlaRunnerOptions {
+    .with_kv_cache(a.kv_cache_dtype)
+}
+
+fn bucket_set(a: &PlanArgs, max_model_len: usize) -> Vec<Bucket> {
+    XlaRunner::bucket_set(&XlaRunnerOptions {
         max_num_batched_tokens: batched_tokens(a),
         max_model_len,
         block_size: a.block_size,
         max_logprobs: a.max_logprobs,
         ..Default::default()
-    });
+    })
+}
+
+/// The distinct kernel shapes of `buckets` (buckets differing only in top-k share one).
+fn attention_shapes(
+    cfg: &ProgramConfig,
+    buckets: &[Bucket],
+) -> anyhow::Result<Vec<AttentionShape>> {
+    let mut shapes = Vec::new();
+    for &b in buckets {
+        let s = AttentionShape::of(cfg, b)
+            .map_err(|e| anyhow::anyhow!("no Pallas attention for this configuration: {e}"))?;
+        if !shapes.contains(&s) {
+            shapes.push(s);
+        }
+    }
+    Ok(shapes)
+}
+
+/// `--cost`: every bucket the server would compile, compiled for the TPU topology.
+fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> anyhow::Result<()> {
+    let topology = match &a.topology {
+        Some(t) => t.clone(),
+        None => default_topology(a.tensor_parallel_size)?,
+    };
+    let topo = deviceless::open_topology(&topology)?;
+    let cfg = program_config(a, c, p, max_model_len);
+    let buckets = bucket_set(a, max_model_len);
+    let cfg = if a.attention_backend == "pallas" {
+        let dir = a
+            .attention_kernels
+            .as_ref()
+            .context("--attention-backend pallas needs --attention-kernels DIR")?;
+        let shapes = attention_shapes(&cfg, &buckets)?;
+        let (kernels, missing) = AttentionKernels::load(dir, &shapes);
+        if let Some((_, why)) = missing.first() {
+            anyhow::bail!(
+                "{} of {} attention kernel artifacts missing or unusable (first: {why}); \
+                 write them with scripts/attention-kernels.sh and the same flags",
+                missing.len(),
+                shapes.len()
+            );
+        }
+        println!(
+            "attention: the Pallas kernel ({} artifacts from {})",
+            kernels.len(),
+            dir.display()
+        );
+        cfg.with_attention_kernels(kernels)
+    } else {
+        cfg
+    };
     let hbm = p.device.memory_bytes;
     let (bw, peak) = (p.device.bandwidth_bytes_per_s, p.device.bf16_flops_per_s);
     let clock = deviceless::clock(&topo, bw, peak)?;
@@ -310,17 +372,47 @@ impl KernelModel {
 }
 
 /// One bucket's parts and the context it reads per attention iteration.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Parts {
     s: StepParts,
     chunk: usize,
     layers: i64,
+    /// With the Pallas kernel: its shape and the chip's rates (bytes/s, flop/s, Hz) it is
+    /// priced at.
+    kernel: Option<(AttentionShape, f64, f64, f64)>,
 }
 
 impl Parts {
     /// A step at `ctx` tokens of context: every layer reads the chunks that context needs.
     fn step(&self, ctx: usize) -> Figures {
-        self.s.step(self.layers, ctx.div_ceil(self.chunk) as i64)
+        let mut f = self.s.step(self.layers, ctx.div_ceil(self.chunk) as i64);
+        let p = self.kernel_seconds(ctx);
+        if let Some((k, bw, peak, hz)) = &self.kernel {
+            let price = k.price(&Self::tile_contexts(k, ctx), *bw, *peak);
+            let n = self.layers as f64;
+            f.bytes += n * price.bytes;
+            f.flops += n * price.flops;
+            f.optimal_seconds += p;
+            f.kernels.cycles += p * hz;
+            f.kernels.plain_cycles += p * hz;
+        }
+        f
+    }
+
+    /// Each tile's context when the step's last row sits at `ctx`: decode rows all at
+    /// `ctx`; a prompt chunk's tiles end `rows` apart.
+    fn tile_contexts(k: &AttentionShape, ctx: usize) -> Vec<i64> {
+        let ctx = ctx as i64;
+        (0..k.tiles)
+            .map(|i| (ctx - (k.tiles - 1 - i) * k.rows).max(1))
+            .collect()
+    }
+
+    /// The Pallas kernel's time in a step of every layer at `ctx` (0 without it).
+    fn kernel_seconds(&self, ctx: usize) -> f64 {
+        self.kernel.as_ref().map_or(0.0, |(k, bw, peak, _)| {
+            self.layers as f64 * k.price(&Self::tile_contexts(k, ctx), *bw, *peak).seconds
+        })
     }
 }
 
@@ -352,17 +444,26 @@ fn step_model(
     let mut parts_of = |tokens: usize, tile: usize| -> anyhow::Result<Parts> {
         let b = bucket_of(tokens, tile);
         let chunk = chunk_tokens(tokens, tile);
+        let kernel = cfg
+            .kernel_for(b)
+            .map(|k| (k.shape.clone(), bw, peak, kern.hz));
         if let Some((_, s)) = parts.iter().find(|(x, _)| *x == b) {
             return Ok(Parts {
                 s: *s,
                 chunk,
                 layers,
+                kernel,
             });
         }
         let whole = kern.compiled.iter().find(|(x, _)| *x == b).map(|(_, k)| *k);
         let s = deviceless::step_parts(topo, cfg, b, whole, a.dump_hlo.as_deref())?;
         parts.push((b, s));
-        Ok(Parts { s, chunk, layers })
+        Ok(Parts {
+            s,
+            chunk,
+            layers,
+            kernel,
+        })
     };
     println!(
         "\nModelled steps per chip: the compiler's figures for the rest of the step, one layer \
@@ -377,6 +478,24 @@ fn step_model(
         bw / 1e12,
         peak / 1e12
     );
+    if cfg.attention_kernels.is_some() {
+        use tpuserve_runner_xla::pallas::{
+            DMA_ISSUE_SECONDS, DMA_LATENCY_SECONDS, GRID_STEP_SECONDS,
+        };
+        println!(
+            "Pallas attention: the compiler does not see inside the kernel (it charges the call \
+             a flat estimate, left in), so every layer's call is priced by tpuserve's own \
+             model, not the compiler's: per grid step (query tile × KV head) {:.2} µs fixed + \
+             {:.2} µs exposed DMA latency (assumed), then per chunk of pages the slowest of \
+             its bytes at {:.2} TB/s, its flops at {:.0} TFLOP/s and issuing its page DMAs at \
+             {:.0} ns each (assumed). Not measured: no TPU has run it.",
+            GRID_STEP_SECONDS * 1e6,
+            DMA_LATENCY_SECONDS * 1e6,
+            bw / 1e12,
+            peak / 1e12,
+            DMA_ISSUE_SECONDS * 1e9
+        );
+    }
     println!(
         "{:>8} {:>6} {:>8} {:>9} {:>10} {:>9} {:>11} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10}",
         "step",
@@ -489,17 +608,24 @@ fn step_model(
             .map(|i| kern.ring_seconds(&pre.step(i * chunk).kernels))
             .sum();
         // The attention's KV-chunk loop (page gathers, scores, softmax, values), every
-        // iteration of every layer: what a fused attention kernel would replace.
+        // iteration of every layer: what a fused attention kernel would replace; with the
+        // Pallas kernel, the kernel's own price.
         let chunk_loop: f64 = (1..=n)
             .map(|i| {
                 let chunks = (i * chunk).div_ceil(pre.chunk) as f64;
                 pre.layers as f64 * chunks * pre.s.chunk.kernels.plain_cycles / kern.hz
+                    + pre.kernel_seconds(i * chunk)
             })
             .sum();
+        let attention = if pre.kernel.is_some() {
+            "the Pallas attention kernel (tpuserve's own price, see above)"
+        } else {
+            "the attention's KV-chunk loop"
+        };
         println!(
             "2,048-token prompt in {n} chunks of {chunk}: {:.1} ms; its flop bound {:.1} ms \
              ({:.2}×); from the kernels' cycle estimates, greedy, {:.1} ms ({:.2}×), of which \
-             collective traffic {:.1} ms and the attention's KV-chunk loop {:.1} ms",
+             collective traffic {:.1} ms and {attention} {:.1} ms",
             total * 1e3,
             flops / peak * 1e3,
             total / (flops / peak),
@@ -616,6 +742,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         a.quantization.unwrap_or_default(),
     )?
     .with_read_gbps(a.read_gbps);
+    if a.attention_shapes {
+        let cfg = program_config(&a, &c, &p, max_model_len);
+        let shapes = attention_shapes(&cfg, &bucket_set(&a, max_model_len))?;
+        println!("{}", serde_json::to_string_pretty(&shapes)?);
+        return Ok(());
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);
     } else {
