@@ -167,9 +167,19 @@ fn tiny_llama3_tensor_parallel_8_over_http() {
             "5",
             "--kv-cache-space",
             "0.0048828125",
+            // vLLM's own kernel names are logged as ignored.
+            "--attention-backend",
+            "FLASH_ATTN",
         ],
     );
     assert!(s.log().contains("8 device(s)"), "{}", s.log_tail(20));
+    let log = s.log();
+    assert!(
+        log.contains("--attention-backend FLASH_ATTN ignored: a vLLM kernel name")
+            && log.contains("attention: StableHLO (--attention-backend auto"),
+        "{}",
+        s.log_tail(40)
+    );
     check_golden_cases(
         &s,
         "tiny-llama3/goldens.json",

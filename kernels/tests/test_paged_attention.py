@@ -6,6 +6,7 @@ import os
 os.environ["JAX_PLATFORMS"] = "cpu"  # never the TPU backend: this machine has none
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import tpu as pltpu
@@ -71,11 +72,17 @@ class Case:
         self.chunk_pages = chunk_pages
         self.scale = head_dim ** -0.5
 
-    def run(self):
-        with pltpu.force_tpu_interpret_mode():
-            out = paged_attention(*(jnp.asarray(x) for x in (
-                self.q, self.k, self.v, self.tables, self.ctx, self.qpos)),
-                chunk_pages=self.chunk_pages)
+    def run(self, hlo=False):
+        """The TPU interpreter's answer; with `hlo`, the kernel lowered to plain HLO (the
+        `cpu` artifacts the runner splices on the XLA CPU plugin) run by XLA on the CPU."""
+        args = [jnp.asarray(x) for x in (self.q, self.k, self.v, self.tables, self.ctx,
+                                         self.qpos)]
+        if hlo:
+            out = jax.jit(lambda *a: paged_attention(*a, chunk_pages=self.chunk_pages,
+                                                     interpret=True))(*args)
+        else:
+            with pltpu.force_tpu_interpret_mode():
+                out = paged_attention(*args, chunk_pages=self.chunk_pages)
         return np.asarray(out.astype(jnp.float32))
 
     def want(self):
@@ -113,10 +120,13 @@ def test_query_groups_share_their_kv_heads_pages(group, kv_heads):
     np.testing.assert_allclose(c.run(), c.want(), **F32)
 
 
-def test_an_idle_tile_reads_nothing_and_gives_zeros():
-    c = Case([(0, 0), (9, 1)], rows=1, group=2, kv_heads=1, chunk_pages=1)
+def test_idle_tiles_read_nothing_and_give_zeros():
+    # Idle tiles first, between and last: the next chunk in flight skips them.
+    c = Case([(0, 0), (9, 1), (0, 0), (0, 0), (20, 1), (0, 0)], rows=1, group=2, kv_heads=2,
+             chunk_pages=1)
     got = c.run()
-    assert not got[0].any()
+    for t in (0, 2, 3, 5):
+        assert not got[t].any()
     np.testing.assert_allclose(got, c.want(), **F32)
 
 
@@ -130,3 +140,13 @@ def test_a_table_not_in_whole_chunks_is_refused():
     c = Case([(9, 1)], rows=1, group=1, kv_heads=1, chunk_pages=3)
     with pytest.raises(ValueError, match="whole chunks"):
         c.run()
+
+
+def test_the_plain_hlo_lowering_computes_the_same():
+    """The `cpu` target's lowering (Pallas' HLO interpreter: DMAs become slices, no Python
+    callbacks) gives what the TPU interpreter gives: the runner runs it on the XLA CPU
+    plugin to check its splice end to end."""
+    c = Case([(33, 8), (0, 0), (5, 1), (70, 1), (12, 12)], rows=8, group=2, kv_heads=2,
+             chunk_pages=2, table_pages=6)
+    np.testing.assert_allclose(c.run(hlo=True), c.want(), **F32)
+    np.testing.assert_allclose(c.run(hlo=True), c.run(), atol=1e-6, rtol=1e-6)

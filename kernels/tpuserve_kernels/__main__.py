@@ -18,7 +18,9 @@ def main(argv=None):
     for name in lower.SHAPE_KEYS[:-1]:
         pa.add_argument(f"--{name.replace('_', '-')}", type=int)
     pa.add_argument("--dtype", choices=sorted(lower.DTYPES), default="bfloat16")
-    pa.add_argument("--target", default=lower.V6E, help="device kind (default: %(default)s)")
+    pa.add_argument("--target", default=lower.V6E,
+                    help="a TPU device kind (default: %(default)s), or `cpu`: the kernel as "
+                         "plain HLO through Pallas' interpreter, for the XLA CPU plugin")
     pa.add_argument("--out", help="artifact file (JSON) of the shape the flags give")
     pa.add_argument("--shapes", help="a JSON list of shapes (`-`: stdin), instead of the flags")
     pa.add_argument("--out-dir", help="with --shapes: where the artifacts go")

@@ -19,13 +19,17 @@ from tpuserve_kernels.paged_attention import paged_attention
 FORMAT = 1
 # `jax.Device.device_kind` of a v6e chip.
 V6E = "TPU v6 lite"
+# The XLA CPU plugin: the kernel through Pallas' HLO interpreter, plain StableHLO (DMAs as
+# slices, no custom call), so the runner's splice runs end to end without a TPU.
+CPU = "cpu"
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def paged_attention_module(*, tiles, kv_heads, rows, group, head_dim, page_size, pages,
                            table_pages, chunk_pages, dtype, target=V6E):
     """The StableHLO module (text) of one attention call of these shapes, lowered for
-    `target`: `main(q, k_cache, v_cache, tables, ctx, qpos) -> out`, per chip."""
+    `target` (a TPU device kind, or `cpu`): `main(q, k_cache, v_cache, tables, ctx, qpos)
+    -> out`, per chip."""
     dt = DTYPES[dtype]
     s = jax.ShapeDtypeStruct
     rg = rows * group
@@ -37,6 +41,9 @@ def paged_attention_module(*, tiles, kv_heads, rows, group, head_dim, page_size,
         s((tiles,), jnp.int32),
         s((tiles, rg, 1), jnp.int32),
     )
+    if target == CPU:
+        f = jax.jit(lambda *a: paged_attention(*a, chunk_pages=chunk_pages, interpret=True))
+        return f.trace(*args).lower(lowering_platforms=("cpu",)).as_text()
     f = jax.jit(lambda *a: paged_attention(*a, chunk_pages=chunk_pages))
     device = jax.sharding.AbstractDevice(device_kind=target, num_cores=1, platform="tpu")
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)

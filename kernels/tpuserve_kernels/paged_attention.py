@@ -4,15 +4,17 @@ The cache is the XLA runner's own layout: K and V each `[pages, kv_heads, page_s
 head_dim]` (every layer's blocks stacked along `pages`), so a page of one KV head is one
 contiguous `[page_size, head_dim]` tile. Queries come in tiles of `rows` consecutive tokens
 of one sequence, as the runner's StableHLO attention takes them; every query head of a KV
-group shares the group's pages, so a grid step is (tile, KV head) and its block holds the
-tile's `rows × group` query vectors.
+group shares the group's pages, so a tile's block for one KV head is its `rows × group` query
+vectors.
 
-Per grid step the kernel walks the tile's context `chunk_pages` pages at a time: it copies
-those pages of K and V from HBM into VMEM (the page numbers come from the tile's row of the
-block table, prefetched into SMEM; two buffers, so the next chunk's copies run while this one
-is scored), scores them against the queries (dots in the activations' dtype, accumulated in
-f32), masks keys past each query's position, and folds them into a running max, sum and
-output (online softmax).
+A grid step is one KV head and walks every tile: each tile's context `chunk_pages` pages at
+a time, copying those pages of K and V from HBM into VMEM (the page numbers come from the
+tile's row of the block table, prefetched into SMEM), scoring them against the tile's queries
+(dots in the activations' dtype, accumulated in f32), masking keys past each query's position
+and folding them into a running max, sum and output (online softmax). Two buffers: the next
+chunk's copies (this tile's or the next tile's first) run while a chunk is scored, so a step
+exposes one copy latency, not one per tile. (A grid step per tile, the first version, paid a
+step's fixed cost and a copy latency per decode row.)
 The scores never leave VMEM: the StableHLO attention writes and reads them in HBM three times.
 """
 
@@ -29,67 +31,89 @@ _MASKED = -1e30
 
 def _kernel(tables_ref, ctx_ref, q_ref, qpos_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems,
             *, chunk_pages, page_size, scale):
-    tile, head = pl.program_id(0), pl.program_id(1)
+    head = pl.program_id(0)
+    tiles = q_ref.shape[0]
     chunk = chunk_pages * page_size
-    n = ctx_ref[tile]
-    chunks = (n + chunk - 1) // chunk
-    # The dots take their operands in the activations' dtype (bf16 on the MXU's native path)
-    # and accumulate in f32, as the runner's StableHLO attention does.
-    q = q_ref[...]  # [rows·group, D]
-    qpos = qpos_ref[...]  # [rows·group, 1]: each query row's position
-    rg, d = q.shape
 
-    def copies(c, slot):
-        """The DMAs of chunk c's pages of K and V into buffer `slot`."""
+    def chunks_of(t):
+        n = ctx_ref[jnp.minimum(t, tiles - 1)]
+        return jnp.where(t < tiles, (n + chunk - 1) // chunk, 0)
+
+    def first_from(t):
+        """The first tile from t on that reads any page (`tiles` if none)."""
+        return jax.lax.while_loop(lambda u: (u < tiles) & (chunks_of(u) == 0),
+                                  lambda u: u + 1, t)
+
+    def copies(t, c, slot):
+        """The DMAs of tile t's chunk c, K and V, into buffer `slot`."""
         out = []
         for i in range(chunk_pages):
-            page = tables_ref[tile, c * chunk_pages + i]
+            page = tables_ref[t, c * chunk_pages + i]
             for j, (src, dst) in enumerate(((k_hbm, k_buf), (v_hbm, v_buf))):
                 out.append(pltpu.make_async_copy(src.at[page, head], dst.at[slot, i],
                                                  sems.at[j, slot, i]))
         return out
 
-    def fetch(c, slot):
-        for cp in copies(c, slot):
+    def fetch(t, c, slot):
+        for cp in copies(t, c, slot):
             cp.start()
 
-    # Double buffered: chunk c + 1's pages are in flight while chunk c is scored.
-    @pl.when(chunks > 0)
+    # One work list for the grid step: every tile's chunks in order, double buffered
+    # across tiles too (the next chunk, of this tile or the next, is in flight while this
+    # one is scored), so a step pays one exposed copy latency, not one per tile.
+    t0 = first_from(0)
+
+    @pl.when(t0 < tiles)
     def _():
-        fetch(0, 0)
+        fetch(t0, 0, 0)
 
-    def body(c, state):
-        m, l, acc = state
-        slot = c % 2
+    def tile_body(t, it):
+        n = chunks_of(t)
+        # The dots take their operands in the activations' dtype (bf16 on the MXU's native
+        # path) and accumulate in f32, as the runner's StableHLO attention does.
+        q = q_ref[t]  # [rows·group, D]
+        qpos = qpos_ref[t]  # [rows·group, 1]: each query row's position
+        rg, d = q.shape
 
-        @pl.when(c + 1 < chunks)
-        def _():
-            fetch(c + 1, 1 - slot)
+        def chunk_body(c, state):
+            it, m, l, acc = state
+            slot = it % 2
+            last = c + 1 == n
+            t_next = jnp.where(last, first_from(t + 1), t)
 
-        for cp in copies(c, slot):
-            cp.wait()
-        k = k_buf[slot].reshape(chunk, d).astype(q.dtype)
-        v = v_buf[slot].reshape(chunk, d).astype(q.dtype)
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * scale  # [rg, chunk]
-        key = c * chunk + jax.lax.broadcasted_iota(jnp.int32, (rg, chunk), 1)
-        s = jnp.where(key <= qpos, s, _MASKED)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.exp(s - m_new)
-        p = jnp.where(key <= qpos, p, 0.0)
-        corr = jnp.exp(m - m_new)
-        l = l * corr + jnp.sum(p, axis=1, keepdims=True)
-        acc = acc * corr + jax.lax.dot_general(p.astype(q.dtype), v, (((1,), (0,)), ((), ())),
-                                               preferred_element_type=jnp.float32)
-        return m_new, l, acc
+            @pl.when(t_next < tiles)
+            def _():
+                fetch(t_next, jnp.where(last, 0, c + 1), 1 - slot)
 
-    init = (jnp.full((rg, 1), _MASKED, jnp.float32), jnp.zeros((rg, 1), jnp.float32),
-            jnp.zeros((rg, d), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, chunks, body, init)
-    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+            for cp in copies(t, c, slot):
+                cp.wait()
+            k = k_buf[slot].reshape(chunk, d).astype(q.dtype)
+            v = v_buf[slot].reshape(chunk, d).astype(q.dtype)
+            s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32) * scale
+            key = c * chunk + jax.lax.broadcasted_iota(jnp.int32, (rg, chunk), 1)
+            s = jnp.where(key <= qpos, s, _MASKED)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+            p = jnp.exp(s - m_new)
+            p = jnp.where(key <= qpos, p, 0.0)
+            corr = jnp.exp(m - m_new)
+            l = l * corr + jnp.sum(p, axis=1, keepdims=True)
+            acc = acc * corr + jax.lax.dot_general(
+                p.astype(q.dtype), v, (((1,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32)
+            return it + 1, m_new, l, acc
+
+        init = (it, jnp.full((rg, 1), _MASKED, jnp.float32), jnp.zeros((rg, 1), jnp.float32),
+                jnp.zeros((rg, d), jnp.float32))
+        it, _, l, acc = jax.lax.fori_loop(0, n, chunk_body, init)
+        o_ref[t] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+        return it
+
+    jax.lax.fori_loop(0, tiles, tile_body, jnp.int32(0))
 
 
-def paged_attention(q, k_cache, v_cache, tables, ctx, qpos, *, chunk_pages, scale=None):
+def paged_attention(q, k_cache, v_cache, tables, ctx, qpos, *, chunk_pages, scale=None,
+                    interpret=False):
     """Attention of query tiles over their sequences' pages.
 
     q: `[tiles, kv_heads, rows·group, head_dim]`: tile t's rows, for KV head h, the `group`
@@ -110,16 +134,18 @@ def paged_attention(q, k_cache, v_cache, tables, ctx, qpos, *, chunk_pages, scal
         scale = d ** -0.5
     kernel = functools.partial(_kernel, chunk_pages=chunk_pages, page_size=page_size,
                                scale=scale)
-    block = pl.BlockSpec((None, None, rg, d), lambda t, h, *_: (t, h, 0, 0))
+    # A grid step per KV head, holding every tile's queries of that head.
+    block = pl.BlockSpec((tiles, None, rg, d), lambda h, *_: (0, h, 0, 0))
     return pl.pallas_call(
         kernel,
+        interpret=interpret,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
-            grid=(tiles, kv_heads),
+            grid=(kv_heads,),
             in_specs=[
                 block,
-                pl.BlockSpec((None, rg, 1), lambda t, h, *_: (t, 0, 0)),
+                pl.BlockSpec((tiles, rg, 1), lambda h, *_: (0, 0, 0)),
                 pl.BlockSpec(memory_space=pl.ANY),
                 pl.BlockSpec(memory_space=pl.ANY),
             ],

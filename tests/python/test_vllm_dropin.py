@@ -344,7 +344,7 @@ def flagged():
                       "--enable-force-include-usage", "--response-role", "bot",
                       "--max-log-len", "100", "--allowed-origins", '["http://good.example"]',
                       "--allow-credentials", "--root-path", "/api/", "--dtype", "bfloat16",
-                      "--trust-request-chat-template")
+                      "--trust-request-chat-template", "--attention-backend", "pallas")
     try:
         yield s
     finally:
@@ -747,6 +747,8 @@ def test_root_path_and_dtype_on_cpu(flagged, model):
     log = flagged.log.read().decode(errors="replace")
     line = [l for l in log.splitlines() if " ready on " in l]
     assert line and "bf16 layers, bf16 embeddings, bf16 LM head" in line[0], log[-3000:]
+    # The XLA runner's attention choice does not apply to the CPU runner: logged, not silent.
+    assert "--attention-backend / --attention-kernels ignored" in log, log[-3000:]
 
 
 def test_request_id_names_the_response(server, model):
@@ -905,6 +907,7 @@ def _acted_on_flags(tmp_path, pki):
         "--structured-outputs-config": ['{"backend": "xgrammar", "disable_any_whitespace": true}'],
         "--ssl-keyfile": [str(pki / "server.key")], "--ssl-certfile": [str(pki / "server.pem")],
         "--ssl-ca-certs": [str(pki / "ca.pem")], "--ssl-cert-reqs": ["1"],
+        "--attention-backend": ["auto"],
     }
 
 

@@ -189,6 +189,18 @@ impl Block {
         self.op(text, result)
     }
 
+    /// `"func.call"(operands) {callee = @callee, attrs} : … -> result`; `attrs` starts with
+    /// a comma when given.
+    pub fn call(&mut self, callee: &str, operands: &[&V], attrs: &str, result: Ty) -> V {
+        let text = format!(
+            "\"func.call\"({}) {{callee = @{callee}{attrs}}} : ({}) -> {}",
+            Self::names(operands),
+            Self::types(operands),
+            result.mlir()
+        );
+        self.op(text, result)
+    }
+
     pub fn push_raw(&mut self, line: String) {
         self.lines.push(line);
     }
@@ -199,6 +211,19 @@ impl Block {
         let lit = format!("0x{:08X}", value.to_bits());
         let text = format!(
             "\"stablehlo.constant\"() {{value = dense<{lit}> : {}}} : () -> {}",
+            ty.mlir(),
+            ty.mlir()
+        );
+        self.op(text, ty)
+    }
+
+    /// A 1-D integer constant of `values`.
+    pub fn constant_ints(&mut self, values: &[i64], elem: Elem) -> V {
+        let ty = Ty::new(&[values.len() as i64], elem);
+        let items: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        let text = format!(
+            "\"stablehlo.constant\"() {{value = dense<[{}]> : {}}} : () -> {}",
+            items.join(", "),
             ty.mlir(),
             ty.mlir()
         );

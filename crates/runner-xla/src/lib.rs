@@ -6,6 +6,7 @@
 //! persistent cache) before serving; a step never compiles after warm-up unless that is
 //! explicitly allowed, and each such event is counted.
 
+mod attention_choice;
 mod compilation;
 pub mod compile_cache;
 pub mod device;
@@ -32,6 +33,7 @@ use tpuserve_runner_api::{
     TokenBitmask, TokenLogprobs,
 };
 
+pub use crate::attention_choice::AttentionBackend;
 use crate::compile_cache::{CacheKey, CompileCache, Lookup};
 pub use crate::device::DeviceKind;
 pub use crate::program::WeightElem;
@@ -78,6 +80,10 @@ pub struct XlaRunnerOptions {
     /// Size the KV cache from device memory instead of `num_blocks`: this share of each
     /// device's memory holds the weights and the cache (vLLM's `--gpu-memory-utilization`).
     pub kv_memory_utilization: Option<f64>,
+    /// `--attention-backend`: the StableHLO attention or the Pallas kernel.
+    pub attention_backend: AttentionBackend,
+    /// `--attention-kernels`: the kernel's artifacts (`scripts/attention-kernels.sh`).
+    pub attention_kernels: Option<PathBuf>,
 }
 
 impl Default for XlaRunnerOptions {
@@ -103,6 +109,8 @@ impl Default for XlaRunnerOptions {
             cpu_device_count: 0,
             kv_memory_utilization: None,
             weight_layout: weights::Layout::Auto,
+            attention_backend: AttentionBackend::Auto,
+            attention_kernels: None,
         }
     }
 }
@@ -137,6 +145,8 @@ pub struct XlaRunner {
     stats: XlaStats,
     counters: Arc<CompileCounters>,
     warmed_up: bool,
+    /// What `choose_attention` decided, as logged.
+    attention_line: String,
     scratch_block: u32,
     unseeded_counter: u64,
     /// Per token bucket, a mask input that is never read (steps without structured output
@@ -432,10 +442,24 @@ impl XlaRunner {
             stats: XlaStats::default(),
             counters: Arc::default(),
             warmed_up: false,
+            attention_line: String::new(),
             unseeded_counter: 0,
             idle_masks: HashMap::new(),
         };
-        runner.warm_up()?;
+        runner.choose_attention();
+        if let Err(e) = runner.warm_up() {
+            if runner.cfg.attention_kernels.is_none() {
+                return Err(e);
+            }
+            runner.attention_line = format!(
+                "attention: StableHLO, not the Pallas kernel: a step program with the kernel \
+                 failed to compile ({e})"
+            );
+            tracing::warn!("{}", runner.attention_line);
+            runner.cfg.attention_kernels = None;
+            runner.executables.clear();
+            runner.warm_up()?;
+        }
         Ok(runner)
     }
 

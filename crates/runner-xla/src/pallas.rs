@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::hlo::{Block, Elem, Ty, V};
-use crate::program::{Attend, Bucket, ProgramConfig};
+use crate::program::{uniform_hash, Attend, Bucket, ProgramConfig};
 
 /// The artifact format this runner reads (`kernels/tpuserve_kernels/lower.py`'s `FORMAT`).
 pub const ARTIFACT_FORMAT: u64 = 1;
@@ -115,22 +115,38 @@ impl AttentionShape {
     }
 }
 
-/// The custom call of one artifact, ready to be emitted with other operands.
+/// The call of one artifact, ready to be emitted with other operands.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KernelCall {
     pub shape: AttentionShape,
-    /// For each operand of the custom call, the `main` argument it is (scalar prefetch
-    /// operands come first in the call).
-    order: Vec<usize>,
-    /// The call's attributes as the artifact prints them (`backend_config`, layouts, …).
-    attrs: String,
+    /// The device kind the artifact was lowered for (`TPU v6 lite`, or `cpu`).
+    pub target: String,
+    body: Body,
     pub module_sha256: String,
+}
+
+/// What the step program runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Body {
+    /// A TPU artifact: one `tpu_custom_call` (the Mosaic kernel), emitted in place.
+    Custom {
+        /// For each operand of the call, the `main` argument it is (scalar prefetch
+        /// operands come first in the call).
+        order: Vec<usize>,
+        /// The call's attributes as the artifact prints them (`backend_config`, layouts, …).
+        attrs: String,
+    },
+    /// A `cpu` artifact: the kernel through Pallas' HLO interpreter, plain StableHLO in
+    /// several functions; they join the step's module renamed under `prefix` and the step
+    /// calls `{prefix}main`.
+    Functions { prefix: String, text: String },
 }
 
 #[derive(Deserialize)]
 struct Artifact {
     format: u64,
     kernel: String,
+    target: String,
     shape: AttentionShape,
     module: String,
     module_sha256: String,
@@ -178,45 +194,21 @@ impl KernelCall {
             return Err(format!("the module returns {ret:?}"));
         }
         const CALL: &str = "stablehlo.custom_call @tpu_custom_call(";
-        if m.matches(CALL).count() != 1 {
-            return Err("the module is not exactly one tpu_custom_call".into());
-        }
-        let line = m
-            .lines()
-            .find(|l| l.contains(CALL))
-            .ok_or("no tpu_custom_call")?;
-        let after = &line[line.find(CALL).ok_or("no call")? + CALL.len()..];
-        let close = after.find(')').ok_or("unterminated operand list")?;
-        let order = after[..close]
-            .split(',')
-            .map(|o| {
-                o.trim()
-                    .strip_prefix("%arg")
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .filter(|&n| n < 6)
-                    .ok_or_else(|| format!("operand `{}` is not an argument of main", o.trim()))
-            })
-            .collect::<Result<Vec<usize>, String>>()?;
-        let mut seen = order.clone();
-        seen.sort_unstable();
-        if seen != [0, 1, 2, 3, 4, 5] {
-            return Err(format!("the call takes main's arguments {order:?}"));
-        }
-        let rest = after[close + 1..].trim_start();
-        let end = rest
-            .rfind("} : (")
-            .ok_or("no attributes before the call's types")?;
-        let attrs = rest
-            .strip_prefix('{')
-            .map(|r| &r[..end - 1])
-            .ok_or("no attributes on the call")?;
-        if !attrs.contains("backend_config") {
-            return Err("the call has no backend_config".into());
-        }
+        let body = match m.matches(CALL).count() {
+            0 if a.target == "cpu" => functions(m, &a.module_sha256)?,
+            0 => {
+                return Err(format!(
+                    "a `{}` artifact without a tpu_custom_call",
+                    a.target
+                ))
+            }
+            1 => custom_call(m, CALL)?,
+            _ => return Err("the module holds more than one tpu_custom_call".into()),
+        };
         Ok(KernelCall {
             shape: a.shape,
-            order,
-            attrs: attrs.to_string(),
+            target: a.target,
+            body,
             module_sha256: a.module_sha256,
         })
     }
@@ -224,17 +216,106 @@ impl KernelCall {
     /// The call on operands (q, k_cache, v_cache, tables, ctx, qpos) of this shape;
     /// `sharding`: the `mhlo.sharding` of the call (`{manual}` inside an SPMD region).
     pub fn emit(&self, b: &mut Block, operands: [&V; 6], sharding: Option<&str>) -> V {
-        let ops: Vec<&V> = self.order.iter().map(|&i| operands[i]).collect();
         let sh = sharding
             .map(|s| format!(", mhlo.sharding = \"{s}\""))
             .unwrap_or_default();
-        b.custom_call(
-            "tpu_custom_call",
-            &ops,
-            &format!("{}{sh}", self.attrs),
-            self.shape.result_type(),
-        )
+        match &self.body {
+            Body::Custom { order, attrs } => {
+                let ops: Vec<&V> = order.iter().map(|&i| operands[i]).collect();
+                b.custom_call(
+                    "tpu_custom_call",
+                    &ops,
+                    &format!("{attrs}{sh}"),
+                    self.shape.result_type(),
+                )
+            }
+            Body::Functions { prefix, .. } => b.call(
+                &format!("{prefix}main"),
+                &operands,
+                &sh,
+                self.shape.result_type(),
+            ),
+        }
     }
+
+    /// Functions the step's module must hold for this call (a `cpu` artifact's).
+    pub fn functions(&self) -> Option<&str> {
+        match &self.body {
+            Body::Functions { text, .. } => Some(text),
+            Body::Custom { .. } => None,
+        }
+    }
+}
+
+/// A TPU artifact's one custom call: which of main's arguments it takes, in what order, and
+/// its attributes.
+fn custom_call(m: &str, call: &str) -> Result<Body, String> {
+    let line = m
+        .lines()
+        .find(|l| l.contains(call))
+        .ok_or("no tpu_custom_call")?;
+    let after = &line[line.find(call).ok_or("no call")? + call.len()..];
+    let close = after.find(')').ok_or("unterminated operand list")?;
+    let order = after[..close]
+        .split(',')
+        .map(|o| {
+            o.trim()
+                .strip_prefix("%arg")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n < 6)
+                .ok_or_else(|| format!("operand `{}` is not an argument of main", o.trim()))
+        })
+        .collect::<Result<Vec<usize>, String>>()?;
+    let mut seen = order.clone();
+    seen.sort_unstable();
+    if seen != [0, 1, 2, 3, 4, 5] {
+        return Err(format!("the call takes main's arguments {order:?}"));
+    }
+    let rest = after[close + 1..].trim_start();
+    let end = rest
+        .rfind("} : (")
+        .ok_or("no attributes before the call's types")?;
+    let attrs = rest
+        .strip_prefix('{')
+        .map(|r| &r[..end - 1])
+        .ok_or("no attributes on the call")?;
+    if !attrs.contains("backend_config") {
+        return Err("the call has no backend_config".into());
+    }
+    Ok(Body::Custom {
+        order,
+        attrs: attrs.to_string(),
+    })
+}
+
+/// A `cpu` artifact's functions, renamed so that they cannot clash with the step's own or
+/// another artifact's: every `@name(` of a function the module defines gets the prefix, and
+/// `main` becomes private.
+fn functions(m: &str, sha: &str) -> Result<Body, String> {
+    let prefix = format!("tpk_{}_", sha.get(..12).unwrap_or(sha));
+    let start = m
+        .find("  func.func ")
+        .ok_or("the module has no functions")?;
+    let end = m.rfind('}').ok_or("unterminated module")?;
+    let mut text = m[start..end].replace("func.func public @main(", "func.func private @main(");
+    let mut names: Vec<&str> = m
+        .match_indices("func.func ")
+        .filter_map(|(i, _)| {
+            let rest = &m[i..];
+            let at = rest.find('@')?;
+            let open = rest[at..].find('(')?;
+            Some(&rest[at + 1..at + open])
+        })
+        .collect();
+    if !names.contains(&"main") {
+        return Err("the module has no `main`".into());
+    }
+    // Longest first, so that no name is rewritten inside a longer one's reference.
+    names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    for n in names {
+        text = text.replace(&format!("@{n}("), &format!("@{prefix}{n}("));
+    }
+    Ok(Body::Functions { prefix, text })
 }
 
 /// The kernels a configuration has artifacts for, by shape.
@@ -362,13 +443,123 @@ pub(crate) fn attention(b: &mut Block, cfg: &ProgramConfig, call: &KernelCall, a
     b.convert(&o, Elem::F32)
 }
 
+/// Pages of layer 0 the self-check fills with random K and V (at most).
+const CHECK_PAGES: i64 = 64;
+
+/// The start-up self-check of `call` (bucket `b`'s kernel): a program over the runner's own
+/// caches (donated and returned, like a step's) that fills the first pages of layer 0 with
+/// random K and V, builds random queries in tiles over those pages (contexts of different
+/// lengths, across chunk and page boundaries), and runs both the kernel and the StableHLO
+/// attention on them. Outputs: the caches, then max |kernel − StableHLO| and max |StableHLO|.
+/// The pages it writes are free blocks at start-up: a sequence reads only positions it
+/// wrote itself, so what the check leaves there is never read.
+pub fn check_program(cfg: &ProgramConfig, b: Bucket, call: &KernelCall) -> String {
+    use crate::hlo::{module, Arg};
+    let s = &call.shape;
+    let m = &cfg.dims;
+    let cache_ty = Ty::new(&cfg.cache_dims(), cfg.cache_elem);
+    let cache_sharding = crate::program::arg_sharding(crate::program::arg::K_CACHE, cfg.tp);
+    let args: Vec<Arg> = (0..2)
+        .map(|i| Arg {
+            ty: cache_ty.clone(),
+            attrs: vec![
+                format!("mhlo.sharding = \"{cache_sharding}\""),
+                format!("tf.aliasing_output = {i} : i32"),
+            ],
+        })
+        .collect();
+    let text = module("attention_check", cfg.tp as usize, &args, |blk, a| {
+        let (kvh, bs, d) = (m.kv_heads, cfg.block_size, m.head_dim);
+        let pages = CHECK_PAGES.min(cfg.num_blocks);
+        let random = |blk: &mut Block, dims: &[i64], key: i64| -> V {
+            let n: i64 = dims.iter().product();
+            let idx = blk.iota(&[n], 0, Elem::U32);
+            let keys = blk.constant_int(key, &[n], Elem::U32);
+            let u = uniform_hash(blk, &keys, &idx, &[n]);
+            let two = blk.constant_f32(2.0, &[n]);
+            let one = blk.constant_f32(1.0, &[n]);
+            let x = blk.mul(&u, &two);
+            let x = blk.sub(&x, &one);
+            blk.reshape(&x, dims)
+        };
+        let zero = blk.constant_int(0, &[], Elem::I32);
+        let z4 = [&zero, &zero, &zero, &zero];
+        let mut caches = Vec::new();
+        for (i, c) in a.iter().enumerate() {
+            let r = random(blk, &[pages, kvh, bs, d], 11 + i as i64);
+            let r = blk.convert(&r, cfg.cache_elem);
+            let r = blk.shard(&r, &cache_sharding);
+            caches.push(blk.dynamic_update_slice(c, &r, &z4));
+        }
+        let t = b.tokens;
+        let q = random(blk, &[t, m.heads * d], 7);
+        // Tile i: its table's page j is (7 i + 3 j) mod pages; its context
+        // 1 + (37 i + 11) mod (the table's tokens), its rows the last `rows` positions.
+        let (nt, r, tp) = (s.tiles, s.rows, s.table_pages);
+        let ti = blk.iota(&[nt, tp], 0, Elem::I32);
+        let tj = blk.iota(&[nt, tp], 1, Elem::I32);
+        let c7 = blk.constant_int(7, &[nt, tp], Elem::I32);
+        let c3 = blk.constant_int(3, &[nt, tp], Elem::I32);
+        let cp = blk.constant_int(pages, &[nt, tp], Elem::I32);
+        let x = blk.mul(&ti, &c7);
+        let y = blk.mul(&tj, &c3);
+        let x = blk.add(&x, &y);
+        let tables = blk.binary("remainder", &x, &cp);
+        let span = tp * bs;
+        let ctx_of = |i: i64| 1 + (37 * i + 11) % span;
+        let ctxs: Vec<i64> = (0..nt).map(ctx_of).collect();
+        let pos: Vec<i64> = ctxs
+            .iter()
+            .flat_map(|&c| (0..r).map(move |k| (c - r + k).max(0)))
+            .collect();
+        let pos = blk.constant_ints(&pos, Elem::I32);
+        let longest = ctxs.iter().copied().max().unwrap_or(1);
+        let chunk = cfg.chunk_blocks(b) * bs;
+        let nchunks = blk.constant_int((longest + chunk - 1) / chunk, &[], Elem::I32);
+        let at = Attend {
+            q: &q,
+            kc: &caches[0],
+            vc: &caches[1],
+            pos: &pos,
+            tables: &tables,
+            nchunks: &nchunks,
+            bbase: &zero,
+        };
+        let got = attention(blk, cfg, call, &at);
+        let (want, kc, vc) =
+            crate::program::attention(blk, cfg, b.tile, cfg.chunk_blocks(b), None, &at);
+        let diff = blk.sub(&got, &want);
+        let zero_f = blk.constant_f32(0.0, &[]);
+        let abs = |blk: &mut Block, x: &V| -> V {
+            let neg = blk.unary("negate", x);
+            let big = blk.max(x, &neg);
+            blk.reduce(&big, &zero_f, &[0, 1], "maximum")
+        };
+        let err = abs(blk, &diff);
+        let size = abs(blk, &want);
+        vec![
+            (kc, Some(cache_sharding.clone())),
+            (vc, Some(cache_sharding.clone())),
+            (err, Some("{replicated}".into())),
+            (size, Some("{replicated}".into())),
+        ]
+    });
+    match call.functions() {
+        Some(funcs) => {
+            let end = text.rfind('}').unwrap_or(text.len());
+            format!("{}{funcs}{}", &text[..end], &text[end..])
+        }
+        None => text,
+    }
+}
+
 /// A grid step's fixed cost on a TPU TensorCore (the Pallas TPU guide's figure for a
 /// pipelined kernel's iteration).
 pub const GRID_STEP_SECONDS: f64 = 0.35e-6;
 /// Issuing one DMA (a page of one KV head, K or V): assumed, not measured (no TPU here).
 pub const DMA_ISSUE_SECONDS: f64 = 10e-9;
 /// From a grid step's first DMA to its data in VMEM (exposed once per grid step: the
-/// kernel double-buffers chunks within a tile, not across tiles): assumed, not measured.
+/// kernel keeps the next chunk in flight across tiles): assumed, not measured.
 pub const DMA_LATENCY_SECONDS: f64 = 1e-6;
 
 /// The kernel's cost by tpuserve's own model: the TPU compiler's cost analysis does not see
@@ -384,8 +575,8 @@ pub struct KernelPrice {
 impl AttentionShape {
     /// One call whose tiles read `ctx[i]` tokens of context each (one entry per tile), on a
     /// chip reading HBM at `bandwidth` bytes/s and multiplying at `peak` flop/s: per grid
-    /// step (tile × KV head) its fixed cost and one exposed DMA latency, then per chunk the
-    /// slowest of its page copies, its dots and issuing its DMAs.
+    /// step (a KV head, every tile) its fixed cost and one exposed DMA latency, then per
+    /// chunk of every tile the slowest of its page copies, its dots and issuing its DMAs.
     pub fn price(&self, ctx: &[i64], bandwidth: f64, peak: f64) -> KernelPrice {
         let elem = self.elem().bytes() as f64;
         let chunk = self.chunk_pages * self.page_size;
@@ -402,13 +593,13 @@ impl AttentionShape {
         let mut p = KernelPrice {
             bytes: 0.0,
             flops: 0.0,
-            seconds: 0.0,
+            seconds: heads * (GRID_STEP_SECONDS + DMA_LATENCY_SECONDS),
         };
         for &c in ctx {
-            let chunks = ((c.max(1) + chunk - 1) / chunk) as f64;
+            let chunks = ((c.max(0) + chunk - 1) / chunk) as f64;
             p.bytes += heads * (chunks * chunk_bytes + q_out);
             p.flops += heads * chunks * chunk_flops;
-            p.seconds += heads * (GRID_STEP_SECONDS + DMA_LATENCY_SECONDS + chunks * per_chunk);
+            p.seconds += heads * chunks * per_chunk;
         }
         p
     }
@@ -485,13 +676,13 @@ mod tests {
     fn an_artifact_is_read_and_checked_against_its_shape() {
         let s = AttentionShape::of(&config(2), BUCKET).unwrap();
         let call = KernelCall::from_artifact(&artifact(&s)).unwrap();
-        assert_eq!(call.order, [3, 4, 0, 5, 1, 2]);
-        assert!(
-            call.attrs.starts_with("backend_config = "),
-            "{}",
-            call.attrs
-        );
-        assert!(call.attrs.ends_with("tensor<2xindex>]"), "{}", call.attrs);
+        let Body::Custom { order, attrs } = &call.body else {
+            panic!("a TPU artifact is a custom call")
+        };
+        assert_eq!(order, &[3, 4, 0, 5, 1, 2]);
+        assert!(attrs.starts_with("backend_config = "), "{attrs}");
+        assert!(attrs.ends_with("tensor<2xindex>]"), "{attrs}");
+        assert_eq!(call.target, "TPU v6 lite");
 
         // A module of other shapes than its label, another format, two calls: refused.
         let mut other = s.clone();
@@ -575,8 +766,9 @@ mod tests {
         let short = s.price(&vec![64; 32], bw, peak);
         let long = s.price(&vec![640; 32], bw, peak);
         assert!(long.bytes > 9.0 * short.bytes && long.seconds > short.seconds);
-        // Fixed costs: 32 tiles × 8 KV heads grid steps, each at least its overhead.
-        assert!(short.seconds >= 256.0 * (GRID_STEP_SECONDS + DMA_LATENCY_SECONDS));
+        // Fixed costs: a grid step per KV head.
+        let fixed = 8.0 * (GRID_STEP_SECONDS + DMA_LATENCY_SECONDS);
+        assert!(short.seconds > fixed && short.seconds < fixed + 256.0 * 1e-6);
         // Bytes: every chunk read whole, K and V, bf16.
         let chunk = (s.chunk_pages * s.page_size) as f64;
         let q_out = 2.0 * 2.0 * 4.0 * 2.0;

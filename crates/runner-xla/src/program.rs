@@ -479,7 +479,7 @@ impl ProgramConfig {
             })
             .collect();
         let cache_sharding = arg_sharding(arg::K_CACHE, self.tp);
-        module("llama_step", self.tp as usize, &args, |blk, a| {
+        let text = module("llama_step", self.tp as usize, &args, |blk, a| {
             let mut e = Emitter {
                 cfg: self,
                 b,
@@ -498,7 +498,15 @@ impl ProgramConfig {
                     (v, Some(sh))
                 })
                 .collect()
-        })
+        });
+        // A `cpu` kernel artifact's functions join the module (after `main`).
+        match self.kernel_for(b).and_then(|k| k.functions()) {
+            Some(funcs) => {
+                let end = text.rfind('}').unwrap_or(text.len());
+                format!("{}{funcs}{}", &text[..end], &text[end..])
+            }
+            None => text,
+        }
     }
 }
 
@@ -1092,7 +1100,7 @@ pub(crate) struct Attend<'a> {
 /// an online softmax across chunks. K and V enter the dots in the cache's dtype and the dots
 /// accumulate in f32. Returns the output `[T, heads·D]` and the caches (threaded through the
 /// loop so that no second live reference forces a copy of them).
-fn attention(
+pub(crate) fn attention(
     b: &mut Block,
     cfg: &ProgramConfig,
     tile: i64,

@@ -59,6 +59,17 @@ pub struct ServeArgs {
     /// step reads. vLLM's other cache types are refused.
     #[arg(long)]
     pub kv_cache_dtype: Option<String>,
+    /// XLA devices: `pallas` runs the Pallas paged-attention kernel of `kernels/` (artifacts
+    /// from --attention-kernels, each checked against the StableHLO attention at start-up;
+    /// anything missing or failing falls back to it with a warning), `xla` the StableHLO
+    /// attention, `auto` (default) the StableHLO attention until the kernel has run on a TPU.
+    /// vLLM's backend names (FLASH_ATTN, …) are logged as ignored.
+    #[arg(long)]
+    pub attention_backend: Option<String>,
+    /// The Pallas kernel's artifacts for this configuration (`scripts/attention-kernels.sh
+    /// --out DIR` with the same flags).
+    #[arg(long)]
+    pub attention_kernels: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_enable_prefix_caching")]

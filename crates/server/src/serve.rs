@@ -12,7 +12,7 @@ use tpuserve_engine::{EngineConfig, EngineCore, EngineHandle, TokenDecoder};
 use tpuserve_model::{load_model_with, ChatTemplate, LoadedModel};
 use tpuserve_runner_api::{sizing, ModelRunner};
 use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
-use tpuserve_runner_xla::{DeviceKind, WeightElem, XlaRunner, XlaRunnerOptions};
+use tpuserve_runner_xla::{AttentionBackend, DeviceKind, WeightElem, XlaRunner, XlaRunnerOptions};
 
 use crate::cli::ServeArgs;
 use crate::metrics::{self, CacheInfo, Metrics};
@@ -134,6 +134,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             if args.tensor_parallel_size > 1 {
                 bail!("--tensor-parallel-size > 1 needs an XLA device (--device xla-cpu, tpu or cuda)");
             }
+            if args.attention_backend.is_some() || args.attention_kernels.is_some() {
+                tracing::warn!(
+                    "--attention-backend / --attention-kernels ignored: they choose the XLA \
+                     runner's attention, and the CPU runner has its own"
+                );
+            }
             let num_blocks = kv_blocks(&model, &args, weights.kv_bytes());
             Box::new(CpuRunner::new(
                 &model,
@@ -181,6 +187,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     // plugin (no memory report) uses --kv-cache-space as the CPU runner does.
                     kv_memory_utilization: (*kind != DeviceKind::XlaCpu)
                         .then_some(args.gpu_memory_utilization),
+                    attention_backend: attention_backend(&args),
+                    attention_kernels: args.attention_kernels.clone(),
                     ..Default::default()
                 },
             )?)
@@ -479,4 +487,26 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
+}
+
+/// `--attention-backend`: tpuserve's `auto` / `xla` / `pallas` (any case; vLLM's empty or
+/// `None` is `auto`); vLLM's own backend names choose GPU / CPU kernels, logged as ignored.
+fn attention_backend(args: &ServeArgs) -> AttentionBackend {
+    let v = args.attention_backend.as_deref().unwrap_or("auto");
+    let backend = match v.to_ascii_lowercase().as_str() {
+        "auto" | "none" | "" => AttentionBackend::Auto,
+        "xla" => AttentionBackend::Xla,
+        "pallas" => AttentionBackend::Pallas,
+        _ => {
+            tracing::warn!(
+                "--attention-backend {v} ignored: a vLLM kernel name; tpuserve runs the \
+                 StableHLO attention or its Pallas kernel (auto, xla, pallas)"
+            );
+            AttentionBackend::Auto
+        }
+    };
+    if backend != AttentionBackend::Pallas && args.attention_kernels.is_some() {
+        tracing::warn!("--attention-kernels unused: only --attention-backend pallas reads it");
+    }
+    backend
 }

@@ -112,7 +112,6 @@ pub static VLLM_FLAGS: &[VllmFlag] = &[
     VllmFlag { name: "ignore-patterns", no_name: "", aliases: &[], kind: List, what: Ignored(LOAD) },
     VllmFlag { name: "use-tqdm-on-load", no_name: "no-use-tqdm-on-load", aliases: &[], kind: Bool, what: Ignored(LOAD) },
     VllmFlag { name: "pt-load-map-location", no_name: "", aliases: &[], kind: Value, what: Ignored(LOAD) },
-    VllmFlag { name: "attention-backend", no_name: "", aliases: &[], kind: Value, what: Ignored(KERNEL) },
     VllmFlag { name: "mamba-backend", no_name: "", aliases: &[], kind: Value, what: Ignored(MAMBA) },
     VllmFlag { name: "mamba-ssu-algorithm", no_name: "", aliases: &[], kind: Value, what: Ignored(MAMBA) },
     VllmFlag { name: "enable-mamba-cache-stochastic-rounding", no_name: "no-enable-mamba-cache-stochastic-rounding", aliases: &[], kind: Bool, what: Ignored(MAMBA) },

@@ -43,7 +43,6 @@ pub static VALUE_TYPES: &[(&str, ValueType, bool)] = &[
     ("model-loader-extra-config", Json, false),
     ("ignore-patterns", Str, false),
     ("pt-load-map-location", Str, false),
-    ("attention-backend", Str, true),
     ("mamba-backend", Str, false),
     ("mamba-ssu-algorithm", Choices(&["auto", "simple", "vertical", "horizontal"]), true),
     ("mamba-cache-philox-rounds", Int, false),
