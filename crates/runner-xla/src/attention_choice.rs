@@ -94,6 +94,11 @@ impl XlaRunner {
         } else {
             self.devices[0].kind().unwrap_or_default()
         };
+        if target != "cpu" {
+            if let Some(why) = wanted.first().and_then(|s| s.tpu_layout_problem()) {
+                return fallback(self, why);
+            }
+        }
         let mut kernels = AttentionKernels::default();
         for (b, s) in &shapes {
             let Some(call) = loaded.get(s) else { continue };

@@ -70,6 +70,21 @@ impl AttentionShape {
         })
     }
 
+    /// Why this shape would cost more on a TPU than it saves, if it would: a page of one KV
+    /// head is a `[page_size, head_dim]` tile on the TPU's 128 lanes, so a head_dim that is
+    /// not a multiple of 128 pads every page, and the compiler copies the whole cache into
+    /// that layout for each call (tiny-llama3, head_dim 8, deviceless v6e: temporaries of
+    /// ~24 × the cache). vLLM's TPU backend pads heads to 128 for the same reason.
+    pub fn tpu_layout_problem(&self) -> Option<String> {
+        (self.head_dim % 128 != 0).then(|| {
+            format!(
+                "head_dim {} is not a multiple of the TPU's 128 lanes: every page would be \
+                 padded, and the whole cache copied into that layout for each call",
+                self.head_dim
+            )
+        })
+    }
+
     /// The artifact's file name (`lower.file_name` in Python writes the same).
     pub fn file_name(&self) -> String {
         format!(

@@ -212,6 +212,12 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
             kernels.len(),
             dir.display()
         );
+        if let Some(why) = shapes.first().and_then(|s| s.tpu_layout_problem()) {
+            println!(
+                "warning: {why} (the temporaries below); serve keeps the StableHLO attention \
+                 for such a model on TPU"
+            );
+        }
         cfg.with_attention_kernels(kernels)
     } else {
         cfg
