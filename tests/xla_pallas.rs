@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use tpuserve_model::{load_model, LoadedModel};
+use tpuserve_runner_api::ModelRunner;
 use tpuserve_runner_xla::{AttentionBackend, XlaRunner, XlaRunnerOptions};
 use tpuserve_suite::checks::{check_case, request};
 use tpuserve_suite::driver;
@@ -133,6 +134,11 @@ fn the_spliced_kernel_follows_the_goldens_at_tp_1_and_2() {
             r.attention().starts_with("attention: the Pallas kernel"),
             "{}",
             r.attention()
+        );
+        assert!(
+            r.describe().ends_with(", Pallas attention)"),
+            "{}",
+            r.describe()
         );
         goldens_on(&mut r);
     }

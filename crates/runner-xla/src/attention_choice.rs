@@ -136,26 +136,29 @@ impl XlaRunner {
                 Err(e) => return fallback(self, format!("self-check {}: {e}", s.file_name())),
             }
         }
+        // The shapes still wanted, as `python -m tpuserve_kernels paged-attention --shapes`
+        // reads them.
+        let list: Vec<&AttentionShape> = missing.iter().map(|(s, _)| s).collect();
+        let list = serde_json::to_string(&list).unwrap_or_default();
         if kernels.is_empty() {
             let first = missing.first().map(|(_, w)| w.clone()).unwrap_or_default();
             return fallback(
                 self,
                 format!(
-                    "no usable artifact in {} for the {} kernel shapes ({first})",
+                    "no usable artifact in {} for the {} kernel shapes (first: {first}); the \
+                     shapes, for `python -m tpuserve_kernels paged-attention --shapes`: {list}",
                     dir.display(),
                     wanted.len()
                 ),
             );
         }
         if let Some((_, first)) = missing.first() {
-            let list: Vec<&AttentionShape> = missing.iter().map(|(s, _)| s).collect();
             tracing::warn!(
                 "attention: {} of {} kernel shapes have no usable artifact (first: {first}); \
                  those buckets keep the StableHLO attention. Their shapes, for \
-                 `python -m tpuserve_kernels paged-attention --shapes`: {}",
+                 `python -m tpuserve_kernels paged-attention --shapes`: {list}",
                 missing.len(),
-                wanted.len(),
-                serde_json::to_string(&list).unwrap_or_default()
+                wanted.len()
             );
         }
         self.attention_line = format!(

@@ -410,8 +410,13 @@ impl ModelRunner for XlaRunner {
     }
 
     fn describe(&self) -> String {
+        let attention = if self.attention_kernels_in_use() > 0 {
+            ", Pallas attention"
+        } else {
+            ""
+        };
         format!(
-            "xla ({:?}, {} device(s), {:?})",
+            "xla ({:?}, {} device(s), {:?}{attention})",
             self.opts.device,
             self.devices.len(),
             self.opts.weight_dtype
