@@ -7,14 +7,16 @@ of one sequence, as the runner's StableHLO attention takes them; every query hea
 group shares the group's pages, so a tile's block for one KV head is its `rows × group` query
 vectors.
 
-A grid step is one KV head and walks every tile: each tile's context `chunk_pages` pages at
-a time, copying those pages of K and V from HBM into VMEM (the page numbers come from the
+One grid step walks every tile: each tile's context `chunk_pages` pages at a time, copying
+those pages of K and V from HBM into VMEM (one copy of K and one of V per page, each with
+all of the page's KV heads, which the cache keeps contiguous; the page numbers come from the
 tile's row of the block table, prefetched into SMEM), scoring them against the tile's queries
-(dots in the activations' dtype, accumulated in f32), masking keys past each query's position
-and folding them into a running max, sum and output (online softmax). Two buffers: the next
-chunk's copies (this tile's or the next tile's first) run while a chunk is scored, so a step
-exposes one copy latency, not one per tile. (A grid step per tile, the first version, paid a
-step's fixed cost and a copy latency per decode row.)
+head by head (dots in the activations' dtype, accumulated in f32), masking keys past each
+query's position and folding them into a running max, sum and output (online softmax). Two
+buffers: the next chunk's copies (this tile's or the next tile's first) run while a chunk is
+scored, so the call exposes one copy latency, not one per tile. (The first version, a grid
+step per tile and KV head, paid a step's fixed cost and a copy latency per decode row and
+head; a grid step per KV head still issued a copy per page and head.)
 The scores never leave VMEM: the StableHLO attention writes and reads them in HBM three times.
 """
 
@@ -31,8 +33,7 @@ _MASKED = -1e30
 
 def _kernel(tables_ref, ctx_ref, q_ref, qpos_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems,
             *, chunk_pages, page_size, scale):
-    head = pl.program_id(0)
-    tiles = q_ref.shape[0]
+    tiles, kv_heads = q_ref.shape[0], q_ref.shape[1]
     chunk = chunk_pages * page_size
 
     def chunks_of(t):
@@ -45,12 +46,13 @@ def _kernel(tables_ref, ctx_ref, q_ref, qpos_ref, k_hbm, v_hbm, o_ref, k_buf, v_
                                   lambda u: u + 1, t)
 
     def copies(t, c, slot):
-        """The DMAs of tile t's chunk c, K and V, into buffer `slot`."""
+        """The DMAs of tile t's chunk c into buffer `slot`: per page one copy of K and one
+        of V, each with every KV head of the page (a page's heads are contiguous)."""
         out = []
         for i in range(chunk_pages):
             page = tables_ref[t, c * chunk_pages + i]
             for j, (src, dst) in enumerate(((k_hbm, k_buf), (v_hbm, v_buf))):
-                out.append(pltpu.make_async_copy(src.at[page, head], dst.at[slot, i],
+                out.append(pltpu.make_async_copy(src.at[page], dst.at[slot, i],
                                                  sems.at[j, slot, i]))
         return out
 
@@ -58,9 +60,9 @@ def _kernel(tables_ref, ctx_ref, q_ref, qpos_ref, k_hbm, v_hbm, o_ref, k_buf, v_
         for cp in copies(t, c, slot):
             cp.start()
 
-    # One work list for the grid step: every tile's chunks in order, double buffered
-    # across tiles too (the next chunk, of this tile or the next, is in flight while this
-    # one is scored), so a step pays one exposed copy latency, not one per tile.
+    # One work list: every tile's chunks in order, double buffered across tiles too (the
+    # next chunk, of this tile or the next, is in flight while this one is scored), so the
+    # kernel pays one exposed copy latency, not one per tile.
     t0 = first_from(0)
 
     @pl.when(t0 < tiles)
@@ -71,12 +73,13 @@ def _kernel(tables_ref, ctx_ref, q_ref, qpos_ref, k_hbm, v_hbm, o_ref, k_buf, v_
         n = chunks_of(t)
         # The dots take their operands in the activations' dtype (bf16 on the MXU's native
         # path) and accumulate in f32, as the runner's StableHLO attention does.
-        q = q_ref[t]  # [rows·group, D]
+        qs = [q_ref[t, h] for h in range(kv_heads)]  # each [rows·group, D]
         qpos = qpos_ref[t]  # [rows·group, 1]: each query row's position
-        rg, d = q.shape
+        rg, d = qs[0].shape
+        dt = qs[0].dtype
 
         def chunk_body(c, state):
-            it, m, l, acc = state
+            it, heads = state
             slot = it % 2
             last = c + 1 == n
             t_next = jnp.where(last, first_from(t + 1), t)
@@ -87,26 +90,30 @@ def _kernel(tables_ref, ctx_ref, q_ref, qpos_ref, k_hbm, v_hbm, o_ref, k_buf, v_
 
             for cp in copies(t, c, slot):
                 cp.wait()
-            k = k_buf[slot].reshape(chunk, d).astype(q.dtype)
-            v = v_buf[slot].reshape(chunk, d).astype(q.dtype)
-            s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32) * scale
             key = c * chunk + jax.lax.broadcasted_iota(jnp.int32, (rg, chunk), 1)
-            s = jnp.where(key <= qpos, s, _MASKED)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            p = jnp.exp(s - m_new)
-            p = jnp.where(key <= qpos, p, 0.0)
-            corr = jnp.exp(m - m_new)
-            l = l * corr + jnp.sum(p, axis=1, keepdims=True)
-            acc = acc * corr + jax.lax.dot_general(
-                p.astype(q.dtype), v, (((1,), (0,)), ((), ())),
-                preferred_element_type=jnp.float32)
-            return it + 1, m_new, l, acc
+            visible = key <= qpos
+            out = []
+            for h, (m, l, acc) in enumerate(heads):
+                k = k_buf[slot, :, h].reshape(chunk, d).astype(dt)
+                v = v_buf[slot, :, h].reshape(chunk, d).astype(dt)
+                s = jax.lax.dot_general(qs[h], k, (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32) * scale
+                s = jnp.where(visible, s, _MASKED)
+                m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+                p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+                corr = jnp.exp(m - m_new)
+                l = l * corr + jnp.sum(p, axis=1, keepdims=True)
+                acc = acc * corr + jax.lax.dot_general(
+                    p.astype(dt), v, (((1,), (0,)), ((), ())),
+                    preferred_element_type=jnp.float32)
+                out.append((m_new, l, acc))
+            return it + 1, tuple(out)
 
-        init = (it, jnp.full((rg, 1), _MASKED, jnp.float32), jnp.zeros((rg, 1), jnp.float32),
-                jnp.zeros((rg, d), jnp.float32))
-        it, _, l, acc = jax.lax.fori_loop(0, n, chunk_body, init)
-        o_ref[t] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+        fresh = (jnp.full((rg, 1), _MASKED, jnp.float32), jnp.zeros((rg, 1), jnp.float32),
+                 jnp.zeros((rg, d), jnp.float32))
+        it, heads = jax.lax.fori_loop(0, n, chunk_body, (it, (fresh,) * kv_heads))
+        for h, (_, l, acc) in enumerate(heads):
+            o_ref[t, h] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
         return it
 
     jax.lax.fori_loop(0, tiles, tile_body, jnp.int32(0))
@@ -134,25 +141,25 @@ def paged_attention(q, k_cache, v_cache, tables, ctx, qpos, *, chunk_pages, scal
         scale = d ** -0.5
     kernel = functools.partial(_kernel, chunk_pages=chunk_pages, page_size=page_size,
                                scale=scale)
-    # A grid step per KV head, holding every tile's queries of that head.
-    block = pl.BlockSpec((tiles, None, rg, d), lambda h, *_: (0, h, 0, 0))
+    # One grid step holding every tile's queries.
+    block = pl.BlockSpec((tiles, kv_heads, rg, d), lambda i, *_: (0, 0, 0, 0))
     return pl.pallas_call(
         kernel,
         interpret=interpret,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
-            grid=(kv_heads,),
+            grid=(1,),
             in_specs=[
                 block,
-                pl.BlockSpec((tiles, rg, 1), lambda h, *_: (0, 0, 0)),
+                pl.BlockSpec((tiles, rg, 1), lambda i, *_: (0, 0, 0)),
                 pl.BlockSpec(memory_space=pl.ANY),
                 pl.BlockSpec(memory_space=pl.ANY),
             ],
             out_specs=block,
             scratch_shapes=[
-                pltpu.VMEM((2, chunk_pages, page_size, d), k_cache.dtype),
-                pltpu.VMEM((2, chunk_pages, page_size, d), v_cache.dtype),
+                pltpu.VMEM((2, chunk_pages, kv_heads, page_size, d), k_cache.dtype),
+                pltpu.VMEM((2, chunk_pages, kv_heads, page_size, d), v_cache.dtype),
                 pltpu.SemaphoreType.DMA((2, 2, chunk_pages)),
             ],
         ),

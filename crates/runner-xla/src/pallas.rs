@@ -571,10 +571,11 @@ pub fn check_program(cfg: &ProgramConfig, b: Bucket, call: &KernelCall) -> Strin
 /// A grid step's fixed cost on a TPU TensorCore (the Pallas TPU guide's figure for a
 /// pipelined kernel's iteration).
 pub const GRID_STEP_SECONDS: f64 = 0.35e-6;
-/// Issuing one DMA (a page of one KV head, K or V): assumed, not measured (no TPU here).
+/// Issuing one DMA (a page's K or V, every KV head of it): assumed, not measured (no TPU
+/// here).
 pub const DMA_ISSUE_SECONDS: f64 = 10e-9;
-/// From a grid step's first DMA to its data in VMEM (exposed once per grid step: the
-/// kernel keeps the next chunk in flight across tiles): assumed, not measured.
+/// From the call's first DMA to its data in VMEM (exposed once: the kernel keeps the next
+/// chunk in flight across tiles): assumed, not measured.
 pub const DMA_LATENCY_SECONDS: f64 = 1e-6;
 
 /// The kernel's cost by tpuserve's own model: the TPU compiler's cost analysis does not see
@@ -589,32 +590,34 @@ pub struct KernelPrice {
 
 impl AttentionShape {
     /// One call whose tiles read `ctx[i]` tokens of context each (one entry per tile), on a
-    /// chip reading HBM at `bandwidth` bytes/s and multiplying at `peak` flop/s: per grid
-    /// step (a KV head, every tile) its fixed cost and one exposed DMA latency, then per
-    /// chunk of every tile the slowest of its page copies, its dots and issuing its DMAs.
+    /// chip reading HBM at `bandwidth` bytes/s and multiplying at `peak` flop/s: the call's
+    /// fixed cost and one exposed copy latency (its one grid step walks every tile with the
+    /// next chunk in flight), then per chunk of every tile the slowest of its pages' bytes
+    /// (every KV head), its dots and issuing its copies (one of K and one of V per page,
+    /// each with all of the page's KV heads).
     pub fn price(&self, ctx: &[i64], bandwidth: f64, peak: f64) -> KernelPrice {
         let elem = self.elem().bytes() as f64;
         let chunk = self.chunk_pages * self.page_size;
         let rg = (self.rows * self.group) as f64;
         let d = self.head_dim as f64;
-        let chunk_bytes = 2.0 * chunk as f64 * d * elem;
-        let chunk_flops = 4.0 * rg * chunk as f64 * d;
+        let heads = self.kv_heads as f64;
+        let chunk_bytes = heads * 2.0 * chunk as f64 * d * elem;
+        let chunk_flops = heads * 4.0 * rg * chunk as f64 * d;
         let chunk_dmas = 2.0 * self.chunk_pages as f64;
         let per_chunk = (chunk_bytes / bandwidth)
             .max(chunk_flops / peak)
             .max(chunk_dmas * DMA_ISSUE_SECONDS);
-        let q_out = 2.0 * rg * d * elem;
-        let heads = self.kv_heads as f64;
+        let q_out = heads * 2.0 * rg * d * elem;
         let mut p = KernelPrice {
             bytes: 0.0,
             flops: 0.0,
-            seconds: heads * (GRID_STEP_SECONDS + DMA_LATENCY_SECONDS),
+            seconds: GRID_STEP_SECONDS + DMA_LATENCY_SECONDS,
         };
         for &c in ctx {
             let chunks = ((c.max(0) + chunk - 1) / chunk) as f64;
-            p.bytes += heads * (chunks * chunk_bytes + q_out);
-            p.flops += heads * chunks * chunk_flops;
-            p.seconds += heads * chunks * per_chunk;
+            p.bytes += chunks * chunk_bytes + q_out;
+            p.flops += chunks * chunk_flops;
+            p.seconds += chunks * per_chunk;
         }
         p
     }
@@ -781,12 +784,13 @@ mod tests {
         let short = s.price(&vec![64; 32], bw, peak);
         let long = s.price(&vec![640; 32], bw, peak);
         assert!(long.bytes > 9.0 * short.bytes && long.seconds > short.seconds);
-        // Fixed costs: a grid step per KV head.
-        let fixed = 8.0 * (GRID_STEP_SECONDS + DMA_LATENCY_SECONDS);
-        assert!(short.seconds > fixed && short.seconds < fixed + 256.0 * 1e-6);
-        // Bytes: every chunk read whole, K and V, bf16.
+        // Fixed cost: one grid step; then 32 tiles × one chunk, each issuing 2 copies a page.
+        let fixed = GRID_STEP_SECONDS + DMA_LATENCY_SECONDS;
+        let issue = 32.0 * 2.0 * s.chunk_pages as f64 * DMA_ISSUE_SECONDS;
+        assert!((short.seconds - fixed - issue).abs() < 1e-12, "{short:?}");
+        // Bytes: every chunk read whole, K and V of 8 KV heads, bf16.
         let chunk = (s.chunk_pages * s.page_size) as f64;
-        let q_out = 2.0 * 2.0 * 4.0 * 2.0;
-        assert_eq!(short.bytes, 256.0 * (2.0 * chunk * 4.0 * 2.0 + q_out));
+        let q_out = 8.0 * 2.0 * 2.0 * 4.0 * 2.0;
+        assert_eq!(short.bytes, 32.0 * (8.0 * 2.0 * chunk * 4.0 * 2.0 + q_out));
     }
 }

@@ -491,10 +491,11 @@ fn step_model(
         println!(
             "Pallas attention: the compiler does not see inside the kernel (it charges the call \
              a flat estimate, left in), so every layer's call is priced by tpuserve's own \
-             model, not the compiler's: per grid step (a KV head, every query tile) {:.2} µs fixed + \
-             {:.2} µs exposed DMA latency (assumed), then per chunk of pages the slowest of \
-             its bytes at {:.2} TB/s, its flops at {:.0} TFLOP/s and issuing its page DMAs at \
-             {:.0} ns each (assumed). Not measured: no TPU has run it.",
+             model, not the compiler's: per call (one grid step over every query tile) {:.2} µs fixed \
+             + {:.2} µs exposed DMA latency (assumed), then per chunk of pages the slowest of \
+             its bytes at {:.2} TB/s, its flops at {:.0} TFLOP/s and issuing its page DMAs (K \
+             and V, all KV heads of a page in one) at {:.0} ns each (assumed). Not measured: \
+             no TPU has run it.",
             GRID_STEP_SECONDS * 1e6,
             DMA_LATENCY_SECONDS * 1e6,
             bw / 1e12,
