@@ -11,9 +11,8 @@ use std::process::{Command, Stdio};
 use tpuserve_model::{load_model, LoadedModel};
 use tpuserve_runner_api::ModelRunner;
 use tpuserve_runner_xla::{AttentionBackend, XlaRunner, XlaRunnerOptions};
-use tpuserve_suite::checks::{check_case, request};
-use tpuserve_suite::driver;
-use tpuserve_suite::goldens::{Case, Goldens};
+use tpuserve_suite::checks::check_batch;
+use tpuserve_suite::goldens::Goldens;
 use tpuserve_suite::{fixtures_dir, golden_xla_options, manifest_dir, tiny_llama3_dir};
 
 fn opts(tp: usize) -> XlaRunnerOptions {
@@ -86,22 +85,7 @@ fn with_kernels(tp: usize, dir: &Path) -> XlaRunnerOptions {
 /// The golden batch (cases within 512 tokens) on `r`.
 fn goldens_on(r: &mut XlaRunner) {
     let g = Goldens::load(&fixtures_dir().join("tiny-llama3/goldens.json"));
-    let cases: Vec<&Case> = g
-        .batch
-        .case_names
-        .iter()
-        .map(|n| g.case(n))
-        .filter(|c| c.prompt_token_ids.len() + c.completion_token_ids.len() <= 512)
-        .collect();
-    assert!(cases.len() >= 4, "the batch lost its cases");
-    let reqs = cases
-        .iter()
-        .enumerate()
-        .map(|(i, c)| request(c, i))
-        .collect();
-    for (c, res) in cases.iter().zip(driver::run(r, reqs, 64)) {
-        check_case(c, &res, true);
-    }
+    check_batch(r, &g.batch_within(512));
     assert_eq!(r.stats().compilations_after_warmup, 0);
 }
 

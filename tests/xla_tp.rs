@@ -11,7 +11,7 @@
 use tpuserve_model::{load_model, LoadedModel};
 use tpuserve_runner_xla::program::SEQ_PARALLEL_ROWS;
 use tpuserve_runner_xla::{XlaRunner, XlaRunnerOptions};
-use tpuserve_suite::checks::{check_case, request};
+use tpuserve_suite::checks::{check_batch, check_case, request};
 use tpuserve_suite::driver;
 use tpuserve_suite::goldens::{Case, Goldens};
 use tpuserve_suite::hlo_proto;
@@ -42,22 +42,7 @@ fn goldens_at(model: &LoadedModel, goldens: &str, tp: usize, max_model_len: usiz
             check_case(c, &res, true);
         }
     }
-    let cases: Vec<&Case> = g
-        .batch
-        .case_names
-        .iter()
-        .map(|n| g.case(n))
-        .filter(|c| fits(c))
-        .collect();
-    assert!(cases.len() >= 4, "the batch lost its cases");
-    let reqs = cases
-        .iter()
-        .enumerate()
-        .map(|(i, c)| request(c, i))
-        .collect();
-    for (c, res) in cases.iter().zip(driver::run(&mut r, reqs, 64)) {
-        check_case(c, &res, true);
-    }
+    check_batch(&mut r, &g.batch_within(max_model_len));
     assert_eq!(r.stats().compilations_after_warmup, 0);
 }
 

@@ -32,6 +32,19 @@ pub fn prompt_ids(model: &LoadedModel, c: &Case) -> Vec<u32> {
     }
 }
 
+/// `cases` run together on `runner` (one arriving per step, 64-token chunks), each checked
+/// against its goldens, prompt logprobs included.
+pub fn check_batch(runner: &mut dyn tpuserve_runner_api::ModelRunner, cases: &[&Case]) {
+    let reqs = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| request(c, i))
+        .collect();
+    for (c, res) in cases.iter().zip(crate::driver::run(runner, reqs, 64)) {
+        check_case(c, &res, true);
+    }
+}
+
 pub fn request(c: &Case, arrive: usize) -> SeqRequest {
     SeqRequest {
         prompt: c.prompt_token_ids.clone(),

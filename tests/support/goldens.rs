@@ -80,6 +80,20 @@ impl Goldens {
             .unwrap_or_else(|e| panic!("bad goldens {}: {e}", path.display()))
     }
 
+    /// The batch's cases whose prompt and completion fit `max_model_len` tokens (at least
+    /// four of them, or the batch would no longer mix prefill and decode).
+    pub fn batch_within(&self, max_model_len: usize) -> Vec<&Case> {
+        let cases: Vec<&Case> = self
+            .batch
+            .case_names
+            .iter()
+            .map(|n| self.case(n))
+            .filter(|c| c.prompt_token_ids.len() + c.completion_token_ids.len() <= max_model_len)
+            .collect();
+        assert!(cases.len() >= 4, "the batch lost its cases");
+        cases
+    }
+
     pub fn case(&self, name: &str) -> &Case {
         self.cases
             .iter()

@@ -30,14 +30,7 @@ impl XlaRunner {
     /// The kernel shapes this runner's buckets need (one artifact each, for
     /// `python -m tpuserve_kernels paged-attention --shapes`), or why it has none.
     pub fn attention_shapes(&self) -> Result<Vec<AttentionShape>, String> {
-        let mut shapes = Vec::new();
-        for &b in &self.buckets {
-            let s = AttentionShape::of(&self.cfg, b)?;
-            if !shapes.contains(&s) {
-                shapes.push(s);
-            }
-        }
-        Ok(shapes)
+        crate::pallas::attention_shapes(&self.cfg, &self.buckets)
     }
 
     /// What the runner chose for its attention and why (the start-up log line).

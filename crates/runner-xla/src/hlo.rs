@@ -164,36 +164,35 @@ impl Block {
 
     /// `"stablehlo.<op>"(operands) {attrs} : (types) -> result`
     pub fn generic(&mut self, op: &str, operands: &[&V], attrs: &str, result: Ty) -> V {
+        self.named(&format!("stablehlo.{op}"), operands, attrs, result)
+    }
+
+    /// `"stablehlo.custom_call"(operands) {call_target_name = target, attrs} : … -> result`
+    pub fn custom_call(&mut self, target: &str, operands: &[&V], attrs: &str, result: Ty) -> V {
+        let attrs = format!("call_target_name = \"{target}\", {attrs}");
+        self.named("stablehlo.custom_call", operands, &attrs, result)
+    }
+
+    /// `"func.call"(operands) {callee = @callee, attrs} : … -> result`; `attrs` starts with
+    /// a comma when given.
+    pub fn call(&mut self, callee: &str, operands: &[&V], attrs: &str, result: Ty) -> V {
+        self.named(
+            "func.call",
+            operands,
+            &format!("callee = @{callee}{attrs}"),
+            result,
+        )
+    }
+
+    /// `"<name>"(operands) {attrs} : (types) -> result`, in MLIR's generic form.
+    fn named(&mut self, name: &str, operands: &[&V], attrs: &str, result: Ty) -> V {
         let attrs = if attrs.is_empty() {
             String::new()
         } else {
             format!(" {{{attrs}}}")
         };
         let text = format!(
-            "\"stablehlo.{op}\"({}){attrs} : ({}) -> {}",
-            Self::names(operands),
-            Self::types(operands),
-            result.mlir()
-        );
-        self.op(text, result)
-    }
-
-    /// `"stablehlo.custom_call"(operands) {call_target_name = target, attrs} : … -> result`
-    pub fn custom_call(&mut self, target: &str, operands: &[&V], attrs: &str, result: Ty) -> V {
-        let text = format!(
-            "\"stablehlo.custom_call\"({}) {{call_target_name = \"{target}\", {attrs}}} : ({}) -> {}",
-            Self::names(operands),
-            Self::types(operands),
-            result.mlir()
-        );
-        self.op(text, result)
-    }
-
-    /// `"func.call"(operands) {callee = @callee, attrs} : … -> result`; `attrs` starts with
-    /// a comma when given.
-    pub fn call(&mut self, callee: &str, operands: &[&V], attrs: &str, result: Ty) -> V {
-        let text = format!(
-            "\"func.call\"({}) {{callee = @{callee}{attrs}}} : ({}) -> {}",
+            "\"{name}\"({}){attrs} : ({}) -> {}",
             Self::names(operands),
             Self::types(operands),
             result.mlir()
@@ -534,14 +533,8 @@ impl Block {
 
     /// A GSPMD sharding constraint on an intermediate value.
     pub fn shard(&mut self, a: &V, sharding: &str) -> V {
-        let ty = a.ty.clone();
-        let text = format!(
-            "\"stablehlo.custom_call\"({}) {{call_target_name = \"Sharding\", mhlo.sharding = \"{sharding}\"}} : ({}) -> {}",
-            a.name,
-            a.ty.mlir(),
-            ty.mlir()
-        );
-        self.op(text, ty)
+        let attrs = format!("mhlo.sharding = \"{sharding}\"");
+        self.custom_call("Sharding", &[a], &attrs, a.ty.clone())
     }
 
     /// Binds the loop-carried values of a `while` to fresh names, for the body to use.

@@ -130,6 +130,34 @@ impl AttentionShape {
     }
 }
 
+/// The distinct kernel shapes of `buckets` (buckets differing only in top-k share one), or
+/// why the configuration has none.
+pub fn attention_shapes(
+    cfg: &ProgramConfig,
+    buckets: &[Bucket],
+) -> Result<Vec<AttentionShape>, String> {
+    let mut shapes = Vec::new();
+    for &b in buckets {
+        let s = AttentionShape::of(cfg, b)?;
+        if !shapes.contains(&s) {
+            shapes.push(s);
+        }
+    }
+    Ok(shapes)
+}
+
+/// `module` (a program's text) with the functions `call` needs added after its own (a `cpu`
+/// artifact's; a TPU artifact needs none).
+pub fn with_functions(module: String, call: Option<&KernelCall>) -> String {
+    match call.and_then(KernelCall::functions) {
+        Some(funcs) => {
+            let end = module.rfind('}').unwrap_or(module.len());
+            format!("{}{funcs}{}", &module[..end], &module[end..])
+        }
+        None => module,
+    }
+}
+
 /// The call of one artifact, ready to be emitted with other operands.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KernelCall {
@@ -559,13 +587,7 @@ pub fn check_program(cfg: &ProgramConfig, b: Bucket, call: &KernelCall) -> Strin
             (size, Some("{replicated}".into())),
         ]
     });
-    match call.functions() {
-        Some(funcs) => {
-            let end = text.rfind('}').unwrap_or(text.len());
-            format!("{}{funcs}{}", &text[..end], &text[end..])
-        }
-        None => text,
-    }
+    with_functions(text, Some(call))
 }
 
 /// A grid step's fixed cost on a TPU TensorCore (the Pallas TPU guide's figure for a

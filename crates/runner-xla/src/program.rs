@@ -499,14 +499,7 @@ impl ProgramConfig {
                 })
                 .collect()
         });
-        // A `cpu` kernel artifact's functions join the module (after `main`).
-        match self.kernel_for(b).and_then(|k| k.functions()) {
-            Some(funcs) => {
-                let end = text.rfind('}').unwrap_or(text.len());
-                format!("{}{funcs}{}", &text[..end], &text[end..])
-            }
-            None => text,
-        }
+        crate::pallas::with_functions(text, self.kernel_for(b))
     }
 }
 

@@ -8,7 +8,7 @@ use tpuserve_model::{gguf::GgufFile, LlamaConfig};
 use tpuserve_runner_api::sizing;
 use tpuserve_runner_xla::deviceless::{self, Figures, ProgramCost, StepParts};
 use tpuserve_runner_xla::kernels::KernelSums;
-use tpuserve_runner_xla::pallas::{AttentionKernels, AttentionShape};
+use tpuserve_runner_xla::pallas::{attention_shapes, AttentionKernels, AttentionShape};
 use tpuserve_runner_xla::plan::{device_spec, plan_with_kv, Plan, DEVICES};
 use tpuserve_runner_xla::program::Bucket;
 use tpuserve_runner_xla::program::ProgramConfig;
@@ -167,22 +167,6 @@ fn bucket_set(a: &PlanArgs, max_model_len: usize) -> Vec<Bucket> {
     })
 }
 
-/// The distinct kernel shapes of `buckets` (buckets differing only in top-k share one).
-fn attention_shapes(
-    cfg: &ProgramConfig,
-    buckets: &[Bucket],
-) -> anyhow::Result<Vec<AttentionShape>> {
-    let mut shapes = Vec::new();
-    for &b in buckets {
-        let s = AttentionShape::of(cfg, b)
-            .map_err(|e| anyhow::anyhow!("no Pallas attention for this configuration: {e}"))?;
-        if !shapes.contains(&s) {
-            shapes.push(s);
-        }
-    }
-    Ok(shapes)
-}
-
 /// `--cost`: every bucket the server would compile, compiled for the TPU topology.
 fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> anyhow::Result<()> {
     let topology = match &a.topology {
@@ -197,7 +181,8 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
             .attention_kernels
             .as_ref()
             .context("--attention-backend pallas needs --attention-kernels DIR")?;
-        let shapes = attention_shapes(&cfg, &buckets)?;
+        let shapes = attention_shapes(&cfg, &buckets)
+            .map_err(|e| anyhow::anyhow!("no Pallas attention for this configuration: {e}"))?;
         let (kernels, missing) = AttentionKernels::load(dir, &shapes);
         if let Some((_, why)) = missing.first() {
             anyhow::bail!(
@@ -392,15 +377,14 @@ impl Parts {
     /// A step at `ctx` tokens of context: every layer reads the chunks that context needs.
     fn step(&self, ctx: usize) -> Figures {
         let mut f = self.s.step(self.layers, ctx.div_ceil(self.chunk) as i64);
-        let p = self.kernel_seconds(ctx);
         if let Some((k, bw, peak, hz)) = &self.kernel {
             let price = k.price(&Self::tile_contexts(k, ctx), *bw, *peak);
             let n = self.layers as f64;
             f.bytes += n * price.bytes;
             f.flops += n * price.flops;
-            f.optimal_seconds += p;
-            f.kernels.cycles += p * hz;
-            f.kernels.plain_cycles += p * hz;
+            f.optimal_seconds += n * price.seconds;
+            f.kernels.cycles += n * price.seconds * hz;
+            f.kernels.plain_cycles += n * price.seconds * hz;
         }
         f
     }
@@ -751,7 +735,8 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     .with_read_gbps(a.read_gbps);
     if a.attention_shapes {
         let cfg = program_config(&a, &c, &p, max_model_len);
-        let shapes = attention_shapes(&cfg, &bucket_set(&a, max_model_len))?;
+        let shapes = attention_shapes(&cfg, &bucket_set(&a, max_model_len))
+            .map_err(|e| anyhow::anyhow!("no Pallas attention for this configuration: {e}"))?;
         println!("{}", serde_json::to_string_pretty(&shapes)?);
         return Ok(());
     }
