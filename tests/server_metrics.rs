@@ -636,3 +636,58 @@ fn stats_log_line_has_vllm_format() {
     assert!((0.0..=100.0).contains(&f(7)), "{line}");
     assert!(line.contains("INFO"), "logged at INFO: {line}");
 }
+
+/// `--num-gpu-blocks-override` and `--kv-cache-memory-bytes` size the KV cache (vLLM's
+/// flags), as the ready line, the log and `vllm:cache_config_info` say; the override wins.
+#[test]
+fn kv_cache_flags_size_the_cache() {
+    let blocks_of = |s: &Server| -> String {
+        let text = s.metrics();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("vllm:cache_config_info{"))
+            .expect("cache_config_info")
+            .to_string();
+        let re = Regex::new(r#"num_gpu_blocks="(\d+)""#).unwrap();
+        re.captures(&line).expect("num_gpu_blocks label")[1].to_string()
+    };
+    let s = Server::start(&[
+        "--num-gpu-blocks-override",
+        "40",
+        "--kv-cache-memory-bytes",
+        "8M",
+        "--max-model-len",
+        "512",
+    ]);
+    assert_eq!(blocks_of(&s), "40");
+    let log = s.log();
+    assert!(
+        log.contains("KV cache: 40 blocks of 16 tokens (--num-gpu-blocks-override)")
+            && log.contains("KV cache 40 blocks of 16"),
+        "{log}"
+    );
+    // 40 × 16 = 640 tokens hold a 512-token sequence: requests still run.
+    let r = s.post_ok(
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(r["usage"]["completion_tokens"], 4, "{r}");
+    drop(s);
+    // SmolLM2's f16 KV cache (`--dtype auto`): 30 layers × 3 KV heads × 64 × (K, V) × 2 bytes = 23,040 bytes
+    // a token; 8 MiB / (23,040 × 16) = 22.8 → 22 blocks.
+    let s = Server::start(&[
+        "--kv-cache-memory-bytes",
+        "8M",
+        "--max-model-len",
+        "256",
+        "--dtype",
+        "auto",
+    ]);
+    assert_eq!(blocks_of(&s), "22");
+    assert!(
+        s.log()
+            .contains("KV cache: 22 blocks of 16 tokens (--kv-cache-memory-bytes)"),
+        "{}",
+        s.log()
+    );
+}

@@ -233,6 +233,8 @@ def test_integer_bounds_name_the_limit(server, model):
     (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], "--max-num-batched-tokens"),
     (["--max-model-len", "100000000"], "--max-model-len"),
+    (["--num-gpu-blocks-override", "0"], "--num-gpu-blocks-override"),
+    (["--kv-cache-memory-bytes", "0"], "--kv-cache-memory-bytes"),
 ])
 def test_bad_sizes_are_a_one_line_usage_error(args, flag):
     import subprocess
@@ -908,6 +910,8 @@ def _acted_on_flags(tmp_path, pki):
         "--ssl-keyfile": [str(pki / "server.key")], "--ssl-certfile": [str(pki / "server.pem")],
         "--ssl-ca-certs": [str(pki / "ca.pem")], "--ssl-cert-reqs": ["1"],
         "--attention-backend": ["auto"],
+        # 64 blocks of 16 hold the 1K max-model-len; the override wins over the bytes.
+        "--num-gpu-blocks-override": ["64"], "--kv-cache-memory-bytes": ["64M"],
     }
 
 

@@ -378,6 +378,28 @@ pub fn plan_with_kv(
     .with_read_gbps(DEFAULT_READ_GBPS))
 }
 
+impl Plan {
+    /// The same plan with a KV cache of exactly `blocks` blocks per device (`serve
+    /// --num-gpu-blocks-override`, `--kv-cache-memory-bytes`) instead of the memory share's.
+    pub fn with_kv_blocks(mut self, blocks: u64) -> Plan {
+        let kv_dev = self.kv_bytes_per_token_per_device;
+        self.kv_blocks = blocks;
+        self.kv_tokens = blocks * self.block_size as u64;
+        self.kv_budget_bytes_per_device = (self.kv_tokens * kv_dev) as f64;
+        self.max_full_length_sequences = self.kv_tokens / self.max_model_len.max(1) as u64;
+        let avg_ctx = (self.max_model_len / 2).max(1) as u64;
+        let batch = (self.max_num_seqs as u64)
+            .min(self.kv_tokens / avg_ctx)
+            .max(1);
+        self.roofline_batch = batch;
+        self.roofline_step_seconds = (self.weight_bytes_per_device
+            + (batch * avg_ctx * kv_dev) as f64)
+            / self.device.bandwidth_bytes_per_s;
+        self.roofline_tokens_per_s = batch as f64 / self.roofline_step_seconds;
+        self
+    }
+}
+
 impl std::fmt::Display for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let gb = |b: f64| b / 1e9;

@@ -86,6 +86,14 @@ pub struct ServeArgs {
     /// KV cache size for the CPU runner, GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
     #[arg(long, env = "VLLM_CPU_KVCACHE_SPACE", default_value_t = 1.0)]
     pub kv_cache_space: f64,
+    /// KV cache bytes per device (e.g. 8G), in place of the share --gpu-memory-utilization
+    /// (CPU: --kv-cache-space) gives it; `None` or empty: that share.
+    #[arg(long, value_parser = optional_count, default_value = "None")]
+    pub kv_cache_memory_bytes: OptionalCount,
+    /// Exactly this many KV blocks of --block-size, whatever the memory would hold (as vLLM:
+    /// over any other sizing flag); `None` or empty: sized from memory.
+    #[arg(long, value_parser = optional_count, default_value = "None")]
+    pub num_gpu_blocks_override: OptionalCount,
     #[arg(long, action = ArgAction::SetTrue)]
     pub disable_log_requests: bool,
     #[arg(long, action = ArgAction::SetTrue)]
@@ -320,6 +328,7 @@ impl ServeArgs {
         if self.max_num_seqs == 0 {
             return bad("--max-num-seqs must be at least 1, got 0".into());
         }
+        self.kv_size()?;
         if let Some(b) = self.max_num_batched_tokens {
             if b < self.max_num_seqs {
                 // As vLLM's SchedulerConfig: otherwise sequences at the back of a full batch
@@ -413,6 +422,26 @@ impl ServeArgs {
         sizing::max_num_batched_tokens(self.max_num_batched_tokens, xla, self.max_num_seqs)
     }
 
+    /// The KV cache size the flags ask for, if not the memory share: `--num-gpu-blocks-override`
+    /// over `--kv-cache-memory-bytes` (as vLLM), each at least one block.
+    pub fn kv_size(&self) -> Result<Option<KvSize>, UsageError> {
+        if let Some(n) = self.num_gpu_blocks_override.0 {
+            if n == 0 {
+                return Err(UsageError(
+                    "--num-gpu-blocks-override must be at least 1".into(),
+                ));
+            }
+            return Ok(Some(KvSize::Blocks(n)));
+        }
+        match self.kv_cache_memory_bytes.0 {
+            Some(0) => Err(UsageError(
+                "--kv-cache-memory-bytes must be positive".into(),
+            )),
+            Some(b) => Ok(Some(KvSize::BytesPerDevice(b as u64))),
+            None => Ok(None),
+        }
+    }
+
     /// `--max-model-len` against the model's own maximum context (from its config).
     pub fn check_model_len(&self, model_max: usize) -> Result<usize, UsageError> {
         match self.max_model_len {
@@ -421,6 +450,48 @@ impl ServeArgs {
                 "--max-model-len {m} is larger than the model's maximum context ({model_max})"
             ))),
             Some(ModelLen::Tokens(m)) => Ok(m),
+        }
+    }
+}
+
+/// An optional count as vLLM's `optional_type(int)` / `human_readable_int` takes it: `None`
+/// or an empty value is absent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OptionalCount(pub Option<usize>);
+
+fn optional_count(s: &str) -> Result<OptionalCount, String> {
+    let t = s.trim();
+    if t.is_empty() || t == "None" {
+        return Ok(OptionalCount(None));
+    }
+    human_readable_int(t).map(|n| OptionalCount(Some(n)))
+}
+
+/// A KV cache size chosen on the command line rather than from the memory share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvSize {
+    /// `--num-gpu-blocks-override`.
+    Blocks(usize),
+    /// `--kv-cache-memory-bytes`: each device's share of the cache.
+    BytesPerDevice(u64),
+}
+
+impl KvSize {
+    /// Blocks of `block_size` tokens, at `bytes_per_token` per device (at least one).
+    pub fn blocks(self, bytes_per_token: usize, block_size: usize) -> usize {
+        match self {
+            KvSize::Blocks(n) => n,
+            KvSize::BytesPerDevice(b) => {
+                ((b / (bytes_per_token * block_size).max(1) as u64) as usize).max(1)
+            }
+        }
+    }
+
+    /// The flag it came from, for log lines.
+    pub fn flag(self) -> &'static str {
+        match self {
+            KvSize::Blocks(_) => "--num-gpu-blocks-override",
+            KvSize::BytesPerDevice(_) => "--kv-cache-memory-bytes",
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `tpuserve plan`: what a model needs on a device type (no weights read).
 
+use crate::cli::KvSize;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -41,6 +42,14 @@ pub struct PlanArgs {
     gpu_memory_utilization: f64,
     #[arg(long, default_value_t = sizing::DEFAULT_BLOCK_SIZE)]
     block_size: usize,
+    /// As `serve --kv-cache-memory-bytes`: KV bytes per device (e.g. 8G) instead of the
+    /// --gpu-memory-utilization share.
+    #[arg(long, value_parser = crate::cli::human_readable_int)]
+    kv_cache_memory_bytes: Option<usize>,
+    /// As `serve --num-gpu-blocks-override`: exactly this many KV blocks (pins the cache shape,
+    /// and with it the Pallas kernel's artifacts, whatever the memory).
+    #[arg(long)]
+    num_gpu_blocks_override: Option<usize>,
     /// Storage read rate (GB/s) for the weight-placement estimate: ~1 for GCS FUSE or a
     /// persistent disk, 2–7 for local NVMe.
     #[arg(long, default_value_t = tpuserve_runner_xla::plan::DEFAULT_READ_GBPS, value_parser = positive_gbps)]
@@ -721,6 +730,15 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     };
     let max_model_len = a.max_model_len.unwrap_or(c.max_position_embeddings);
     let kv_bytes = if a.kv_cache_dtype.is_fp8() { 1 } else { bytes };
+    let size = if let Some(n) = a.num_gpu_blocks_override {
+        Some(KvSize::Blocks(n))
+    } else {
+        a.kv_cache_memory_bytes
+            .map(|b| KvSize::BytesPerDevice(b as u64))
+    };
+    if matches!(size, Some(KvSize::Blocks(0) | KvSize::BytesPerDevice(0))) {
+        anyhow::bail!("{} must be positive", size.unwrap().flag());
+    }
     let p = plan_with_kv(
         &c,
         dev,
@@ -728,11 +746,34 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         (bytes, kv_bytes),
         max_model_len,
         a.max_num_seqs,
-        a.gpu_memory_utilization,
+        // A size of its own is checked against the whole memory below.
+        if size.is_some() {
+            1.0
+        } else {
+            a.gpu_memory_utilization
+        },
         a.block_size,
         a.quantization.unwrap_or_default(),
     )?
     .with_read_gbps(a.read_gbps);
+    let p = match size {
+        None => p,
+        Some(size) => {
+            let per_token = p.kv_bytes_per_token_per_device as usize;
+            let p = p.with_kv_blocks(size.blocks(per_token, a.block_size) as u64);
+            let need = p.weight_bytes_per_device + p.kv_budget_bytes_per_device;
+            if need > p.device.memory_bytes {
+                anyhow::bail!(
+                    "{}: weights {:.2} GB + KV {:.2} GB per device do not fit in {:.0} GB",
+                    size.flag(),
+                    p.weight_bytes_per_device / 1e9,
+                    p.kv_budget_bytes_per_device / 1e9,
+                    p.device.memory_bytes / 1e9
+                );
+            }
+            p
+        }
+    };
     if a.attention_shapes {
         let cfg = program_config(&a, &c, &p, max_model_len);
         let shapes = attention_shapes(&cfg, &bucket_set(&a, max_model_len))

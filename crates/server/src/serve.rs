@@ -57,13 +57,31 @@ fn backend(args: &ServeArgs) -> anyhow::Result<Backend> {
     })
 }
 
-fn kv_blocks(model: &LoadedModel, args: &ServeArgs, bytes_per_elem: usize) -> usize {
+/// KV blocks for a cache of `bytes_per_elem` elements split over `tp` devices: the size
+/// `--num-gpu-blocks-override` / `--kv-cache-memory-bytes` ask for, else `--kv-cache-space`
+/// (the CPU runner's and the XLA CPU plugin's budget; accelerators size from their memory).
+fn kv_blocks(
+    model: &LoadedModel,
+    args: &ServeArgs,
+    bytes_per_elem: usize,
+    tp: usize,
+) -> anyhow::Result<usize> {
+    let per_token = model.config.kv_bytes_per_token(bytes_per_elem);
+    if let Some(size) = args.kv_size()? {
+        let n = size.blocks(per_token / tp.max(1), args.block_size);
+        tracing::info!(
+            "KV cache: {n} blocks of {} tokens ({})",
+            args.block_size,
+            size.flag()
+        );
+        return Ok(n);
+    }
     let budget = (args.kv_cache_space * (1u64 << 30) as f64) as u64;
-    sizing::kv_blocks_in_budget(
+    Ok(sizing::kv_blocks_in_budget(
         budget,
-        model.config.kv_bytes_per_token(bytes_per_elem),
+        per_token,
         args.block_size,
-    )
+    ))
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -140,7 +158,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                      runner's attention, and the CPU runner has its own"
                 );
             }
-            let num_blocks = kv_blocks(&model, &args, weights.kv_bytes());
+            let num_blocks = kv_blocks(&model, &args, weights.kv_bytes(), 1)?;
             Box::new(CpuRunner::new(
                 &model,
                 CpuRunnerOptions {
@@ -172,7 +190,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     device: kind.clone(),
                     plugin_path: args.pjrt_plugin.clone(),
                     tensor_parallel_size: args.tensor_parallel_size,
-                    num_blocks: kv_blocks(&model, &args, elem_bytes),
+                    num_blocks: kv_blocks(&model, &args, elem_bytes, args.tensor_parallel_size)?,
                     block_size: args.block_size,
                     max_num_batched_tokens: args.batched_tokens(true),
                     max_model_len,
@@ -185,8 +203,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                         .is_ok_and(|v| v == "1"),
                     // Accelerators size the cache from their memory, like vLLM; the XLA CPU
                     // plugin (no memory report) uses --kv-cache-space as the CPU runner does.
-                    kv_memory_utilization: (*kind != DeviceKind::XlaCpu)
-                        .then_some(args.gpu_memory_utilization),
+                    // --num-gpu-blocks-override / --kv-cache-memory-bytes size it instead.
+                    kv_memory_utilization: (*kind != DeviceKind::XlaCpu
+                        && args.kv_size()?.is_none())
+                    .then_some(args.gpu_memory_utilization),
                     attention_backend: attention_backend(&args),
                     attention_kernels: args.attention_kernels.clone(),
                     ..Default::default()
@@ -259,6 +279,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => chat_template,
     };
+    if kv.num_blocks * kv.block_size < max_model_len {
+        tracing::warn!(
+            "max_model_len {max_model_len} is more than the KV cache's {} tokens: a sequence \
+             is limited to {} tokens",
+            kv.num_blocks * kv.block_size,
+            kv.num_blocks * kv.block_size
+        );
+    }
     let engine_cfg = EngineConfig {
         max_model_len: max_model_len.min(kv.num_blocks * kv.block_size),
         max_num_batched_tokens: args.batched_tokens(matches!(backend, Backend::Xla(_))),

@@ -18,7 +18,7 @@ const OBS: &str =
     "tracing/profiling/extra metrics tpuserve does not offer (its metrics are at /metrics)";
 const LOAD: &str = "weight-loading tuning; tpuserve reads safetensors / GGUF its own way";
 const CACHE: &str =
-    "KV-cache tuning; the cache is sized by --gpu-memory-utilization (CPU: --kv-cache-space)";
+    "KV-cache tuning; the cache is sized by --gpu-memory-utilization (CPU: --kv-cache-space), --kv-cache-memory-bytes or --num-gpu-blocks-override";
 const MAMBA: &str = "Mamba/SSM option; tpuserve serves transformer models";
 const OFFLOAD: &str = "weight offloading is not supported";
 const SCHED: &str = "scheduler tuning tpuserve's scheduler does not have";
@@ -170,8 +170,6 @@ pub static VLLM_FLAGS: &[VllmFlag] = &[
     VllmFlag { name: "worker-extension-cls", no_name: "", aliases: &[], kind: Value, what: Refused("custom Python code cannot be loaded", &[""]) },
     VllmFlag { name: "enable-fault-tolerance", no_name: "no-enable-fault-tolerance", aliases: &[], kind: Bool, what: Ignored(MULTI) },
     VllmFlag { name: "fault-tolerance-config", no_name: "", aliases: &[], kind: Value, what: Ignored(MULTI) },
-    VllmFlag { name: "kv-cache-memory-bytes", no_name: "", aliases: &[], kind: Value, what: Ignored(CACHE) },
-    VllmFlag { name: "num-gpu-blocks-override", no_name: "", aliases: &[], kind: Value, what: Ignored(GPU) },
     VllmFlag { name: "prefix-caching-hash-algo", no_name: "", aliases: &[], kind: Value, what: Ignored(CACHE) },
     VllmFlag { name: "prefix-cache-retention-interval", no_name: "", aliases: &[], kind: Value, what: Ignored(CACHE) },
     VllmFlag { name: "kv-cache-dtype-skip-layers", no_name: "", aliases: &[], kind: List, what: Ignored(CACHE) },

@@ -80,8 +80,6 @@ pub static VALUE_TYPES: &[(&str, ValueType, bool)] = &[
     ("expert-placement-strategy", Choices(&["linear", "round_robin"]), false),
     ("max-parallel-loading-workers", Int, true),
     ("fault-tolerance-config", Json, false),
-    ("kv-cache-memory-bytes", HumanInt, true),
-    ("num-gpu-blocks-override", Int, true),
     ("prefix-caching-hash-algo", Choices(&["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]), false),
     ("prefix-cache-retention-interval", Int, true),
     ("kv-cache-dtype-skip-layers", Str, false),
