@@ -72,6 +72,14 @@ fn llama_70b_on_v6e_8() {
         p.roofline_tokens_per_s > 2000.0,
         "the tutorial's ~2000 tok/s must be under the roofline"
     );
+    // `--num-gpu-blocks-override 8192`: exactly 8,192 blocks, 5.37 GB a chip, the batch
+    // the roofline takes bounded by the tokens they hold.
+    let pinned = p.clone().with_kv_blocks(8192);
+    assert_eq!((pinned.kv_blocks, pinned.kv_tokens), (8192, 131_072));
+    assert_eq!(pinned.kv_budget_bytes_per_device, 131_072.0 * kv_dev);
+    assert_eq!(pinned.max_full_length_sequences, 32);
+    assert_eq!(pinned.roofline_batch, 64);
+    assert!(pinned.to_string().contains("→ 131072 tokens, 8192 blocks of 16"));
     // Start-up estimate: 141 GB of checkpoint at 2 GB/s is ~71 s of reads.
     let p = p.with_read_gbps(2.0);
     assert!((p.weight_load_seconds - params * 2.0 / 2e9).abs() < 1e-6);
