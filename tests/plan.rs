@@ -79,7 +79,9 @@ fn llama_70b_on_v6e_8() {
     assert_eq!(pinned.kv_budget_bytes_per_device, 131_072.0 * kv_dev);
     assert_eq!(pinned.max_full_length_sequences, 32);
     assert_eq!(pinned.roofline_batch, 64);
-    assert!(pinned.to_string().contains("→ 131072 tokens, 8192 blocks of 16"));
+    assert!(pinned
+        .to_string()
+        .contains("→ 131072 tokens, 8192 blocks of 16"));
     // Start-up estimate: 141 GB of checkpoint at 2 GB/s is ~71 s of reads.
     let p = p.with_read_gbps(2.0);
     assert!((p.weight_load_seconds - params * 2.0 / 2e9).abs() < 1e-6);

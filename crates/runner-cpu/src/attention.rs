@@ -97,6 +97,31 @@ pub enum KvRef<'a> {
     F16(&'a [half::f16], &'a [half::f16]),
 }
 
+/// Which attention kernel runs; tests call each one the machine has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// `attention_avx2` (AVX2 + FMA + F16C; head dims in multiples of 8).
+    Avx2Fma,
+    /// The portable loops (compiled for AVX2 where the CPU has it).
+    Portable,
+}
+
+/// Every attention kernel this CPU can run, best first.
+pub fn available_kernels() -> Vec<AttnKernel> {
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if crate::attention_avx2::available() {
+        v.push(AttnKernel::Avx2Fma);
+    }
+    v.push(AttnKernel::Portable);
+    v
+}
+
+fn best_kernel() -> AttnKernel {
+    static BEST: std::sync::OnceLock<AttnKernel> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| available_kernels()[0])
+}
+
 /// Causal attention for every query token of the step. Keys and values of position `j` of a
 /// sequence live in slot `block_table[j / block_size] * block_size + j % block_size`.
 #[allow(clippy::too_many_arguments)]
@@ -110,6 +135,30 @@ pub fn paged_attention(
     head_dim: usize,
     block_size: usize,
 ) -> Vec<f32> {
+    let kernel = best_kernel();
+    paged_attention_with(
+        kernel, q, kv, plan, token_seq, heads, kv_heads, head_dim, block_size,
+    )
+}
+
+/// [`paged_attention`] on a chosen kernel (one of [`available_kernels`]; the AVX2 kernel
+/// falls back to the portable one for head dims that are not a multiple of 8).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_with(
+    kernel: AttnKernel,
+    q: &[f32],
+    kv: KvRef<'_>,
+    plan: &StepPlan,
+    token_seq: &[usize],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+) -> Vec<f32> {
+    assert!(
+        available_kernels().contains(&kernel),
+        "{kernel:?} is not available on this CPU"
+    );
     let qs = heads * head_dim;
     let mut out = vec![0f32; q.len()];
     let dims = Dims {
@@ -121,8 +170,34 @@ pub fn paged_attention(
         f16c: std::arch::is_x86_feature_detected!("f16c"),
     };
     #[cfg(target_arch = "x86_64")]
+    let fast = kernel == AttnKernel::Avx2Fma && head_dim.is_multiple_of(8);
+    #[cfg(target_arch = "x86_64")]
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
     out.par_chunks_mut(qs).enumerate().for_each(|(i, orow)| {
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            let slots = visible_slots(plan, token_seq, block_size, i);
+            let mut scores = vec![0f32; slots.len()];
+            let shape = crate::attention_avx2::Shape {
+                heads,
+                kv_heads,
+                head_dim,
+            };
+            let qi = &q[i * qs..(i + 1) * qs];
+            // SAFETY: the kernel's features were detected (`available_kernels`), head_dim is
+            // a multiple of 8, and every visible slot lies in the caches.
+            unsafe {
+                match kv {
+                    KvRef::F32(k, v) => {
+                        crate::attention_avx2::query_row(qi, k, v, &slots, shape, &mut scores, orow)
+                    }
+                    KvRef::F16(k, v) => {
+                        crate::attention_avx2::query_row(qi, k, v, &slots, shape, &mut scores, orow)
+                    }
+                }
+            }
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: AVX2 was detected at run time.
@@ -132,6 +207,15 @@ pub fn paged_attention(
         query_row(q, kv, plan, token_seq, dims, i, orow);
     });
     out
+}
+
+/// The cache slots of the positions query token `i` sees (0..=its position), in order.
+fn visible_slots(plan: &StepPlan, token_seq: &[usize], block_size: usize, i: usize) -> Vec<usize> {
+    let seq = &plan.seqs[token_seq[i]];
+    let p = seq.context_len - seq.query_len + (i - seq.query_start);
+    (0..=p)
+        .map(|j| seq.block_table[j / block_size] as usize * block_size + j % block_size)
+        .collect()
 }
 
 #[derive(Clone, Copy)]
@@ -187,13 +271,8 @@ fn query_row(
     let kvs = kv_heads * head_dim;
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let seq = &plan.seqs[token_seq[i]];
-    // Positions 0..=p are visible to the query at position p.
-    let p = seq.context_len - seq.query_len + (i - seq.query_start);
-    let n = p + 1;
-    let slots: Vec<usize> = (0..n)
-        .map(|j| seq.block_table[j / block_size] as usize * block_size + j % block_size)
-        .collect();
+    let slots = visible_slots(plan, token_seq, block_size, i);
+    let n = slots.len();
     let mut scores = vec![0f32; n];
     let qh = |h: usize| &q[i * qs + h * head_dim..i * qs + (h + 1) * head_dim];
     match kv {
@@ -380,6 +459,129 @@ mod tests {
                 assert_eq!(max, want.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)));
                 for (s, r) in scores.iter().zip(&simple) {
                     assert!((s / 0.125 - r).abs() < 1e-5, "{s} vs {r}");
+                }
+            }
+        }
+    }
+
+    /// f64 attention of every query row over the plan (the reference).
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        plan: &StepPlan,
+        token_seq: &[usize],
+        heads: usize,
+        kv_heads: usize,
+        hd: usize,
+        bs: usize,
+    ) -> Vec<f64> {
+        let (qs, kvs, group) = (heads * hd, kv_heads * hd, heads / kv_heads);
+        let mut out = vec![0f64; q.len()];
+        for i in 0..token_seq.len() {
+            let slots = visible_slots(plan, token_seq, bs, i);
+            for h in 0..heads {
+                let base = (h / group) * hd;
+                let qh = &q[i * qs + h * hd..i * qs + (h + 1) * hd];
+                let s: Vec<f64> = slots
+                    .iter()
+                    .map(|&sl| {
+                        let kr = &k[sl * kvs + base..sl * kvs + base + hd];
+                        qh.iter()
+                            .zip(kr)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (w, &sl) in e.iter().zip(&slots) {
+                    for d in 0..hd {
+                        out[i * qs + h * hd + d] += w / sum * v[sl * kvs + base + d] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every kernel this CPU has against f64 over odd shapes: head dims with and without a
+    /// tail past 64 (and not a multiple of 8: the AVX2 kernel hands those to the portable
+    /// one), GQA groups of 1 and 3, contexts of 1 to 75 positions (tails past groups of 8),
+    /// f32 and f16 caches (f16 values widened for the reference). And batch invariance: a
+    /// sequence's rows alone give the bits they give among the others.
+    #[test]
+    fn every_kernel_follows_f64_and_is_batch_invariant() {
+        let val = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 1e7 - 0.8;
+        let (bs, blocks) = (4usize, 40usize);
+        let long_table: Vec<u32> = (0..19).map(|b| (b * 7 + 3) % 40).collect();
+        let seq = SeqPlan::sampling;
+        let seqs = vec![
+            seq(0, 0, 1, 1, vec![17]),
+            seq(1, 1, 1, 9, vec![9, 2, 14]),
+            seq(2, 2, 5, 17, vec![5, 11, 30, 31, 8]),
+            seq(3, 7, 2, 75, long_table),
+        ];
+        let token_seq = [0, 1, 2, 2, 2, 2, 2, 3, 3];
+        let rows = token_seq.len();
+        for kernel in available_kernels() {
+            for (heads, kv_heads) in [(4usize, 4usize), (6, 2)] {
+                for hd in [8usize, 24, 64, 72, 12] {
+                    let slots = blocks * bs * kv_heads * hd;
+                    let k16: Vec<half::f16> =
+                        (0..slots).map(|i| half::f16::from_f32(val(i))).collect();
+                    let v16: Vec<half::f16> = (0..slots)
+                        .map(|i| half::f16::from_f32(val(i + 5)))
+                        .collect();
+                    let k32: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
+                    let v32: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+                    // Queries large enough that the softmax is far from uniform.
+                    let q: Vec<f32> = (0..rows * heads * hd).map(|i| 4.0 * val(i + 11)).collect();
+                    let plan = StepPlan {
+                        token_ids: vec![0; rows],
+                        positions: vec![0; rows],
+                        slot_mapping: vec![0; rows],
+                        seqs: seqs.clone(),
+                        masks: None,
+                    };
+                    let want =
+                        reference(&q, &k32, &v32, &plan, &token_seq, heads, kv_heads, hd, bs);
+                    let run = |kv, plan: &StepPlan, token_seq: &[usize], q: &[f32]| {
+                        paged_attention_with(
+                            kernel, q, kv, plan, token_seq, heads, kv_heads, hd, bs,
+                        )
+                    };
+                    for (name, kv) in [
+                        ("f32", KvRef::F32(&k32, &v32)),
+                        ("f16", KvRef::F16(&k16, &v16)),
+                    ] {
+                        let got = run(kv, &plan, &token_seq, &q);
+                        let err = got
+                            .iter()
+                            .zip(&want)
+                            .map(|(&g, &w)| (g as f64 - w).abs())
+                            .fold(0f64, f64::max);
+                        assert!(
+                            err < 2e-6,
+                            "{kernel:?} {name} heads {heads}/{kv_heads} hd {hd}: max |Δ| {err:e}"
+                        );
+                        // Sequence 3's two rows alone (a step of one sequence).
+                        let mut alone = seqs[3].clone();
+                        alone.query_start = 0;
+                        let plan1 = StepPlan {
+                            token_ids: vec![0; 2],
+                            positions: vec![0; 2],
+                            slot_mapping: vec![0; 2],
+                            seqs: vec![alone],
+                            masks: None,
+                        };
+                        let qs = heads * hd;
+                        let got1 = run(kv, &plan1, &[0, 0], &q[7 * qs..9 * qs]);
+                        assert_eq!(got1, got[7 * qs..9 * qs], "{kernel:?} {name} hd {hd}");
+                    }
                 }
             }
         }

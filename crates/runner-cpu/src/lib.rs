@@ -4,6 +4,8 @@
 
 #[doc(hidden)]
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub mod attention_avx2;
 pub mod matvec;
 pub mod qmatvec;
 mod weights;
