@@ -22,7 +22,7 @@ enum Command {
     /// Generate a completion for one prompt (greedy) and print it.
     Generate(generate::GenerateArgs),
     /// Memory and throughput plan for a model on a device type (reads only the config).
-    Plan(plan::PlanArgs),
+    Plan(Box<plan::PlanArgs>),
     /// Benchmarks (as `vllm bench`).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<()> {
     let cli = parse_command_line();
     match cli.command {
         Command::Generate(args) => generate::run(args),
-        Command::Plan(args) => plan::run(args),
+        Command::Plan(args) => plan::run(*args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Serve(args) => {
             let result = args
