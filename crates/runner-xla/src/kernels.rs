@@ -195,13 +195,18 @@ fn estimated_cycles(config: &[u8]) -> Option<u64> {
 
 fn scalar_int(literal: &[u8]) -> Option<i64> {
     let f = fields(literal)?;
-    // LiteralProto: s32s = 4, s64s = 5 (a scalar has one value).
-    let v = ints(&f, 4);
-    let v = if v.is_empty() { ints(&f, 5) } else { v };
-    match v.as_slice() {
-        [x] => Some(*x as i32 as i64),
-        _ => None,
+    // LiteralProto: s32s = 4, s64s = 5, u32s = 6, u64s = 7 (a scalar has one value). The
+    // compiler's own loops (a windowed matmul's) count with u32.
+    for (field, signed32) in [(4, true), (5, false), (6, false), (7, false)] {
+        if let [x] = ints(&f, field).as_slice() {
+            return Some(if signed32 {
+                *x as i32 as i64
+            } else {
+                *x as i64
+            });
+        }
     }
+    None
 }
 
 fn instruction(b: &[u8]) -> Option<Inst> {
@@ -490,6 +495,21 @@ mod tests {
         }
         put_int(&mut v, 5, id);
         v
+    }
+
+    /// A loop bound held as u32 (the compiler's windowed-matmul loops) or s32, negative s32
+    /// as written (sign-extended from its varint).
+    #[test]
+    fn scalar_constants_of_every_integer_kind() {
+        for (field, value, want) in [(4u32, 7u64, 7i64), (5, 9, 9), (6, 4, 4), (7, 12, 12)] {
+            let mut literal = Vec::new();
+            put_int(&mut literal, field, value);
+            assert_eq!(scalar_int(&literal), Some(want), "field {field}");
+        }
+        let mut literal = Vec::new();
+        put_int(&mut literal, 4, (-3i32) as u32 as u64);
+        assert_eq!(scalar_int(&literal), Some(-3));
+        assert_eq!(scalar_int(&[]), None);
     }
 
     /// Entry: a kernel (100 cycles), an all-reduce of f32[4, 8], a loop `i < 7` whose body
