@@ -354,3 +354,53 @@ fn tpu_v6e_2x2_llama_70b_shapes_tp4_two_kv_heads_per_chip_cache_is_never_copied(
 fn tpu_v6e_1x1_llama_8b_shapes_tp1_cache_is_never_copied() {
     check("llama-3.1-8b.config.json", 1, true, &[]);
 }
+
+/// The tpu-recipes setting for 70B on v6e-8 (`--max-num-batched-tokens 2048`): every bucket
+/// up to 2,048-row prompt steps compiles and fits. The 2,048-row prompt bucket once scored
+/// 134 MB a KV chunk and the TPU compiler refused it ("Too many buffers are colored in the
+/// alternate memory"); its chunk now keeps the scores within half the chunk budget.
+#[test]
+fn tpu_v6e_2x4_llama_70b_2048_token_steps_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("llama-3.1-70b.config.json", 2, dir.path());
+    let out = Command::new(tpuserve_bin())
+        .args(["plan", "--cost", "--no-step-model", "--model"])
+        .arg(&cfg)
+        .args(["--tensor-parallel-size", "8", "--max-model-len", "4096"])
+        .args(["--max-num-seqs", "128", "--max-num-batched-tokens", "2048"])
+        .args(["--max-logprobs", "0"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "plan --cost failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<(i64, i64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 15 && f[0].parse::<i64>().is_ok()).then(|| {
+                (
+                    f[0].parse().unwrap(),
+                    f[1].parse().unwrap(),
+                    f[11].parse().unwrap(),
+                )
+            })
+        })
+        .collect();
+    for tile in [1, 16] {
+        assert!(
+            rows.iter().any(|&(t, r, _)| t == 2048 && r == tile),
+            "no 2,048-row bucket of tile {tile}:\n{text}"
+        );
+    }
+    for &(t, r, temp_gb) in &rows {
+        assert!(
+            temp_gb * 1e9 <= 0.1 * HBM,
+            "tokens {t} tile {r}: {temp_gb} GB of temporaries\n{text}"
+        );
+    }
+}

@@ -207,3 +207,57 @@ fn int8_halves_the_weight_bytes_of_70b_and_the_kv_cache_gets_them() {
         "the checkpoint read is bf16: {text}"
     );
 }
+
+/// A KV chunk's gathered K and V stay within the chunk budget, and its f32 scores within half
+/// of it: 70B at TP 8 (8 query heads and 512 bytes of K and V a token per chip), 128 MiB.
+#[test]
+fn attention_chunks_keep_kv_and_scores_within_the_budget() {
+    use tpuserve_runner_xla::program::{Bucket, ProgramConfig};
+    let (c, _) = cfg("llama-3.1-70b.config.json");
+    let pc = ProgramConfig::for_model(
+        &c,
+        8,
+        tpuserve_runner_xla::WeightElem::BF16,
+        15_000,
+        16,
+        4096,
+        tpuserve_runner_xla::default_kv_chunk_tokens("tpu"),
+    )
+    .with_kv_chunk_budget(128 << 20);
+    let tokens = |t: i64, tile: i64| {
+        pc.chunk_blocks(Bucket {
+            tokens: t,
+            tile,
+            top_k: 0,
+        }) * 16
+    };
+    // Decode rows: the K and V of 128 rows × 2,048 tokens are the budget exactly.
+    assert_eq!(tokens(128, 1), 2048);
+    assert_eq!(tokens(512, 1), 512);
+    // 512-row prompt steps in tiles of 16: 32 MiB of scores at 2,048 tokens, within half.
+    assert_eq!(tokens(512, 16), 2048);
+    // 2,048-row steps: 128 tiles × 16 rows × 8 heads × 4 bytes = 64 KiB of scores a token:
+    // 1,024 tokens are the half budget.
+    assert_eq!(tokens(2048, 16), 1024);
+    // 2,048 decode-style rows: the base chunk.
+    assert_eq!(tokens(2048, 1), 256);
+    for (t, tile) in [
+        (128, 1),
+        (512, 1),
+        (512, 16),
+        (1024, 16),
+        (2048, 16),
+        (2048, 1),
+    ] {
+        // Above the base chunk (256 tokens), which a chunk never goes below.
+        let (n, tiles) = (tokens(t, tile), t / tile);
+        assert!(
+            n == 256 || tiles * n * 512 <= 128 << 20,
+            "{t}×{tile}: K and V"
+        );
+        assert!(
+            n == 256 || tiles * tile * 8 * 4 * n <= 64 << 20,
+            "{t}×{tile}: scores"
+        );
+    }
+}

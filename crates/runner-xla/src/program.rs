@@ -301,15 +301,28 @@ impl ProgramConfig {
     /// ~134 MB (8B TP 1, where a token's K and V of a layer are 4 KiB a chip: 100k cycles for
     /// 134 MB, 448k for 268 MB), while 70B at TP 8 (512 bytes a token) kept growing cheaply:
     /// 128 decode rows × 512 tokens, 41k cycles against 30k for 256 tokens.
+    ///
+    /// The chunk's f32 scores (every row of every tile × the chip's query heads) stay within
+    /// half the budget as well: 70B at TP 8 with 2,048-row prompt steps (tiles of 16, 128
+    /// tiles) scored 134 MB a chunk at 2,048 tokens, and the TPU compiler refused the bucket
+    /// ("Too many buffers are colored in the alternate memory", deviceless v6e:2x4). Every
+    /// bucket up to 512 rows is unchanged by it (at most 32 MiB of scores).
     pub fn chunk_blocks(&self, b: Bucket) -> i64 {
         let tiles = (b.tokens / b.tile.max(1)).max(1);
-        grown_chunk(
-            self.kv_chunk,
-            self.block_size,
-            self.table_blocks,
-            tiles * self.kv_token_bytes(),
-            self.kv_chunk_budget,
-        )
+        let grown = |token_bytes, budget| {
+            grown_chunk(
+                self.kv_chunk,
+                self.block_size,
+                self.table_blocks,
+                token_bytes,
+                budget,
+            )
+        };
+        let heads = self.dims.heads / self.tp;
+        grown(tiles * self.kv_token_bytes(), self.kv_chunk_budget).min(grown(
+            tiles * b.tile.max(1) * heads * 4,
+            self.kv_chunk_budget / 2,
+        ))
     }
 
     /// Whether `b`'s residual stream is split by rows across the chips (sequence parallel):

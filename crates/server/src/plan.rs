@@ -274,13 +274,18 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         kern.compiled.push((b, r.kernels));
         let roof = (r.bytes_accessed / bw).max(r.flops / peak);
         println!(
-            "{:>6} {:>7} {:>5} {:>9.1} {:>9.2} {:>10.3} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2} {:>8.3} {:>8.1}% {:>7.1}s {:>6}",
+            "{:>6} {:>7} {:>5} {:>9.1} {:>9.2} {:>10} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2} {:>8.3} {:>8.1}% {:>7.1}s {:>6}",
             b.tokens,
             b.tile,
             b.top_k,
             r.flops / 1e9,
             r.bytes_accessed / 1e9,
-            r.optimal_seconds * 1e3,
+            // The compiler answered negative figures (−998 ms) for 2,048-row buckets.
+            if r.optimal_seconds >= 0.0 {
+                format!("{:.3}", r.optimal_seconds * 1e3)
+            } else {
+                "n/a".to_string()
+            },
             roof * 1e3,
             kern.seconds(&r.kernels) * 1e3,
             kern.plain_seconds(&r.kernels) * 1e3,

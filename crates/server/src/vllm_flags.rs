@@ -587,7 +587,7 @@ mod tests {
             &["--max-log-len", "None"][..],
             &["--max-log-len", " -1_000 "],
             &["--watermark", "1e-2"],
-            &["--kv-cache-memory-bytes", "1G"],
+            &["--max-num-scheduled-tokens", "1G"],
             &["--compilation-config", "{\"mode\": 3}"],
             &["--custom-histogram-buckets", "0.5"],
             &["--cohere-format", "anything"],
