@@ -355,8 +355,9 @@ fn tpu_v6e_1x1_llama_8b_shapes_tp1_cache_is_never_copied() {
     check("llama-3.1-8b.config.json", 1, true, &[]);
 }
 
-/// The tpu-recipes setting for 70B on v6e-8 (`--max-num-batched-tokens 2048`): every bucket
-/// up to 2,048-row prompt steps compiles and fits. The 2,048-row prompt bucket once scored
+/// The tpu-recipes setting for 70B on v6e-8 (`--max-num-batched-tokens 2048`): its 2,048-row
+/// buckets (`plan --bucket`; the smaller ones are those of the default budget, compiled
+/// above) compile and fit. The 2,048-row prompt bucket once scored
 /// 134 MB a KV chunk and the TPU compiler refused it ("Too many buffers are colored in the
 /// alternate memory"); its chunk now keeps the scores within half the chunk budget.
 #[test]
@@ -368,7 +369,14 @@ fn tpu_v6e_2x4_llama_70b_2048_token_steps_compile() {
         .arg(&cfg)
         .args(["--tensor-parallel-size", "8", "--max-model-len", "4096"])
         .args(["--max-num-seqs", "128", "--max-num-batched-tokens", "2048"])
-        .args(["--max-logprobs", "0"])
+        .args([
+            "--max-logprobs",
+            "0",
+            "--bucket",
+            "2048:16",
+            "--bucket",
+            "2048:1",
+        ])
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
@@ -391,6 +399,7 @@ fn tpu_v6e_2x4_llama_70b_2048_token_steps_compile() {
             })
         })
         .collect();
+    assert_eq!(rows.len(), 2, "only the buckets asked for:\n{text}");
     for tile in [1, 16] {
         assert!(
             rows.iter().any(|&(t, r, _)| t == 2048 && r == tile),

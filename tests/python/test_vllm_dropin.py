@@ -1012,7 +1012,7 @@ def test_vllm_flags_relied_on_for_correctness_are_refused(flag):
     (["--compilation-config", "{mode: 3"], "--compilation-config", "invalid JSON value"),
     (["--numa-bind-nodes", "0", "one"], "--numa-bind-nodes", "invalid int value: 'one'"),
     (["-pp", "two"], "--pipeline-parallel-size", "invalid int value: 'two'"),
-    (["--kv-cache-memory-bytes", "lots"], "--kv-cache-memory-bytes", "'lots'"),
+    (["--max-num-scheduled-tokens", "lots"], "--max-num-scheduled-tokens", "'lots'"),
 ])
 def test_ignored_flags_with_a_bad_value_are_argparse_errors(args, flag, what):
     import subprocess
@@ -1032,7 +1032,7 @@ def test_ignored_flags_take_what_argparse_takes():
     underscores in an int, human-readable sizes, exponents, an int among int choices."""
     from tpuserve_proc import ServerProcess
     args = ["--max-log-len", "None", "--max-num-queued-reqs", "1_000",
-            "--kv-cache-memory-bytes", "1G", "--log-level", "INFO", "--max-lora-rank", "16",
+            "--max-num-scheduled-tokens", "1G", "--log-level", "INFO", "--max-lora-rank", "16",
             "--watermark", "1e-2"]
     s = ServerProcess(*args)
     try:

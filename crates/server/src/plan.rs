@@ -77,6 +77,10 @@ pub struct PlanArgs {
     /// three more variants); the per-bucket table alone says whether everything fits.
     #[arg(long)]
     no_step_model: bool,
+    /// With --cost: compile only these buckets (`TOKENS:TILE`, e.g. `2048:16`; as the table
+    /// lists them), with no step model.
+    #[arg(long = "bucket", value_parser = parse_bucket, requires = "no_step_model")]
+    buckets: Vec<(i64, i64)>,
     /// With --cost: write each program's optimized, partitioned HLO (`hlo_with_config`) here.
     #[arg(long)]
     dump_hlo: Option<PathBuf>,
@@ -184,7 +188,15 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
     };
     let topo = deviceless::open_topology(&topology)?;
     let cfg = program_config(a, c, p, max_model_len);
-    let buckets = bucket_set(a, max_model_len);
+    let mut buckets = bucket_set(a, max_model_len);
+    if !a.buckets.is_empty() {
+        for &(t, r) in &a.buckets {
+            if !buckets.iter().any(|b| (b.tokens, b.tile) == (t, r)) {
+                anyhow::bail!("--bucket {t}:{r} is not a bucket of this configuration");
+            }
+        }
+        buckets.retain(|b| a.buckets.contains(&(b.tokens, b.tile)));
+    }
     let cfg = if a.attention_backend == "pallas" {
         let dir = a
             .attention_kernels
@@ -469,16 +481,19 @@ fn step_model(
             kernel,
         })
     };
+    // A prompt is prefilled in steps of the token budget, modelled up to 2,048 rows (the
+    // tpu-recipes setting for 70B on v6e-8; serve's default budget gives 512).
+    let chunk = max_t.min(2048);
     println!(
         "\nModelled steps per chip: the compiler's figures for the rest of the step, one layer \
-         and one more KV chunk (decode rows 1 / 32 / 128: {} / {} / {} tokens; 512-token \
+         and one more KV chunk (decode rows 1 / 32 / 128: {} / {} / {} tokens; {chunk}-token \
          prompt chunks: {}), from straight-line variants of each program (kernels: a layer \
          from the step's own loop), × {layers} layers × chunks. roof = max(bytes / {:.2} TB/s, flops / {:.0} \
          TFLOP/s). The compiler's model, not a measurement.",
         chunk_tokens(1, 1),
         chunk_tokens(32, 1),
         chunk_tokens(128, 1),
-        chunk_tokens(512, opts.attention_tile),
+        chunk_tokens(chunk, opts.attention_tile),
         bw / 1e12,
         peak / 1e12
     );
@@ -552,7 +567,6 @@ fn step_model(
             decode_128 = Some(s);
         }
     }
-    let chunk = 512.min(max_t);
     let pre = parts_of(chunk, opts.attention_tile)?;
     for &ctx in contexts.iter().filter(|&&x| x >= chunk) {
         row("prefill", chunk, ctx, &pre.step(ctx), chunk);
@@ -671,6 +685,12 @@ fn parse_quantization(s: &str) -> Result<Quantization, String> {
 fn parse_kv_cache_dtype(s: &str) -> Result<KvCacheDtype, String> {
     KvCacheDtype::from_flag(s)
         .ok_or_else(|| format!("{s}: tpuserve plans a KV cache of auto, fp8, fp8_e4m3 or fp8_e5m2"))
+}
+
+fn parse_bucket(s: &str) -> Result<(i64, i64), String> {
+    let bad = || format!("{s}: a bucket is TOKENS:TILE, e.g. 2048:16");
+    let (t, r) = s.split_once(':').ok_or_else(bad)?;
+    Ok((t.parse().map_err(|_| bad())?, r.parse().map_err(|_| bad())?))
 }
 
 fn positive_gbps(s: &str) -> Result<f64, String> {
