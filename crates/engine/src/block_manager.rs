@@ -5,6 +5,14 @@
 //! equal hashes mean equal whole prefixes. Freed blocks keep their hash and stay findable until
 //! the allocator needs them: the free queue is LRU, blocks without a hash are reused first, and
 //! a request's blocks are queued tail-first so that a prefix outlives its suffix.
+//!
+//! Blocks never written yet stand apart from the queue. Where the cache's memory is committed
+//! by the OS on first write (the CPU runner's zeroed pages), a never-written block is taken
+//! only while the freed cached blocks number fewer than those in use (and at least an eighth
+//! of the cache): past that, the least recently used cached block is reused instead, so the
+//! resident cache follows the working set rather than growing with every distinct prompt
+//! served. Elsewhere (device memory, allocated whole at start) never-written blocks go first,
+//! so that nothing cached is evicted while any block is unused.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -61,16 +69,13 @@ struct FreeQueue {
 }
 
 impl FreeQueue {
-    fn full(n: usize) -> Self {
-        let n32 = n as u32;
+    fn empty(n: usize) -> Self {
         FreeQueue {
-            prev: (0..n32).map(|i| if i == 0 { NIL } else { i - 1 }).collect(),
-            next: (0..n32)
-                .map(|i| if i + 1 == n32 { NIL } else { i + 1 })
-                .collect(),
-            head: if n == 0 { NIL } else { 0 },
-            tail: if n == 0 { NIL } else { n32 - 1 },
-            len: n,
+            prev: vec![NIL; n],
+            next: vec![NIL; n],
+            head: NIL,
+            tail: NIL,
+            len: 0,
         }
     }
 
@@ -128,7 +133,13 @@ pub struct BlockManager {
     /// The hash a block is registered under in `cached` (only full, computed blocks).
     hashes: Vec<Option<BlockHash>>,
     cached: HashMap<BlockHash, BlockId>,
+    /// Free blocks that were written before: those without a hash in front, then cached ones
+    /// in LRU order.
     free: FreeQueue,
+    /// Blocks `fresh..` have never been handed out.
+    fresh: u32,
+    /// Never-written blocks only while the freed cached ones are fewer than those in use.
+    committed_on_write: bool,
     caching: bool,
     counters: PrefixCacheCounters,
 }
@@ -142,10 +153,24 @@ impl BlockManager {
             ref_counts: vec![0; num_blocks],
             hashes: vec![None; num_blocks],
             cached: HashMap::new(),
-            free: FreeQueue::full(num_blocks),
+            free: FreeQueue::empty(num_blocks),
+            fresh: 0,
+            committed_on_write: false,
             caching: enable_prefix_caching,
             counters: PrefixCacheCounters::default(),
         }
+    }
+
+    /// For a cache whose memory the OS commits on first write: reuse written blocks before
+    /// taking never-written ones, within the limits the module comment gives.
+    pub fn committed_on_write(mut self, yes: bool) -> Self {
+        self.committed_on_write = yes;
+        self
+    }
+
+    /// Blocks handed out at least once (what a lazily committed cache holds in memory).
+    pub fn num_written_blocks(&self) -> usize {
+        self.fresh as usize
     }
 
     pub fn block_size(&self) -> usize {
@@ -158,14 +183,14 @@ impl BlockManager {
 
     /// Blocks nobody holds (including cached ones that may still be hit).
     pub fn num_free_blocks(&self) -> usize {
-        self.free.len
+        self.free.len + self.num_blocks() - self.fresh as usize
     }
 
     /// Fraction of blocks held by sequences, 0..1 (vLLM's `kv_cache_usage_perc`).
     pub fn usage(&self) -> f64 {
         match self.num_blocks() {
             0 => 0.0,
-            n => 1.0 - self.free.len as f64 / n as f64,
+            n => 1.0 - self.num_free_blocks() as f64 / n as f64,
         }
     }
 
@@ -212,12 +237,12 @@ impl BlockManager {
     /// `n` fresh blocks, or `None` (and nothing taken) when fewer are free. Taking a free
     /// cached block evicts its hash: its contents are about to be overwritten.
     pub fn allocate(&mut self, n: usize) -> Option<Vec<BlockId>> {
-        if n > self.free.len {
+        if n > self.num_free_blocks() {
             return None;
         }
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            let b = self.free.pop_front()?;
+            let b = self.take_free()?;
             if let Some(h) = self.hashes[b as usize].take() {
                 self.cached.remove(&h);
             }
@@ -225,6 +250,27 @@ impl BlockManager {
             out.push(BlockId(b));
         }
         Some(out)
+    }
+
+    /// The next block to hand out: a written block without cached content, else a
+    /// never-written one or the least recently used cached one (see the module comment).
+    fn take_free(&mut self) -> Option<u32> {
+        let head = self.free.head;
+        let head_cached = head != NIL && self.hashes[head as usize].is_some();
+        let have_fresh = (self.fresh as usize) < self.num_blocks();
+        let fresh_first = if !self.committed_on_write {
+            true
+        } else {
+            // Cached blocks sit behind all uncached ones, so with a cached head every block
+            // in the queue is cached.
+            let in_use = self.num_blocks() - self.num_free_blocks();
+            self.free.len < in_use.max(self.num_blocks() / 8)
+        };
+        if have_fresh && (head == NIL || (head_cached && fresh_first)) {
+            self.fresh += 1;
+            return Some(self.fresh - 1);
+        }
+        self.free.pop_front()
     }
 
     /// Drops one reference on each block of a sequence's table. Blocks reaching zero are
@@ -262,11 +308,17 @@ impl BlockManager {
         let mut in_free = vec![false; self.num_blocks()];
         let mut cur = self.free.head;
         let mut count = 0;
+        let mut seen_cached = false;
         while cur != NIL {
             if in_free[cur as usize] {
                 return Err(format!("block {cur} twice in the free queue"));
             }
             in_free[cur as usize] = true;
+            let cached = self.hashes[cur as usize].is_some();
+            if seen_cached && !cached {
+                return Err(format!("uncached block {cur} queued behind a cached one"));
+            }
+            seen_cached |= cached;
             count += 1;
             cur = self.free.next[cur as usize];
         }
@@ -276,7 +328,12 @@ impl BlockManager {
                 self.free.len
             ));
         }
-        for (b, (&rc, &free)) in self.ref_counts.iter().zip(&in_free).enumerate() {
+        for (b, (&rc, &queued)) in self.ref_counts.iter().zip(&in_free).enumerate() {
+            let never_written = b >= self.fresh as usize;
+            if never_written && (rc != 0 || queued || self.hashes[b].is_some()) {
+                return Err(format!("never-written block {b} is held, queued or cached"));
+            }
+            let free = queued || never_written;
             if (rc == 0) != free {
                 return Err(format!("block {b}: ref count {rc} but free = {free}"));
             }
@@ -363,6 +420,57 @@ mod tests {
         m.release(&b);
         m.release(&dup);
         assert_eq!(m.num_free_blocks(), 3);
+        m.check_invariants().unwrap();
+    }
+
+    /// 200 requests of 10 distinct cached blocks each, 8 at a time, through a cache of 800
+    /// blocks: returns the manager and the last request's hashes.
+    fn churn(committed_on_write: bool) -> (BlockManager, Vec<BlockHash>) {
+        let mut m = BlockManager::new(800, 2, true).committed_on_write(committed_on_write);
+        let mut live: std::collections::VecDeque<Vec<BlockId>> = Default::default();
+        let mut last = Vec::new();
+        for r in 0..200u32 {
+            if live.len() == 8 {
+                m.release(&live.pop_front().unwrap());
+            }
+            let tokens: Vec<TokenId> = (0..20).map(|i| r * 100 + i).collect();
+            let hs = hashes(&tokens, 2);
+            let t = m.allocate(10).unwrap();
+            for (&b, &h) in t.iter().zip(&hs) {
+                m.register(b, h);
+            }
+            live.push_back(t);
+            last = hs;
+            m.check_invariants().unwrap();
+        }
+        for t in live {
+            m.release(&t);
+        }
+        m.check_invariants().unwrap();
+        (m, last)
+    }
+
+    #[test]
+    fn written_blocks_follow_the_working_set_where_memory_is_committed_on_write() {
+        // Device memory: every block is used before anything cached is evicted.
+        let (m, _) = churn(false);
+        assert_eq!(m.num_written_blocks(), 800);
+        assert_eq!(m.num_cached_blocks(), 800);
+        // Host pages: at most the 80 blocks in use plus max(80, 800 / 8) cached ones.
+        let (mut m, last) = churn(true);
+        assert!(
+            (100..=180).contains(&m.num_written_blocks()),
+            "{} blocks written",
+            m.num_written_blocks()
+        );
+        assert_eq!(m.num_free_blocks(), 800);
+        // The most recent prompts stay cached.
+        assert_eq!(m.acquire_cached(&last).len(), 10);
+        m.check_invariants().unwrap();
+        // All 800 can still be handed out at once.
+        let all = m.allocate(790).unwrap();
+        assert_eq!(all.len(), 790);
+        assert_eq!(m.num_written_blocks(), 800);
         m.check_invariants().unwrap();
     }
 

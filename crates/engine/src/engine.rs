@@ -134,7 +134,8 @@ impl EngineCore {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 max_num_seqs: cfg.max_num_seqs,
             },
-            BlockManager::new(kv.num_blocks, kv.block_size, cfg.enable_prefix_caching),
+            BlockManager::new(kv.num_blocks, kv.block_size, cfg.enable_prefix_caching)
+                .committed_on_write(kv.committed_on_write),
         );
         Ok(EngineCore {
             runner,

@@ -41,6 +41,7 @@ impl FakeRunner {
             kv: KvCacheShape {
                 num_blocks,
                 block_size,
+                committed_on_write: false,
             },
             slots: vec![None; num_blocks * block_size],
             steps: Arc::default(),

@@ -112,6 +112,9 @@ pub struct StepOutput {
 pub struct KvCacheShape {
     pub num_blocks: usize,
     pub block_size: usize,
+    /// The cache's memory is committed by the OS on first write (zeroed host pages), not
+    /// allocated whole at start: the block manager then reuses written blocks first.
+    pub committed_on_write: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -156,6 +156,8 @@ impl CpuRunner {
             kv: KvCacheShape {
                 num_blocks: opts.num_blocks,
                 block_size: opts.block_size,
+                // The cache is zeroed pages from the allocator (see `KvCache`).
+                committed_on_write: true,
             },
             pool: std::sync::Arc::new(
                 rayon::ThreadPoolBuilder::new()

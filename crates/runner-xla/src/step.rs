@@ -402,6 +402,8 @@ impl ModelRunner for XlaRunner {
         KvCacheShape {
             num_blocks: self.opts.num_blocks,
             block_size: self.opts.block_size,
+            // Device buffers are allocated whole at start.
+            committed_on_write: false,
         }
     }
 

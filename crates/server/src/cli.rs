@@ -425,21 +425,10 @@ impl ServeArgs {
     /// The KV cache size the flags ask for, if not the memory share: `--num-gpu-blocks-override`
     /// over `--kv-cache-memory-bytes` (as vLLM), each at least one block.
     pub fn kv_size(&self) -> Result<Option<KvSize>, UsageError> {
-        if let Some(n) = self.num_gpu_blocks_override.0 {
-            if n == 0 {
-                return Err(UsageError(
-                    "--num-gpu-blocks-override must be at least 1".into(),
-                ));
-            }
-            return Ok(Some(KvSize::Blocks(n)));
-        }
-        match self.kv_cache_memory_bytes.0 {
-            Some(0) => Err(UsageError(
-                "--kv-cache-memory-bytes must be positive".into(),
-            )),
-            Some(b) => Ok(Some(KvSize::BytesPerDevice(b as u64))),
-            None => Ok(None),
-        }
+        KvSize::from_flags(
+            self.num_gpu_blocks_override.0,
+            self.kv_cache_memory_bytes.0,
+        )
     }
 
     /// `--max-model-len` against the model's own maximum context (from its config).
@@ -477,6 +466,29 @@ pub enum KvSize {
 }
 
 impl KvSize {
+    /// The size `--num-gpu-blocks-override` and `--kv-cache-memory-bytes` ask for (`serve`
+    /// and `plan` alike): the block count wins over the bytes, as in vLLM; zero of either
+    /// is refused.
+    pub fn from_flags(
+        blocks: Option<usize>,
+        bytes_per_device: Option<usize>,
+    ) -> Result<Option<KvSize>, UsageError> {
+        let size = match (blocks, bytes_per_device) {
+            (Some(n), _) => Some(KvSize::Blocks(n)),
+            (None, Some(b)) => Some(KvSize::BytesPerDevice(b as u64)),
+            (None, None) => None,
+        };
+        match size {
+            Some(KvSize::Blocks(0)) => Err(UsageError(
+                "--num-gpu-blocks-override must be at least 1".into(),
+            )),
+            Some(KvSize::BytesPerDevice(0)) => Err(UsageError(
+                "--kv-cache-memory-bytes must be positive".into(),
+            )),
+            _ => Ok(size),
+        }
+    }
+
     /// Blocks of `block_size` tokens, at `bytes_per_token` per device (at least one).
     pub fn blocks(self, bytes_per_token: usize, block_size: usize) -> usize {
         match self {

@@ -755,15 +755,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     };
     let max_model_len = a.max_model_len.unwrap_or(c.max_position_embeddings);
     let kv_bytes = if a.kv_cache_dtype.is_fp8() { 1 } else { bytes };
-    let size = if let Some(n) = a.num_gpu_blocks_override {
-        Some(KvSize::Blocks(n))
-    } else {
-        a.kv_cache_memory_bytes
-            .map(|b| KvSize::BytesPerDevice(b as u64))
-    };
-    if matches!(size, Some(KvSize::Blocks(0) | KvSize::BytesPerDevice(0))) {
-        anyhow::bail!("{} must be positive", size.unwrap().flag());
-    }
+    let size = KvSize::from_flags(a.num_gpu_blocks_override, a.kv_cache_memory_bytes)?;
     let p = plan_with_kv(
         &c,
         dev,
