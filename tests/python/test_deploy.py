@@ -539,7 +539,8 @@ def test_pallas_overlay_passes_the_flags_the_image_kernels_were_built_for():
     added = [a for a in argv if a not in base]
     assert argv[:len(base)] == base
     name = "llama-3.1-70b-tp8"
-    assert added == ["--num-gpu-blocks-override=14336", "--attention-backend=pallas",
+    assert added == ["--block-size=64", "--num-gpu-blocks-override=3584",
+                     "--attention-backend=pallas",
                      f"--attention-kernels=/opt/tpuserve/kernels/{name}"], added
     folder = ROOT / "docker" / "attention-kernels" / name
     flags = [l.strip() for l in (folder / "flags").read_text().splitlines() if l.strip()]
