@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 
 use tpuserve_model::{load_model, LoadedModel};
 use tpuserve_runner_api::ModelRunner;
-use tpuserve_runner_xla::{AttentionBackend, XlaRunner, XlaRunnerOptions};
-use tpuserve_suite::checks::check_batch;
+use tpuserve_runner_xla::{AttentionBackend, KvCacheDtype, XlaRunner, XlaRunnerOptions};
+use tpuserve_suite::checks::{check_batch, close, request};
 use tpuserve_suite::goldens::Goldens;
 use tpuserve_suite::{fixtures_dir, golden_xla_options, manifest_dir, tiny_llama3_dir};
 
@@ -126,6 +126,65 @@ fn the_spliced_kernel_follows_the_goldens_at_tp_1_and_2() {
         );
         goldens_on(&mut r);
     }
+}
+
+/// `--kv-cache-dtype fp8` with the kernel: the pages stay fp8 through the copies and are
+/// widened in the kernel. The self-check passes, and the golden batch (greedy, chunked
+/// prompts, staggered arrivals) gives what the StableHLO attention gives over the same fp8
+/// cache: the same tokens, logprobs within the goldens' tolerance (both read the same fp8
+/// values; they sum in another order).
+#[test]
+fn the_kernel_reads_an_fp8_cache_as_the_stablehlo_attention_does() {
+    let m = model();
+    let fp8 = || XlaRunnerOptions {
+        kv_cache_dtype: KvCacheDtype::Fp8E4m3,
+        ..opts(1)
+    };
+    let g = Goldens::load(&fixtures_dir().join("tiny-llama3/goldens.json"));
+    let cases = g.batch_within(512);
+    let reqs = || {
+        cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| request(c, i))
+            .collect::<Vec<_>>()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut plain = XlaRunner::new(&m, fp8()).unwrap();
+    let shapes = plain.attention_shapes().unwrap();
+    assert!(
+        shapes
+            .iter()
+            .all(|s| s.cache_dtype.as_deref() == Some("float8_e4m3fn")),
+        "{shapes:?}"
+    );
+    lower(&plain, "cpu", dir.path());
+    let want = tpuserve_suite::driver::run(&mut plain, reqs(), 64);
+    drop(plain);
+    let mut r = XlaRunner::new(
+        &m,
+        XlaRunnerOptions {
+            attention_backend: AttentionBackend::Pallas,
+            attention_kernels: Some(dir.path().to_path_buf()),
+            ..fp8()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        r.attention_kernels_in_use(),
+        shapes.len(),
+        "{}",
+        r.attention()
+    );
+    let got = tpuserve_suite::driver::run(&mut r, reqs(), 64);
+    assert_eq!(got.len(), want.len());
+    for (c, (a, b)) in cases.iter().zip(got.iter().zip(&want)) {
+        assert_eq!(a.tokens, b.tokens, "{}", c.name);
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            close(x.logprob as f64, y.logprob as f64, &c.name);
+        }
+    }
+    assert_eq!(r.stats().compilations_after_warmup, 0);
 }
 
 #[test]

@@ -17,6 +17,8 @@ SHAPE_70B = dict(tiles=32, kv_heads=1, rows=16, group=8, head_dim=128, page_size
                  pages=15078 * 80, table_pages=256, chunk_pages=16, dtype="bfloat16")
 # The same model's decode bucket: 128 tiles of one row.
 SHAPE_70B_DECODE = dict(SHAPE_70B, tiles=128, rows=1)
+# `--kv-cache-dtype fp8` (e4m3): fp8 pages, bf16 queries.
+SHAPE_70B_FP8 = dict(SHAPE_70B_DECODE, cache_dtype="float8_e4m3fn")
 
 
 def test_lowering_is_deterministic_and_of_the_shapes_asked_for(tmp_path):
@@ -45,6 +47,23 @@ def test_lowering_is_deterministic_and_of_the_shapes_asked_for(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(a))
 
 
+def test_an_fp8_cache_is_an_operand_type_and_part_of_the_name(tmp_path):
+    a = lower.artifact(SHAPE_70B_FP8)
+    main = re.search(r"func\.func public @main\((.*?)\) -> \((.*?)\)", a["module"])
+    operands = re.findall(r"tensor<[^>]*>", main.group(1))
+    assert operands[:3] == ["tensor<128x1x8x128xbf16>", "tensor<1206240x1x16x128xf8E4M3FN>",
+                            "tensor<1206240x1x16x128xf8E4M3FN>"], operands
+    assert lower.file_name(SHAPE_70B_FP8).endswith("-bfloat16-kvfloat8_e4m3fn.json")
+    assert lower.file_name(SHAPE_70B_DECODE).endswith("-c16-bfloat16.json")
+    assert lower.check_shape(SHAPE_70B_FP8) is None
+    assert "cache_dtype" in lower.check_shape(dict(SHAPE_70B, cache_dtype="int4"))
+    out = tmp_path / "a.json"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in SHAPE_70B_FP8.items()]
+    subprocess.run([sys.executable, "-m", "tpuserve_kernels", "paged-attention", *args,
+                    f"--out={out}"], check=True, cwd=ROOT / "kernels")
+    assert json.loads(out.read_text()) == json.loads(json.dumps(a))
+
+
 def compile_tpu():
     target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
     exe = pathlib.Path(target) / "release" / "examples" / "compile_tpu"
@@ -60,7 +79,8 @@ def test_the_tpu_compiler_accepts_the_kernel_for_v6e(tmp_path):
     env = dict(os.environ, TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v6e-8",
                TPU_WORKER_ID="0", TPU_WORKER_HOSTNAMES="localhost", TPU_HOST_BOUNDS="1,1,1",
                TPU_CHIPS_PER_HOST_BOUNDS="2,4,1")
-    for name, shape in (("prefill", SHAPE_70B), ("decode", SHAPE_70B_DECODE)):
+    for name, shape in (("prefill", SHAPE_70B), ("decode", SHAPE_70B_DECODE),
+                        ("decode-fp8", SHAPE_70B_FP8)):
         path = tmp_path / f"{name}.mlir"
         path.write_text(lower.artifact(shape)["module"])
         r = subprocess.run(["unshare", "-n", str(compile_tpu()), "v6e:2x4", str(path)],

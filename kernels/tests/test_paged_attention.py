@@ -42,7 +42,7 @@ class Case:
     repeating its last row, as the runner pads)."""
 
     def __init__(self, seqs, *, rows, group, kv_heads, chunk_pages, head_dim=128, page_size=16,
-                 table_pages=8, dtype=np.float32, seed=0):
+                 table_pages=8, dtype=np.float32, cache_dtype=None, seed=0):
         rng = np.random.default_rng(seed)
         tiles = []
         for n, qn in seqs:
@@ -67,8 +67,8 @@ class Case:
         assert self.qpos.shape == (len(tiles), rg, 1)
         shape = (self.pages, kv_heads, page_size, head_dim)
         self.q = rng.standard_normal((len(tiles), kv_heads, rg, head_dim)).astype(dtype)
-        self.k = rng.standard_normal(shape).astype(dtype)
-        self.v = rng.standard_normal(shape).astype(dtype)
+        self.k = rng.standard_normal(shape).astype(cache_dtype or dtype)
+        self.v = rng.standard_normal(shape).astype(cache_dtype or dtype)
         self.chunk_pages = chunk_pages
         self.scale = head_dim ** -0.5
 
@@ -134,6 +134,20 @@ def test_bf16_pages_and_queries():
     c = Case([(60, 16), (30, 1)], rows=16, group=2, kv_heads=2, chunk_pages=2,
              dtype=jnp.bfloat16)
     np.testing.assert_allclose(c.run(), c.want(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_fp8_pages_widened_to_the_queries_dtype(dtype, cache_dtype):
+    """`--kv-cache-dtype fp8`: the pages stay fp8 in HBM and in the copies, and are widened
+    to the queries' dtype in VMEM; the reference reads the same fp8 values widened to f64.
+    Both lowerings: the TPU interpreter and the plain HLO the runner splices on the CPU."""
+    c = Case([(60, 16), (30, 1), (0, 0), (17, 1)], rows=16, group=4, kv_heads=2, chunk_pages=2,
+             dtype=dtype, cache_dtype=cache_dtype)
+    assert c.k.dtype == cache_dtype
+    tol = F32 if dtype == np.float32 else dict(atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(c.run(), c.want(), **tol)
+    np.testing.assert_allclose(c.run(hlo=True), c.want(), **tol)
 
 
 def test_a_table_not_in_whole_chunks_is_refused():

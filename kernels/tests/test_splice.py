@@ -30,7 +30,8 @@ def tpuserve():
 
 
 @pytest.mark.parametrize("name,model,tp", [("tiny", TINY, 1), ("tiny", TINY, 8),
-                                          ("70b", L70B, 8)])
+                                          ("70b", L70B, 8),
+                                          ("70b-fp8", [*L70B, "--kv-cache-dtype", "fp8"], 8)])
 def test_spliced_step_programs_compile_for_v6e(tmp_path, name, model, tp):
     args = [*model, "--tensor-parallel-size", str(tp), *SMALL_STEPS]
     env = dict(os.environ, TPUSERVE_BIN=str(tpuserve()))
@@ -40,6 +41,8 @@ def test_spliced_step_programs_compile_for_v6e(tmp_path, name, model, tp):
     shapes = sorted(out.glob("paged_attention-*.json"))
     # Decode and prompt tiles of 16 to 64 rows: six shapes.
     assert len(shapes) == 6, shapes
+    # An fp8 cache is part of every shape: fp8 pages, bf16 queries.
+    assert all(p.name.endswith("-kvfloat8_e4m3fn.json") == (name == "70b-fp8") for p in shapes)
     r = subprocess.run([str(tpuserve()), "plan", *args, "--cost", "--no-step-model",
                         "--attention-backend", "pallas", "--attention-kernels", str(out)],
                        capture_output=True, text=True, timeout=900)
@@ -51,6 +54,6 @@ def test_spliced_step_programs_compile_for_v6e(tmp_path, name, model, tp):
     temps = float(re.search(r"largest temporaries ([\d.]+) GB", r.stdout).group(1))
     padded = "head_dim 8 is not a multiple of the TPU's 128 lanes" in r.stdout
     assert padded == (name == "tiny"), r.stdout
-    if name == "70b":
+    if name.startswith("70b"):
         # head_dim 128: the call reads the cache in place, no copy of it.
         assert temps < 0.1, r.stdout

@@ -18,6 +18,8 @@ def main(argv=None):
     for name in lower.SHAPE_KEYS[:-1]:
         pa.add_argument(f"--{name.replace('_', '-')}", type=int)
     pa.add_argument("--dtype", choices=sorted(lower.DTYPES), default="bfloat16")
+    pa.add_argument("--cache-dtype", choices=sorted(lower.CACHE_DTYPES),
+                    help="the KV cache's dtype where it is not --dtype (an fp8 cache)")
     pa.add_argument("--target", default=lower.V6E,
                     help="a TPU device kind (default: %(default)s), or `cpu`: the kernel as "
                          "plain HLO through Pallas' interpreter, for the XLA CPU plugin")
@@ -36,6 +38,8 @@ def main(argv=None):
         if not a.out:
             p.error("give --out FILE (one shape from the flags) or --shapes FILE --out-dir DIR")
         shapes = [{k: getattr(a, k) for k in lower.SHAPE_KEYS}]
+        if a.cache_dtype:
+            shapes[0]["cache_dtype"] = a.cache_dtype
     for shape in shapes:
         why = lower.check_shape(shape)
         if why:

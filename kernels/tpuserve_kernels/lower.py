@@ -23,20 +23,24 @@ V6E = "TPU v6 lite"
 # slices, no custom call), so the runner's splice runs end to end without a TPU.
 CPU = "cpu"
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+# A cache stored in another dtype than the activations (`--kv-cache-dtype fp8`): the kernel
+# copies its pages as they are and widens them in VMEM before the dots.
+CACHE_DTYPES = {"float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
 
 
 def paged_attention_module(*, tiles, kv_heads, rows, group, head_dim, page_size, pages,
-                           table_pages, chunk_pages, dtype, target=V6E):
+                           table_pages, chunk_pages, dtype, cache_dtype=None, target=V6E):
     """The StableHLO module (text) of one attention call of these shapes, lowered for
     `target` (a TPU device kind, or `cpu`): `main(q, k_cache, v_cache, tables, ctx, qpos)
-    -> out`, per chip."""
+    -> out`, per chip. The caches are in `cache_dtype` (default: `dtype`)."""
     dt = DTYPES[dtype]
+    ct = CACHE_DTYPES[cache_dtype] if cache_dtype else dt
     s = jax.ShapeDtypeStruct
     rg = rows * group
     args = (
         s((tiles, kv_heads, rg, head_dim), dt),
-        s((pages, kv_heads, page_size, head_dim), dt),
-        s((pages, kv_heads, page_size, head_dim), dt),
+        s((pages, kv_heads, page_size, head_dim), ct),
+        s((pages, kv_heads, page_size, head_dim), ct),
         s((tiles, table_pages), jnp.int32),
         s((tiles,), jnp.int32),
         s((tiles, rg, 1), jnp.int32),
@@ -53,6 +57,8 @@ def paged_attention_module(*, tiles, kv_heads, rows, group, head_dim, page_size,
 
 SHAPE_KEYS = ("tiles", "kv_heads", "rows", "group", "head_dim", "page_size", "pages",
               "table_pages", "chunk_pages", "dtype")
+# Present only where the cache's dtype differs from the activations'.
+OPTIONAL_KEYS = ("cache_dtype",)
 
 
 def file_name(shape):
@@ -61,15 +67,19 @@ def file_name(shape):
     s = shape
     return (f"paged_attention-t{s['tiles']}-h{s['kv_heads']}-r{s['rows']}-g{s['group']}"
             f"-d{s['head_dim']}-p{s['page_size']}-n{s['pages']}-b{s['table_pages']}"
-            f"-c{s['chunk_pages']}-{s['dtype']}.json")
+            f"-c{s['chunk_pages']}-{s['dtype']}"
+            + (f"-kv{s['cache_dtype']}" if s.get("cache_dtype") else "") + ".json")
 
 
 def check_shape(shape):
     """Why `shape` cannot be lowered, or None."""
-    if sorted(shape) != sorted(SHAPE_KEYS):
-        return f"shape keys {sorted(shape)}, expected {sorted(SHAPE_KEYS)}"
+    keys = set(shape) - set(OPTIONAL_KEYS)
+    if sorted(keys) != sorted(SHAPE_KEYS):
+        return f"shape keys {sorted(shape)}, expected {sorted(SHAPE_KEYS)} (and optionally {OPTIONAL_KEYS})"
     if shape["dtype"] not in DTYPES:
         return f"dtype {shape['dtype']!r} is not one of {sorted(DTYPES)}"
+    if "cache_dtype" in shape and shape["cache_dtype"] not in CACHE_DTYPES:
+        return f"cache_dtype {shape['cache_dtype']!r} is not one of {sorted(CACHE_DTYPES)}"
     for k in SHAPE_KEYS[:-1]:
         if not isinstance(shape[k], int) or shape[k] <= 0:
             return f"{k} must be a positive integer, got {shape[k]!r}"

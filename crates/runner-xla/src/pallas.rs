@@ -36,6 +36,11 @@ pub struct AttentionShape {
     pub table_pages: i64,
     pub chunk_pages: i64,
     pub dtype: String,
+    /// The cache's dtype where it is not `dtype` (`--kv-cache-dtype fp8`: `float8_e4m3fn` or
+    /// `float8_e5m2`): the kernel copies fp8 pages and widens them in VMEM. Absent otherwise,
+    /// so the shapes (and file names) of caches in the activations' dtype are as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dtype: Option<String>,
 }
 
 impl AttentionShape {
@@ -43,13 +48,18 @@ impl AttentionShape {
     pub fn of(cfg: &ProgramConfig, b: Bucket) -> Result<AttentionShape, String> {
         let m = &cfg.dims;
         let w = cfg.weight_elem.elem();
-        if cfg.cache_elem != w {
-            return Err(format!(
-                "the kernel reads a cache of the activations' dtype ({}), not {}",
-                w.mlir(),
-                cfg.cache_elem.mlir()
-            ));
-        }
+        let cache_dtype = match cfg.cache_elem {
+            e if e == w => None,
+            Elem::F8E4M3FN => Some("float8_e4m3fn".to_string()),
+            Elem::F8E5M2 => Some("float8_e5m2".to_string()),
+            other => {
+                return Err(format!(
+                    "no kernel for a {} cache beside {} activations",
+                    other.mlir(),
+                    w.mlir()
+                ))
+            }
+        };
         let dtype = match w {
             Elem::BF16 => "bfloat16",
             Elem::F32 => "float32",
@@ -67,6 +77,7 @@ impl AttentionShape {
             table_pages: cfg.table_blocks,
             chunk_pages: cfg.kv_chunk,
             dtype: dtype.into(),
+            cache_dtype,
         })
     }
 
@@ -88,7 +99,7 @@ impl AttentionShape {
     /// The artifact's file name (`lower.file_name` in Python writes the same).
     pub fn file_name(&self) -> String {
         format!(
-            "paged_attention-t{}-h{}-r{}-g{}-d{}-p{}-n{}-b{}-c{}-{}.json",
+            "paged_attention-t{}-h{}-r{}-g{}-d{}-p{}-n{}-b{}-c{}-{}{}.json",
             self.tiles,
             self.kv_heads,
             self.rows,
@@ -98,7 +109,11 @@ impl AttentionShape {
             self.pages,
             self.table_pages,
             self.chunk_pages,
-            self.dtype
+            self.dtype,
+            match &self.cache_dtype {
+                Some(c) => format!("-kv{c}"),
+                None => String::new(),
+            }
         )
     }
 
@@ -110,15 +125,25 @@ impl AttentionShape {
         }
     }
 
+    /// The caches' element type.
+    fn cache_elem(&self) -> Elem {
+        match self.cache_dtype.as_deref() {
+            Some("float8_e4m3fn") => Elem::F8E4M3FN,
+            Some("float8_e5m2") => Elem::F8E5M2,
+            _ => self.elem(),
+        }
+    }
+
     /// `main`'s operand types, in its order: q, k_cache, v_cache, tables, ctx, qpos.
     pub fn operand_types(&self) -> Vec<Ty> {
         let e = self.elem();
         let rg = self.rows * self.group;
         let cache = [self.pages, self.kv_heads, self.page_size, self.head_dim];
+        let c = self.cache_elem();
         vec![
             Ty::new(&[self.tiles, self.kv_heads, rg, self.head_dim], e),
-            Ty::new(&cache, e),
-            Ty::new(&cache, e),
+            Ty::new(&cache, c),
+            Ty::new(&cache, c),
             Ty::new(&[self.tiles, self.table_pages], Elem::I32),
             Ty::new(&[self.tiles], Elem::I32),
             Ty::new(&[self.tiles, rg, 1], Elem::I32),
@@ -619,11 +644,12 @@ impl AttentionShape {
     /// each with all of the page's KV heads).
     pub fn price(&self, ctx: &[i64], bandwidth: f64, peak: f64) -> KernelPrice {
         let elem = self.elem().bytes() as f64;
+        let page_elem = self.cache_elem().bytes() as f64;
         let chunk = self.chunk_pages * self.page_size;
         let rg = (self.rows * self.group) as f64;
         let d = self.head_dim as f64;
         let heads = self.kv_heads as f64;
-        let chunk_bytes = heads * 2.0 * chunk as f64 * d * elem;
+        let chunk_bytes = heads * 2.0 * chunk as f64 * d * page_elem;
         let chunk_flops = heads * 4.0 * rg * chunk as f64 * d;
         let chunk_dmas = 2.0 * self.chunk_pages as f64;
         let per_chunk = (chunk_bytes / bandwidth)
@@ -708,8 +734,33 @@ mod tests {
             d.file_name(),
             "paged_attention-t32-h8-r1-g2-d4-p16-n128-b16-c4-bfloat16.json"
         );
+        // An fp8 cache: its own operand type and file name; the bf16 shape's JSON and name
+        // are as before (no `cache_dtype` key).
         let fp8 = config(1).with_kv_cache(crate::quant::KvCacheDtype::Fp8E4m3);
-        assert!(AttentionShape::of(&fp8, BUCKET).is_err());
+        let f = AttentionShape::of(&fp8, decode).unwrap();
+        assert_eq!(f.cache_dtype.as_deref(), Some("float8_e4m3fn"));
+        assert_eq!(
+            f.file_name(),
+            "paged_attention-t32-h8-r1-g2-d4-p16-n128-b16-c4-bfloat16-kvfloat8_e4m3fn.json"
+        );
+        let types = f.operand_types();
+        assert_eq!(
+            (types[0].elem, types[1].elem, types[2].elem),
+            (Elem::BF16, Elem::F8E4M3FN, Elem::F8E4M3FN)
+        );
+        assert!(!serde_json::to_string(&d).unwrap().contains("cache_dtype"));
+        let back: AttentionShape =
+            serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+        assert_eq!(back, f);
+        // Half the page bytes of the bf16 cache.
+        let (pb, pf) = (
+            d.price(&[64; 32], 1e12, 1e15),
+            f.price(&[64; 32], 1e12, 1e15),
+        );
+        assert!(
+            pf.bytes < pb.bytes && pf.bytes > 0.45 * pb.bytes,
+            "{pf:?} {pb:?}"
+        );
     }
 
     #[test]

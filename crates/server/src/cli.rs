@@ -425,10 +425,7 @@ impl ServeArgs {
     /// The KV cache size the flags ask for, if not the memory share: `--num-gpu-blocks-override`
     /// over `--kv-cache-memory-bytes` (as vLLM), each at least one block.
     pub fn kv_size(&self) -> Result<Option<KvSize>, UsageError> {
-        KvSize::from_flags(
-            self.num_gpu_blocks_override.0,
-            self.kv_cache_memory_bytes.0,
-        )
+        KvSize::from_flags(self.num_gpu_blocks_override.0, self.kv_cache_memory_bytes.0)
     }
 
     /// `--max-model-len` against the model's own maximum context (from its config).
