@@ -100,6 +100,19 @@ pub fn top_n(values: &[f32], n: usize) -> Vec<usize> {
     idx
 }
 
+/// The index of the largest value, the lowest such index on ties (as `top_n(values, 1)`), in
+/// one pass: greedy decoding's pick, where `top_n` would index and partition the whole
+/// vocabulary for every sampled row. NaNs are skipped; 0 when there is nothing else.
+pub fn argmax(values: &[f32]) -> usize {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in values.iter().enumerate() {
+        if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map_or(0, |(i, _)| i)
+}
+
 /// The logprob, rank and top-`n` of `token` under the raw logits.
 pub fn token_logprobs(logits: &[f32], token: TokenId, n: usize) -> TokenLogprobs {
     let lsm = log_softmax(logits);
@@ -278,7 +291,7 @@ pub fn sample_masked(
         apply_processors(&mut logits, &unbanned, prompt, output);
     }
     let token = if p.is_greedy() {
-        top_n(&logits, 1).first().copied().unwrap_or(0) as TokenId
+        argmax(&logits) as TokenId
     } else {
         let dist = filtered_distribution(&logits, p);
         let u = match p.seed {
@@ -302,6 +315,30 @@ pub fn sample_masked(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn argmax_is_top_n_of_one() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for n in [1usize, 2, 7, 100, 49_152] {
+            let mut v: Vec<f32> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Few distinct values, so that ties are common.
+                    ((x % 11) as f32 - 5.0) * 0.5
+                })
+                .collect();
+            assert_eq!(argmax(&v), top_n(&v, 1)[0], "n={n}");
+            v[n / 2] = f32::INFINITY;
+            assert_eq!(argmax(&v), n / 2);
+            v[0] = f32::NAN;
+            assert_eq!(argmax(&v), n / 2);
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[f32::NAN, -1.0, 3.0, 3.0]), 2);
+        assert_eq!(argmax(&[]), 0);
+    }
+
     use super::*;
 
     #[test]

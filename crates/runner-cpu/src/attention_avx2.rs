@@ -82,7 +82,7 @@ unsafe fn max1(a: __m256) -> f32 {
 /// exponent bits. Below −87.3 (where exp underflows f32's normal range) it gives ~1e-38.
 /// libm's scalar `expf` per score was a third of this kernel's time at 150 positions.
 #[inline(always)]
-unsafe fn exp8(x: __m256) -> __m256 {
+pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
     let n = _mm256_round_ps(
         _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),

@@ -2,6 +2,7 @@
 //! keys and values from a paged cache through each sequence's block table. It is the numerical
 //! reference the XLA runner is checked against.
 
+pub mod activation;
 #[doc(hidden)]
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
@@ -257,9 +258,7 @@ impl CpuRunner {
             .zip(gu.par_chunks(2 * inter))
             .for_each(|(a, row)| {
                 let (g, u) = row.split_at(inter);
-                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                    *a = g / (1.0 + (-g).exp()) * u;
-                }
+                activation::silu_mul(g, u, a);
             });
         let d = linear(&act, t, &lw.down)?;
         for (xv, dv) in x.iter_mut().zip(&d) {
