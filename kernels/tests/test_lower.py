@@ -47,6 +47,20 @@ def test_lowering_is_deterministic_and_of_the_shapes_asked_for(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(a))
 
 
+def test_an_artifact_does_not_depend_on_where_the_tool_is_checked_out(tmp_path):
+    """The same shape lowered from a copy of the package elsewhere: the same bytes (the
+    kernel's source path is not in the Mosaic body)."""
+    import shutil
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(ROOT / "kernels" / "tpuserve_kernels", copy / "tpuserve_kernels")
+    code = ("import json, sys; from tpuserve_kernels import lower; "
+            f"print(lower.artifact(json.loads(sys.argv[1]))['module_sha256'])")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(SHAPE_70B_DECODE)],
+                       cwd=copy, capture_output=True, text=True, check=True,
+                       env=dict(os.environ, PYTHONPATH=str(copy)))
+    assert r.stdout.strip() == lower.artifact(SHAPE_70B_DECODE)["module_sha256"]
+
+
 def test_an_fp8_cache_is_an_operand_type_and_part_of_the_name(tmp_path):
     a = lower.artifact(SHAPE_70B_FP8)
     main = re.search(r"func\.func public @main\((.*?)\) -> \((.*?)\)", a["module"])

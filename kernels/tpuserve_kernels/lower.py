@@ -16,6 +16,11 @@ import jax.numpy as jnp
 
 from tpuserve_kernels.paged_attention import paged_attention
 
+# No Python source locations in the lowered kernel: Mosaic serialises them into the call's
+# body, and with them the checkout's path, so the same shape lowered from two checkouts
+# gave different bytes (and compile-cache keys).
+jax.config.update("jax_traceback_in_locations_limit", 0)
+
 FORMAT = 1
 # `jax.Device.device_kind` of a v6e chip.
 V6E = "TPU v6 lite"
