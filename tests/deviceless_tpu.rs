@@ -356,8 +356,8 @@ fn tpu_v6e_1x1_llama_8b_shapes_tp1_cache_is_never_copied() {
 }
 
 /// The tpu-recipes setting for 70B on v6e-8 (`--max-num-batched-tokens 2048`): its 2,048-row
-/// buckets (`plan --bucket`; the smaller ones are those of the default budget, compiled
-/// above) compile and fit. The 2,048-row prompt bucket once scored
+/// prompt bucket and its largest decode bucket (`plan --bucket`; the smaller ones are those
+/// of the default budget, compiled above) compile and fit. The 2,048-row prompt bucket once scored
 /// 134 MB a KV chunk and the TPU compiler refused it ("Too many buffers are colored in the
 /// alternate memory"); its chunk now keeps the scores within half the chunk budget.
 #[test]
@@ -369,13 +369,15 @@ fn tpu_v6e_2x4_llama_70b_2048_token_steps_compile() {
         .arg(&cfg)
         .args(["--tensor-parallel-size", "8", "--max-model-len", "4096"])
         .args(["--max-num-seqs", "128", "--max-num-batched-tokens", "2048"])
+        .arg("--dump-hlo")
+        .arg(dir.path().join("hlo"))
         .args([
             "--max-logprobs",
             "0",
             "--bucket",
             "2048:16",
             "--bucket",
-            "2048:1",
+            "128:1",
         ])
         .env("RUST_BACKTRACE", "0")
         .output()
@@ -400,10 +402,10 @@ fn tpu_v6e_2x4_llama_70b_2048_token_steps_compile() {
         })
         .collect();
     assert_eq!(rows.len(), 2, "only the buckets asked for:\n{text}");
-    for tile in [1, 16] {
+    for (tokens, tile) in [(2048, 16), (128, 1)] {
         assert!(
-            rows.iter().any(|&(t, r, _)| t == 2048 && r == tile),
-            "no 2,048-row bucket of tile {tile}:\n{text}"
+            rows.iter().any(|&(t, r, _)| t == tokens && r == tile),
+            "no {tokens}-row bucket of tile {tile}:\n{text}"
         );
     }
     for &(t, r, temp_gb) in &rows {
@@ -412,4 +414,51 @@ fn tpu_v6e_2x4_llama_70b_2048_token_steps_compile() {
             "tokens {t} tile {r}: {temp_gb} GB of temporaries\n{text}"
         );
     }
+    // The step model's collective traffic, hand-counted: sequence parallel, each of the 2
+    // layers reduce-scatters wo's and wd's sums (each chip keeps 256 of the 2,048 rows of
+    // 8,192, bf16) and all-gathers both norms' rows; outside them, the vocabulary-split
+    // embedding's rows are reduce-scattered and the final norm's all-gathered. The compiler
+    // writes each reduce-scatter as a fusion of an all-reduce and a slice (the model once
+    // missed those, half of a prompt step's ICI traffic).
+    for (tokens, tile) in [(2048, 16), (128, 1)] {
+        let program = std::fs::read(
+            dir.path()
+                .join("hlo")
+                .join(format!("step-t{tokens}-r{tile}-k0.hlo.pb")),
+        )
+        .unwrap();
+        let s = tpuserve_runner_xla::kernels::kernel_sums(&program).unwrap();
+        let collectives = 2.0 * 2.0 + 1.0;
+        let rows = tokens as f64;
+        assert_eq!(
+            (s.reduce_scatter_bytes, s.all_gather_bytes),
+            (
+                collectives * rows / 8.0 * 8192.0 * 2.0,
+                collectives * rows * 8192.0 * 2.0,
+            ),
+            "{tokens} rows, tile {tile}: {s:?}"
+        );
+        // Besides, only the sampling tail's reductions over the vocabulary's shards (a few
+        // values a row), never a row of activations.
+        assert!(
+            s.all_reduce_bytes < 64.0 * 1024.0,
+            "{tokens} rows, tile {tile}: {s:?}"
+        );
+    }
+    // A decode execution holds one row per running sequence: no decode bucket is larger
+    // than --max-num-seqs (128).
+    let out = Command::new(tpuserve_bin())
+        .args(["plan", "--cost", "--no-step-model", "--model"])
+        .arg(&cfg)
+        .args(["--tensor-parallel-size", "8", "--max-model-len", "4096"])
+        .args(["--max-num-seqs", "128", "--max-num-batched-tokens", "2048"])
+        .args(["--bucket", "256:1"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--bucket 256:1 is not a bucket"),
+        "{err}"
+    );
 }

@@ -20,10 +20,13 @@ fn main() {
         };
         match tpuserve_runner_xla::kernels::kernel_sums(&bytes) {
             Ok(s) => println!(
-                "{path}: {:.0} cycles, {:.0} launches, all-reduce {:.2} MB, {:.0} unknown",
+                "{path}: {:.0} cycles, {:.0} launches, all-reduce {:.2} MB, reduce-scatter \
+                 outputs {:.2} MB, all-gather outputs {:.2} MB, {:.0} unknown",
                 s.cycles,
                 s.launches,
                 s.all_reduce_bytes / 1e6,
+                s.reduce_scatter_bytes / 1e6,
+                s.all_gather_bytes / 1e6,
                 s.unknown
             ),
             Err(e) => println!("{path}: {e}"),

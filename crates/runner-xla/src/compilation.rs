@@ -10,16 +10,24 @@ fn pow2_at_least(n: usize, min: usize) -> usize {
 
 impl XlaRunner {
     /// Token buckets 16, 32, … up to `max_num_batched_tokens`, each for decode rows (tiles
-    /// of one row) and for prompt rows (tiles of `attention_tile` rows), with and without
-    /// top-k logprobs. Context is not a bucket dimension: the attention loop runs as many
-    /// chunks as the step's longest context needs.
+    /// of one row; up to `max_num_seqs`, one row per running sequence) and for prompt rows
+    /// (tiles of `attention_tile` rows), with and without top-k logprobs. Context is not a
+    /// bucket dimension: the attention loop runs as many chunks as the step's longest
+    /// context needs. (Decode buckets past `max_num_seqs` were compiled and never run: at
+    /// `--max-num-batched-tokens 2048 --max-num-seqs 128`, 2,048-row decode programs whose
+    /// Pallas kernel does not even fit the TPU's scalar memory.)
     pub fn bucket_set(opts: &XlaRunnerOptions) -> Vec<Bucket> {
         let max_t = pow2_at_least(opts.max_num_batched_tokens, 16);
         let tile = opts.attention_tile.max(1);
         let mut out = Vec::new();
         for r in [1, tile] {
+            let top = if r == 1 {
+                max_t.min(pow2_at_least(opts.max_num_seqs, 16))
+            } else {
+                max_t.max(r)
+            };
             let mut t = pow2_at_least(r, 16);
-            while t <= max_t.max(r) {
+            while t <= top {
                 for k in [0, opts.max_logprobs] {
                     let bucket = Bucket {
                         tokens: t as i64,
@@ -248,5 +256,39 @@ impl CompileCtx<'_> {
             how: "compiled",
             seconds: t.elapsed().as_secs_f64(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decode buckets stop at `--max-num-seqs` (rounded up to a power of two); prompt
+    /// buckets go up to the token budget.
+    #[test]
+    fn decode_buckets_stop_at_the_running_sequences() {
+        let set = |seqs: usize| {
+            let mut b: Vec<(i64, i64)> = XlaRunner::bucket_set(&XlaRunnerOptions {
+                max_num_batched_tokens: 2048,
+                max_num_seqs: seqs,
+                attention_tile: 16,
+                max_logprobs: 0,
+                ..Default::default()
+            })
+            .iter()
+            .map(|b| (b.tokens, b.tile))
+            .collect();
+            b.sort();
+            b
+        };
+        let of = |b: &[(i64, i64)], tile: i64| -> Vec<i64> {
+            b.iter().filter(|x| x.1 == tile).map(|x| x.0).collect()
+        };
+        let b = set(128);
+        assert_eq!(of(&b, 1), [16, 32, 64, 128]);
+        assert_eq!(of(&b, 16), [16, 32, 64, 128, 256, 512, 1024, 2048]);
+        assert_eq!(of(&set(100), 1), [16, 32, 64, 128]);
+        assert_eq!(of(&set(5), 1), [16]);
+        assert_eq!(of(&set(4096), 1), of(&b, 16));
     }
 }

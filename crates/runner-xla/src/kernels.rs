@@ -324,6 +324,25 @@ fn module(program: &[u8]) -> Result<(Computations, u64), String> {
     Ok((comps, entry))
 }
 
+/// Adds the traffic of a collective held inside fusion `f` (one level down): an all-reduce
+/// whose result the fusion slices (its output is smaller) is a reduce-scatter of the
+/// fusion's output; otherwise the collective's own kind and bytes.
+fn collective_in_fusion(comps: &Computations, f: &Inst, s: &mut KernelSums) {
+    for c in &f.called {
+        for i in comps.get(c).map(Vec::as_slice).unwrap_or_default() {
+            match i.opcode.as_str() {
+                "all-reduce" if f.out_max < i.out_bytes => {
+                    s.reduce_scatter_bytes += f.out_min as f64
+                }
+                "all-reduce" => s.all_reduce_bytes += i.out_bytes as f64,
+                "reduce-scatter" => s.reduce_scatter_bytes += i.out_min as f64,
+                "all-gather" => s.all_gather_bytes += i.out_max as f64,
+                _ => {}
+            }
+        }
+    }
+}
+
 struct Walk<'a> {
     comps: &'a Computations,
     memo: HashMap<u64, KernelSums>,
@@ -350,7 +369,13 @@ impl Walk<'_> {
         }
         for i in insts {
             match i.opcode.as_str() {
-                "fusion" => {}
+                "fusion" => {
+                    // The TPU compiler writes a sequence-parallel reduce-scatter as a fusion
+                    // of an all-reduce and the dynamic-slice of this chip's rows
+                    // (`all-reduce-scatter`), and may fuse other collectives likewise: the
+                    // fusion's own estimate does not include their traffic.
+                    collective_in_fusion(comps, i, &mut s);
+                }
                 "while" => {
                     // `[body, condition]` as the compiler writes them; the condition is the
                     // one whose root (last instruction) is not the carried tuple.
@@ -495,6 +520,56 @@ mod tests {
         }
         put_int(&mut v, 5, id);
         v
+    }
+
+    /// The TPU compiler's sequence-parallel reduce-scatter: a fusion of an all-reduce of
+    /// f32[16, 8] and this chip's slice f32[2, 8] of it; a fusion that keeps the whole
+    /// all-reduce is an all-reduce; a fused all-gather of f32[16, 8]; a fusion holding
+    /// only arithmetic moves nothing. Each fusion's own estimate counts as a kernel.
+    #[test]
+    fn collectives_inside_fusions_count_as_their_traffic() {
+        let scalar = shape(4, &[]);
+        let rs = comp(
+            2,
+            "all-reduce-scatter",
+            &[
+                inst("parameter", None, &[], &shape(11, &[16, 8])),
+                inst("all-reduce", None, &[], &shape(11, &[16, 8])),
+                inst("partition-id", None, &[], &scalar),
+                inst("dynamic-slice", None, &[], &shape(11, &[2, 8])),
+            ],
+        );
+        let ar = comp(
+            3,
+            "ar",
+            &[inst("all-reduce", None, &[], &shape(11, &[16, 8]))],
+        );
+        let ag = comp(
+            4,
+            "ag",
+            &[inst("all-gather", None, &[], &shape(11, &[16, 8]))],
+        );
+        let math = comp(5, "math", &[inst("multiply", None, &[], &scalar)]);
+        let entry = comp(
+            1,
+            "main",
+            &[
+                inst("fusion", None, &[2], &shape(11, &[2, 8])),
+                inst("fusion", Some(7), &[3], &shape(11, &[16, 8])),
+                inst("fusion", None, &[4], &shape(11, &[16, 8])),
+                inst("fusion", Some(3), &[5], &scalar),
+            ],
+        );
+        let mut module = Vec::new();
+        for c in [&rs, &ar, &ag, &math, &entry] {
+            put_bytes(&mut module, 3, c);
+        }
+        put_int(&mut module, 6, 1);
+        let s = kernel_sums(&module).unwrap();
+        assert_eq!(s.reduce_scatter_bytes, 2.0 * 8.0 * 4.0);
+        assert_eq!(s.all_reduce_bytes, 16.0 * 8.0 * 4.0);
+        assert_eq!(s.all_gather_bytes, 16.0 * 8.0 * 4.0);
+        assert_eq!((s.cycles, s.launches), (10.0, 2.0));
     }
 
     /// A loop bound held as u32 (the compiler's windowed-matmul loops) or s32, negative s32

@@ -50,6 +50,9 @@ pub struct XlaRunnerOptions {
     pub num_blocks: usize,
     pub block_size: usize,
     pub max_num_batched_tokens: usize,
+    /// `--max-num-seqs`: a decode execution has one row per running sequence, so no decode
+    /// bucket is larger than this (rounded up to a power of two).
+    pub max_num_seqs: usize,
     pub max_model_len: usize,
     /// Top logprobs computed on device when a request asks for any (vLLM's `max_logprobs`).
     pub max_logprobs: usize,
@@ -96,6 +99,7 @@ impl Default for XlaRunnerOptions {
             block_size: sizing::DEFAULT_BLOCK_SIZE,
             // Smaller than serving's default: tests compile fewer buckets.
             max_num_batched_tokens: 256,
+            max_num_seqs: 256,
             max_model_len: 2048,
             max_logprobs: sizing::DEFAULT_MAX_LOGPROBS,
             weight_dtype: WeightElem::F32,

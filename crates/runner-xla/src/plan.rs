@@ -16,8 +16,10 @@ pub struct DeviceSpec {
     pub bandwidth_bytes_per_s: f64,
     /// Dense bf16 matrix throughput (vendor peak).
     pub bf16_flops_per_s: f64,
-    /// Chip-to-chip bandwidth per device, one direction, all links (vendor's bidirectional
-    /// figure halved): what an all-reduce's traffic is charged.
+    /// Chip-to-chip bandwidth a ring collective gets per device, one direction: what an
+    /// all-reduce's traffic is charged. TPUs: the vendor's bidirectional figure over its
+    /// ports, halved for one direction, times the two ports a ring through each chip uses
+    /// (a v6e-8 is a 2 × 4 slice with no wraparound links: its corner chips have two).
     pub ici_bytes_per_s: f64,
 }
 
@@ -27,21 +29,24 @@ pub const DEVICES: &[DeviceSpec] = &[
         memory_bytes: 32e9,
         bandwidth_bytes_per_s: 1638e9,
         bf16_flops_per_s: 918e12,
-        ici_bytes_per_s: 448e9 / 2.0,
+        // 800 GB/s bidirectional over 4 ports (docs.cloud.google.com/tpu/docs/v6e).
+        ici_bytes_per_s: 800e9 / 4.0 / 2.0 * 2.0,
     },
     DeviceSpec {
         name: "v5e",
         memory_bytes: 16e9,
         bandwidth_bytes_per_s: 819e9,
         bf16_flops_per_s: 197e12,
-        ici_bytes_per_s: 200e9 / 2.0,
+        // 400 GB/s bidirectional over 4 ports.
+        ici_bytes_per_s: 400e9 / 4.0 / 2.0 * 2.0,
     },
     DeviceSpec {
         name: "v5p",
         memory_bytes: 95e9,
         bandwidth_bytes_per_s: 2765e9,
         bf16_flops_per_s: 459e12,
-        ici_bytes_per_s: 600e9 / 2.0,
+        // 1,200 GB/s bidirectional over 6 ports (3D torus).
+        ici_bytes_per_s: 1200e9 / 6.0 / 2.0 * 2.0,
     },
     DeviceSpec {
         name: "H100",

@@ -138,6 +138,7 @@ impl XlaRunner {
                 }
             }
         }
+        check_tile_pages(&slots, ex.tile, bs, scratch as usize)?;
         let num_logit_rows = logit_index.len() as i32;
         let upload_i32 =
             |v: &[i32], dims: &[i64], c: &Client, d: &Device| Buffer::from_slice(c, v, dims, d);
@@ -264,6 +265,35 @@ impl XlaRunner {
             top_lp,
         })
     }
+}
+
+/// What the step program's KV write assumes of a tile no longer than a page
+/// (`program::page_candidates`): its real rows write only the pages of its first and its last
+/// real row. A plan where they do not would lose K / V rows silently, so it is refused.
+fn check_tile_pages(
+    slots: &[i32],
+    tile: usize,
+    bs: usize,
+    scratch: usize,
+) -> Result<(), RunnerError> {
+    if tile <= 1 || tile > bs {
+        return Ok(());
+    }
+    for rows in slots.chunks(tile) {
+        let mut real = rows
+            .iter()
+            .map(|&s| s as usize / bs)
+            .filter(|&b| b != scratch);
+        let Some(first) = real.next() else { continue };
+        let last = real.clone().next_back().unwrap_or(first);
+        if let Some(b) = real.find(|&b| b != first && b != last) {
+            return Err(RunnerError::InvalidPlan(format!(
+                "a tile of {tile} rows writes KV block {b} besides its first and last rows' \
+                 blocks {first} and {last}: its rows are not consecutive positions"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The rows of one execution, tile by tile.
@@ -423,5 +453,25 @@ impl ModelRunner for XlaRunner {
             self.devices.len(),
             self.opts.weight_dtype
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_tile_pages;
+
+    /// Pages of 4 slots, tiles of 4 rows, scratch block 9 (slots 36..40).
+    #[test]
+    fn a_tile_writes_only_its_first_and_last_rows_pages() {
+        // Consecutive positions across a page boundary, padding last.
+        assert!(check_tile_pages(&[6, 7, 8, 9, 10, 11, 36, 36], 4, 4, 9).is_ok());
+        // A padding tile, and decode tiles of one.
+        assert!(check_tile_pages(&[36, 36, 36, 36], 4, 4, 9).is_ok());
+        assert!(check_tile_pages(&[0, 20, 8, 13], 1, 4, 9).is_ok());
+        // A tile longer than a page is written row by row: not checked.
+        assert!(check_tile_pages(&[0, 4, 8, 12, 16, 20, 24, 28], 8, 4, 9).is_ok());
+        // A middle row on a third page.
+        let e = check_tile_pages(&[0, 8, 4, 36], 4, 4, 9).unwrap_err();
+        assert!(e.to_string().contains("KV block 2"), "{e}");
     }
 }

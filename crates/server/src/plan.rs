@@ -173,6 +173,7 @@ fn program_config(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize)
 fn bucket_set(a: &PlanArgs, max_model_len: usize) -> Vec<Bucket> {
     XlaRunner::bucket_set(&XlaRunnerOptions {
         max_num_batched_tokens: batched_tokens(a),
+        max_num_seqs: a.max_num_seqs,
         max_model_len,
         block_size: a.block_size,
         max_logprobs: a.max_logprobs,

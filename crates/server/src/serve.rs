@@ -193,6 +193,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     num_blocks: kv_blocks(&model, &args, elem_bytes, args.tensor_parallel_size)?,
                     block_size: args.block_size,
                     max_num_batched_tokens: args.batched_tokens(true),
+                    max_num_seqs: args.max_num_seqs,
                     max_model_len,
                     max_logprobs: args.max_logprobs,
                     weight_dtype,
