@@ -17,8 +17,9 @@ SHARED = ROOT.parent / "shared"
 # the StableHLO attention for such a model on TPU).
 TINY = ["--model", str(SHARED / "fixtures/tiny-llama3/model"), "--max-model-len", "512",
         "--gpu-memory-utilization", "0.05"]
+# 64 sequences: decode buckets go up to --max-num-seqs, here the whole small token budget.
 L70B = ["--model", str(SHARED / "fixtures/configs/llama-3.1-70b.config.json"),
-        "--max-model-len", "4096", "--max-num-seqs", "16"]
+        "--max-model-len", "4096", "--max-num-seqs", "64"]
 SMALL_STEPS = ["--max-num-batched-tokens", "64", "--max-logprobs", "0"]
 
 
