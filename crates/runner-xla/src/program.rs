@@ -1385,14 +1385,15 @@ fn page_write(b: &mut Block, pages: &V, blocks: &V, offs: &V, bs: i64) -> PageWr
 /// The cache `[L × blocks, KVH, BS, D]` with the step's rows `[T, KVH, D]` written: each
 /// candidate page is gathered, its written slots replaced, and the page scattered back whole.
 fn write_pages(b: &mut Block, cache: &V, w: &PageWrite, rows: &V) -> V {
-    let (t, kvh, d) = (w.blocks.dims()[0], rows.dims()[1], rows.dims()[2]);
+    // c pages, each of its kvh heads a [bs, d] tile.
+    let (c, kvh, d) = (w.blocks.dims()[0], rows.dims()[1], rows.dims()[2]);
     let bs = cache.dims()[2];
-    let idx = b.reshape(&w.blocks, &[t, 1]);
+    let idx = b.reshape(&w.blocks, &[c, 1]);
     let old = b.gather_pages(cache, &idx);
-    let old = b.reshape(&old, &[t, kvh, bs, d]);
+    let old = b.reshape(&old, &[c, kvh, bs, d]);
     let new = b.take_rows(rows, &w.from);
     let new = b.transpose(&new, &[0, 2, 1, 3]);
-    let hit = b.broadcast(&w.hit, &[t, kvh, bs, d], &[0, 2]);
+    let hit = b.broadcast(&w.hit, &[c, kvh, bs, d], &[0, 2]);
     let page = b.select(&hit, &new, &old);
     b.scatter_pages(cache, &w.blocks, &page)
 }
