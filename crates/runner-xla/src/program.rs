@@ -332,8 +332,9 @@ impl ProgramConfig {
     /// Replicated, every chip ran each layer's two norms and residual adds over all rows
     /// (70B TP 8, 512-row prompt chunk: ~20 % of a layer's cycles, deviceless v6e).
     /// From 64 rows: below, the norms are too small to pay for the extra collectives
-    /// (70B TP 8 deviceless v6e, greedy step, 8 layers: +1 % at 16 and 32 rows; −6 % at 64,
-    /// −10 % at 128, −22 % at 256, −34 % at 512 rows).
+    /// (70B TP 8 deviceless v6e, greedy step, 8 layers, every collective charged at 200 GB/s:
+    /// +1 % at 16 and 32 rows; −2 % at 64, −3 % at 128, −6 % at 256, −17 % at 512 rows. The
+    /// first figures, −6 % to −34 %, were taken while the model missed the reduce-scatters.)
     pub fn seq_parallel(&self, b: Bucket) -> bool {
         self.tp > 1 && b.tokens % self.tp == 0 && b.tokens >= SEQ_PARALLEL_ROWS
     }
