@@ -253,14 +253,22 @@ fn quantize_block(xb: &[f32], qb: &mut [i8], ub: &mut [u8]) -> (f32, f32) {
     (scale, scale * sum as f32)
 }
 
+/// The quantised form of some rows: their bytes, unsigned bytes, scales and sums.
+struct ActsMut<'a> {
+    q: &'a mut [i8],
+    qu: &'a mut [u8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+}
+
 #[inline(always)]
-fn quantize_into(x: &[f32], a: &mut QActs) {
+fn quantize_into(x: &[f32], a: ActsMut<'_>) {
     for ((((xb, qb), ub), d), s) in x
         .chunks_exact(QK)
         .zip(a.q.chunks_exact_mut(QK))
         .zip(a.qu.chunks_exact_mut(QK))
-        .zip(&mut a.d)
-        .zip(&mut a.s)
+        .zip(a.d.iter_mut())
+        .zip(a.s.iter_mut())
     {
         (*d, *s) = quantize_block(xb, qb, ub);
     }
@@ -275,7 +283,8 @@ fn quantize_into(x: &[f32], a: &mut QActs) {
 /// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_into_avx2(x: &[f32], a: &mut QActs) {
+unsafe fn quantize_into_avx2(x: &[f32], a: ActsMut<'_>) {
+    assert!(a.q.len() >= x.len() && a.qu.len() >= x.len() && a.d.len() >= x.len() / QK);
     use std::arch::x86_64::*;
     let sign = _mm256_set1_ps(-0.0);
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -318,8 +327,12 @@ unsafe fn quantize_into_avx2(x: &[f32], a: &mut QActs) {
     }
 }
 
+/// Rows quantised by one parallel task.
+const QUANT_ROWS: usize = 16;
+
 /// Quantises `rows × cols` activations (`cols` a multiple of 32), block by block:
-/// `d = max|x| / 127`, `q = round(x / d)` (ties to even).
+/// `d = max|x| / 127`, `q = round(x / d)` (ties to even); rows in parallel (each row's bytes
+/// depend on that row alone).
 pub fn quantize_acts(x: &[f32], rows: usize, cols: usize) -> QActs {
     assert!(cols.is_multiple_of(QK), "activation width {cols}");
     assert_eq!(x.len(), rows * cols, "activation shape");
@@ -333,12 +346,23 @@ pub fn quantize_acts(x: &[f32], rows: usize, cols: usize) -> QActs {
         s: vec![0f32; nb],
     };
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was detected at run time.
-        unsafe { quantize_into_avx2(x, &mut a) };
-        return a;
-    }
-    quantize_into(x, &mut a);
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    let (n, nb) = (QUANT_ROWS * cols, QUANT_ROWS * cols / QK);
+    x.par_chunks(n)
+        .zip(a.q.par_chunks_mut(n))
+        .zip(a.qu.par_chunks_mut(n))
+        .zip(a.d.par_chunks_mut(nb))
+        .zip(a.s.par_chunks_mut(nb))
+        .for_each(|((((x, q), qu), d), s)| {
+            let part = ActsMut { q, qu, d, s };
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: AVX2 was detected at run time.
+                unsafe { quantize_into_avx2(x, part) };
+                return;
+            }
+            quantize_into(x, part);
+        });
     a
 }
 
@@ -378,7 +402,10 @@ fn best_isa() -> QIsa {
     *BEST.get_or_init(|| available_isas()[0])
 }
 
-/// Where a panel's results go: row `r` of the chunk, outputs `j0 .. j0 + valid`.
+/// Activation rows `start .. end` a panel call computes.
+type Rows = (usize, usize);
+
+/// Where a panel's results go: row `r`, outputs `j0 .. j0 + valid`.
 #[derive(Clone, Copy)]
 struct Out {
     y: *mut f32,
@@ -397,10 +424,10 @@ impl Out {
 
 /// Portable: one (row, weight row) pair at a time over the panel layout, exact integer
 /// block dots, then the block's scale and offset terms.
-fn panel_portable<const T: u8>(a: &QActs, w: &QMatrix, p: usize, out: Out) {
+fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
     let (nb, pbb) = (a.blocks, panel_block_bytes(T));
     let valid = (w.rows - p * PJ).min(PJ);
-    for r in 0..a.rows {
+    for r in rs.0..rs.1 {
         for jl in 0..valid {
             let mut acc = 0f32;
             for b in 0..nb {
@@ -428,7 +455,7 @@ fn panel_portable<const T: u8>(a: &QActs, w: &QMatrix, p: usize, out: Out) {
                     acc += mw * a.s[r * nb + b];
                 }
             }
-            // SAFETY: row r < a.rows and column p·16 + jl < w.rows of the chunk's output.
+            // SAFETY: row r < a.rows and column p·16 + jl < w.rows of the output.
             unsafe { *out.ptr().add(r * out.stride + p * PJ + jl) = acc };
         }
     }
@@ -445,7 +472,7 @@ unsafe fn x4(q: *const u8, nb: usize, r: usize, b: usize, k: usize) -> i32 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{panel_block_bytes, x4, Out, QActs, QMatrix, PJ, T_Q4_1, T_Q8_0};
+    use super::{panel_block_bytes, x4, Out, QActs, QMatrix, Rows, PJ, T_Q4_1, T_Q8_0};
     use std::arch::x86_64::*;
 
     /// `R` activation rows from `r0` × panel `p`: per block, 8 `vpdpbusd` per row into an
@@ -529,20 +556,20 @@ mod vnni {
     }
 
     /// # Safety
-    /// The CPU must have the module's features; `p` < `w.panels`; `out` has `a.rows` rows
-    /// of at least `w.rows` values.
+    /// The CPU must have the module's features; `p` < `w.panels`; `rs` within `a.rows`;
+    /// `out` has `a.rows` rows of at least `w.rows` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn panel<const T: u8>(a: &QActs, w: &QMatrix, p: usize, out: Out) {
-        let mut r = 0;
-        while r + 8 <= a.rows {
+    pub unsafe fn panel<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
+        let (mut r, end) = rs;
+        while r + 8 <= end {
             tile::<T, 8>(a, r, w, p, out);
             r += 8;
         }
-        while r + 4 <= a.rows {
+        while r + 4 <= end {
             tile::<T, 4>(a, r, w, p, out);
             r += 4;
         }
-        while r < a.rows {
+        while r < end {
             tile::<T, 1>(a, r, w, p, out);
             r += 1;
         }
@@ -551,7 +578,7 @@ mod vnni {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{panel_block_bytes, x4, Out, QActs, QMatrix, PJ, T_Q4_1, T_Q8_0};
+    use super::{panel_block_bytes, x4, Out, QActs, QMatrix, Rows, PJ, T_Q4_1, T_Q8_0};
     use std::arch::x86_64::*;
 
     /// As the VNNI tile on one half (8 weight rows) of a panel: `vpmaddubsw` + `vpmaddwd`
@@ -641,17 +668,17 @@ mod avx2 {
     /// # Safety
     /// As `vnni::panel`, for AVX2.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn panel<const T: u8>(a: &QActs, w: &QMatrix, p: usize, out: Out) {
+    pub unsafe fn panel<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
         for half in 0..2 {
             if p * PJ + half * 8 >= w.rows {
                 break;
             }
-            let mut r = 0;
-            while r + 4 <= a.rows {
+            let (mut r, end) = rs;
+            while r + 4 <= end {
                 tile::<T, 4>(a, r, w, p, half, out);
                 r += 4;
             }
-            while r < a.rows {
+            while r < end {
                 tile::<T, 1>(a, r, w, p, half, out);
                 r += 1;
             }
@@ -659,19 +686,19 @@ mod avx2 {
     }
 }
 
-fn panel(isa: QIsa, a: &QActs, w: &QMatrix, p: usize, out: Out) {
+fn panel(isa: QIsa, a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
     macro_rules! by_type {
         ($($f:ident)::+) => {
             match w.ty {
-                QType::Q4_0 => $($f)::+::<T_Q4_0>(a, w, p, out),
-                QType::Q4_1 => $($f)::+::<T_Q4_1>(a, w, p, out),
-                QType::Q8_0 => $($f)::+::<T_Q8_0>(a, w, p, out),
+                QType::Q4_0 => $($f)::+::<T_Q4_0>(a, rs, w, p, out),
+                QType::Q4_1 => $($f)::+::<T_Q4_1>(a, rs, w, p, out),
+                QType::Q8_0 => $($f)::+::<T_Q8_0>(a, rs, w, p, out),
             }
         };
     }
     match isa {
         // SAFETY: `isa` comes from `available_isas` (features detected at run time); `p` is a
-        // panel of `w` and `out` holds the chunk's `a.rows × w.rows` outputs
+        // panel of `w`, `rs` rows of `a`, and `out` holds `a.rows × w.rows` outputs
         // (`qmatmul_wt_with`).
         #[cfg(target_arch = "x86_64")]
         QIsa::Avx512Vnni => unsafe { by_type!(vnni::panel) },
@@ -694,25 +721,28 @@ pub fn qmatmul_wt_with(isa: QIsa, x: &[f32], rows: usize, w: &QMatrix) -> Vec<f3
     );
     let (out, inner) = (w.rows, w.cols);
     assert_eq!(x.len(), rows * inner, "activation shape");
-    let mut y = vec![0f32; rows * out];
-    for (r0, ychunk) in (0..rows)
-        .step_by(ROW_CHUNK)
-        .zip(y.chunks_mut(ROW_CHUNK * out))
-    {
-        let n = ychunk.len() / out;
-        let a = quantize_acts(&x[r0 * inner..(r0 + n) * inner], n, inner);
-        let o = Out {
-            y: ychunk.as_mut_ptr(),
-            stride: out,
-        };
-        (0..w.panels.div_ceil(TASK_PANELS))
-            .into_par_iter()
-            .for_each(|t| {
-                for p in t * TASK_PANELS..((t + 1) * TASK_PANELS).min(w.panels) {
-                    panel(isa, &a, w, p, o);
-                }
-            });
-    }
+    let a = quantize_acts(x, rows, inner);
+    let mut y: Vec<f32> = Vec::with_capacity(rows * out);
+    let o = Out {
+        y: y.as_mut_ptr(),
+        stride: out,
+    };
+    // One parallel section for every (row chunk, panel group): a long prefill no longer
+    // forks and joins once per chunk, and the output is never zeroed (every value is written).
+    let tasks = w.panels.div_ceil(TASK_PANELS);
+    (0..rows.div_ceil(ROW_CHUNK) * tasks)
+        .into_par_iter()
+        .for_each(|i| {
+            let (c, t) = (i / tasks, i % tasks);
+            let rs = (c * ROW_CHUNK, ((c + 1) * ROW_CHUNK).min(rows));
+            for p in t * TASK_PANELS..((t + 1) * TASK_PANELS).min(w.panels) {
+                panel(isa, &a, rs, w, p, o);
+            }
+        });
+    // SAFETY: the tasks wrote every row (chunks cover 0..rows) of every output column (each
+    // panel stores its valid columns of each of its rows), so all `rows × out` values are
+    // initialised.
+    unsafe { y.set_len(rows * out) };
     y
 }
 
@@ -824,7 +854,15 @@ mod tests {
             d: vec![0.0; 10],
             s: vec![0.0; 10],
         };
-        quantize_into(&x, &mut portable);
+        quantize_into(
+            &x,
+            ActsMut {
+                q: &mut portable.q,
+                qu: &mut portable.qu,
+                d: &mut portable.d,
+                s: &mut portable.s,
+            },
+        );
         assert_eq!(
             (&portable.q, &portable.qu, &portable.d, &portable.s),
             (&a.q, &a.qu, &a.d, &a.s),
@@ -852,7 +890,8 @@ mod tests {
                     (67, 576),
                     (17, 1536),
                 ] {
-                    for rows in (1..=9).chain([13, 21]) {
+                    // 67 and 130 rows: more than one row chunk (64) in the output.
+                    for rows in (1..=9).chain([13, 21, 67, 130]) {
                         let w = matrix(ty, out, inner, (out * 31 + inner) as u32);
                         let x = data(rows * inner, rows as u32);
                         let y = qmatmul_wt_with(isa, &x, rows, &w);

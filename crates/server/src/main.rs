@@ -38,10 +38,16 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = parse_command_line();
     match cli.command {
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => {
+            tpuserve_runner_cpu::keep_step_buffers();
+            generate::run(args)
+        }
         Command::Plan(args) => plan::run(*args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Serve(args) => {
+            if serve::runs_on_host(&args) {
+                tpuserve_runner_cpu::keep_step_buffers();
+            }
             let result = args
                 .check_sizes()
                 .and_then(|()| args.check_vllm_flags())

@@ -39,6 +39,12 @@ enum Backend {
     Xla(DeviceKind),
 }
 
+/// Whether `serve` will run the host runner (which then tunes the allocator before any other
+/// thread starts: `tpuserve_runner_cpu::keep_step_buffers`).
+pub fn runs_on_host(args: &ServeArgs) -> bool {
+    matches!(backend(args), Ok(Backend::Cpu))
+}
+
 fn backend(args: &ServeArgs) -> anyhow::Result<Backend> {
     Ok(match args.device.as_str() {
         "cpu" => Backend::Cpu,

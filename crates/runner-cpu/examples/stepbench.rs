@@ -1,0 +1,78 @@
+//! Whole forward steps of the CPU runner on a real checkpoint, the shapes of the 32-stream
+//! compare point: a prompt step of 23 sequences × 88 tokens (2,024 rows, what one
+//! 2,048-token step of the prompt wave holds) and a decode step of 32 sequences at 152 tokens
+//! of context. Medians of repeated steps, so that changes to the step's overheads (not only
+//! its kernels) can be compared on a noisy machine:
+//! `cargo run --release -p tpuserve-runner-cpu --example stepbench -- MODEL.gguf [reps]`.
+
+use std::sync::Arc;
+use std::time::Instant;
+use tpuserve_runner_api::{ModelRunner, SamplingParams, SeqPlan, StepPlan};
+use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
+
+fn plan(seqs: usize, qlen: usize, ctx: usize, bs: usize) -> StepPlan {
+    let per_seq = ctx.div_ceil(bs);
+    let mut p = StepPlan {
+        token_ids: Vec::new(),
+        positions: Vec::new(),
+        slot_mapping: Vec::new(),
+        seqs: Vec::new(),
+        masks: None,
+    };
+    for s in 0..seqs {
+        let table: Vec<u32> = (0..per_seq).map(|b| (s * per_seq + b) as u32).collect();
+        for pos in ctx - qlen..ctx {
+            p.token_ids
+                .push(((s * 7919 + pos * 104_729) % 40_000 + 100) as u32);
+            p.positions.push(pos as u32);
+            p.slot_mapping
+                .push(table[pos / bs] * bs as u32 + (pos % bs) as u32);
+        }
+        let mut sp = SeqPlan::sampling(s as u64, s * qlen, qlen, ctx, table);
+        sp.sampling = Arc::new(SamplingParams::greedy());
+        p.seqs.push(sp);
+    }
+    p
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.get(1).expect("usage: stepbench MODEL.gguf [reps]");
+    let reps: usize = args.get(2).map_or(Ok(15), |r| r.parse())?;
+    let model = tpuserve_model::load_model(std::path::Path::new(path))?;
+    let bs = 16;
+    let mut runner = CpuRunner::new(
+        &model,
+        CpuRunnerOptions {
+            num_blocks: 32 * 10 + 16,
+            block_size: bs,
+            weights: CpuWeights::Native,
+        },
+    )?;
+    // The prompts' KV first (the decode step attends over it), then each shape.
+    let cases = [
+        ("prompt 23 x 88", plan(23, 88, 88, bs)),
+        ("decode 32 x 1 @152", plan(32, 1, 152, bs)),
+    ];
+    runner.execute(&plan(32, 152, 152, bs))?;
+    // `STEPBENCH=decode` (or `prompt`) times one case alone, e.g. under `perf record`.
+    let only = std::env::var("STEPBENCH").unwrap_or_default();
+    for (name, p) in cases.iter().filter(|(n, _)| n.starts_with(only.as_str())) {
+        let mut ms: Vec<f64> = (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                runner.execute(p).expect("step");
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "{name}: median {:.1} ms, min {:.1}, max {:.1} ({} rows, {reps} steps)",
+            ms[reps / 2],
+            ms[0],
+            ms[reps - 1],
+            p.num_tokens()
+        );
+    }
+    Ok(())
+}
