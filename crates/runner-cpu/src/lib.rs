@@ -133,14 +133,14 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
-/// A prompt step's activations are tens of MB (SmolLM2, 2,048 rows: gate/up 25 MB), which
-/// glibc served from fresh `mmap`s or from heap it had just trimmed, so every step faulted
-/// its pages in and the kernel zeroed them again (15 % of a prompt step's profile). The
-/// largest threshold glibc accepts keeps such buffers on the heap, and a high trim threshold
-/// keeps the heap's top from being returned between steps: the same buffers are reused, and
-/// resident memory stays at the largest step's working set. One arena: glibc's per-thread
-/// arenas are 64 MB heaps that it unmaps whenever one empties, whatever the trim threshold.
-/// A step's prompt of 23 × 88 tokens (SmolLM2, stepbench) went from ~1.6 s to ~1.1 s.
+/// A prompt step's activations are tens of MB (SmolLM2, 2,048 rows: gate/up 25 MB). glibc
+/// served them from the step thread's own arena, whose 64 MB heaps it unmaps as soon as one
+/// empties (the trim threshold does not stop that), so every step faulted its buffers in
+/// again and the kernel zeroed them: ~200k minor faults and ~15 % of a 2,024-row step. With
+/// one arena (the main heap), the largest mmap threshold glibc accepts and a high trim
+/// threshold, the same buffers are reused from step to step and resident memory stays at the
+/// largest step's working set. A prompt step of 23 × 88 tokens (stepbench) went from ~1.6 s
+/// to ~1.1 s.
 ///
 /// Process-wide, and effective only before other threads have made arenas of their own: the
 /// server calls it first thing when it will run this runner; [`CpuRunner::new`] calls it too.
