@@ -177,7 +177,7 @@ pub fn paged_attention_with(
         #[cfg(target_arch = "x86_64")]
         if fast {
             let slots = visible_slots(plan, token_seq, block_size, i);
-            let mut scores = vec![0f32; slots.len()];
+            let mut scores = vec![0f32; heads * slots.len()];
             let shape = crate::attention_avx2::Shape {
                 heads,
                 kv_heads,

@@ -118,6 +118,30 @@ fn linear(x: &[f32], rows: usize, w: &Matrix) -> Result<Vec<f32>, RunnerError> {
     y.flatten_all().and_then(|t| t.to_vec1()).map_err(werr)
 }
 
+/// `(silu(g) · u) · downᵀ` for `gu` rows holding `g` then `u` (`inter` each). Quantised
+/// weights take the product straight into their int8 activations (`quantize_swiglu`).
+fn swiglu_down(
+    gu: &[f32],
+    rows: usize,
+    inter: usize,
+    down: &Matrix,
+) -> Result<Vec<f32>, RunnerError> {
+    if let Matrix::Quant(q) = down {
+        return Ok(qmatvec::qmatmul_acts(
+            &qmatvec::quantize_swiglu(gu, rows, inter),
+            q,
+        ));
+    }
+    let mut act = vec![0f32; rows * inter];
+    act.par_chunks_mut(inter)
+        .zip(gu.par_chunks(2 * inter))
+        .for_each(|(a, row)| {
+            let (g, u) = row.split_at(inter);
+            activation::silu_mul(g, u, a);
+        });
+    linear(&act, rows, down)
+}
+
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let h = w.len();
     let mut out = vec![0f32; x.len()];
@@ -283,15 +307,7 @@ impl CpuRunner {
 
         let normed = rms_norm(x, &lw.post_norm, eps);
         let gu = linear(&normed, t, &lw.gate_up)?;
-        let inter = cfg.intermediate_size;
-        let mut act = vec![0f32; t * inter];
-        act.par_chunks_mut(inter)
-            .zip(gu.par_chunks(2 * inter))
-            .for_each(|(a, row)| {
-                let (g, u) = row.split_at(inter);
-                activation::silu_mul(g, u, a);
-            });
-        let d = linear(&act, t, &lw.down)?;
+        let d = swiglu_down(&gu, t, cfg.intermediate_size, &lw.down)?;
         for (xv, dv) in x.iter_mut().zip(&d) {
             *xv += dv;
         }

@@ -21,6 +21,7 @@
 //! tile size and batch, so a row's result does not depend on what it is batched with.
 
 use rayon::prelude::*;
+use std::borrow::Cow;
 use tpuserve_model::GgmlType;
 
 /// Values per block, for every supported type.
@@ -92,8 +93,6 @@ impl QType {
 ///   `c·64 + jl·4`. Q4: ggml's block bytes `4c..4c+4` (low nibbles: values `4c..4c+4`, high
 ///   nibbles: values `16+4c..`), c in 0..4. Q8_0: values `4c..4c+4`, c in 0..8.
 /// - `d[pb·16 + jl]`, `m[..]` (Q4_1): the f16 scale and offset bits as stored.
-/// - `wsum[pb·16 + jl]` (Q8_0): `128·Σ q'` over the block, which VNNI's unsigned-activation
-///   form (`q + 128`) adds and takes away again.
 pub struct QMatrix {
     pub ty: QType,
     pub rows: usize,
@@ -103,7 +102,6 @@ pub struct QMatrix {
     qs: Vec<u8>,
     d: Vec<u16>,
     m: Vec<u16>,
-    wsum: Vec<i32>,
 }
 
 fn f16(bits: u16) -> f32 {
@@ -145,11 +143,6 @@ impl QMatrix {
             } else {
                 Vec::new()
             },
-            wsum: if ty == QType::Q8_0 {
-                vec![0i32; n * PJ]
-            } else {
-                Vec::new()
-            },
         };
         for j in 0..rows {
             let (p, jl) = (j / PJ, j % PJ);
@@ -163,11 +156,7 @@ impl QMatrix {
                         &blk[4..20]
                     }
                     QType::Q4_0 => &blk[2..18],
-                    QType::Q8_0 => {
-                        w.wsum[pb * PJ + jl] =
-                            128 * blk[2..34].iter().map(|&q| (q as i8) as i32).sum::<i32>();
-                        &blk[2..34]
-                    }
+                    QType::Q8_0 => &blk[2..34],
                 };
                 let dst = &mut w.qs[pb * pbb..(pb + 1) * pbb];
                 for (c, four) in vals.chunks_exact(4).enumerate() {
@@ -208,22 +197,22 @@ impl QMatrix {
         }
     }
 
-    /// Bytes held (weights, scales and sums).
+    /// Bytes held (weights and scales).
     pub fn bytes(&self) -> usize {
-        self.qs.len() + 2 * (self.d.len() + self.m.len()) + 4 * self.wsum.len()
+        self.qs.len() + 2 * (self.d.len() + self.m.len())
     }
 }
 
-/// Activation rows quantised per 32-block: `q` int8 (in −127..=127), `qu = q + 128` as
-/// unsigned bytes (the operand VNNI's Q8_0 kernel needs), per block `d` (scale) and
-/// `s = d·Σq`.
+/// Activation rows quantised per 32-block: `q` int8 (in −127..=127), per block `d` (scale),
+/// `s = d·Σq` and `c = 128·Σq` (what VNNI's Q8_0 kernel, which multiplies `w + 128` as
+/// unsigned bytes, takes off again).
 pub struct QActs {
     pub rows: usize,
     pub blocks: usize,
     pub q: Vec<i8>,
-    pub qu: Vec<u8>,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
+    pub c: Vec<i32>,
 }
 
 /// Adding and subtracting 1.5·2²³ rounds an f32 of magnitude < 2²² to the nearest integer
@@ -232,7 +221,7 @@ pub struct QActs {
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
 #[inline(always)]
-fn quantize_block(xb: &[f32], qb: &mut [i8], ub: &mut [u8]) -> (f32, f32) {
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, f32, i32) {
     let mut amax = [0f32; 8];
     for (i, &v) in xb.iter().enumerate() {
         let a = v.abs();
@@ -244,33 +233,32 @@ fn quantize_block(xb: &[f32], qb: &mut [i8], ub: &mut [u8]) -> (f32, f32) {
     let scale = amax / 127.0;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
     let mut sum = 0i32;
-    for ((q, u), &v) in qb.iter_mut().zip(ub.iter_mut()).zip(xb) {
+    for (q, &v) in qb.iter_mut().zip(xb) {
         let r = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0) as i32;
         *q = r as i8;
-        *u = (r + 128) as u8;
         sum += r;
     }
-    (scale, scale * sum as f32)
+    (scale, scale * sum as f32, 128 * sum)
 }
 
-/// The quantised form of some rows: their bytes, unsigned bytes, scales and sums.
+/// The quantised form of some rows: their bytes, scales and sums (`QActs`).
 struct ActsMut<'a> {
     q: &'a mut [i8],
-    qu: &'a mut [u8],
     d: &'a mut [f32],
     s: &'a mut [f32],
+    c: &'a mut [i32],
 }
 
 #[inline(always)]
 fn quantize_into(x: &[f32], a: ActsMut<'_>) {
-    for ((((xb, qb), ub), d), s) in x
+    for ((((xb, qb), d), s), c) in x
         .chunks_exact(QK)
         .zip(a.q.chunks_exact_mut(QK))
-        .zip(a.qu.chunks_exact_mut(QK))
         .zip(a.d.iter_mut())
         .zip(a.s.iter_mut())
+        .zip(a.c.iter_mut())
     {
-        (*d, *s) = quantize_block(xb, qb, ub);
+        (*d, *s, *c) = quantize_block(xb, qb);
     }
 }
 
@@ -284,7 +272,8 @@ fn quantize_into(x: &[f32], a: ActsMut<'_>) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_into_avx2(x: &[f32], a: ActsMut<'_>) {
-    assert!(a.q.len() >= x.len() && a.qu.len() >= x.len() && a.d.len() >= x.len() / QK);
+    let nb = x.len() / QK;
+    assert!(a.q.len() >= x.len() && a.d.len() >= nb && a.s.len() >= nb && a.c.len() >= nb);
     use std::arch::x86_64::*;
     let sign = _mm256_set1_ps(-0.0);
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -320,10 +309,10 @@ unsafe fn quantize_into_avx2(x: &[f32], a: ActsMut<'_>) {
             order,
         );
         _mm256_storeu_si256(a.q.as_mut_ptr().add(i * QK) as *mut __m256i, bytes);
-        let ub = _mm256_xor_si256(bytes, _mm256_set1_epi8(-128));
-        _mm256_storeu_si256(a.qu.as_mut_ptr().add(i * QK) as *mut __m256i, ub);
+        let sum = _mm_cvtsi128_si32(s);
         a.d[i] = scale;
-        a.s[i] = scale * _mm_cvtsi128_si32(s) as f32;
+        a.s[i] = scale * sum as f32;
+        a.c[i] = 128 * sum;
     }
 }
 
@@ -335,34 +324,66 @@ const QUANT_ROWS: usize = 64;
 /// `d = max|x| / 127`, `q = round(x / d)` (ties to even); rows in parallel (each row's bytes
 /// depend on that row alone).
 pub fn quantize_acts(x: &[f32], rows: usize, cols: usize) -> QActs {
-    assert!(cols.is_multiple_of(QK), "activation width {cols}");
     assert_eq!(x.len(), rows * cols, "activation shape");
+    quantize_rows(rows, cols, |r0, n| {
+        Cow::Borrowed(&x[r0 * cols..(r0 + n) * cols])
+    })
+}
+
+/// The MLP's `silu(g) · u` (`gu`: each row's `g` then `u`, `cols` each), quantised as
+/// [`quantize_acts`] quantises it, without writing the f32 product out: a task's products
+/// are made in a buffer of its own rows and quantised from there. A 2,024-row SmolLM2 prompt
+/// step wrote and read back 12.6 MB of products (and zeroed them first) in every layer. The
+/// bytes are those of `quantize_acts` over `activation::silu_mul`'s output.
+pub fn quantize_swiglu(gu: &[f32], rows: usize, cols: usize) -> QActs {
+    assert_eq!(gu.len(), rows * 2 * cols, "gate/up shape");
+    quantize_rows(rows, cols, |r0, n| {
+        let mut buf = vec![0f32; n * cols];
+        for (b, row) in buf
+            .chunks_exact_mut(cols)
+            .zip(gu[r0 * 2 * cols..].chunks_exact(2 * cols))
+        {
+            let (g, u) = row.split_at(cols);
+            crate::activation::silu_mul(g, u, b);
+        }
+        Cow::Owned(buf)
+    })
+}
+
+/// Quantises rows in parallel tasks of up to [`QUANT_ROWS`] rows; `rows_of(r0, n)` gives the
+/// f32 values of rows `r0 .. r0 + n`.
+fn quantize_rows<'x, F>(rows: usize, cols: usize, rows_of: F) -> QActs
+where
+    F: Fn(usize, usize) -> Cow<'x, [f32]> + Sync,
+{
+    assert!(cols.is_multiple_of(QK), "activation width {cols}");
     let nb = rows * cols / QK;
     let mut a = QActs {
         rows,
         blocks: cols / QK,
         q: vec![0i8; rows * cols],
-        qu: vec![0u8; rows * cols],
         d: vec![0f32; nb],
         s: vec![0f32; nb],
+        c: vec![0i32; nb],
     };
     #[cfg(target_arch = "x86_64")]
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
     let (n, nb) = (QUANT_ROWS * cols, QUANT_ROWS * cols / QK);
-    x.par_chunks(n)
-        .zip(a.q.par_chunks_mut(n))
-        .zip(a.qu.par_chunks_mut(n))
+    a.q.par_chunks_mut(n)
         .zip(a.d.par_chunks_mut(nb))
         .zip(a.s.par_chunks_mut(nb))
-        .for_each(|((((x, q), qu), d), s)| {
-            let part = ActsMut { q, qu, d, s };
+        .zip(a.c.par_chunks_mut(nb))
+        .enumerate()
+        .for_each(|(i, (((q, d), s), c))| {
+            let x = rows_of(i * QUANT_ROWS, q.len() / cols);
+            let part = ActsMut { q, d, s, c };
             #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // SAFETY: AVX2 was detected at run time.
-                unsafe { quantize_into_avx2(x, part) };
+                unsafe { quantize_into_avx2(&x, part) };
                 return;
             }
-            quantize_into(x, part);
+            quantize_into(&x, part);
         });
     a
 }
@@ -490,11 +511,7 @@ mod vnni {
     ) {
         let nb = a.blocks;
         let pbb = panel_block_bytes(T);
-        let xq = if T == T_Q8_0 {
-            a.qu.as_ptr()
-        } else {
-            a.q.as_ptr() as *const u8
-        };
+        let xq = a.q.as_ptr() as *const u8;
         let mask = _mm512_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
@@ -502,15 +519,25 @@ mod vnni {
             let wp = w.qs.as_ptr().add(pb * pbb);
             let mut isum = [_mm512_setzero_si512(); R];
             if T == T_Q8_0 {
+                // `vpdpbusd` multiplies unsigned bytes (its register operand) by signed ones
+                // (the operand that may be a broadcast from memory): the weights, flipped to
+                // `w + 128`, go unsigned, so each row's activations stay a folded broadcast
+                // (unsigned activations needed a `vpbroadcastd` of their own per product, and
+                // the LM head ran at two thirds of Q4_1's rate); `c = 128·Σx` takes the
+                // offset off again. The integer sums are the same.
+                let flip = _mm512_set1_epi8(-128);
                 for c in 0..8 {
-                    let wv = _mm512_loadu_si512(wp.add(c * 64) as *const __m512i);
+                    let wv = _mm512_xor_si512(
+                        _mm512_loadu_si512(wp.add(c * 64) as *const __m512i),
+                        flip,
+                    );
                     for (r, s) in isum.iter_mut().enumerate() {
                         let xv = _mm512_set1_epi32(x4(xq, nb, r0 + r, b, 4 * c));
-                        *s = _mm512_dpbusd_epi32(*s, xv, wv);
+                        *s = _mm512_dpbusd_epi32(*s, wv, xv);
                     }
                 }
-                let corr = _mm512_loadu_si512(w.wsum.as_ptr().add(pb * PJ) as *const __m512i);
-                for s in isum.iter_mut() {
+                for (r, s) in isum.iter_mut().enumerate() {
+                    let corr = _mm512_set1_epi32(*a.c.get_unchecked((r0 + r) * nb + b));
                     *s = _mm512_sub_epi32(*s, corr);
                 }
             } else {
@@ -716,13 +743,24 @@ pub fn qmatmul_wt(x: &[f32], rows: usize, w: &QMatrix) -> Vec<f32> {
 
 /// [`qmatmul_wt`] on a chosen kernel (one of [`available_isas`]).
 pub fn qmatmul_wt_with(isa: QIsa, x: &[f32], rows: usize, w: &QMatrix) -> Vec<f32> {
+    assert_eq!(x.len(), rows * w.cols, "activation shape");
+    qmatmul_acts_with(isa, &quantize_acts(x, rows, w.cols), w)
+}
+
+/// `y [a.rows, w.rows]` from activations already quantised ([`quantize_acts`],
+/// [`quantize_swiglu`]) with the best kernel this CPU has.
+pub fn qmatmul_acts(a: &QActs, w: &QMatrix) -> Vec<f32> {
+    qmatmul_acts_with(best_isa(), a, w)
+}
+
+/// [`qmatmul_acts`] on a chosen kernel (one of [`available_isas`]).
+pub fn qmatmul_acts_with(isa: QIsa, a: &QActs, w: &QMatrix) -> Vec<f32> {
     assert!(
         available_isas().contains(&isa),
         "{isa:?} is not available on this CPU"
     );
-    let (out, inner) = (w.rows, w.cols);
-    assert_eq!(x.len(), rows * inner, "activation shape");
-    let a = quantize_acts(x, rows, inner);
+    let (rows, out) = (a.rows, w.rows);
+    assert_eq!(a.blocks * QK, w.cols, "activation width");
     let mut y: Vec<f32> = Vec::with_capacity(rows * out);
     let o = Out {
         y: y.as_mut_ptr(),
@@ -737,7 +775,7 @@ pub fn qmatmul_wt_with(isa: QIsa, x: &[f32], rows: usize, w: &QMatrix) -> Vec<f3
             let (c, t) = (i / tasks, i % tasks);
             let rs = (c * ROW_CHUNK, ((c + 1) * ROW_CHUNK).min(rows));
             for p in t * TASK_PANELS..((t + 1) * TASK_PANELS).min(w.panels) {
-                panel(isa, &a, rs, w, p, o);
+                panel(isa, a, rs, w, p, o);
             }
         });
     // SAFETY: the tasks wrote every row (chunks cover 0..rows) of every output column (each
@@ -843,30 +881,28 @@ mod tests {
         for b in 0..a.d.len() {
             let sum: i32 = a.q[b * QK..(b + 1) * QK].iter().map(|&q| q as i32).sum();
             assert_eq!(a.s[b], a.d[b] * sum as f32);
-        }
-        for (&q, &u) in a.q.iter().zip(&a.qu) {
-            assert_eq!(q as i32 + 128, u as i32);
+            assert_eq!(a.c[b], 128 * sum);
         }
         let mut portable = QActs {
             rows: 5,
             blocks: 2,
             q: vec![0; 5 * 64],
-            qu: vec![0; 5 * 64],
             d: vec![0.0; 10],
             s: vec![0.0; 10],
+            c: vec![0; 10],
         };
         quantize_into(
             &x,
             ActsMut {
                 q: &mut portable.q,
-                qu: &mut portable.qu,
                 d: &mut portable.d,
                 s: &mut portable.s,
+                c: &mut portable.c,
             },
         );
         assert_eq!(
-            (&portable.q, &portable.qu, &portable.d, &portable.s),
-            (&a.q, &a.qu, &a.d, &a.s),
+            (&portable.q, &portable.d, &portable.s, &portable.c),
+            (&a.q, &a.d, &a.s, &a.c),
             "the vector path differs from the portable one"
         );
         // Exact ties (scale 1) round to even on both paths.
@@ -907,6 +943,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fused SwiGLU quantisation gives the bytes, scales and sums of the product written
+    /// out and quantised, over more rows than one task holds.
+    #[test]
+    fn swiglu_quantised_in_place_equals_the_product_quantised() {
+        let (rows, cols) = (QUANT_ROWS + 5, 96);
+        let gu = data(rows * 2 * cols, 3);
+        let mut act = vec![0f32; rows * cols];
+        for (a, row) in act.chunks_exact_mut(cols).zip(gu.chunks_exact(2 * cols)) {
+            let (g, u) = row.split_at(cols);
+            crate::activation::silu_mul(g, u, a);
+        }
+        let (want, got) = (quantize_acts(&act, rows, cols), quantize_swiglu(&gu, rows, cols));
+        assert_eq!((got.rows, got.blocks), (want.rows, want.blocks));
+        assert_eq!((&got.q, &got.d, &got.s, &got.c), (&want.q, &want.d, &want.s, &want.c));
+        assert!(want.d.iter().all(|&d| d > 0.0));
     }
 
     #[test]
