@@ -86,6 +86,10 @@ pub struct CpuRunner {
     pool: std::sync::Arc<rayon::ThreadPool>,
 }
 
+/// Rows below which the element-wise row loops stay on one thread (a decode step's rows:
+/// waking the other worker costs more than the work).
+const PAR_MIN_ROWS: usize = 64;
+
 fn werr(e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Weights(e.to_string())
 }
@@ -140,6 +144,19 @@ fn swiglu_down(
             activation::silu_mul(g, u, a);
         });
     linear(&act, rows, down)
+}
+
+/// `x += y`, rows in parallel (a prompt step's residual stream is megabytes; a decode step's
+/// few rows stay on the calling thread).
+fn add_rows(x: &mut [f32], y: &[f32], width: usize) {
+    x.par_chunks_mut(width)
+        .zip(y.par_chunks(width))
+        .with_min_len(PAR_MIN_ROWS)
+        .for_each(|(x, y)| {
+            for (a, b) in x.iter_mut().zip(y) {
+                *a += b;
+            }
+        });
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
@@ -256,32 +273,37 @@ impl CpuRunner {
         let eps = cfg.rms_norm_eps as f32;
 
         let normed = rms_norm(x, &lw.input_norm, eps);
-        let qkv = linear(&normed, t, &lw.qkv)?;
+        let mut qkv = linear(&normed, t, &lw.qkv)?;
         let width = qs + 2 * kvs;
+        // Rotary embedding of every row's q (into `q`) and k (in place), rows in parallel; a
+        // 2,024-row prompt step did this on one core while the other waited.
         let mut q = vec![0f32; t * qs];
-        let cache = &mut self.kv_cache[li];
-        let mut k = vec![0f32; kvs];
-        for i in 0..t {
-            let row = &qkv[i * width..(i + 1) * width];
+        let rope_rows = |(i, (qo, row)): (usize, (&mut [f32], &mut [f32]))| {
             let (c, s) = (
                 &cos[i * hd / 2..(i + 1) * hd / 2],
                 &sin[i * hd / 2..(i + 1) * hd / 2],
             );
-            let qo = &mut q[i * qs..(i + 1) * qs];
             qo.copy_from_slice(&row[..qs]);
             attention::rope_in_place(qo, hd, c, s);
-            k.copy_from_slice(&row[qs..qs + kvs]);
-            attention::rope_in_place(&mut k, hd, c, s);
-            let v = &row[qs + kvs..];
-            let at = plan.slot_mapping[i] as usize * kvs..(plan.slot_mapping[i] as usize + 1) * kvs;
+            attention::rope_in_place(&mut row[qs..qs + kvs], hd, c, s);
+        };
+        q.par_chunks_mut(qs)
+            .zip(qkv.par_chunks_mut(width))
+            .enumerate()
+            .with_min_len(PAR_MIN_ROWS)
+            .for_each(rope_rows);
+        let cache = &mut self.kv_cache[li];
+        for (row, &slot) in qkv.chunks_exact(width).zip(&plan.slot_mapping) {
+            let (k, v) = row[qs..].split_at(kvs);
+            let at = slot as usize * kvs..(slot as usize + 1) * kvs;
             match cache {
                 KvCache::F32(kc, vc) => {
-                    kc[at.clone()].copy_from_slice(&k);
+                    kc[at.clone()].copy_from_slice(k);
                     vc[at].copy_from_slice(v);
                 }
                 KvCache::F16(kc, vc) => {
                     // Rounded to nearest (even), as a cast to f16 does.
-                    kc[at.clone()].convert_from_f32_slice(&k);
+                    kc[at.clone()].convert_from_f32_slice(k);
                     vc[at].convert_from_f32_slice(v);
                 }
             }
@@ -301,17 +323,12 @@ impl CpuRunner {
             self.kv.block_size,
         );
         let o = linear(&attn, t, &lw.o_proj)?;
-        for (xv, ov) in x.iter_mut().zip(&o) {
-            *xv += ov;
-        }
+        add_rows(x, &o, h);
 
         let normed = rms_norm(x, &lw.post_norm, eps);
         let gu = linear(&normed, t, &lw.gate_up)?;
         let d = swiglu_down(&gu, t, cfg.intermediate_size, &lw.down)?;
-        for (xv, dv) in x.iter_mut().zip(&d) {
-            *xv += dv;
-        }
-        let _ = h;
+        add_rows(x, &d, h);
         Ok(())
     }
 }

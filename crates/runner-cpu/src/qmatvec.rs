@@ -956,9 +956,15 @@ mod tests {
             let (g, u) = row.split_at(cols);
             crate::activation::silu_mul(g, u, a);
         }
-        let (want, got) = (quantize_acts(&act, rows, cols), quantize_swiglu(&gu, rows, cols));
+        let (want, got) = (
+            quantize_acts(&act, rows, cols),
+            quantize_swiglu(&gu, rows, cols),
+        );
         assert_eq!((got.rows, got.blocks), (want.rows, want.blocks));
-        assert_eq!((&got.q, &got.d, &got.s, &got.c), (&want.q, &want.d, &want.s, &want.c));
+        assert_eq!(
+            (&got.q, &got.d, &got.s, &got.c),
+            (&want.q, &want.d, &want.s, &want.c)
+        );
         assert!(want.d.iter().all(|&d| d > 0.0));
     }
 
