@@ -164,6 +164,7 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(h)
         .zip(x.par_chunks(h))
+        .with_min_len(PAR_MIN_ROWS)
         .for_each(|(o, r)| {
             let ms = r.iter().map(|v| v * v).sum::<f32>() / h as f32;
             let inv = 1.0 / (ms + eps).sqrt();
