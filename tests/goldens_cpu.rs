@@ -194,14 +194,21 @@ fn bf16_runner(model: &LoadedModel, blocks: usize) -> CpuRunner {
     runner_with(model, blocks, CpuWeights::Bf16)
 }
 
-/// tiny-llama3's checkpoint is bf16: `--dtype auto` keeps it so (half the bytes of f32, the
-/// same values: a bf16 weight widens to f32 exactly), and `--dtype bfloat16` is the same
-/// runner. Only the f16 KV cache separates it from the f32 reference (|Δ logprob| ~1e-3 at
-/// most), so greedy tokens follow the goldens up to the first step whose golden margin is
-/// under 0.01 nats (this random model's margins go down to 0.004).
+/// tiny-llama3's checkpoint is bf16: `--dtype auto` keeps it so (half the bytes of f32), and
+/// `--dtype bfloat16` is the same runner. Without AVX-512 BF16 a bf16 weight widens to f32
+/// exactly and only the f16 KV cache separates it from the f32 reference (|Δ logprob| ~1e-3
+/// at most), so greedy tokens follow the goldens up to the first step whose golden margin is
+/// under 0.01 nats (this random model's margins go down to 0.004). With AVX-512 BF16
+/// (`bf16dot`) every matmul's activations are rounded to bf16 as well, as a bf16 model runs on
+/// an accelerator: up to the first margin under 0.02 nats, mean |Δ logprob| under 0.02.
 #[test]
 fn tiny_llama3_bf16_in_place_follows_the_goldens() {
     let model = load_model(&tiny_llama3_dir()).unwrap();
+    let (gap, max_mean) = if tpuserve_runner_cpu::bf16dot::available() {
+        (0.02, 0.02)
+    } else {
+        (0.01, 0.005)
+    };
     for weights in [CpuWeights::Native, CpuWeights::Bf16] {
         let mut r = runner_with(&model, 256, weights);
         assert_eq!(
@@ -209,13 +216,15 @@ fn tiny_llama3_bf16_in_place_follows_the_goldens() {
             "cpu (bf16 layers, bf16 embeddings, bf16 LM head, f16 KV cache)"
         );
         let what = format!("tiny-llama3 bf16 ({weights:?})");
-        let mean = follows_the_goldens(&mut r, "tiny-llama3/goldens.json", &what, 0.01, 60, 0.005);
+        let mean =
+            follows_the_goldens(&mut r, "tiny-llama3/goldens.json", &what, gap, 60, max_mean);
         assert!(mean > 0.0, "an f16 KV cache cannot reproduce f32 exactly");
     }
 }
 
 /// `--dtype bfloat16` on SmolLM2's GGUF: Q4_1 / Q8_0 blocks dequantised and rounded to bf16
-/// (a relative error up to 2⁻⁹ per weight), f32 activations, f16 KV cache.
+/// (a relative error up to 2⁻⁹ per weight), f32 activations (rounded to bf16 at each matmul
+/// where AVX-512 BF16 runs them: mean |Δ logprob| ~0.008 against ~0.005), f16 KV cache.
 #[test]
 fn smollm2_as_bf16_follows_the_goldens() {
     let model = load_model(&smollm2_gguf()).unwrap();

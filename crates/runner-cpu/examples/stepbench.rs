@@ -46,7 +46,12 @@ fn main() -> anyhow::Result<()> {
         CpuRunnerOptions {
             num_blocks: 32 * 10 + 16,
             block_size: bs,
-            weights: CpuWeights::Native,
+            // `STEPBENCH_WEIGHTS=bf16` (or `f32`): the `--dtype bfloat16` / `float32` forms.
+            weights: match std::env::var("STEPBENCH_WEIGHTS").as_deref() {
+                Ok("bf16") => CpuWeights::Bf16,
+                Ok("f32") => CpuWeights::F32,
+                _ => CpuWeights::Native,
+            },
         },
     )?;
     // The prompts' KV first (the decode step attends over it), then each shape.

@@ -7,6 +7,7 @@ pub mod activation;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 pub mod attention_avx2;
+pub mod bf16dot;
 pub mod matvec;
 pub mod qmatvec;
 mod weights;
@@ -28,12 +29,14 @@ use crate::weights::{LayerWeights, Matrix, ModelWeights};
 pub enum CpuWeights {
     /// The checkpoint's own form: GGUF Q4_0 / Q4_1 / Q8_0 blocks, repacked at load into the
     /// `qmatvec` kernels' 16-row panels (same bytes per weight) and computed on with int8
-    /// activations; bf16 matrices kept as bf16 (widened in registers: the same values as
-    /// f32); everything else dequantised / widened to f32.
+    /// activations; bf16 matrices kept as bf16 (with AVX-512 BF16, multiplied by bf16-rounded
+    /// activations in `bf16dot`; otherwise widened in registers: the same values as f32);
+    /// everything else dequantised / widened to f32.
     #[default]
     Native,
     /// Every matrix as bf16 (`--dtype bfloat16`): a bf16 checkpoint as stored, f32 / f16
-    /// rounded to bf16, GGUF blocks dequantised and rounded. Activations stay f32.
+    /// rounded to bf16, GGUF blocks dequantised and rounded. Activations stay f32 between
+    /// matmuls (rounded to bf16 at a matmul's input where `bf16dot` runs).
     Bf16,
     /// Every weight dequantised to f32: the numerical reference.
     F32,

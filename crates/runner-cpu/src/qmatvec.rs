@@ -427,14 +427,15 @@ fn best_isa() -> QIsa {
 /// Activation rows `start .. end` a panel call computes.
 type Rows = (usize, usize);
 
-/// Where a panel's results go: row `r`, outputs `j0 .. j0 + valid`.
+/// Where results go: row `r`, output `j` at `y[r · stride + j]`. Shared by the parallel tasks
+/// of one matmul (here and in `bf16dot`), each of which writes its own rows and columns.
 #[derive(Clone, Copy)]
-struct Out {
-    y: *mut f32,
-    stride: usize,
+pub(crate) struct Out {
+    pub(crate) y: *mut f32,
+    pub(crate) stride: usize,
 }
 
-// SAFETY: tasks write disjoint output columns (their own panels) of the shared buffer.
+// SAFETY: tasks write disjoint blocks (their own rows × columns) of the shared buffer.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
