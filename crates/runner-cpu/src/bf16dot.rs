@@ -13,6 +13,7 @@
 
 use crate::qmatvec::Out;
 use half::bf16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Rows of W and activation rows a parallel task covers.
@@ -36,11 +37,7 @@ pub fn round_acts(x: &[f32]) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; x.len()];
     out.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
-        .for_each(|(o, x)| {
-            for (o, &v) in o.iter_mut().zip(x) {
-                *o = bf16::from_f32(v);
-            }
-        });
+        .for_each(|(o, x)| o.convert_from_f32_slice(x));
     out
 }
 
