@@ -482,6 +482,13 @@ impl EngineCore {
         }
         self.publish_stats(num_tokens, execute_time);
         self.flush();
+        tracing::debug!(
+            tokens = num_tokens,
+            seqs = batch.scheduled.len(),
+            execute_ms = execute_time.as_secs_f64() * 1e3,
+            step_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "step"
+        );
         true
     }
 

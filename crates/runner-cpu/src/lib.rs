@@ -3,6 +3,7 @@
 //! reference the XLA runner is checked against.
 
 pub mod activation;
+pub mod actquant;
 #[doc(hidden)]
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
@@ -165,17 +166,28 @@ fn add_rows(x: &mut [f32], y: &[f32], width: usize) {
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let h = w.len();
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(h)
-        .zip(x.par_chunks(h))
-        .with_min_len(PAR_MIN_ROWS)
-        .for_each(|(o, r)| {
-            let ms = r.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            let inv = 1.0 / (ms + eps).sqrt();
-            for ((o, &v), &g) in o.iter_mut().zip(r).zip(w) {
-                *o = g * (v * inv);
+    out.par_chunks_mut(h * PAR_MIN_ROWS)
+        .zip(x.par_chunks(h * PAR_MIN_ROWS))
+        .for_each(|(o, xs)| {
+            let mut inv = vec![0f32; xs.len() / h];
+            actquant::inv_rms_rows(xs, h, eps, &mut inv);
+            for ((o, r), &inv) in o.chunks_exact_mut(h).zip(xs.chunks_exact(h)).zip(&inv) {
+                actquant::scale_row(r, w, inv, o);
             }
         });
     out
+}
+
+/// `rms_norm(x) · wᵀ`. Quantised weights take the normed rows straight into their int8
+/// activations (`quantize_rms_norm`: the same bytes, never written out as f32).
+fn norm_linear(x: &[f32], gain: &[f32], eps: f32, w: &Matrix) -> Result<Vec<f32>, RunnerError> {
+    if let Matrix::Quant(q) = w {
+        return Ok(qmatvec::qmatmul_acts(
+            &qmatvec::quantize_rms_norm(x, gain, eps),
+            q,
+        ));
+    }
+    linear(&rms_norm(x, gain, eps), x.len() / gain.len(), w)
 }
 
 /// A prompt step's activations are tens of MB (SmolLM2, 2,048 rows: gate/up 25 MB). glibc
@@ -276,8 +288,7 @@ impl CpuRunner {
         let lw: &LayerWeights = &self.w.layers[li];
         let eps = cfg.rms_norm_eps as f32;
 
-        let normed = rms_norm(x, &lw.input_norm, eps);
-        let mut qkv = linear(&normed, t, &lw.qkv)?;
+        let mut qkv = norm_linear(x, &lw.input_norm, eps, &lw.qkv)?;
         let width = qs + 2 * kvs;
         // Rotary embedding of every row's q (into `q`) and k (in place), rows in parallel; a
         // 2,024-row prompt step did this on one core while the other waited.
@@ -329,8 +340,7 @@ impl CpuRunner {
         let o = linear(&attn, t, &lw.o_proj)?;
         add_rows(x, &o, h);
 
-        let normed = rms_norm(x, &lw.post_norm, eps);
-        let gu = linear(&normed, t, &lw.gate_up)?;
+        let gu = norm_linear(x, &lw.post_norm, eps, &lw.gate_up)?;
         let d = swiglu_down(&gu, t, cfg.intermediate_size, &lw.down)?;
         add_rows(x, &d, h);
         Ok(())
@@ -403,11 +413,11 @@ impl CpuRunner {
         for &r in &rows {
             selected.extend_from_slice(&x[r * h..(r + 1) * h]);
         }
-        let normed = rms_norm(&selected, &self.w.final_norm, self.cfg.rms_norm_eps as f32);
         let logits = if rows.is_empty() {
             Vec::new()
         } else {
-            linear(&normed, rows.len(), self.w.lm_head())?
+            let eps = self.cfg.rms_norm_eps as f32;
+            norm_linear(&selected, &self.w.final_norm, eps, self.w.lm_head())?
         };
         let row_logits = |r: usize| -> &[f32] {
             let i = rows.binary_search(&r).expect("row was selected");

@@ -21,11 +21,10 @@
 //! tile size and batch, so a row's result does not depend on what it is batched with.
 
 use rayon::prelude::*;
-use std::borrow::Cow;
 use tpuserve_model::GgmlType;
 
 /// Values per block, for every supported type.
-pub const QK: usize = 32;
+pub use crate::actquant::QK;
 
 /// Weight rows per panel (the f32 lanes of one AVX-512 vector).
 const PJ: usize = 16;
@@ -203,190 +202,7 @@ impl QMatrix {
     }
 }
 
-/// Activation rows quantised per 32-block: `q` int8 (in −127..=127), per block `d` (scale),
-/// `s = d·Σq` and `c = 128·Σq` (what VNNI's Q8_0 kernel, which multiplies `w + 128` as
-/// unsigned bytes, takes off again).
-pub struct QActs {
-    pub rows: usize,
-    pub blocks: usize,
-    pub q: Vec<i8>,
-    pub d: Vec<f32>,
-    pub s: Vec<f32>,
-    pub c: Vec<i32>,
-}
-
-/// Adding and subtracting 1.5·2²³ rounds an f32 of magnitude < 2²² to the nearest integer
-/// (ties to even) in two plain additions, which vectorise; `f32::round` is a libm call per
-/// value on the baseline target and was 2 % of a decode profile.
-const ROUND_MAGIC: f32 = 12_582_912.0;
-
-#[inline(always)]
-fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, f32, i32) {
-    let mut amax = [0f32; 8];
-    for (i, &v) in xb.iter().enumerate() {
-        let a = v.abs();
-        if a > amax[i % 8] {
-            amax[i % 8] = a;
-        }
-    }
-    let amax = amax.iter().fold(0f32, |m, &v| if v > m { v } else { m });
-    let scale = amax / 127.0;
-    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    let mut sum = 0i32;
-    for (q, &v) in qb.iter_mut().zip(xb) {
-        let r = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0) as i32;
-        *q = r as i8;
-        sum += r;
-    }
-    (scale, scale * sum as f32, 128 * sum)
-}
-
-/// The quantised form of some rows: their bytes, scales and sums (`QActs`).
-struct ActsMut<'a> {
-    q: &'a mut [i8],
-    d: &'a mut [f32],
-    s: &'a mut [f32],
-    c: &'a mut [i32],
-}
-
-#[inline(always)]
-fn quantize_into(x: &[f32], a: ActsMut<'_>) {
-    for ((((xb, qb), d), s), c) in x
-        .chunks_exact(QK)
-        .zip(a.q.chunks_exact_mut(QK))
-        .zip(a.d.iter_mut())
-        .zip(a.s.iter_mut())
-        .zip(a.c.iter_mut())
-    {
-        (*d, *s, *c) = quantize_block(xb, qb);
-    }
-}
-
-/// AVX2: a block is 4 vectors; max |x| by a vector max tree, values scaled, rounded to
-/// nearest even by `vcvtps2dq` (what `ROUND_MAGIC` does in the portable code, so both give
-/// the same bytes) and packed to bytes. The auto-vectorised portable loop stayed scalar and
-/// was 16 % of a 32-stream decode profile.
-///
-/// # Safety
-/// The CPU must have AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_into_avx2(x: &[f32], a: ActsMut<'_>) {
-    let nb = x.len() / QK;
-    assert!(a.q.len() >= x.len() && a.d.len() >= nb && a.s.len() >= nb && a.c.len() >= nb);
-    use std::arch::x86_64::*;
-    let sign = _mm256_set1_ps(-0.0);
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    let lim = _mm256_set1_ps(127.0);
-    for (i, xb) in x.chunks_exact(QK).enumerate() {
-        let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(xb.as_ptr().add(8 * k)));
-        let ab = v.map(|v| _mm256_andnot_ps(sign, v));
-        let m = _mm256_max_ps(_mm256_max_ps(ab[0], ab[1]), _mm256_max_ps(ab[2], ab[3]));
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-        let scale = _mm_cvtss_f32(m) / 127.0;
-        let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
-        let q = v.map(|v| {
-            let t = _mm256_mul_ps(v, inv);
-            _mm256_cvtps_epi32(_mm256_max_ps(
-                _mm256_min_ps(t, lim),
-                _mm256_sub_ps(_mm256_setzero_ps(), lim),
-            ))
-        });
-        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        let s = _mm_add_epi32(
-            _mm256_castsi256_si128(sum),
-            _mm256_extracti128_si256(sum, 1),
-        );
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        let bytes = _mm256_permutevar8x32_epi32(
-            _mm256_packs_epi16(
-                _mm256_packs_epi32(q[0], q[1]),
-                _mm256_packs_epi32(q[2], q[3]),
-            ),
-            order,
-        );
-        _mm256_storeu_si256(a.q.as_mut_ptr().add(i * QK) as *mut __m256i, bytes);
-        let sum = _mm_cvtsi128_si32(s);
-        a.d[i] = scale;
-        a.s[i] = scale * sum as f32;
-        a.c[i] = 128 * sum;
-    }
-}
-
-/// Rows quantised by one parallel task: a decode step's rows (at most this many) are one task,
-/// run in place without a fork and join (four per layer).
-const QUANT_ROWS: usize = 64;
-
-/// Quantises `rows × cols` activations (`cols` a multiple of 32), block by block:
-/// `d = max|x| / 127`, `q = round(x / d)` (ties to even); rows in parallel (each row's bytes
-/// depend on that row alone).
-pub fn quantize_acts(x: &[f32], rows: usize, cols: usize) -> QActs {
-    assert_eq!(x.len(), rows * cols, "activation shape");
-    quantize_rows(rows, cols, |r0, n| {
-        Cow::Borrowed(&x[r0 * cols..(r0 + n) * cols])
-    })
-}
-
-/// The MLP's `silu(g) · u` (`gu`: each row's `g` then `u`, `cols` each), quantised as
-/// [`quantize_acts`] quantises it, without writing the f32 product out: a task's products
-/// are made in a buffer of its own rows and quantised from there. A 2,024-row SmolLM2 prompt
-/// step wrote and read back 12.6 MB of products (and zeroed them first) in every layer. The
-/// bytes are those of `quantize_acts` over `activation::silu_mul`'s output.
-pub fn quantize_swiglu(gu: &[f32], rows: usize, cols: usize) -> QActs {
-    assert_eq!(gu.len(), rows * 2 * cols, "gate/up shape");
-    quantize_rows(rows, cols, |r0, n| {
-        let mut buf = vec![0f32; n * cols];
-        for (b, row) in buf
-            .chunks_exact_mut(cols)
-            .zip(gu[r0 * 2 * cols..].chunks_exact(2 * cols))
-        {
-            let (g, u) = row.split_at(cols);
-            crate::activation::silu_mul(g, u, b);
-        }
-        Cow::Owned(buf)
-    })
-}
-
-/// Quantises rows in parallel tasks of up to [`QUANT_ROWS`] rows; `rows_of(r0, n)` gives the
-/// f32 values of rows `r0 .. r0 + n`.
-fn quantize_rows<'x, F>(rows: usize, cols: usize, rows_of: F) -> QActs
-where
-    F: Fn(usize, usize) -> Cow<'x, [f32]> + Sync,
-{
-    assert!(cols.is_multiple_of(QK), "activation width {cols}");
-    let nb = rows * cols / QK;
-    let mut a = QActs {
-        rows,
-        blocks: cols / QK,
-        q: vec![0i8; rows * cols],
-        d: vec![0f32; nb],
-        s: vec![0f32; nb],
-        c: vec![0i32; nb],
-    };
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
-    let (n, nb) = (QUANT_ROWS * cols, QUANT_ROWS * cols / QK);
-    a.q.par_chunks_mut(n)
-        .zip(a.d.par_chunks_mut(nb))
-        .zip(a.s.par_chunks_mut(nb))
-        .zip(a.c.par_chunks_mut(nb))
-        .enumerate()
-        .for_each(|(i, (((q, d), s), c))| {
-            let x = rows_of(i * QUANT_ROWS, q.len() / cols);
-            let part = ActsMut { q, d, s, c };
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2 was detected at run time.
-                unsafe { quantize_into_avx2(&x, part) };
-                return;
-            }
-            quantize_into(&x, part);
-        });
-    a
-}
+pub use crate::actquant::{quantize_acts, quantize_rms_norm, quantize_swiglu, QActs};
 
 /// Which kernel runs; tests call each one the machine has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -868,54 +684,6 @@ mod tests {
     }
 
     #[test]
-    fn activations_round_trip_within_half_a_step() {
-        let x = data(5 * 64, 11);
-        let a = quantize_acts(&x, 5, 64);
-        for (i, &v) in x.iter().enumerate() {
-            let b = i / QK;
-            let back = a.q[i] as f32 * a.d[b];
-            assert!(
-                (back - v).abs() <= a.d[b] * 0.5 + 1e-7,
-                "{i}: {v} vs {back}"
-            );
-        }
-        for b in 0..a.d.len() {
-            let sum: i32 = a.q[b * QK..(b + 1) * QK].iter().map(|&q| q as i32).sum();
-            assert_eq!(a.s[b], a.d[b] * sum as f32);
-            assert_eq!(a.c[b], 128 * sum);
-        }
-        let mut portable = QActs {
-            rows: 5,
-            blocks: 2,
-            q: vec![0; 5 * 64],
-            d: vec![0.0; 10],
-            s: vec![0.0; 10],
-            c: vec![0; 10],
-        };
-        quantize_into(
-            &x,
-            ActsMut {
-                q: &mut portable.q,
-                d: &mut portable.d,
-                s: &mut portable.s,
-                c: &mut portable.c,
-            },
-        );
-        assert_eq!(
-            (&portable.q, &portable.d, &portable.s, &portable.c),
-            (&a.q, &a.d, &a.s, &a.c),
-            "the vector path differs from the portable one"
-        );
-        // Exact ties (scale 1) round to even on both paths.
-        let mut tie = vec![0.5f32; 32];
-        tie[..4].copy_from_slice(&[127.0, 2.5, -3.5, -0.5]);
-        let t = quantize_acts(&tie, 1, 32);
-        assert_eq!(&t.q[..5], &[127, 2, -4, 0, 0]);
-        let z = quantize_acts(&[0f32; 32], 1, 32);
-        assert_eq!((z.d[0], z.s[0]), (0.0, 0.0));
-    }
-
-    #[test]
     fn every_kernel_matches_the_f64_reference_for_every_shape_and_tail() {
         eprintln!("kernels on this CPU: {:?}", available_isas());
         for isa in available_isas() {
@@ -944,29 +712,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// The fused SwiGLU quantisation gives the bytes, scales and sums of the product written
-    /// out and quantised, over more rows than one task holds.
-    #[test]
-    fn swiglu_quantised_in_place_equals_the_product_quantised() {
-        let (rows, cols) = (QUANT_ROWS + 5, 96);
-        let gu = data(rows * 2 * cols, 3);
-        let mut act = vec![0f32; rows * cols];
-        for (a, row) in act.chunks_exact_mut(cols).zip(gu.chunks_exact(2 * cols)) {
-            let (g, u) = row.split_at(cols);
-            crate::activation::silu_mul(g, u, a);
-        }
-        let (want, got) = (
-            quantize_acts(&act, rows, cols),
-            quantize_swiglu(&gu, rows, cols),
-        );
-        assert_eq!((got.rows, got.blocks), (want.rows, want.blocks));
-        assert_eq!(
-            (&got.q, &got.d, &got.s, &got.c),
-            (&want.q, &want.d, &want.s, &want.c)
-        );
-        assert!(want.d.iter().all(|&d| d > 0.0));
     }
 
     #[test]

@@ -1,0 +1,605 @@
+//! Activation rows quantised per 32-block for the int8 kernels of `qmatvec`, straight from
+//! what produces them: a plain f32 row, the MLP's `silu(g) · u`, or an RMS-normed row. The
+//! last two are never written out as f32: a 2,024-row SmolLM2 prompt step wrote, zeroed and
+//! read back 12.6 MB of SwiGLU products and two 4.7 MB normed copies in every layer.
+//!
+//! Every path gives the same bytes for the same values: `d = max|x| / 127`, `q = round(x /
+//! d)` (ties to even) clamped to ±127, `s = d·Σq`, `c = 128·Σq`; the vector code rounds with
+//! the conversion instruction, the portable code with `ROUND_MAGIC`. The fused sources
+//! compute each value exactly as their unfused functions do (`activation::silu_mul`,
+//! [`inv_rms_rows`] and [`scale_row`]), so a fused quantisation equals the unfused one, bit for bit.
+
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// Values per block.
+pub const QK: usize = 32;
+
+/// Activation rows quantised per 32-block: `q` int8 (in −127..=127), per block `d` (scale),
+/// `s = d·Σq` and `c = 128·Σq` (what VNNI's Q8_0 kernel, which multiplies `w + 128` as
+/// unsigned bytes, takes off again).
+pub struct QActs {
+    pub rows: usize,
+    pub blocks: usize,
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub c: Vec<i32>,
+}
+
+/// Rows quantised by one parallel task: a decode step's rows (at most this many) are one
+/// task, run in place without a fork and join (four per layer).
+pub(crate) const QUANT_ROWS: usize = 64;
+
+/// Adding and subtracting 1.5·2²³ rounds an f32 of magnitude < 2²² to the nearest integer
+/// (ties to even) in two plain additions, which vectorise; `f32::round` is a libm call per
+/// value on the baseline target and was 2 % of a decode profile.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// `1 / sqrt(mean(x²) + eps)` of each row of `x` (`cols` values a row) into `out`.
+///
+/// Each row's squares are summed one after another, in order (the bits every earlier version
+/// of this runner had: the int8 path is sensitive enough that a different summation order
+/// moves single logprobs by tenths of a nat, see `goldens_cpu`), but eight rows' chains are
+/// interleaved: one chain waits on each add's latency, eight keep the adder busy. A decode
+/// step's norms ran their rows one chain at a time on one thread, ~4 % of the step.
+pub fn inv_rms_rows(x: &[f32], cols: usize, eps: f32, out: &mut [f32]) {
+    const R: usize = 8;
+    assert_eq!(x.len(), cols * out.len(), "norm shape");
+    let mut rows = x.chunks_exact(cols * R);
+    let mut outs = out.chunks_exact_mut(R);
+    for (xs, o) in (&mut rows).zip(&mut outs) {
+        let mut acc = [0f32; R];
+        for k in 0..cols {
+            for (r, a) in acc.iter_mut().enumerate() {
+                let v = xs[r * cols + k];
+                *a += v * v;
+            }
+        }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o = 1.0 / (a / cols as f32 + eps).sqrt();
+        }
+    }
+    for (xr, o) in rows
+        .remainder()
+        .chunks_exact(cols)
+        .zip(outs.into_remainder())
+    {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+        *o = 1.0 / (ms + eps).sqrt();
+    }
+}
+
+/// `out = w · (x · inv)`, one row of an RMS norm.
+pub fn scale_row(x: &[f32], w: &[f32], inv: f32, out: &mut [f32]) {
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = g * (v * inv);
+    }
+}
+
+/// Where a quantisation's values come from (`cols` values a row).
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    /// `x[r·cols ..]`.
+    Plain(&'a [f32]),
+    /// `silu(g) · u` with each row of `gu` holding `g` then `u`.
+    Swiglu(&'a [f32]),
+    /// `x[r·cols ..]` RMS-normed (`inv_rms_rows`, `scale_row`) with gain `w`.
+    Norm(&'a [f32], &'a [f32], f32),
+}
+
+impl Src<'_> {
+    /// The RMS factors of rows `r0 .. r0 + n` for a `Norm` source (zeros for the others).
+    fn invs(&self, r0: usize, n: usize, cols: usize) -> Vec<f32> {
+        let mut inv = vec![0f32; n];
+        if let Src::Norm(x, _, eps) = *self {
+            inv_rms_rows(&x[r0 * cols..(r0 + n) * cols], cols, eps, &mut inv);
+        }
+        inv
+    }
+
+    /// Row `r`'s values (`inv`: its RMS norm's factor), written into `buf` where they must
+    /// be computed.
+    fn row<'b>(&'b self, r: usize, cols: usize, inv: f32, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        match *self {
+            Src::Plain(x) => &x[r * cols..(r + 1) * cols],
+            Src::Swiglu(gu) => {
+                buf.resize(cols, 0.0);
+                let (g, u) = gu[r * 2 * cols..(r + 1) * 2 * cols].split_at(cols);
+                crate::activation::silu_mul(g, u, buf);
+                buf
+            }
+            Src::Norm(x, w, _) => {
+                buf.resize(cols, 0.0);
+                scale_row(&x[r * cols..(r + 1) * cols], w, inv, buf);
+                buf
+            }
+        }
+    }
+}
+
+/// One task's share of the result: its rows' bytes (not yet written) and block values.
+struct Part<'a> {
+    q: &'a mut [MaybeUninit<i8>],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    c: &'a mut [i32],
+}
+
+#[inline(always)]
+fn quantize_block(xb: &[f32], qb: &mut [MaybeUninit<i8>]) -> (f32, f32, i32) {
+    let mut amax = [0f32; 8];
+    for (i, &v) in xb.iter().enumerate() {
+        let a = v.abs();
+        if a > amax[i % 8] {
+            amax[i % 8] = a;
+        }
+    }
+    let amax = amax.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qb.iter_mut().zip(xb) {
+        let r = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0) as i32;
+        q.write(r as i8);
+        sum += r;
+    }
+    (scale, scale * sum as f32, 128 * sum)
+}
+
+/// Portable: each row's values (computed into a buffer where they must be), block by block.
+fn quantize_portable(src: Src<'_>, r0: usize, cols: usize, p: Part<'_>) {
+    let nb = cols / QK;
+    let mut buf = Vec::new();
+    let invs = src.invs(r0, p.q.len() / cols, cols);
+    for (i, qrow) in p.q.chunks_exact_mut(cols).enumerate() {
+        let x = src.row(r0 + i, cols, invs[i], &mut buf);
+        for (b, (xb, qb)) in x
+            .chunks_exact(QK)
+            .zip(qrow.chunks_exact_mut(QK))
+            .enumerate()
+        {
+            let j = i * nb + b;
+            (p.d[j], p.s[j], p.c[j]) = quantize_block(xb, qb);
+        }
+    }
+}
+
+/// Which quantiser runs; tests call each one the machine has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantIsa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+/// Every quantiser this CPU can run, best first.
+pub fn available() -> Vec<QuantIsa> {
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let avx2 = crate::attention_avx2::available();
+        if avx2 && has!("avx512f") && has!("avx512bw") {
+            v.push(QuantIsa::Avx512);
+        }
+        if avx2 {
+            v.push(QuantIsa::Avx2);
+        }
+    }
+    v.push(QuantIsa::Portable);
+    v
+}
+
+fn best() -> QuantIsa {
+    static BEST: std::sync::OnceLock<QuantIsa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| available()[0])
+}
+
+/// Quantises `rows × cols` activations (`cols` a multiple of 32), rows in parallel (each
+/// row's bytes depend on that row alone).
+pub fn quantize_acts(x: &[f32], rows: usize, cols: usize) -> QActs {
+    assert_eq!(x.len(), rows * cols, "activation shape");
+    quantize_rows(best(), Src::Plain(x), rows, cols)
+}
+
+/// The MLP's `silu(g) · u` (`gu`: each row's `g` then `u`, `cols` each), quantised as
+/// [`quantize_acts`] quantises `activation::silu_mul`'s output, without writing it out.
+pub fn quantize_swiglu(gu: &[f32], rows: usize, cols: usize) -> QActs {
+    assert_eq!(gu.len(), rows * 2 * cols, "gate/up shape");
+    quantize_rows(best(), Src::Swiglu(gu), rows, cols)
+}
+
+/// The RMS norm of each row of `x` (gain `w`), quantised as [`quantize_acts`] quantises
+/// the normed rows (`inv_rms_rows`, `scale_row`), without writing them out.
+pub fn quantize_rms_norm(x: &[f32], w: &[f32], eps: f32) -> QActs {
+    let cols = w.len();
+    assert!(cols > 0 && x.len().is_multiple_of(cols), "norm shape");
+    quantize_rows(best(), Src::Norm(x, w, eps), x.len() / cols, cols)
+}
+
+/// [`quantize_acts`], [`quantize_swiglu`] or [`quantize_rms_norm`] (by which of `x`, `gu`,
+/// `norm` is given) with a chosen quantiser; for tests and benchmarks.
+#[doc(hidden)]
+pub fn quantize_with(
+    isa: QuantIsa,
+    kind: &str,
+    x: &[f32],
+    norm: Option<(&[f32], f32)>,
+    rows: usize,
+    cols: usize,
+) -> QActs {
+    assert!(available().contains(&isa), "{isa:?} is not available");
+    let src = match (kind, norm) {
+        ("plain", None) => Src::Plain(x),
+        ("swiglu", None) => Src::Swiglu(x),
+        ("norm", Some((w, eps))) => Src::Norm(x, w, eps),
+        _ => panic!("unknown source {kind}"),
+    };
+    quantize_rows(isa, src, rows, cols)
+}
+
+/// Quantises rows in parallel tasks of up to [`QUANT_ROWS`] rows.
+fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs {
+    assert!(cols.is_multiple_of(QK), "activation width {cols}");
+    let (x, per_row) = match src {
+        Src::Plain(x) | Src::Norm(x, ..) => (x, cols),
+        Src::Swiglu(gu) => (gu, 2 * cols),
+    };
+    assert_eq!(x.len(), rows * per_row, "activation shape");
+    if let Src::Norm(_, w, _) = src {
+        assert_eq!(w.len(), cols, "norm gain width");
+    }
+    let nb = rows * cols / QK;
+    let mut q: Vec<i8> = Vec::with_capacity(rows * cols);
+    let (mut d, mut s, mut c) = (vec![0f32; nb], vec![0f32; nb], vec![0i32; nb]);
+    let (n, tb) = (QUANT_ROWS * cols, QUANT_ROWS * cols / QK);
+    q.spare_capacity_mut()[..rows * cols]
+        .par_chunks_mut(n)
+        .zip(d.par_chunks_mut(tb))
+        .zip(s.par_chunks_mut(tb))
+        .zip(c.par_chunks_mut(tb))
+        .enumerate()
+        .for_each(|(i, (((q, d), s), c))| {
+            let part = Part { q, d, s, c };
+            let r0 = i * QUANT_ROWS;
+            match isa {
+                // SAFETY: `available` checked the instructions at run time; the part holds
+                // whole rows of `cols` values and the source has them (asserted above).
+                #[cfg(target_arch = "x86_64")]
+                QuantIsa::Avx512 => unsafe { x86::quantize::<true>(src, r0, cols, part) },
+                #[cfg(target_arch = "x86_64")]
+                QuantIsa::Avx2 => unsafe { x86::quantize::<false>(src, r0, cols, part) },
+                _ => quantize_portable(src, r0, cols, part),
+            }
+        });
+    // SAFETY: every task wrote every byte of its rows (each quantiser writes 32 a block).
+    unsafe { q.set_len(rows * cols) };
+    QActs {
+        rows,
+        blocks: cols / QK,
+        q,
+        d,
+        s,
+        c,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Part, Src, QK};
+    use crate::activation::x86::{silu_mul16, silu_mul8};
+    use std::arch::x86_64::*;
+
+    /// One block's 32 values of row `r`, computed as the source's unfused function does.
+    // Not `inline(always)` (not allowed with target features), but inlined into callers
+    // with the same features; closures inside inherit them, which `inline(always)` alone
+    // did not give (the intrinsics became calls).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block8(src: Src<'_>, r: usize, cols: usize, b: usize, inv: f32) -> [__m256; 4] {
+        match src {
+            Src::Plain(x) => {
+                let p = x.as_ptr().add(r * cols + b * QK);
+                std::array::from_fn(|k| _mm256_loadu_ps(p.add(8 * k)))
+            }
+            Src::Swiglu(gu) => {
+                let g = gu.as_ptr().add(r * 2 * cols + b * QK);
+                let u = g.add(cols);
+                std::array::from_fn(|k| {
+                    silu_mul8(_mm256_loadu_ps(g.add(8 * k)), _mm256_loadu_ps(u.add(8 * k)))
+                })
+            }
+            Src::Norm(x, w, _) => {
+                let p = x.as_ptr().add(r * cols + b * QK);
+                let g = w.as_ptr().add(b * QK);
+                let inv = _mm256_set1_ps(inv);
+                std::array::from_fn(|k| {
+                    _mm256_mul_ps(
+                        _mm256_loadu_ps(g.add(8 * k)),
+                        _mm256_mul_ps(_mm256_loadu_ps(p.add(8 * k)), inv),
+                    )
+                })
+            }
+        }
+    }
+
+    /// As [`block8`] in two 16-lane vectors.
+    // Not `inline(always)` (not allowed with target features), but inlined into callers
+    // with the same features; closures inside inherit them, which `inline(always)` alone
+    // did not give (the intrinsics became calls).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn block16(src: Src<'_>, r: usize, cols: usize, b: usize, inv: f32) -> [__m512; 2] {
+        match src {
+            Src::Plain(x) => {
+                let p = x.as_ptr().add(r * cols + b * QK);
+                [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+            }
+            Src::Swiglu(gu) => {
+                let g = gu.as_ptr().add(r * 2 * cols + b * QK);
+                let u = g.add(cols);
+                std::array::from_fn(|k| {
+                    silu_mul16(
+                        _mm512_loadu_ps(g.add(16 * k)),
+                        _mm512_loadu_ps(u.add(16 * k)),
+                    )
+                })
+            }
+            Src::Norm(x, w, _) => {
+                let p = x.as_ptr().add(r * cols + b * QK);
+                let g = w.as_ptr().add(b * QK);
+                let inv = _mm512_set1_ps(inv);
+                std::array::from_fn(|k| {
+                    _mm512_mul_ps(
+                        _mm512_loadu_ps(g.add(16 * k)),
+                        _mm512_mul_ps(_mm512_loadu_ps(p.add(16 * k)), inv),
+                    )
+                })
+            }
+        }
+    }
+
+    /// `d = max|x| / 127`, the reciprocal the values are scaled by (0 for an all-zero block).
+    #[inline(always)]
+    fn scales(amax: f32) -> (f32, f32) {
+        let scale = amax / 127.0;
+        (scale, if scale > 0.0 { 1.0 / scale } else { 0.0 })
+    }
+
+    /// AVX2: max |x| by a vector max tree, values scaled, rounded to nearest even by
+    /// `vcvtps2dq` (what `ROUND_MAGIC` does in the portable code) and packed to bytes.
+    // Not `inline(always)` (not allowed with target features), but inlined into callers
+    // with the same features; closures inside inherit them, which `inline(always)` alone
+    // did not give (the intrinsics became calls).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_avx2(v: [__m256; 4], q: *mut i8) -> (f32, i32) {
+        let sign = _mm256_set1_ps(-0.0);
+        let lim = _mm256_set1_ps(127.0);
+        let ab = v.map(|v| _mm256_andnot_ps(sign, v));
+        let m = _mm256_max_ps(_mm256_max_ps(ab[0], ab[1]), _mm256_max_ps(ab[2], ab[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+        let (scale, inv) = scales(_mm_cvtss_f32(m));
+        let inv = _mm256_set1_ps(inv);
+        let qi = v.map(|v| {
+            let t = _mm256_mul_ps(v, inv);
+            _mm256_cvtps_epi32(_mm256_max_ps(
+                _mm256_min_ps(t, lim),
+                _mm256_sub_ps(_mm256_setzero_ps(), lim),
+            ))
+        });
+        let sum = _mm256_add_epi32(
+            _mm256_add_epi32(qi[0], qi[1]),
+            _mm256_add_epi32(qi[2], qi[3]),
+        );
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(
+                _mm256_packs_epi32(qi[0], qi[1]),
+                _mm256_packs_epi32(qi[2], qi[3]),
+            ),
+            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+        );
+        _mm256_storeu_si256(q as *mut __m256i, bytes);
+        (scale, _mm_cvtsi128_si32(s))
+    }
+
+    /// AVX-512: the same arithmetic on two 16-lane vectors (max and integer sums are exact
+    /// in any order), bytes by saturating narrowing (the values are within ±127 already).
+    // Not `inline(always)` (not allowed with target features), but inlined into callers
+    // with the same features; closures inside inherit them, which `inline(always)` alone
+    // did not give (the intrinsics became calls).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn block_avx512(v: [__m512; 2], q: *mut i8) -> (f32, i32) {
+        let lim = _mm512_set1_ps(127.0);
+        let m = _mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1]));
+        let (scale, inv) = scales(_mm512_reduce_max_ps(m));
+        let inv = _mm512_set1_ps(inv);
+        let qi = v.map(|v| {
+            let t = _mm512_mul_ps(v, inv);
+            _mm512_cvtps_epi32(_mm512_max_ps(
+                _mm512_min_ps(t, lim),
+                _mm512_sub_ps(_mm512_setzero_ps(), lim),
+            ))
+        });
+        _mm_storeu_si128(q as *mut __m128i, _mm512_cvtsepi32_epi8(qi[0]));
+        _mm_storeu_si128(q.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qi[1]));
+        (
+            scale,
+            _mm512_reduce_add_epi32(_mm512_add_epi32(qi[0], qi[1])),
+        )
+    }
+
+    /// Every block of the part's rows through `block(row, block, inv, out)`, which writes
+    /// the 32 bytes and returns the scale and the integer sum. Inlined into each
+    /// instruction set's function below, and the closure it is given inherits its features.
+    #[inline(always)]
+    unsafe fn rows_with<F>(src: Src<'_>, r0: usize, cols: usize, p: Part<'_>, block: F)
+    where
+        F: Fn(usize, usize, f32, *mut i8) -> (f32, i32),
+    {
+        let nb = cols / QK;
+        let invs = src.invs(r0, p.q.len() / cols, cols);
+        for (i, &inv) in invs.iter().enumerate() {
+            for b in 0..nb {
+                let j = i * nb + b;
+                let q = p.q.as_mut_ptr().add(j * QK) as *mut i8;
+                let (scale, sum) = block(r0 + i, b, inv, q);
+                (p.d[j], p.s[j], p.c[j]) = (scale, scale * sum as f32, 128 * sum);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_avx2(src: Src<'_>, r0: usize, cols: usize, p: Part<'_>) {
+        rows_with(src, r0, cols, p, |r, b, inv, q| {
+            block_avx2(block8(src, r, cols, b, inv), q)
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn rows_avx512(src: Src<'_>, r0: usize, cols: usize, p: Part<'_>) {
+        rows_with(src, r0, cols, p, |r, b, inv, q| {
+            block_avx512(block16(src, r, cols, b, inv), q)
+        })
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C (and AVX-512 F/BW with `WIDE`); `p` holds whole rows of `cols`
+    /// values from row `r0` on, and the source has those rows.
+    pub(super) unsafe fn quantize<const WIDE: bool>(
+        src: Src<'_>,
+        r0: usize,
+        cols: usize,
+        p: Part<'_>,
+    ) {
+        if WIDE {
+            rows_avx512(src, r0, cols, p)
+        } else {
+            rows_avx2(src, r0, cols, p)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(seed.wrapping_mul(40_503))
+                    .rotate_left(13)
+                    .wrapping_mul(2_246_822_519);
+                ((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 6.0
+            })
+            .collect()
+    }
+
+    fn same(a: &QActs, b: &QActs, what: &str) {
+        assert_eq!((a.rows, a.blocks), (b.rows, b.blocks), "{what}");
+        assert_eq!(a.q, b.q, "{what}: bytes");
+        assert_eq!(a.d, b.d, "{what}: scales");
+        assert_eq!(a.s, b.s, "{what}: sums");
+        assert_eq!(a.c, b.c, "{what}: offsets");
+    }
+
+    #[test]
+    fn activations_round_trip_within_half_a_step_on_every_quantiser() {
+        eprintln!("quantisers on this CPU: {:?}", available());
+        let x = data(5 * 64, 11);
+        for isa in available() {
+            let a = quantize_with(isa, "plain", &x, None, 5, 64);
+            for (i, &v) in x.iter().enumerate() {
+                let back = a.q[i] as f32 * a.d[i / QK];
+                assert!((back - v).abs() <= a.d[i / QK] * 0.5 + 1e-7, "{isa:?} {i}");
+            }
+            for b in 0..a.d.len() {
+                let sum: i32 = a.q[b * QK..(b + 1) * QK].iter().map(|&q| q as i32).sum();
+                assert_eq!(a.s[b], a.d[b] * sum as f32);
+                assert_eq!(a.c[b], 128 * sum);
+            }
+            // Exact ties (scale 1) round to even.
+            let mut tie = vec![0.5f32; 32];
+            tie[..4].copy_from_slice(&[127.0, 2.5, -3.5, -0.5]);
+            let t = quantize_with(isa, "plain", &tie, None, 1, 32);
+            assert_eq!(&t.q[..5], &[127, 2, -4, 0, 0], "{isa:?}");
+            let z = quantize_with(isa, "plain", &[0f32; 32], None, 1, 32);
+            assert_eq!((z.d[0], z.s[0], z.q[0]), (0.0, 0.0, 0), "{isa:?}");
+        }
+    }
+
+    /// Every quantiser gives the portable one's bytes, and each fused source the bytes of its
+    /// values written out and quantised, over more rows than one task holds.
+    #[test]
+    fn every_quantiser_and_source_gives_the_same_bytes() {
+        for cols in [96, 576, 1536] {
+            same_bytes(QUANT_ROWS + 5, cols);
+        }
+    }
+
+    fn same_bytes(rows: usize, cols: usize) {
+        let x = data(rows * cols, 3);
+        let gu = data(rows * 2 * cols, 4);
+        let w = data(cols, 5);
+        let mut act = vec![0f32; rows * cols];
+        for (a, row) in act.chunks_exact_mut(cols).zip(gu.chunks_exact(2 * cols)) {
+            let (g, u) = row.split_at(cols);
+            crate::activation::silu_mul(g, u, a);
+        }
+        let mut normed = vec![0f32; rows * cols];
+        for (o, r) in normed.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+            let ms = r.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+            scale_row(r, &w, 1.0 / (ms + 1e-5).sqrt(), o);
+        }
+        let plain = quantize_with(QuantIsa::Portable, "plain", &x, None, rows, cols);
+        let swiglu = quantize_acts(&act, rows, cols);
+        let norm = quantize_acts(&normed, rows, cols);
+        assert!(swiglu.d.iter().all(|&d| d > 0.0));
+        for isa in available() {
+            let got = quantize_with(isa, "plain", &x, None, rows, cols);
+            same(&got, &plain, &format!("{isa:?} plain"));
+            same(
+                &quantize_with(isa, "norm", &x, Some((&w, 1e-5)), rows, cols),
+                &norm,
+                &format!("{isa:?} norm"),
+            );
+            same(
+                &quantize_with(isa, "swiglu", &gu, None, rows, cols),
+                &swiglu,
+                &format!("{isa:?} swiglu"),
+            );
+        }
+        same(&quantize_swiglu(&gu, rows, cols), &swiglu, "best swiglu");
+        same(&quantize_rms_norm(&x, &w, 1e-5), &norm, "best norm");
+    }
+
+    #[test]
+    fn interleaved_norm_sums_have_the_bits_of_one_chain() {
+        for (rows, cols) in [(1usize, 576usize), (7, 96), (8, 576), (19, 1536)] {
+            let x = data(rows * cols, rows as u32);
+            let mut got = vec![0f32; rows];
+            inv_rms_rows(&x, cols, 1e-6, &mut got);
+            for (r, g) in got.iter().enumerate() {
+                let row = &x[r * cols..(r + 1) * cols];
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+                assert_eq!(
+                    g.to_bits(),
+                    (1.0 / (ms + 1e-6).sqrt()).to_bits(),
+                    "{rows}x{cols} {r}"
+                );
+            }
+        }
+    }
+}
