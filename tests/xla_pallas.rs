@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 
 use tpuserve_model::{load_model, LoadedModel};
 use tpuserve_runner_api::ModelRunner;
-use tpuserve_runner_xla::{AttentionBackend, KvCacheDtype, XlaRunner, XlaRunnerOptions};
+use tpuserve_runner_xla::{
+    find_kernel_dir, AttentionBackend, KvCacheDtype, XlaRunner, XlaRunnerOptions,
+};
 use tpuserve_suite::checks::{check_batch, close, request};
 use tpuserve_suite::goldens::Goldens;
 use tpuserve_suite::{fixtures_dir, golden_xla_options, manifest_dir, tiny_llama3_dir};
@@ -104,7 +106,14 @@ fn the_spliced_kernel_follows_the_goldens_at_tp_1_and_2() {
             0,
             "auto: the StableHLO attention"
         );
-        assert!(plain.attention().contains("--attention-backend auto"));
+        // No artifacts in --attention-kernels or the image's folder: `auto` says so.
+        assert!(
+            plain
+                .attention()
+                .starts_with("attention: StableHLO (--attention-backend auto: no Pallas"),
+            "{}",
+            plain.attention()
+        );
         let shapes = plain.attention_shapes().unwrap();
         lower(&plain, "cpu", dir.path());
         drop(plain);
@@ -239,4 +248,81 @@ fn a_kernel_that_cannot_run_or_is_wrong_falls_back_to_the_stablehlo_attention() 
         );
         goldens_on(&mut r);
     }
+}
+
+/// `--attention-backend auto` (the default): the kernel for the prompt tiles an artifact for
+/// this device exists for, the StableHLO attention for decode (tpuserve's cost model prices
+/// the kernel's decode slower); `find_kernel_dir` picks the folder of a configuration from
+/// a folder of them (the TPU image's layout) by the device the artifacts were lowered for.
+#[test]
+fn auto_runs_the_kernel_for_prompt_tiles_and_finds_the_folder_for_this_device() {
+    let m = model();
+    let plain = XlaRunner::new(&m, opts(1)).unwrap();
+    let shapes = plain.attention_shapes().unwrap();
+    let prompt: Vec<_> = shapes.iter().filter(|s| s.rows > 1).cloned().collect();
+    assert!(
+        !prompt.is_empty() && prompt.len() < shapes.len(),
+        "this configuration has prompt and decode shapes: {shapes:?}"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let (cpu, tpu) = (root.path().join("b-cpu"), root.path().join("a-v6e"));
+    lower(&plain, "cpu", &cpu);
+    lower(&plain, "TPU v6 lite", &tpu);
+    drop(plain);
+    assert_eq!(
+        find_kernel_dir(root.path(), &prompt, "cpu"),
+        Some(cpu.clone())
+    );
+    assert_eq!(
+        find_kernel_dir(root.path(), &prompt, "TPU v6 lite"),
+        Some(tpu.clone())
+    );
+    assert_eq!(find_kernel_dir(root.path(), &prompt, "TPU v5 lite"), None);
+    assert_eq!(
+        find_kernel_dir(&root.path().join("absent"), &prompt, "cpu"),
+        None
+    );
+
+    let mut r = XlaRunner::new(
+        &m,
+        XlaRunnerOptions {
+            attention_backend: AttentionBackend::Auto,
+            attention_kernels: Some(cpu.clone()),
+            ..opts(1)
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        r.attention_kernels_in_use(),
+        prompt.len(),
+        "{}",
+        r.attention()
+    );
+    assert!(
+        r.attention().starts_with("attention: the Pallas kernel (")
+            && r.attention().contains("prompt-tile shapes")
+            && r.attention()
+                .contains("decode keeps the StableHLO attention"),
+        "{}",
+        r.attention()
+    );
+    goldens_on(&mut r);
+
+    // Artifacts for another device under `auto`: the StableHLO attention, with the reason.
+    let r = XlaRunner::new(
+        &m,
+        XlaRunnerOptions {
+            attention_backend: AttentionBackend::Auto,
+            attention_kernels: Some(tpu),
+            ..opts(1)
+        },
+    )
+    .unwrap();
+    assert_eq!(r.attention_kernels_in_use(), 0);
+    assert!(
+        r.attention()
+            .contains("was lowered for `TPU v6 lite`, this device is `cpu`"),
+        "{}",
+        r.attention()
+    );
 }

@@ -1,6 +1,7 @@
 //! Micro-benchmark of the decode matmuls at SmolLM2-135M shapes (Q4_1 layers, Q8_0 LM head)
 //! at 1, 8, 32 and 64 rows per kernel, against the f32 kernel on same-shaped weights:
-//! `cargo run --release -p tpuserve-runner-cpu --example qbench` (`QISA=Avx2` picks one).
+//! `cargo run --release -p tpuserve-runner-cpu --example qbench` (`QISA=Avx2` picks one;
+//! `QROWS=32` one row count, without the f32 kernel, e.g. under `perf`).
 
 use std::time::Instant;
 use tpuserve_runner_cpu::matvec::matmul_wt;
@@ -14,7 +15,11 @@ fn main() {
         (576, 1536, QType::Q4_1),
         (49152, 576, QType::Q8_0),
     ];
-    for rows in [1usize, 8, 32, 64] {
+    let only: Option<usize> = std::env::var("QROWS").ok().and_then(|v| v.parse().ok());
+    for rows in [1usize, 8, 32, 64]
+        .into_iter()
+        .filter(|r| only.is_none_or(|o| o == *r))
+    {
         for isa in available_isas()
             .into_iter()
             .filter(|i| std::env::var("QISA").map_or(true, |v| format!("{i:?}") == v))
@@ -31,7 +36,7 @@ fn main() {
                 )
                 .unwrap();
                 let x: Vec<f32> = (0..rows * inner).map(|i| (i % 13) as f32 - 6.0).collect();
-                let reps = if out > 10000 { 20 } else { 200 };
+                let reps = if out > 10000 { 20 } else { 200 } * if only.is_some() { 10 } else { 1 };
                 let _ = qmatmul_wt_with(isa, &x, rows, &w);
                 let t = Instant::now();
                 for _ in 0..reps {
@@ -43,6 +48,9 @@ fn main() {
                 println!("rows {rows} {isa:?} {out}x{inner} {ty:?}: {us:.1} us  (x model {per_model:.0})");
             }
             println!("rows {rows} {isa:?} total per step {:.2} ms", tot / 1000.0);
+        }
+        if only.is_some() {
+            continue;
         }
         let mut tot = 0f64;
         for &(out, inner, _) in &shapes {

@@ -7,15 +7,53 @@
 use super::*;
 use crate::hlo::Elem;
 use crate::pallas::{check_program, AttentionKernels, AttentionShape, KernelCall};
+use std::path::{Path, PathBuf};
 
 /// `--attention-backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionBackend {
-    /// The StableHLO attention until the kernel has run on a TPU: the kernel only on request.
+    /// The Pallas kernel for prompt tiles wherever artifacts lowered for this device exist
+    /// (`--attention-kernels DIR`, else the image's [`IMAGE_KERNELS`]) and pass the self-check;
+    /// the StableHLO attention for decode and everywhere else. tpuserve's cost model prices
+    /// the kernel cheaper for prompts (70B TP 8, a 2,048-token prompt's attention 19.0 →
+    /// 4.1 ms with 64-token pages) but slower for decode (128 × 2,048: 24.0 vs 20.8 ms), where
+    /// each page costs two small copies (kernels/README.md).
     #[default]
     Auto,
     Xla,
+    /// The kernel for every bucket it has an artifact for.
     Pallas,
+}
+
+/// Where the TPU image keeps the kernel artifacts it ships, a folder per configuration
+/// (`docker/build-attention-kernels.sh`); `auto` looks here when no `--attention-kernels`
+/// is given.
+pub const IMAGE_KERNELS: &str = "/opt/tpuserve/kernels";
+
+/// The folder under `root` (itself or one of its sub-folders) holding the most artifacts of
+/// `shapes` lowered for `target`, if any holds one.
+pub fn find_kernel_dir(root: &Path, shapes: &[AttentionShape], target: &str) -> Option<PathBuf> {
+    let mut dirs = vec![root.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(root) {
+        let mut subs: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        subs.sort();
+        dirs.extend(subs);
+    }
+    let usable = |d: &Path| {
+        let (loaded, _) = AttentionKernels::load(d, shapes);
+        shapes
+            .iter()
+            .filter(|s| loaded.get(s).is_some_and(|c| c.target == target))
+            .count()
+    };
+    dirs.into_iter()
+        .map(|d| (usable(&d), d))
+        .filter(|(n, _)| *n > 0)
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, d)| d)
 }
 
 /// The largest |kernel − StableHLO| the self-check accepts, relative to the outputs' size:
@@ -44,29 +82,64 @@ impl XlaRunner {
         self.cfg.attention_kernels.as_ref().map_or(0, |k| k.len())
     }
 
-    /// Loads and checks the kernel when asked for; sets `cfg.attention_kernels` when it may run.
+    /// The device artifacts must have been lowered for: `cpu` on the CPU plugin, else the
+    /// device kind (`TPU v6 lite`).
+    fn kernel_target(&self) -> String {
+        if self.client.platform_name().unwrap_or_default() == "cpu" {
+            "cpu".to_string()
+        } else {
+            self.devices[0].kind().unwrap_or_default()
+        }
+    }
+
+    /// Loads and checks the kernel where `--attention-backend` asks for it; sets
+    /// `cfg.attention_kernels` when it may run.
     pub(crate) fn choose_attention(&mut self) {
         let backend = self.opts.attention_backend;
-        if backend != AttentionBackend::Pallas {
-            self.attention_line =
-                format!(
-                "attention: StableHLO (--attention-backend {}; the Pallas kernel runs only with \
-                 --attention-backend pallas until it has run on a TPU)",
-                if backend == AttentionBackend::Xla { "xla" } else { "auto" }
+        let stablehlo = |r: &mut XlaRunner, line: String| {
+            r.attention_line = line;
+            tracing::info!("{}", r.attention_line);
+        };
+        if backend == AttentionBackend::Xla {
+            return stablehlo(
+                self,
+                "attention: StableHLO (--attention-backend xla)".into(),
             );
-            tracing::info!("{}", self.attention_line);
-            return;
         }
+        let auto = backend == AttentionBackend::Auto;
         let fallback = |r: &mut XlaRunner, why: String| {
             r.attention_line = format!("attention: StableHLO, not the Pallas kernel: {why}");
             tracing::warn!("{}", r.attention_line);
         };
-        let Some(dir) = self.opts.attention_kernels.clone() else {
-            return fallback(self, "no --attention-kernels DIR was given".into());
-        };
+        let target = self.kernel_target();
         let wanted = match self.attention_shapes() {
+            // `auto` asks the kernel for prompt tiles only (see `AttentionBackend::Auto`).
+            Ok(w) if auto => w.into_iter().filter(|s| s.rows > 1).collect(),
             Ok(w) => w,
+            Err(e) if auto => {
+                return stablehlo(
+                    self,
+                    format!("attention: StableHLO (--attention-backend auto: {e})"),
+                )
+            }
             Err(e) => return fallback(self, e),
+        };
+        let dir = match self.opts.attention_kernels.clone() {
+            Some(d) => d,
+            None if auto => match find_kernel_dir(Path::new(IMAGE_KERNELS), &wanted, &target) {
+                Some(d) => d,
+                None => {
+                    return stablehlo(
+                        self,
+                        format!(
+                            "attention: StableHLO (--attention-backend auto: no Pallas \
+                                 kernel artifact for this configuration's prompt tiles, lowered \
+                                 for `{target}`, in --attention-kernels or {IMAGE_KERNELS})"
+                        ),
+                    )
+                }
+            },
+            None => return fallback(self, "no --attention-kernels DIR was given".into()),
         };
         // Each shape is checked in the first (smallest) bucket that has it.
         let shapes: Vec<(Bucket, AttentionShape)> = wanted
@@ -82,11 +155,6 @@ impl XlaRunner {
             .collect();
         let (loaded, mut missing) = AttentionKernels::load(&dir, &wanted);
         // An artifact runs only on the device it was lowered for.
-        let target = if self.client.platform_name().unwrap_or_default() == "cpu" {
-            "cpu".to_string()
-        } else {
-            self.devices[0].kind().unwrap_or_default()
-        };
         if target != "cpu" {
             if let Some(why) = wanted.first().and_then(|s| s.tpu_layout_problem()) {
                 return fallback(self, why);
@@ -155,11 +223,18 @@ impl XlaRunner {
             );
         }
         self.attention_line = format!(
-            "attention: the Pallas kernel ({} of {} shapes, artifacts from {}, each checked \
-             against the StableHLO attention)",
+            "attention: the Pallas kernel ({} of {} {}shapes, artifacts from {}, each checked \
+             against the StableHLO attention){}",
             kernels.len(),
             wanted.len(),
-            dir.display()
+            if auto { "prompt-tile " } else { "" },
+            dir.display(),
+            if auto {
+                "; decode keeps the StableHLO attention (--attention-backend auto: tpuserve's \
+                 cost model prices the kernel's decode slower)"
+            } else {
+                ""
+            }
         );
         tracing::info!("{}", self.attention_line);
         self.cfg = self.cfg.clone().with_attention_kernels(kernels);

@@ -33,7 +33,7 @@ use tpuserve_runner_api::{
     TokenBitmask, TokenLogprobs,
 };
 
-pub use crate::attention_choice::AttentionBackend;
+pub use crate::attention_choice::{find_kernel_dir, AttentionBackend, IMAGE_KERNELS};
 use crate::compile_cache::{CacheKey, CompileCache, Lookup};
 pub use crate::device::DeviceKind;
 pub use crate::program::WeightElem;

@@ -62,7 +62,9 @@ pub struct ServeArgs {
     /// XLA devices: `pallas` runs the Pallas paged-attention kernel of `kernels/` (artifacts
     /// from --attention-kernels, each checked against the StableHLO attention at start-up;
     /// anything missing or failing falls back to it with a warning), `xla` the StableHLO
-    /// attention, `auto` (default) the StableHLO attention until the kernel has run on a TPU.
+    /// attention, `auto` (default) the kernel for prompt tiles where artifacts lowered for
+    /// this device exist (--attention-kernels, else /opt/tpuserve/kernels in the TPU image)
+    /// and pass the self-check, the StableHLO attention for decode and everywhere else.
     /// vLLM's backend names (FLASH_ATTN, …) are logged as ignored.
     #[arg(long)]
     pub attention_backend: Option<String>,

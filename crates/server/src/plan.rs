@@ -86,8 +86,9 @@ pub struct PlanArgs {
     dump_hlo: Option<PathBuf>,
     /// With --cost: `pallas` compiles the programs with the Pallas paged-attention kernel
     /// (artifacts from --attention-kernels) in place of the StableHLO attention, and prices
-    /// the kernel by tpuserve's own model (the compiler does not see inside it).
-    #[arg(long, default_value = "xla", value_parser = ["xla", "pallas"])]
+    /// the kernel by tpuserve's own model (the compiler does not see inside it); `auto` as
+    /// `serve --attention-backend auto` runs on a TPU: the kernel for prompt tiles only.
+    #[arg(long, default_value = "xla", value_parser = ["xla", "pallas", "auto"])]
     attention_backend: String,
     /// The kernel artifacts (`scripts/attention-kernels.sh` writes them).
     #[arg(long)]
@@ -198,13 +199,20 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
         }
         buckets.retain(|b| a.buckets.contains(&(b.tokens, b.tile)));
     }
-    let cfg = if a.attention_backend == "pallas" {
-        let dir = a
-            .attention_kernels
-            .as_ref()
-            .context("--attention-backend pallas needs --attention-kernels DIR")?;
-        let shapes = attention_shapes(&cfg, &buckets)
+    let cfg = if a.attention_backend != "xla" {
+        let auto = a.attention_backend == "auto";
+        let dir = a.attention_kernels.as_ref().with_context(|| {
+            format!(
+                "--attention-backend {} needs --attention-kernels DIR",
+                a.attention_backend
+            )
+        })?;
+        let mut shapes = attention_shapes(&cfg, &buckets)
             .map_err(|e| anyhow::anyhow!("no Pallas attention for this configuration: {e}"))?;
+        if auto {
+            // As serve's `auto`: the kernel for prompt tiles, the StableHLO attention for decode.
+            shapes.retain(|s| s.rows > 1);
+        }
         let (kernels, missing) = AttentionKernels::load(dir, &shapes);
         if let Some((_, why)) = missing.first() {
             anyhow::bail!(
@@ -215,9 +223,14 @@ fn cost_table(a: &PlanArgs, c: &LlamaConfig, p: &Plan, max_model_len: usize) -> 
             );
         }
         println!(
-            "attention: the Pallas kernel ({} artifacts from {})",
+            "attention: the Pallas kernel ({} artifacts from {}){}",
             kernels.len(),
-            dir.display()
+            dir.display(),
+            if auto {
+                "; decode buckets keep the StableHLO attention (auto)"
+            } else {
+                ""
+            }
         );
         if let Some(why) = shapes.first().and_then(|s| s.tpu_layout_problem()) {
             println!(

@@ -540,8 +540,10 @@ fn attention_backend(args: &ServeArgs) -> AttentionBackend {
             AttentionBackend::Auto
         }
     };
-    if backend != AttentionBackend::Pallas && args.attention_kernels.is_some() {
-        tracing::warn!("--attention-kernels unused: only --attention-backend pallas reads it");
+    if backend == AttentionBackend::Xla && args.attention_kernels.is_some() {
+        tracing::warn!(
+            "--attention-kernels unused: --attention-backend xla runs the StableHLO attention"
+        );
     }
     backend
 }
