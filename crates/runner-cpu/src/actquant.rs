@@ -31,6 +31,11 @@ pub struct QActs {
 /// task, run in place without a fork and join (four per layer).
 pub(crate) const QUANT_ROWS: usize = 64;
 
+/// The same for the SwiGLU source, whose rows cost ~40 × a plain row's (an exp and a division
+/// a value): a 32-row decode step's product took ~25 µs a layer on one thread while the other
+/// waited, so its rows go in tasks of this many.
+const SWIGLU_ROWS: usize = 16;
+
 /// Adding and subtracting 1.5·2²³ rounds an f32 of magnitude < 2²² to the nearest integer
 /// (ties to even) in two plain additions, which vectorise; `f32::round` is a libm call per
 /// value on the baseline target and was 2 % of a decode profile.
@@ -239,7 +244,8 @@ pub fn quantize_with(
     quantize_rows(isa, src, rows, cols)
 }
 
-/// Quantises rows in parallel tasks of up to [`QUANT_ROWS`] rows.
+/// Quantises rows in parallel tasks of up to [`QUANT_ROWS`] rows ([`SWIGLU_ROWS`] for the
+/// SwiGLU source).
 fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs {
     assert!(cols.is_multiple_of(QK), "activation width {cols}");
     let (x, per_row) = match src {
@@ -253,7 +259,11 @@ fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs
     let nb = rows * cols / QK;
     let mut q: Vec<i8> = Vec::with_capacity(rows * cols);
     let (mut d, mut s, mut c) = (vec![0f32; nb], vec![0f32; nb], vec![0i32; nb]);
-    let (n, tb) = (QUANT_ROWS * cols, QUANT_ROWS * cols / QK);
+    let task = match src {
+        Src::Swiglu(_) => SWIGLU_ROWS,
+        _ => QUANT_ROWS,
+    };
+    let (n, tb) = (task * cols, task * cols / QK);
     q.spare_capacity_mut()[..rows * cols]
         .par_chunks_mut(n)
         .zip(d.par_chunks_mut(tb))
@@ -262,7 +272,7 @@ fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs
         .enumerate()
         .for_each(|(i, (((q, d), s), c))| {
             let part = Part { q, d, s, c };
-            let r0 = i * QUANT_ROWS;
+            let r0 = i * task;
             match isa {
                 // SAFETY: `available` checked the instructions at run time; the part holds
                 // whole rows of `cols` values and the source has them (asserted above).
