@@ -223,27 +223,6 @@ pub fn quantize_rms_norm(x: &[f32], w: &[f32], eps: f32) -> QActs {
     quantize_rows(best(), Src::Norm(x, w, eps), x.len() / cols, cols)
 }
 
-/// [`quantize_acts`], [`quantize_swiglu`] or [`quantize_rms_norm`] (by which of `x`, `gu`,
-/// `norm` is given) with a chosen quantiser; for tests and benchmarks.
-#[doc(hidden)]
-pub fn quantize_with(
-    isa: QuantIsa,
-    kind: &str,
-    x: &[f32],
-    norm: Option<(&[f32], f32)>,
-    rows: usize,
-    cols: usize,
-) -> QActs {
-    assert!(available().contains(&isa), "{isa:?} is not available");
-    let src = match (kind, norm) {
-        ("plain", None) => Src::Plain(x),
-        ("swiglu", None) => Src::Swiglu(x),
-        ("norm", Some((w, eps))) => Src::Norm(x, w, eps),
-        _ => panic!("unknown source {kind}"),
-    };
-    quantize_rows(isa, src, rows, cols)
-}
-
 /// Quantises rows in parallel tasks of up to [`QUANT_ROWS`] rows ([`SWIGLU_ROWS`] for the
 /// SwiGLU source).
 fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs {
@@ -530,7 +509,7 @@ mod tests {
         eprintln!("quantisers on this CPU: {:?}", available());
         let x = data(5 * 64, 11);
         for isa in available() {
-            let a = quantize_with(isa, "plain", &x, None, 5, 64);
+            let a = quantize_rows(isa, Src::Plain(&x), 5, 64);
             for (i, &v) in x.iter().enumerate() {
                 let back = a.q[i] as f32 * a.d[i / QK];
                 assert!((back - v).abs() <= a.d[i / QK] * 0.5 + 1e-7, "{isa:?} {i}");
@@ -543,9 +522,9 @@ mod tests {
             // Exact ties (scale 1) round to even.
             let mut tie = vec![0.5f32; 32];
             tie[..4].copy_from_slice(&[127.0, 2.5, -3.5, -0.5]);
-            let t = quantize_with(isa, "plain", &tie, None, 1, 32);
+            let t = quantize_rows(isa, Src::Plain(&tie), 1, 32);
             assert_eq!(&t.q[..5], &[127, 2, -4, 0, 0], "{isa:?}");
-            let z = quantize_with(isa, "plain", &[0f32; 32], None, 1, 32);
+            let z = quantize_rows(isa, Src::Plain(&[0f32; 32]), 1, 32);
             assert_eq!((z.d[0], z.s[0], z.q[0]), (0.0, 0.0, 0), "{isa:?}");
         }
     }
@@ -573,20 +552,20 @@ mod tests {
             let ms = r.iter().map(|v| v * v).sum::<f32>() / cols as f32;
             scale_row(r, &w, 1.0 / (ms + 1e-5).sqrt(), o);
         }
-        let plain = quantize_with(QuantIsa::Portable, "plain", &x, None, rows, cols);
+        let plain = quantize_rows(QuantIsa::Portable, Src::Plain(&x), rows, cols);
         let swiglu = quantize_acts(&act, rows, cols);
         let norm = quantize_acts(&normed, rows, cols);
         assert!(swiglu.d.iter().all(|&d| d > 0.0));
         for isa in available() {
-            let got = quantize_with(isa, "plain", &x, None, rows, cols);
+            let got = quantize_rows(isa, Src::Plain(&x), rows, cols);
             same(&got, &plain, &format!("{isa:?} plain"));
             same(
-                &quantize_with(isa, "norm", &x, Some((&w, 1e-5)), rows, cols),
+                &quantize_rows(isa, Src::Norm(&x, &w, 1e-5), rows, cols),
                 &norm,
                 &format!("{isa:?} norm"),
             );
             same(
-                &quantize_with(isa, "swiglu", &gu, None, rows, cols),
+                &quantize_rows(isa, Src::Swiglu(&gu), rows, cols),
                 &swiglu,
                 &format!("{isa:?} swiglu"),
             );
