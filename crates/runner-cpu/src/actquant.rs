@@ -36,6 +36,10 @@ pub(crate) const QUANT_ROWS: usize = 64;
 /// waited, so its rows go in tasks of this many.
 const SWIGLU_ROWS: usize = 16;
 
+/// Blocks the vector quantisers handle per pass (a row of up to this many, or as many short
+/// rows as make it): enough independent blocks for each pass to overlap them.
+const GROUP_BLOCKS: usize = 64;
+
 /// Adding and subtracting 1.5·2²³ rounds an f32 of magnitude < 2²² to the nearest integer
 /// (ties to even) in two plain additions, which vectorise; `f32::round` is a libm call per
 /// value on the baseline target and was 2 % of a decode profile.
@@ -223,6 +227,41 @@ pub fn quantize_rms_norm(x: &[f32], w: &[f32], eps: f32) -> QActs {
     quantize_rows(best(), Src::Norm(x, w, eps), x.len() / cols, cols)
 }
 
+/// Rows `r0 ..` of `src` (as many as `part` holds) quantised on the calling thread. The part
+/// must hold whole rows of `cols` values that the source has (the callers assert it).
+fn quantize_part(isa: QuantIsa, src: Src<'_>, r0: usize, cols: usize, part: Part<'_>) {
+    match isa {
+        // SAFETY: `isa` comes from `available` (instructions checked at run time); the part
+        // holds whole rows of `cols` values and the source has them.
+        #[cfg(target_arch = "x86_64")]
+        QuantIsa::Avx512 => unsafe { x86::quantize::<true>(src, r0, cols, part) },
+        #[cfg(target_arch = "x86_64")]
+        QuantIsa::Avx2 => unsafe { x86::quantize::<false>(src, r0, cols, part) },
+        _ => quantize_portable(src, r0, cols, part),
+    }
+}
+
+/// One 32-value block of `silu(g)·u` for each of `rows` rows of `tile` (a row: 32 values
+/// of g, then the 32 of u), quantised on the calling thread with the best quantiser into
+/// `q` (32 bytes a row) and each row's `d`, `s`, `c`: what [`quantize_swiglu`] gives for
+/// that block of those rows.
+pub(crate) fn quantize_swiglu_block(
+    tile: &[f32],
+    rows: usize,
+    q: &mut [MaybeUninit<i8>],
+    d: &mut [f32],
+    s: &mut [f32],
+    c: &mut [i32],
+) {
+    assert!(
+        tile.len() >= rows * 2 * QK && q.len() == rows * QK,
+        "swiglu tile shape"
+    );
+    assert!(d.len() == rows && s.len() == rows && c.len() == rows);
+    let src = Src::Swiglu(&tile[..rows * 2 * QK]);
+    quantize_part(best(), src, 0, QK, Part { q, d, s, c });
+}
+
 /// Quantises rows in parallel tasks of up to [`QUANT_ROWS`] rows ([`SWIGLU_ROWS`] for the
 /// SwiGLU source).
 fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs {
@@ -250,17 +289,7 @@ fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs
         .zip(c.par_chunks_mut(tb))
         .enumerate()
         .for_each(|(i, (((q, d), s), c))| {
-            let part = Part { q, d, s, c };
-            let r0 = i * task;
-            match isa {
-                // SAFETY: `available` checked the instructions at run time; the part holds
-                // whole rows of `cols` values and the source has them (asserted above).
-                #[cfg(target_arch = "x86_64")]
-                QuantIsa::Avx512 => unsafe { x86::quantize::<true>(src, r0, cols, part) },
-                #[cfg(target_arch = "x86_64")]
-                QuantIsa::Avx2 => unsafe { x86::quantize::<false>(src, r0, cols, part) },
-                _ => quantize_portable(src, r0, cols, part),
-            }
+            quantize_part(isa, src, i * task, cols, Part { q, d, s, c })
         });
     // SAFETY: every task wrote every byte of its rows (each quantiser writes 32 a block).
     unsafe { q.set_len(rows * cols) };
@@ -276,7 +305,7 @@ fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Part, Src, QK};
+    use super::{Part, Src, GROUP_BLOCKS, QK};
     use crate::activation::x86::{silu_mul16, silu_mul8};
     use std::arch::x86_64::*;
 
@@ -356,25 +385,35 @@ mod x86 {
         (scale, if scale > 0.0 { 1.0 / scale } else { 0.0 })
     }
 
-    /// AVX2: max |x| by a vector max tree, values scaled, rounded to nearest even by
-    /// `vcvtps2dq` (what `ROUND_MAGIC` does in the portable code) and packed to bytes.
+    /// AVX2: a block's values into `buf` and their max |x| (a vector max tree).
     // Not `inline(always)` (not allowed with target features), but inlined into callers
     // with the same features; closures inside inherit them, which `inline(always)` alone
     // did not give (the intrinsics became calls).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn block_avx2(v: [__m256; 4], q: *mut i8) -> (f32, i32) {
+    unsafe fn amax_avx2(v: [__m256; 4], buf: *mut f32) -> f32 {
         let sign = _mm256_set1_ps(-0.0);
-        let lim = _mm256_set1_ps(127.0);
+        for (k, v) in v.iter().enumerate() {
+            _mm256_storeu_ps(buf.add(8 * k), *v);
+        }
         let ab = v.map(|v| _mm256_andnot_ps(sign, v));
         let m = _mm256_max_ps(_mm256_max_ps(ab[0], ab[1]), _mm256_max_ps(ab[2], ab[3]));
         let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-        let (scale, inv) = scales(_mm_cvtss_f32(m));
+        _mm_cvtss_f32(m)
+    }
+
+    /// AVX2: a block's values from `buf` scaled by `inv`, rounded to nearest even by
+    /// `vcvtps2dq` (what `ROUND_MAGIC` does in the portable code) and packed to bytes;
+    /// returns their integer sum.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn quant_avx2(buf: *const f32, inv: f32, q: *mut i8) -> i32 {
+        let lim = _mm256_set1_ps(127.0);
         let inv = _mm256_set1_ps(inv);
-        let qi = v.map(|v| {
-            let t = _mm256_mul_ps(v, inv);
+        let qi: [__m256i; 4] = std::array::from_fn(|k| {
+            let t = _mm256_mul_ps(_mm256_loadu_ps(buf.add(8 * k)), inv);
             _mm256_cvtps_epi32(_mm256_max_ps(
                 _mm256_min_ps(t, lim),
                 _mm256_sub_ps(_mm256_setzero_ps(), lim),
@@ -398,23 +437,27 @@ mod x86 {
             _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
         );
         _mm256_storeu_si256(q as *mut __m256i, bytes);
-        (scale, _mm_cvtsi128_si32(s))
+        _mm_cvtsi128_si32(s)
     }
 
-    /// AVX-512: the same arithmetic on two 16-lane vectors (max and integer sums are exact
-    /// in any order), bytes by saturating narrowing (the values are within ±127 already).
-    // Not `inline(always)` (not allowed with target features), but inlined into callers
-    // with the same features; closures inside inherit them, which `inline(always)` alone
-    // did not give (the intrinsics became calls).
+    /// AVX-512: [`amax_avx2`] on two 16-lane vectors (a max is exact in any order).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    unsafe fn block_avx512(v: [__m512; 2], q: *mut i8) -> (f32, i32) {
+    unsafe fn amax_avx512(v: [__m512; 2], buf: *mut f32) -> f32 {
+        _mm512_storeu_ps(buf, v[0]);
+        _mm512_storeu_ps(buf.add(16), v[1]);
+        _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])))
+    }
+
+    /// AVX-512: [`quant_avx2`]'s arithmetic on two 16-lane vectors (integer sums are exact
+    /// in any order), bytes by saturating narrowing (the values are within ±127 already).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn quant_avx512(buf: *const f32, inv: f32, q: *mut i8) -> i32 {
         let lim = _mm512_set1_ps(127.0);
-        let m = _mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1]));
-        let (scale, inv) = scales(_mm512_reduce_max_ps(m));
         let inv = _mm512_set1_ps(inv);
-        let qi = v.map(|v| {
-            let t = _mm512_mul_ps(v, inv);
+        let qi: [__m512i; 2] = std::array::from_fn(|k| {
+            let t = _mm512_mul_ps(_mm512_loadu_ps(buf.add(16 * k)), inv);
             _mm512_cvtps_epi32(_mm512_max_ps(
                 _mm512_min_ps(t, lim),
                 _mm512_sub_ps(_mm512_setzero_ps(), lim),
@@ -422,44 +465,82 @@ mod x86 {
         });
         _mm_storeu_si128(q as *mut __m128i, _mm512_cvtsepi32_epi8(qi[0]));
         _mm_storeu_si128(q.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qi[1]));
-        (
-            scale,
-            _mm512_reduce_add_epi32(_mm512_add_epi32(qi[0], qi[1])),
-        )
+        _mm512_reduce_add_epi32(_mm512_add_epi32(qi[0], qi[1]))
     }
 
-    /// Every block of the part's rows through `block(row, block, inv, out)`, which writes
-    /// the 32 bytes and returns the scale and the integer sum. Inlined into each
-    /// instruction set's function below, and the closure it is given inherits its features.
+    /// Every row of the part in three passes over groups of rows (one row, or as many as
+    /// make [`GROUP_BLOCKS`] blocks): each block's values (written to an L1 buffer) and max
+    /// |x| through `values(row, block, inv, buf)`; every block's scale and reciprocal; each
+    /// block quantised from the buffer through `quant(buf, inv, q)`, which writes the 32
+    /// bytes and returns their integer sum. Done block by block, each block's two divisions
+    /// waited on its max and its bytes on the divisions, one dependent chain after another
+    /// (~3 cycles a value for the SwiGLU source); the blocks of a group are independent, so
+    /// each pass overlaps them. The same bytes and values as one pass. Inlined into each
+    /// instruction set's function below, and the closures it is given inherit its features.
     #[inline(always)]
-    unsafe fn rows_with<F>(src: Src<'_>, r0: usize, cols: usize, p: Part<'_>, block: F)
-    where
-        F: Fn(usize, usize, f32, *mut i8) -> (f32, i32),
+    unsafe fn rows_with<V, Q>(
+        src: Src<'_>,
+        r0: usize,
+        cols: usize,
+        p: Part<'_>,
+        values: V,
+        quant: Q,
+    ) where
+        V: Fn(usize, usize, f32, *mut f32) -> f32,
+        Q: Fn(*const f32, f32, *mut i8) -> i32,
     {
         let nb = cols / QK;
-        let invs = src.invs(r0, p.q.len() / cols, cols);
-        for (i, &inv) in invs.iter().enumerate() {
-            for b in 0..nb {
-                let j = i * nb + b;
-                let q = p.q.as_mut_ptr().add(j * QK) as *mut i8;
-                let (scale, sum) = block(r0 + i, b, inv, q);
-                (p.d[j], p.s[j], p.c[j]) = (scale, scale * sum as f32, 128 * sum);
+        let rows = p.q.len() / cols;
+        let invs = src.invs(r0, rows, cols);
+        let group = (GROUP_BLOCKS / nb).clamp(1, rows.max(1));
+        let mut buf = vec![0f32; group * cols];
+        let (mut scale, mut rcp) = (vec![0f32; group * nb], vec![0f32; group * nb]);
+        let mut g0 = 0;
+        while g0 < rows {
+            let g1 = (g0 + group).min(rows);
+            let n = (g1 - g0) * nb;
+            for (i, &inv) in invs.iter().enumerate().take(g1).skip(g0) {
+                for b in 0..nb {
+                    let k = (i - g0) * nb + b;
+                    scale[k] = values(r0 + i, b, inv, buf.as_mut_ptr().add(k * QK));
+                }
             }
+            for (d, r) in scale[..n].iter_mut().zip(&mut rcp[..n]) {
+                (*d, *r) = scales(*d);
+            }
+            for k in 0..n {
+                let j = g0 * nb + k;
+                let q = p.q.as_mut_ptr().add(j * QK) as *mut i8;
+                let sum = quant(buf.as_ptr().add(k * QK), rcp[k], q);
+                let d = scale[k];
+                (p.d[j], p.s[j], p.c[j]) = (d, d * sum as f32, 128 * sum);
+            }
+            g0 = g1;
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows_avx2(src: Src<'_>, r0: usize, cols: usize, p: Part<'_>) {
-        rows_with(src, r0, cols, p, |r, b, inv, q| {
-            block_avx2(block8(src, r, cols, b, inv), q)
-        })
+        rows_with(
+            src,
+            r0,
+            cols,
+            p,
+            |r, b, inv, buf| amax_avx2(block8(src, r, cols, b, inv), buf),
+            |buf, inv, q| quant_avx2(buf, inv, q),
+        )
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn rows_avx512(src: Src<'_>, r0: usize, cols: usize, p: Part<'_>) {
-        rows_with(src, r0, cols, p, |r, b, inv, q| {
-            block_avx512(block16(src, r, cols, b, inv), q)
-        })
+        rows_with(
+            src,
+            r0,
+            cols,
+            p,
+            |r, b, inv, buf| amax_avx512(block16(src, r, cols, b, inv), buf),
+            |buf, inv, q| quant_avx512(buf, inv, q),
+        )
     }
 
     /// # Safety

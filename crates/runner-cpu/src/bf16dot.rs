@@ -49,10 +49,7 @@ pub fn matmul_wt(x: &[f32], rows: usize, w: &[bf16], out: usize, inner: usize) -
     assert_eq!(w.len(), out * inner, "weight shape");
     let xb = round_acts(x);
     let mut y: Vec<f32> = Vec::with_capacity(rows * out);
-    let o = Out {
-        y: y.as_mut_ptr(),
-        stride: out,
-    };
+    let o = Out::whole(y.as_mut_ptr(), out);
     let wt = out.div_ceil(TASK_W_ROWS);
     (0..rows.div_ceil(TASK_X_ROWS) * wt)
         .into_par_iter()

@@ -23,7 +23,7 @@ use tpuserve_runner_api::{
     StepOutput, StepPlan,
 };
 
-use crate::weights::{LayerWeights, Matrix, ModelWeights};
+use crate::weights::{GateUp, LayerWeights, Matrix, ModelWeights};
 
 /// The form the runner keeps weights in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -340,8 +340,21 @@ impl CpuRunner {
         let o = linear(&attn, t, &lw.o_proj)?;
         add_rows(x, &o, h);
 
-        let gu = norm_linear(x, &lw.post_norm, eps, &lw.gate_up)?;
-        let d = swiglu_down(&gu, t, cfg.intermediate_size, &lw.down)?;
+        let d = match (&lw.gate_up, &lw.down) {
+            (GateUp::Paired(gu), Matrix::Quant(down)) => qmatvec::qmatmul_acts(
+                &gu.quantized_product(&qmatvec::quantize_rms_norm(x, &lw.post_norm, eps)),
+                down,
+            ),
+            (GateUp::Paired(_), _) => {
+                return Err(RunnerError::Weights(
+                    "interleaved gate/up weights without a block-quantised down projection".into(),
+                ))
+            }
+            (GateUp::Stacked(gate_up), down) => {
+                let gu = norm_linear(x, &lw.post_norm, eps, gate_up)?;
+                swiglu_down(&gu, t, cfg.intermediate_size, down)?
+            }
+        };
         add_rows(x, &d, h);
         Ok(())
     }

@@ -21,6 +21,7 @@
 //! tile size and batch, so a row's result does not depend on what it is batched with.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use tpuserve_model::GgmlType;
 
 /// Values per block, for every supported type.
@@ -243,12 +244,15 @@ fn best_isa() -> QIsa {
 /// Activation rows `start .. end` a panel call computes.
 type Rows = (usize, usize);
 
-/// Where results go: row `r`, output `j` at `y[r · stride + j]`. Shared by the parallel tasks
-/// of one matmul (here and in `bf16dot`), each of which writes its own rows and columns.
+/// Where results go: row `r`, output `j` at `y[(r − row0) · stride + j − col0]` (a whole
+/// result from 0, 0, or one task's tile of it). Shared by the parallel tasks of one matmul
+/// (here and in `bf16dot`), each of which writes its own rows and columns.
 #[derive(Clone, Copy)]
 pub(crate) struct Out {
     pub(crate) y: *mut f32,
     pub(crate) stride: usize,
+    pub(crate) row0: usize,
+    pub(crate) col0: usize,
 }
 
 // SAFETY: tasks write disjoint blocks (their own rows × columns) of the shared buffer.
@@ -256,8 +260,22 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
-    fn ptr(&self) -> *mut f32 {
-        self.y
+    /// A whole `[rows, stride]` result at `y`.
+    pub(crate) fn whole(y: *mut f32, stride: usize) -> Out {
+        Out {
+            y,
+            stride,
+            row0: 0,
+            col0: 0,
+        }
+    }
+
+    /// Where row `r`'s output `j` goes.
+    ///
+    /// # Safety
+    /// `r ≥ row0`, `j ≥ col0`, and the place lies inside the buffer.
+    unsafe fn at(&self, r: usize, j: usize) -> *mut f32 {
+        self.y.add((r - self.row0) * self.stride + j - self.col0)
     }
 }
 
@@ -295,7 +313,7 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
                 }
             }
             // SAFETY: row r < a.rows and column p·16 + jl < w.rows of the output.
-            unsafe { *out.ptr().add(r * out.stride + p * PJ + jl) = acc };
+            unsafe { *out.at(r, p * PJ + jl) = acc };
         }
     }
 }
@@ -396,7 +414,7 @@ mod vnni {
             (1u16 << valid) - 1
         };
         for (r, ac) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.ptr().add((r0 + r) * out.stride + p * PJ), m, *ac);
+            _mm512_mask_storeu_ps(out.at(r0 + r, p * PJ), m, *ac);
         }
     }
 
@@ -499,7 +517,7 @@ mod avx2 {
         let j0 = p * PJ + half * 8;
         let valid = w.rows.saturating_sub(j0).min(8);
         for (r, ac) in acc.iter().enumerate() {
-            let dst = out.ptr().add((r0 + r) * out.stride + j0);
+            let dst = out.at(r0 + r, j0);
             if valid == 8 {
                 _mm256_storeu_ps(dst, *ac);
             } else {
@@ -579,10 +597,7 @@ pub fn qmatmul_acts_with(isa: QIsa, a: &QActs, w: &QMatrix) -> Vec<f32> {
     let (rows, out) = (a.rows, w.rows);
     assert_eq!(a.blocks * QK, w.cols, "activation width");
     let mut y: Vec<f32> = Vec::with_capacity(rows * out);
-    let o = Out {
-        y: y.as_mut_ptr(),
-        stride: out,
-    };
+    let o = Out::whole(y.as_mut_ptr(), out);
     // One parallel section for every (row chunk, panel group): a long prefill no longer
     // forks and joins once per chunk, and the output is never zeroed (every value is written).
     let tasks = w.panels.div_ceil(TASK_PANELS);
@@ -601,6 +616,168 @@ pub fn qmatmul_acts_with(isa: QIsa, a: &QActs, w: &QMatrix) -> Vec<f32> {
     unsafe { y.set_len(rows * out) };
     y
 }
+
+/// The MLP's gate and up projections with their rows interleaved in groups of 32 (gate rows
+/// `32c .. 32c + 32`, then up rows `32c .. 32c + 32`: four panels), so that one task holds
+/// both halves of block `c` of `silu(gate·x) · (up·x)` and quantises it for the down
+/// projection from its own tile. The stacked form wrote every row's gate and up outputs
+/// (a 2,024-row SmolLM2 prompt step: 25 MB a layer) and read them back to quantise them.
+pub struct SwigluWeights {
+    w: QMatrix,
+    inter: usize,
+}
+
+impl SwigluWeights {
+    /// From the stacked `[gate; up]` matrix (`2 · inter` rows). `None` (the matrix given
+    /// back) when `inter` is not a multiple of 32.
+    pub fn new(stacked: QMatrix) -> Result<Self, QMatrix> {
+        let inter = stacked.rows / 2;
+        if !stacked.rows.is_multiple_of(2) || !inter.is_multiple_of(QK) || inter == 0 {
+            return Err(stacked);
+        }
+        // Panels are whole (16 | inter): panel `4c + k` of the result is gate panel
+        // `2c + k` (k < 2) or up panel `inter/16 + 2c + k − 2`.
+        let pp = inter / PJ;
+        let order: Vec<usize> = (0..inter / QK)
+            .flat_map(|c| [2 * c, 2 * c + 1, pp + 2 * c, pp + 2 * c + 1])
+            .collect();
+        let permute = |v: &[u8], per_panel: usize| -> Vec<u8> {
+            let mut out = Vec::with_capacity(v.len());
+            for &p in &order {
+                out.extend_from_slice(&v[p * per_panel..(p + 1) * per_panel]);
+            }
+            out
+        };
+        let permute16 = |v: &[u16], per_panel: usize| -> Vec<u16> {
+            let mut out = Vec::with_capacity(v.len());
+            for &p in &order {
+                out.extend_from_slice(&v[p * per_panel..(p + 1) * per_panel]);
+            }
+            out
+        };
+        let nb = stacked.blocks;
+        let w = QMatrix {
+            qs: permute(&stacked.qs, nb * panel_block_bytes(stacked.ty.code())),
+            d: permute16(&stacked.d, nb * PJ),
+            m: if stacked.m.is_empty() {
+                Vec::new()
+            } else {
+                permute16(&stacked.m, nb * PJ)
+            },
+            ..stacked
+        };
+        Ok(SwigluWeights { w, inter })
+    }
+
+    /// The interleaved matrix (its rows in the order described above).
+    pub fn matrix(&self) -> &QMatrix {
+        &self.w
+    }
+
+    /// `silu(gate·x) · (up·x)` for the rows of `a` (`x` quantised), quantised for the down
+    /// projection as `quantize_swiglu` quantises it: the same bytes.
+    pub fn quantized_product(&self, a: &QActs) -> QActs {
+        self.quantized_product_with(best_isa(), a)
+    }
+
+    /// [`Self::quantized_product`] on a chosen kernel (one of [`available_isas`]).
+    pub fn quantized_product_with(&self, isa: QIsa, a: &QActs) -> QActs {
+        assert!(
+            available_isas().contains(&isa),
+            "{isa:?} is not available on this CPU"
+        );
+        let w = &self.w;
+        assert_eq!(a.blocks * QK, w.cols, "activation width");
+        let (rows, nbo) = (a.rows, self.inter / QK);
+        let mut q: Vec<i8> = Vec::with_capacity(rows * self.inter);
+        let (mut d, mut s, mut c) = (
+            vec![0f32; rows * nbo],
+            vec![0f32; rows * nbo],
+            vec![0i32; rows * nbo],
+        );
+        let dst = ProductOut {
+            q: q.as_mut_ptr(),
+            d: d.as_mut_ptr(),
+            s: s.as_mut_ptr(),
+            c: c.as_mut_ptr(),
+        };
+        let inter = self.inter;
+        // Tasks as `qmatmul_acts`'s (a row chunk × four panels), each ending in its block.
+        (0..rows.div_ceil(ROW_CHUNK) * nbo)
+            .into_par_iter()
+            // Each worker's tile is allocated once and reused (zeroing 16 KB a task was a
+            // memset of ~23 MB a decode step).
+            .for_each_init(
+                || vec![0f32; ROW_CHUNK * 2 * QK],
+                |tile, i| {
+                    // The whole `ProductOut` (Sync), not its raw-pointer fields one by one.
+                    let out = dst;
+                    let (ch, b) = (i / nbo, i % nbo);
+                    let rs = (ch * ROW_CHUNK, ((ch + 1) * ROW_CHUNK).min(rows));
+                    let n = rs.1 - rs.0;
+                    let o = Out {
+                        y: tile.as_mut_ptr(),
+                        stride: 2 * QK,
+                        row0: rs.0,
+                        col0: 4 * b * PJ,
+                    };
+                    for p in 4 * b..4 * b + 4 {
+                        panel(isa, a, rs, w, p, o);
+                    }
+                    let mut tq = [MaybeUninit::<i8>::uninit(); ROW_CHUNK * QK];
+                    let (mut td, mut ts, mut tc) =
+                        ([0f32; ROW_CHUNK], [0f32; ROW_CHUNK], [0i32; ROW_CHUNK]);
+                    crate::actquant::quantize_swiglu_block(
+                        &tile[..n * 2 * QK],
+                        n,
+                        &mut tq[..n * QK],
+                        &mut td[..n],
+                        &mut ts[..n],
+                        &mut tc[..n],
+                    );
+                    for r in 0..n {
+                        let (row, j) = (rs.0 + r, (rs.0 + r) * nbo + b);
+                        // SAFETY: task (chunk, b) alone writes block `b` of its chunk's rows
+                        // (inside `rows × inter` bytes and `rows × nbo` values), from its tile's
+                        // quantised bytes (all written by `quantize_swiglu_block`).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                tq.as_ptr().add(r * QK) as *const i8,
+                                out.q.add(row * inter + b * QK),
+                                QK,
+                            );
+                            *out.d.add(j) = td[r];
+                            *out.s.add(j) = ts[r];
+                            *out.c.add(j) = tc[r];
+                        }
+                    }
+                },
+            );
+        // SAFETY: the tasks wrote every block of every row (chunks × blocks cover them).
+        unsafe { q.set_len(rows * self.inter) };
+        QActs {
+            rows,
+            blocks: nbo,
+            q,
+            d,
+            s,
+            c,
+        }
+    }
+}
+
+/// Where [`SwigluWeights::quantized_product_with`]'s tasks put their blocks.
+#[derive(Clone, Copy)]
+struct ProductOut {
+    q: *mut i8,
+    d: *mut f32,
+    s: *mut f32,
+    c: *mut i32,
+}
+
+// SAFETY: each task writes its own (rows, block) places only.
+unsafe impl Send for ProductOut {}
+unsafe impl Sync for ProductOut {}
 
 #[cfg(test)]
 mod tests {
@@ -712,6 +889,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The paired gate/up weights give the bytes of the stacked matmul's output quantised by
+    /// `quantize_swiglu`, on every kernel and type, over row counts across and between row
+    /// chunks; an intermediate size that is not whole 32-blocks keeps the stacked form.
+    #[test]
+    fn the_paired_swiglu_product_equals_the_stacked_matmul_quantised() {
+        for isa in available_isas() {
+            for ty in TYPES {
+                for &(inter, inner) in &[(32, 64), (96, 160), (160, 96)] {
+                    let seed = (inter * 7 + inner) as u32;
+                    let paired = SwigluWeights::new(matrix(ty, 2 * inter, inner, seed))
+                        .ok()
+                        .expect("whole blocks");
+                    let stacked = matrix(ty, 2 * inter, inner, seed);
+                    for rows in [1, 5, 9, 64, 67, 130] {
+                        let a = quantize_acts(&data(rows * inner, rows as u32), rows, inner);
+                        let want =
+                            quantize_swiglu(&qmatmul_acts_with(isa, &a, &stacked), rows, inter);
+                        let got = paired.quantized_product_with(isa, &a);
+                        let what = format!("{isa:?} {ty:?} {rows}x{inter}x{inner}");
+                        assert_eq!((got.rows, got.blocks), (want.rows, want.blocks), "{what}");
+                        assert_eq!(got.q, want.q, "{what}: bytes");
+                        assert_eq!(got.d, want.d, "{what}: scales");
+                        assert_eq!(got.s, want.s, "{what}: sums");
+                        assert_eq!(got.c, want.c, "{what}: offsets");
+                    }
+                }
+            }
+        }
+        assert!(SwigluWeights::new(matrix(QType::Q4_1, 2 * 48, 64, 1)).is_err());
+        assert!(SwigluWeights::new(matrix(QType::Q4_1, 65, 64, 1)).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use half::vec::HalfBitsVecExt;
 use tpuserve_model::{DType, LlamaConfig, WeightSource};
 use tpuserve_runner_api::RunnerError;
 
-use crate::qmatvec::{QMatrix, QType};
+use crate::qmatvec::{QMatrix, QType, SwigluWeights};
 use crate::CpuWeights;
 
 /// A `[out, in]` weight matrix: f32, bf16, or ggml blocks in `qmatvec`'s panel layout.
@@ -106,9 +106,18 @@ pub struct LayerWeights {
     pub qkv: Matrix,
     pub o_proj: Matrix,
     pub post_norm: Vec<f32>,
-    /// [2 intermediate, hidden]
-    pub gate_up: Matrix,
+    pub gate_up: GateUp,
     pub down: Matrix,
+}
+
+/// The MLP's gate and up projections.
+pub enum GateUp {
+    /// `[2 intermediate, hidden]`: the gate rows, then the up rows.
+    Stacked(Matrix),
+    /// ggml blocks beside a block-quantised down projection, interleaved so that each task
+    /// quantises its block of the SwiGLU product straight from its tile
+    /// (`SwigluWeights::quantized_product`).
+    Paired(SwigluWeights),
 }
 
 pub struct ModelWeights {
@@ -240,13 +249,21 @@ impl ModelWeights {
                 h,
                 form,
             )?;
+            let down = matrix(src, &[(n("mlp.down_proj.weight"), h)], inter, form)?;
+            let gate_up = match (gate_up, &down) {
+                (Matrix::Quant(q), Matrix::Quant(_)) => match SwigluWeights::new(q) {
+                    Ok(p) => GateUp::Paired(p),
+                    Err(q) => GateUp::Stacked(Matrix::Quant(q)),
+                },
+                (m, _) => GateUp::Stacked(m),
+            };
             layers.push(LayerWeights {
                 input_norm: load(src, &n("input_layernorm.weight"), &[h])?,
                 qkv,
                 o_proj: matrix(src, &[(n("self_attn.o_proj.weight"), h)], qs, form)?,
                 post_norm: load(src, &n("post_attention_layernorm.weight"), &[h])?,
                 gate_up,
-                down: matrix(src, &[(n("mlp.down_proj.weight"), h)], inter, form)?,
+                down,
             });
         }
         let embed = matrix(src, &[("model.embed_tokens.weight".into(), vocab)], h, form)?;
