@@ -62,6 +62,69 @@ enum KvCache {
     F16(Vec<half::f16>, Vec<half::f16>),
 }
 
+/// What every layer of one step reads.
+#[derive(Clone, Copy)]
+struct StepCtx<'a> {
+    plan: &'a StepPlan,
+    /// Each row's rotary cosines and sines (`head_dim / 2` a row).
+    cos: &'a [f32],
+    sin: &'a [f32],
+    /// Each row's sequence (index into `plan.seqs`).
+    token_seq: &'a [usize],
+    /// No two rows write the same cache slot (rows may write theirs in parallel).
+    slots_distinct: bool,
+}
+
+/// A layer's K and V caches as raw places, for rows that write their own slots in parallel.
+#[derive(Clone, Copy)]
+enum KvPlaces {
+    F32(*mut f32, *mut f32, usize),
+    F16(*mut half::f16, *mut half::f16, usize),
+}
+
+// SAFETY: shared only by rows that write distinct slots (`KvPlaces::write`'s contract).
+unsafe impl Send for KvPlaces {}
+unsafe impl Sync for KvPlaces {}
+
+impl KvPlaces {
+    fn of(cache: &mut KvCache) -> KvPlaces {
+        match cache {
+            KvCache::F32(k, v) => KvPlaces::F32(k.as_mut_ptr(), v.as_mut_ptr(), k.len()),
+            KvCache::F16(k, v) => KvPlaces::F16(k.as_mut_ptr(), v.as_mut_ptr(), k.len()),
+        }
+    }
+
+    /// Slot `slot`'s K and V rows (`k.len()` values each); f16 rounded to nearest even, as
+    /// a cast to f16 does.
+    ///
+    /// # Safety
+    /// The cache these places came from is alive and not otherwise borrowed, and no other
+    /// thread touches `slot` meanwhile.
+    unsafe fn write(self, slot: usize, k: &[f32], v: &[f32]) {
+        let n = k.len();
+        assert!(
+            v.len() == n && (slot + 1) * n <= self.len(),
+            "cache slot {slot}"
+        );
+        match self {
+            KvPlaces::F32(kc, vc, _) => {
+                std::slice::from_raw_parts_mut(kc.add(slot * n), n).copy_from_slice(k);
+                std::slice::from_raw_parts_mut(vc.add(slot * n), n).copy_from_slice(v);
+            }
+            KvPlaces::F16(kc, vc, _) => {
+                std::slice::from_raw_parts_mut(kc.add(slot * n), n).convert_from_f32_slice(k);
+                std::slice::from_raw_parts_mut(vc.add(slot * n), n).convert_from_f32_slice(v);
+            }
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            KvPlaces::F32(.., n) | KvPlaces::F16(.., n) => n,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct CpuRunnerOptions {
     pub num_blocks: usize,
@@ -93,6 +156,9 @@ pub struct CpuRunner {
 /// Rows below which the element-wise row loops stay on one thread (a decode step's rows:
 /// waking the other worker costs more than the work).
 const PAR_MIN_ROWS: usize = 64;
+/// Rows per task of the rotary embedding and cache write: a 32-row decode step's rows
+/// (~25 µs a layer on one thread) go on both.
+const ROPE_MIN_ROWS: usize = 16;
 
 fn werr(e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Weights(e.to_string())
@@ -273,15 +339,14 @@ impl CpuRunner {
         (cos, sin)
     }
 
-    fn layer(
-        &mut self,
-        li: usize,
-        x: &mut [f32],
-        plan: &StepPlan,
-        cos: &[f32],
-        sin: &[f32],
-        token_seq: &[usize],
-    ) -> Result<(), RunnerError> {
+    fn layer(&mut self, li: usize, x: &mut [f32], step: &StepCtx<'_>) -> Result<(), RunnerError> {
+        let StepCtx {
+            plan,
+            cos,
+            sin,
+            token_seq,
+            slots_distinct,
+        } = *step;
         let cfg = &self.cfg;
         let t = plan.num_tokens();
         let (h, qs, kvs, hd) = (cfg.hidden_size, cfg.q_size(), cfg.kv_size(), cfg.head_dim);
@@ -290,37 +355,44 @@ impl CpuRunner {
 
         let mut qkv = norm_linear(x, &lw.input_norm, eps, &lw.qkv)?;
         let width = qs + 2 * kvs;
-        // Rotary embedding of every row's q (into `q`) and k (in place), rows in parallel; a
-        // 2,024-row prompt step did this on one core while the other waited.
-        let mut q = vec![0f32; t * qs];
-        let rope_rows = |(i, (qo, row)): (usize, (&mut [f32], &mut [f32]))| {
-            let (c, s) = (
-                &cos[i * hd / 2..(i + 1) * hd / 2],
-                &sin[i * hd / 2..(i + 1) * hd / 2],
-            );
-            qo.copy_from_slice(&row[..qs]);
-            attention::rope_in_place(qo, hd, c, s);
-            attention::rope_in_place(&mut row[qs..qs + kvs], hd, c, s);
-        };
-        q.par_chunks_mut(qs)
+        // Rotary embedding of every row's q (into `q`) and k (in place) and the row's K and V
+        // written to its cache slot, rows in parallel (a 2,024-row prompt step zeroed `q`
+        // and wrote the cache on one core while the other waited). Rows write in parallel
+        // only where every slot of the step is distinct (`slots_distinct`); else one after
+        // another below.
+        let places = KvPlaces::of(&mut self.kv_cache[li]);
+        let mut q: Vec<f32> = Vec::with_capacity(t * qs);
+        q.spare_capacity_mut()[..t * qs]
+            .par_chunks_mut(qs)
             .zip(qkv.par_chunks_mut(width))
             .enumerate()
-            .with_min_len(PAR_MIN_ROWS)
-            .for_each(rope_rows);
-        let cache = &mut self.kv_cache[li];
-        for (row, &slot) in qkv.chunks_exact(width).zip(&plan.slot_mapping) {
-            let (k, v) = row[qs..].split_at(kvs);
-            let at = slot as usize * kvs..(slot as usize + 1) * kvs;
-            match cache {
-                KvCache::F32(kc, vc) => {
-                    kc[at.clone()].copy_from_slice(k);
-                    vc[at].copy_from_slice(v);
+            .with_min_len(ROPE_MIN_ROWS)
+            .for_each(|(i, (qo, row))| {
+                let (c, s) = (
+                    &cos[i * hd / 2..(i + 1) * hd / 2],
+                    &sin[i * hd / 2..(i + 1) * hd / 2],
+                );
+                for (d, &v) in qo.iter_mut().zip(&row[..qs]) {
+                    d.write(v);
                 }
-                KvCache::F16(kc, vc) => {
-                    // Rounded to nearest (even), as a cast to f16 does.
-                    kc[at.clone()].convert_from_f32_slice(k);
-                    vc[at].convert_from_f32_slice(v);
+                // SAFETY: every element of `qo` was written just above.
+                let qo = unsafe { std::slice::from_raw_parts_mut(qo.as_mut_ptr().cast(), qs) };
+                attention::rope_in_place(qo, hd, c, s);
+                attention::rope_in_place(&mut row[qs..qs + kvs], hd, c, s);
+                if slots_distinct {
+                    let (k, v) = row[qs..].split_at(kvs);
+                    // SAFETY: this row's slot is no other row's (`slots_distinct`), and
+                    // nothing reads the cache until the rows are done.
+                    unsafe { places.write(plan.slot_mapping[i] as usize, k, v) };
                 }
+            });
+        // SAFETY: the tasks wrote every row of `q` (t rows of `qs`).
+        unsafe { q.set_len(t * qs) };
+        if !slots_distinct {
+            for (row, &slot) in qkv.chunks_exact(width).zip(&plan.slot_mapping) {
+                let (k, v) = row[qs..].split_at(kvs);
+                // SAFETY: one row at a time on this thread.
+                unsafe { places.write(slot as usize, k, v) };
             }
         }
         let kv = match &self.kv_cache[li] {
@@ -408,8 +480,20 @@ impl CpuRunner {
         }
         let mut x = self.w.embed_rows(&plan.token_ids)?;
         let (cos, sin) = self.rope_tables(&plan.positions);
+        let slots_distinct = {
+            let mut s = plan.slot_mapping.clone();
+            s.sort_unstable();
+            s.windows(2).all(|w| w[0] != w[1])
+        };
+        let ctx = StepCtx {
+            plan,
+            cos: &cos,
+            sin: &sin,
+            token_seq: &token_seq,
+            slots_distinct,
+        };
         for li in 0..self.cfg.num_hidden_layers {
-            self.layer(li, &mut x, plan, &cos, &sin, &token_seq)?;
+            self.layer(li, &mut x, &ctx)?;
         }
 
         // Only rows someone asked for go through the final norm and the LM head.
