@@ -173,40 +173,76 @@ pub fn paged_attention_with(
     let fast = kernel == AttnKernel::Avx2Fma && head_dim.is_multiple_of(8);
     #[cfg(target_arch = "x86_64")]
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
-    out.par_chunks_mut(qs).enumerate().for_each(|(i, orow)| {
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            let slots = visible_slots(plan, token_seq, block_size, i);
-            let mut scores = vec![0f32; heads * slots.len()];
-            let shape = crate::attention_avx2::Shape {
-                heads,
-                kv_heads,
-                head_dim,
-            };
-            let qi = &q[i * qs..(i + 1) * qs];
-            // SAFETY: the kernel's features were detected (`available_kernels`), head_dim is
-            // a multiple of 8, and every visible slot lies in the caches.
-            unsafe {
-                match kv {
-                    KvRef::F32(k, v) => {
-                        crate::attention_avx2::query_row(qi, k, v, &slots, shape, &mut scores, orow)
-                    }
-                    KvRef::F16(k, v) => {
-                        crate::attention_avx2::query_row(qi, k, v, &slots, shape, &mut scores, orow)
+    // Each sequence's slots once (a row sees a prefix of them), and each worker's scores
+    // scratch reused from row to row: a 2,024-row prompt step had built every row's slot
+    // list (a division and a remainder a position) and allocated both, in each layer.
+    #[cfg(target_arch = "x86_64")]
+    let all_slots: Vec<Vec<usize>> = if fast {
+        plan.seqs.iter().map(|s| seq_slots(s, block_size)).collect()
+    } else {
+        Vec::new()
+    };
+    out.par_chunks_mut(qs)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (i, orow)| {
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                let seq = &plan.seqs[token_seq[i]];
+                let p = seq.context_len - seq.query_len + (i - seq.query_start);
+                let slots = &all_slots[token_seq[i]][..=p];
+                scores.resize(heads * slots.len(), 0.0);
+                let shape = crate::attention_avx2::Shape {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                };
+                let qi = &q[i * qs..(i + 1) * qs];
+                // SAFETY: the kernel's features were detected (`available_kernels`), head_dim is
+                // a multiple of 8, and every visible slot lies in the caches.
+                unsafe {
+                    match kv {
+                        KvRef::F32(k, v) => {
+                            crate::attention_avx2::query_row(qi, k, v, slots, shape, scores, orow)
+                        }
+                        KvRef::F16(k, v) => {
+                            crate::attention_avx2::query_row(qi, k, v, slots, shape, scores, orow)
+                        }
                     }
                 }
+                return;
             }
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: AVX2 was detected at run time.
-            unsafe { query_row_avx2(q, kv, plan, token_seq, dims, i, orow) };
-            return;
-        }
-        query_row(q, kv, plan, token_seq, dims, i, orow);
-    });
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: AVX2 was detected at run time.
+                unsafe { query_row_avx2(q, kv, plan, token_seq, dims, i, orow) };
+                return;
+            }
+            // The scratch serves the x86 kernel only.
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = &scores;
+            query_row(q, kv, plan, token_seq, dims, i, orow);
+        });
     out
+}
+
+/// The cache slots of a sequence's positions `0..context_len`, in order.
+#[cfg(target_arch = "x86_64")]
+fn seq_slots(seq: &tpuserve_runner_api::SeqPlan, block_size: usize) -> Vec<usize> {
+    let mut v = Vec::with_capacity(seq.context_len);
+    for &b in &seq.block_table {
+        let b0 = b as usize * block_size;
+        let n = block_size.min(seq.context_len - v.len());
+        v.extend(b0..b0 + n);
+        if v.len() == seq.context_len {
+            break;
+        }
+    }
+    assert_eq!(
+        v.len(),
+        seq.context_len,
+        "block table shorter than the context"
+    );
+    v
 }
 
 /// The cache slots of the positions query token `i` sees (0..=its position), in order.
