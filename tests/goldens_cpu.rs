@@ -292,3 +292,49 @@ fn smollm2_q4_1_in_place_is_batch_invariant() {
     let model = load_model(&smollm2_gguf()).unwrap();
     assert_batch_invariant(&mut native_runner(&model, 512), "smollm2/goldens.json", 64);
 }
+
+/// A step whose rows repeat a cache slot (no engine plan does; the runner must still give a
+/// defined result) writes the slots one row after another, in row order, as the runner always
+/// has: the last writer's row reads its own K and V and gets the logits it gets alone. Rows
+/// with distinct slots write theirs in parallel; this is the other path.
+#[test]
+fn a_step_that_repeats_a_slot_writes_in_row_order() {
+    use std::sync::Arc;
+    use tpuserve_runner_api::{SamplingParams, SeqPlan, StepPlan};
+    let model = load_model(&smollm2_gguf()).unwrap();
+    let mut r = native_runner(&model, 64);
+    let one = |seq_id: u64, at: usize| SeqPlan {
+        seq_id,
+        query_start: at,
+        query_len: 1,
+        context_len: 1,
+        block_table: vec![0],
+        sample: false,
+        prompt_logprob_targets: Vec::new(),
+        return_logits: true,
+        sampling: Arc::new(SamplingParams::greedy()),
+        output_tokens: Arc::new(Vec::new()),
+        prompt_tokens: Arc::new(Vec::new()),
+    };
+    let (a, b) = (9906u32, 31530u32);
+    let alone = r
+        .execute(&StepPlan {
+            token_ids: vec![b],
+            positions: vec![0],
+            slot_mapping: vec![0],
+            seqs: vec![one(1, 0)],
+            masks: None,
+        })
+        .expect("step");
+    let both = r
+        .execute(&StepPlan {
+            token_ids: vec![a, b],
+            positions: vec![0, 0],
+            slot_mapping: vec![0, 0],
+            seqs: vec![one(0, 0), one(1, 1)],
+            masks: None,
+        })
+        .expect("a step with a repeated slot runs");
+    assert_eq!(both.seqs[1].logits, alone.seqs[0].logits);
+    assert_ne!(both.seqs[0].logits, both.seqs[1].logits);
+}
