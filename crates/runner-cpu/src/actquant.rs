@@ -492,7 +492,7 @@ mod x86 {
         let nb = cols / QK;
         let rows = p.q.len() / cols;
         let invs = src.invs(r0, rows, cols);
-        let group = (GROUP_BLOCKS / nb).clamp(1, rows.max(1));
+        let group = (GROUP_BLOCKS / nb.max(1)).clamp(1, rows.max(1));
         let mut buf = vec![0f32; group * cols];
         let (mut scale, mut rcp) = (vec![0f32; group * nb], vec![0f32; group * nb]);
         let mut g0 = 0;
