@@ -299,22 +299,13 @@ fn smollm2_q4_1_in_place_is_batch_invariant() {
 /// with distinct slots write theirs in parallel; this is the other path.
 #[test]
 fn a_step_that_repeats_a_slot_writes_in_row_order() {
-    use std::sync::Arc;
-    use tpuserve_runner_api::{SamplingParams, SeqPlan, StepPlan};
+    use tpuserve_runner_api::{SeqPlan, StepPlan};
     let model = load_model(&smollm2_gguf()).unwrap();
     let mut r = native_runner(&model, 64);
     let one = |seq_id: u64, at: usize| SeqPlan {
-        seq_id,
-        query_start: at,
-        query_len: 1,
-        context_len: 1,
-        block_table: vec![0],
         sample: false,
-        prompt_logprob_targets: Vec::new(),
         return_logits: true,
-        sampling: Arc::new(SamplingParams::greedy()),
-        output_tokens: Arc::new(Vec::new()),
-        prompt_tokens: Arc::new(Vec::new()),
+        ..SeqPlan::sampling(seq_id, at, 1, 1, vec![0])
     };
     let (a, b) = (9906u32, 31530u32);
     let alone = r

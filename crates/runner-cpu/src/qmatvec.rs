@@ -628,8 +628,8 @@ pub struct SwigluWeights {
 }
 
 impl SwigluWeights {
-    /// From the stacked `[gate; up]` matrix (`2 · inter` rows). `None` (the matrix given
-    /// back) when `inter` is not a multiple of 32.
+    /// From the stacked `[gate; up]` matrix (`2 · inter` rows); the matrix given back
+    /// unchanged (`Err`) when `inter` is not a multiple of 32.
     pub fn new(stacked: QMatrix) -> Result<Self, QMatrix> {
         let inter = stacked.rows / 2;
         if !stacked.rows.is_multiple_of(2) || !inter.is_multiple_of(QK) || inter == 0 {
@@ -641,37 +641,29 @@ impl SwigluWeights {
         let order: Vec<usize> = (0..inter / QK)
             .flat_map(|c| [2 * c, 2 * c + 1, pp + 2 * c, pp + 2 * c + 1])
             .collect();
-        let permute = |v: &[u8], per_panel: usize| -> Vec<u8> {
-            let mut out = Vec::with_capacity(v.len());
-            for &p in &order {
-                out.extend_from_slice(&v[p * per_panel..(p + 1) * per_panel]);
+        // Panels in `order`, `per_panel` values each (an empty array: Q4_0 / Q8_0's `m`).
+        fn permute<T: Copy>(v: &[T], per_panel: usize, order: &[usize]) -> Vec<T> {
+            if v.is_empty() {
+                return Vec::new();
             }
-            out
-        };
-        let permute16 = |v: &[u16], per_panel: usize| -> Vec<u16> {
-            let mut out = Vec::with_capacity(v.len());
-            for &p in &order {
-                out.extend_from_slice(&v[p * per_panel..(p + 1) * per_panel]);
-            }
-            out
-        };
+            order
+                .iter()
+                .flat_map(|&p| &v[p * per_panel..(p + 1) * per_panel])
+                .copied()
+                .collect()
+        }
         let nb = stacked.blocks;
         let w = QMatrix {
-            qs: permute(&stacked.qs, nb * panel_block_bytes(stacked.ty.code())),
-            d: permute16(&stacked.d, nb * PJ),
-            m: if stacked.m.is_empty() {
-                Vec::new()
-            } else {
-                permute16(&stacked.m, nb * PJ)
-            },
+            qs: permute(
+                &stacked.qs,
+                nb * panel_block_bytes(stacked.ty.code()),
+                &order,
+            ),
+            d: permute(&stacked.d, nb * PJ, &order),
+            m: permute(&stacked.m, nb * PJ, &order),
             ..stacked
         };
         Ok(SwigluWeights { w, inter })
-    }
-
-    /// The interleaved matrix (its rows in the order described above).
-    pub fn matrix(&self) -> &QMatrix {
-        &self.w
     }
 
     /// `silu(gate·x) · (up·x)` for the rows of `a` (`x` quantised), quantised for the down
