@@ -352,6 +352,7 @@ fn gate_context(f: &Fixture, llama: bool) -> GateContext<'_> {
                 sampling: SamplingSupport::Full,
             },
             force_include_usage: false,
+            return_tokens_as_token_ids: false,
             defaults: Default::default(),
         },
     }

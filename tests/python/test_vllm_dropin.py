@@ -346,7 +346,8 @@ def flagged():
                       "--enable-force-include-usage", "--response-role", "bot",
                       "--max-log-len", "100", "--allowed-origins", '["http://good.example"]',
                       "--allow-credentials", "--root-path", "/api/", "--dtype", "bfloat16",
-                      "--trust-request-chat-template", "--attention-backend", "pallas")
+                      "--trust-request-chat-template", "--attention-backend", "pallas",
+                      "--return-tokens-as-token-ids")
     try:
         yield s
     finally:
@@ -416,6 +417,68 @@ def test_prompt_tokens_details_cached_tokens(flagged, model):
     assert chunks[-1]["choices"] == [] and usage["prompt_tokens_details"]["cached_tokens"] >= 16
 
 
+PLACEHOLDER = re.compile(r"^token_id:\d+$")
+
+
+def test_return_tokens_as_token_ids(server, model):
+    """vLLM's `return_tokens_as_token_ids`: logprob tokens and top-logprob keys become
+    `token_id:<id>`; text offsets advance by those strings; chat keeps the chosen token's
+    text bytes (as vLLM fills `bytes`)."""
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 5,
+            "temperature": 0, "logprobs": 2, "return_token_ids": True}
+    _, plain = send(server.port, "POST", "/v1/completions", body)
+    _, r = send(server.port, "POST", "/v1/completions",
+                {**body, "return_tokens_as_token_ids": True})
+    c, p = r["choices"][0], plain["choices"][0]
+    assert c["token_ids"] == p["token_ids"] and c["text"] == p["text"]
+    lp = c["logprobs"]
+    assert lp["tokens"] == [f"token_id:{i}" for i in c["token_ids"]], lp["tokens"]
+    assert lp["token_logprobs"] == p["logprobs"]["token_logprobs"]
+    for tok, top in zip(lp["tokens"], lp["top_logprobs"]):
+        assert tok in top and all(PLACEHOLDER.match(k) for k in top), top
+    assert [b - a for a, b in zip(lp["text_offset"], lp["text_offset"][1:])] == \
+        [len(t) for t in lp["tokens"][:-1]]
+    assert "".join(p["logprobs"]["tokens"]) == p["text"]
+    assert not any(PLACEHOLDER.match(t) for t in p["logprobs"]["tokens"])
+    # streamed, and with echo: the prompt's tokens too
+    chunks = sse(server.port, "/v1/completions",
+                 {**body, "return_tokens_as_token_ids": True, "stream": True, "echo": True})
+    toks = [t for ch in chunks for c in ch["choices"] if c.get("logprobs")
+            for t in c["logprobs"]["tokens"]]
+    assert len(toks) > 5 and all(PLACEHOLDER.match(t) for t in toks), toks
+
+    chat = {"model": model, "messages": [{"role": "user", "content": "Say hi"}],
+            "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+            "return_token_ids": True}
+    _, plain = send(server.port, "POST", "/v1/chat/completions", chat)
+    _, r = send(server.port, "POST", "/v1/chat/completions",
+                {**chat, "return_tokens_as_token_ids": True})
+    content, pc = r["choices"][0]["logprobs"]["content"], plain["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content] == \
+        [f"token_id:{i}" for i in r["choices"][0]["token_ids"]]
+    for e, q in zip(content, pc):
+        assert e["bytes"] == q["bytes"] and e["logprob"] == q["logprob"]
+        assert all(PLACEHOLDER.match(t["token"]) and t["bytes"] == list(t["token"].encode())
+                   for t in e["top_logprobs"]), e
+    chunks = sse(server.port, "/v1/chat/completions",
+                 {**chat, "return_tokens_as_token_ids": True, "stream": True})
+    toks = [e["token"] for ch in chunks for c in ch["choices"] if c.get("logprobs")
+            for e in c["logprobs"]["content"]]
+    assert len(toks) == 4 and all(PLACEHOLDER.match(t) for t in toks), toks
+
+
+def test_return_tokens_as_token_ids_flag_is_the_default(flagged, model):
+    """--return-tokens-as-token-ids: requests that leave the field out get placeholders; a
+    request's `false` wins."""
+    body = {"model": model, "prompt": "Hello", "max_tokens": 3, "temperature": 0,
+            "logprobs": 1}
+    _, r = send(flagged.port, "POST", "/v1/completions", body)
+    assert all(PLACEHOLDER.match(t) for t in r["choices"][0]["logprobs"]["tokens"]), r
+    _, r = send(flagged.port, "POST", "/v1/completions",
+                {**body, "return_tokens_as_token_ids": False})
+    assert not any(PLACEHOLDER.match(t) for t in r["choices"][0]["logprobs"]["tokens"]), r
+
+
 def test_no_usage_details_or_forced_usage_by_default(server, model):
     prompt = " ".join(f"word{i}" for i in range(40))
     body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0}
@@ -470,7 +533,6 @@ def test_seed_flag_makes_unseeded_requests_repeatable():
      "structured_outputs.structural_tag"),
     ("/v1/completions", {"priority": 3}, "priority"),
     ("/v1/completions", {"logits_processors": ["x"]}, "logits_processors"),
-    ("/v1/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     ("/v1/completions", {"prompt_embeds": "AAAA"}, "prompt_embeds"),
 ])
 def test_unimplemented_vllm_fields_are_refused_by_name(server, model, path, extra, field):
@@ -740,7 +802,7 @@ def test_root_path_and_dtype_on_cpu(flagged, model):
     # uvicorn's root_path: the API answers under the prefix and without it.
     for path in ["/api/v1/models", "/v1/models", "/api/health"]:
         assert send(flagged.port, "GET", path)[0] == 200, path
-    status, r = send(flagged.port, "POST", "/api/v1/completions",
+    status, r = send(flagged.port, "POST", "/v1/completions",
                      {"model": model, "prompt": "Hi", "max_tokens": 2})
     assert status == 200, r
     assert send(flagged.port, "GET", "/apiv1/models")[0] == 404
@@ -843,7 +905,6 @@ REFUSED_FLAGS = {
     "--enable-lora": ["--no-enable-lora"],
     "--tokens-only": ["--no-tokens-only"],
     "--skip-tokenizer-init": ["--no-skip-tokenizer-init"],
-    "--return-tokens-as-token-ids": ["--no-return-tokens-as-token-ids"],
     "--tool-parser-plugin": ["--tool-parser-plugin", ""],
     "--tool-strict-level": ["--tool-strict-level", "auto"],
     "--disable-sliding-window": ["--no-disable-sliding-window"],
@@ -898,6 +959,7 @@ def _acted_on_flags(tmp_path, pki):
         "--trust-request-chat-template": [], "--enable-server-load-tracking": [],
         "--enable-tokenizer-info-endpoint": [], "--enable-prompt-tokens-details": [],
         "--enable-force-include-usage": [], "--chat-template": [str(tmpl)],
+        "--return-tokens-as-token-ids": [],
         "--generation-config": ["vllm"], "--override-generation-config": ['{"temperature": 0}'],
         "--max-logprobs": ["5"], "--revision": ["main"], "--kv-cache-dtype": ["auto"],
         "--tokenizer": [str(SHARED / "fixtures" / "smollm2" / "tokenizer")],

@@ -227,7 +227,7 @@ async fn beam_completion(
                 logprobs: b
                     .logprobs
                     .as_ref()
-                    .map(|l| completion_logprobs(st, l, prefix.len())),
+                    .map(|l| completion_logprobs(st, l, prefix.len(), v.tokens_as_ids)),
                 finish_reason: Some(b.finish_reason.to_string()),
                 stop_reason: Some(b.stop_reason),
                 prompt_logprobs: None,
@@ -276,7 +276,10 @@ async fn beam_chat(
                 content: Some(format!("{}{}", echo.as_deref().unwrap_or(""), b.text)),
                 tool_calls: Vec::new(),
             },
-            logprobs: b.logprobs.as_ref().map(|l| chat_logprobs(st, l)),
+            logprobs: b
+                .logprobs
+                .as_ref()
+                .map(|l| chat_logprobs(st, l, v.tokens_as_ids)),
             finish_reason: Some(b.finish_reason.to_string()),
             stop_reason: Some(b.stop_reason),
             token_ids: v.return_token_ids.then_some(b.token_ids),
@@ -394,21 +397,34 @@ fn token_text(st: &SharedState, id: u32) -> String {
     st.tokenizer.decode(&[id], false).unwrap_or_default()
 }
 
+/// A token as logprobs show it: its text, or `token_id:<id>` with `return_tokens_as_token_ids`
+/// (vLLM's placeholder: a token that is not valid UTF-8 alone stays identifiable).
+pub(crate) fn shown_token(st: &SharedState, id: u32, as_ids: bool) -> String {
+    if as_ids {
+        format!("token_id:{id}")
+    } else {
+        token_text(st, id)
+    }
+}
+
+/// Completions' logprobs; text offsets advance by each shown token's length (the placeholder's
+/// with `as_ids`, as vLLM counts them).
 pub(crate) fn completion_logprobs(
     st: &SharedState,
     lps: &[TokenLogprobs],
     offset0: usize,
+    as_ids: bool,
 ) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     let mut offset = offset0;
     for lp in lps {
-        let tok = token_text(st, lp.token);
+        let tok = shown_token(st, lp.token, as_ids);
         out.text_offset.push(offset);
         offset += tok.len();
         out.token_logprobs.push(Some(lp.logprob));
         let mut top = serde_json::Map::new();
         for &(id, v) in &lp.top {
-            top.insert(token_text(st, id), json!(v));
+            top.insert(shown_token(st, id, as_ids), json!(v));
         }
         top.entry(tok.clone()).or_insert(json!(lp.logprob));
         out.top_logprobs.push(Some(top));
@@ -556,6 +572,7 @@ async fn completions(
             continuous_usage: v.continuous_usage,
             want_logprobs: want_lp,
             return_token_ids: v.return_token_ids,
+            tokens_as_ids: v.tokens_as_ids,
             prompt_tokens_details: st.prompt_tokens_details,
             tool_mode: None,
         };
@@ -604,8 +621,9 @@ async fn completions(
                         l,
                         k,
                         0,
+                        v.tokens_as_ids,
                     )),
-                    (None, Some(l)) => Some(completion_logprobs(&st, l, offset0)),
+                    (None, Some(l)) => Some(completion_logprobs(&st, l, offset0, v.tokens_as_ids)),
                     (_, None) => None,
                 },
                 finish_reason: fr,
@@ -628,9 +646,11 @@ async fn completions(
     .into_response())
 }
 
-pub(crate) fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs]) -> ChatLogprobs {
+/// Chat's logprobs. With `as_ids` a token shows as `token_id:<id>`; the chosen token's `bytes`
+/// stay its text's, the alternatives' are the shown string's (as vLLM fills them).
+pub(crate) fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs], as_ids: bool) -> ChatLogprobs {
     let top = |id: u32, v: f32| {
-        let t = token_text(st, id);
+        let t = shown_token(st, id, as_ids);
         TopLogprob {
             bytes: t.as_bytes().to_vec(),
             token: t,
@@ -644,7 +664,11 @@ pub(crate) fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs]) -> ChatLogp
                 let t = token_text(st, lp.token);
                 ChatTokenLogprob {
                     bytes: t.as_bytes().to_vec(),
-                    token: t,
+                    token: if as_ids {
+                        shown_token(st, lp.token, true)
+                    } else {
+                        t
+                    },
                     logprob: lp.logprob,
                     top_logprobs: lp.top.iter().map(|&(id, v)| top(id, v)).collect(),
                 }
@@ -706,6 +730,7 @@ async fn chat_completions(
             continuous_usage: v.continuous_usage,
             want_logprobs: want_lp,
             return_token_ids: v.return_token_ids,
+            tokens_as_ids: v.tokens_as_ids,
             prompt_tokens_details: st.prompt_tokens_details,
             tool_mode: tool_mode.clone(),
         };
@@ -765,7 +790,7 @@ async fn chat_completions(
                     .logprobs
                     .as_ref()
                     .filter(|_| want_lp)
-                    .map(|l| chat_logprobs(&st, l)),
+                    .map(|l| chat_logprobs(&st, l, v.tokens_as_ids)),
                 finish_reason: fr,
                 stop_reason: Some(sr),
                 token_ids: v.return_token_ids.then(|| o.token_ids.clone()),

@@ -130,6 +130,11 @@ pub struct ServeArgs {
     /// Streams end with a usage chunk even when `stream_options` did not ask for one.
     #[arg(long, action = ArgAction::SetTrue)]
     pub enable_force_include_usage: bool,
+    /// Logprob tokens as `token_id:<id>` strings unless a request's
+    /// `return_tokens_as_token_ids` says otherwise (tokens that are not valid UTF-8 alone
+    /// stay identifiable).
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub return_tokens_as_token_ids: bool,
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
     /// `tool_choice` "auto" (the default when a request has tools): tool calls are read from

@@ -18,6 +18,7 @@ pub fn prompt_then_output(
     output: &[TokenLogprobs],
     k: usize,
     offset0: usize,
+    as_ids: bool,
 ) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     let mut offset = offset0;
@@ -26,10 +27,10 @@ pub fn prompt_then_output(
             Some(lp) => {
                 let mut lp = lp.clone();
                 lp.top.truncate(k);
-                append(&mut out, completion_logprobs(st, &[lp], offset));
+                append(&mut out, completion_logprobs(st, &[lp], offset, as_ids));
             }
             None => {
-                let tok = st.tokenizer.decode(&[id], false).unwrap_or_default();
+                let tok = crate::app::shown_token(st, id, as_ids);
                 out.text_offset.push(offset);
                 out.token_logprobs.push(None);
                 out.top_logprobs.push(None);
@@ -39,7 +40,7 @@ pub fn prompt_then_output(
         offset = out.text_offset.last().copied().unwrap_or(offset)
             + out.tokens.last().map_or(0, String::len);
     }
-    append(&mut out, completion_logprobs(st, output, offset));
+    append(&mut out, completion_logprobs(st, output, offset, as_ids));
     out
 }
 

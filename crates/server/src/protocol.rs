@@ -71,6 +71,8 @@ pub struct SamplingFields {
     pub request_id: Option<String>,
     /// vLLM: `prompt_token_ids` and `token_ids` in the response.
     pub return_token_ids: Option<bool>,
+    /// vLLM: logprob tokens as `token_id:<id>` strings (unset: `--return-tokens-as-token-ids`).
+    pub return_tokens_as_token_ids: Option<bool>,
     /// vLLM: keep only this many prompt tokens (-1: `max_model_len`).
     pub truncate_prompt_tokens: Option<i64>,
     /// vLLM: `left` keeps the last tokens (the default), `right` the first.

@@ -373,6 +373,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokenizer_info,
         prompt_tokens_details: args.enable_prompt_tokens_details,
         force_include_usage: args.enable_force_include_usage,
+        return_tokens_as_token_ids: args.return_tokens_as_token_ids,
         response_role: args.response_role.clone(),
         sampling_defaults,
         eos_token_ids: beam_eos,

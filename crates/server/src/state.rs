@@ -37,6 +37,8 @@ pub struct AppState {
     pub prompt_tokens_details: bool,
     /// `--enable-force-include-usage`.
     pub force_include_usage: bool,
+    /// `--return-tokens-as-token-ids`.
+    pub return_tokens_as_token_ids: bool,
     /// `--response-role` (default `assistant`).
     pub response_role: String,
     /// Every id that ends generation (beam search completes a beam on one).
@@ -68,6 +70,7 @@ impl AppState {
             limits: Limits {
                 engine: self.engine.limits(),
                 force_include_usage: self.force_include_usage,
+                return_tokens_as_token_ids: self.return_tokens_as_token_ids,
                 defaults: self.sampling_defaults,
             },
         }

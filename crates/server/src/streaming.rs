@@ -35,6 +35,8 @@ pub struct StreamHead {
     pub want_logprobs: bool,
     /// `return_token_ids`: the prompt's ids on the first chunk, each chunk's new ids.
     pub return_token_ids: bool,
+    /// `return_tokens_as_token_ids` (or the server's flag): logprob tokens as `token_id:<id>`.
+    pub tokens_as_ids: bool,
     /// `--enable-prompt-tokens-details`: cached prompt tokens in the final usage.
     pub prompt_tokens_details: bool,
     /// Chat: how tool calls are read from the answer (`None`: plain content).
@@ -157,6 +159,7 @@ pub fn completions(
                         l,
                         k,
                         0,
+                        head.tokens_as_ids,
                     ));
                 }
                 sent[pi][d.index] += choice.text.len();
@@ -202,7 +205,7 @@ fn completion_choice(
             .logprobs
             .as_ref()
             .filter(|_| head.want_logprobs)
-            .map(|l| completion_logprobs(st, l, offset0)),
+            .map(|l| completion_logprobs(st, l, offset0, head.tokens_as_ids)),
         finish_reason,
         stop_reason: Some(stop_reason),
         prompt_logprobs: None,
@@ -279,7 +282,7 @@ pub fn chat(
                     .logprobs
                     .as_ref()
                     .filter(|_| head.want_logprobs)
-                    .map(|l| chat_logprobs(&st, l));
+                    .map(|l| chat_logprobs(&st, l, head.tokens_as_ids));
                 let delta = match (extractors[d.index].as_mut(), &tool_mode) {
                     (Some(x), Some(m)) => {
                         let mut out = x.push(&d.text);

@@ -24,7 +24,6 @@ pub struct Unimplemented {
     pub bad_words: Option<Value>,
     pub logits_processors: Option<Value>,
     pub priority: Option<i64>,
-    pub return_tokens_as_token_ids: Option<bool>,
     pub cache_salt: Option<Value>,
     pub kv_transfer_params: Option<Value>,
     pub vllm_xargs: Option<Value>,
@@ -70,12 +69,6 @@ fn refuse(field: &str, why: &str) -> ApiError {
 
 impl Unimplemented {
     pub fn check(&self) -> Result<(), ApiError> {
-        if self.return_tokens_as_token_ids == Some(true) {
-            return Err(refuse(
-                "return_tokens_as_token_ids",
-                "logprob tokens are always text",
-            ));
-        }
         if self.priority.is_some_and(|p| p != 0) {
             return Err(refuse(
                 "priority",

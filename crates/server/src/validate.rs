@@ -18,6 +18,9 @@ pub struct Limits {
     pub engine: RequestLimits,
     /// `--enable-force-include-usage`: streams carry usage as if `include_usage` were set.
     pub force_include_usage: bool,
+    /// `--return-tokens-as-token-ids`: what a request without `return_tokens_as_token_ids`
+    /// gets.
+    pub return_tokens_as_token_ids: bool,
     /// `--generation-config`: defaults for fields a request leaves out.
     pub defaults: SamplingDefaults,
 }
@@ -71,6 +74,9 @@ pub struct Validated {
     pub continuous_usage: bool,
     /// `return_token_ids`: prompt and output token ids in the response.
     pub return_token_ids: bool,
+    /// Logprob tokens as `token_id:<id>` (the request's `return_tokens_as_token_ids`, else
+    /// the server's flag).
+    pub tokens_as_ids: bool,
     pub truncation: Option<Truncation>,
     /// `use_beam_search`: the search's settings (width = n).
     pub beam: Option<crate::beam::BeamParams>,
@@ -226,6 +232,9 @@ pub fn sampling(
         include_usage,
         continuous_usage: include_usage && opts.continuous_usage_stats.unwrap_or(false),
         return_token_ids: f.return_token_ids.unwrap_or(false),
+        tokens_as_ids: f
+            .return_tokens_as_token_ids
+            .unwrap_or(lim.return_tokens_as_token_ids),
         truncation,
         beam: beam(f, n, max_tokens, stream, constraint.as_ref().map(|c| c.1))?,
         constraint,
@@ -358,6 +367,7 @@ mod tests {
             &Limits {
                 engine: ENGINE,
                 force_include_usage: false,
+                return_tokens_as_token_ids: false,
                 defaults: SamplingDefaults::default(),
             },
         )?;

@@ -287,6 +287,7 @@ const IMPLEMENTED_BOOLS: &[&str] = &[
     "enable-tokenizer-info-endpoint",
     "enable-prompt-tokens-details",
     "enable-force-include-usage",
+    "return-tokens-as-token-ids",
     "allow-credentials",
     "enable-auto-tool-choice",
     "exclude-tools-when-tool-choice-none",
