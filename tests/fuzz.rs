@@ -97,6 +97,8 @@ const FIELDS: &[&str] = &[
     "frequency_penalty",
     "repetition_penalty",
     "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
     "stop",
     "stop_token_ids",
     "ignore_eos",
@@ -395,6 +397,8 @@ fn assert_in_range(v: &ValidatedRequest, vocab: usize) {
         .logit_bias
         .iter()
         .all(|&(t, b)| (t as usize) < vocab && b.abs() <= 100.0));
+    assert!(s.allowed_tokens.iter().all(|&t| (t as usize) < vocab));
+    assert!(s.bad_words.iter().flatten().all(|&t| (t as usize) < vocab));
     assert!(s.logprobs.is_none_or(|n| n <= 20) && s.prompt_logprobs.is_none_or(|n| n <= 20));
     let st = &v.stop;
     assert!(st.max_tokens.is_none_or(|m| m >= 1 && st.min_tokens <= m));

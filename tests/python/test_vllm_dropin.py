@@ -467,6 +467,59 @@ def test_return_tokens_as_token_ids(server, model):
     assert len(toks) == 4 and all(PLACEHOLDER.match(t) for t in toks), toks
 
 
+def test_allowed_token_ids_restrict_what_is_sampled(server, model):
+    """vLLM's `allowed_token_ids`: every sampled token is one of them (random sampling, many
+    draws), while logprobs stay the model's own distribution."""
+    _, tok = send(server.port, "POST", "/tokenize",
+                  {"model": model, "prompt": " yes no maybe cat", "add_special_tokens": False})
+    allowed = tok["tokens"]
+    body = {"model": model, "prompt": "Write a long story:", "max_tokens": 12,
+            "temperature": 1.0, "seed": 5, "ignore_eos": True, "return_token_ids": True,
+            "logprobs": 5, "allowed_token_ids": allowed}
+    status, r = send(server.port, "POST", "/v1/completions", body)
+    assert status == 200, r
+    ids = r["choices"][0]["token_ids"]
+    assert len(ids) == 12 and set(ids) <= set(allowed), (ids, allowed)
+    # the raw top-5 of some step holds a token the request did not allow
+    tops = r["choices"][0]["logprobs"]["top_logprobs"]
+    _, plain = send(server.port, "POST", "/v1/completions",
+                    {k: v for k, v in body.items() if k != "allowed_token_ids"})
+    assert set(plain["choices"][0]["token_ids"]) - set(allowed), plain
+    assert any(len(t) > 1 for t in tops)
+    status, r = send(server.port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 6, "temperature": 0, "return_token_ids": True,
+                      "allowed_token_ids": allowed[:2], "ignore_eos": True})
+    assert status == 200 and set(r["choices"][0]["token_ids"]) <= set(allowed[:2]), r
+
+
+def test_bad_words_are_not_generated(server, model):
+    """vLLM's `bad_words`: the greedy answer's word, banned, no longer appears as the
+    tokens it is made of (alone or after a space)."""
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 8,
+            "temperature": 0, "return_token_ids": True}
+    _, r = send(server.port, "POST", "/v1/completions", body)
+    ids = r["choices"][0]["token_ids"]
+    word = r["choices"][0]["text"].split()[0].strip(".,")
+    banned = []
+    for text in (word, " " + word):
+        _, tok = send(server.port, "POST", "/tokenize",
+                      {"model": model, "prompt": text, "add_special_tokens": False})
+        banned.append(tok["tokens"])
+
+    def contains(seq, sub):
+        return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+    assert any(contains(ids, b) for b in banned), (ids, banned)
+    for path, extra in (("/v1/completions", {}),
+                        ("/v1/completions", {"stream": False, "n": 2, "temperature": 0.8,
+                                             "seed": 1})):
+        status, r = send(server.port, "POST", path, {**body, **extra, "bad_words": [word]})
+        assert status == 200, r
+        for c in r["choices"]:
+            assert not any(contains(c["token_ids"], b) for b in banned), (c, banned)
+
+
 def test_return_tokens_as_token_ids_flag_is_the_default(flagged, model):
     """--return-tokens-as-token-ids: requests that leave the field out get placeholders; a
     request's `false` wins."""
@@ -524,8 +577,12 @@ def test_seed_flag_makes_unseeded_requests_repeatable():
     # Beam search runs (item 8) but cannot stream or stop on strings: refused by name.
     ("/v1/completions", {"use_beam_search": True, "stream": True}, "stream"),
     ("/v1/chat/completions", {"use_beam_search": True, "n": 2, "stop": ["x"]}, "stop"),
-    ("/v1/completions", {"allowed_token_ids": [1, 2, 3]}, "allowed_token_ids"),
-    ("/v1/completions", {"bad_words": ["cat"]}, "bad_words"),
+    ("/v1/completions", {"use_beam_search": True, "n": 2, "allowed_token_ids": [1, 2]},
+     "allowed_token_ids"),
+    ("/v1/chat/completions", {"use_beam_search": True, "n": 2, "bad_words": ["cat"]},
+     "bad_words"),
+    ("/v1/completions", {"use_beam_search": True, "n": 2, "logit_bias": {"1": 3}},
+     "logit_bias"),
     # Structured outputs run (issue 19), except vLLM's structural tags.
     ("/v1/completions", {"response_format": {"type": "structural_tag", "format": {}}},
      "response_format"),

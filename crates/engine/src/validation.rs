@@ -249,7 +249,10 @@ impl RequestLimits {
             ));
         }
         let biased: Vec<TokenId> = p.logit_bias.iter().map(|&(t, _)| t).collect();
-        self.tokens("logit_bias", &biased)
+        self.tokens("logit_bias", &biased)?;
+        self.tokens("allowed_token_ids", &p.allowed_tokens)?;
+        let words: Vec<TokenId> = p.bad_words.iter().flatten().copied().collect();
+        self.tokens("bad_words", &words)
     }
 }
 
@@ -313,6 +316,18 @@ mod tests {
         let mut p = r.clone();
         p.sampling.logit_bias = vec![(3, 1.0)];
         assert_eq!(param(&p), "logit_bias");
+        let mut p = r.clone();
+        p.sampling.allowed_tokens = vec![3];
+        assert_eq!(param(&p), "allowed_token_ids");
+        let mut p = r.clone();
+        p.sampling.bad_words = vec![vec![3, 4]];
+        assert_eq!(param(&p), "bad_words");
+        assert!(check(&LIMITS, &p).is_ok());
+        p.sampling.bad_words = vec![vec![3, 1_000_000]];
+        assert!(
+            check(&LIMITS, &p).is_err(),
+            "bad words are token ids of the vocabulary"
+        );
         let mut p = r.clone();
         p.stop.min_tokens = 2;
         assert_eq!(param(&p), "min_tokens");

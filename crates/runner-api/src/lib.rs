@@ -137,7 +137,7 @@ pub enum SamplingSupport {
     #[default]
     Full,
     /// Greedy, temperature, top-k, top-p, min-p and logprobs on device; no penalties,
-    /// `logit_bias` or `min_tokens` (vLLM's TPU backend lacks these too).
+    /// `logit_bias`, `allowed_token_ids`, `bad_words` or `min_tokens`.
     OnDevice,
 }
 
@@ -155,6 +155,10 @@ impl SamplingSupport {
             Some("repetition_penalty")
         } else if !p.logit_bias.is_empty() {
             Some("logit_bias")
+        } else if !p.allowed_tokens.is_empty() {
+            Some("allowed_token_ids")
+        } else if !p.bad_words.is_empty() {
+            Some("bad_words")
         } else if min_tokens > 0 || !p.banned_tokens.is_empty() {
             Some("min_tokens")
         } else {

@@ -20,6 +20,11 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(TokenId, f32)>,
     /// Token ids that may not be sampled yet (EOS while `min_tokens` is unmet).
     pub banned_tokens: Vec<TokenId>,
+    /// `allowed_token_ids`: when not empty, the only tokens that may be sampled.
+    pub allowed_tokens: Vec<TokenId>,
+    /// `bad_words`, tokenised: a word's last token may not follow the output's tokens when
+    /// they end with the word's other tokens (vLLM's rule; a one-token word never).
+    pub bad_words: Vec<Vec<TokenId>>,
     pub seed: Option<u64>,
     /// Number of top alternatives to report with each sampled token (`logprobs`).
     pub logprobs: Option<usize>,
@@ -39,6 +44,8 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             logit_bias: Vec::new(),
             banned_tokens: Vec::new(),
+            allowed_tokens: Vec::new(),
+            bad_words: Vec::new(),
             seed: None,
             logprobs: None,
             prompt_logprobs: None,
@@ -130,13 +137,38 @@ pub fn token_logprobs(logits: &[f32], token: TokenId, n: usize) -> TokenLogprobs
     }
 }
 
-/// Applies logit bias, banned tokens and presence / frequency / repetition penalties in place.
+/// Applies `allowed_token_ids`, `bad_words`, logit bias, banned tokens and presence /
+/// frequency / repetition penalties in place (the first two only ever set -inf, so their order
+/// with the others does not matter).
 pub fn apply_processors(
     logits: &mut [f32],
     p: &SamplingParams,
     prompt: &[TokenId],
     output: &[TokenId],
 ) {
+    if !p.allowed_tokens.is_empty() {
+        let mut keep = vec![false; logits.len()];
+        for &t in &p.allowed_tokens {
+            if let Some(k) = keep.get_mut(t as usize) {
+                *k = true;
+            }
+        }
+        for (l, k) in logits.iter_mut().zip(keep) {
+            if !k {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    for word in &p.bad_words {
+        let Some((&last, prefix)) = word.split_last() else {
+            continue;
+        };
+        if output.ends_with(prefix) {
+            if let Some(l) = logits.get_mut(last as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
     for &(t, b) in &p.logit_bias {
         if let Some(l) = logits.get_mut(t as usize) {
             *l += b;
@@ -369,6 +401,71 @@ mod tests {
         let d = filtered_distribution(&logits, &p);
         assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![4, 3]);
         assert!((d.iter().map(|x| x.1).sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn allowed_tokens_keep_only_those_and_logprobs_stay_raw() {
+        let logits = [5.0, 1.0, 3.0, 2.0, 4.0];
+        let p = SamplingParams {
+            allowed_tokens: vec![1, 3],
+            logprobs: Some(1),
+            ..Default::default()
+        };
+        let (t, lp) = sample(&logits, &p, &[], &[], 0);
+        assert_eq!(t, 3);
+        // vLLM's raw logprobs: the model's distribution, not the restricted one.
+        assert_eq!(lp.unwrap().rank, 4);
+        let random = SamplingParams {
+            temperature: 1.0,
+            ..p.clone()
+        };
+        for step in 0..200 {
+            let (t, _) = sample(
+                &logits,
+                &SamplingParams {
+                    seed: Some(9),
+                    ..random.clone()
+                },
+                &[],
+                &[],
+                step,
+            );
+            assert!(t == 1 || t == 3, "{t}");
+        }
+        let d = filtered_distribution(
+            &{
+                let mut l = logits.to_vec();
+                apply_processors(&mut l, &random, &[], &[]);
+                l
+            },
+            &random,
+        );
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 1]);
+    }
+
+    #[test]
+    fn bad_words_ban_their_last_token_after_their_prefix() {
+        let p = SamplingParams {
+            bad_words: vec![vec![2], vec![7, 8, 4]],
+            ..Default::default()
+        };
+        let logits = |out: &[TokenId]| {
+            let mut l = vec![0.0f32; 10];
+            apply_processors(&mut l, &p, &[], out);
+            l
+        };
+        // A one-token word: never.
+        assert_eq!(logits(&[])[2], f32::NEG_INFINITY);
+        // A longer word: its last token only after the rest of it, in the output.
+        assert!(logits(&[])
+            .iter()
+            .enumerate()
+            .all(|(i, &l)| i == 2 || l == 0.0));
+        assert_eq!(logits(&[7, 8])[4], f32::NEG_INFINITY);
+        assert_eq!(logits(&[1, 7, 8])[4], f32::NEG_INFINITY);
+        assert_eq!(logits(&[8, 7])[4], 0.0);
+        assert_eq!(logits(&[7, 8, 1])[4], 0.0);
+        assert_eq!(logits(&[8])[4], 0.0);
     }
 
     #[test]

@@ -86,6 +86,8 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
         1.0,
         &ctx.limits,
     )?;
+    params.sampling.bad_words =
+        validate::bad_words(req.sampling.bad_words.as_deref(), ctx.tokenizer)?;
     if let Some(t) = params.truncation {
         for (ids, text) in &mut prompts {
             if t.apply(ids) {
@@ -238,6 +240,8 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
         1.0,
         &ctx.limits,
     )?;
+    params.sampling.bad_words =
+        validate::bad_words(req.sampling.bad_words.as_deref(), ctx.tokenizer)?;
     if tool_mode.is_some() && ctx.tool_parser.is_some_and(|p| p.keeps_special_tokens()) {
         params.stop.skip_special_tokens = false;
     }

@@ -54,6 +54,10 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub logit_bias: Option<BTreeMap<String, f64>>,
+    /// vLLM: only these token ids may be sampled (logprobs stay the model's).
+    pub allowed_token_ids: Option<Vec<i64>>,
+    /// vLLM: words that may not be generated (see `validate::bad_words`).
+    pub bad_words: Option<Vec<String>>,
     pub stop: Option<StopSpec>,
     pub stop_token_ids: Option<Vec<i64>>,
     pub ignore_eos: Option<bool>,

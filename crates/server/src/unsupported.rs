@@ -20,8 +20,6 @@ pub struct Unimplemented {
     pub use_beam_search: Option<bool>,
     /// Beam search's length penalty (vLLM uses it nowhere else).
     pub length_penalty: Option<f64>,
-    pub allowed_token_ids: Option<Value>,
-    pub bad_words: Option<Value>,
     pub logits_processors: Option<Value>,
     pub priority: Option<i64>,
     pub cache_salt: Option<Value>,
@@ -76,13 +74,7 @@ impl Unimplemented {
                  without --scheduling-policy priority)",
             ));
         }
-        let generic: [(&str, &Option<Value>, &str); 10] = [
-            (
-                "allowed_token_ids",
-                &self.allowed_token_ids,
-                "not implemented",
-            ),
-            ("bad_words", &self.bad_words, "not implemented"),
+        let generic: [(&str, &Option<Value>, &str); 8] = [
             (
                 "logits_processors",
                 &self.logits_processors,

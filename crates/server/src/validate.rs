@@ -6,6 +6,7 @@
 //! beyond 32 bits) is refused here, naming the field.
 
 use tpuserve_engine::{EngineRequest, RequestLimits, SamplingParams, StopParams, ValidatedRequest};
+use tpuserve_model::Tokenizer;
 
 use crate::error::ApiError;
 use crate::numbers::bound_error;
@@ -203,6 +204,9 @@ pub fn sampling(
         repetition_penalty: repetition,
         logit_bias,
         banned_tokens: Vec::new(),
+        allowed_tokens: allowed_token_ids(f.allowed_token_ids.as_deref(), &lim.engine)?,
+        // Tokenised by the gate (`bad_words`), which holds the tokenizer.
+        bad_words: Vec::new(),
         seed: f.seed.map(|s| s as u64),
         logprobs: lp,
         prompt_logprobs: prompt_lp,
@@ -241,6 +245,73 @@ pub fn sampling(
     })
 }
 
+/// `allowed_token_ids`: vLLM refuses an empty list and ids outside the vocabulary.
+fn allowed_token_ids(ids: Option<&[i64]>, limits: &RequestLimits) -> Result<Vec<u32>, ApiError> {
+    let Some(ids) = ids else {
+        return Ok(Vec::new());
+    };
+    if ids.is_empty() {
+        return Err(ApiError::invalid_param(
+            "allowed_token_ids",
+            "allowed_token_ids is not None and empty!",
+        ));
+    }
+    ids.iter()
+        .map(|&t| {
+            token_id("allowed_token_ids", t, limits).map_err(|_| {
+                ApiError::invalid_param(
+                    "allowed_token_ids",
+                    "allowed_token_ids contains out-of-vocab token id!",
+                )
+            })
+        })
+        .collect()
+}
+
+/// vLLM's most bad words after tokenisation (`VLLM_MAX_NUM_BAD_WORDS`).
+const MAX_BAD_WORDS: usize = 128;
+
+/// `bad_words` as token sequences, as vLLM tokenises them: each word (duplicates once, its
+/// leading whitespace dropped) alone, and with a leading space where that gives another first
+/// token in as many tokens (the word in the middle of a text).
+pub fn bad_words(
+    words: Option<&[String]>,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let words = words.unwrap_or_default();
+    let refuse = |m: String| Err(ApiError::invalid_param("bad_words", m));
+    if words.iter().any(String::is_empty) {
+        return refuse(format!(
+            "bad_words cannot contain an empty string. Got bad_words={words:?}"
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for w in words.iter().filter(|w| seen.insert(w.as_str())) {
+        let plain = tokenizer
+            .encode(w.trim_start(), false)
+            .map_err(|e| ApiError::invalid_param("bad_words", e.to_string()))?;
+        if plain.is_empty() {
+            return refuse("bad_words entries must tokenize to at least one token.".into());
+        }
+        let spaced = tokenizer
+            .encode(&format!(" {}", w.trim_start()), false)
+            .map_err(|e| ApiError::invalid_param("bad_words", e.to_string()))?;
+        let extra = !spaced.is_empty() && spaced[0] != plain[0] && spaced.len() == plain.len();
+        for ids in std::iter::once(plain).chain(extra.then_some(spaced)) {
+            out.push(ids);
+            if out.len() > MAX_BAD_WORDS {
+                return refuse(format!(
+                    "Too many bad words after tokenization: {}. The max number is \
+                     {MAX_BAD_WORDS}.",
+                    out.len()
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `use_beam_search`: what vLLM's `BeamSearchParams` take; fields the search cannot honour
 /// are refused by name rather than dropped.
 fn beam(
@@ -277,6 +348,26 @@ fn beam(
     }
     if f.prompt_logprobs.is_some() {
         return refuse("prompt_logprobs");
+    }
+    // The search ranks beams by the model's own logprobs (vLLM's beam search drops these
+    // fields without a word).
+    if f.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return refuse("logit_bias");
+    }
+    if f.allowed_token_ids.is_some() {
+        return refuse("allowed_token_ids");
+    }
+    if f.bad_words.as_ref().is_some_and(|w| !w.is_empty()) {
+        return refuse("bad_words");
+    }
+    for (name, v, neutral) in [
+        ("presence_penalty", f.presence_penalty, 0.0),
+        ("frequency_penalty", f.frequency_penalty, 0.0),
+        ("repetition_penalty", f.repetition_penalty, 1.0),
+    ] {
+        if v.is_some_and(|v| v != neutral) {
+            return refuse(name);
+        }
     }
     if let Some(field) = constraint_field {
         return refuse(field);
