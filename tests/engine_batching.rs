@@ -176,3 +176,40 @@ fn shared_prefixes_hit_the_cache_and_change_nothing() {
         assert_same(off, on, &format!("request {i} with prefix caching"));
     }
 }
+
+/// vLLM's `cache_salt`: cached blocks are shared only between requests with the same salt
+/// (and unsalted ones only with each other), and the answers do not change.
+#[test]
+fn a_cache_salt_shares_the_prefix_cache_only_within_the_salt() {
+    let model = model();
+    let runner = cpu_runner(&model, 1024);
+    let vocab = runner.vocab_size() as TokenId;
+    let prompt: Vec<TokenId> = (0..100).map(|i| (i * 7919 + 13) % vocab).collect();
+    let salts = [
+        None,
+        Some("tenant-a"),
+        Some("tenant-b"),
+        Some("tenant-a"),
+        None,
+    ];
+    let reqs: Vec<EngineRequest> = salts
+        .iter()
+        .map(|s| {
+            let mut r = greedy(prompt.clone(), 4);
+            r.cache_salt = s.map(String::from);
+            r.sampling.logprobs = Some(2);
+            r
+        })
+        .collect();
+    let mut core = engine(&model, runner, config(2048, true));
+    // One after another: each arrives once the previous one's prompt is cached.
+    let arrive: Vec<usize> = (0..reqs.len()).map(|i| 3 * i).collect();
+    let outs = run_staggered(&mut core, reqs, &arrive);
+    let cached: Vec<usize> = outs.iter().map(|o| o.prompt.num_cached_tokens).collect();
+    // 100 tokens: 6 full blocks of 16.
+    assert_eq!(cached, vec![0, 0, 0, 96, 96]);
+    for o in &outs[1..] {
+        assert_same(&outs[0], o, "a salted request");
+    }
+    assert_no_leak(&core);
+}

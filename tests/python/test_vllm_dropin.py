@@ -532,6 +532,38 @@ def test_return_tokens_as_token_ids_flag_is_the_default(flagged, model):
     assert not any(PLACEHOLDER.match(t) for t in r["choices"][0]["logprobs"]["tokens"]), r
 
 
+def test_cache_salt_shares_cached_prompts_only_within_the_salt(flagged, model):
+    """vLLM's `cache_salt`: a salted prompt hits the prefix cache only after the same prompt
+    with the same salt; the answer does not change."""
+    prompt = " ".join(f"salted{i}" for i in range(40))
+    body = {"model": model, "prompt": prompt, "max_tokens": 3, "temperature": 0}
+
+    def cached(**extra):
+        status, r = send(flagged.port, "POST", "/v1/completions", {**body, **extra})
+        assert status == 200, r
+        # vLLM leaves the details out when nothing came from the cache
+        details = r["usage"]["prompt_tokens_details"] or {"cached_tokens": 0}
+        return details["cached_tokens"], r["choices"][0]["text"]
+
+    first, text = cached()
+    assert first == 0
+    assert cached(cache_salt="tenant-a") == (0, text)
+    hit, again = cached(cache_salt="tenant-a")
+    assert hit >= 16 and again == text
+    assert cached(cache_salt="tenant-b") == (0, text)
+    assert cached()[0] >= 16  # the unsalted prompt's blocks are still there
+    # chat and beam search carry it too
+    chat = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 2, "cache_salt": "tenant-c"}
+    _, r = send(flagged.port, "POST", "/v1/chat/completions", chat)
+    assert r["usage"]["prompt_tokens_details"] is None, r["usage"]
+    _, r = send(flagged.port, "POST", "/v1/chat/completions", chat)
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16, r["usage"]
+    status, r = send(flagged.port, "POST", "/v1/completions",
+                     {**body, "use_beam_search": True, "n": 2, "cache_salt": "tenant-d"})
+    assert status == 200 and len(r["choices"]) == 2, r
+
+
 def test_no_usage_details_or_forced_usage_by_default(server, model):
     prompt = " ".join(f"word{i}" for i in range(40))
     body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0}

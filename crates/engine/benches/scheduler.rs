@@ -39,6 +39,7 @@ fn decoding_scheduler(caching: bool) -> Scheduler {
             min_tokens: 0,
             prompt_logprobs: false,
             wait_for: None,
+            hash_root: None,
         });
     }
     // Prefill everything (8192 tokens per step = 16 prompts), then one decode step.
@@ -102,7 +103,7 @@ fn bench_block_manager(c: &mut Criterion) {
     c.bench_function("block hashes of a 2048-token prompt", |b| {
         b.iter(|| {
             let mut h = Vec::new();
-            BlockHash::extend_chain(&mut h, black_box(&tokens), BLOCK);
+            BlockHash::extend_chain(&mut h, None, black_box(&tokens), BLOCK);
             h
         })
     });
@@ -117,7 +118,7 @@ fn bench_block_manager(c: &mut Criterion) {
 
     let mut m = BlockManager::new(16_384, BLOCK, true);
     let mut hashes = Vec::new();
-    BlockHash::extend_chain(&mut hashes, &tokens, BLOCK);
+    BlockHash::extend_chain(&mut hashes, None, &tokens, BLOCK);
     let t = m.allocate(hashes.len()).unwrap_or_default();
     for (&blk, &h) in t.iter().zip(&hashes) {
         m.register(blk, h);

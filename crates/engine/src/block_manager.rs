@@ -38,11 +38,31 @@ impl BlockHash {
         BlockHash(half(0), half(1))
     }
 
-    /// Hashes of every full block of `tokens`, continuing the chain after `known`.
-    pub fn extend_chain(known: &mut Vec<BlockHash>, tokens: &[TokenId], block_size: usize) {
+    /// The parent of a chain's first block: none, or the request's `cache_salt`, so that only
+    /// requests with the same salt share cached blocks (vLLM salts the first block's hash).
+    pub fn root(salt: Option<&str>) -> Option<BlockHash> {
+        salt.map(|s| {
+            let half = |k: u8| {
+                let mut h = DefaultHasher::new();
+                (k, "cache_salt", s).hash(&mut h);
+                h.finish()
+            };
+            BlockHash(half(0), half(1))
+        })
+    }
+
+    /// Hashes of every full block of `tokens`, continuing the chain after `known` (whose first
+    /// block hangs from `root`).
+    pub fn extend_chain(
+        known: &mut Vec<BlockHash>,
+        root: Option<BlockHash>,
+        tokens: &[TokenId],
+        block_size: usize,
+    ) {
         while (known.len() + 1) * block_size <= tokens.len() {
             let start = known.len() * block_size;
-            let h = BlockHash::of(known.last().copied(), &tokens[start..start + block_size]);
+            let parent = known.last().copied().or(root);
+            let h = BlockHash::of(parent, &tokens[start..start + block_size]);
             known.push(h);
         }
     }
@@ -357,7 +377,7 @@ mod tests {
 
     fn hashes(tokens: &[TokenId], bs: usize) -> Vec<BlockHash> {
         let mut v = Vec::new();
-        BlockHash::extend_chain(&mut v, tokens, bs);
+        BlockHash::extend_chain(&mut v, None, tokens, bs);
         v
     }
 

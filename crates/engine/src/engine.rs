@@ -242,6 +242,7 @@ impl EngineCore {
             spaces_between_special_tokens: stop.spaces_between_special_tokens,
         };
         let prompt = Arc::new(req.prompt_token_ids.clone());
+        let hash_root = crate::block_manager::BlockHash::root(req.cache_salt.as_deref());
         let mut children = Vec::with_capacity(req.n);
         let mut first: Option<SeqId> = None;
         for index in 0..req.n {
@@ -255,6 +256,7 @@ impl EngineCore {
                 banned_until_min_tokens: banned.clone(),
                 min_tokens: stop.min_tokens,
                 wait_for: first,
+                hash_root,
             });
             first.get_or_insert(seq_id);
             self.owners.insert(seq_id, (req.id, index));

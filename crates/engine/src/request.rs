@@ -86,6 +86,9 @@ pub struct EngineRequest {
     pub arrival: Instant,
     /// Structured output: every child's tokens must follow this grammar.
     pub constraint: Option<crate::structured::Constraint>,
+    /// vLLM's `cache_salt`: prefix-cache blocks are shared only with requests of the same
+    /// salt (none: with unsalted requests).
+    pub cache_salt: Option<String>,
 }
 
 impl EngineRequest {
@@ -99,6 +102,7 @@ impl EngineRequest {
             best_of: None,
             arrival: Instant::now(),
             constraint: None,
+            cache_salt: None,
         }
     }
 

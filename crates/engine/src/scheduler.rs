@@ -425,6 +425,7 @@ mod tests {
             min_tokens: 0,
             prompt_logprobs: false,
             wait_for,
+            hash_root: None,
         }
     }
 

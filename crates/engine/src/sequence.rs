@@ -24,6 +24,8 @@ pub struct NewSeq {
     /// Admit only once this sibling has computed the prompt, so the prompt's full blocks are
     /// shared through the prefix cache instead of computed `n` times.
     pub wait_for: Option<SeqId>,
+    /// `cache_salt`'s chain root (see `BlockHash::root`).
+    pub hash_root: Option<BlockHash>,
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +45,8 @@ pub struct Sequence {
     pub(crate) blocks: Vec<BlockId>,
     /// Chained hashes of every full block of prompt + output.
     pub(crate) hashes: Vec<BlockHash>,
+    /// What the first block's hash hangs from (`cache_salt`).
+    hash_root: Option<BlockHash>,
     /// Leading blocks already offered to the prefix cache.
     pub(crate) num_registered: usize,
     sampling: Arc<SamplingParams>,
@@ -75,6 +79,7 @@ impl Sequence {
             num_cached_tokens: 0,
             blocks: Vec::new(),
             hashes: Vec::new(),
+            hash_root: new.hash_root,
             num_registered: 0,
             sampling: new.sampling,
             sampling_min_tokens,
@@ -138,8 +143,8 @@ impl Sequence {
             let tokens: Vec<TokenId> = (start..start + block_size)
                 .map(|p| self.token_at(p))
                 .collect();
-            self.hashes
-                .push(BlockHash::of(self.hashes.last().copied(), &tokens));
+            let parent = self.hashes.last().copied().or(self.hash_root);
+            self.hashes.push(BlockHash::of(parent, &tokens));
         }
     }
 }

@@ -59,7 +59,12 @@ fn best_first(beams: &mut [Beam], prompt_len: usize, eos: &[u32], length_penalty
 
 /// Queues the 1-token request that yields the next-token logprobs (top `k` and the greedy
 /// choice) after `tokens`.
-fn ask(st: &SharedState, tokens: Vec<u32>, k: usize) -> Result<RequestStream, ApiError> {
+fn ask(
+    st: &SharedState,
+    tokens: Vec<u32>,
+    k: usize,
+    cache_salt: Option<&str>,
+) -> Result<RequestStream, ApiError> {
     let sampling = SamplingParams {
         temperature: 0.0,
         logprobs: Some(k),
@@ -70,9 +75,9 @@ fn ask(st: &SharedState, tokens: Vec<u32>, k: usize) -> Result<RequestStream, Ap
         ignore_eos: true,
         ..Default::default()
     };
-    let req = st
-        .engine
-        .validate(EngineRequest::new(tokens, sampling, stop))?;
+    let mut req = EngineRequest::new(tokens, sampling, stop);
+    req.cache_salt = cache_salt.map(String::from);
+    let req = st.engine.validate(req)?;
     Ok(st.engine.add(req)?)
 }
 
@@ -89,11 +94,13 @@ async fn answer(stream: RequestStream) -> Result<TokenLogprobs, ApiError> {
         .ok_or_else(|| ApiError::internal("beam search: the engine returned no logprobs"))
 }
 
-/// Runs the search from `prompt`; returns the best `width` beams, best first.
+/// Runs the search from `prompt`; returns the best `width` beams, best first. Every step's
+/// requests carry the request's `cache_salt`.
 pub async fn search(
     st: &SharedState,
     prompt: &[u32],
     p: BeamParams,
+    cache_salt: Option<&str>,
 ) -> Result<Vec<Beam>, ApiError> {
     let eos: Arc<[u32]> = st.eos_token_ids.clone().into();
     // vLLM asks for 2 × width alternatives; the server's --max-logprobs bounds them.
@@ -116,7 +123,7 @@ pub async fn search(
             .map(|b| {
                 let mut t = prompt.to_vec();
                 t.extend(&b.tokens);
-                ask(st, t, k)
+                ask(st, t, k, cache_salt)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut nexts = Vec::with_capacity(asks.len());

@@ -54,6 +54,8 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub logit_bias: Option<BTreeMap<String, f64>>,
+    /// vLLM: prefix-cache blocks are shared only with requests of the same salt.
+    pub cache_salt: Option<String>,
     /// vLLM: only these token ids may be sampled (logprobs stay the model's).
     pub allowed_token_ids: Option<Vec<i64>>,
     /// vLLM: words that may not be generated (see `validate::bad_words`).

@@ -22,7 +22,6 @@ pub struct Unimplemented {
     pub length_penalty: Option<f64>,
     pub logits_processors: Option<Value>,
     pub priority: Option<i64>,
-    pub cache_salt: Option<Value>,
     pub kv_transfer_params: Option<Value>,
     pub vllm_xargs: Option<Value>,
     pub prompt_embeds: Option<Value>,
@@ -74,16 +73,11 @@ impl Unimplemented {
                  without --scheduling-policy priority)",
             ));
         }
-        let generic: [(&str, &Option<Value>, &str); 8] = [
+        let generic: [(&str, &Option<Value>, &str); 7] = [
             (
                 "logits_processors",
                 &self.logits_processors,
                 "custom logits processors cannot be loaded",
-            ),
-            (
-                "cache_salt",
-                &self.cache_salt,
-                "the prefix cache is shared by all requests",
             ),
             (
                 "kv_transfer_params",

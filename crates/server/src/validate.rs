@@ -78,6 +78,8 @@ pub struct Validated {
     /// Logprob tokens as `token_id:<id>` (the request's `return_tokens_as_token_ids`, else
     /// the server's flag).
     pub tokens_as_ids: bool,
+    /// `cache_salt`, checked as vLLM checks it.
+    pub cache_salt: Option<String>,
     pub truncation: Option<Truncation>,
     /// `use_beam_search`: the search's settings (width = n).
     pub beam: Option<crate::beam::BeamParams>,
@@ -96,6 +98,7 @@ impl Validated {
         let mut req = EngineRequest::new(prompt, self.sampling.clone(), self.stop.clone());
         req.n = self.n;
         req.best_of = self.best_of;
+        req.cache_salt = self.cache_salt.clone();
         let v = limits.validate(req)?;
         self.sampling = v.request().sampling.clone();
         Ok(v)
@@ -239,10 +242,33 @@ pub fn sampling(
         tokens_as_ids: f
             .return_tokens_as_token_ids
             .unwrap_or(lim.return_tokens_as_token_ids),
+        cache_salt: cache_salt(f.cache_salt.as_deref())?,
         truncation,
         beam: beam(f, n, max_tokens, stream, constraint.as_ref().map(|c| c.1))?,
         constraint,
     })
+}
+
+/// vLLM's rule for `cache_salt`: a non-empty string of at most 128 characters without `@`,
+/// `/`, `\\` or NUL.
+fn cache_salt(s: Option<&str>) -> Result<Option<String>, ApiError> {
+    let Some(s) = s else {
+        return Ok(None);
+    };
+    if s.is_empty() {
+        return Err(ApiError::invalid_param(
+            "cache_salt",
+            "Parameter 'cache_salt' must be a non-empty string if provided.",
+        ));
+    }
+    if s.chars().count() > 128 || s.contains(['@', '/', '\\', '\0']) {
+        return Err(ApiError::invalid_param(
+            "cache_salt",
+            "Parameter 'cache_salt' must be at most 128 characters and must not contain '@', \
+             '/', '\\\\', or NUL.",
+        ));
+    }
+    Ok(Some(s.to_string()))
 }
 
 /// `allowed_token_ids`: vLLM refuses an empty list and ids outside the vocabulary.
