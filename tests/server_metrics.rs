@@ -415,7 +415,13 @@ fn type_lines_match_vllm_tables_and_the_hpa_name_resolves() {
         .map(|x| x.labels["finished_reason"].as_str())
         .collect();
     assert!(
-        reasons.is_superset(&BTreeSet::from(["stop", "length", "abort"])),
+        reasons.is_superset(&BTreeSet::from([
+            "stop",
+            "length",
+            "abort",
+            "error",
+            "repetition"
+        ])),
         "{reasons:?}"
     );
 }

@@ -165,6 +165,13 @@ CASES = {
     "bad_words string": (completion(bad_words="cat"), 400),
     "bad_words numbers": (completion(bad_words=[1]), 400),
     "bad_words too many": (completion(bad_words=[f"w{i}" for i in range(200)]), 400),
+    "repetition_detection min above max": (completion(repetition_detection={
+        "max_pattern_size": 2, "min_pattern_size": 3, "min_count": 2}), 400),
+    "repetition_detection min_count 1": (completion(repetition_detection={
+        "max_pattern_size": 2, "min_count": 1}), 400),
+    "repetition_detection negative": (chat(repetition_detection={"max_pattern_size": -1}), 400),
+    "repetition_detection unknown key": (completion(repetition_detection={"size": 2}), 400),
+    "repetition_detection string": (completion(repetition_detection="yes"), 400),
     "cache_salt empty": (completion(cache_salt=""), 400),
     "cache_salt with a slash": (completion(cache_salt="a/b"), 400),
     "cache_salt too long": (chat(cache_salt="s" * 129), 400),

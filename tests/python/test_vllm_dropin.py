@@ -493,6 +493,36 @@ def test_allowed_token_ids_restrict_what_is_sampled(server, model):
     assert status == 200 and set(r["choices"][0]["token_ids"]) <= set(allowed[:2]), r
 
 
+def test_repetition_detection_ends_a_repeating_answer(server, model):
+    """vLLM's `repetition_detection`: an output that ends in a pattern repeated `min_count`
+    times finishes with `repetition` / `repetition_detected` (here a single allowed token
+    repeats from the start), streamed or not, on both routes; disabled, the answer runs on."""
+    _, tok = send(server.port, "POST", "/tokenize",
+                  {"model": model, "prompt": " la", "add_special_tokens": False})
+    la = tok["tokens"][-1:]
+    body = {"model": model, "prompt": "Sing:", "max_tokens": 20, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "allowed_token_ids": la,
+            "repetition_detection": {"max_pattern_size": 3, "min_count": 4}}
+    _, r = send(server.port, "POST", "/v1/completions", body)
+    c = r["choices"][0]
+    assert (c["finish_reason"], c["stop_reason"]) == ("repetition", "repetition_detected"), c
+    assert c["token_ids"] == la * 4, c
+    # min_tokens holds it back
+    _, r = send(server.port, "POST", "/v1/completions", {**body, "min_tokens": 9})
+    assert len(r["choices"][0]["token_ids"]) == 9, r
+    chunks = sse(server.port, "/v1/chat/completions",
+                 {"model": model, "messages": [{"role": "user", "content": "Sing"}],
+                  "max_tokens": 20, "stream": True, "allowed_token_ids": la,
+                  "repetition_detection": {"max_pattern_size": 1, "min_count": 6}})
+    last = [c for ch in chunks for c in ch["choices"] if c.get("finish_reason")]
+    assert [(c["finish_reason"], c["stop_reason"]) for c in last] == \
+        [("repetition", "repetition_detected")], chunks[-3:]
+    _, r = send(server.port, "POST", "/v1/completions",
+                {**body, "repetition_detection": {"max_pattern_size": 0}})
+    assert r["choices"][0]["finish_reason"] == "length", r
+    assert len(r["choices"][0]["token_ids"]) == 20
+
+
 def test_bad_words_are_not_generated(server, model):
     """vLLM's `bad_words`: the greedy answer's word, banned, no longer appears as the
     tokens it is made of (alone or after a space)."""
@@ -1366,7 +1396,6 @@ def test_fields_without_effect_for_this_model_are_accepted(server, model):
     ("/v1/chat/completions", "stream_interval", 4),
     ("/v1/completions", "return_token_offsets", True),
     ("/v1/chat/completions", "return_prompt_text", True),
-    ("/v1/chat/completions", "repetition_detection", {"max_pattern_size": 4}),
     ("/v1/completions", "ec_transfer_params", {"a": 1}),
 ])
 def test_other_vllm_fields_are_refused_by_name(server, model, path, field, value):

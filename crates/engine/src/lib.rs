@@ -34,7 +34,8 @@ pub use output::{
     CompletionOutput, FinalOutput, PromptInfo, RequestOutput, RequestStream, SeqDelta,
 };
 pub use request::{
-    BlockId, EngineRequest, Finish, FinishReason, RequestId, SeqId, StopParams, StopReason,
+    BlockId, EngineRequest, Finish, FinishReason, RepetitionDetection, RequestId, SeqId,
+    StopParams, StopReason,
 };
 pub use stats::{FinishedSeqStats, StepStats};
 pub use tpuserve_runner_api::{SamplingParams, TokenId, TokenLogprobs};

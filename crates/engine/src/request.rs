@@ -52,6 +52,44 @@ pub struct StopParams {
     pub include_stop_str_in_output: bool,
     pub skip_special_tokens: bool,
     pub spaces_between_special_tokens: bool,
+    /// vLLM's `repetition_detection`: end the sequence when its output ends in a repeated
+    /// n-gram.
+    pub repetition: Option<RepetitionDetection>,
+}
+
+/// vLLM's `RepetitionDetectionParams` (checked by the server): the output's last
+/// `min_count` runs of `n` tokens are equal, for some `n` in `min_pattern_size ..=
+/// max_pattern_size` (`min_pattern_size` 0 counts as 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepetitionDetection {
+    pub max_pattern_size: usize,
+    pub min_pattern_size: usize,
+    pub min_count: usize,
+}
+
+impl RepetitionDetection {
+    /// Whether `tokens` end in a pattern repeated `min_count` times (vLLM's
+    /// `check_sequence_repetition`: shorter patterns first, stopping at the first length
+    /// whose repeats would not fit).
+    pub fn detects(&self, tokens: &[TokenId]) -> bool {
+        let lo = self.min_pattern_size.max(1);
+        if self.max_pattern_size == 0 || self.min_count < 2 || lo > self.max_pattern_size {
+            return false;
+        }
+        for len in lo..=self.max_pattern_size {
+            if len.saturating_mul(self.min_count) > tokens.len() {
+                return false;
+            }
+            let tail = &tokens[tokens.len() - len..];
+            if (1..self.min_count).all(|m| {
+                let end = tokens.len() - len * m;
+                &tokens[end - len..end] == tail
+            }) {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 impl Default for StopParams {
@@ -65,6 +103,7 @@ impl Default for StopParams {
             include_stop_str_in_output: false,
             skip_special_tokens: true,
             spaces_between_special_tokens: true,
+            repetition: None,
         }
     }
 }
@@ -125,6 +164,8 @@ pub enum FinishReason {
     Abort,
     /// The runner failed on a step this request was part of.
     Error,
+    /// `repetition_detection` found a repeated pattern (vLLM's `repetition`).
+    Repetition,
 }
 
 impl FinishReason {
@@ -134,6 +175,7 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::Abort => "abort",
             FinishReason::Error => "error",
+            FinishReason::Repetition => "repetition",
         }
     }
 }
@@ -150,6 +192,8 @@ impl fmt::Display for FinishReason {
 pub enum StopReason {
     Token(TokenId),
     String(String),
+    /// `repetition_detection` (vLLM reports `"repetition_detected"`).
+    Repetition,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

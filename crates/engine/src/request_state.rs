@@ -132,6 +132,7 @@ impl Child {
         self.last_token = Some(now);
         acc.num_generation_tokens += 1;
 
+        let repetition = self.stop.check_repetition(token, n);
         let mut finish = self.stop.check_token(token, n);
         let mut by_stop_string = false;
         if finish.is_none() {
@@ -147,6 +148,9 @@ impl Child {
         }
         if finish.is_none() {
             finish = self.stop.check_length(n);
+        }
+        if finish.is_none() {
+            finish = repetition;
         }
         // A finished sequence releases a trailing incomplete character too; after a stop
         // string the rest is cut anyway.

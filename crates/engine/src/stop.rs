@@ -19,6 +19,8 @@ pub struct StopChecker {
     /// Bytes of `text` already handed out.
     emitted: usize,
     longest_stop: usize,
+    /// The output's tokens, kept only for `repetition_detection`.
+    tokens: Vec<TokenId>,
 }
 
 /// Largest char boundary of `s` at or below `i`.
@@ -45,6 +47,7 @@ impl StopChecker {
             eos,
             text: String::new(),
             emitted: 0,
+            tokens: Vec::new(),
         }
     }
 
@@ -83,6 +86,18 @@ impl StopChecker {
 
     pub fn check_length(&self, num_output: usize) -> Option<Finish> {
         (num_output >= self.max_tokens).then(|| Finish::new(FinishReason::Length))
+    }
+
+    /// Records the `num_output`-th generated token for `repetition_detection`; a stop when
+    /// the output now ends in a repeated pattern, once `min_tokens` are out (vLLM checks it
+    /// last, after the length).
+    pub fn check_repetition(&mut self, token: TokenId, num_output: usize) -> Option<Finish> {
+        let rep = self.params.repetition?;
+        self.tokens.push(token);
+        (num_output >= self.params.min_tokens && rep.detects(&self.tokens)).then_some(Finish {
+            reason: FinishReason::Repetition,
+            stop_reason: Some(StopReason::Repetition),
+        })
     }
 
     /// Appends text without looking for stop strings (the sequence already stopped).
@@ -250,5 +265,46 @@ mod tests {
         });
         assert!(c.check_length(89).is_none());
         assert_eq!(c.check_length(90).unwrap().reason, FinishReason::Length);
+    }
+
+    #[test]
+    fn repetition_detection_follows_vllms_rule() {
+        use crate::request::RepetitionDetection;
+        let rep = |max, min, count| RepetitionDetection {
+            max_pattern_size: max,
+            min_pattern_size: min,
+            min_count: count,
+        };
+        // "abcabc" is "abc" twice; "xabcab" is not.
+        assert!(rep(3, 0, 2).detects(&[9, 1, 2, 3, 1, 2, 3]));
+        assert!(!rep(3, 0, 2).detects(&[9, 1, 2, 3, 1, 2]));
+        assert!(!rep(3, 0, 3).detects(&[9, 1, 2, 3, 1, 2, 3]));
+        assert!(rep(3, 0, 3).detects(&[1, 2, 3, 1, 2, 3, 1, 2, 3]));
+        // A run of one token is a pattern of every length up to max.
+        assert!(rep(1, 0, 4).detects(&[5, 7, 7, 7, 7]));
+        assert!(!rep(1, 0, 4).detects(&[7, 7, 7, 5]));
+        // min_pattern_size skips the shorter patterns (the run of 7s is also 7 7 7 7 as
+        // pairs only with 4 more).
+        assert!(!rep(2, 2, 2).detects(&[1, 7, 7, 7]));
+        assert!(rep(2, 2, 2).detects(&[7, 7, 7, 7]));
+        // vLLM stops at the first length whose repeats do not fit in the output.
+        assert!(!rep(4, 0, 2).detects(&[1, 2]));
+        assert!(!rep(usize::MAX, 0, usize::MAX).detects(&[1, 1, 1]));
+        // Disabled forms.
+        assert!(!rep(0, 0, 2).detects(&[1, 1, 1]));
+        assert!(!rep(2, 0, 1).detects(&[1, 1, 1]));
+
+        let mut c = checker(StopParams {
+            min_tokens: 5,
+            repetition: Some(rep(1, 0, 3)),
+            ..Default::default()
+        });
+        // Three equal tokens, but min_tokens holds the stop until the fifth.
+        for n in 1..=4 {
+            assert_eq!(c.check_repetition(7, n), None, "{n}");
+        }
+        let f = c.check_repetition(7, 5).expect("a stop");
+        assert_eq!(f.reason, FinishReason::Repetition);
+        assert_eq!(f.stop_reason, Some(StopReason::Repetition));
     }
 }

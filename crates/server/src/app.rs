@@ -387,6 +387,7 @@ pub(crate) fn finish_fields(f: &Option<Finish>) -> (Option<String>, Value) {
             match &f.stop_reason {
                 Some(StopReason::Token(t)) => json!(t),
                 Some(StopReason::String(s)) => json!(s),
+                Some(StopReason::Repetition) => json!("repetition_detected"),
                 None => Value::Null,
             },
         ),

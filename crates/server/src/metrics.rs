@@ -402,7 +402,7 @@ impl Metrics {
         ] {
             c.with_label_values(&l).inc_by(0);
         }
-        for r in ["stop", "length", "abort", "error"] {
+        for r in ["stop", "length", "abort", "error", "repetition"] {
             m.success.with_label_values(&[l[0], l[1], r]).inc_by(0);
         }
         Arc::new(m)

@@ -40,6 +40,15 @@ pub struct StreamOptions {
     pub continuous_usage_stats: Option<bool>,
 }
 
+/// vLLM's `RepetitionDetectionParams` (a dataclass: unknown keys are an error).
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RepetitionDetectionFields {
+    pub max_pattern_size: Option<i64>,
+    pub min_pattern_size: Option<i64>,
+    pub min_count: Option<i64>,
+}
+
 /// Sampling and stopping fields shared by both endpoints (vLLM's extras included).
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 pub struct SamplingFields {
@@ -54,6 +63,9 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub logit_bias: Option<BTreeMap<String, f64>>,
+    /// vLLM: end a sequence whose output ends in a repeated n-gram (`finish_reason`
+    /// `repetition`).
+    pub repetition_detection: Option<RepetitionDetectionFields>,
     /// vLLM: prefix-cache blocks are shared only with requests of the same salt.
     pub cache_salt: Option<String>,
     /// vLLM: only these token ids may be sampled (logprobs stay the model's).

@@ -40,7 +40,6 @@ pub struct Unimplemented {
     pub mm_payload: Option<Value>,
     pub return_mm_kwargs: Option<Value>,
     pub ec_transfer_params: Option<Value>,
-    pub repetition_detection: Option<Value>,
     /// Tokens per streamed chunk (vLLM ≥ 1): tpuserve streams every token, i.e. 1.
     pub stream_interval: Option<Value>,
 }
@@ -132,7 +131,7 @@ impl Unimplemented {
                 ));
             }
         }
-        let more: [(&str, &Option<Value>, &str); 5] = [
+        let more: [(&str, &Option<Value>, &str); 4] = [
             (
                 "return_token_offsets",
                 &self.return_token_offsets,
@@ -152,11 +151,6 @@ impl Unimplemented {
                 "ec_transfer_params",
                 &self.ec_transfer_params,
                 "there is no encoder-cache transfer",
-            ),
-            (
-                "repetition_detection",
-                &self.repetition_detection,
-                "not implemented",
             ),
         ];
         for (field, value, why) in more {

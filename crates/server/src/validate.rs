@@ -223,6 +223,7 @@ pub fn sampling(
         include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
         spaces_between_special_tokens: f.spaces_between_special_tokens.unwrap_or(true),
+        repetition: repetition_detection(f.repetition_detection.as_ref())?,
     };
     let truncation = truncation(model, f, lim)?;
     let opts = f.stream_options.clone().unwrap_or_default();
@@ -247,6 +248,43 @@ pub fn sampling(
         beam: beam(f, n, max_tokens, stream, constraint.as_ref().map(|c| c.1))?,
         constraint,
     })
+}
+
+/// `repetition_detection` as vLLM's `RepetitionDetectionParams` checks it; a disabled one
+/// (`max_pattern_size` 0) is no detection.
+fn repetition_detection(
+    r: Option<&crate::protocol::RepetitionDetectionFields>,
+) -> Result<Option<tpuserve_engine::RepetitionDetection>, ApiError> {
+    let Some(r) = r else {
+        return Ok(None);
+    };
+    let (max, min, count) = (
+        r.max_pattern_size.unwrap_or(0),
+        r.min_pattern_size.unwrap_or(0),
+        r.min_count.unwrap_or(0),
+    );
+    let refuse = |m: &str| Err(ApiError::invalid_param("repetition_detection", m));
+    if max < 0 || min < 0 || min > max {
+        return refuse(
+            "max_pattern_size, min_pattern_size must be >=0, with min_pattern_size <= \
+             max_pattern_size. Set both to 0 to disable repetitive pattern detection.",
+        );
+    }
+    if max > 0 && count < 2 {
+        return refuse(
+            "min_count must be >= 2 to detect repetitive patterns in engine output. If you do \
+             not wish to detect repetitive patterns, set max_pattern_size to 0.",
+        );
+    }
+    if max == 0 {
+        return Ok(None);
+    }
+    let size = |v: i64| usize::try_from(v).unwrap_or(usize::MAX);
+    Ok(Some(tpuserve_engine::RepetitionDetection {
+        max_pattern_size: size(max),
+        min_pattern_size: size(min),
+        min_count: size(count),
+    }))
 }
 
 /// vLLM's rule for `cache_salt`: a non-empty string of at most 128 characters without `@`,
@@ -382,6 +420,9 @@ fn beam(
     }
     if f.allowed_token_ids.is_some() {
         return refuse("allowed_token_ids");
+    }
+    if f.repetition_detection.is_some() {
+        return refuse("repetition_detection");
     }
     if f.bad_words.as_ref().is_some_and(|w| !w.is_empty()) {
         return refuse("bad_words");
