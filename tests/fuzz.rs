@@ -355,6 +355,7 @@ fn gate_context(f: &Fixture, llama: bool) -> GateContext<'_> {
             },
             force_include_usage: false,
             return_tokens_as_token_ids: false,
+            priority_scheduling: false,
             defaults: Default::default(),
         },
     }

@@ -594,6 +594,39 @@ def test_cache_salt_shares_cached_prompts_only_within_the_salt(flagged, model):
     assert status == 200 and len(r["choices"]) == 2, r
 
 
+def test_priority_scheduling_serves_lower_values_first(model):
+    """--scheduling-policy priority: with one running slot, of two requests queued behind a
+    long one, the later with the lower `priority` runs first (FCFS would run the earlier);
+    without the flag a non-zero priority is refused (test above)."""
+    import threading
+    import time
+    s = ServerProcess("--max-model-len", "1024", "--max-num-seqs", "1",
+                      "--scheduling-policy", "priority")
+    try:
+        done = []
+
+        def go(name, priority, max_tokens):
+            status, r = send(s.port, "POST", "/v1/completions",
+                             {"model": model, "prompt": "Count:", "max_tokens": max_tokens,
+                              "ignore_eos": True, "priority": priority})
+            assert status == 200, r
+            done.append(name)
+
+        first = threading.Thread(target=go, args=("first", 0, 400))
+        first.start()
+        time.sleep(0.3)
+        low = threading.Thread(target=go, args=("low", 9, 4))
+        low.start()
+        time.sleep(0.3)
+        high = threading.Thread(target=go, args=("high", -3, 4))
+        high.start()
+        for t in (first, low, high):
+            t.join(300)
+        assert done == ["first", "high", "low"], done
+    finally:
+        s.close()
+
+
 def test_no_usage_details_or_forced_usage_by_default(server, model):
     prompt = " ".join(f"word{i}" for i in range(40))
     body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0}
@@ -1078,7 +1111,7 @@ def _acted_on_flags(tmp_path, pki):
         "--trust-request-chat-template": [], "--enable-server-load-tracking": [],
         "--enable-tokenizer-info-endpoint": [], "--enable-prompt-tokens-details": [],
         "--enable-force-include-usage": [], "--chat-template": [str(tmpl)],
-        "--return-tokens-as-token-ids": [],
+        "--return-tokens-as-token-ids": [], "--scheduling-policy": ["priority"],
         "--generation-config": ["vllm"], "--override-generation-config": ['{"temperature": 0}'],
         "--max-logprobs": ["5"], "--revision": ["main"], "--kv-cache-dtype": ["auto"],
         "--tokenizer": [str(SHARED / "fixtures" / "smollm2" / "tokenizer")],

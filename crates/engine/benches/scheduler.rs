@@ -26,6 +26,7 @@ fn decoding_scheduler(caching: bool) -> Scheduler {
         SchedulerConfig {
             max_num_batched_tokens: 8192,
             max_num_seqs: 256,
+            policy: Default::default(),
         },
         BlockManager::new(256 * 64, BLOCK, caching),
     );
@@ -40,6 +41,7 @@ fn decoding_scheduler(caching: bool) -> Scheduler {
             prompt_logprobs: false,
             wait_for: None,
             hash_root: None,
+            priority: 0,
         });
     }
     // Prefill everything (8192 tokens per step = 16 prompts), then one decode step.

@@ -36,6 +36,8 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     /// `--max-logprobs`.
     pub max_logprobs: usize,
+    /// `--scheduling-policy`.
+    pub scheduling_policy: crate::scheduler::SchedulingPolicy,
     /// `--seed`: requests without a seed get one drawn from this, in arrival order, so the
     /// same command and the same requests give the same samples (vLLM seeds its global RNG
     /// with it). `None`: unseeded requests draw fresh randomness.
@@ -56,6 +58,7 @@ impl EngineConfig {
             max_num_seqs: sizing::DEFAULT_MAX_NUM_SEQS,
             enable_prefix_caching: true,
             max_logprobs: sizing::DEFAULT_MAX_LOGPROBS,
+            scheduling_policy: Default::default(),
             seed: None,
         }
     }
@@ -133,6 +136,7 @@ impl EngineCore {
             SchedulerConfig {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 max_num_seqs: cfg.max_num_seqs,
+                policy: cfg.scheduling_policy,
             },
             BlockManager::new(kv.num_blocks, kv.block_size, cfg.enable_prefix_caching)
                 .committed_on_write(kv.committed_on_write),
@@ -257,6 +261,7 @@ impl EngineCore {
                 min_tokens: stop.min_tokens,
                 wait_for: first,
                 hash_root,
+                priority: req.priority,
             });
             first.get_or_insert(seq_id);
             self.owners.insert(seq_id, (req.id, index));

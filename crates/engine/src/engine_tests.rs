@@ -49,6 +49,7 @@ impl Setup {
                 max_num_seqs: self.max_seqs,
                 enable_prefix_caching: self.caching,
                 max_logprobs: 20,
+                scheduling_policy: Default::default(),
                 seed: None,
             },
         )

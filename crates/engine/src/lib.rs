@@ -37,6 +37,7 @@ pub use request::{
     BlockId, EngineRequest, Finish, FinishReason, RepetitionDetection, RequestId, SeqId,
     StopParams, StopReason,
 };
+pub use scheduler::SchedulingPolicy;
 pub use stats::{FinishedSeqStats, StepStats};
 pub use tpuserve_runner_api::{SamplingParams, TokenId, TokenLogprobs};
 pub use validation::{RequestLimits, ValidatedRequest};

@@ -128,6 +128,8 @@ pub struct EngineRequest {
     /// vLLM's `cache_salt`: prefix-cache blocks are shared only with requests of the same
     /// salt (none: with unsalted requests).
     pub cache_salt: Option<String>,
+    /// vLLM's `priority`: with `--scheduling-policy priority`, lower values are served first.
+    pub priority: i64,
 }
 
 impl EngineRequest {
@@ -142,6 +144,7 @@ impl EngineRequest {
             arrival: Instant::now(),
             constraint: None,
             cache_salt: None,
+            priority: 0,
         }
     }
 

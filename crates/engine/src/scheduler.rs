@@ -19,6 +19,19 @@ use crate::sequence::{NewSeq, Sequence};
 pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
+    pub policy: SchedulingPolicy,
+}
+
+/// `--scheduling-policy`: the order waiting sequences are admitted in and which running one a
+/// full cache preempts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SchedulingPolicy {
+    /// Arrival order; the last admitted is preempted first.
+    #[default]
+    Fcfs,
+    /// vLLM's `priority`: by (priority, arrival), lower first; the running sequence with the
+    /// highest (priority, arrival) is preempted first.
+    Priority,
 }
 
 /// One sequence's share of a step.
@@ -105,19 +118,50 @@ impl Scheduler {
         self.seqs.get(&id)
     }
 
-    /// Queues a new sequence at the back of the waiting queue.
+    /// Queues a new sequence at the back of the waiting queue (`Priority`: in its place).
     pub fn add(&mut self, new: NewSeq) -> SeqId {
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
         let seq = Sequence::new(id, new, self.blocks.block_size());
         self.seqs.insert(id, seq);
-        self.waiting.push_back(id);
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_back(id),
+            SchedulingPolicy::Priority => self.insert_waiting(id),
+        }
         id
+    }
+
+    /// The order of `Priority`: lower priority values first, then earlier arrivals (sequence
+    /// ids are given in arrival order and kept through preemptions).
+    fn rank(&self, id: SeqId) -> (i64, SeqId) {
+        (self.seqs.get(&id).map_or(i64::MAX, |s| s.priority), id)
+    }
+
+    fn insert_waiting(&mut self, id: SeqId) {
+        let key = self.rank(id);
+        let at = self.waiting.partition_point(|&w| self.rank(w) < key);
+        self.waiting.insert(at, id);
+    }
+
+    /// Puts `id` back at the head of the waiting queue (`Priority`: in its place).
+    fn requeue(&mut self, id: SeqId) {
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_front(id),
+            SchedulingPolicy::Priority => self.insert_waiting(id),
+        }
     }
 
     pub fn schedule(&mut self) -> ScheduledBatch {
         let mut batch = ScheduledBatch::default();
         let mut budget = self.cfg.max_num_batched_tokens;
+        // `Priority`: the running sequences in rank order, so that the budget goes to the
+        // most urgent first and `pop` below takes the one vLLM preempts (the highest rank),
+        // which this step has not scheduled yet.
+        if self.cfg.policy == SchedulingPolicy::Priority {
+            let mut running = std::mem::take(&mut self.running);
+            running.sort_by_key(|&id| self.rank(id));
+            self.running = running;
+        }
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -173,7 +217,7 @@ impl Scheduler {
                     seq.blocks.clear();
                     seq.num_computed = 0;
                 }
-                self.waiting.push_front(id);
+                self.requeue(id);
                 break;
             }
             self.blocks.record_lookup(queried, hit);
@@ -190,7 +234,7 @@ impl Scheduler {
             self.push_plan(batch, id, n);
         }
         for id in gated.into_iter().rev() {
-            self.waiting.push_front(id);
+            self.requeue(id);
         }
     }
 
@@ -266,7 +310,7 @@ impl Scheduler {
         seq.status = SeqStatus::Waiting;
         seq.num_preemptions += 1;
         self.num_preemptions += 1;
-        self.waiting.push_front(id);
+        self.requeue(id);
     }
 
     fn push_plan(&mut self, batch: &mut ScheduledBatch, id: SeqId, n: usize) {
@@ -408,6 +452,7 @@ mod tests {
     fn sched(blocks: usize, budget: usize, max_seqs: usize, caching: bool) -> Scheduler {
         Scheduler::new(
             SchedulerConfig {
+                policy: SchedulingPolicy::Fcfs,
                 max_num_batched_tokens: budget,
                 max_num_seqs: max_seqs,
             },
@@ -426,6 +471,7 @@ mod tests {
             prompt_logprobs: false,
             wait_for,
             hash_root: None,
+            priority: 0,
         }
     }
 
@@ -484,6 +530,46 @@ mod tests {
         assert_eq!(run(&mut s), [(b, 9)]);
         s.finish(b);
         assert_eq!(s.block_manager().num_free_blocks(), 4);
+    }
+
+    fn prioritised(prompt: Vec<u32>, priority: i64) -> NewSeq {
+        NewSeq {
+            priority,
+            ..seq(prompt, None)
+        }
+    }
+
+    #[test]
+    fn the_priority_policy_admits_by_rank_and_preempts_the_lowest() {
+        let mut s = sched(100, 64, 2, false);
+        s.cfg.policy = SchedulingPolicy::Priority;
+        let a = s.add(prioritised(vec![1; 3], 5));
+        let b = s.add(prioritised(vec![1; 3], -1));
+        let c = s.add(prioritised(vec![1; 3], 5));
+        let d = s.add(prioritised(vec![1; 3], 0));
+        // Two at a time: the lowest values first, arrival among equals.
+        assert_eq!(run(&mut s), [(b, 3), (d, 3)]);
+        s.finish(b);
+        s.finish(d);
+        assert_eq!(run(&mut s), [(a, 3), (c, 3)]);
+
+        // 5 blocks of 4: `low` (8 tokens and one generated) and `high` fill the cache; when
+        // `high` needs a block the victim is `low` (FCFS would pop the newest: `high`).
+        let mut s = sched(5, 64, 8, false);
+        s.cfg.policy = SchedulingPolicy::Priority;
+        let low = s.add(prioritised(vec![1; 8], 3));
+        assert_eq!(run(&mut s), [(low, 8)]);
+        let high = s.add(prioritised(vec![2; 8], 1));
+        // `high` is admitted beside `low`; a step later `high` needs a block and `low` (the
+        // higher rank) is preempted, `high` continues.
+        assert_eq!(run(&mut s), [(low, 1), (high, 8)]);
+        assert_eq!(run(&mut s), [(high, 1)]);
+        assert_eq!(s.seq(low).unwrap().status, SeqStatus::Waiting);
+        assert_eq!(s.seq(high).unwrap().num_preemptions, 0);
+        // A waiting urgent sequence goes before the preempted one.
+        let urgent = s.add(prioritised(vec![3; 2], 0));
+        s.finish(high);
+        assert_eq!(run(&mut s)[0], (urgent, 2));
     }
 
     #[test]

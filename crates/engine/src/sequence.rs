@@ -26,6 +26,8 @@ pub struct NewSeq {
     pub wait_for: Option<SeqId>,
     /// `cache_salt`'s chain root (see `BlockHash::root`).
     pub hash_root: Option<BlockHash>,
+    /// vLLM's `priority` (lower first; used by `SchedulingPolicy::Priority`).
+    pub priority: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +49,7 @@ pub struct Sequence {
     pub(crate) hashes: Vec<BlockHash>,
     /// What the first block's hash hangs from (`cache_salt`).
     hash_root: Option<BlockHash>,
+    pub(crate) priority: i64,
     /// Leading blocks already offered to the prefix cache.
     pub(crate) num_registered: usize,
     sampling: Arc<SamplingParams>,
@@ -80,6 +83,7 @@ impl Sequence {
             blocks: Vec::new(),
             hashes: Vec::new(),
             hash_root: new.hash_root,
+            priority: new.priority,
             num_registered: 0,
             sampling: new.sampling,
             sampling_min_tokens,

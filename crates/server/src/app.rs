@@ -215,7 +215,7 @@ async fn beam_completion(
     for (pi, (req, text)) in prompts.iter().enumerate() {
         // The request passed the gate; the search asks the engine with its own requests.
         let ids = &req.request().prompt_token_ids;
-        let beams = crate::beam::search(st, ids, bp, v.cache_salt.as_deref()).await?;
+        let beams = crate::beam::search(st, ids, bp, v).await?;
         pt += ids.len();
         let shown = crate::beam::show(st, beams, v.stop.skip_special_tokens, v.sampling.logprobs);
         for (i, b) in shown.into_iter().enumerate() {
@@ -257,7 +257,7 @@ async fn beam_chat(
     role: String,
     echo: Option<String>,
 ) -> Result<Response, ApiError> {
-    let beams = crate::beam::search(st, &ids, bp, v.cache_salt.as_deref()).await?;
+    let beams = crate::beam::search(st, &ids, bp, v).await?;
     let shown = crate::beam::show(
         st,
         beams,

@@ -63,7 +63,7 @@ fn ask(
     st: &SharedState,
     tokens: Vec<u32>,
     k: usize,
-    cache_salt: Option<&str>,
+    v: &crate::validate::Validated,
 ) -> Result<RequestStream, ApiError> {
     let sampling = SamplingParams {
         temperature: 0.0,
@@ -76,7 +76,8 @@ fn ask(
         ..Default::default()
     };
     let mut req = EngineRequest::new(tokens, sampling, stop);
-    req.cache_salt = cache_salt.map(String::from);
+    req.cache_salt = v.cache_salt.clone();
+    req.priority = v.priority;
     let req = st.engine.validate(req)?;
     Ok(st.engine.add(req)?)
 }
@@ -95,12 +96,12 @@ async fn answer(stream: RequestStream) -> Result<TokenLogprobs, ApiError> {
 }
 
 /// Runs the search from `prompt`; returns the best `width` beams, best first. Every step's
-/// requests carry the request's `cache_salt`.
+/// requests carry the request's `cache_salt` and `priority` (from `v`).
 pub async fn search(
     st: &SharedState,
     prompt: &[u32],
     p: BeamParams,
-    cache_salt: Option<&str>,
+    v: &crate::validate::Validated,
 ) -> Result<Vec<Beam>, ApiError> {
     let eos: Arc<[u32]> = st.eos_token_ids.clone().into();
     // vLLM asks for 2 × width alternatives; the server's --max-logprobs bounds them.
@@ -123,7 +124,7 @@ pub async fn search(
             .map(|b| {
                 let mut t = prompt.to_vec();
                 t.extend(&b.tokens);
-                ask(st, t, k, cache_salt)
+                ask(st, t, k, v)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut nexts = Vec::with_capacity(asks.len());

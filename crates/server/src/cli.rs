@@ -37,6 +37,10 @@ pub struct ServeArgs {
     pub max_num_batched_tokens: Option<usize>,
     #[arg(long, default_value_t = sizing::DEFAULT_MAX_NUM_SEQS)]
     pub max_num_seqs: usize,
+    /// `fcfs` (arrival order), or `priority`: requests' `priority` (lower first, then
+    /// arrival) orders the waiting queue and picks whom a full KV cache preempts, as vLLM.
+    #[arg(long, value_parser = ["fcfs", "priority"], default_value = "fcfs")]
+    pub scheduling_policy: String,
     #[arg(long, default_value_t = sizing::DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
     #[arg(long)]

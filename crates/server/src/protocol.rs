@@ -66,6 +66,9 @@ pub struct SamplingFields {
     /// vLLM: end a sequence whose output ends in a repeated n-gram (`finish_reason`
     /// `repetition`).
     pub repetition_detection: Option<RepetitionDetectionFields>,
+    /// vLLM: lower values are served first under `--scheduling-policy priority`; anything but
+    /// 0 is refused otherwise (as vLLM does).
+    pub priority: Option<i64>,
     /// vLLM: prefix-cache blocks are shared only with requests of the same salt.
     pub cache_salt: Option<String>,
     /// vLLM: only these token ids may be sampled (logprobs stay the model's).

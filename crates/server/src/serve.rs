@@ -300,6 +300,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_num_seqs: args.max_num_seqs,
         enable_prefix_caching: args.prefix_caching(),
         max_logprobs: args.max_logprobs,
+        scheduling_policy: if args.scheduling_policy == "priority" {
+            tpuserve_engine::SchedulingPolicy::Priority
+        } else {
+            tpuserve_engine::SchedulingPolicy::Fcfs
+        },
         seed: Some(args.seed),
     };
     let effective_len = engine_cfg.max_model_len;
@@ -374,6 +379,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         prompt_tokens_details: args.enable_prompt_tokens_details,
         force_include_usage: args.enable_force_include_usage,
         return_tokens_as_token_ids: args.return_tokens_as_token_ids,
+        priority_scheduling: args.scheduling_policy == "priority",
         response_role: args.response_role.clone(),
         sampling_defaults,
         eos_token_ids: beam_eos,

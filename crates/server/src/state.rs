@@ -39,6 +39,8 @@ pub struct AppState {
     pub force_include_usage: bool,
     /// `--return-tokens-as-token-ids`.
     pub return_tokens_as_token_ids: bool,
+    /// `--scheduling-policy priority`.
+    pub priority_scheduling: bool,
     /// `--response-role` (default `assistant`).
     pub response_role: String,
     /// Every id that ends generation (beam search completes a beam on one).
@@ -71,6 +73,7 @@ impl AppState {
                 engine: self.engine.limits(),
                 force_include_usage: self.force_include_usage,
                 return_tokens_as_token_ids: self.return_tokens_as_token_ids,
+                priority_scheduling: self.priority_scheduling,
                 defaults: self.sampling_defaults,
             },
         }

@@ -21,7 +21,6 @@ pub struct Unimplemented {
     /// Beam search's length penalty (vLLM uses it nowhere else).
     pub length_penalty: Option<f64>,
     pub logits_processors: Option<Value>,
-    pub priority: Option<i64>,
     pub kv_transfer_params: Option<Value>,
     pub vllm_xargs: Option<Value>,
     pub prompt_embeds: Option<Value>,
@@ -65,13 +64,6 @@ fn refuse(field: &str, why: &str) -> ApiError {
 
 impl Unimplemented {
     pub fn check(&self) -> Result<(), ApiError> {
-        if self.priority.is_some_and(|p| p != 0) {
-            return Err(refuse(
-                "priority",
-                "requests are scheduled first come, first served (vLLM refuses it too \
-                 without --scheduling-policy priority)",
-            ));
-        }
         let generic: [(&str, &Option<Value>, &str); 7] = [
             (
                 "logits_processors",

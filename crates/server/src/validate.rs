@@ -22,6 +22,8 @@ pub struct Limits {
     /// `--return-tokens-as-token-ids`: what a request without `return_tokens_as_token_ids`
     /// gets.
     pub return_tokens_as_token_ids: bool,
+    /// `--scheduling-policy priority`: requests may carry a `priority`.
+    pub priority_scheduling: bool,
     /// `--generation-config`: defaults for fields a request leaves out.
     pub defaults: SamplingDefaults,
 }
@@ -80,6 +82,8 @@ pub struct Validated {
     pub tokens_as_ids: bool,
     /// `cache_salt`, checked as vLLM checks it.
     pub cache_salt: Option<String>,
+    /// `priority` (0 unless `--scheduling-policy priority`).
+    pub priority: i64,
     pub truncation: Option<Truncation>,
     /// `use_beam_search`: the search's settings (width = n).
     pub beam: Option<crate::beam::BeamParams>,
@@ -99,6 +103,7 @@ impl Validated {
         req.n = self.n;
         req.best_of = self.best_of;
         req.cache_salt = self.cache_salt.clone();
+        req.priority = self.priority;
         let v = limits.validate(req)?;
         self.sampling = v.request().sampling.clone();
         Ok(v)
@@ -244,6 +249,17 @@ pub fn sampling(
             .return_tokens_as_token_ids
             .unwrap_or(lim.return_tokens_as_token_ids),
         cache_salt: cache_salt(f.cache_salt.as_deref())?,
+        priority: match f.priority.unwrap_or(0) {
+            p if p != 0 && !lim.priority_scheduling => {
+                return Err(ApiError::invalid_param(
+                    "priority",
+                    "priority is not supported by tpuserve without --scheduling-policy \
+                     priority: requests are scheduled first come, first served (vLLM refuses \
+                     it too)",
+                ))
+            }
+            p => p,
+        },
         truncation,
         beam: beam(f, n, max_tokens, stream, constraint.as_ref().map(|c| c.1))?,
         constraint,
@@ -526,6 +542,7 @@ mod tests {
                 engine: ENGINE,
                 force_include_usage: false,
                 return_tokens_as_token_ids: false,
+                priority_scheduling: false,
                 defaults: SamplingDefaults::default(),
             },
         )?;

@@ -250,7 +250,6 @@ pub static VLLM_FLAGS: &[VllmFlag] = &[
     VllmFlag { name: "max-num-queued-tokens", no_name: "", aliases: &[], kind: Value, what: Ignored(SCHED) },
     VllmFlag { name: "long-prefill-token-threshold", no_name: "", aliases: &[], kind: Value, what: Ignored(SCHED) },
     VllmFlag { name: "long-prefill-token-threshold-adaptive", no_name: "no-long-prefill-token-threshold-adaptive", aliases: &[], kind: Bool, what: Ignored(SCHED) },
-    VllmFlag { name: "scheduling-policy", no_name: "", aliases: &[], kind: Value, what: Ignored("first-come-first-served; requests with a priority are refused by name") },
     VllmFlag { name: "enable-chunked-prefill", no_name: "no-enable-chunked-prefill", aliases: &[], kind: Bool, what: Ignored("chunked prefill is always on") },
     VllmFlag { name: "disable-chunked-mm-input", no_name: "no-disable-chunked-mm-input", aliases: &[], kind: Bool, what: Ignored(TEXT) },
     VllmFlag { name: "scheduler-cls", no_name: "", aliases: &[], kind: Value, what: Ignored("tpuserve's scheduler is used") },

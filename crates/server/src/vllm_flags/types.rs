@@ -138,7 +138,6 @@ pub static VALUE_TYPES: &[(&str, ValueType, bool)] = &[
     ("max-num-queued-reqs", Int, true),
     ("max-num-queued-tokens", HumanInt, true),
     ("long-prefill-token-threshold", Int, false),
-    ("scheduling-policy", Choices(&["fcfs", "priority"]), false),
     ("scheduler-cls", Str, true),
     ("watermark", Float, false),
     ("prefill-schedule-interval", Int, false),
