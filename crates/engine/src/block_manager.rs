@@ -27,28 +27,25 @@ use crate::request::BlockId;
 pub struct BlockHash(u64, u64);
 
 impl BlockHash {
-    pub fn of(parent: Option<BlockHash>, tokens: &[TokenId]) -> BlockHash {
+    /// 128 bits of `v`: two 64-bit hashes told apart by a leading byte.
+    fn of_value(v: impl Hash) -> BlockHash {
         let half = |salt: u8| {
             let mut h = DefaultHasher::new();
             salt.hash(&mut h);
-            parent.hash(&mut h);
-            tokens.hash(&mut h);
+            v.hash(&mut h);
             h.finish()
         };
         BlockHash(half(0), half(1))
     }
 
+    pub fn of(parent: Option<BlockHash>, tokens: &[TokenId]) -> BlockHash {
+        Self::of_value((parent, tokens))
+    }
+
     /// The parent of a chain's first block: none, or the request's `cache_salt`, so that only
     /// requests with the same salt share cached blocks (vLLM salts the first block's hash).
     pub fn root(salt: Option<&str>) -> Option<BlockHash> {
-        salt.map(|s| {
-            let half = |k: u8| {
-                let mut h = DefaultHasher::new();
-                (k, "cache_salt", s).hash(&mut h);
-                h.finish()
-            };
-            BlockHash(half(0), half(1))
-        })
+        salt.map(|s| Self::of_value(("cache_salt", s)))
     }
 
     /// Hashes of every full block of `tokens`, continuing the chain after `known` (whose first

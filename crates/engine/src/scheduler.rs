@@ -159,7 +159,7 @@ impl Scheduler {
         // which this step has not scheduled yet.
         if self.cfg.policy == SchedulingPolicy::Priority {
             let mut running = std::mem::take(&mut self.running);
-            running.sort_by_key(|&id| self.rank(id));
+            running.sort_by_cached_key(|&id| self.rank(id));
             self.running = running;
         }
 

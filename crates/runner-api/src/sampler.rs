@@ -147,16 +147,15 @@ pub fn apply_processors(
     output: &[TokenId],
 ) {
     if !p.allowed_tokens.is_empty() {
-        let mut keep = vec![false; logits.len()];
-        for &t in &p.allowed_tokens {
-            if let Some(k) = keep.get_mut(t as usize) {
-                *k = true;
-            }
-        }
-        for (l, k) in logits.iter_mut().zip(keep) {
-            if !k {
-                *l = f32::NEG_INFINITY;
-            }
+        // The allowed few kept, everything else -inf.
+        let kept: Vec<(usize, f32)> = p
+            .allowed_tokens
+            .iter()
+            .filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l)))
+            .collect();
+        logits.fill(f32::NEG_INFINITY);
+        for (i, l) in kept {
+            logits[i] = l;
         }
     }
     for word in &p.bad_words {

@@ -294,17 +294,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             kv.num_blocks * kv.block_size
         );
     }
+    let scheduling_policy = match args.scheduling_policy.as_str() {
+        "priority" => tpuserve_engine::SchedulingPolicy::Priority,
+        _ => tpuserve_engine::SchedulingPolicy::Fcfs,
+    };
     let engine_cfg = EngineConfig {
         max_model_len: max_model_len.min(kv.num_blocks * kv.block_size),
         max_num_batched_tokens: args.batched_tokens(matches!(backend, Backend::Xla(_))),
         max_num_seqs: args.max_num_seqs,
         enable_prefix_caching: args.prefix_caching(),
         max_logprobs: args.max_logprobs,
-        scheduling_policy: if args.scheduling_policy == "priority" {
-            tpuserve_engine::SchedulingPolicy::Priority
-        } else {
-            tpuserve_engine::SchedulingPolicy::Fcfs
-        },
+        scheduling_policy,
         seed: Some(args.seed),
     };
     let effective_len = engine_cfg.max_model_len;
@@ -379,7 +379,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         prompt_tokens_details: args.enable_prompt_tokens_details,
         force_include_usage: args.enable_force_include_usage,
         return_tokens_as_token_ids: args.return_tokens_as_token_ids,
-        priority_scheduling: args.scheduling_policy == "priority",
+        priority_scheduling: scheduling_policy == tpuserve_engine::SchedulingPolicy::Priority,
         response_role: args.response_role.clone(),
         sampling_defaults,
         eos_token_ids: beam_eos,
