@@ -356,6 +356,7 @@ fn gate_context(f: &Fixture, llama: bool) -> GateContext<'_> {
             force_include_usage: false,
             return_tokens_as_token_ids: false,
             priority_scheduling: false,
+            stream_interval: 1,
             defaults: Default::default(),
         },
     }

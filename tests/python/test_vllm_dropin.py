@@ -1112,6 +1112,7 @@ def _acted_on_flags(tmp_path, pki):
         "--enable-tokenizer-info-endpoint": [], "--enable-prompt-tokens-details": [],
         "--enable-force-include-usage": [], "--chat-template": [str(tmpl)],
         "--return-tokens-as-token-ids": [], "--scheduling-policy": ["priority"],
+        "--stream-interval": ["2"],
         "--generation-config": ["vllm"], "--override-generation-config": ['{"temperature": 0}'],
         "--max-logprobs": ["5"], "--revision": ["main"], "--kv-cache-dtype": ["auto"],
         "--tokenizer": [str(SHARED / "fixtures" / "smollm2" / "tokenizer")],
@@ -1426,7 +1427,7 @@ def test_fields_without_effect_for_this_model_are_accepted(server, model):
 @pytest.mark.parametrize("path,field,value", [
     ("/v1/chat/completions", "watermarking", True),
     ("/v1/completions", "watermarking", True),
-    ("/v1/chat/completions", "stream_interval", 4),
+    ("/v1/chat/completions", "thinking_token_budget", 4),
     ("/v1/completions", "return_token_offsets", True),
     ("/v1/chat/completions", "return_prompt_text", True),
     ("/v1/completions", "ec_transfer_params", {"a": 1}),
@@ -1523,3 +1524,98 @@ def test_multi_prompt_streams_interleave(server, model):
                           "max_tokens": 24, "ignore_eos": True, "temperature": 0})
     assert texts == [c["text"] for c in whole["choices"]], (texts, whole)
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 48
+
+
+# --- stream_interval / --stream-interval ---------------------------------------------------
+
+def gathered_sizes(chunks, index=0):
+    """Token counts of one choice's chunks that carry tokens."""
+    return [len(c["choices"][0]["token_ids"]) for c in chunks
+            if c["choices"] and c["choices"][0]["index"] == index
+            and c["choices"][0].get("token_ids")]
+
+
+def joined(chunks, *path):
+    """One field of every content chunk, joined in order (lists extended, strings added)."""
+    out = None
+    for c in chunks:
+        if not c["choices"]:
+            continue
+        v = c["choices"][0]
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        if v is None:
+            continue
+        out = v if out is None else out + v
+    return out
+
+
+def test_stream_interval_gathers_tokens_into_chunks(server, model):
+    """vLLM's `stream_interval`: a choice's first token goes out alone, then chunks of the
+    interval's tokens, the last one with what is left and the finish; tokens, text, logprobs
+    and text offsets are those of the token-by-token stream."""
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 10, "ignore_eos": True,
+            "temperature": 0, "stream": True, "return_token_ids": True, "logprobs": 1}
+    plain = sse(server.port, "/v1/completions", body)
+    gathered = sse(server.port, "/v1/completions", {**body, "stream_interval": 4})
+    assert gathered_sizes(plain) == [1] * 10
+    assert gathered_sizes(gathered) == [1, 4, 4, 1]
+    assert gathered[-1]["choices"][0]["finish_reason"] == "length"
+    for path in [("text",), ("token_ids",), ("logprobs", "tokens"),
+                 ("logprobs", "token_logprobs"), ("logprobs", "text_offset"),
+                 ("logprobs", "top_logprobs")]:
+        assert joined(gathered, *path) == joined(plain, *path), path
+    for c in gathered:
+        ch = c["choices"][0]
+        assert len(ch["logprobs"]["tokens"]) == len(ch["token_ids"]), ch
+    # Without `stream` it changes nothing.
+    one = {k: v for k, v in body.items() if k != "stream"}
+    a = send(server.port, "POST", "/v1/completions", one)[1]["choices"][0]["text"]
+    b = send(server.port, "POST", "/v1/completions", {**one, "stream_interval": 4})
+    assert b[0] == 200 and b[1]["choices"][0]["text"] == a == joined(plain, "text")
+
+
+def test_stream_interval_gathers_each_chat_choice(server, model):
+    """Chat, two sampled choices: each gathers its own tokens; the same seed gives the same
+    answers as without gathering."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": 7, "ignore_eos": True, "temperature": 0.8, "seed": 11, "n": 2,
+            "stream": True, "return_token_ids": True, "logprobs": True}
+    plain = sse(server.port, "/v1/chat/completions", body)
+    gathered = sse(server.port, "/v1/chat/completions", {**body, "stream_interval": 3})
+    for i in range(2):
+        assert gathered_sizes(gathered, i) == [1, 3, 3], i
+        mine = [c for c in gathered if c["choices"] and c["choices"][0]["index"] == i]
+        theirs = [c for c in plain if c["choices"] and c["choices"][0]["index"] == i]
+        for path in [("delta", "content"), ("token_ids",), ("logprobs", "content")]:
+            assert joined(mine, *path) == joined(theirs, *path), (i, path)
+        assert mine[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "two"])
+def test_stream_interval_out_of_range_is_refused(server, model, value):
+    body = {"model": model, "prompt": "Hi", "max_tokens": 2, "stream": True,
+            "stream_interval": value}
+    status, r = send(server.port, "POST", "/v1/completions", body)
+    assert status == 400 and "stream_interval" in json.dumps(r), r
+
+
+@pytest.fixture(scope="module")
+def gathering():
+    s = ServerProcess("--max-model-len", str(MAX_MODEL_LEN), "--stream-interval", "3")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_stream_interval_flag_is_the_least_a_request_gets(gathering, model):
+    """--stream-interval 3: every stream gathers 3 tokens a chunk; a request may ask for more,
+    not for fewer (vLLM raises the request's value to the server's)."""
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 9, "ignore_eos": True,
+            "temperature": 0, "stream": True, "return_token_ids": True}
+    assert gathered_sizes(sse(gathering.port, "/v1/completions", body)) == [1, 3, 3, 2]
+    assert gathered_sizes(sse(gathering.port, "/v1/completions",
+                              {**body, "stream_interval": 1})) == [1, 3, 3, 2]
+    assert gathered_sizes(sse(gathering.port, "/v1/completions",
+                              {**body, "stream_interval": 5})) == [1, 5, 3]

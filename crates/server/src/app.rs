@@ -576,6 +576,7 @@ async fn completions(
             tokens_as_ids: v.tokens_as_ids,
             prompt_tokens_details: st.prompt_tokens_details,
             tool_mode: None,
+            interval: v.stream_interval,
         };
         let prompts = streaming::Prompts {
             lens: sub.prompt_lens,
@@ -734,6 +735,7 @@ async fn chat_completions(
             tokens_as_ids: v.tokens_as_ids,
             prompt_tokens_details: st.prompt_tokens_details,
             tool_mode: tool_mode.clone(),
+            interval: v.stream_interval,
         };
         let prompts = streaming::Prompts {
             lens: sub.prompt_lens,

@@ -139,6 +139,11 @@ pub struct ServeArgs {
     /// stay identifiable).
     #[arg(long, action = ArgAction::SetTrue)]
     pub return_tokens_as_token_ids: bool,
+    /// Tokens per streamed chunk, as vLLM: a choice's first and last chunks go out at once,
+    /// the others once this many tokens have gathered. A request's `stream_interval` can
+    /// raise it, not lower it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub stream_interval: u32,
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
     /// `tool_choice` "auto" (the default when a request has tools): tool calls are read from

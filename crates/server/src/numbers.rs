@@ -29,6 +29,7 @@ const INT_FIELDS: &[&str] = &[
     "prompt",
     "tokens",
     "priority",
+    "stream_interval",
 ];
 
 /// One field's violation, as pydantic reports it.
@@ -162,10 +163,36 @@ pub fn retry<T: DeserializeOwned>(body: &[u8], first: serde_json::Error) -> Resu
         return Err(e);
     }
     if !changed {
-        return Err(original());
+        return Err(culprit::<T>(obj).map_or_else(original, |f| named(f, &first)));
     }
-    serde_json::from_value(value)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    serde_json::from_value(value).map_err(|e| {
+        let obj = serde_json::from_slice::<Value>(body).ok();
+        let obj = obj.as_ref().and_then(Value::as_object);
+        match obj.and_then(culprit::<T>) {
+            Some(f) => named(f, &e),
+            None => ApiError::bad_request(format!("invalid request body: {e}")),
+        }
+    })
+}
+
+/// The top-level field whose value alone keeps `obj` from decoding (the body decodes without
+/// it), so a type error names its field: serde's message has only a line and column, and the
+/// request structs' flattened field groups hide the path. Runs only on a failed request.
+fn culprit<T: DeserializeOwned>(obj: &serde_json::Map<String, Value>) -> Option<String> {
+    obj.keys().find_map(|k| {
+        let mut rest = obj.clone();
+        rest.remove(k);
+        serde_json::from_value::<T>(Value::Object(rest))
+            .is_ok()
+            .then(|| k.clone())
+    })
+}
+
+fn named(field: String, e: &serde_json::Error) -> ApiError {
+    // serde's "invalid type: …, expected …" without the position in the body.
+    let what = e.to_string();
+    let what = what.split(" at line ").next().unwrap_or(&what).to_string();
+    ApiError::invalid_param(&field, format!("invalid request body: {field}: {what}"))
 }
 
 #[cfg(test)]
@@ -199,8 +226,15 @@ mod tests {
         let e = parse(r#"{"prompt": [1, 2.5]}"#).unwrap_err();
         assert!(e.message.contains("prompt.1") && e.message.contains("int_from_float"));
         let e = parse(r#"{"seed": "x"}"#).unwrap_err();
+        assert_eq!(
+            e.message,
+            "invalid request body: seed: invalid type: string \"x\", expected i64"
+        );
+        assert_eq!(e.param.as_deref(), Some("seed"));
+        // Two bad fields: neither alone is the culprit; serde's message as it is.
+        let e = parse(r#"{"seed": "x", "prompt": "y"}"#).unwrap_err();
         assert!(
-            e.message.starts_with("invalid request body"),
+            e.message.starts_with("invalid request body: invalid type"),
             "{}",
             e.message
         );

@@ -94,6 +94,8 @@ pub struct SamplingFields {
     pub return_token_ids: Option<bool>,
     /// vLLM: logprob tokens as `token_id:<id>` strings (unset: `--return-tokens-as-token-ids`).
     pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM: tokens gathered into each streamed chunk (at least `--stream-interval`).
+    pub stream_interval: Option<i64>,
     /// vLLM: keep only this many prompt tokens (-1: `max_model_len`).
     pub truncate_prompt_tokens: Option<i64>,
     /// vLLM: `left` keeps the last tokens (the default), `right` the first.

@@ -379,6 +379,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         prompt_tokens_details: args.enable_prompt_tokens_details,
         force_include_usage: args.enable_force_include_usage,
         return_tokens_as_token_ids: args.return_tokens_as_token_ids,
+        stream_interval: args.stream_interval as usize,
         priority_scheduling: scheduling_policy == tpuserve_engine::SchedulingPolicy::Priority,
         response_role: args.response_role.clone(),
         sampling_defaults,

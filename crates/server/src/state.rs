@@ -39,6 +39,8 @@ pub struct AppState {
     pub force_include_usage: bool,
     /// `--return-tokens-as-token-ids`.
     pub return_tokens_as_token_ids: bool,
+    /// `--stream-interval`.
+    pub stream_interval: usize,
     /// `--scheduling-policy priority`.
     pub priority_scheduling: bool,
     /// `--response-role` (default `assistant`).
@@ -73,6 +75,7 @@ impl AppState {
                 engine: self.engine.limits(),
                 force_include_usage: self.force_include_usage,
                 return_tokens_as_token_ids: self.return_tokens_as_token_ids,
+                stream_interval: self.stream_interval,
                 priority_scheduling: self.priority_scheduling,
                 defaults: self.sampling_defaults,
             },

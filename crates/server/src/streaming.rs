@@ -41,6 +41,56 @@ pub struct StreamHead {
     pub prompt_tokens_details: bool,
     /// Chat: how tool calls are read from the answer (`None`: plain content).
     pub tool_mode: Option<crate::tools::ToolMode>,
+    /// `stream_interval`: tokens gathered into each chunk (see [`Gather`]).
+    pub interval: usize,
+}
+
+/// vLLM's `stream_interval`: a choice's first delta and its last go out as they come, the
+/// others are held until `interval` tokens have gathered since the last chunk (then sent as
+/// one chunk: the tokens, text and logprobs of the deltas, in order).
+struct Gather {
+    interval: usize,
+    /// Per choice: what is held back, and whether anything was sent yet.
+    held: Vec<Option<SeqDelta>>,
+    sent: Vec<bool>,
+}
+
+impl Gather {
+    fn new(interval: usize, choices: usize) -> Self {
+        Gather {
+            interval,
+            held: vec![None; choices],
+            sent: vec![false; choices],
+        }
+    }
+
+    /// The chunk to send for choice `index` now that `d` came, if any.
+    fn push(&mut self, index: usize, d: SeqDelta) -> Option<SeqDelta> {
+        if self.interval <= 1 {
+            return Some(d);
+        }
+        let d = match self.held[index].take() {
+            Some(mut held) => {
+                held.token_ids.extend_from_slice(&d.token_ids);
+                held.text.push_str(&d.text);
+                match (&mut held.logprobs, d.logprobs) {
+                    (Some(a), Some(b)) => a.extend(b),
+                    (a @ None, b) => *a = b,
+                    (Some(_), None) => {}
+                }
+                held.finish = d.finish;
+                held
+            }
+            None => d,
+        };
+        if d.finish.is_some() || !self.sent[index] || d.token_ids.len() >= self.interval {
+            self.sent[index] |= !d.token_ids.is_empty();
+            Some(d)
+        } else {
+            self.held[index] = Some(d);
+            None
+        }
+    }
 }
 
 /// The prompts of one streamed response.
@@ -114,6 +164,7 @@ pub fn completions(
         let n = head.n;
         let mut counts = Counts::new(&prompts.lens, n);
         let np = streams.len();
+        let mut gather = Gather::new(head.interval, np * n);
         // Per prompt: first chunk of each choice still to come, text sent so far per choice
         // (where the next chunk's logprob offsets start), and its prompt logprobs.
         let mut first = vec![vec![true; n]; np];
@@ -139,6 +190,9 @@ pub fn completions(
             }
             for d in ev.seqs {
                 let index = pi * n + d.index;
+                let Some(d) = gather.push(index, d) else {
+                    continue;
+                };
                 counts.generated[index] += d.token_ids.len();
                 let mut text = String::new();
                 let is_first = std::mem::take(&mut first[pi][d.index]);
@@ -234,6 +288,7 @@ pub fn chat(
             .map(|_| tool_mode.as_ref().map(|m| m.streamer()))
             .collect();
         let mut tools_streamed = vec![false; head.n];
+        let mut gather = Gather::new(head.interval, head.n);
         let chunk = |choice: Value, usage: Option<Usage>| {
             let mut c = json!({"id": head.id, "object": "chat.completion.chunk",
                 "created": head.created, "model": head.model, "choices": [choice]});
@@ -276,6 +331,9 @@ pub fn chat(
                 send_error(&tx, e).await;
             }
             for d in ev.seqs {
+                let Some(d) = gather.push(d.index, d) else {
+                    continue;
+                };
                 counts.generated[d.index] += d.token_ids.len();
                 let (mut fr, sr) = finish_fields(&d.finish);
                 let logprobs = d
@@ -336,4 +394,77 @@ pub fn chat(
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tpuserve_engine::{Finish, FinishReason};
+
+    fn delta(index: usize, token: u32, finish: bool) -> SeqDelta {
+        SeqDelta {
+            index,
+            token_ids: vec![token],
+            text: format!("<{token}>"),
+            logprobs: Some(vec![TokenLogprobs {
+                token,
+                logprob: -(token as f32),
+                rank: 1,
+                top: Vec::new(),
+            }]),
+            finish: finish.then(|| Finish::new(FinishReason::Length)),
+        }
+    }
+
+    #[test]
+    fn gather_sends_the_first_token_then_whole_intervals_then_the_rest() {
+        let mut g = Gather::new(3, 2);
+        let mut sent: Vec<(usize, Vec<u32>, String, usize, bool)> = Vec::new();
+        // Two choices, interleaved as the engine's steps produce them; choice 1 ends early.
+        for t in 0..8u32 {
+            for i in 0..2 {
+                let last = (i == 0 && t == 7) || (i == 1 && t == 4);
+                if i == 1 && t > 4 {
+                    continue;
+                }
+                if let Some(d) = g.push(i, delta(i, t, last)) {
+                    let lps = d.logprobs.as_ref().map_or(0, |l| l.len());
+                    sent.push((i, d.token_ids, d.text, lps, d.finish.is_some()));
+                }
+            }
+        }
+        let of = |i: usize| -> Vec<_> { sent.iter().filter(|s| s.0 == i).collect() };
+        let ids: Vec<Vec<u32>> = of(0).iter().map(|s| s.1.clone()).collect();
+        assert_eq!(ids, vec![vec![0], vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
+        let ids: Vec<Vec<u32>> = of(1).iter().map(|s| s.1.clone()).collect();
+        assert_eq!(ids, vec![vec![0], vec![1, 2, 3], vec![4]]);
+        for s in &sent {
+            // Text and logprobs travel with their tokens; only the last chunk finishes.
+            let text: String = s.1.iter().map(|t| format!("<{t}>")).collect();
+            assert_eq!((&s.2, s.3), (&text, s.1.len()));
+            assert_eq!(s.4, s.1.contains(&7) || (s.0 == 1 && s.1.contains(&4)));
+        }
+    }
+
+    #[test]
+    fn gather_of_one_passes_every_delta_through() {
+        let mut g = Gather::new(1, 1);
+        for t in 0..4 {
+            assert_eq!(g.push(0, delta(0, t, false)).unwrap().token_ids, vec![t]);
+        }
+    }
+
+    #[test]
+    fn a_finish_without_tokens_releases_what_is_held() {
+        let mut g = Gather::new(4, 1);
+        assert!(g.push(0, delta(0, 0, false)).is_some());
+        assert!(g.push(0, delta(0, 1, false)).is_none());
+        let mut end = delta(0, 0, true);
+        end.token_ids.clear();
+        end.text.clear();
+        end.logprobs = Some(Vec::new());
+        let d = g.push(0, end).unwrap();
+        assert_eq!((d.token_ids, d.text.as_str()), (vec![1], "<1>"));
+        assert!(d.finish.is_some());
+    }
 }

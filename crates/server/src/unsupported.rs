@@ -39,8 +39,6 @@ pub struct Unimplemented {
     pub mm_payload: Option<Value>,
     pub return_mm_kwargs: Option<Value>,
     pub ec_transfer_params: Option<Value>,
-    /// Tokens per streamed chunk (vLLM ≥ 1): tpuserve streams every token, i.e. 1.
-    pub stream_interval: Option<Value>,
 }
 
 /// Null, false, 0, "" and empty lists / objects ask for nothing.
@@ -104,16 +102,6 @@ impl Unimplemented {
         }
         if self.watermarking == Some(true) {
             return Err(refuse("watermarking", "there is no output watermarking"));
-        }
-        if self
-            .stream_interval
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && v.as_i64() != Some(1))
-        {
-            return Err(refuse(
-                "stream_interval",
-                "every token is streamed as it comes (only 1)",
-            ));
         }
         if let Some(v) = self.mm_payload.as_ref().filter(|v| !v.is_null()) {
             if v != "tensors" && v != "none" {

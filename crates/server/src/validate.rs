@@ -24,6 +24,8 @@ pub struct Limits {
     pub return_tokens_as_token_ids: bool,
     /// `--scheduling-policy priority`: requests may carry a `priority`.
     pub priority_scheduling: bool,
+    /// `--stream-interval`: the fewest tokens a streamed chunk gathers.
+    pub stream_interval: usize,
     /// `--generation-config`: defaults for fields a request leaves out.
     pub defaults: SamplingDefaults,
 }
@@ -80,6 +82,8 @@ pub struct Validated {
     /// Logprob tokens as `token_id:<id>` (the request's `return_tokens_as_token_ids`, else
     /// the server's flag).
     pub tokens_as_ids: bool,
+    /// Tokens per streamed chunk: the request's `stream_interval`, raised to the server's.
+    pub stream_interval: usize,
     /// `cache_salt`, checked as vLLM checks it.
     pub cache_salt: Option<String>,
     /// `priority` (0 unless `--scheduling-policy priority`).
@@ -248,6 +252,7 @@ pub fn sampling(
         tokens_as_ids: f
             .return_tokens_as_token_ids
             .unwrap_or(lim.return_tokens_as_token_ids),
+        stream_interval: stream_interval(f.stream_interval, lim.stream_interval)?,
         cache_salt: cache_salt(f.cache_salt.as_deref())?,
         priority: match f.priority.unwrap_or(0) {
             p if p != 0 && !lim.priority_scheduling => {
@@ -390,6 +395,19 @@ pub fn bad_words(
         }
     }
     Ok(out)
+}
+
+/// vLLM's `stream_interval` (an integer ≥ 1, checked whether or not the request streams),
+/// raised to the server's `--stream-interval`.
+fn stream_interval(asked: Option<i64>, server: usize) -> Result<usize, ApiError> {
+    match asked {
+        None => Ok(server),
+        Some(v) if v >= 1 => Ok(usize::try_from(v).unwrap_or(usize::MAX).max(server)),
+        Some(v) => Err(ApiError::invalid_param(
+            "stream_interval",
+            format!("stream_interval must be at least 1, got {v}"),
+        )),
+    }
 }
 
 /// `use_beam_search`: what vLLM's `BeamSearchParams` take; fields the search cannot honour
@@ -542,6 +560,7 @@ mod tests {
                 engine: ENGINE,
                 force_include_usage: false,
                 return_tokens_as_token_ids: false,
+                stream_interval: 1,
                 priority_scheduling: false,
                 defaults: SamplingDefaults::default(),
             },

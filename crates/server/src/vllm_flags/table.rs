@@ -258,7 +258,6 @@ pub static VLLM_FLAGS: &[VllmFlag] = &[
     VllmFlag { name: "prefill-schedule-interval", no_name: "", aliases: &[], kind: Value, what: Ignored(SCHED) },
     VllmFlag { name: "disable-hybrid-kv-cache-manager", no_name: "no-disable-hybrid-kv-cache-manager", aliases: &[], kind: Bool, what: Ignored(SCHED) },
     VllmFlag { name: "async-scheduling", no_name: "no-async-scheduling", aliases: &[], kind: Bool, what: Ignored(SCHED) },
-    VllmFlag { name: "stream-interval", no_name: "", aliases: &[], kind: Value, what: Ignored("every token is streamed as it comes") },
     VllmFlag { name: "cudagraph-capture-sizes", no_name: "", aliases: &[], kind: List, what: Ignored(GPU) },
     VllmFlag { name: "max-cudagraph-capture-size", no_name: "", aliases: &[], kind: Value, what: Ignored(GPU) },
     VllmFlag { name: "ir-op-priority", no_name: "", aliases: &[], kind: Value, what: Ignored(KERNEL) },

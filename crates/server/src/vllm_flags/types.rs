@@ -141,7 +141,6 @@ pub static VALUE_TYPES: &[(&str, ValueType, bool)] = &[
     ("scheduler-cls", Str, true),
     ("watermark", Float, false),
     ("prefill-schedule-interval", Int, false),
-    ("stream-interval", Int, false),
     ("cudagraph-capture-sizes", Int, false),
     ("max-cudagraph-capture-size", Int, false),
     ("ir-op-priority", Json, false),
