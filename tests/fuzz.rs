@@ -99,6 +99,8 @@ const FIELDS: &[&str] = &[
     "logit_bias",
     "allowed_token_ids",
     "bad_words",
+    "logprob_token_ids",
+    "stream_interval",
     "stop",
     "stop_token_ids",
     "ignore_eos",
@@ -401,6 +403,11 @@ fn assert_in_range(v: &ValidatedRequest, vocab: usize) {
         .all(|&(t, b)| (t as usize) < vocab && b.abs() <= 100.0));
     assert!(s.allowed_tokens.iter().all(|&t| (t as usize) < vocab));
     assert!(s.bad_words.iter().flatten().all(|&t| (t as usize) < vocab));
+    assert!(
+        s.logprob_token_ids.len() <= 128
+            && s.logprob_token_ids.iter().all(|&t| (t as usize) < vocab)
+    );
+    assert!(s.logprob_token_ids.is_empty() || s.logprobs.is_some());
     assert!(s.logprobs.is_none_or(|n| n <= 20) && s.prompt_logprobs.is_none_or(|n| n <= 20));
     let st = &v.stop;
     assert!(st.max_tokens.is_none_or(|m| m >= 1 && st.min_tokens <= m));

@@ -147,6 +147,14 @@ fn smollm2_golden_completions_on_xla_cpu() {
         e["error"]["message"].as_str().unwrap().contains("XLA"),
         "{e}"
     );
+    // The device sampler returns the top alternatives only: explicit ids are refused.
+    let (status, e) = s.post(
+        "/v1/completions",
+        &serde_json::json!({"prompt": "Once upon a time", "max_tokens": 2, "logprobs": 1,
+                "logprob_token_ids": [5]}),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "logprob_token_ids", "{e}");
 }
 
 #[test]

@@ -1619,3 +1619,74 @@ def test_stream_interval_flag_is_the_least_a_request_gets(gathering, model):
                               {**body, "stream_interval": 1})) == [1, 3, 3, 2]
     assert gathered_sizes(sse(gathering.port, "/v1/completions",
                               {**body, "stream_interval": 5})) == [1, 5, 3]
+
+
+# --- logprob_token_ids ----------------------------------------------------------------------
+
+def ids_of(keys):
+    """`token_id:<id>` strings (return_tokens_as_token_ids) as ints."""
+    return [int(k.split(":", 1)[1]) for k in keys]
+
+
+def test_logprob_token_ids_report_the_listed_tokens(server, model):
+    """vLLM's `logprob_token_ids`: each generated position's alternatives are the sampled token
+    and the listed ids (each once, in the order given), with the raw logprobs the top
+    alternatives show — streamed or not."""
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 4,
+            "temperature": 0, "logprobs": 5, "return_tokens_as_token_ids": True}
+    status, plain = send(server.port, "POST", "/v1/completions", body)
+    assert status == 200, plain
+    top0 = plain["choices"][0]["logprobs"]["top_logprobs"][0]
+    ranked = ids_of(top0)
+    listed = [ranked[3], ranked[1], 7, ranked[3]]
+    status, r = send(server.port, "POST", "/v1/completions", {**body, "logprob_token_ids": listed})
+    assert status == 200, r
+    lps = r["choices"][0]["logprobs"]
+    assert r["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert lps["token_logprobs"] == plain["choices"][0]["logprobs"]["token_logprobs"]
+    for pos, (tok, top) in enumerate(zip(lps["tokens"], lps["top_logprobs"])):
+        sampled = ids_of([tok])[0]
+        want = [sampled] + [t for t in dict.fromkeys(listed) if t != sampled]
+        assert ids_of(top) == want, (pos, top)
+        assert all(v <= 0 for v in top.values())
+    # The listed ids' values at the first position are the ones the top-5 showed.
+    first = lps["top_logprobs"][0]
+    for t in (ranked[3], ranked[1]):
+        assert first[f"token_id:{t}"] == top0[f"token_id:{t}"]
+    assert first["token_id:7"] < min(top0.values())
+    # Streamed: the same alternatives chunk by chunk.
+    chunks = sse(server.port, "/v1/completions",
+                 {**body, "logprob_token_ids": listed, "stream": True})
+    assert joined(chunks, "logprobs", "top_logprobs") == lps["top_logprobs"]
+
+
+def test_logprob_token_ids_on_chat(server, model):
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hello"}],
+            "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 4,
+            "logprob_token_ids": [17, 5, 17], "return_tokens_as_token_ids": True}
+    status, r = send(server.port, "POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    for c in r["choices"][0]["logprobs"]["content"]:
+        sampled = ids_of([c["token"]])[0]
+        want = [sampled] + [t for t in (17, 5) if t != sampled]
+        assert ids_of([t["token"] for t in c["top_logprobs"]]) == want, c
+        assert c["top_logprobs"][0]["logprob"] == c["logprob"]
+
+
+@pytest.mark.parametrize("path,extra,words", [
+    ("/v1/completions", {}, "`logprobs` must be set"),
+    ("/v1/chat/completions", {"logprobs": False}, "`logprobs` must be set to true"),
+    ("/v1/completions", {"logprobs": 1, "logprob_token_ids": list(range(129))},
+     "greater than max allowed: 128"),
+    ("/v1/completions", {"logprobs": 1, "logprob_token_ids": [1, 10_000_000]},
+     "out-of-vocab"),
+    ("/v1/completions", {"logprobs": 1, "use_beam_search": True, "n": 2}, "beam"),
+    ("/v1/completions", {"logprobs": 1, "echo": True, "max_tokens": 0}, "echo"),
+])
+def test_logprob_token_ids_refusals(server, model, path, extra, words):
+    body = {"model": model, "max_tokens": 2, "logprob_token_ids": [1, 2], **extra}
+    body.update({"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path
+                else {"prompt": "Hi"})
+    status, r = send(server.port, "POST", path, body)
+    assert status == 400 and r["error"]["param"] == "logprob_token_ids", r
+    assert words in r["error"]["message"], r

@@ -251,6 +251,7 @@ impl RequestLimits {
         let biased: Vec<TokenId> = p.logit_bias.iter().map(|&(t, _)| t).collect();
         self.tokens("logit_bias", &biased)?;
         self.tokens("allowed_token_ids", &p.allowed_tokens)?;
+        self.tokens("logprob_token_ids", &p.logprob_token_ids)?;
         let words: Vec<TokenId> = p.bad_words.iter().flatten().copied().collect();
         self.tokens("bad_words", &words)
     }
@@ -319,6 +320,11 @@ mod tests {
         let mut p = r.clone();
         p.sampling.allowed_tokens = vec![3];
         assert_eq!(param(&p), "allowed_token_ids");
+        let mut p = r.clone();
+        p.sampling.logprob_token_ids = vec![3];
+        assert_eq!(param(&p), "logprob_token_ids");
+        p.sampling.logprob_token_ids = vec![1_000_000];
+        assert!(check(&LIMITS, &p).is_err(), "ids of the vocabulary");
         let mut p = r.clone();
         p.sampling.bad_words = vec![vec![3, 4]];
         assert_eq!(param(&p), "bad_words");

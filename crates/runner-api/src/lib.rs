@@ -137,7 +137,7 @@ pub enum SamplingSupport {
     #[default]
     Full,
     /// Greedy, temperature, top-k, top-p, min-p and logprobs on device; no penalties,
-    /// `logit_bias`, `allowed_token_ids`, `bad_words` or `min_tokens`.
+    /// `logit_bias`, `allowed_token_ids`, `bad_words`, `logprob_token_ids` or `min_tokens`.
     OnDevice,
 }
 
@@ -159,6 +159,8 @@ impl SamplingSupport {
             Some("allowed_token_ids")
         } else if !p.bad_words.is_empty() {
             Some("bad_words")
+        } else if !p.logprob_token_ids.is_empty() {
+            Some("logprob_token_ids")
         } else if min_tokens > 0 || !p.banned_tokens.is_empty() {
             Some("min_tokens")
         } else {

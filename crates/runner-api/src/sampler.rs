@@ -28,6 +28,9 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Number of top alternatives to report with each sampled token (`logprobs`).
     pub logprobs: Option<usize>,
+    /// vLLM's `logprob_token_ids`: with `logprobs`, each sampled token reports these tokens'
+    /// logprobs instead of the top alternatives (see [`listed_logprobs`]).
+    pub logprob_token_ids: Vec<TokenId>,
     /// Number of top alternatives to report for each prompt position (`prompt_logprobs`).
     pub prompt_logprobs: Option<usize>,
 }
@@ -48,6 +51,7 @@ impl Default for SamplingParams {
             bad_words: Vec::new(),
             seed: None,
             logprobs: None,
+            logprob_token_ids: Vec::new(),
             prompt_logprobs: None,
         }
     }
@@ -133,6 +137,26 @@ pub fn token_logprobs(logits: &[f32], token: TokenId, n: usize) -> TokenLogprobs
         token,
         logprob: lsm[token as usize] as f32,
         rank,
+        top,
+    }
+}
+
+/// `token`'s logprob and rank under the raw logits, with `ids` as its alternatives, as vLLM
+/// reports `logprob_token_ids`: the sampled token first, then each listed id once in the
+/// order given (the sampled one is not repeated).
+pub fn listed_logprobs(logits: &[f32], token: TokenId, ids: &[TokenId]) -> TokenLogprobs {
+    let lsm = log_softmax(logits);
+    let chosen = logits[token as usize];
+    let mut top: Vec<(TokenId, f32)> = vec![(token, lsm[token as usize] as f32)];
+    for &id in ids {
+        if !top.iter().any(|&(t, _)| t == id) {
+            top.push((id, lsm[id as usize] as f32));
+        }
+    }
+    TokenLogprobs {
+        token,
+        logprob: lsm[token as usize] as f32,
+        rank: 1 + logits.iter().filter(|&&l| l > chosen).count(),
         top,
     }
 }
@@ -340,7 +364,10 @@ pub fn sample_masked(
         }
         chosen
     };
-    let lp = p.logprobs.map(|n| token_logprobs(raw_logits, token, n));
+    let lp = p.logprobs.map(|n| match p.logprob_token_ids.as_slice() {
+        [] => token_logprobs(raw_logits, token, n),
+        ids => listed_logprobs(raw_logits, token, ids),
+    });
     (token, lp)
 }
 
@@ -386,6 +413,38 @@ mod tests {
         assert_eq!(lp.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
         let expect = 3.0 - (1f64.exp() + 3f64.exp() + 2f64.exp()).ln();
         assert!((lp.logprob as f64 - expect).abs() < 1e-6);
+    }
+
+    #[test]
+    fn logprob_token_ids_replace_the_top_alternatives() {
+        let logits = [1.0, 3.0, 2.0, 0.5];
+        let lsm = log_softmax(&logits);
+        let p = SamplingParams {
+            logprobs: Some(1),
+            logprob_token_ids: vec![3, 0, 1, 3],
+            ..Default::default()
+        };
+        let (t, lp) = sample(&logits, &p, &[], &[], 0);
+        assert_eq!(t, 1);
+        let lp = lp.unwrap();
+        // The sampled token first, then each listed id once (the sampled one not again).
+        let ids: Vec<u32> = lp.top.iter().map(|x| x.0).collect();
+        assert_eq!(ids, vec![1, 3, 0]);
+        for &(id, v) in &lp.top {
+            assert!((v as f64 - lsm[id as usize]).abs() < 1e-6);
+        }
+        assert_eq!((lp.token, lp.rank), (1, 1));
+        // A sampled token outside the list keeps its true rank.
+        let p = SamplingParams {
+            logprobs: Some(0),
+            logprob_token_ids: vec![3],
+            logit_bias: vec![(2, 10.0)],
+            ..Default::default()
+        };
+        let (t, lp) = sample(&logits, &p, &[], &[], 0);
+        let lp = lp.unwrap();
+        assert_eq!((t, lp.rank), (2, 2));
+        assert_eq!(lp.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![2, 3]);
     }
 
     #[test]

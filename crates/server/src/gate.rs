@@ -88,6 +88,16 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
     )?;
     params.sampling.bad_words =
         validate::bad_words(req.sampling.bad_words.as_deref(), ctx.tokenizer)?;
+    if req.echo == Some(true)
+        && req.max_tokens == Some(0)
+        && !params.sampling.logprob_token_ids.is_empty()
+    {
+        return Err(ApiError::invalid_param(
+            "logprob_token_ids",
+            "`logprob_token_ids` is not supported when `echo=True` and `max_tokens=0` because \
+             no output tokens are generated.",
+        ));
+    }
     if let Some(t) = params.truncation {
         for (ids, text) in &mut prompts {
             if t.apply(ids) {

@@ -75,6 +75,9 @@ pub struct SamplingFields {
     pub allowed_token_ids: Option<Vec<i64>>,
     /// vLLM: words that may not be generated (see `validate::bad_words`).
     pub bad_words: Option<Vec<String>>,
+    /// vLLM: the logprobs of these tokens at each generated position, in place of the top
+    /// alternatives (needs `logprobs`).
+    pub logprob_token_ids: Option<Vec<i64>>,
     pub stop: Option<StopSpec>,
     pub stop_token_ids: Option<Vec<i64>>,
     pub ignore_eos: Option<bool>,

@@ -26,7 +26,6 @@ pub struct Unimplemented {
     pub prompt_embeds: Option<Value>,
     pub mm_processor_kwargs: Option<Value>,
     pub media_io_kwargs: Option<Value>,
-    pub logprob_token_ids: Option<Value>,
     pub thinking_token_budget: Option<Value>,
     /// Groups related requests for vLLM's KV connectors and tracing; it never changes an
     /// answer, and nothing here groups requests: accepted (a string, as vLLM types it).
@@ -62,7 +61,7 @@ fn refuse(field: &str, why: &str) -> ApiError {
 
 impl Unimplemented {
     pub fn check(&self) -> Result<(), ApiError> {
-        let generic: [(&str, &Option<Value>, &str); 7] = [
+        let generic: [(&str, &Option<Value>, &str); 6] = [
             (
                 "logits_processors",
                 &self.logits_processors,
@@ -88,11 +87,6 @@ impl Unimplemented {
                 "media_io_kwargs",
                 &self.media_io_kwargs,
                 "the models are text-only",
-            ),
-            (
-                "logprob_token_ids",
-                &self.logprob_token_ids,
-                "not implemented",
             ),
         ];
         for (field, value, why) in generic {

@@ -217,6 +217,7 @@ pub fn sampling(
         logit_bias,
         banned_tokens: Vec::new(),
         allowed_tokens: allowed_token_ids(f.allowed_token_ids.as_deref(), &lim.engine)?,
+        logprob_token_ids: logprob_token_ids(model, f, lp, &lim.engine)?,
         // Tokenised by the gate (`bad_words`), which holds the tokenizer.
         bad_words: Vec::new(),
         seed: f.seed.map(|s| s as u64),
@@ -353,6 +354,54 @@ fn allowed_token_ids(ids: Option<&[i64]>, limits: &RequestLimits) -> Result<Vec<
         .collect()
 }
 
+/// vLLM's most `logprob_token_ids` (`MAX_LOGPROB_TOKEN_IDS`).
+const MAX_LOGPROB_TOKEN_IDS: usize = 128;
+
+/// `logprob_token_ids` as vLLM checks it (an empty list asks for nothing): only with
+/// `logprobs` (chat: `logprobs: true`), at most 128 ids, all in the vocabulary.
+fn logprob_token_ids(
+    model: &str,
+    f: &SamplingFields,
+    logprobs: Option<usize>,
+    limits: &RequestLimits,
+) -> Result<Vec<u32>, ApiError> {
+    let ids = f.logprob_token_ids.as_deref().unwrap_or_default();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let refuse = |m: String| Err(ApiError::invalid_param("logprob_token_ids", m));
+    if logprobs.is_none() {
+        let set = if model.starts_with("Chat") {
+            "set to true"
+        } else {
+            "set"
+        };
+        return refuse(format!(
+            "when using `logprob_token_ids`, `logprobs` must be {set}."
+        ));
+    }
+    if ids.len() > MAX_LOGPROB_TOKEN_IDS {
+        return refuse(format!(
+            "Requested logprob_token_ids of length {}, which is greater than max allowed: \
+             {MAX_LOGPROB_TOKEN_IDS}",
+            ids.len()
+        ));
+    }
+    let vocab = limits.vocab_size as i64;
+    let outside: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|&t| t < 0 || t >= vocab)
+        .collect();
+    if !outside.is_empty() {
+        return refuse(format!(
+            "token_id(s) {outside:?} in logprob_token_ids contain out-of-vocab token ids. \
+             Vocabulary size: {vocab}"
+        ));
+    }
+    Ok(ids.iter().map(|&t| t as u32).collect())
+}
+
 /// vLLM's most bad words after tokenisation (`VLLM_MAX_NUM_BAD_WORDS`).
 const MAX_BAD_WORDS: usize = 128;
 
@@ -460,6 +509,9 @@ fn beam(
     }
     if f.bad_words.as_ref().is_some_and(|w| !w.is_empty()) {
         return refuse("bad_words");
+    }
+    if f.logprob_token_ids.as_ref().is_some_and(|w| !w.is_empty()) {
+        return refuse("logprob_token_ids");
     }
     for (name, v, neutral) in [
         ("presence_penalty", f.presence_penalty, 0.0),
