@@ -1690,3 +1690,89 @@ def test_logprob_token_ids_refusals(server, model, path, extra, words):
     status, r = send(server.port, "POST", path, body)
     assert status == 400 and r["error"]["param"] == "logprob_token_ids", r
     assert words in r["error"]["message"], r
+
+
+def test_alternatives_start_with_the_sampled_token_as_vllm(server, model):
+    """vLLM builds each position's alternatives from [sampled, top…]: completions show them
+    all (k + 1 when the sampled token is not among the top k), chat the first k — so a token
+    sampled outside the top comes first and the k-th most likely is left out."""
+    k = 2
+    chat = {"model": model, "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": 12, "temperature": 2.0, "seed": 3, "logprobs": True,
+            "top_logprobs": k, "return_tokens_as_token_ids": True}
+    status, r = send(server.port, "POST", "/v1/chat/completions", chat)
+    assert status == 200, r
+    outside = 0
+    for c in r["choices"][0]["logprobs"]["content"]:
+        tops = c["top_logprobs"]
+        assert len(tops) == k and tops[0]["token"] == c["token"], c
+        assert tops[0]["logprob"] == c["logprob"]
+        outside += c["logprob"] < tops[1]["logprob"]
+    assert outside > 0, "temperature 2 samples some token below the top-1"
+    comp = {"model": model, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 2.0,
+            "seed": 3, "logprobs": k, "return_tokens_as_token_ids": True}
+    status, r = send(server.port, "POST", "/v1/completions", comp)
+    assert status == 200, r
+    lps = r["choices"][0]["logprobs"]
+    for tok, lp, top in zip(lps["tokens"], lps["token_logprobs"], lps["top_logprobs"]):
+        keys = list(top)
+        assert keys[0] == tok and top[tok] == lp, top
+        rest = list(top.values())[1:]
+        assert rest == sorted(rest, reverse=True)
+        # k + 1 entries when the sampled token is not among the top k (then below them all).
+        assert len(keys) in (k, k + 1), top
+        assert len(keys) == k or lp <= min(rest), top
+    # Greedy: the sampled token is the top one, and the alternatives are the top k in order.
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**chat, "temperature": 0})
+    for c in r["choices"][0]["logprobs"]["content"]:
+        vals = [t["logprob"] for t in c["top_logprobs"]]
+        assert c["top_logprobs"][0]["token"] == c["token"] and vals == sorted(vals, reverse=True)
+
+
+def test_excluded_alternatives_show_minus_9999_as_vllm(server, model):
+    """Under a grammar the excluded tokens' logprobs are -inf, which JSON cannot carry: vLLM
+    shows -9999.0 (OpenAI's stand-in), never null. Values are the f32 widened, so a token's
+    logprob equals its entry among the alternatives."""
+    body = {"model": model, "prompt": "Is the sky blue? Answer:", "max_tokens": 3,
+            "temperature": 0, "logprobs": 20, "structured_outputs": {"choice": ["yes", "no"]}}
+    status, r = send(server.port, "POST", "/v1/completions", body)
+    assert status == 200, r
+    lps = r["choices"][0]["logprobs"]
+    for tok, lp, top in zip(lps["tokens"], lps["token_logprobs"], lps["top_logprobs"]):
+        assert top[tok] == lp
+        assert all(isinstance(v, float) and v >= -9999.0 for v in top.values()), top
+    assert -9999.0 in lps["top_logprobs"][0].values(), lps["top_logprobs"][0]
+    chat = {"model": model, "messages": [{"role": "user", "content": "Is the sky blue?"}],
+            "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 20,
+            "structured_outputs": {"choice": ["yes", "no"]}}
+    status, r = send(server.port, "POST", "/v1/chat/completions", chat)
+    assert status == 200, r
+    first = r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert [t["logprob"] for t in first][-1] == -9999.0, first
+
+
+def test_a_complete_grammar_ends_with_the_end_token_as_vllm(server, model):
+    """vLLM does not stop when a structured output is complete: the next mask allows only the
+    end token, which is sampled (probability 1), counted and listed; with `max_tokens` reached
+    first the finish is `length`; under `ignore_eos` what follows the end is unconstrained."""
+    body = {"model": model, "prompt": "Is the sky blue? Answer:", "max_tokens": 5,
+            "temperature": 0, "structured_outputs": {"choice": ["yes", "no"]},
+            "return_token_ids": True, "logprobs": 1}
+    status, r = send(server.port, "POST", "/v1/completions", body)
+    assert status == 200, r
+    c = r["choices"][0]
+    assert c["text"] in ("yes", "no") and c["finish_reason"] == "stop", c
+    assert c["stop_reason"] is None
+    assert len(c["token_ids"]) == 2 == r["usage"]["completion_tokens"], (c, r["usage"])
+    assert c["logprobs"]["token_logprobs"][-1] == 0.0
+    eos = c["token_ids"][-1]
+    status, r = send(server.port, "POST", "/v1/completions", {**body, "max_tokens": 1})
+    assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 1
+    status, r = send(server.port, "POST", "/v1/completions", {**body, "ignore_eos": True})
+    ids = r["choices"][0]["token_ids"]
+    assert len(ids) == 5 and ids[1] == eos and ids[2:] != [eos] * 3, ids
+    chat = {"model": model, "messages": [{"role": "user", "content": "Is the sky blue?"}],
+            "max_tokens": 5, "temperature": 0, "structured_outputs": {"choice": ["yes", "no"]}}
+    status, r = send(server.port, "POST", "/v1/chat/completions", chat)
+    assert r["choices"][0]["message"]["content"] in ("yes", "no")
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 2

@@ -581,21 +581,11 @@ impl EngineCore {
             self.scheduler.append_token(s.seq_id, sampled.token);
             let arrival = req.arrival;
             let child = &mut req.children[index];
-            let grammar_done = match child.advance_grammar(sampled.token, &self.eos) {
-                Ok(done) => done,
-                Err(e) => {
-                    failed.push((rid, e));
-                    continue;
-                }
-            };
-            match child.accept(
-                self.decoder.as_ref(),
-                sampled,
-                grammar_done,
-                now,
-                arrival,
-                &mut self.acc,
-            ) {
+            if let Err(e) = child.advance_grammar(sampled.token, &self.eos) {
+                failed.push((rid, e));
+                continue;
+            }
+            match child.accept(self.decoder.as_ref(), sampled, now, arrival, &mut self.acc) {
                 Ok(true) => {
                     self.scheduler.finish(s.seq_id);
                     self.owners.remove(&s.seq_id);

@@ -85,33 +85,35 @@ impl Child {
         self.dirty = true;
     }
 
-    /// Advances the grammar by a sampled token. Returns whether the grammar is complete (the
-    /// sequence then ends with `stop`); an end token is not grammar text and is left to the
-    /// stop checker.
+    /// Advances the grammar by a sampled token. A complete grammar does not end the sequence:
+    /// as in vLLM, its next mask allows only the end tokens (`compute_mask_or_eos`), so the
+    /// answer ends with one of them — counted, in `token_ids` and logprobs — or with `length`.
+    /// An end token is left to the stop checker and ends the grammar (under `ignore_eos` what
+    /// follows is unconstrained, as vLLM's terminated grammar).
     pub(crate) fn advance_grammar(
         &mut self,
         token: TokenId,
         eos: &[TokenId],
-    ) -> Result<bool, String> {
+    ) -> Result<(), String> {
         let Some(m) = self.matcher.as_mut() else {
-            return Ok(false);
+            return Ok(());
         };
         if eos.contains(&token) {
-            return Ok(false);
+            self.matcher = None;
+            return Ok(());
         }
         m.consume_token(token).map_err(|e| {
             format!("structured output: the sampled token {token} does not follow the grammar: {e}")
         })?;
-        Ok(m.is_stopped())
+        Ok(())
     }
 
     /// Takes one sampled token: timings, text, stop conditions. Returns whether the sequence
-    /// is finished. `grammar_done`: the structured output is complete.
+    /// is finished.
     pub(crate) fn accept(
         &mut self,
         dec: &dyn TokenDecoder,
         sampled: SampledToken,
-        grammar_done: bool,
         now: Instant,
         arrival: Instant,
         acc: &mut StepAcc,
@@ -142,9 +144,6 @@ impl Child {
         } else if self.stop.keeps_stop_token_text() {
             let text = self.detok.push(dec, token)?;
             self.stop.append_text(&text);
-        }
-        if finish.is_none() && grammar_done {
-            finish = Some(Finish::new(FinishReason::Stop));
         }
         if finish.is_none() {
             finish = self.stop.check_length(n);

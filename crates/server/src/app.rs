@@ -410,6 +410,27 @@ pub(crate) fn shown_token(st: &SharedState, id: u32, as_ids: bool) -> String {
 
 /// Completions' logprobs; text offsets advance by each shown token's length (the placeholder's
 /// with `as_ids`, as vLLM counts them).
+/// A logprob as vLLM shows it: the f32 widened exactly (vLLM's Python floats print all of its
+/// digits, and a value printed once as f32 and once as f64 would not compare equal), and at
+/// least -9999 (OpenAI's stand-in for -inf, which JSON cannot carry: a token a grammar
+/// excludes).
+pub(crate) fn shown_logprob(v: f32) -> f64 {
+    (v as f64).max(-9999.0)
+}
+
+/// A sampled token's alternatives in vLLM's order: the token itself, then the other entries
+/// of `top` (vLLM builds each position's dict from `[sampled, top…]`; completions show all of
+/// it, the sampled token included when it is not among the top, chat its first `top.len()`
+/// entries — so a token sampled outside the top comes first and pushes the last one out).
+fn alternatives(lp: &TokenLogprobs) -> impl Iterator<Item = (u32, f32)> + '_ {
+    std::iter::once((lp.token, lp.logprob)).chain(
+        lp.top
+            .iter()
+            .copied()
+            .filter(move |&(id, _)| id != lp.token),
+    )
+}
+
 pub(crate) fn completion_logprobs(
     st: &SharedState,
     lps: &[TokenLogprobs],
@@ -422,12 +443,10 @@ pub(crate) fn completion_logprobs(
         let tok = shown_token(st, lp.token, as_ids);
         out.text_offset.push(offset);
         offset += tok.len();
-        out.token_logprobs.push(Some(lp.logprob));
-        let mut top = serde_json::Map::new();
-        for &(id, v) in &lp.top {
-            top.insert(shown_token(st, id, as_ids), json!(v));
-        }
-        top.entry(tok.clone()).or_insert(json!(lp.logprob));
+        out.token_logprobs.push(Some(shown_logprob(lp.logprob)));
+        let top = alternatives(lp)
+            .map(|(id, v)| (shown_token(st, id, as_ids), json!(shown_logprob(v))))
+            .collect();
         out.top_logprobs.push(Some(top));
         out.tokens.push(tok);
     }
@@ -656,7 +675,7 @@ pub(crate) fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs], as_ids: boo
         TopLogprob {
             bytes: t.as_bytes().to_vec(),
             token: t,
-            logprob: v,
+            logprob: shown_logprob(v),
         }
     };
     ChatLogprobs {
@@ -671,8 +690,11 @@ pub(crate) fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs], as_ids: boo
                     } else {
                         t
                     },
-                    logprob: lp.logprob,
-                    top_logprobs: lp.top.iter().map(|&(id, v)| top(id, v)).collect(),
+                    logprob: shown_logprob(lp.logprob),
+                    top_logprobs: alternatives(lp)
+                        .take(lp.top.len())
+                        .map(|(id, v)| top(id, v))
+                        .collect(),
                 }
             })
             .collect(),

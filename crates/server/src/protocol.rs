@@ -284,7 +284,7 @@ impl Usage {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CompletionLogprobs {
     pub text_offset: Vec<usize>,
-    pub token_logprobs: Vec<Option<f32>>,
+    pub token_logprobs: Vec<Option<f64>>,
     pub tokens: Vec<String>,
     pub top_logprobs: Vec<Option<serde_json::Map<String, Value>>>,
 }
@@ -320,14 +320,14 @@ pub struct CompletionResponse {
 #[derive(Debug, Clone, Serialize)]
 pub struct TopLogprob {
     pub token: String,
-    pub logprob: f32,
+    pub logprob: f64,
     pub bytes: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatTokenLogprob {
     pub token: String,
-    pub logprob: f32,
+    pub logprob: f64,
     pub bytes: Vec<u8>,
     pub top_logprobs: Vec<TopLogprob>,
 }
