@@ -85,11 +85,11 @@ CASES = {
     "tokenize malformed": (raw("/tokenize", "{nope"), 400),
     "detokenize malformed": (raw("/detokenize", "]"), 400),
     # Content type.
-    "text/plain body": (raw("/v1/completions", '{"prompt": "a"}', {"Content-Type": "text/plain"}), 415),
-    "no content type": (raw("/v1/completions", '{"prompt": "a"}', {}), 415),
+    "text/plain body": (raw("/v1/completions", '{"prompt": "a"}', {"Content-Type": "text/plain"}), 400),
+    "no content type": (raw("/v1/completions", '{"prompt": "a"}', {}), 400),
     "form content type": (raw("/v1/completions", "prompt=a",
-                              {"Content-Type": "application/x-www-form-urlencoded"}), 415),
-    "chat text/plain": (raw("/v1/chat/completions", "{}", {"Content-Type": "text/plain"}), 415),
+                              {"Content-Type": "application/x-www-form-urlencoded"}), 400),
+    "chat text/plain": (raw("/v1/chat/completions", "{}", {"Content-Type": "text/plain"}), 400),
     # Size.
     "body over --max-body-bytes": (raw("/v1/completions",
                                        json.dumps({"prompt": "a" * 1_200_000})), 413),
@@ -107,7 +107,10 @@ CASES = {
     "prompt negative token": (completion(prompt=[-1]), 400),
     "prompt nested strings": (completion(prompt=[["a"]]), 400),
     "prompt too long": (completion(prompt="hello " * 400), 400),
-    "prompt + max_tokens over max_model_len": (completion(prompt="hi", max_tokens=MAX_MODEL_LEN), 400),
+    "max_tokens over max_model_len": (completion(prompt="hi", max_tokens=MAX_MODEL_LEN + 1), 400),
+    "max_completion_tokens over max_model_len": (chat(max_completion_tokens=MAX_MODEL_LEN + 1), 400),
+    "n 2 greedy": (completion(n=2, temperature=0), 400),
+    "chat n 3 greedy": (chat(n=3, temperature=0), 400),
     # Numbers out of range or of the wrong type.
     "max_tokens zero": (completion(max_tokens=0), 400),
     "max_tokens negative": (completion(max_tokens=-5), 400),

@@ -255,8 +255,8 @@ def test_bad_api_key_is_authentication_error(server, model):
 
 
 def test_completion_without_max_tokens_generates_16_like_vllm(client, model, server):
-    """vLLM's (and OpenAI's) completions default: `max_tokens` left out → 16 tokens; an
-    explicit `null` → up to the context (vLLM's CompletionRequest). Chat is unchanged."""
+    """vLLM's (and OpenAI's) completions default: `max_tokens` left out → 16 tokens, an
+    explicit `null` too (vLLM 0.32's `normalize_null_max_tokens`)."""
     r = client.completions.create(
         model=model, prompt="Once upon a time", temperature=0, extra_body={"ignore_eos": True},
     )
@@ -270,4 +270,24 @@ def test_completion_without_max_tokens_generates_16_like_vllm(client, model, ser
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
     )
     v = json.loads(urllib.request.urlopen(req, timeout=300).read())
-    assert v["usage"]["completion_tokens"] == MAX_MODEL_LEN - v["usage"]["prompt_tokens"], v
+    assert v["usage"]["completion_tokens"] == 16, v
+
+
+def test_max_tokens_past_the_context_is_capped_as_vllm(client, model):
+    """vLLM 0.32 (`get_max_tokens`): a prompt that fits may ask for more tokens than the
+    context has left; the answer runs to the end of the context and ends with `length`. More
+    than the whole context, or a prompt longer than it, is a 400 naming the field."""
+    r = client.completions.create(model=model, prompt="word " * 200, max_tokens=200,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == MAX_MODEL_LEN, r.usage
+    assert r.choices[0].finish_reason == "length"
+    with pytest.raises(BadRequestError) as e:
+        client.completions.create(model=model, prompt="hi", max_tokens=MAX_MODEL_LEN + 1)
+    assert f"max_tokens={MAX_MODEL_LEN + 1} cannot be greater than max_model_len" in str(e.value)
+    with pytest.raises(BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=MAX_MODEL_LEN + 1)
+    assert e.value.param == "max_completion_tokens" and "max_completion_tokens=" in str(e.value)
+    with pytest.raises(BadRequestError) as e:
+        client.completions.create(model=model, prompt="word " * 400, max_tokens=2)
+    assert e.value.param == "input_tokens" and "even without any output tokens" in str(e.value)

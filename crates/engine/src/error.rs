@@ -4,18 +4,6 @@
 pub enum RequestError {
     #[error("the prompt is empty")]
     EmptyPrompt,
-    /// Same wording as vLLM's OpenAI server, which clients match on.
-    #[error(
-        "This model's maximum context length is {max_model_len} tokens. However, you requested \
-         {requested} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). \
-         Please reduce the length of the messages or completion."
-    )]
-    ContextLengthExceeded {
-        max_model_len: usize,
-        requested: usize,
-        prompt_tokens: usize,
-        max_tokens: usize,
-    },
     /// `param`: the request field that held it (`prompt`, `stop_token_ids`, `logit_bias`…).
     #[error("token id {token} is out of vocabulary (0..{vocab_size})")]
     TokenOutOfRange {

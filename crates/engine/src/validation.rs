@@ -138,6 +138,7 @@ impl RequestLimits {
             ));
         }
         self.validate_sampling(&mut req.sampling)?;
+        req.stop.max_tokens = Some(self.max_tokens(&req)?);
         self.validate_stop(&req)?;
         if let Some(param) = self
             .sampling
@@ -154,30 +155,48 @@ impl RequestLimits {
         Ok(ValidatedRequest(req))
     }
 
-    fn validate_stop(&self, req: &EngineRequest) -> Result<(), RequestError> {
-        let stop = &req.stop;
-        let prompt_len = req.prompt_token_ids.len();
-        if let Some(m) = stop.max_tokens.filter(|&m| m < 1) {
+    /// The tokens the request may generate, as vLLM 0.32 (`get_max_tokens`): a prompt longer
+    /// than the context is refused (`input_tokens`), a `max_tokens` beyond the context too, and
+    /// otherwise the answer may run to the end of the context — `max_tokens` (none: no limit)
+    /// capped there, the answer then ending with `length`.
+    fn max_tokens(&self, req: &EngineRequest) -> Result<usize, RequestError> {
+        let (prompt_len, ctx) = (req.prompt_token_ids.len(), self.max_model_len);
+        if let Some(m) = req.stop.max_tokens.filter(|&m| m > ctx) {
+            return Err(invalid(
+                "max_tokens",
+                format!(
+                    "max_tokens={m} cannot be greater than max_model_len={ctx}. Please request \
+                     fewer output tokens."
+                ),
+            ));
+        }
+        if prompt_len > ctx {
+            return Err(invalid(
+                "input_tokens",
+                format!(
+                    "This model's maximum context length is {ctx} tokens. However, your prompt \
+                     contains {prompt_len} input tokens, which exceeds this limit even without \
+                     any output tokens. Please reduce the length of the input prompt."
+                ),
+            ));
+        }
+        let m = req.stop.max_tokens.unwrap_or(ctx).min(ctx - prompt_len);
+        if m < 1 {
             return Err(invalid(
                 "max_tokens",
                 format!("max_tokens must be at least 1, got {m}."),
             ));
         }
-        // At least one token must fit after the prompt.
-        let max_tokens = stop.max_tokens.unwrap_or(1);
-        if prompt_len.saturating_add(max_tokens) > self.max_model_len {
-            return Err(RequestError::ContextLengthExceeded {
-                max_model_len: self.max_model_len,
-                requested: prompt_len.saturating_add(max_tokens),
-                prompt_tokens: prompt_len,
-                max_tokens,
-            });
-        }
-        if stop.max_tokens.is_some_and(|m| stop.min_tokens > m) {
+        Ok(m)
+    }
+
+    fn validate_stop(&self, req: &EngineRequest) -> Result<(), RequestError> {
+        let stop = &req.stop;
+        if let Some(m) = stop.max_tokens.filter(|&m| stop.min_tokens > m) {
             return Err(invalid(
                 "min_tokens",
                 format!(
-                    "min_tokens must be between 0 and max_tokens, got {}.",
+                    "min_tokens must be less than or equal to max_tokens={m}, got {}.",
                     stop.min_tokens
                 ),
             ));
@@ -284,15 +303,29 @@ mod tests {
         )
     }
 
+    /// vLLM 0.32's `get_max_tokens`: the answer may run to the end of the context.
     #[test]
-    fn context_length_is_enforced_with_vllms_message() {
-        assert!(check(&LIMITS, &req(90, Some(10))).is_ok());
-        let e = check(&LIMITS, &req(90, Some(11))).unwrap_err();
-        assert!(e
-            .to_string()
-            .starts_with("This model's maximum context length is 100 tokens. However, you requested 101 tokens (90 in the messages, 11 in the completion)"));
-        assert!(check(&LIMITS, &req(100, None)).is_err());
-        assert!(check(&LIMITS, &req(99, None)).is_ok());
+    fn max_tokens_is_capped_at_the_context_as_vllm() {
+        let max = |p, m| {
+            LIMITS
+                .validate(req(p, m))
+                .map(|v| v.0.stop.max_tokens)
+                .map_err(|e| match e {
+                    RequestError::InvalidParameter { param, reason } => (param, reason),
+                    other => panic!("{other:?}"),
+                })
+        };
+        assert_eq!(max(90, Some(10)), Ok(Some(10)));
+        assert_eq!(max(90, Some(11)), Ok(Some(10)));
+        assert_eq!(max(90, None), Ok(Some(10)));
+        assert_eq!(max(99, Some(100)), Ok(Some(1)));
+        let (param, msg) = max(101, Some(1)).unwrap_err();
+        assert_eq!(param, "input_tokens");
+        assert!(msg.starts_with("This model's maximum context length is 100 tokens. However, your prompt contains 101 input tokens"), "{msg}");
+        assert_eq!(max(100, None).unwrap_err().0, "max_tokens");
+        let (param, msg) = max(3, Some(101)).unwrap_err();
+        assert_eq!(param, "max_tokens");
+        assert_eq!(msg, "max_tokens=101 cannot be greater than max_model_len=100. Please request fewer output tokens.");
     }
 
     #[test]

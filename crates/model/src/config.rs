@@ -167,7 +167,14 @@ impl LlamaConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size.checked_div(heads).unwrap_or(0));
-        let rope_scaling = match raw.rope_scaling {
+        // transformers 5 writes RoPE as one `rope_parameters` object (theta, type and the
+        // scaling fields together) in place of `rope_theta` + `rope_scaling`; reading only the
+        // old keys would run such a checkpoint with the default theta, every answer quietly off.
+        let (rope_theta, rope_scaling) = match raw.rope_parameters {
+            Some(p) => (p.rope_theta.or(raw.rope_theta), Some(p.scaling)),
+            None => (raw.rope_theta, raw.rope_scaling),
+        };
+        let rope_scaling = match rope_scaling {
             None => RopeScaling::None,
             Some(s) => {
                 let kind = s.rope_type.or(s.kind).unwrap_or_default();
@@ -201,13 +208,13 @@ impl LlamaConfig {
             head_dim,
             vocab_size: raw.vocab_size,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10000.0),
+            rope_theta: rope_theta.unwrap_or(10000.0),
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             bos_token_id: raw.bos_token_id,
             eos_token_ids: raw.eos_token_id.map(|e| e.into_vec()).unwrap_or_default(),
-            torch_dtype: raw.torch_dtype,
+            torch_dtype: raw.torch_dtype.or(raw.dtype),
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -241,6 +248,14 @@ struct HfRopeScaling {
     original_max_position_embeddings: Option<f64>,
 }
 
+/// transformers 5's `rope_parameters`: the theta beside the fields of `rope_scaling`.
+#[derive(Deserialize)]
+struct HfRopeParameters {
+    rope_theta: Option<f64>,
+    #[serde(flatten)]
+    scaling: HfRopeScaling,
+}
+
 #[derive(Deserialize)]
 struct HfConfig {
     architectures: Option<Vec<String>>,
@@ -255,11 +270,14 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<HfRopeScaling>,
+    rope_parameters: Option<HfRopeParameters>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
     torch_dtype: Option<String>,
+    /// transformers 5's name for `torch_dtype`.
+    dtype: Option<String>,
 }
 
 /// Parses `generation_config.json` for the EOS ids a checkpoint stops on (Llama 3.1 lists three).
@@ -296,6 +314,40 @@ mod tests {
         let (s, b) = (c.rope_inv_freq(), base.rope_inv_freq());
         assert_eq!(s[0], b[0]);
         assert!((s[63] - b[63] / 8.0).abs() < 1e-12);
+    }
+
+    /// The same model written by transformers 4 (`rope_theta`, `rope_scaling`, `torch_dtype`)
+    /// and by transformers 5 (`rope_parameters`, `dtype`) reads the same.
+    #[test]
+    fn reads_transformers_5_rope_parameters() {
+        let v4 = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4,
+            "vocab_size":10,"rope_theta":500000.0,"torch_dtype":"bfloat16",
+            "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#;
+        let v5 = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4,
+            "vocab_size":10,"dtype":"bfloat16",
+            "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,
+            "original_max_position_embeddings":8192}}"#;
+        let p = Path::new("x/config.json");
+        let (a, b) = (
+            LlamaConfig::from_hf_str(v4, p).unwrap(),
+            LlamaConfig::from_hf_str(v5, p).unwrap(),
+        );
+        assert_eq!(b.rope_theta, 500000.0);
+        assert!(matches!(b.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        assert_eq!(b.torch_dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(a.rope_inv_freq(), b.rope_inv_freq());
+        // SmolLM2 as transformers 5 saves it: default RoPE, theta 100000 (not the 10000 a
+        // config without any theta gets).
+        let smol = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4,
+            "vocab_size":10,"rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}}"#;
+        let c = LlamaConfig::from_hf_str(smol, p).unwrap();
+        assert_eq!(c.rope_theta, 100000.0);
+        assert!(matches!(c.rope_scaling, RopeScaling::None));
     }
 
     #[test]

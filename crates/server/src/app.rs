@@ -312,10 +312,10 @@ fn parse_body<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !ct.trim_start().starts_with("application/json") {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("Unsupported Media Type: Only 'application/json' is allowed, got `{ct}`"),
-        ));
+        // vLLM 0.32 answers 400 here (a validation error), not 415.
+        return Err(ApiError::bad_request(format!(
+            "Unsupported Media Type: Only 'application/json' is allowed, got `{ct}`"
+        )));
     }
     serde_json::from_slice(body).or_else(|e| crate::numbers::retry(body, e))
 }
@@ -324,10 +324,13 @@ fn check_model(st: &SharedState, model: Option<&str>) -> Result<(), ApiError> {
     if st.model_matches(model) {
         Ok(())
     } else {
-        Err(ApiError::not_found(format!(
-            "The model `{}` does not exist.",
-            model.unwrap_or_default()
-        )))
+        let mut e = ApiError::not_found(format!(
+            "The model `{}` does not exist. Valid aliases: {}.",
+            model.unwrap_or_default(),
+            st.served_model_names.join(", ")
+        ));
+        e.param = Some("model".into());
+        Err(e)
     }
 }
 

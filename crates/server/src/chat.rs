@@ -174,7 +174,7 @@ pub fn render(
     if messages.is_empty() {
         return Err(ApiError::invalid_param(
             "messages",
-            "messages must not be empty",
+            "Cannot apply chat template to an empty conversation. Provide at least one message.",
         ));
     }
     let cont = o.continue_final_message.unwrap_or(false);

@@ -81,7 +81,7 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
     let mut params = validate::sampling(
         "CompletionRequest",
         &req.sampling,
-        req.max_tokens,
+        ("max_tokens", req.max_tokens),
         req.logprobs,
         1.0,
         &ctx.limits,
@@ -173,7 +173,7 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
     if req.top_logprobs.is_some() && !req.logprobs.unwrap_or(false) {
         return Err(ApiError::invalid_param(
             "top_logprobs",
-            "`top_logprobs` requires `logprobs` to be true.",
+            "when using `top_logprobs`, `logprobs` must be set to true.",
         ));
     }
     let (tool_mode, tools_for_template) = tool_choice(ctx, req)?;
@@ -241,7 +241,10 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
     } else {
         None
     };
-    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    let max_tokens = match req.max_completion_tokens {
+        Some(m) => ("max_completion_tokens", Some(m)),
+        None => ("max_tokens", req.max_tokens),
+    };
     let mut params = validate::sampling(
         "ChatCompletionRequest",
         &req.sampling,

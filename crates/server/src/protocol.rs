@@ -115,13 +115,20 @@ fn completion_max_tokens_default() -> Option<i64> {
     Some(16)
 }
 
+fn null_is_16<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(Option::<i64>::deserialize(d)?.or(completion_max_tokens_default()))
+}
+
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: Prompt,
-    /// Left out: 16, vLLM's and OpenAI's completions default; an explicit `null`: up to the
-    /// context (vLLM's `CompletionRequest`). Chat has no such default.
-    #[serde(default = "completion_max_tokens_default")]
+    /// Left out or `null`: 16, vLLM's and OpenAI's completions default (vLLM 0.32's
+    /// `normalize_null_max_tokens`). Chat has no such default.
+    #[serde(
+        default = "completion_max_tokens_default",
+        deserialize_with = "null_is_16"
+    )]
     pub max_tokens: Option<i64>,
     pub echo: Option<bool>,
     pub logprobs: Option<i64>,

@@ -131,7 +131,7 @@ pub fn token_id(name: &'static str, v: i64, limits: &RequestLimits) -> Result<u3
 pub fn sampling(
     model: &str,
     f: &SamplingFields,
-    max_tokens: Option<i64>,
+    (max_tokens_field, max_tokens): (&'static str, Option<i64>),
     logprobs: Option<i64>,
     default_temperature: f64,
     lim: &Limits,
@@ -172,12 +172,21 @@ pub fn sampling(
             "`prompt_logprobs` are not available when `stream=True`.",
         ));
     }
+    let ctx = lim.engine.max_model_len;
+    if let Some(m) = max_tokens.filter(|&m| m > ctx as i64) {
+        return Err(ApiError::invalid_param(
+            max_tokens_field,
+            format!(
+                "{max_tokens_field}={m} cannot be greater than max_model_len={ctx}. Please \
+                 request fewer output tokens."
+            ),
+        ));
+    }
     let max_tokens = match (max_tokens, d.max_tokens) {
         (Some(m), Some(cap)) => Some(m.min(cap)),
         (m, cap) => m.or(cap),
     };
-    // Bounded only against overflow: a request over max_model_len is refused by the engine
-    // naming the max_tokens it asked for, as vLLM's message does.
+    // The engine caps what is left at the end of the context (vLLM's `get_max_tokens`).
     let max_tokens = max_tokens
         .map(|m| count("max_tokens", m.min(u32::MAX as i64)))
         .transpose()?;
@@ -241,6 +250,14 @@ pub fn sampling(
     // usage still needs the request's `continuous_usage_stats`.
     let include_usage = opts.include_usage.unwrap_or(false) || lim.force_include_usage;
     let constraint = f.structured.spec()?;
+    let beam = beam(f, n, max_tokens, stream, constraint.as_ref().map(|c| c.1))?;
+    if n > 1 && sampling.is_greedy() && beam.is_none() {
+        // vLLM: n identical greedy answers are refused rather than computed.
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("n must be 1 when using greedy sampling, got {n}."),
+        ));
+    }
     Ok(Validated {
         sampling,
         stop,
@@ -267,7 +284,7 @@ pub fn sampling(
             p => p,
         },
         truncation,
-        beam: beam(f, n, max_tokens, stream, constraint.as_ref().map(|c| c.1))?,
+        beam,
         constraint,
     })
 }
@@ -605,7 +622,7 @@ mod tests {
         let mut v = sampling(
             "CompletionRequest",
             &f,
-            Some(16),
+            ("max_tokens", Some(16)),
             None,
             1.0,
             &Limits {
