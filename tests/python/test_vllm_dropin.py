@@ -834,10 +834,11 @@ def test_echo_logprobs_cover_the_prompt(server, model):
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert ch["text"].startswith(prompt)
     _check_offsets(lp, ch["text"])
-    assert "prompt_logprobs" not in ch or ch["prompt_logprobs"] is None
-    # The prompt part is the engine's prompt logprobs; the rest is the usual answer.
+    # The prompt part is the engine's prompt logprobs (vLLM asks for them as `prompt_logprobs`
+    # and returns them too); the rest is the usual answer.
     status, ref = send(port, "POST", "/v1/completions", {**base, "prompt_logprobs": 2})
     plp = ref["choices"][0]["prompt_logprobs"]
+    assert ch["prompt_logprobs"] == plp
     ids = tokenize(port, model, prompt=prompt)["tokens"]
     want = [None] + [plp[i][str(ids[i])]["logprob"] for i in range(1, len(ids))]
     got = lp["token_logprobs"][:len(ids)]
@@ -1776,3 +1777,21 @@ def test_a_complete_grammar_ends_with_the_end_token_as_vllm(server, model):
     status, r = send(server.port, "POST", "/v1/chat/completions", chat)
     assert r["choices"][0]["message"]["content"] in ("yes", "no")
     assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 2
+
+
+def test_echo_with_logprobs_returns_the_prompt_logprobs_too(server, model):
+    """vLLM computes `echo` + `logprobs` as `prompt_logprobs` and returns them in the choice as
+    well: one entry per prompt token (none for the first), the token's logprob equal to the
+    echoed one."""
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 2,
+            "temperature": 0, "logprobs": 2, "echo": True, "return_token_ids": True}
+    status, r = send(server.port, "POST", "/v1/completions", body)
+    assert status == 200, r
+    c = r["choices"][0]
+    ids, plp = c["prompt_token_ids"], c["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None, plp
+    for i, (tok, entry) in enumerate(zip(ids[1:], plp[1:]), start=1):
+        assert entry[str(tok)]["logprob"] == c["logprobs"]["token_logprobs"][i]
+        assert 1 <= len(entry) <= 3
+    status, r = send(server.port, "POST", "/v1/completions", {**body, "echo": False})
+    assert r["choices"][0].get("prompt_logprobs") is None
