@@ -112,10 +112,23 @@ fn tutorial_curl_has_vllm_shape_and_greedy_text() {
         "/v1/completions",
         &json!({"model": name, "prompt": "San Francisco is a", "max_tokens": 7, "temperature": 0}),
     );
-    // Exactly the keys of vLLM's response (the tutorial's sample output).
+    // Exactly the keys of vLLM 0.32's response (checked side by side with it: a whole
+    // response carries every field, `null` where unset).
     assert_eq!(
         keys(&v),
-        set(&["id", "object", "created", "model", "choices", "usage"]),
+        set(&[
+            "id",
+            "object",
+            "created",
+            "model",
+            "choices",
+            "usage",
+            "service_tier",
+            "system_fingerprint",
+            "kv_transfer_params",
+            "ec_transfer_params",
+            "metrics"
+        ]),
         "{v}"
     );
     let id = v["id"].as_str().unwrap();
@@ -131,11 +144,26 @@ fn tutorial_curl_has_vllm_shape_and_greedy_text() {
     assert_eq!(choices.len(), 1, "{v}");
     let c = &choices[0];
     let ck = keys(c);
-    let required = set(&["index", "text", "logprobs", "finish_reason", "stop_reason"]);
-    assert!(
-        ck.is_superset(&required) && ck.difference(&required).all(|k| k == "prompt_logprobs"),
-        "choice keys {ck:?}"
-    );
+    let all = set(&[
+        "index",
+        "text",
+        "logprobs",
+        "finish_reason",
+        "stop_reason",
+        "token_ids",
+        "prompt_logprobs",
+        "prompt_token_ids",
+        "routed_experts",
+    ]);
+    assert_eq!(ck, all, "choice keys");
+    for k in [
+        "token_ids",
+        "prompt_logprobs",
+        "prompt_token_ids",
+        "routed_experts",
+    ] {
+        assert!(c[k].is_null(), "{k}: {c}");
+    }
     assert_eq!(c["index"], 0);
     assert!(c["logprobs"].is_null());
     assert!(c["stop_reason"].is_null(), "{c}");

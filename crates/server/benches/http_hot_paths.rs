@@ -82,8 +82,10 @@ fn bench(c: &mut Criterion) {
             prompt_logprobs: None,
             prompt_token_ids: None,
             token_ids: None,
+            routed_experts: None,
         }],
         usage: None,
+        tail: None,
     };
     c.bench_function("sse_encode_completion_chunk", |b| {
         b.iter(|| black_box(tpuserve::app::sse_json(black_box(&chunk))))

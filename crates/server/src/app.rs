@@ -230,9 +230,10 @@ async fn beam_completion(
                     .map(|l| completion_logprobs(st, l, prefix.len(), v.tokens_as_ids)),
                 finish_reason: Some(b.finish_reason.to_string()),
                 stop_reason: Some(b.stop_reason),
-                prompt_logprobs: None,
+                prompt_logprobs: Some(None),
                 prompt_token_ids: v.return_token_ids.then(|| ids.clone()),
                 token_ids: v.return_token_ids.then_some(b.token_ids),
+                routed_experts: Some(None),
             });
         }
     }
@@ -242,7 +243,8 @@ async fn beam_completion(
         created: now_secs(),
         model: st.served_name().to_string(),
         choices,
-        usage: Some(Usage::new(pt, ct)),
+        usage: Some(Usage::new(pt, ct).whole()),
+        tail: ResponseTail::new(),
     })
     .into_response())
 }
@@ -271,11 +273,11 @@ async fn beam_chat(
         .enumerate()
         .map(|(i, b)| ChatChoice {
             index: i,
-            message: ChatMessageOut {
-                role: role.clone(),
-                content: Some(format!("{}{}", echo.as_deref().unwrap_or(""), b.text)),
-                tool_calls: Vec::new(),
-            },
+            message: ChatMessageOut::new(
+                role.clone(),
+                Some(format!("{}{}", echo.as_deref().unwrap_or(""), b.text)),
+                Vec::new(),
+            ),
             logprobs: b
                 .logprobs
                 .as_ref()
@@ -283,6 +285,7 @@ async fn beam_chat(
             finish_reason: Some(b.finish_reason.to_string()),
             stop_reason: Some(b.stop_reason),
             token_ids: v.return_token_ids.then_some(b.token_ids),
+            routed_experts: None,
         })
         .collect();
     Ok(Json(ChatCompletionResponse {
@@ -291,9 +294,11 @@ async fn beam_chat(
         created: now_secs(),
         model: st.served_name().to_string(),
         choices,
-        usage: Usage::new(ids.len(), ct),
+        usage: Usage::new(ids.len(), ct).whole(),
         prompt_logprobs: None,
         prompt_token_ids: v.return_token_ids.then_some(ids),
+        prompt_text: None,
+        tail: ResponseTail::new(),
     })
     .into_response())
 }
@@ -652,9 +657,10 @@ async fn completions(
                 },
                 finish_reason: fr,
                 stop_reason: Some(sr),
-                prompt_logprobs: plp.clone(),
+                prompt_logprobs: Some(plp.clone()),
                 prompt_token_ids: v.return_token_ids.then(|| sub.prompt_ids[pi].clone()),
                 token_ids: v.return_token_ids.then(|| o.token_ids.clone()),
+                routed_experts: Some(None),
             });
         }
     }
@@ -665,7 +671,12 @@ async fn completions(
         created,
         model: st.served_name().to_string(),
         choices,
-        usage: Some(Usage::new(pt, ct).with_cached(st.prompt_tokens_details, cached)),
+        usage: Some(
+            Usage::new(pt, ct)
+                .with_cached(st.prompt_tokens_details, cached)
+                .whole(),
+        ),
+        tail: ResponseTail::new(),
     })
     .into_response())
 }
@@ -809,11 +820,7 @@ async fn chat_completions(
             };
             ChatChoice {
                 index: o.index,
-                message: ChatMessageOut {
-                    role: role.clone(),
-                    content,
-                    tool_calls,
-                },
+                message: ChatMessageOut::new(role.clone(), content, tool_calls),
                 logprobs: o
                     .logprobs
                     .as_ref()
@@ -822,6 +829,7 @@ async fn chat_completions(
                 finish_reason: fr,
                 stop_reason: Some(sr),
                 token_ids: v.return_token_ids.then(|| o.token_ids.clone()),
+                routed_experts: None,
             }
         })
         .collect();
@@ -832,9 +840,12 @@ async fn chat_completions(
         model: st.served_name().to_string(),
         choices,
         usage: Usage::new(fin.prompt.num_prompt_tokens, ct)
-            .with_cached(st.prompt_tokens_details, fin.prompt.num_cached_tokens),
+            .with_cached(st.prompt_tokens_details, fin.prompt.num_cached_tokens)
+            .whole(),
         prompt_logprobs: prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs),
         prompt_token_ids: v.return_token_ids.then_some(prompt_ids),
+        prompt_text: None,
+        tail: ResponseTail::new(),
     })
     .into_response())
 }

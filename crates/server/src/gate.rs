@@ -109,8 +109,7 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
     let echo_logprobs = params.sampling.logprobs.filter(|_| req.echo == Some(true));
     // vLLM computes `echo` + `logprobs` as `prompt_logprobs` (when those are not asked for
     // themselves) and so returns them in the choice too.
-    let show_prompt_logprobs =
-        params.sampling.prompt_logprobs.is_some() || echo_logprobs.is_some();
+    let show_prompt_logprobs = params.sampling.prompt_logprobs.is_some() || echo_logprobs.is_some();
     if let Some(k) = echo_logprobs {
         let p = &mut params.sampling.prompt_logprobs;
         *p = Some(p.unwrap_or(0).max(k));

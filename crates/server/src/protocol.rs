@@ -259,12 +259,18 @@ pub struct DetokenizeRequest {
     pub tokens: Vec<i64>,
 }
 
+/// Token counts. vLLM writes a whole response with every field (`null` where unset) and a
+/// streamed chunk with only the fields set: the details are `None` (absent) in chunks and
+/// `Some(None)` (`null`) in whole responses ([`Usage::whole`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub total_tokens: usize,
     pub completion_tokens: usize,
-    pub prompt_tokens_details: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<Option<Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<Option<Value>>,
 }
 
 impl Usage {
@@ -274,6 +280,7 @@ impl Usage {
             total_tokens: prompt + completion,
             completion_tokens: completion,
             prompt_tokens_details: None,
+            completion_tokens_details: None,
         }
     }
 
@@ -281,9 +288,42 @@ impl Usage {
     /// prefix cache — only when there were some, as vLLM.
     pub fn with_cached(mut self, details: bool, cached: usize) -> Self {
         if details && cached > 0 {
-            self.prompt_tokens_details = Some(serde_json::json!({ "cached_tokens": cached }));
+            self.prompt_tokens_details = Some(Some(serde_json::json!({ "cached_tokens": cached })));
         }
         self
+    }
+
+    /// As a whole (non-streamed) response shows it: the unset details as `null`.
+    pub fn whole(mut self) -> Self {
+        self.prompt_tokens_details.get_or_insert(None);
+        self.completion_tokens_details.get_or_insert(None);
+        self
+    }
+}
+
+/// The fields vLLM 0.32 ends a whole response with (its `service_tier`, KV / encoder-cache
+/// transfer parameters and request metrics are always `null` here).
+#[derive(Debug, Clone, Serialize)]
+pub struct ResponseTail {
+    pub service_tier: Option<Value>,
+    pub system_fingerprint: &'static str,
+    pub kv_transfer_params: Option<Value>,
+    pub ec_transfer_params: Option<Value>,
+    pub metrics: Option<Value>,
+}
+
+/// `system_fingerprint`: this server and version (vLLM writes `vllm-<version>-<hash>`).
+pub const SYSTEM_FINGERPRINT: &str = concat!("tpuserve-", env!("CARGO_PKG_VERSION"));
+
+impl ResponseTail {
+    pub fn new() -> Option<Self> {
+        Some(ResponseTail {
+            service_tier: None,
+            system_fingerprint: SYSTEM_FINGERPRINT,
+            kv_transfer_params: None,
+            ec_transfer_params: None,
+            metrics: None,
+        })
     }
 }
 
@@ -303,14 +343,16 @@ pub struct CompletionChoice {
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<String>,
     pub stop_reason: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_logprobs: Option<Value>,
-    /// With `return_token_ids` (streaming: on a choice's first chunk only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_token_ids: Option<Vec<u32>>,
-    /// With `return_token_ids` (streaming: the chunk's new tokens).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// With `return_token_ids` (streaming: the chunk's new tokens); `null` otherwise.
     pub token_ids: Option<Vec<u32>>,
+    /// Whole responses only (`Some`: shown, `null` unless asked for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Option<Value>>,
+    /// With `return_token_ids` (streaming: on a choice's first chunk only); `null` otherwise.
+    pub prompt_token_ids: Option<Vec<u32>>,
+    /// vLLM's MoE routing report: whole responses only, always `null` (dense models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routed_experts: Option<Option<Value>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -322,6 +364,9 @@ pub struct CompletionResponse {
     pub choices: Vec<CompletionChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Whole responses only.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<ResponseTail>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -349,7 +394,30 @@ pub struct ChatMessageOut {
     pub role: String,
     /// Null when the answer was only tool calls.
     pub content: Option<String>,
+    /// vLLM 0.32's other message fields, `null` here.
+    pub refusal: Option<Value>,
+    pub annotations: Option<Value>,
+    pub audio: Option<Value>,
+    pub function_call: Option<Value>,
+    pub reasoning: Option<Value>,
+    /// Left out when there are none, as vLLM.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<Value>,
+}
+
+impl ChatMessageOut {
+    pub fn new(role: String, content: Option<String>, tool_calls: Vec<Value>) -> Self {
+        ChatMessageOut {
+            role,
+            content,
+            refusal: None,
+            annotations: None,
+            audio: None,
+            function_call: None,
+            reasoning: None,
+            tool_calls,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -359,9 +427,10 @@ pub struct ChatChoice {
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
     pub stop_reason: Option<Value>,
-    /// With `return_token_ids`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// With `return_token_ids`; `null` otherwise.
     pub token_ids: Option<Vec<u32>>,
+    /// vLLM's MoE routing report: `null` (dense models).
+    pub routed_experts: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -373,7 +442,10 @@ pub struct ChatCompletionResponse {
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
     pub prompt_logprobs: Option<Value>,
-    /// With `return_token_ids`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// With `return_token_ids`; `null` otherwise.
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// vLLM's `return_prompt_text` (refused here): `null`.
+    pub prompt_text: Option<Value>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<ResponseTail>,
 }

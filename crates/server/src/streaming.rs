@@ -16,7 +16,7 @@ use tpuserve_engine::{RequestStream, SeqDelta, TokenLogprobs};
 
 use crate::app::{chat_logprobs, completion_logprobs, finish_fields, sse_json};
 use crate::error::ApiError;
-use crate::protocol::{CompletionChoice, CompletionResponse, Usage};
+use crate::protocol::{CompletionChoice, CompletionResponse, Usage, SYSTEM_FINGERPRINT};
 use crate::state::SharedState;
 
 /// What every chunk of one streamed response shares.
@@ -217,7 +217,8 @@ pub fn completions(
                     ));
                 }
                 sent[pi][d.index] += choice.text.len();
-                if is_first && head.return_token_ids {
+                // vLLM sends the prompt's ids on a choice's first chunk with `echo` too.
+                if is_first && (head.return_token_ids || prompts.echo_texts.is_some()) {
                     choice.prompt_token_ids = Some(prompts.ids[pi].clone());
                 }
                 let chunk = CompletionResponse {
@@ -227,6 +228,7 @@ pub fn completions(
                     model: head.model.clone(),
                     choices: vec![choice],
                     usage: head.continuous_usage.then(|| counts.choice(pi, index)),
+                    tail: None,
                 };
                 if tx.send(sse_json(&chunk)).await.is_err() {
                     return; // client gone: dropping the receivers aborts the requests
@@ -236,7 +238,8 @@ pub fn completions(
         if head.include_usage {
             let chunk = json!({"id": head.id, "object": "text_completion",
                 "created": head.created, "model": head.model, "choices": [],
-                "usage": counts.total(head.prompt_tokens_details)});
+                "usage": counts.total(head.prompt_tokens_details),
+                "system_fingerprint": SYSTEM_FINGERPRINT});
             let _ = tx.send(sse_json(&chunk)).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
@@ -265,6 +268,7 @@ fn completion_choice(
         prompt_logprobs: None,
         prompt_token_ids: None,
         token_ids: head.return_token_ids.then(|| d.token_ids.clone()),
+        routed_experts: None,
     }
 }
 
@@ -303,9 +307,11 @@ pub fn chat(
                     "finish_reason": null}),
                 head.continuous_usage.then(|| counts.choice(0, i)),
             );
-            if i == 0 && head.return_token_ids {
-                // vLLM sends the prompt's ids once, on the stream's first chunk.
-                first["prompt_token_ids"] = json!(prompts.ids[0]);
+            if i == 0 {
+                // vLLM sends the prompt's ids once, on the stream's first chunk (`null`
+                // without `return_token_ids`), with its `prompt_text` (`null`).
+                first["prompt_token_ids"] = json!(head.return_token_ids.then(|| &prompts.ids[0]));
+                first["prompt_text"] = Value::Null;
             }
             if tx.send(sse_json(&first)).await.is_err() {
                 return;
@@ -373,10 +379,13 @@ pub fn chat(
                     _ => json!({"content": d.text}),
                 };
                 let mut choice = json!({"index": d.index, "delta": delta, "logprobs": logprobs,
-                    "finish_reason": fr, "stop_reason": sr});
-                if head.return_token_ids {
-                    choice["token_ids"] = json!(d.token_ids);
+                    "finish_reason": fr});
+                // vLLM: `stop_reason` on the choice's last chunk only; `token_ids` on each
+                // (`null` without `return_token_ids`).
+                if fr.is_some() {
+                    choice["stop_reason"] = sr;
                 }
+                choice["token_ids"] = json!(head.return_token_ids.then_some(&d.token_ids));
                 let c = chunk(
                     choice,
                     head.continuous_usage.then(|| counts.choice(0, d.index)),
@@ -389,7 +398,8 @@ pub fn chat(
         if head.include_usage {
             let u = json!({"id": head.id, "object": "chat.completion.chunk",
                 "created": head.created, "model": head.model, "choices": [],
-                "usage": counts.total(head.prompt_tokens_details)});
+                "usage": counts.total(head.prompt_tokens_details),
+                "system_fingerprint": SYSTEM_FINGERPRINT});
             let _ = tx.send(sse_json(&u)).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;

@@ -301,6 +301,10 @@ fn with_opts(mut s: ConstraintSpec, opts: (bool, bool, Option<String>)) -> Const
 pub struct ServerDefaults {
     pub disable_any_whitespace: bool,
     pub disable_additional_properties: bool,
+    /// `backend` `guidance`: JSON objects take properties their schema does not list, unless
+    /// `disable_additional_properties`. vLLM's other backends (its default `auto` picks
+    /// xgrammar, whose strict mode is on) close every object with `properties`.
+    pub open_objects: bool,
 }
 
 impl ServerDefaults {
@@ -323,6 +327,7 @@ impl ServerDefaults {
                             BACKENDS.join(", ")
                         ));
                     }
+                    d.open_objects = b == "guidance" || b == "llguidance";
                     if b != "auto" && b != "guidance" && b != "llguidance" {
                         tracing::info!(
                             "{flag}: backend '{b}' requested; llguidance serves every                              structured-output request (the same constraints)"
@@ -412,7 +417,8 @@ impl Grammars {
         mut spec: ConstraintSpec,
     ) -> Result<Constraint, ApiError> {
         spec.disable_any_whitespace |= self.defaults.disable_any_whitespace;
-        spec.disable_additional_properties |= self.defaults.disable_additional_properties;
+        spec.disable_additional_properties |=
+            self.defaults.disable_additional_properties || !self.defaults.open_objects;
         let me = self.clone();
         let job = tokio::task::spawn_blocking(move || {
             let c = me.compiler().map_err(ConstraintError::Tokenizer)?;
