@@ -85,6 +85,7 @@ fn bench(c: &mut Criterion) {
             routed_experts: None,
         }],
         usage: None,
+        system_fingerprint: None,
         tail: None,
     };
     c.bench_function("sse_encode_completion_chunk", |b| {

@@ -244,6 +244,7 @@ async fn beam_completion(
         model: st.served_name().to_string(),
         choices,
         usage: Some(Usage::new(pt, ct).whole()),
+        system_fingerprint: Some(SYSTEM_FINGERPRINT),
         tail: ResponseTail::new(),
     })
     .into_response())
@@ -298,6 +299,7 @@ async fn beam_chat(
         prompt_logprobs: None,
         prompt_token_ids: v.return_token_ids.then_some(ids),
         prompt_text: None,
+        system_fingerprint: SYSTEM_FINGERPRINT,
         tail: ResponseTail::new(),
     })
     .into_response())
@@ -676,6 +678,7 @@ async fn completions(
                 .with_cached(st.prompt_tokens_details, cached)
                 .whole(),
         ),
+        system_fingerprint: Some(SYSTEM_FINGERPRINT),
         tail: ResponseTail::new(),
     })
     .into_response())
@@ -845,6 +848,7 @@ async fn chat_completions(
         prompt_logprobs: prompt_logprobs_json(&st, &fin.prompt.prompt_logprobs),
         prompt_token_ids: v.return_token_ids.then_some(prompt_ids),
         prompt_text: None,
+        system_fingerprint: SYSTEM_FINGERPRINT,
         tail: ResponseTail::new(),
     })
     .into_response())

@@ -306,7 +306,6 @@ impl Usage {
 #[derive(Debug, Clone, Serialize)]
 pub struct ResponseTail {
     pub service_tier: Option<Value>,
-    pub system_fingerprint: &'static str,
     pub kv_transfer_params: Option<Value>,
     pub ec_transfer_params: Option<Value>,
     pub metrics: Option<Value>,
@@ -319,7 +318,6 @@ impl ResponseTail {
     pub fn new() -> Option<Self> {
         Some(ResponseTail {
             service_tier: None,
-            system_fingerprint: SYSTEM_FINGERPRINT,
             kv_transfer_params: None,
             ec_transfer_params: None,
             metrics: None,
@@ -364,6 +362,10 @@ pub struct CompletionResponse {
     pub choices: Vec<CompletionChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Whole responses, and a stream's last chunk (vLLM: the usage chunk, else each choice's
+    /// finishing chunk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<&'static str>,
     /// Whole responses only.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub tail: Option<ResponseTail>,
@@ -446,6 +448,7 @@ pub struct ChatCompletionResponse {
     pub prompt_token_ids: Option<Vec<u32>>,
     /// vLLM's `return_prompt_text` (refused here): `null`.
     pub prompt_text: Option<Value>,
+    pub system_fingerprint: &'static str,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub tail: Option<ResponseTail>,
 }

@@ -228,6 +228,9 @@ pub fn completions(
                     model: head.model.clone(),
                     choices: vec![choice],
                     usage: head.continuous_usage.then(|| counts.choice(pi, index)),
+                    // vLLM: on a choice's finishing chunk when no usage chunk follows.
+                    system_fingerprint: (d.finish.is_some() && !head.include_usage)
+                        .then_some(SYSTEM_FINGERPRINT),
                     tail: None,
                 };
                 if tx.send(sse_json(&chunk)).await.is_err() {
@@ -386,10 +389,14 @@ pub fn chat(
                     choice["stop_reason"] = sr;
                 }
                 choice["token_ids"] = json!(head.return_token_ids.then_some(&d.token_ids));
-                let c = chunk(
+                let mut c = chunk(
                     choice,
                     head.continuous_usage.then(|| counts.choice(0, d.index)),
                 );
+                // vLLM: on a choice's finishing chunk when no usage chunk follows.
+                if fr.is_some() && !head.include_usage {
+                    c["system_fingerprint"] = json!(SYSTEM_FINGERPRINT);
+                }
                 if tx.send(sse_json(&c)).await.is_err() {
                     return;
                 }
