@@ -1795,3 +1795,16 @@ def test_echo_with_logprobs_returns_the_prompt_logprobs_too(server, model):
         assert 1 <= len(entry) <= 3
     status, r = send(server.port, "POST", "/v1/completions", {**body, "echo": False})
     assert r["choices"][0].get("prompt_logprobs") is None
+
+
+def test_a_streamed_echo_sends_the_prompt_ids_first(server, model):
+    """vLLM's streamed `echo` carries the prompt's token ids on the choice's first chunk (as
+    `return_token_ids` does), logprobs or not; later chunks have `prompt_token_ids: null`."""
+    ids = tokenize(server.port, model, prompt="Hi there")["tokens"]
+    for extra in ({}, {"logprobs": 1}):
+        chunks = sse(server.port, "/v1/completions",
+                     {"model": model, "prompt": "Hi there", "max_tokens": 3, "temperature": 0,
+                      "stream": True, "echo": True, **extra})
+        firsts = [c["choices"][0]["prompt_token_ids"] for c in chunks if c["choices"]]
+        assert firsts[0] == ids and all(f is None for f in firsts[1:]), firsts
+        assert chunks[-1]["system_fingerprint"].startswith("tpuserve-")

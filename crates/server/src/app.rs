@@ -585,7 +585,8 @@ async fn completions(
         drop(guard);
         return res;
     }
-    let keep_ids = v.return_token_ids || echo_k.is_some();
+    // A streamed echo sends the prompt's ids on its first chunk, as vLLM.
+    let keep_ids = v.return_token_ids || echo_k.is_some() || (echo && v.stream);
     let sub = submit(&st, prompts, &v, req.sampling.user.as_deref(), keep_ids).await?;
     let id = request_id("cmpl", &headers, req.sampling.request_id.as_deref());
     let created = now_secs();
