@@ -124,41 +124,45 @@ pub fn argmax(values: &[f32]) -> usize {
     best.map_or(0, |(i, _)| i)
 }
 
-/// The logprob, rank and top-`n` of `token` under the raw logits.
-pub fn token_logprobs(logits: &[f32], token: TokenId, n: usize) -> TokenLogprobs {
+/// `token`'s logprob and rank under the raw logits, with `alternatives` (ids) beside it.
+fn logprobs_with(
+    logits: &[f32],
+    token: TokenId,
+    alternatives: impl IntoIterator<Item = TokenId>,
+) -> TokenLogprobs {
     let lsm = log_softmax(logits);
     let chosen = logits[token as usize];
-    let rank = 1 + logits.iter().filter(|&&l| l > chosen).count();
-    let top = top_n(logits, n)
-        .into_iter()
-        .map(|i| (i as TokenId, lsm[i] as f32))
-        .collect();
     TokenLogprobs {
         token,
         logprob: lsm[token as usize] as f32,
-        rank,
-        top,
+        rank: 1 + logits.iter().filter(|&&l| l > chosen).count(),
+        top: alternatives
+            .into_iter()
+            .map(|i| (i, lsm[i as usize] as f32))
+            .collect(),
     }
+}
+
+/// The logprob, rank and top-`n` of `token` under the raw logits.
+pub fn token_logprobs(logits: &[f32], token: TokenId, n: usize) -> TokenLogprobs {
+    logprobs_with(
+        logits,
+        token,
+        top_n(logits, n).into_iter().map(|i| i as TokenId),
+    )
 }
 
 /// `token`'s logprob and rank under the raw logits, with `ids` as its alternatives, as vLLM
 /// reports `logprob_token_ids`: the sampled token first, then each listed id once in the
 /// order given (the sampled one is not repeated).
 pub fn listed_logprobs(logits: &[f32], token: TokenId, ids: &[TokenId]) -> TokenLogprobs {
-    let lsm = log_softmax(logits);
-    let chosen = logits[token as usize];
-    let mut top: Vec<(TokenId, f32)> = vec![(token, lsm[token as usize] as f32)];
+    let mut listed = vec![token];
     for &id in ids {
-        if !top.iter().any(|&(t, _)| t == id) {
-            top.push((id, lsm[id as usize] as f32));
+        if !listed.contains(&id) {
+            listed.push(id);
         }
     }
-    TokenLogprobs {
-        token,
-        logprob: lsm[token as usize] as f32,
-        rank: 1 + logits.iter().filter(|&&l| l > chosen).count(),
-        top,
-    }
+    logprobs_with(logits, token, listed)
 }
 
 /// Applies `allowed_token_ids`, `bad_words`, logit bias, banned tokens and presence /

@@ -245,7 +245,7 @@ async fn beam_completion(
         choices,
         usage: Some(Usage::new(pt, ct).whole()),
         system_fingerprint: Some(SYSTEM_FINGERPRINT),
-        tail: ResponseTail::new(),
+        tail: Some(ResponseTail::default()),
     })
     .into_response())
 }
@@ -300,7 +300,7 @@ async fn beam_chat(
         prompt_token_ids: v.return_token_ids.then_some(ids),
         prompt_text: None,
         system_fingerprint: SYSTEM_FINGERPRINT,
-        tail: ResponseTail::new(),
+        tail: Some(ResponseTail::default()),
     })
     .into_response())
 }
@@ -680,7 +680,7 @@ async fn completions(
                 .whole(),
         ),
         system_fingerprint: Some(SYSTEM_FINGERPRINT),
-        tail: ResponseTail::new(),
+        tail: Some(ResponseTail::default()),
     })
     .into_response())
 }
@@ -850,7 +850,7 @@ async fn chat_completions(
         prompt_token_ids: v.return_token_ids.then_some(prompt_ids),
         prompt_text: None,
         system_fingerprint: SYSTEM_FINGERPRINT,
-        tail: ResponseTail::new(),
+        tail: Some(ResponseTail::default()),
     })
     .into_response())
 }

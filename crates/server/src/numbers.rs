@@ -165,13 +165,9 @@ pub fn retry<T: DeserializeOwned>(body: &[u8], first: serde_json::Error) -> Resu
     if !changed {
         return Err(culprit::<T>(obj).map_or_else(original, |f| named(f, &first)));
     }
-    serde_json::from_value(value).map_err(|e| {
-        let obj = serde_json::from_slice::<Value>(body).ok();
-        let obj = obj.as_ref().and_then(Value::as_object);
-        match obj.and_then(culprit::<T>) {
-            Some(f) => named(f, &e),
-            None => ApiError::bad_request(format!("invalid request body: {e}")),
-        }
+    T::deserialize(&value).map_err(|e| match value.as_object().and_then(culprit::<T>) {
+        Some(f) => named(f, &e),
+        None => ApiError::bad_request(format!("invalid request body: {e}")),
     })
 }
 

@@ -303,7 +303,7 @@ impl Usage {
 
 /// The fields vLLM 0.32 ends a whole response with (its `service_tier`, KV / encoder-cache
 /// transfer parameters and request metrics are always `null` here).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ResponseTail {
     pub service_tier: Option<Value>,
     pub kv_transfer_params: Option<Value>,
@@ -313,17 +313,6 @@ pub struct ResponseTail {
 
 /// `system_fingerprint`: this server and version (vLLM writes `vllm-<version>-<hash>`).
 pub const SYSTEM_FINGERPRINT: &str = concat!("tpuserve-", env!("CARGO_PKG_VERSION"));
-
-impl ResponseTail {
-    pub fn new() -> Option<Self> {
-        Some(ResponseTail {
-            service_tier: None,
-            kv_transfer_params: None,
-            ec_transfer_params: None,
-            metrics: None,
-        })
-    }
-}
 
 /// `logprobs` of a completion choice (legacy OpenAI completions layout).
 #[derive(Debug, Clone, Default, Serialize)]
