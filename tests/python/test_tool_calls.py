@@ -64,6 +64,17 @@ def test_plain_answer_with_auto_tools_has_no_tool_calls(client, model):
     assert (text, finish) == (c.message.content, c.finish_reason)
 
 
+def test_streamed_text_with_auto_tools_has_no_tool_calls_field(server, model):
+    """vLLM 0.32 sends text deltas as `{"content": ...}` alone: an empty `tool_calls` list in
+    every chunk reads as a call to a client that tests `if (delta.tool_calls)`."""
+    body = {"model": model, "messages": ASK, "tools": TOOLS, "max_tokens": 6,
+            "temperature": 0, "stream": True}
+    deltas = [c["choices"][0]["delta"] for c in sse(server.port, "/v1/chat/completions", body)
+              if c["choices"]]
+    assert any(d.get("content") for d in deltas)
+    assert all("tool_calls" not in d for d in deltas), deltas
+
+
 def test_n2_stream_each_choice_finishes(server, model):
     body = {"model": model, "messages": ASK, "tools": TOOLS, "tool_choice": "auto", "n": 2,
             "max_tokens": 8, "temperature": 1, "seed": 1, "stream": True}
@@ -73,18 +84,37 @@ def test_n2_stream_each_choice_finishes(server, model):
     assert sorted(finishes) == [0, 1] and set(finishes.values()) <= {"stop", "length"}
 
 
-def test_tool_messages_render(client, model):
-    """An assistant message with tool_calls (arguments as a JSON string) and the tool's answer
-    go through the chat template (vLLM parses the arguments to an object for it)."""
-    messages = ASK + [
-        {"role": "assistant", "content": "", "tool_calls": [
+def _tool_history(content):
+    return ASK + [
+        {"role": "assistant", "content": content, "tool_calls": [
             {"id": "chatcmpl-tool-1", "type": "function",
              "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
         {"role": "tool", "tool_call_id": "chatcmpl-tool-1", "content": "Sunny, 21 C"},
     ]
-    r = client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
+
+
+def test_tool_messages_render(client, model):
+    """An assistant message with tool_calls (arguments as a JSON string) and the tool's answer
+    go through the chat template (vLLM parses the arguments to an object for it)."""
+    r = client.chat.completions.create(model=model, messages=_tool_history(""), tools=TOOLS,
                                        max_tokens=4, temperature=0)
     assert r.choices[0].message.role == "assistant"
+
+
+def test_a_tool_call_turn_with_null_content_renders_as_empty_content(server, model):
+    """What a client sends back after a tool call (the SDK's message has `content: None`, or
+    no content at all) renders as vLLM's string content format renders it: content "" (it
+    was a 400: the template added None to a string)."""
+    def prompt(content):
+        body = {"model": model, "messages": _tool_history(content), "tools": TOOLS,
+                "max_tokens": 1, "temperature": 0, "return_token_ids": True}
+        if content is ...:
+            del body["messages"][1]["content"]
+        status, r = send(server.port, "POST", "/v1/chat/completions", body)
+        assert status == 200, r
+        return r["prompt_token_ids"]
+    empty = prompt("")
+    assert prompt(None) == empty and prompt(...) == empty
 
 
 def _prompt_ids(port, model, **extra):

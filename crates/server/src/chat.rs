@@ -6,14 +6,17 @@ use tpuserve_model::{ChatMessage, ChatTemplate};
 use crate::error::ApiError;
 use crate::protocol::ChatMessageIn;
 
-/// Content as templates expect it: a string; text parts are joined with newlines as vLLM does.
+/// Content as templates expect it: a string; text parts are joined with newlines as vLLM does,
+/// and a missing or null content (an assistant turn that only made tool calls) is `""`, as
+/// vLLM's "string" content format gives it: templates that add `message['content']` to a
+/// string failed on it (a 400 for every conversation carrying a tool call back).
 fn content_text(
     i: usize,
     content: &Option<serde_json::Value>,
 ) -> Result<serde_json::Value, ApiError> {
     use serde_json::Value;
     match content {
-        None | Some(Value::Null) => Ok(Value::Null),
+        None | Some(Value::Null) => Ok(Value::String(String::new())),
         Some(Value::String(s)) => Ok(Value::String(s.clone())),
         Some(Value::Array(parts)) => {
             let mut texts = Vec::new();

@@ -4,7 +4,9 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{args_delta, calls_message, random_call_id, start_delta, ParserKind, ToolCall};
+use super::{
+    args_delta, calls_message_null_content, random_call_id, start_delta, ParserKind, ToolCall,
+};
 use crate::error::ApiError;
 
 /// How the answer's tool calls are read.
@@ -307,7 +309,7 @@ impl NamedStream {
             self.started = true;
             start_delta(0, random_call_id(), &self.name, Some(delta.to_string()))
         };
-        calls_message(vec![d])
+        calls_message_null_content(vec![d])
     }
 }
 
@@ -475,7 +477,7 @@ impl RequiredStream {
                 self.sent_to.push(end);
             }
         }
-        calls_message(deltas)
+        calls_message_null_content(deltas)
     }
 }
 

@@ -149,11 +149,14 @@ impl Stream {
                 None => break,
             }
         }
-        if content.is_none() && deltas.is_empty() {
-            return None;
+        // vLLM 0.32 sends text alone as `{"content"}` and calls with `"content": null`
+        // (or the text before them), never an empty `tool_calls` (checked side by side:
+        // `benches/vllm_diff`); a client testing `if (delta.tool_calls)` took `[]` for a call.
+        match (content, deltas.is_empty()) {
+            (None, true) => None,
+            (Some(c), true) => Some(serde_json::json!({ "content": c })),
+            (c, false) => Some(serde_json::json!({"content": c, "tool_calls": deltas})),
         }
-        // vLLM sets both fields of this DeltaMessage explicitly, so both are sent.
-        Some(serde_json::json!({"content": content, "tool_calls": deltas}))
     }
 }
 
@@ -182,6 +185,21 @@ mod tests {
             ]
         );
         check_streaming(ParserKind::Hermes, &two);
+    }
+
+    #[test]
+    fn streamed_text_is_content_alone_and_calls_carry_null_content() {
+        let mut s = ParserKind::Hermes.streamer();
+        assert_eq!(
+            s.push("Hello"),
+            Some(serde_json::json!({"content": "Hello"}))
+        );
+        assert_eq!(s.push("<tool_"), None);
+        let d = s
+            .push("call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>")
+            .unwrap();
+        assert_eq!(d.get("content"), Some(&Value::Null), "{d}");
+        assert_eq!(d["tool_calls"][0]["function"]["name"], "f", "{d}");
     }
 
     #[test]

@@ -82,6 +82,13 @@ fn calls_message(calls: Vec<Value>) -> Option<Value> {
     (!calls.is_empty()).then(|| json!({ "tool_calls": calls }))
 }
 
+/// A delta message with tool calls and `content: null`, as vLLM 0.32 streams the calls of
+/// hermes answers and of `tool_choice` "required" / named (checked side by side:
+/// `benches/vllm_diff`).
+fn calls_message_null_content(calls: Vec<Value>) -> Option<Value> {
+    (!calls.is_empty()).then(|| json!({ "content": null, "tool_calls": calls }))
+}
+
 fn content_message(text: String) -> Value {
     json!({ "content": text })
 }
