@@ -188,6 +188,23 @@ def test_custom_roles_reach_the_template(server, client, model):
     assert r.usage.prompt_tokens == tok["count"], (r.usage, tok["count"])
 
 
+def test_developer_messages_are_system_messages_for_a_template_without_the_role(server,
+                                                                                  model):
+    """SmolLM2's template does not know "developer": vLLM 0.32 gives such messages to it as
+    one system message in front (so the template's default system prompt is not added)."""
+    def prompt(msgs):
+        status, tok = send(server.port, "POST", "/tokenize", {"model": model, "messages": msgs})
+        assert status == 200, tok
+        return tok["tokens"]
+    user = {"role": "user", "content": "Hi"}
+    as_system = prompt([{"role": "system", "content": "Be brief.\n\nNo emoji."}, user])
+    got = prompt([user, {"role": "developer", "content": "Be brief."},
+                  {"role": "system", "content": "No emoji."}])
+    assert got == as_system
+    assert prompt([{"role": "developer", "content": "Be brief."}, user]) == \
+        prompt([{"role": "system", "content": "Be brief."}, user])
+
+
 # --- item 7: numeric bounds named as vLLM's (pydantic's) validation names them --------------
 
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1

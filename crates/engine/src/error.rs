@@ -2,7 +2,7 @@
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RequestError {
-    #[error("the prompt is empty")]
+    #[error("Either prompt or prompt_embeds must be provided and non-empty.")]
     EmptyPrompt,
     /// `param`: the request field that held it (`prompt`, `stop_token_ids`, `logit_bias`…).
     #[error("token id {token} is out of vocabulary (0..{vocab_size})")]

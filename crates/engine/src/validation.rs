@@ -247,15 +247,16 @@ impl RequestLimits {
         }
         // -1 and 0 both mean off; the samplers see one spelling.
         p.top_k = p.top_k.max(0);
-        for (name, n) in [
-            ("logprobs", p.logprobs),
-            ("prompt_logprobs", p.prompt_logprobs),
+        // vLLM 0.32's words (`SamplingParams._validate_logprobs`).
+        for (name, what, n) in [
+            ("logprobs", "sample", p.logprobs),
+            ("prompt_logprobs", "prompt", p.prompt_logprobs),
         ] {
             if let Some(n) = n.filter(|&n| n > self.max_logprobs) {
                 return Err(invalid(
                     name,
                     format!(
-                        "{name} must be between 0 and {}, got {n}.",
+                        "Requested {what} logprobs of {n}, which is greater than max allowed: {}",
                         self.max_logprobs
                     ),
                 ));

@@ -163,6 +163,45 @@ fn template_tool_calls(
     Ok(Some(Value::Array(out)))
 }
 
+/// Developer messages for a template that does not know the role (its source never names
+/// `"developer"`), as vLLM 0.32 gives them (`_convert_developer_to_system`,
+/// `_consolidate_system_messages`): they become system messages, and then every non-empty
+/// system content is joined with blank lines into one system message at the front, the other
+/// messages keeping their order. SmolLM2's template rendered "developer" as a turn of its own
+/// after its default system prompt.
+fn developer_as_system(msgs: &mut Vec<ChatMessage>, template_source: &str) {
+    if !msgs.iter().any(|m| m.role == "developer")
+        || template_source.contains("\"developer\"")
+        || template_source.contains("'developer'")
+    {
+        return;
+    }
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    LOGGED.call_once(|| {
+        tracing::info!(
+            "the chat template does not know the 'developer' role: developer messages are \
+             given to it as system messages (as vLLM does)"
+        )
+    });
+    for m in msgs.iter_mut().filter(|m| m.role == "developer") {
+        m.role = "system".into();
+        m.extra.remove("tools");
+    }
+    let systems: Vec<usize> = (0..msgs.len())
+        .filter(|&i| msgs[i].role == "system")
+        .collect();
+    if systems.len() < 2 && systems.iter().all(|&i| i == 0) {
+        return;
+    }
+    let joined: Vec<String> = systems
+        .iter()
+        .filter_map(|&i| msgs[i].content.as_str().filter(|c| !c.is_empty()))
+        .map(str::to_string)
+        .collect();
+    msgs.retain(|m| m.role != "system");
+    msgs.insert(0, ChatMessage::new("system", &joined.join("\n\n")));
+}
+
 /// Renders the conversation to the prompt text.
 pub fn render(
     template: Option<&ChatTemplate>,
@@ -207,6 +246,7 @@ pub fn render(
         }
         msgs.push(cm);
     }
+    developer_as_system(&mut msgs, &tmpl.source);
     let opts = RenderOptions {
         add_generation_prompt: add_gen,
         tools: o.tools.cloned(),
@@ -227,7 +267,51 @@ pub fn render(
 
 #[cfg(test)]
 mod tests {
-    use super::{cut_after_final_message, template_tool_calls};
+    use super::{cut_after_final_message, developer_as_system, template_tool_calls};
+    use tpuserve_model::ChatMessage;
+
+    fn roles_and_contents(msgs: &[ChatMessage]) -> Vec<(String, String)> {
+        msgs.iter()
+            .map(|m| (m.role.clone(), m.content.as_str().unwrap().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn developer_messages_become_one_front_system_message_as_vllm() {
+        let conv = || {
+            vec![
+                ChatMessage::new("user", "hi"),
+                ChatMessage::new("developer", "Be brief."),
+                ChatMessage::new("system", ""),
+                ChatMessage::new("system", "No emoji."),
+                ChatMessage::new("assistant", "ok"),
+            ]
+        };
+        let mut m = conv();
+        developer_as_system(&mut m, "{{ messages }}");
+        let want = [
+            ("system", "Be brief.\n\nNo emoji."),
+            ("user", "hi"),
+            ("assistant", "ok"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(r, c)| (r.to_string(), c.to_string()))
+            .collect();
+        assert_eq!(roles_and_contents(&m), want);
+        // A template that names the role gets the conversation as sent.
+        let mut m = conv();
+        developer_as_system(&mut m, "{% if m.role == 'developer' %}{% endif %}");
+        assert_eq!(roles_and_contents(&m), roles_and_contents(&conv()));
+        // One developer message in front: only renamed.
+        let mut m = vec![
+            ChatMessage::new("developer", "x"),
+            ChatMessage::new("user", "y"),
+        ];
+        developer_as_system(&mut m, "");
+        assert_eq!(m[0].role, "system");
+        assert_eq!(m.len(), 2);
+    }
     use serde_json::json;
 
     #[test]

@@ -46,7 +46,8 @@ pub fn completion(ctx: &GateContext, req: &CompletionRequest) -> Result<Completi
     if req.suffix.is_some() {
         return Err(ApiError::invalid_param(
             "suffix",
-            "suffix is not currently supported",
+            // vLLM 0.32's words: only models with fill-in-the-middle rendering take it.
+            "suffix is only supported for models with FIM completion rendering",
         ));
     }
     let add_special = req.add_special_tokens.unwrap_or(true);
