@@ -1814,6 +1814,28 @@ def test_echo_with_logprobs_returns_the_prompt_logprobs_too(server, model):
     assert r["choices"][0].get("prompt_logprobs") is None
 
 
+def test_chat_echo_returns_the_prompt_logprobs(server, model):
+    """vLLM 0.32's chat takes `echo` as `prompt_logprobs = top_logprobs` (0 unless logprobs
+    are asked) when the request does not set prompt_logprobs: one entry a prompt token (none
+    for the first), each holding at least that token, equal to what prompt_logprobs: 0 gives."""
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    base = {"model": model, "messages": msgs, "max_tokens": 2, "temperature": 0,
+            "add_generation_prompt": False, "continue_final_message": True,
+            "return_token_ids": True}
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**base, "echo": True})
+    assert status == 200, r
+    ids, plp = r["prompt_token_ids"], r["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None, plp
+    assert all(list(e) == [str(t)] for t, e in zip(ids[1:], plp[1:])), plp
+    _, asked = send(server.port, "POST", "/v1/chat/completions", {**base, "prompt_logprobs": 0})
+    assert asked["prompt_logprobs"] == plp
+    status, r = send(server.port, "POST", "/v1/chat/completions",
+                     {**base, "echo": True, "logprobs": True, "top_logprobs": 2})
+    assert all(2 <= len(e) <= 3 for e in r["prompt_logprobs"][1:]), r["prompt_logprobs"]
+    _, plain = send(server.port, "POST", "/v1/chat/completions", base)
+    assert plain["prompt_logprobs"] is None
+
+
 def test_a_streamed_echo_sends_the_prompt_ids_first(server, model):
     """vLLM's streamed `echo` carries the prompt's token ids on the choice's first chunk (as
     `return_token_ids` does), logprobs or not; later chunks have `prompt_token_ids: null`."""

@@ -248,9 +248,25 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
         Some(m) => ("max_completion_tokens", Some(m)),
         None => ("max_tokens", req.max_tokens),
     };
+    // vLLM 0.32 computes and returns the prompt's logprobs for a whole (not streamed) chat
+    // answer with `echo`, `top_logprobs` alternatives each (0 by default), unless the request
+    // set `prompt_logprobs` itself (`ChatCompletionRequest.to_sampling_params`).
+    let echoed;
+    let fields = if req.echo == Some(true)
+        && req.sampling.prompt_logprobs.is_none()
+        && req.sampling.stream != Some(true)
+    {
+        echoed = crate::protocol::SamplingFields {
+            prompt_logprobs: Some(req.top_logprobs.unwrap_or(0)),
+            ..req.sampling.clone()
+        };
+        &echoed
+    } else {
+        &req.sampling
+    };
     let mut params = validate::sampling(
         "ChatCompletionRequest",
-        &req.sampling,
+        fields,
         max_tokens,
         logprobs,
         1.0,
