@@ -1814,6 +1814,43 @@ def test_echo_with_logprobs_returns_the_prompt_logprobs_too(server, model):
     assert r["choices"][0].get("prompt_logprobs") is None
 
 
+def test_stop_strings_hold_back_as_vllm_streams(server, model):
+    """vLLM streams all but the last (longest stop string - 1) characters of the text so far
+    (its detokenizer's `stop_buffer_length`), so chunks break where vLLM's break: after each
+    token the streamed text is the decoded output minus its last 2 characters (stop " 6!"
+    and " 5", 3 characters the longest)."""
+    body = {"model": model, "prompt": "1, 2, 3,", "max_tokens": 12, "temperature": 0,
+            "stop": [" 6!", " 5"], "stream": True, "return_token_ids": True}
+    ids, sent = [], ""
+    chunks = [c for c in sse(server.port, "/v1/completions", body) if c["choices"]]
+    for c in chunks:
+        ch = c["choices"][0]
+        ids += ch.get("token_ids") or []
+        sent += ch["text"]
+        if ch["finish_reason"] is None:
+            _, d = send(server.port, "POST", "/detokenize", {"model": model, "tokens": ids})
+            assert sent == d["prompt"][:-2], (sent, d["prompt"], chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert sent == " 4,", chunks
+
+
+def test_null_content_is_refused_except_for_an_assistant(server, model):
+    """vLLM's message types take `content: null` only from an assistant; a left-out content
+    is fine for any role (rendered as "")."""
+    base = {"model": model, "max_tokens": 2, "temperature": 0}
+    status, r = send(server.port, "POST", "/v1/chat/completions",
+                     {**base, "messages": [{"role": "user", "content": None}]})
+    assert status == 400 and r["error"]["param"] == "messages", r
+    assert "null" in r["error"]["message"]
+    status, r = send(server.port, "POST", "/v1/chat/completions",
+                     {**base, "messages": [{"role": "user"}]})
+    assert status == 200, r
+    status, r = send(server.port, "POST", "/v1/chat/completions", {**base, "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+        {"role": "user", "content": "Hi again"}]})
+    assert status == 200, r
+
+
 def test_chat_echo_returns_the_prompt_logprobs(server, model):
     """vLLM 0.32's chat takes `echo` as `prompt_logprobs = top_logprobs` (0 unless logprobs
     are asked) when the request does not set prompt_logprobs: one entry a prompt token (none

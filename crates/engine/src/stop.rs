@@ -139,8 +139,11 @@ impl StopChecker {
         })
     }
 
-    /// Text that can be streamed now: everything when finished, otherwise all but a tail that
-    /// is a proper prefix of some stop string.
+    /// Text that can be streamed now: everything when finished, otherwise all but the last
+    /// `longest stop string − 1` characters, vLLM's fixed hold-back (`stop_buffer_length` of
+    /// its incremental detokenizer): the same text in the same chunks as vLLM streams it.
+    /// Holding back only a tail that could begin a stop string sent the same text in other
+    /// chunks (" 4" where vLLM sends " ", then "4").
     pub fn take_text(&mut self, finished: bool) -> String {
         let end = if finished || self.params.include_stop_str_in_output {
             self.text.len()
@@ -155,19 +158,23 @@ impl StopChecker {
         out
     }
 
+    /// Bytes of the last `longest stop − 1` characters of the text (all of it when shorter).
     fn held_back(&self) -> usize {
-        let pending = &self.text[self.emitted..];
-        self.params
+        let keep = self
+            .params
             .stop
             .iter()
-            .filter_map(|s| {
-                (1..s.len().min(pending.len() + 1))
-                    .rev()
-                    .filter(|&k| s.is_char_boundary(k))
-                    .find(|&k| pending.ends_with(&s[..k]))
-            })
+            .map(|s| s.chars().count())
             .max()
             .unwrap_or(0)
+            .saturating_sub(1);
+        if keep == 0 {
+            return 0;
+        }
+        match self.text.char_indices().rev().nth(keep - 1) {
+            Some((i, _)) => self.text.len() - i,
+            None => self.text.len(),
+        }
     }
 }
 
@@ -204,7 +211,8 @@ mod tests {
     fn stop_string_across_tokens_is_held_back_then_cut() {
         let mut c = checker(stops(&["STOP"]));
         let (out, f) = stream(&mut c, &["hello S", "T", "OP and more"]);
-        assert_eq!(out, ["hello ", "", ""]);
+        // vLLM's chunks: the last three characters held back until decided.
+        assert_eq!(out, ["hell", "o", " "]);
         assert_eq!(out.concat(), "hello ");
         assert_eq!(
             f.unwrap().stop_reason,
@@ -217,7 +225,8 @@ mod tests {
         let mut c = checker(stops(&["STOP"]));
         let (out, f) = stream(&mut c, &["a ST", "ay"]);
         assert!(f.is_none());
-        assert_eq!(out, ["a ", "STay"]);
+        assert_eq!(out, ["a", " S"]);
+        assert_eq!(c.take_text(true), "Tay");
     }
 
     #[test]

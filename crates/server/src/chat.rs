@@ -231,6 +231,17 @@ pub fn render(
     // business (it may render them or raise, which is a 400 below).
     let mut msgs = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
+        // vLLM's message types: only an assistant message's content may be null (a left-out
+        // content is fine for any role: its custom-role type does not require it).
+        if m.role != "assistant" && m.content == Some(serde_json::Value::Null) {
+            return Err(ApiError::invalid_param(
+                "messages",
+                format!(
+                    "messages[{i}].content must be a string or an array of content parts: \
+                     only an assistant message may have null content"
+                ),
+            ));
+        }
         let mut cm = ChatMessage::new(&m.role, "");
         cm.content = content_text(i, &m.content)?;
         if let Some(tc) = &m.tool_calls {

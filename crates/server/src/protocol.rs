@@ -119,6 +119,11 @@ fn null_is_16<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::
     Ok(Option::<i64>::deserialize(d)?.or(completion_max_tokens_default()))
 }
 
+/// A present field as `Some`, `null` included (serde reads `null` as `None` for an `Option`).
+fn kept_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct CompletionRequest {
     pub model: Option<String>,
@@ -141,7 +146,9 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct ChatMessageIn {
     pub role: String,
-    #[serde(default)]
+    /// Left out: `None`; `null`: `Some(Value::Null)` (only an assistant message may send it,
+    /// as vLLM's message types say).
+    #[serde(default, deserialize_with = "kept_null")]
     pub content: Option<Value>,
     pub name: Option<String>,
     pub tool_calls: Option<Value>,
