@@ -910,6 +910,36 @@ def tokenize_pieces(port, model, pieces):
     return out
 
 
+def test_beam_alternatives_are_the_steps_top_candidates_as_vllm(server, model):
+    """vLLM shows a beam step's first `logprobs + 1` (completions) / `top_logprobs` (chat)
+    dict entries: the step's best candidates by rank, whichever token the beam took. Every
+    hypothesis' first step is the prompt's next-token distribution, so its alternatives are
+    the top 2 of a greedy request's (logprobs 2: the top token and the next)."""
+    port = server.port
+    prompt = "The capital of France is"
+    _, g = send(port, "POST", "/v1/completions", {"model": model, "prompt": prompt,
+                                                   "max_tokens": 1, "temperature": 0,
+                                                   "logprobs": 2})
+    top2 = g["choices"][0]["logprobs"]["top_logprobs"][0]
+    assert len(top2) == 2, top2
+    status, r = send(port, "POST", "/v1/completions",
+                     {"model": model, "prompt": prompt, "max_tokens": 3, "n": 3,
+                      "use_beam_search": True, "ignore_eos": True, "logprobs": 1})
+    assert status == 200, r
+    for c in r["choices"]:
+        assert c["logprobs"]["top_logprobs"][0] == top2, (c, top2)
+        assert all(len(t) == 2 for t in c["logprobs"]["top_logprobs"]), c
+    status, r = send(port, "POST", "/v1/chat/completions",
+                     {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 2, "n": 3, "use_beam_search": True, "logprobs": True,
+                      "top_logprobs": 2})
+    assert status == 200, r
+    for c in r["choices"]:
+        alts = c["logprobs"]["content"][0]["top_logprobs"]
+        assert len(alts) == 2 and alts[0]["logprob"] >= alts[1]["logprob"], alts
+        assert alts == r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+
+
 @pytest.mark.parametrize("width", [2, 3])
 def test_beam_search_matches_a_reference(server, model, width):
     port = server.port

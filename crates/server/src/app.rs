@@ -217,17 +217,23 @@ async fn beam_completion(
         let ids = &req.request().prompt_token_ids;
         let beams = crate::beam::search(st, ids, bp, v).await?;
         pt += ids.len();
-        let shown = crate::beam::show(st, beams, v.stop.skip_special_tokens, v.sampling.logprobs);
+        // Completions show a step's first `logprobs + 1` dict entries (vLLM's
+        // `num_output_top_logprobs >= i`).
+        let shown = crate::beam::show(
+            st,
+            beams,
+            v.stop.skip_special_tokens,
+            v.sampling.logprobs.map(|k| k + 1),
+        );
         for (i, b) in shown.into_iter().enumerate() {
             ct += b.token_ids.len();
             let prefix = if echo { text.as_str() } else { "" };
             choices.push(CompletionChoice {
                 index: pi * bp.width + i,
                 text: format!("{prefix}{}", b.text),
-                logprobs: b
-                    .logprobs
-                    .as_ref()
-                    .map(|l| completion_logprobs(st, l, prefix.len(), v.tokens_as_ids)),
+                logprobs: b.logprobs.as_ref().map(|l| {
+                    completion_logprobs_with(st, l, prefix.len(), v.tokens_as_ids, ranked)
+                }),
                 finish_reason: Some(b.finish_reason.to_string()),
                 stop_reason: Some(b.stop_reason),
                 prompt_logprobs: Some(None),
@@ -282,7 +288,7 @@ async fn beam_chat(
             logprobs: b
                 .logprobs
                 .as_ref()
-                .map(|l| chat_logprobs(st, l, v.tokens_as_ids)),
+                .map(|l| chat_logprobs_with(st, l, v.tokens_as_ids, ranked)),
             finish_reason: Some(b.finish_reason.to_string()),
             stop_reason: Some(b.stop_reason),
             token_ids: v.return_token_ids.then_some(b.token_ids),
@@ -447,6 +453,23 @@ pub(crate) fn completion_logprobs(
     offset0: usize,
     as_ids: bool,
 ) -> CompletionLogprobs {
+    completion_logprobs_with(st, lps, offset0, as_ids, |lp| alternatives(lp).collect())
+}
+
+/// A beam's alternatives as vLLM 0.32 shows them: the first entries of the step's dict, which
+/// is the step's top candidates in rank order (its 1-token request is greedy), whichever
+/// token the beam took — `beam::show` keeps as many as the endpoint shows.
+fn ranked(lp: &TokenLogprobs) -> Vec<(u32, f32)> {
+    lp.top.clone()
+}
+
+fn completion_logprobs_with(
+    st: &SharedState,
+    lps: &[TokenLogprobs],
+    offset0: usize,
+    as_ids: bool,
+    alts: impl Fn(&TokenLogprobs) -> Vec<(u32, f32)>,
+) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     let mut offset = offset0;
     for lp in lps {
@@ -454,7 +477,8 @@ pub(crate) fn completion_logprobs(
         out.text_offset.push(offset);
         offset += tok.len();
         out.token_logprobs.push(Some(shown_logprob(lp.logprob)));
-        let top = alternatives(lp)
+        let top = alts(lp)
+            .into_iter()
             .map(|(id, v)| (shown_token(st, id, as_ids), json!(shown_logprob(v))))
             .collect();
         out.top_logprobs.push(Some(top));
@@ -688,6 +712,17 @@ async fn completions(
 /// Chat's logprobs. With `as_ids` a token shows as `token_id:<id>`; the chosen token's `bytes`
 /// stay its text's, the alternatives' are the shown string's (as vLLM fills them).
 pub(crate) fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs], as_ids: bool) -> ChatLogprobs {
+    chat_logprobs_with(st, lps, as_ids, |lp| {
+        alternatives(lp).take(lp.top.len()).collect()
+    })
+}
+
+fn chat_logprobs_with(
+    st: &SharedState,
+    lps: &[TokenLogprobs],
+    as_ids: bool,
+    alts: impl Fn(&TokenLogprobs) -> Vec<(u32, f32)>,
+) -> ChatLogprobs {
     let top = |id: u32, v: f32| {
         let t = shown_token(st, id, as_ids);
         TopLogprob {
@@ -709,10 +744,7 @@ pub(crate) fn chat_logprobs(st: &SharedState, lps: &[TokenLogprobs], as_ids: boo
                         t
                     },
                     logprob: shown_logprob(lp.logprob),
-                    top_logprobs: alternatives(lp)
-                        .take(lp.top.len())
-                        .map(|(id, v)| top(id, v))
-                        .collect(),
+                    top_logprobs: alts(lp).into_iter().map(|(id, v)| top(id, v)).collect(),
                 }
             })
             .collect(),
