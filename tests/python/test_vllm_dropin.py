@@ -1901,6 +1901,11 @@ def test_chat_echo_returns_the_prompt_logprobs(server, model):
     assert all(2 <= len(e) <= 3 for e in r["prompt_logprobs"][1:]), r["prompt_logprobs"]
     _, plain = send(server.port, "POST", "/v1/chat/completions", base)
     assert plain["prompt_logprobs"] is None
+    # Beam search takes echo without prompt logprobs (vLLM's beam parameters carry none).
+    status, r = send(server.port, "POST", "/v1/chat/completions",
+                     {**base, "echo": True, "use_beam_search": True, "n": 2})
+    assert status == 200, r
+    assert all(c["message"]["content"].startswith("Hello") for c in r["choices"]), r
 
 
 def test_a_streamed_echo_sends_the_prompt_ids_first(server, model):

@@ -279,6 +279,7 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::{cut_after_final_message, developer_as_system, template_tool_calls};
+    use serde_json::json;
     use tpuserve_model::ChatMessage;
 
     fn roles_and_contents(msgs: &[ChatMessage]) -> Vec<(String, String)> {
@@ -323,7 +324,6 @@ mod tests {
         assert_eq!(m[0].role, "system");
         assert_eq!(m.len(), 2);
     }
-    use serde_json::json;
 
     #[test]
     fn assistant_tool_call_arguments_reach_templates_as_objects() {

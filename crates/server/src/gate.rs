@@ -250,11 +250,13 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
     };
     // vLLM 0.32 computes and returns the prompt's logprobs for a whole (not streamed) chat
     // answer with `echo`, `top_logprobs` alternatives each (0 by default), unless the request
-    // set `prompt_logprobs` itself (`ChatCompletionRequest.to_sampling_params`).
+    // set `prompt_logprobs` itself (`ChatCompletionRequest.to_sampling_params`; its beam
+    // search parameters carry none).
     let echoed;
     let fields = if req.echo == Some(true)
         && req.sampling.prompt_logprobs.is_none()
         && req.sampling.stream != Some(true)
+        && req.sampling.unimplemented.use_beam_search != Some(true)
     {
         echoed = crate::protocol::SamplingFields {
             prompt_logprobs: Some(req.top_logprobs.unwrap_or(0)),
