@@ -100,6 +100,9 @@ pub enum KvRef<'a> {
 /// Which attention kernel runs; tests call each one the machine has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
+    /// `attention_avx2::query_row_grouped` (the AVX2 kernel with each KV group's heads
+    /// together, in AVX-512VL's 32 registers; the same bits as `Avx2Fma`).
+    Avx512Grouped,
     /// `attention_avx2` (AVX2 + FMA + F16C; head dims in multiples of 8).
     Avx2Fma,
     /// The portable loops (compiled for AVX2 where the CPU has it).
@@ -109,6 +112,10 @@ pub enum AttnKernel {
 /// Every attention kernel this CPU can run, best first.
 pub fn available_kernels() -> Vec<AttnKernel> {
     let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if crate::attention_avx2::grouped_available() {
+        v.push(AttnKernel::Avx512Grouped);
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::attention_avx2::available() {
         v.push(AttnKernel::Avx2Fma);
@@ -170,7 +177,9 @@ pub fn paged_attention_with(
         f16c: std::arch::is_x86_feature_detected!("f16c"),
     };
     #[cfg(target_arch = "x86_64")]
-    let fast = kernel == AttnKernel::Avx2Fma && head_dim.is_multiple_of(8);
+    let grouped = kernel == AttnKernel::Avx512Grouped;
+    #[cfg(target_arch = "x86_64")]
+    let fast = (grouped || kernel == AttnKernel::Avx2Fma) && head_dim.is_multiple_of(8);
     #[cfg(target_arch = "x86_64")]
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
     // Each sequence's slots once (a row sees a prefix of them), and each worker's scores
@@ -200,12 +209,19 @@ pub fn paged_attention_with(
                 // SAFETY: the kernel's features were detected (`available_kernels`), head_dim is
                 // a multiple of 8, and every visible slot lies in the caches.
                 unsafe {
-                    match kv {
-                        KvRef::F32(k, v) => {
-                            crate::attention_avx2::query_row(qi, k, v, slots, shape, scores, orow)
+                    use crate::attention_avx2::{query_row as ungrouped, query_row_grouped};
+                    match (kv, grouped) {
+                        (KvRef::F32(k, v), true) => {
+                            query_row_grouped(qi, k, v, slots, shape, scores, orow)
                         }
-                        KvRef::F16(k, v) => {
-                            crate::attention_avx2::query_row(qi, k, v, slots, shape, scores, orow)
+                        (KvRef::F16(k, v), true) => {
+                            query_row_grouped(qi, k, v, slots, shape, scores, orow)
+                        }
+                        (KvRef::F32(k, v), false) => {
+                            ungrouped(qi, k, v, slots, shape, scores, orow)
+                        }
+                        (KvRef::F16(k, v), false) => {
+                            ungrouped(qi, k, v, slots, shape, scores, orow)
                         }
                     }
                 }
@@ -495,6 +511,63 @@ mod tests {
                 assert_eq!(max, want.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)));
                 for (s, r) in scores.iter().zip(&simple) {
                     assert!((s / 0.125 - r).abs() < 1e-5, "{s} vs {r}");
+                }
+            }
+        }
+    }
+
+    /// The grouped kernel computes each value as the AVX2 kernel does, so their bits agree:
+    /// GQA groups of 1, 2, 3, 4 and 8 (passes of 3 + 1 and 3 + 3 + 2), head dims with and
+    /// without a tail past 32, contexts with and without a tail past 8 and across runs of
+    /// P·V positions, f32 and f16 caches.
+    #[test]
+    fn the_grouped_kernel_has_the_ungrouped_kernels_bits() {
+        let kernels = available_kernels();
+        if !kernels.contains(&AttnKernel::Avx512Grouped) {
+            // Nothing to compare on this CPU: the grouped kernel is never chosen here.
+            assert!(!crate::attention_avx2::grouped_available());
+            return;
+        }
+        let val = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 1e7 - 0.8;
+        let (bs, blocks) = (4usize, 48usize);
+        let table: Vec<u32> = (0..45).map(|b| (b * 7 + 3) % 48).collect();
+        let seq = SeqPlan::sampling;
+        let seqs = vec![
+            seq(0, 0, 1, 1, vec![17]),
+            seq(1, 1, 1, 8, vec![9, 2]),
+            seq(2, 2, 3, 37, table[..10].to_vec()),
+            seq(3, 5, 1, 177, table.clone()),
+        ];
+        let token_seq = [0, 1, 2, 2, 2, 3];
+        let rows = token_seq.len();
+        let plan = StepPlan {
+            token_ids: vec![0; rows],
+            positions: vec![0; rows],
+            slot_mapping: vec![0; rows],
+            seqs,
+            masks: None,
+        };
+        for (heads, kv_heads) in [(3usize, 3usize), (4, 2), (9, 3), (8, 2), (16, 2)] {
+            for hd in [8usize, 40, 64, 128] {
+                let n = blocks * bs * kv_heads * hd;
+                let k16: Vec<half::f16> = (0..n).map(|i| half::f16::from_f32(val(i))).collect();
+                let v16: Vec<half::f16> = (0..n).map(|i| half::f16::from_f32(val(i + 5))).collect();
+                let k32: Vec<f32> = (0..n).map(|i| val(i + 3)).collect();
+                let v32: Vec<f32> = (0..n).map(|i| val(i + 9)).collect();
+                let q: Vec<f32> = (0..rows * heads * hd).map(|i| 4.0 * val(i + 11)).collect();
+                for kv in [KvRef::F32(&k32, &v32), KvRef::F16(&k16, &v16)] {
+                    let run = |kernel| {
+                        paged_attention_with(
+                            kernel, &q, kv, &plan, &token_seq, heads, kv_heads, hd, bs,
+                        )
+                    };
+                    let want = run(AttnKernel::Avx2Fma);
+                    assert!(want.iter().all(|x| x.is_finite()));
+                    assert_eq!(
+                        run(AttnKernel::Avx512Grouped),
+                        want,
+                        "heads {heads}/{kv_heads} hd {hd}"
+                    );
                 }
             }
         }
