@@ -348,6 +348,7 @@ fn gate_context(f: &Fixture, llama: bool) -> GateContext<'_> {
         default_kwargs: None,
         tool_parser: None,
         exclude_tools_when_tool_choice_none: false,
+        tool_strict_level: Default::default(),
         limits: Limits {
             engine: RequestLimits {
                 vocab_size: f.tokenizer.vocab_size(),

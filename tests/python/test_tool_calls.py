@@ -152,6 +152,102 @@ def test_tool_fields_are_checked_as_vllm(server, model, extra, param, message):
     assert r["error"]["param"] == param, r
 
 
+# Earlier turns showing calls in hermes' format: SmolLM2 then calls a tool itself.
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>'
+FEW_SHOT = [{"role": "system", "content": "You call tools by writing <tool_call> blocks."},
+            {"role": "user", "content": "Weather in London and Rome?"},
+            {"role": "assistant", "content": CALL % "London" + "\n" + CALL % "Rome"},
+            {"role": "user", "content": "Weather in Oslo and Paris?"}]
+CITIES = ["Oslo", "London"]
+
+
+def _weather(strict=None, cities=None):
+    city = {"type": "string", **({"enum": cities} if cities else {})}
+    f = {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": city}, "required": ["city"]}}
+    if strict is not None:
+        f["strict"] = strict
+    return [{"type": "function", "function": f}]
+
+
+def _auto_calls(port, tools, stream=False, **extra):
+    """The calls of a greedy "auto" answer to FEW_SHOT: (name, arguments) each, the finish
+    reason and the completion tokens (streamed: the calls put together from the deltas)."""
+    body = {"messages": FEW_SHOT, "tools": tools, "max_tokens": 80, "temperature": 0, **extra}
+    if not stream:
+        status, r = send(port, "POST", "/v1/chat/completions", body)
+        assert status == 200, r
+        c = r["choices"][0]
+        calls = [(t["function"]["name"], json.loads(t["function"]["arguments"]))
+                 for t in c["message"].get("tool_calls") or []]
+        return calls, c["finish_reason"], r["usage"]["completion_tokens"]
+    chunks = sse(port, "/v1/chat/completions", {**body, "stream": True,
+                                                "stream_options": {"include_usage": True}})
+    names, args, finish, used = {}, {}, None, None
+    for ch in chunks:
+        used = (ch.get("usage") or {}).get("completion_tokens", used)
+        for c in ch["choices"]:
+            finish = c["finish_reason"] or finish
+            for t in c["delta"].get("tool_calls") or []:
+                i = t["index"]
+                if t.get("function", {}).get("name"):
+                    names[i] = t["function"]["name"]
+                args[i] = args.get(i, "") + (t.get("function", {}).get("arguments") or "")
+    calls = [(names[i], json.loads(args[i])) for i in sorted(names)]
+    return calls, finish, used
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_strict_tools_hold_auto_calls_to_their_schema(server, stream):
+    """vLLM 0.32 constrains an "auto" answer's calls when a tool says `strict: true`: free
+    text, but once `<tool_call>` appears the call must name a tool and its arguments follow
+    the tool's schema. SmolLM2 asks for Oslo and Paris here; Paris is not in the schema's
+    enum, so a strict tool gets only schema values (without `strict` the model's own pick
+    stands: the arguments are not held to the schema, as vLLM's are not)."""
+    calls, finish, _ = _auto_calls(server.port, _weather(True, CITIES), stream)
+    assert finish == "tool_calls" and len(calls) >= 1, calls
+    assert all(n == "get_weather" and a["city"] in CITIES for n, a in calls), calls
+    free, _, _ = _auto_calls(server.port, _weather(None, CITIES), stream)
+    assert free and any(a.get("city") not in CITIES for _, a in free), free
+
+
+def test_one_call_ends_the_answer_when_parallel_tool_calls_is_false(server):
+    """`parallel_tool_calls: false` constrains the call (vLLM raises the strict level to
+    "function") and ends the answer after it: the model, which calls twice when it may,
+    stops after one call, and generates fewer tokens."""
+    two, finish, used = _auto_calls(server.port, _weather())
+    assert len(two) == 2 and finish == "tool_calls", two
+    one, finish, used_one = _auto_calls(server.port, _weather(), parallel_tool_calls=False)
+    assert one == two[:1] and finish == "tool_calls" and used_one < used, (one, used_one, used)
+
+
+def test_tool_strict_level_parameter_holds_every_tool_to_its_schema():
+    """`--tool-strict-level parameter`: every tool's arguments follow its schema, strict or
+    not; `function`: the call is constrained but its arguments are free."""
+    for level, held in (("parameter", True), ("function", False)):
+        s = ServerProcess("--max-model-len", "512", "--enable-auto-tool-choice",
+                          "--tool-call-parser", "hermes", "--tool-strict-level", level)
+        try:
+            calls, finish, _ = _auto_calls(s.port, _weather(None, CITIES))
+        finally:
+            s.close()
+        assert finish == "tool_calls" and calls, (level, calls)
+        assert all(a["city"] in CITIES for _, a in calls) == held, (level, calls)
+
+
+@pytest.mark.parametrize("tools,extra,message", [
+    ([{"type": "function", "function": {"name": "f", "strict": "maybe"}}], {},
+     "tools[0].function.strict: Input should be a valid boolean"),
+    (_weather(True), {"response_format": {"type": "json_object"}},
+     "together with structured outputs are not supported"),
+])
+def test_strict_tool_requests_refused_by_name(server, tools, extra, message):
+    body = {"messages": ASK, "max_tokens": 2, "tools": tools, **extra}
+    status, r = send(server.port, "POST", "/v1/chat/completions", body)
+    assert status == 400 and message in r["error"]["message"], r
+    assert r["error"]["param"] == "tools", r
+
+
 def test_without_a_parser_tools_default_to_auto_and_are_refused():
     """vLLM's request model makes a missing tool_choice "auto" when tools are given, which a
     server without --enable-auto-tool-choice refuses; tool_choice "none" renders them."""
@@ -180,12 +276,17 @@ def _serve_exit(*args, timeout=240):
      ["--tool-call-parser pythonic", "not supported", "hermes"]),
     (["--tool-call-parser", "qwen3_xml"], ["qwen3_xml", "not supported"]),
     (["--tool-parser-plugin", "my_parser.py"], ["--tool-parser-plugin", "not supported"]),
-    (["--tool-strict-level", "parameter"], ["--tool-strict-level", "not supported"]),
 ])
 def test_tool_flags_refused_by_name(args, words):
     rc, lines = _serve_exit(*args)
     assert rc == 2 and len(lines) == 1, (rc, lines)
     assert all(w in lines[0] for w in words), lines
+
+
+def test_an_unknown_tool_strict_level_exits_2_naming_the_levels():
+    rc, lines = _serve_exit("--tool-strict-level", "strict")
+    assert rc == 2 and "--tool-strict-level" in lines[0], lines
+    assert "expected one of auto, function, parameter" in lines[0], lines
 
 
 def test_llama3_json_needs_the_python_tag_token():

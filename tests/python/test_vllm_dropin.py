@@ -1106,7 +1106,6 @@ REFUSED_FLAGS = {
     "--tokens-only": ["--no-tokens-only"],
     "--skip-tokenizer-init": ["--no-skip-tokenizer-init"],
     "--tool-parser-plugin": ["--tool-parser-plugin", ""],
-    "--tool-strict-level": ["--tool-strict-level", "auto"],
     "--disable-sliding-window": ["--no-disable-sliding-window"],
     "--runner": ["--runner", "generate"], "--convert": ["--convert", "none"],
     "--tokenizer-mode": ["--tokenizer-mode", "hf"],
@@ -1119,7 +1118,7 @@ REFUSED_FLAGS = {
 # The value each refused flag is refused with (a realistic one).
 REFUSED_VALUES = {
     "--config": "serve.yaml", "--lora-modules": "sql=/loras/sql",
-    "--tool-parser-plugin": "my_parser.py", "--tool-strict-level": "parameter",
+    "--tool-parser-plugin": "my_parser.py",
     "--tool-server": "demo", "--grpc-port": "50051", "--uds": "/tmp/v.sock",
     "--middleware": "my.auth", "--reasoning-parser": "deepseek_r1",
     "--reasoning-config": '{"x": 1}', "--hf-config-path": "/cfg",
@@ -1168,7 +1167,7 @@ def _acted_on_flags(tmp_path, pki):
         "--response-role": ["assistant"], "--hf-token": ["hf_unused"],
         "--default-chat-template-kwargs": ['{"enable_thinking": false}'],
         "--enable-auto-tool-choice": [], "--tool-call-parser": ["hermes"],
-        "--exclude-tools-when-tool-choice-none": [],
+        "--exclude-tools-when-tool-choice-none": [], "--tool-strict-level": ["function"],
         "--structured-outputs-config": ['{"backend": "xgrammar", "disable_any_whitespace": true}'],
         "--ssl-keyfile": [str(pki / "server.key")], "--ssl-certfile": [str(pki / "server.pem")],
         "--ssl-ca-certs": [str(pki / "ca.pem")], "--ssl-cert-reqs": ["1"],

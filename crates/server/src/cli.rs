@@ -156,6 +156,11 @@ pub struct ServeArgs {
     /// With `tool_choice: "none"` the tools are not given to the chat template.
     #[arg(long, action = ArgAction::SetTrue)]
     pub exclude_tools_when_tool_choice_none: bool,
+    /// How far tool calls in `tool_choice: "auto"` answers are constrained (hermes and
+    /// llama3_json parsers): `auto` (only for tools with `strict: true`), `function` (the
+    /// call envelope always), `parameter` (also every tool's arguments to its schema).
+    #[arg(long, default_value = "auto", value_parser = parse_strict_level)]
+    pub tool_strict_level: crate::tools::tags::StrictLevel,
     /// `auto`: the model folder's generation_config.json sampling defaults apply to requests
     /// that leave them out (vLLM's default); `vllm`: neutral defaults; else a folder.
     #[arg(long, default_value = "auto")]
@@ -613,6 +618,15 @@ pub fn human_readable_int(s: &str) -> Result<usize, String> {
         return Err(format!("{t}: out of range"));
     }
     Ok(v as usize)
+}
+
+fn parse_strict_level(s: &str) -> Result<crate::tools::tags::StrictLevel, String> {
+    crate::tools::tags::StrictLevel::parse(s).ok_or_else(|| {
+        format!(
+            "Unknown tool strict level '{s}'; expected one of {}.",
+            crate::tools::tags::StrictLevel::NAMES.join(", ")
+        )
+    })
 }
 
 #[cfg(test)]

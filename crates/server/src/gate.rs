@@ -28,6 +28,8 @@ pub struct GateContext<'a> {
     pub tool_parser: Option<crate::tools::ParserKind>,
     /// `--exclude-tools-when-tool-choice-none`.
     pub exclude_tools_when_tool_choice_none: bool,
+    /// `--tool-strict-level`.
+    pub tool_strict_level: crate::tools::tags::StrictLevel,
 }
 
 /// A `/v1/completions` request that passed the gate: one (engine request, text) per prompt.
@@ -301,6 +303,38 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
             ),
             "tool_choice",
         ));
+    }
+    // "auto" answers as vLLM 0.32 constrains them with a structural tag (strict tools,
+    // `--tool-strict-level`, `parallel_tool_calls: false`).
+    if let (Some(mode), Some(tools)) = (&tool_mode, tools_for_template) {
+        if let crate::tools::choice::Choice::Auto(parser) = mode.choice {
+            let so = params.constraint.is_some();
+            let lark = crate::tools::tags::auto_grammar(
+                parser,
+                tools,
+                ctx.tool_strict_level,
+                mode.single_call,
+                so,
+            )?;
+            if let Some(lark) = lark {
+                if so {
+                    // vLLM joins both into one grammar (a call or the structured output);
+                    // tpuserve refuses the pair rather than drop either.
+                    return Err(ApiError::invalid_param(
+                        "tools",
+                        "tools whose calls are constrained (a tool with `strict: true`, \
+                         --tool-strict-level function / parameter) together with structured \
+                         outputs are not supported by tpuserve",
+                    ));
+                }
+                params.constraint = Some((
+                    tpuserve_engine::structured::ConstraintSpec::new(
+                        tpuserve_engine::structured::GrammarKind::Grammar(lark),
+                    ),
+                    "tools",
+                ));
+            }
+        }
     }
     if let Some(t) = params.truncation {
         t.apply(&mut ids);

@@ -274,6 +274,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    if args.tool_strict_level != crate::tools::tags::StrictLevel::Auto
+        && !crate::tools::tags::level_applies(tool_parser)
+    {
+        tracing::warn!(
+            "--tool-strict-level is ignored: it constrains the calls of the hermes and \
+             llama3_json parsers with --enable-auto-tool-choice (vLLM's structural tags), and \
+             {} (as in vLLM)",
+            if tool_parser.is_some() {
+                "this parser has none"
+            } else {
+                "no parser is enabled"
+            }
+        );
+    }
     let chat_template = match &args.chat_template {
         Some(p) => {
             let src =
@@ -388,6 +402,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         default_chat_template_kwargs: args.default_chat_template_kwargs.clone(),
         tool_parser,
         exclude_tools_when_tool_choice_none: args.exclude_tools_when_tool_choice_none,
+        tool_strict_level: args.tool_strict_level,
     });
     let host = args.host.clone().unwrap_or_else(|| "0.0.0.0".into());
     let addr = format!("{host}:{}", args.port);

@@ -55,6 +55,8 @@ pub struct AppState {
     pub tool_parser: Option<crate::tools::ParserKind>,
     /// `--exclude-tools-when-tool-choice-none`.
     pub exclude_tools_when_tool_choice_none: bool,
+    /// `--tool-strict-level`.
+    pub tool_strict_level: crate::tools::tags::StrictLevel,
     /// `--generation-config` defaults.
     pub sampling_defaults: crate::validate::SamplingDefaults,
     /// Structured outputs: the grammar compiler for this tokenizer.
@@ -71,6 +73,7 @@ impl AppState {
             default_kwargs: self.default_chat_template_kwargs.as_ref(),
             tool_parser: self.tool_parser,
             exclude_tools_when_tool_choice_none: self.exclude_tools_when_tool_choice_none,
+            tool_strict_level: self.tool_strict_level,
             limits: Limits {
                 engine: self.engine.limits(),
                 force_include_usage: self.force_include_usage,

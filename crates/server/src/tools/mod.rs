@@ -9,6 +9,7 @@ mod llama;
 mod mistral;
 mod partial;
 pub mod pyjson;
+pub mod tags;
 
 use rand::Rng;
 use serde_json::{json, Map, Value};

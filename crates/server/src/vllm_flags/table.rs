@@ -37,7 +37,6 @@ pub static VLLM_FLAGS: &[VllmFlag] = &[
     VllmFlag { name: "chat-template-content-format", no_name: "", aliases: &[], kind: Value, what: Refused("message content is rendered as a string", &["auto", "string"]) },
     VllmFlag { name: "trust-request-mm-kwargs", no_name: "no-trust-request-mm-kwargs", aliases: &[], kind: Bool, what: Ignored(TEXT) },
     VllmFlag { name: "tool-parser-plugin", no_name: "", aliases: &[], kind: Value, what: Refused("tool-parser plugins are Python code, which tpuserve does not run (its parsers: --tool-call-parser llama3_json | llama4_json | hermes | mistral)", &[""]) },
-    VllmFlag { name: "tool-strict-level", no_name: "", aliases: &[], kind: Value, what: Refused("tool calls are not constrained by structural tags (tool_choice required / named use a JSON schema)", &["auto"]) },
     VllmFlag { name: "tool-server", no_name: "", aliases: &[], kind: Value, what: Refused("no built-in tool server", &[]) },
     VllmFlag { name: "max-log-len", no_name: "", aliases: &[], kind: Value, what: Ignored("request logs carry token counts, never prompt text") },
     VllmFlag { name: "enable-per-request-metrics", no_name: "no-enable-per-request-metrics", aliases: &[], kind: Bool, what: Ignored("responses carry no per-request timing metrics") },
