@@ -97,7 +97,21 @@ pub fn auto_grammar(
     single_call: bool,
     structured_outputs: bool,
 ) -> Result<Option<String>, ApiError> {
+    let fns = functions(tools)?;
+    let any_strict = fns.iter().any(|f| f.strict);
     let Some(format) = format_of(parser) else {
+        if any_strict {
+            // vLLM 0.32 has no structural tag for this parser either and serves such tools
+            // unconstrained; said once, not per request.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "tools with `strict: true` are not enforced with this --tool-call-parser \
+                     (as in vLLM 0.32, which has structural tags for hermes and llama3_json \
+                     only): their calls are read from free text"
+                )
+            });
+        }
         return Ok(None);
     };
     let level = if single_call && !structured_outputs {
@@ -105,8 +119,7 @@ pub fn auto_grammar(
     } else {
         level
     };
-    let fns = functions(tools)?;
-    if level == StrictLevel::Auto && !fns.iter().any(|f| f.strict) {
+    if level == StrictLevel::Auto && !any_strict {
         return Ok(None);
     }
     if fns.is_empty() {
@@ -152,13 +165,15 @@ pub fn auto_grammar(
     // Free text never holds the trigger (nor, for Llama, thinking tags: xgrammar's
     // `excludes`); `pre` is free text up to and including the first trigger.
     let (trigger, excluded): (&str, &[&str]) = match format {
-        Format::Hermes => ("<tool_call>", &["<tool_call>"]),
-        Format::Llama => ("{\"name\": ", &["{\"name\": ", "<think>", "</think>"]),
+        Format::Hermes => ("<tool_call>", &[]),
+        Format::Llama => ("{\"name\": ", &["<think>", "</think>"]),
     };
-    let not_in = excluded
-        .iter()
-        .map(|e| format!(" & ~/(?s:.*){}(?s:.*)/", regex_lit(e)))
-        .collect::<String>();
+    let not_in = |list: &[&str]| {
+        list.iter()
+            .map(|e| format!(" & ~/(?s:.*){}(?s:.*)/", regex_lit(e)))
+            .collect::<String>()
+    };
+    let (pre_not_in, text_not_in) = (not_in(excluded), not_in(&[&[trigger], excluded].concat()));
     let start = if single_call {
         "start: TEXT | pre call"
     } else {
@@ -166,8 +181,8 @@ pub fn auto_grammar(
     };
     let grammar = format!(
         "{start}\n\
-         pre[lazy]: /(?s:.*){trigger}/\n\
-         TEXT: /(?s:.*)/{not_in}\n\
+         pre[lazy]: /(?s:.*){trigger}/{pre_not_in}\n\
+         TEXT: /(?s:.*)/{text_not_in}\n\
          call: {calls}\n\
          {rules}\n",
         trigger = regex_lit(trigger),
@@ -432,6 +447,10 @@ mod tests {
                 r#"{"name": "get_weather", "parameters": {"city": "Oslo"}}"#
             ));
             assert!(!takes(&g, "<think>x</think>"));
+            assert!(!takes(
+                &g,
+                r#"<think>x {"name": "get_weather", "parameters": {"city": "Paris"}}"#
+            ));
         }
     }
 }
