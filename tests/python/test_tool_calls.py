@@ -240,11 +240,15 @@ def test_tool_strict_level_parameter_holds_every_tool_to_its_schema():
      "tools[0].function.strict: Input should be a valid boolean"),
     (_weather(True), {"response_format": {"type": "json_object"}},
      "together with structured outputs are not supported"),
+    ([{"type": "function", "function": {"name": "f", "strict": True,
+                                        "parameters": {"type": "nonsense"}}}], {},
+     "Invalid tools specification: failed to compile JSON schema: Invalid type: nonsense"),
 ])
 def test_strict_tool_requests_refused_by_name(server, tools, extra, message):
     body = {"messages": ASK, "max_tokens": 2, "tools": tools, **extra}
     status, r = send(server.port, "POST", "/v1/chat/completions", body)
     assert status == 400 and message in r["error"]["message"], r
+    assert " | " not in r["error"]["message"], r
     assert r["error"]["param"] == "tools", r
 
 

@@ -435,6 +435,13 @@ impl Grammars {
             Ok(Err(e)) => Err(ApiError::internal(format!(
                 "grammar compilation failed: {e}"
             ))),
+            Ok(Ok(Err(ConstraintError::Invalid(m)))) if field == "tools" => Err(bad(
+                field,
+                format!(
+                    "Invalid tools specification: {}",
+                    crate::tools::tags::grammar_error(&m)
+                ),
+            )),
             Ok(Ok(Err(ConstraintError::Invalid(m)))) => {
                 Err(bad(field, format!("Invalid {field} specification: {m}")))
             }

@@ -192,6 +192,27 @@ pub fn auto_grammar(
     Ok(Some(grammar))
 }
 
+/// llguidance's error for a grammar built here, without what only makes sense for its Lark
+/// text: the `at line(column): ` prefix and the source lines quoted after the cause (" 3 |
+/// TEXT: …"). What is left names the problem, e.g. "failed to compile JSON schema: Invalid
+/// type: nonsense".
+pub fn grammar_error(m: &str) -> String {
+    let m = match m.strip_prefix("at ") {
+        Some(rest) => match rest.split_once("): ") {
+            Some((pos, cause)) if pos.chars().all(|c| c.is_ascii_digit() || c == '(') => cause,
+            _ => m,
+        },
+        None => m,
+    };
+    // The quoted source starts at the first " <line> | ".
+    let cut = m.match_indices(" | ").find_map(|(i, _)| {
+        let head = &m[..i];
+        let digits = head.len() - head.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+        (digits > 0 && head[..head.len() - digits].ends_with(' ')).then(|| head.len() - digits - 1)
+    });
+    m[..cut.unwrap_or(m.len())].trim_end().to_string()
+}
+
 /// A function tool as the grammar needs it.
 struct Function {
     name: String,
@@ -314,6 +335,17 @@ mod tests {
         assert!(g(None, StrictLevel::Parameter).contains("enum"));
         assert!(g(None, StrictLevel::Function)
             .contains("\"\\\"get_weather\\\", \\\"parameters\\\": \""));
+    }
+
+    #[test]
+    fn grammar_errors_lose_the_lark_positions_and_quoted_lines() {
+        let m = "at 5(9): failed to compile JSON schema: Invalid type: nonsense 3 | TEXT: /x/ \
+                 4 | call: \"a\" | \"b\"";
+        assert_eq!(
+            grammar_error(m),
+            "failed to compile JSON schema: Invalid type: nonsense"
+        );
+        assert_eq!(grammar_error("no position | here"), "no position | here");
     }
 
     #[test]
