@@ -235,11 +235,39 @@ def test_tool_strict_level_parameter_holds_every_tool_to_its_schema():
         assert all(a["city"] in CITIES for _, a in calls) == held, (level, calls)
 
 
+ANSWER = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+    "type": "object", "properties": {"answer": {"type": "string", "maxLength": 40}},
+    "required": ["answer"]}}}
+
+
+@pytest.mark.parametrize("messages", [FEW_SHOT, ASK], ids=["calls", "answers"])
+def test_strict_tools_beside_a_response_format_give_calls_or_that_format(server, messages):
+    """What the OpenAI Agents SDK sends for an agent with an output type and strict function
+    tools: vLLM 0.32 makes the answer either the tools' calls or the structured output
+    (`OrFormat`), never free text. The few-shot conversation calls the tool (its arguments
+    held to the strict schema: the enum, no other keys); a plain question may do either, and
+    whichever it does is well-formed."""
+    body = {"messages": messages, "tools": _weather(True, CITIES), "response_format": ANSWER,
+            "max_tokens": 80, "temperature": 0}
+    status, r = send(server.port, "POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    msg = r["choices"][0]["message"]
+    if messages is FEW_SHOT:
+        assert msg.get("tool_calls"), msg
+    if msg.get("tool_calls"):
+        args = [json.loads(t["function"]["arguments"]) for t in msg["tool_calls"]]
+        assert all(list(a) == ["city"] and a["city"] in CITIES for a in args), args
+        assert r["choices"][0]["finish_reason"] == "tool_calls", r
+        assert not msg["content"], msg
+    else:
+        assert list(json.loads(msg["content"])) == ["answer"], msg
+
+
 @pytest.mark.parametrize("tools,extra,message", [
     ([{"type": "function", "function": {"name": "f", "strict": "maybe"}}], {},
      "tools[0].function.strict: Input should be a valid boolean"),
-    (_weather(True), {"response_format": {"type": "json_object"}},
-     "together with structured outputs are not supported"),
+    (_weather(True), {"structured_outputs": {"regex": "[a-z]+"}},
+     "together with a regex or grammar structured output are not supported"),
     ([{"type": "function", "function": {"name": "f", "strict": True,
                                         "parameters": {"type": "nonsense"}}}], {},
      "Invalid tools specification: failed to compile JSON schema: Invalid type: nonsense"),

@@ -308,31 +308,57 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
     // `--tool-strict-level`, `parallel_tool_calls: false`).
     if let (Some(mode), Some(tools)) = (&tool_mode, tools_for_template) {
         if let crate::tools::choice::Choice::Auto(parser) = mode.choice {
-            let so = params.constraint.is_some();
-            let lark = crate::tools::tags::auto_grammar(
-                parser,
-                tools,
-                ctx.tool_strict_level,
-                mode.single_call,
-                so,
-            )?;
-            if let Some(lark) = lark {
-                if so {
-                    // vLLM joins both into one grammar (a call or the structured output);
-                    // tpuserve refuses the pair rather than drop either.
-                    return Err(ApiError::invalid_param(
+            if params.constraint.is_none() {
+                let lark = crate::tools::tags::auto_grammar(
+                    parser,
+                    tools,
+                    ctx.tool_strict_level,
+                    mode.single_call,
+                )?;
+                if let Some(lark) = lark {
+                    params.constraint = Some((
+                        tpuserve_engine::structured::ConstraintSpec::new(
+                            tpuserve_engine::structured::GrammarKind::Grammar(lark),
+                        ),
                         "tools",
-                        "tools whose calls are constrained (a tool with `strict: true`, \
-                         --tool-strict-level function / parameter) together with structured \
-                         outputs are not supported by tpuserve",
                     ));
                 }
-                params.constraint = Some((
-                    tpuserve_engine::structured::ConstraintSpec::new(
-                        tpuserve_engine::structured::GrammarKind::Grammar(lark),
-                    ),
-                    "tools",
-                ));
+            } else if let Some((spec, field)) = params.constraint.take() {
+                // Structured outputs beside constrained calls: the answer is the calls (in
+                // their "required" form) or the structured output, as vLLM 0.32's `OrFormat`.
+                use tpuserve_engine::structured::GrammarKind;
+                let calls = crate::tools::tags::required_calls(
+                    parser,
+                    tools,
+                    ctx.tool_strict_level,
+                    mode.single_call,
+                )?;
+                params.constraint = Some(match (calls, &spec.kind) {
+                    (None, _) => (spec, field),
+                    (
+                        Some(calls),
+                        GrammarKind::JsonSchema(_)
+                        | GrammarKind::JsonObject
+                        | GrammarKind::Choice(_),
+                    ) => {
+                        let output = Box::new(spec.kind.clone());
+                        let kind = GrammarKind::ToolsOr { calls, output };
+                        (
+                            tpuserve_engine::structured::ConstraintSpec { kind, ..spec },
+                            field,
+                        )
+                    }
+                    (Some(_), _) => {
+                        // vLLM needs xgrammar to take the output's form here too.
+                        return Err(ApiError::invalid_param(
+                            "tools",
+                            "tools whose calls are constrained (a tool with `strict: true`, \
+                             --tool-strict-level function / parameter) together with a regex \
+                             or grammar structured output are not supported by tpuserve (a \
+                             JSON schema, a JSON object or a choice is)",
+                        ));
+                    }
+                });
             }
         }
     }

@@ -43,6 +43,13 @@ pub enum GrammarKind {
     Choice(Vec<String>),
     /// Lark, or GBNF / EBNF (`rule ::= ...`).
     Grammar(String),
+    /// Either the tool calls that the Lark rules `calls` describes (their start rule is
+    /// `calls`) or the structured output `output` (a JSON schema, any JSON object or a
+    /// choice): vLLM 0.32's `OrFormat` of a tools structural tag and a response format.
+    ToolsOr {
+        calls: String,
+        output: Box<GrammarKind>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -66,8 +73,9 @@ impl ConstraintSpec {
         }
     }
 
-    fn grammar(&self) -> Result<TopLevelGrammar, ConstraintError> {
-        let json_schema = |mut schema: Value| -> Result<TopLevelGrammar, ConstraintError> {
+    /// `schema` with this spec's JSON options applied (closed objects, whitespace).
+    fn json_value(&self, mut schema: Value) -> Result<Value, ConstraintError> {
+        {
             if self.disable_additional_properties {
                 close_objects(&mut schema);
             }
@@ -94,25 +102,62 @@ impl ConstraintSpec {
                     ))
                 }
             }
-            Ok(TopLevelGrammar::from_json_schema(schema))
+            Ok(schema)
+        }
+    }
+
+    fn grammar(&self) -> Result<TopLevelGrammar, ConstraintError> {
+        let json_schema = |schema: Value| -> Result<TopLevelGrammar, ConstraintError> {
+            Ok(TopLevelGrammar::from_json_schema(self.json_value(schema)?))
+        };
+        let lark_choice = |c: &[String]| -> Result<String, ConstraintError> {
+            if c.is_empty() {
+                return Err(ConstraintError::Invalid("choice must not be empty".into()));
+            }
+            let alts: Vec<String> = c
+                .iter()
+                .map(|s| Value::from(s.as_str()).to_string())
+                .collect();
+            Ok(alts.join(" | "))
         };
         match &self.kind {
+            GrammarKind::ToolsOr { calls, output } => {
+                let output =
+                    match output.as_ref() {
+                        GrammarKind::JsonSchema(s) => {
+                            // `%json` takes an object: `true` is any JSON, `false` nothing.
+                            let s = match s {
+                                Value::Bool(true) => json!({}),
+                                Value::Bool(false) => {
+                                    return Err(ConstraintError::Invalid(
+                                        "the JSON schema `false` allows no output".into(),
+                                    ))
+                                }
+                                s => s.clone(),
+                            };
+                            format!("%json {}", self.json_value(s)?)
+                        }
+                        GrammarKind::JsonObject => {
+                            format!("%json {}", self.json_value(json!({"type": "object"}))?)
+                        }
+                        GrammarKind::Choice(c) => lark_choice(c)?,
+                        _ => return Err(ConstraintError::Invalid(
+                            "only a JSON schema, a JSON object or a choice can be combined with \
+                             constrained tool calls"
+                                .into(),
+                        )),
+                    };
+                Ok(TopLevelGrammar::from_lark(format!(
+                    "start: calls | output\noutput: {output}\n{calls}"
+                )))
+            }
             GrammarKind::JsonSchema(s) => json_schema(s.clone()),
             GrammarKind::JsonObject => json_schema(json!({"type": "object"})),
             GrammarKind::Regex(r) => Ok(TopLevelGrammar::from_regex(r)),
-            GrammarKind::Choice(c) => {
-                if c.is_empty() {
-                    return Err(ConstraintError::Invalid("choice must not be empty".into()));
-                }
-                let alts: Vec<String> = c
-                    .iter()
-                    .map(|s| Value::from(s.as_str()).to_string())
-                    .collect();
-                Ok(TopLevelGrammar::from_lark(format!(
-                    "start: {}",
-                    alts.join(" | ")
-                )))
-            }
+            GrammarKind::Choice(c) => Ok(TopLevelGrammar::from_lark(format!(
+                "start: {}",
+                lark_choice(c)?
+            ))),
             GrammarKind::Grammar(g) => {
                 if g.trim().is_empty() {
                     return Err(ConstraintError::Invalid("the grammar is empty".into()));
@@ -137,7 +182,7 @@ impl ConstraintSpec {
 
 /// `additionalProperties: false` on every object schema with properties that does not set it
 /// (vLLM's `disable_additional_properties` walk).
-fn close_objects(v: &mut Value) {
+pub fn close_objects(v: &mut Value) {
     match v {
         Value::Object(map) => {
             for (k, sub) in map.iter_mut() {

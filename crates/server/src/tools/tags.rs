@@ -87,16 +87,74 @@ fn regex_lit(s: &str) -> String {
 }
 
 /// The Lark grammar that constrains an auto answer with `tools` (already checked by
-/// `choice::functions`), or `None` where vLLM 0.32 leaves the answer free.
-/// `structured_outputs`: the request also asks for structured outputs (then
-/// `parallel_tool_calls: false` alone does not constrain the calls).
+/// `choice::functions`) and no structured output, or `None` where vLLM 0.32 leaves the
+/// answer free. `parallel_tool_calls: false` raises the level to `function` (beside a
+/// structured output it does not: [`required_calls`]).
 pub fn auto_grammar(
     parser: ParserKind,
     tools: &Value,
     level: StrictLevel,
     single_call: bool,
-    structured_outputs: bool,
 ) -> Result<Option<String>, ApiError> {
+    let level = if single_call {
+        level.max(StrictLevel::Function)
+    } else {
+        level
+    };
+    let Some(parts) = parts(parser, tools, level)? else {
+        return Ok(None);
+    };
+    let start = if single_call {
+        "start: TEXT | pre call"
+    } else {
+        "start: (pre call)* TEXT"
+    };
+    Ok(Some(format!("{start}\n{}", parts.rules)))
+}
+
+/// For an auto answer that also asks for structured outputs: the Lark rules (start rule
+/// `calls`) of the tools' calls in the form vLLM 0.32 gives "required" (hermes: calls back to
+/// back, nothing else; llama: free text with at least one call), to be joined with the
+/// structured output as one or the other (`GrammarKind::ToolsOr`); `None` where the calls
+/// are left free (then the structured output alone applies, as in vLLM).
+pub fn required_calls(
+    parser: ParserKind,
+    tools: &Value,
+    level: StrictLevel,
+    single_call: bool,
+) -> Result<Option<String>, ApiError> {
+    let Some(parts) = parts(parser, tools, level)? else {
+        return Ok(None);
+    };
+    let calls = match (parts.format, single_call) {
+        (Format::Hermes, false) => "calls: (\"<tool_call>\" call)+",
+        (Format::Hermes, true) => "calls: \"<tool_call>\" call",
+        // Llama's form starts with free text, a lexeme that llguidance lets swallow the
+        // structured output's own opening (`{"answer": 7}` was refused): not served.
+        (Format::Llama, _) => {
+            return Err(ApiError::invalid_param(
+                "tools",
+                "tools whose calls are constrained (a tool with `strict: true`, \
+                 --tool-strict-level function / parameter) together with structured outputs \
+                 are not supported by tpuserve with the llama3_json parser (they are with \
+                 hermes)",
+            ))
+        }
+    };
+    Ok(Some(format!("{calls}\n{}", parts.rules)))
+}
+
+/// The rules every tool grammar shares: `pre` (free text up to and including the trigger),
+/// `TEXT` (free text without it), `call` (the rest of one call, after the trigger) and each
+/// tool's arguments.
+struct Parts {
+    format: Format,
+    rules: String,
+}
+
+/// The shared rules, or `None` where vLLM 0.32 applies no structural tag (a parser without
+/// one; the level `auto` with no strict tool).
+fn parts(parser: ParserKind, tools: &Value, level: StrictLevel) -> Result<Option<Parts>, ApiError> {
     let fns = functions(tools)?;
     let any_strict = fns.iter().any(|f| f.strict);
     let Some(format) = format_of(parser) else {
@@ -114,15 +172,7 @@ pub fn auto_grammar(
         }
         return Ok(None);
     };
-    let level = if single_call && !structured_outputs {
-        level.max(StrictLevel::Function)
-    } else {
-        level
-    };
-    if level == StrictLevel::Auto && !any_strict {
-        return Ok(None);
-    }
-    if fns.is_empty() {
+    if (level == StrictLevel::Auto && !any_strict) || fns.is_empty() {
         return Ok(None);
     }
     let whitespace = json!({
@@ -135,7 +185,13 @@ pub fn auto_grammar(
         // vLLM's `get_function_parameters`: the schema for strict tools (any JSON when it
         // has none), any JSON otherwise.
         let mut schema = match (&f.parameters, f.strict || level == StrictLevel::Parameter) {
-            (Some(p), true) => Value::Object(p.clone()),
+            (Some(p), true) => {
+                // xgrammar's strict mode, which vLLM's tags compile with: objects that list
+                // properties take no others unless they say.
+                let mut v = Value::Object(p.clone());
+                tpuserve_engine::structured::close_objects(&mut v);
+                v
+            }
             _ => json!({}),
         };
         if let Value::Object(m) = &mut schema {
@@ -174,14 +230,8 @@ pub fn auto_grammar(
             .collect::<String>()
     };
     let (pre_not_in, text_not_in) = (not_in(excluded), not_in(&[&[trigger], excluded].concat()));
-    let start = if single_call {
-        "start: TEXT | pre call"
-    } else {
-        "start: (pre call)* TEXT"
-    };
-    let grammar = format!(
-        "{start}\n\
-         pre[lazy]: /(?s:.*){trigger}/{pre_not_in}\n\
+    let rules = format!(
+        "pre[lazy]: /(?s:.*){trigger}/{pre_not_in}\n\
          TEXT: /(?s:.*)/{text_not_in}\n\
          call: {calls}\n\
          {rules}\n",
@@ -189,7 +239,7 @@ pub fn auto_grammar(
         calls = calls.join("\n    | "),
         rules = rules.join("\n"),
     );
-    Ok(Some(grammar))
+    Ok(Some(Parts { format, rules }))
 }
 
 /// llguidance's error for a grammar built here, without what only makes sense for its Lark
@@ -304,7 +354,11 @@ mod tests {
     #[test]
     fn auto_answers_are_free_unless_a_tool_is_strict_or_the_level_or_single_call_says() {
         let g = |strict, level, single, so| {
-            auto_grammar(ParserKind::Hermes, &tools(strict), level, single, so).unwrap()
+            if so {
+                required_calls(ParserKind::Hermes, &tools(strict), level, single).unwrap()
+            } else {
+                auto_grammar(ParserKind::Hermes, &tools(strict), level, single).unwrap()
+            }
         };
         assert_eq!(g(None, StrictLevel::Auto, false, false), None);
         assert_eq!(g(Some(false), StrictLevel::Auto, false, false), None);
@@ -318,7 +372,7 @@ mod tests {
         let mistral = ParserKind::Mistral { v11: true };
         let t = tools(Some(true));
         assert_eq!(
-            auto_grammar(mistral, &t, StrictLevel::Parameter, true, false).unwrap(),
+            auto_grammar(mistral, &t, StrictLevel::Parameter, true).unwrap(),
             None
         );
     }
@@ -326,7 +380,7 @@ mod tests {
     #[test]
     fn arguments_follow_the_schema_only_for_strict_tools_or_the_parameter_level() {
         let g = |strict, level| {
-            auto_grammar(ParserKind::Llama3Json, &tools(strict), level, false, false)
+            auto_grammar(ParserKind::Llama3Json, &tools(strict), level, false)
                 .unwrap()
                 .unwrap()
         };
@@ -357,11 +411,11 @@ mod tests {
             (json!(1), true),
         ] {
             t[0]["function"]["strict"] = v;
-            let g = auto_grammar(ParserKind::Hermes, &t, StrictLevel::Auto, false, false);
+            let g = auto_grammar(ParserKind::Hermes, &t, StrictLevel::Auto, false);
             assert_eq!(g.unwrap().is_some(), strict);
         }
         t[0]["function"]["strict"] = json!("maybe");
-        let e = auto_grammar(ParserKind::Hermes, &t, StrictLevel::Auto, false, false).unwrap_err();
+        let e = auto_grammar(ParserKind::Hermes, &t, StrictLevel::Auto, false).unwrap_err();
         assert!(
             e.message.contains("tools[0].function.strict"),
             "{}",
@@ -405,15 +459,60 @@ mod tests {
 
         /// The auto grammar for `tools(strict)` at the default level.
         fn grammar(parser: ParserKind, strict: Option<bool>, single_call: bool) -> String {
-            auto_grammar(
-                parser,
-                &tools(strict),
+            auto_grammar(parser, &tools(strict), StrictLevel::Auto, single_call)
+                .unwrap()
+                .expect("constrained")
+        }
+
+        /// Whether the calls-or-output grammar (`required_calls` joined with a JSON schema
+        /// output, as the gate joins them) takes `text`.
+        fn takes_either(parser: ParserKind, single_call: bool, output: Value, text: &str) -> bool {
+            let calls = required_calls(parser, &tools(Some(true)), StrictLevel::Auto, single_call)
+                .unwrap()
+                .expect("constrained");
+            let (tok, compiler) = fixture();
+            let spec = ConstraintSpec::new(GrammarKind::ToolsOr {
+                calls,
+                output: Box::new(GrammarKind::JsonSchema(output)),
+            });
+            let (c, _) = compiler.compile(&spec).expect("the grammar compiles");
+            let mut m = c.matcher();
+            let ids = tok.encode(text, false).unwrap();
+            m.consume_tokens(&ids).is_ok() && m.is_accepting().unwrap_or(false)
+        }
+
+        #[test]
+        fn beside_a_structured_output_the_answer_is_calls_or_that_output() {
+            let out = json!({"type": "object", "properties": {"answer": {"type": "integer"}},
+                             "required": ["answer"]});
+            let call = |city: &str| {
+                format!("<tool_call>{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"{city}\"}}}}</tool_call>")
+            };
+            let h =
+                |single, text: &str| takes_either(ParserKind::Hermes, single, out.clone(), text);
+            assert!(h(false, r#"{"answer": 42}"#));
+            assert!(h(false, &call("Paris")));
+            assert!(h(false, &format!("{}{}", call("Paris"), call("London"))));
+            assert!(!h(true, &format!("{}{}", call("Paris"), call("London"))));
+            // Hermes' "required" form is calls alone; free text is neither.
+            assert!(!h(false, &format!("Sure. {}", call("Paris"))));
+            assert!(!h(false, "The answer is 42."));
+            assert!(!h(false, r#"{"answer": "x"}"#));
+            assert!(!h(false, &call("Rome")), "strict: the enum holds");
+            let extra = r#"<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "x": 1}}</tool_call>"#;
+            assert!(
+                !h(false, extra),
+                "strict: no properties beyond the schema's"
+            );
+            // Llama's form is refused by name (see `required_calls`).
+            let e = required_calls(
+                ParserKind::Llama3Json,
+                &tools(Some(true)),
                 StrictLevel::Auto,
-                single_call,
                 false,
             )
-            .unwrap()
-            .expect("constrained")
+            .unwrap_err();
+            assert!(e.message.contains("llama3_json"), "{}", e.message);
         }
 
         #[test]
