@@ -259,6 +259,18 @@ pub struct Shape {
     pub head_dim: usize,
 }
 
+impl Shape {
+    /// Checks one query row's buffers against the shape (`n` visible positions); returns
+    /// (values in a cache row, query heads per KV head).
+    fn check(&self, q: &[f32], out: &[f32], scores: &[f32], n: usize) -> (usize, usize) {
+        let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
+        debug_assert!(hd.is_multiple_of(8) && heads.is_multiple_of(kv_heads));
+        debug_assert!(q.len() >= heads * hd && out.len() >= heads * hd);
+        assert!(scores.len() >= heads * n, "attention scratch");
+        (kv_heads * hd, heads / kv_heads)
+    }
+}
+
 /// Positions whose V rows one pass of P·V reads for every head (32 × 3 KV heads × 64 dims
 /// of f16 = 12 KB, within L1).
 const PV_POSITIONS: usize = 32;
@@ -289,15 +301,8 @@ pub unsafe fn query_row<E: CacheElem>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let Shape {
-        heads,
-        kv_heads,
-        head_dim: hd,
-    } = shape;
-    debug_assert!(hd.is_multiple_of(8) && heads.is_multiple_of(kv_heads));
-    debug_assert!(q.len() >= heads * hd && out.len() >= heads * hd);
-    let (kvs, group, n) = (kv_heads * hd, heads / kv_heads, slots.len());
-    assert!(scores.len() >= heads * n, "attention scratch");
+    let (heads, hd, n) = (shape.heads, shape.head_dim, slots.len());
+    let (kvs, group) = shape.check(q, out, scores, n);
     let scale = _mm256_set1_ps(1.0 / (hd as f32).sqrt());
     let base = |h: usize| (h / group) * hd;
     let sc = scores.as_mut_ptr();
@@ -512,10 +517,8 @@ pub unsafe fn query_row_grouped<E: CacheElem>(
         kv_heads,
         head_dim: hd,
     } = shape;
-    debug_assert!(hd.is_multiple_of(8) && heads.is_multiple_of(kv_heads));
-    debug_assert!(q.len() >= heads * hd && out.len() >= heads * hd);
-    let (kvs, group, n) = (kv_heads * hd, heads / kv_heads, slots.len());
-    assert!(scores.len() >= heads * n, "attention scratch");
+    let n = slots.len();
+    let (kvs, group) = shape.check(q, out, scores, n);
     let scale = _mm256_set1_ps(1.0 / (hd as f32).sqrt());
     let sc = scores.as_mut_ptr();
     let qp = q.as_ptr();
