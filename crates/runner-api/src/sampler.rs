@@ -71,6 +71,15 @@ impl SamplingParams {
             || self.frequency_penalty != 0.0
             || self.repetition_penalty != 1.0
     }
+
+    /// Whether [`apply_processors`] can change any logit.
+    fn has_processors(&self) -> bool {
+        !self.allowed_tokens.is_empty()
+            || !self.bad_words.is_empty()
+            || !self.logit_bias.is_empty()
+            || !self.banned_tokens.is_empty()
+            || self.has_penalties()
+    }
 }
 
 /// A token's logprob under the raw model distribution, its rank (1 = most likely) and the top-n.
@@ -114,14 +123,28 @@ pub fn top_n(values: &[f32], n: usize) -> Vec<usize> {
 /// The index of the largest value, the lowest such index on ties (as `top_n(values, 1)`), in
 /// one pass: greedy decoding's pick, where `top_n` would index and partition the whole
 /// vocabulary for every sampled row. NaNs are skipped; 0 when there is nothing else.
+///
+/// Two passes that vectorise (the largest value in 16 lanes, then its first index): the
+/// one-pass scan with its index kept was a compare and branch a value, ~2 % of a 32-row
+/// greedy decode step over SmolLM2's 49,152 logits a row.
 pub fn argmax(values: &[f32]) -> usize {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &v) in values.iter().enumerate() {
-        if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let mut chunks = values.chunks_exact(L);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            // `v > m` is false for a NaN, so NaNs are skipped (`maxps` in the vector form).
+            *m = if v > *m { v } else { *m };
         }
     }
-    best.map_or(0, |(i, _)| i)
+    let mut top = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        if v > top {
+            top = v;
+        }
+    }
+    // The first value equal to the largest; none (all NaN, or empty) gives 0.
+    values.iter().position(|&v| v == top).unwrap_or(0)
 }
 
 /// `token`'s logprob and rank under the raw logits, with `alternatives` (ids) beside it.
@@ -339,16 +362,25 @@ pub fn sample_masked(
         }
         None => raw_logits,
     };
-    let mut logits = raw_logits.to_vec();
-    apply_processors(&mut logits, p, prompt, output);
-    if mask.is_some() && !logits.iter().any(|l| l.is_finite()) {
-        logits.copy_from_slice(raw_logits);
-        let unbanned = SamplingParams {
-            banned_tokens: Vec::new(),
-            ..p.clone()
-        };
-        apply_processors(&mut logits, &unbanned, prompt, output);
-    }
+    // A copy only when a processor changes the logits (greedy rows without any read them in
+    // place: copying 49,152 logits a row was most of their sampling time).
+    let processed;
+    let logits = if p.has_processors() {
+        let mut l = raw_logits.to_vec();
+        apply_processors(&mut l, p, prompt, output);
+        if mask.is_some() && !l.iter().any(|l| l.is_finite()) {
+            l.copy_from_slice(raw_logits);
+            let unbanned = SamplingParams {
+                banned_tokens: Vec::new(),
+                ..p.clone()
+            };
+            apply_processors(&mut l, &unbanned, prompt, output);
+        }
+        processed = l;
+        &processed[..]
+    } else {
+        raw_logits
+    };
     let token = if p.is_greedy() {
         argmax(&logits) as TokenId
     } else {
