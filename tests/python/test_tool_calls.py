@@ -263,6 +263,54 @@ def test_strict_tools_beside_a_response_format_give_calls_or_that_format(server,
         assert list(json.loads(msg["content"])) == ["answer"], msg
 
 
+def test_llama3_json_strict_tools_beside_a_response_format():
+    """The same calls-or-output answer with the llama3_json parser (vLLM 0.32: xgrammar's
+    triggered tags with `at_least_one`, so a call opens the answer), served on tiny-llama3
+    (Llama 3.1's tokenizer and template, random weights): whichever branch the model takes,
+    the answer is well-formed. Both start with `{"`; a logit bias on the next token (`name`
+    or `answer`) picks the branch, so each is exercised, streamed and whole."""
+    from tpuserve_proc import SHARED
+    tiny = str(SHARED / "fixtures" / "tiny-llama3" / "model")
+    s = ServerProcess(tiny, "--max-model-len", "1024", "--enable-auto-tool-choice",
+                      "--tool-call-parser", "llama3_json")
+    try:
+        def last_id(text):
+            status, r = send(s.port, "POST", "/tokenize", {"prompt": text})
+            assert status == 200, r
+            return r["tokens"][-1]
+        answer = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+            "type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+            "required": ["answer"]}}}
+        for word, stream in (("name", False), ("name", True), ("answer", False)):
+            body = {"messages": ASK, "tools": _weather(True, CITIES), "response_format": answer,
+                    "parallel_tool_calls": False, "max_tokens": 60, "temperature": 0,
+                    "logit_bias": {str(last_id('{"' + word)): 100}}
+            if stream:
+                calls, finish, _ = _auto_calls(s.port, _weather(True, CITIES), True,
+                                               messages=ASK, response_format=answer,
+                                               parallel_tool_calls=False,
+                                               logit_bias=body["logit_bias"])
+                assert finish == "tool_calls" and len(calls) == 1, calls
+                assert calls[0][0] == "get_weather" and calls[0][1]["city"] in CITIES, calls
+                continue
+            status, r = send(s.port, "POST", "/v1/chat/completions", body)
+            assert status == 200, r
+            c = r["choices"][0]
+            if word == "name":
+                calls = c["message"].get("tool_calls") or []
+                assert c["finish_reason"] == "tool_calls" and len(calls) == 1, c
+                args = json.loads(calls[0]["function"]["arguments"])
+                assert calls[0]["function"]["name"] == "get_weather", c
+                assert list(args) == ["city"] and args["city"] in CITIES, args
+                assert not c["message"]["content"], c
+            else:
+                assert not c["message"].get("tool_calls"), c
+                assert json.loads(c["message"]["content"])["answer"] in ("yes", "no"), c
+                assert c["finish_reason"] == "stop", c
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("tools,extra,message", [
     ([{"type": "function", "function": {"name": "f", "strict": "maybe"}}], {},
      "tools[0].function.strict: Input should be a valid boolean"),

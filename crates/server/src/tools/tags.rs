@@ -69,6 +69,9 @@ pub fn level_applies(parser: Option<ParserKind>) -> bool {
     parser.and_then(format_of).is_some()
 }
 
+/// What starts a llama3_json call (the rest of the call follows in the `call` rule).
+const LLAMA_TRIGGER: &str = "{\"name\": ";
+
 /// A JSON string literal: how names and fixed text enter the Lark grammar.
 fn lit(s: &str) -> String {
     Value::from(s).to_string()
@@ -114,7 +117,7 @@ pub fn auto_grammar(
 
 /// For an auto answer that also asks for structured outputs: the Lark rules (start rule
 /// `calls`) of the tools' calls in the form vLLM 0.32 gives "required" (hermes: calls back to
-/// back, nothing else; llama: free text with at least one call), to be joined with the
+/// back, nothing else; llama: a call first, then free text and calls), to be joined with the
 /// structured output as one or the other (`GrammarKind::ToolsOr`); `None` where the calls
 /// are left free (then the structured output alone applies, as in vLLM).
 pub fn required_calls(
@@ -127,19 +130,18 @@ pub fn required_calls(
         return Ok(None);
     };
     let calls = match (parts.format, single_call) {
-        (Format::Hermes, false) => "calls: (\"<tool_call>\" call)+",
-        (Format::Hermes, true) => "calls: \"<tool_call>\" call",
-        // Llama's form starts with free text, a lexeme that llguidance lets swallow the
-        // structured output's own opening (`{"answer": 7}` was refused): not served.
-        (Format::Llama, _) => {
-            return Err(ApiError::invalid_param(
-                "tools",
-                "tools whose calls are constrained (a tool with `strict: true`, \
-                 --tool-strict-level function / parameter) together with structured outputs \
-                 are not supported by tpuserve with the llama3_json parser (they are with \
-                 hermes)",
-            ))
-        }
+        (Format::Hermes, false) => "calls: (\"<tool_call>\" call)+".to_string(),
+        (Format::Hermes, true) => "calls: \"<tool_call>\" call".to_string(),
+        // xgrammar's triggered tags with `at_least_one`: the answer opens with a call; after
+        // it, free text and more calls as in an auto answer. The opening `{` is a lexeme of
+        // its own, as the structured output's `{` is: the whole trigger as one lexeme had
+        // the output's `{` as a prefix, and llguidance's lexer, extending the longer one,
+        // refused `{"answer": 7}` (so did free text first, a lazy lexeme that swallowed it).
+        (Format::Llama, single) => format!(
+            "calls: \"{{\" {} call{}",
+            lit(&LLAMA_TRIGGER[1..]),
+            if single { "" } else { " (pre call)* TEXT" }
+        ),
     };
     Ok(Some(format!("{calls}\n{}", parts.rules)))
 }
@@ -222,7 +224,7 @@ fn parts(parser: ParserKind, tools: &Value, level: StrictLevel) -> Result<Option
     // `excludes`); `pre` is free text up to and including the first trigger.
     let (trigger, excluded): (&str, &[&str]) = match format {
         Format::Hermes => ("<tool_call>", &[]),
-        Format::Llama => ("{\"name\": ", &["<think>", "</think>"]),
+        Format::Llama => (LLAMA_TRIGGER, &["<think>", "</think>"]),
     };
     let not_in = |list: &[&str]| {
         list.iter()
@@ -504,15 +506,33 @@ mod tests {
                 !h(false, extra),
                 "strict: no properties beyond the schema's"
             );
-            // Llama's form is refused by name (see `required_calls`).
-            let e = required_calls(
-                ParserKind::Llama3Json,
-                &tools(Some(true)),
-                StrictLevel::Auto,
+            // Llama's "required" form (xgrammar's `at_least_one`): a call first, then free
+            // text and calls; the output alone otherwise.
+            let lcall = |city: &str| {
+                format!(r#"{{"name": "get_weather", "parameters": {{"city": "{city}"}}}}"#)
+            };
+            let l = |single, text: &str| {
+                takes_either(ParserKind::Llama3Json, single, out.clone(), text)
+            };
+            assert!(l(false, r#"{"answer": 42}"#));
+            assert!(l(false, r#"{ "answer": 42 }"#));
+            assert!(l(false, &lcall("Paris")));
+            assert!(l(true, &lcall("Paris")));
+            assert!(l(
                 false,
-            )
-            .unwrap_err();
-            assert!(e.message.contains("llama3_json"), "{}", e.message);
+                &format!("{} and {}", lcall("Paris"), lcall("London"))
+            ));
+            assert!(l(false, &format!("{}\nDone.", lcall("Paris"))));
+            assert!(!l(true, &format!("{}\nDone.", lcall("Paris"))));
+            assert!(!l(true, &format!("{}{}", lcall("Paris"), lcall("London"))));
+            assert!(!l(false, &format!("Sure. {}", lcall("Paris"))));
+            assert!(!l(false, "The answer is 42."));
+            assert!(!l(false, r#"{"answer": "x"}"#));
+            assert!(!l(false, &lcall("Rome")), "strict: the enum holds");
+            assert!(!l(
+                false,
+                r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#
+            ));
         }
 
         #[test]
