@@ -120,9 +120,9 @@ pub fn top_n(values: &[f32], n: usize) -> Vec<usize> {
     idx
 }
 
-/// The index of the largest value, the lowest such index on ties (as `top_n(values, 1)`), in
-/// one pass: greedy decoding's pick, where `top_n` would index and partition the whole
-/// vocabulary for every sampled row. NaNs are skipped; 0 when there is nothing else.
+/// The index of the largest value, the lowest such index on ties (as `top_n(values, 1)`):
+/// greedy decoding's pick, where `top_n` would index and partition the whole vocabulary for
+/// every sampled row. NaNs are skipped; 0 when there is nothing else.
 ///
 /// Two passes that vectorise (the largest value in 16 lanes, then its first index): the
 /// one-pass scan with its index kept was a compare and branch a value, ~2 % of a 32-row
