@@ -1918,3 +1918,105 @@ def test_a_streamed_echo_sends_the_prompt_ids_first(server, model):
         firsts = [c["choices"][0]["prompt_token_ids"] for c in chunks if c["choices"]]
         assert firsts[0] == ids and all(f is None for f in firsts[1:]), firsts
         assert chunks[-1]["system_fingerprint"].startswith("tpuserve-")
+
+
+# vLLM 0.32's words for its `VLLMValidationError`s (message, then "(parameter=P[, value=V])",
+# values as Python prints them), read off a vLLM 0.32 server by benches/vllm_diff.
+@pytest.mark.parametrize("path,extra,param,message", [
+    ("/v1/completions", {"temperature": -1},
+     "temperature", "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)"),
+    ("/v1/completions", {"temperature": 2.5},
+     "temperature", "temperature must be in [0, 2], got 2.5. (parameter=temperature, value=2.5)"),
+    ("/v1/completions", {"top_p": 0},
+     "top_p", "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)"),
+    ("/v1/completions", {"presence_penalty": 3},
+     "presence_penalty", "presence_penalty must be in [-2, 2], got 3.0."),
+    ("/v1/completions", {"top_k": -2},
+     "top_k", "top_k must be 0 (disable), or at least 1, got -2."),
+    ("/v1/completions", {"max_tokens": 0},
+     "max_tokens", "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
+    ("/v1/completions", {"max_tokens": -1},
+     "max_tokens", "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)"),
+    ("/v1/completions", {"min_tokens": -1},
+     "min_tokens", "min_tokens must be greater than or equal to 0, got -1."),
+    ("/v1/completions", {"n": -1}, "n", "n must be at least 1, got -1."),
+    ("/v1/completions", {"logprobs": 21},
+     "logprobs", "Requested sample logprobs of 21, which is greater than max allowed: 20 "
+     "(parameter=logprobs, value=21)"),
+    ("/v1/completions", {"logprobs": -1},
+     "logprobs", "Requested sample logprobs of 49152, which is greater than max allowed: 20 "
+     "(parameter=logprobs, value=49152)"),
+    ("/v1/completions", {"logprobs": -2},
+     "logprobs", "`logprobs` must be a positive value or -1. (parameter=logprobs, value=-2)"),
+    ("/v1/completions", {"stop_token_ids": [99999, 5, -3]},
+     "stop_token_ids", "token_id(s) [99999, -3] in stop_token_ids contain out-of-vocab token "
+     "ids. Vocabulary size: 49152 (parameter=stop_token_ids, value=[99999, -3])"),
+    ("/v1/completions", {"logit_bias": {"99999": 1, "5": 1}},
+     "logit_bias", "token_id(s) [99999] in logit_bias contain out-of-vocab token ids. "
+     "Vocabulary size: 49152 (parameter=logit_bias, value=[99999])"),
+    ("/v1/completions", {"logit_bias": {"abc": 1}},
+     "logit_bias", "logit_bias contains key(s) that cannot be converted to integer token IDs: "
+     "['abc'] (parameter=logit_bias, value=['abc'])"),
+    ("/v1/completions", {"allowed_token_ids": []},
+     "allowed_token_ids", "allowed_token_ids is not None and empty! "
+     "(parameter=allowed_token_ids, value=[])"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}},
+     "stream_options", "Stream options can only be defined when `stream=True`. "
+     "(parameter=stream_options)"),
+    ("/v1/completions", {"truncate_prompt_tokens": 5000},
+     "truncate_prompt_tokens", f"truncate_prompt_tokens=5000 cannot be greater than "
+     f"max_model_len = {MAX_MODEL_LEN}. Please request a smaller truncation size. "
+     "(parameter=truncate_prompt_tokens, value=5000)"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -2},
+     "top_logprobs", "`top_logprobs` must be a positive value or -1. "
+     "(parameter=top_logprobs, value=-2)"),
+    ("/v1/chat/completions", {"top_logprobs": 2},
+     "top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true. "
+     "(parameter=top_logprobs)"),
+    ("/v1/chat/completions", {"tool_choice": "required"},
+     "tool_choice", "When using `tool_choice`, `tools` must be set. (parameter=tool_choice)"),
+])
+def test_refusals_are_worded_as_vllm_0_32_words_them(server, model, path, extra, param, message):
+    body = {"model": model, "max_tokens": 2, **extra}
+    body.update({"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path
+                else {"prompt": "Hi"})
+    status, r = send(server.port, "POST", path, body)
+    assert status == 400, r
+    assert (r["error"]["message"], r["error"]["param"]) == (message, param), r
+
+
+@pytest.mark.parametrize("extra", [
+    {"repetition_penalty": 3},   # vLLM 0.32: any finite value above 0
+    {"top_k": 100000},           # any k; beyond the vocabulary it keeps every token
+    {"stream": True, "prompt_logprobs": 0},  # 0 asks for no prompt logprobs
+    {"top_logprobs": 0},         # chat: 0 alternatives need no `logprobs`
+])
+def test_values_vllm_0_32_takes_are_served(server, model, extra):
+    chat = "top_logprobs" in extra
+    body = {"model": model, "max_tokens": 2, "temperature": 0, **extra}
+    body.update({"messages": [{"role": "user", "content": "Hi"}]} if chat else {"prompt": "Hi"})
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    if extra.get("stream"):
+        chunks = sse(server.port, path, body)
+        assert chunks and chunks[-1]["choices"][0]["finish_reason"] == "length", chunks[-1]
+    else:
+        status, r = send(server.port, "POST", path, body)
+        assert status == 200, r
+        assert r["usage"]["completion_tokens"] == 2, r
+    if "top_k" in extra:
+        # Keeping every token is greedy's pick too.
+        plain = dict(body, top_k=-1)
+        _, a = send(server.port, "POST", path, plain)
+        _, b = send(server.port, "POST", path, body)
+        assert a["choices"][0]["text"] == b["choices"][0]["text"], (a, b)
+
+
+def test_truncate_prompt_tokens_minus_one_leaves_a_token_for_the_answer(server, model):
+    """vLLM 0.32 truncates with -1 to the context less one token (`max_truncation_tokens`),
+    so a prompt longer than the context still gets an answer."""
+    prompt = " ".join(["word"] * (MAX_MODEL_LEN + 50))
+    body = {"model": model, "prompt": prompt, "temperature": 0, "truncate_prompt_tokens": -1}
+    status, r = send(server.port, "POST", "/v1/completions", body)
+    assert status == 200, r
+    assert r["usage"]["prompt_tokens"] == MAX_MODEL_LEN - 1, r["usage"]
+    assert r["usage"]["completion_tokens"] == 1, r["usage"]

@@ -2,10 +2,11 @@
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RequestError {
-    #[error("Either prompt or prompt_embeds must be provided and non-empty.")]
+    #[error("Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)")]
     EmptyPrompt,
-    /// `param`: the request field that held it (`prompt`, `stop_token_ids`, `logit_bias`…).
-    #[error("token id {token} is out of vocabulary (0..{vocab_size})")]
+    /// `param`: the request field that held it (`prompt`; the lists of ids a request sends
+    /// are checked whole, `RequestLimits::token_list`). vLLM's words.
+    #[error("Token id {token} is out of vocabulary")]
     TokenOutOfRange {
         param: &'static str,
         token: i64,

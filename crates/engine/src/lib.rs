@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod handle;
 pub mod output;
+pub mod pyfmt;
 pub mod request;
 mod request_state;
 pub mod scheduler;

@@ -7,6 +7,7 @@
 use tpuserve_runner_api::{SamplingParams, SamplingSupport, TokenId};
 
 use crate::error::RequestError;
+use crate::pyfmt::{py_f32, py_ints, vllm_suffix};
 use crate::request::{EngineRequest, RequestId};
 use crate::structured::Constraint;
 
@@ -63,22 +64,49 @@ fn invalid(param: &'static str, reason: impl Into<String>) -> RequestError {
     }
 }
 
-/// `{name} must be {rule}, got {v}.` unless `ok(v)`; a value that is not finite (a JSON
-/// number that overflowed the engine's f32) is named as such first.
+/// vLLM's message for `param` with its `VLLMValidationError` ending (see `pyfmt`).
+fn invalid_named(
+    param: &'static str,
+    reason: impl std::fmt::Display,
+    value: Option<&str>,
+) -> RequestError {
+    invalid(param, format!("{reason}{}", vllm_suffix(param, value)))
+}
+
+/// How [`range`] words its refusal, as vLLM does for that field.
+#[derive(Clone, Copy)]
+enum Words {
+    /// The message alone.
+    Plain,
+    /// A value that is not finite is named as such first (`temperature`,
+    /// `repetition_penalty`); elsewhere it fails the range like any other value.
+    FiniteFirst,
+    /// `FiniteFirst`, with the `(parameter=…, value=…)` ending (`temperature`).
+    Named,
+}
+
+/// `{name} must be {rule}, got {v}.` unless `ok(v)`, `v` printed as Python prints it.
 fn range(
     name: &'static str,
     v: f32,
     ok: impl Fn(f32) -> bool,
     rule: &str,
+    words: Words,
 ) -> Result<(), RequestError> {
-    if !v.is_finite() {
-        return Err(invalid(
-            name,
-            format!("{name} must be a finite number, got {v}."),
-        ));
+    let named = matches!(words, Words::Named);
+    let msg = |what: &str| {
+        let text = format!("{name} must be {what}, got {}.", py_f32(v));
+        if named {
+            invalid_named(name, text, Some(&py_f32(v)))
+        } else {
+            invalid(name, text)
+        }
+    };
+    if !v.is_finite() && !matches!(words, Words::Plain) {
+        return Err(msg("a finite number"));
     }
     if !ok(v) {
-        return Err(invalid(name, format!("{name} must be {rule}, got {v}.")));
+        return Err(msg(rule));
     }
     Ok(())
 }
@@ -97,13 +125,46 @@ impl RequestLimits {
         }
     }
 
+    /// Token ids a client sent for `param` (`stop_token_ids`, `logit_bias`,
+    /// `allowed_token_ids`, `logprob_token_ids`), as vLLM 0.32 checks them: every id outside
+    /// the vocabulary named at once, in vLLM's words.
+    pub fn token_list(
+        &self,
+        param: &'static str,
+        ids: &[i64],
+    ) -> Result<Vec<TokenId>, RequestError> {
+        let vocab = self.vocab_size as i64;
+        let bad: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|&t| t < 0 || t >= vocab)
+            .collect();
+        if bad.is_empty() {
+            return Ok(ids.iter().map(|&t| t as TokenId).collect());
+        }
+        let list = py_ints(&bad);
+        let text = if param == "allowed_token_ids" {
+            "allowed_token_ids contains out-of-vocab token id!".to_string()
+        } else {
+            format!(
+                "token_id(s) {list} in {param} contain out-of-vocab token ids. Vocabulary \
+                 size: {vocab}"
+            )
+        };
+        Err(invalid_named(param, text, Some(&list)))
+    }
+
     fn tokens(&self, param: &'static str, ids: &[TokenId]) -> Result<(), RequestError> {
         match ids.iter().find(|&&t| t as usize >= self.vocab_size) {
-            Some(&t) => Err(RequestError::TokenOutOfRange {
+            Some(&t) if param == "prompt" => Err(RequestError::TokenOutOfRange {
                 param,
                 token: t.into(),
                 vocab_size: self.vocab_size,
             }),
+            Some(_) => {
+                let wide: Vec<i64> = ids.iter().map(|&t| t.into()).collect();
+                self.token_list(param, &wide).map(|_| ())
+            }
             None => Ok(()),
         }
     }
@@ -162,32 +223,46 @@ impl RequestLimits {
     fn max_tokens(&self, req: &EngineRequest) -> Result<usize, RequestError> {
         let (prompt_len, ctx) = (req.prompt_token_ids.len(), self.max_model_len);
         if let Some(m) = req.stop.max_tokens.filter(|&m| m > ctx) {
-            return Err(invalid(
+            return Err(invalid_named(
                 "max_tokens",
                 format!(
                     "max_tokens={m} cannot be greater than max_model_len={ctx}. Please request \
                      fewer output tokens."
                 ),
+                Some(&m.to_string()),
+            ));
+        }
+        if req.stop.max_tokens == Some(0) {
+            return Err(invalid_named(
+                "max_tokens",
+                "max_tokens must be at least 1, got 0.",
+                Some("0"),
             ));
         }
         if prompt_len > ctx {
-            return Err(invalid(
+            return Err(invalid_named(
                 "input_tokens",
                 format!(
                     "This model's maximum context length is {ctx} tokens. However, your prompt \
                      contains {prompt_len} input tokens, which exceeds this limit even without \
                      any output tokens. Please reduce the length of the input prompt."
                 ),
+                Some(&prompt_len.to_string()),
             ));
         }
-        let m = req.stop.max_tokens.unwrap_or(ctx).min(ctx - prompt_len);
-        if m < 1 {
+        if prompt_len == ctx {
+            // vLLM 0.32's input processor: no room for even one output token.
             return Err(invalid(
-                "max_tokens",
-                format!("max_tokens must be at least 1, got {m}."),
+                "input_tokens",
+                format!(
+                    "The decoder prompt (length {prompt_len}) plus the number of requested \
+                     output tokens (at least 1) is longer than the maximum model length of \
+                     {ctx}. Make sure that `max_model_len` is no smaller than the number of \
+                     text tokens (prompt + requested output tokens)."
+                ),
             ));
         }
-        Ok(m)
+        Ok(req.stop.max_tokens.unwrap_or(ctx).min(ctx - prompt_len))
     }
 
     fn validate_stop(&self, req: &EngineRequest) -> Result<(), RequestError> {
@@ -221,44 +296,69 @@ impl RequestLimits {
     }
 
     fn validate_sampling(&self, p: &mut SamplingParams) -> Result<(), RequestError> {
-        range("temperature", p.temperature, |v| v >= 0.0, "non-negative")?;
-        range("top_p", p.top_p, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?;
-        range("min_p", p.min_p, |v| (0.0..=1.0).contains(&v), "in [0, 1]")?;
+        // vLLM 0.32's `SamplingParams._verify_args`, in its order and words.
         for (name, v) in [
             ("presence_penalty", p.presence_penalty),
             ("frequency_penalty", p.frequency_penalty),
         ] {
-            range(name, v, |v| (-2.0..=2.0).contains(&v), "in [-2, 2]")?;
+            range(
+                name,
+                v,
+                |v| (-2.0..=2.0).contains(&v),
+                "in [-2, 2]",
+                Words::Plain,
+            )?;
         }
         range(
             "repetition_penalty",
             p.repetition_penalty,
-            |v| v > 0.0 && v <= 2.0,
-            "in (0, 2]",
+            |v| v > 0.0,
+            "greater than zero",
+            Words::FiniteFirst,
         )?;
-        if p.top_k < -1 || p.top_k as i64 > self.vocab_size as i64 {
-            return Err(invalid(
-                "top_k",
-                format!(
-                    "top_k must be -1 (disable), 0 or in [1, {}], got {}.",
-                    self.vocab_size, p.top_k
-                ),
+        let t = p.temperature;
+        range("temperature", t, |v| v >= 0.0, "non-negative", Words::Named)?;
+        range("temperature", t, |v| v <= 2.0, "in [0, 2]", Words::Named)?;
+        // vLLM names top_p's value but has no finiteness check of its own for it.
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            let v = py_f32(p.top_p);
+            return Err(invalid_named(
+                "top_p",
+                format!("top_p must be in (0, 1], got {v}."),
+                Some(&v),
             ));
         }
-        // -1 and 0 both mean off; the samplers see one spelling.
-        p.top_k = p.top_k.max(0);
+        if p.top_k < -1 {
+            return Err(invalid(
+                "top_k",
+                format!("top_k must be 0 (disable), or at least 1, got {}.", p.top_k),
+            ));
+        }
+        range(
+            "min_p",
+            p.min_p,
+            |v| (0.0..=1.0).contains(&v),
+            "in [0, 1]",
+            Words::Plain,
+        )?;
+        // -1 and 0 both mean off, and so does a k that keeps the whole vocabulary (vLLM
+        // takes any k); the samplers see one spelling.
+        if p.top_k < 0 || p.top_k as i64 >= self.vocab_size as i64 {
+            p.top_k = 0;
+        }
         // vLLM 0.32's words (`SamplingParams._validate_logprobs`).
         for (name, what, n) in [
             ("logprobs", "sample", p.logprobs),
             ("prompt_logprobs", "prompt", p.prompt_logprobs),
         ] {
             if let Some(n) = n.filter(|&n| n > self.max_logprobs) {
-                return Err(invalid(
+                return Err(invalid_named(
                     name,
                     format!(
                         "Requested {what} logprobs of {n}, which is greater than max allowed: {}",
                         self.max_logprobs
                     ),
+                    Some(&n.to_string()),
                 ));
             }
         }
@@ -323,10 +423,22 @@ mod tests {
         let (param, msg) = max(101, Some(1)).unwrap_err();
         assert_eq!(param, "input_tokens");
         assert!(msg.starts_with("This model's maximum context length is 100 tokens. However, your prompt contains 101 input tokens"), "{msg}");
-        assert_eq!(max(100, None).unwrap_err().0, "max_tokens");
+        assert!(
+            msg.ends_with(" (parameter=input_tokens, value=101)"),
+            "{msg}"
+        );
+        // A prompt that fills the context leaves no room for one token (vLLM's input
+        // processor's words, without a parameter ending).
+        let (param, msg) = max(100, None).unwrap_err();
+        assert_eq!(param, "input_tokens");
+        assert!(msg.starts_with("The decoder prompt (length 100) plus the number of requested output tokens (at least 1)"), "{msg}");
         let (param, msg) = max(3, Some(101)).unwrap_err();
         assert_eq!(param, "max_tokens");
-        assert_eq!(msg, "max_tokens=101 cannot be greater than max_model_len=100. Please request fewer output tokens.");
+        assert_eq!(msg, "max_tokens=101 cannot be greater than max_model_len=100. Please request fewer output tokens. (parameter=max_tokens, value=101)");
+        assert_eq!(
+            max(3, Some(0)).unwrap_err().1,
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
+        );
     }
 
     #[test]
@@ -383,13 +495,18 @@ mod tests {
             check(&LIMITS, &r).is_err()
         };
         assert!(refused(&|r| r.n = 129), "n above the policy maximum");
+        assert!(refused(&|r| r.sampling.top_k = -2), "top_k below -1");
         assert!(
-            refused(&|r| r.sampling.top_k = 51),
-            "top_k above the vocabulary"
+            refused(&|r| r.sampling.repetition_penalty = 0.0),
+            "repetition_penalty not above 0"
         );
         assert!(
-            refused(&|r| r.sampling.repetition_penalty = 3.0),
-            "repetition_penalty > 2"
+            !refused(&|r| r.sampling.repetition_penalty = 3.0),
+            "repetition_penalty has no upper bound in vLLM 0.32"
+        );
+        assert!(
+            refused(&|r| r.sampling.temperature = 2.5),
+            "temperature above 2 (vLLM 0.32)"
         );
         assert!(
             refused(&|r| r.stop.stop = vec!["x".into(); 65]),
@@ -412,14 +529,15 @@ mod tests {
             !refused(&|r| r.best_of = Some(1)),
             "best_of equal to n changes nothing"
         );
-        assert!(
-            !refused(&|r| r.sampling.top_k = 50),
-            "top_k up to the vocabulary"
-        );
-        let mut r = req(3, Some(4));
-        r.sampling.top_k = -1;
-        let v = LIMITS.validate(r).unwrap();
-        assert_eq!(v.request().sampling.top_k, 0, "-1 (off) is normalised to 0");
+        let top_k = |k| {
+            let mut r = req(3, Some(4));
+            r.sampling.top_k = k;
+            LIMITS.validate(r).unwrap().request().sampling.top_k
+        };
+        assert_eq!(top_k(-1), 0, "-1 (off) is normalised to 0");
+        assert_eq!(top_k(49), 49);
+        assert_eq!(top_k(50), 0, "a k that keeps the whole vocabulary is off");
+        assert_eq!(top_k(1_000_000), 0, "vLLM takes any k");
         assert_eq!(
             LIMITS.token("prompt", -1),
             Err(RequestError::TokenOutOfRange {
@@ -455,5 +573,81 @@ mod tests {
         let mut r = req(3, Some(4));
         r.n = 0;
         assert!(check(&LIMITS, &r).is_err());
+    }
+
+    /// vLLM 0.32's messages, values printed as Python prints them, with its
+    /// `VLLMValidationError` ending where vLLM raises one.
+    #[test]
+    fn refusals_are_worded_as_vllm_words_them() {
+        let msg = |f: &dyn Fn(&mut EngineRequest)| {
+            let mut r = req(3, Some(4));
+            f(&mut r);
+            check(&LIMITS, &r).unwrap_err().to_string()
+        };
+        let cases: [(&dyn Fn(&mut EngineRequest), &str); 11] = [
+            (
+                &|r| r.sampling.temperature = -1.0,
+                "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)",
+            ),
+            (
+                &|r| r.sampling.temperature = 2.5,
+                "temperature must be in [0, 2], got 2.5. (parameter=temperature, value=2.5)",
+            ),
+            (
+                &|r| r.sampling.temperature = f32::INFINITY,
+                "temperature must be a finite number, got inf. (parameter=temperature, value=inf)",
+            ),
+            (
+                &|r| r.sampling.top_p = 0.0,
+                "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)",
+            ),
+            (
+                &|r| r.sampling.presence_penalty = 3.0,
+                "presence_penalty must be in [-2, 2], got 3.0.",
+            ),
+            (
+                &|r| r.sampling.repetition_penalty = -0.5,
+                "repetition_penalty must be greater than zero, got -0.5.",
+            ),
+            (
+                &|r| r.sampling.min_p = 1.5,
+                "min_p must be in [0, 1], got 1.5.",
+            ),
+            (
+                &|r| r.sampling.top_k = -3,
+                "top_k must be 0 (disable), or at least 1, got -3.",
+            ),
+            (
+                &|r| r.sampling.logprobs = Some(21),
+                "Requested sample logprobs of 21, which is greater than max allowed: 20 \
+             (parameter=logprobs, value=21)",
+            ),
+            (
+                &|r| r.stop.stop_token_ids = vec![50, 3, 60],
+                "token_id(s) [50, 60] in stop_token_ids contain out-of-vocab token ids. Vocabulary \
+             size: 50 (parameter=stop_token_ids, value=[50, 60])",
+            ),
+            (
+                &|r| r.sampling.allowed_tokens = vec![70],
+                "allowed_token_ids contains out-of-vocab token id! (parameter=allowed_token_ids, \
+             value=[70])",
+            ),
+        ];
+        for (f, want) in cases {
+            assert_eq!(msg(f), want);
+        }
+        assert_eq!(
+            LIMITS
+                .token_list("logit_bias", &[-1, 4, 50])
+                .unwrap_err()
+                .to_string(),
+            "token_id(s) [-1, 50] in logit_bias contain out-of-vocab token ids. Vocabulary \
+             size: 50 (parameter=logit_bias, value=[-1, 50])"
+        );
+        assert_eq!(LIMITS.token_list("logit_bias", &[0, 49]), Ok(vec![0, 49]));
+        assert_eq!(
+            msg(&|r| r.prompt_token_ids[0] = 99),
+            "Token id 99 is out of vocabulary"
+        );
     }
 }

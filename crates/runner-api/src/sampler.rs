@@ -382,9 +382,9 @@ pub fn sample_masked(
         raw_logits
     };
     let token = if p.is_greedy() {
-        argmax(&logits) as TokenId
+        argmax(logits) as TokenId
     } else {
-        let dist = filtered_distribution(&logits, p);
+        let dist = filtered_distribution(logits, p);
         let u = match p.seed {
             Some(seed) => seeded_uniform(seed, step),
             None => rand::rng().random::<f64>(),

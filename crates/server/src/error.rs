@@ -34,6 +34,13 @@ impl ApiError {
         }
     }
 
+    /// A refusal vLLM 0.32 raises as a `VLLMValidationError`: its message ends with
+    /// " (parameter=P)" or " (parameter=P, value=V)" (`value` in Python's `str` form).
+    pub fn vllm(param: &str, message: impl std::fmt::Display, value: Option<&str>) -> Self {
+        let suffix = tpuserve_engine::pyfmt::vllm_suffix(param, value);
+        Self::invalid_param(param, format!("{message}{suffix}"))
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, message)
     }

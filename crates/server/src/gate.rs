@@ -175,11 +175,23 @@ pub fn template_kwargs<'a>(
 }
 
 pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput, ApiError> {
-    if req.top_logprobs.is_some() && !req.logprobs.unwrap_or(false) {
-        return Err(ApiError::invalid_param(
-            "top_logprobs",
-            "when using `top_logprobs`, `logprobs` must be set to true.",
-        ));
+    // vLLM 0.32's request model: a negative count other than -1 first, then a count that
+    // asks for alternatives (-1 or > 0) without `logprobs`.
+    if let Some(n) = req.top_logprobs {
+        if n < -1 {
+            return Err(ApiError::vllm(
+                "top_logprobs",
+                "`top_logprobs` must be a positive value or -1.",
+                Some(&n.to_string()),
+            ));
+        }
+        if n != 0 && !req.logprobs.unwrap_or(false) {
+            return Err(ApiError::vllm(
+                "top_logprobs",
+                "when using `top_logprobs`, `logprobs` must be set to true.",
+                None,
+            ));
+        }
     }
     let (tool_mode, tools_for_template) = tool_choice(ctx, req)?;
     // vLLM refuses a request's own template unless the server trusts them: a template is code
@@ -386,10 +398,11 @@ fn tool_choice<'r>(
     use crate::tools::choice::{required_or_named_schema, Choice};
     let tools = req.tools.as_ref().filter(|t| !t.is_null());
     if tools.is_some_and(|t| t.as_array().is_some_and(Vec::is_empty)) {
-        return Err(ApiError::invalid_param(
+        return Err(ApiError::vllm(
             "tools",
             "`tools` must not be an empty array. Either provide at least one tool or omit the \
              field entirely.",
+            None,
         ));
     }
     let absent_default = Value::String("auto".into());
@@ -403,9 +416,10 @@ fn tool_choice<'r>(
         return Ok((None, shown));
     }
     if !choice.is_null() && tools.is_none() {
-        return Err(ApiError::invalid_param(
+        return Err(ApiError::vllm(
             "tool_choice",
             "When using `tool_choice`, `tools` must be set.",
+            None,
         ));
     }
     let usage = r#"Correct usage: `{"type": "function", "function": {"name": "my_function"}}`"#;
@@ -416,24 +430,27 @@ fn tool_choice<'r>(
             let function = o.get("function");
             let Some(f) = function.and_then(Value::as_object) else {
                 let shown = function.map_or_else(|| "None".to_string(), Value::to_string);
-                return Err(ApiError::invalid_param(
+                return Err(ApiError::vllm(
                     "tool_choice.function",
                     format!("Invalid value for `function`: `{shown}` in `tool_choice`! {usage}"),
+                    None,
                 ));
             };
             let Some(name) = f.get("name") else {
-                return Err(ApiError::invalid_param(
+                return Err(ApiError::vllm(
                     "tool_choice.function.name",
                     format!("Expected field `name` in `function` in `tool_choice`! {usage}"),
+                    None,
                 ));
             };
             if name.as_str().is_none_or(str::is_empty) {
                 let shown = name
                     .as_str()
                     .map_or_else(|| name.to_string(), str::to_string);
-                return Err(ApiError::invalid_param(
+                return Err(ApiError::vllm(
                     "tool_choice.function.name",
                     format!("Invalid `name` in `function`: `{shown}` in `tool_choice`! {usage}"),
+                    None,
                 ));
             }
             let names = tools
@@ -442,10 +459,11 @@ fn tool_choice<'r>(
                 .flatten()
                 .filter_map(|t| t.pointer("/function/name"));
             if !names.into_iter().any(|n| n == name) {
-                return Err(ApiError::invalid_param(
+                return Err(ApiError::vllm(
                     "tool_choice",
                     "The tool specified in `tool_choice` does not match any of the specified \
                      `tools`",
+                    None,
                 ));
             }
         }
@@ -453,12 +471,13 @@ fn tool_choice<'r>(
             let shown = other
                 .as_str()
                 .map_or_else(|| other.to_string(), str::to_string);
-            return Err(ApiError::invalid_param(
+            return Err(ApiError::vllm(
                 "tool_choice",
                 format!(
                     "Invalid value for `tool_choice`: {shown}! Only named tools, \"none\", \
                      \"auto\" or \"required\" are supported."
                 ),
+                None,
             ));
         }
     }

@@ -129,10 +129,11 @@ impl StructuredFields {
             "json_object" => Ok(Some(GrammarKind::JsonObject)),
             "json_schema" => {
                 let js = rf.get("json_schema").filter(|v| !v.is_null()).ok_or_else(|| {
-                    bad(
+                    ApiError::vllm(
                         field,
                         "When response_format type is 'json_schema', the 'json_schema' field \
                          must be provided.",
+                        None,
                     )
                 })?;
                 if !js.get("name").is_some_and(Value::is_string) {

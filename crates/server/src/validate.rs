@@ -114,11 +114,36 @@ impl Validated {
     }
 }
 
-/// A JSON count (`n`, `logprobs`, `min_tokens`…) as the engine's unsigned type.
+/// A JSON count (`best_of`) as the engine's unsigned type.
 fn count(name: &str, v: i64) -> Result<usize, ApiError> {
     usize::try_from(v).map_err(|_| {
         ApiError::invalid_param(name, format!("{name} must be non-negative, got {v}."))
     })
+}
+
+/// `n`: vLLM's `_verify_num_sequences` words for a value below 1 (the gate bounds the rest).
+fn sample_count(v: i64) -> Result<usize, ApiError> {
+    match usize::try_from(v) {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(ApiError::invalid_param(
+            "n",
+            format!("n must be at least 1, got {v}."),
+        )),
+    }
+}
+
+/// `logprobs` / `prompt_logprobs` as vLLM 0.32 reads them: -1 asks for the whole vocabulary
+/// (then bounded by `--max-logprobs` like any count), another negative value is refused.
+fn logprob_count(name: &str, v: i64, vocab: usize) -> Result<usize, ApiError> {
+    match v {
+        -1 => Ok(vocab),
+        v if v < 0 => Err(ApiError::vllm(
+            name,
+            format!("`{name}` must be a positive value or -1."),
+            Some(&v.to_string()),
+        )),
+        v => Ok(usize::try_from(v).unwrap_or(usize::MAX)),
+    }
 }
 
 /// A JSON token id as the engine's type, checked against the vocabulary by the engine's rule.
@@ -137,7 +162,7 @@ pub fn sampling(
     lim: &Limits,
 ) -> Result<Validated, ApiError> {
     f.unimplemented.check()?;
-    let n = count("n", f.n.unwrap_or(1))?;
+    let n = sample_count(f.n.unwrap_or(1))?;
     let best_of = f.best_of.map(|b| count("best_of", b)).transpose()?;
     let d = &lim.defaults;
     // f32 is what the engine holds: a value beyond it becomes infinite and the gate says so.
@@ -154,32 +179,51 @@ pub fn sampling(
     let top_k = i32::try_from(top_k).map_err(|_| {
         ApiError::invalid_param("top_k", format!("top_k must fit in 32 bits, got {top_k}."))
     })?;
-    let lp = logprobs.map(|v| count("logprobs", v)).transpose()?;
+    let vocab = lim.engine.vocab_size;
+    let stream = f.stream.unwrap_or(false);
+    // vLLM 0.32's request model, in its order: prompt logprobs with a stream (0 asks for
+    // none), a negative count, then stream options without a stream.
+    if let Some(p) = f.prompt_logprobs {
+        if stream && (p > 0 || p == -1) {
+            return Err(ApiError::vllm(
+                "prompt_logprobs",
+                "`prompt_logprobs` are not available when `stream=True`.",
+                None,
+            ));
+        }
+    }
     let prompt_lp = f
         .prompt_logprobs
-        .map(|v| count("prompt_logprobs", v))
+        .map(|v| logprob_count("prompt_logprobs", v, vocab))
         .transpose()?;
-    let stream = f.stream.unwrap_or(false);
+    let lp = logprobs
+        .map(|v| logprob_count("logprobs", v, vocab))
+        .transpose()?;
     if f.stream_options.is_some() && !stream {
-        return Err(ApiError::invalid_param(
+        return Err(ApiError::vllm(
             "stream_options",
             "Stream options can only be defined when `stream=True`.",
-        ));
-    }
-    if stream && prompt_lp.is_some() {
-        return Err(ApiError::invalid_param(
-            "prompt_logprobs",
-            "`prompt_logprobs` are not available when `stream=True`.",
+            None,
         ));
     }
     let ctx = lim.engine.max_model_len;
     if let Some(m) = max_tokens.filter(|&m| m > ctx as i64) {
-        return Err(ApiError::invalid_param(
+        return Err(ApiError::vllm(
             max_tokens_field,
             format!(
                 "{max_tokens_field}={m} cannot be greater than max_model_len={ctx}. Please \
                  request fewer output tokens."
             ),
+            Some(&m.to_string()),
+        ));
+    }
+    // 0 goes on: an echo of the prompt alone is served, else the gate refuses it in these
+    // words.
+    if let Some(m) = max_tokens.filter(|&m| m < 0) {
+        return Err(ApiError::vllm(
+            "max_tokens",
+            format!("max_tokens must be at least 1, got {m}."),
+            Some(&m.to_string()),
         ));
     }
     let max_tokens = match (max_tokens, d.max_tokens) {
@@ -187,34 +231,21 @@ pub fn sampling(
         (m, cap) => m.or(cap),
     };
     // The engine caps what is left at the end of the context (vLLM's `get_max_tokens`).
-    let max_tokens = max_tokens
-        .map(|m| count("max_tokens", m.min(u32::MAX as i64)))
-        .transpose()?;
-    let min_tokens = count("min_tokens", f.min_tokens.unwrap_or(0))?;
+    // Not negative here (checked above; the generation config's cap is positive).
+    let max_tokens = max_tokens.map(|m| m.clamp(0, u32::MAX as i64) as usize);
+    let min_tokens = f.min_tokens.unwrap_or(0);
+    let min_tokens = usize::try_from(min_tokens).map_err(|_| {
+        ApiError::invalid_param(
+            "min_tokens",
+            format!("min_tokens must be greater than or equal to 0, got {min_tokens}."),
+        )
+    })?;
     let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    let stop_token_ids = f
-        .stop_token_ids
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|t| token_id("stop_token_ids", t, &lim.engine))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut logit_bias = Vec::new();
-    for (k, &v) in f.logit_bias.iter().flatten() {
-        let id: i64 = k.parse().map_err(|_| {
-            ApiError::invalid_param(
-                "logit_bias",
-                format!("logit_bias key `{k}` is not a token id"),
-            )
-        })?;
-        // OpenAI's documented range; non-finite values stay so and the gate refuses them.
-        let bias = if v.is_finite() {
-            v.clamp(-100.0, 100.0)
-        } else {
-            v
-        };
-        logit_bias.push((token_id("logit_bias", id, &lim.engine)?, bias as f32));
-    }
+    let stop_token_ids = lim.engine.token_list(
+        "stop_token_ids",
+        f.stop_token_ids.as_deref().unwrap_or_default(),
+    )?;
+    let logit_bias = logit_bias(f.logit_bias.as_ref(), &lim.engine)?;
     let sampling = SamplingParams {
         temperature,
         top_k,
@@ -333,16 +364,18 @@ fn cache_salt(s: Option<&str>) -> Result<Option<String>, ApiError> {
         return Ok(None);
     };
     if s.is_empty() {
-        return Err(ApiError::invalid_param(
+        return Err(ApiError::vllm(
             "cache_salt",
             "Parameter 'cache_salt' must be a non-empty string if provided.",
+            None,
         ));
     }
     if s.chars().count() > 128 || s.contains(['@', '/', '\\', '\0']) {
-        return Err(ApiError::invalid_param(
+        return Err(ApiError::vllm(
             "cache_salt",
             "Parameter 'cache_salt' must be at most 128 characters and must not contain '@', \
              '/', '\\\\', or NUL.",
+            None,
         ));
     }
     Ok(Some(s.to_string()))
@@ -354,21 +387,53 @@ fn allowed_token_ids(ids: Option<&[i64]>, limits: &RequestLimits) -> Result<Vec<
         return Ok(Vec::new());
     };
     if ids.is_empty() {
-        return Err(ApiError::invalid_param(
+        return Err(ApiError::vllm(
             "allowed_token_ids",
             "allowed_token_ids is not None and empty!",
+            Some("[]"),
         ));
     }
-    ids.iter()
-        .map(|&t| {
-            token_id("allowed_token_ids", t, limits).map_err(|_| {
-                ApiError::invalid_param(
-                    "allowed_token_ids",
-                    "allowed_token_ids contains out-of-vocab token id!",
-                )
-            })
+    Ok(limits.token_list("allowed_token_ids", ids)?)
+}
+
+/// `logit_bias` as vLLM 0.32 reads it: keys as Python's `int()` reads them (every key that is
+/// not one named at once), then every id outside the vocabulary named at once; biases
+/// clamped to ±100 (non-finite ones stay so, and the gate refuses them).
+fn logit_bias(
+    bias: Option<&std::collections::BTreeMap<String, f64>>,
+    limits: &RequestLimits,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    use tpuserve_engine::pyfmt::{py_int, py_strs};
+    let entries: Vec<(&String, f64)> = bias.into_iter().flatten().map(|(k, &v)| (k, v)).collect();
+    let bad: Vec<&str> = entries
+        .iter()
+        .filter(|(k, _)| py_int(k).is_none())
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if !bad.is_empty() {
+        let keys = py_strs(&bad);
+        return Err(ApiError::vllm(
+            "logit_bias",
+            format!(
+                "logit_bias contains key(s) that cannot be converted to integer token IDs: {keys}"
+            ),
+            Some(&keys),
+        ));
+    }
+    let ids: Vec<i64> = entries.iter().filter_map(|(k, _)| py_int(k)).collect();
+    let ids = limits.token_list("logit_bias", &ids)?;
+    Ok(ids
+        .into_iter()
+        .zip(&entries)
+        .map(|(id, &(_, v))| {
+            let v = if v.is_finite() {
+                v.clamp(-100.0, 100.0)
+            } else {
+                v
+            };
+            (id, v as f32)
         })
-        .collect()
+        .collect())
 }
 
 /// vLLM's most `logprob_token_ids` (`MAX_LOGPROB_TOKEN_IDS`).
@@ -386,37 +451,30 @@ fn logprob_token_ids(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let refuse = |m: String| Err(ApiError::invalid_param("logprob_token_ids", m));
+    let refuse =
+        |m: String, value: Option<&str>| Err(ApiError::vllm("logprob_token_ids", m, value));
     if logprobs.is_none() {
         let set = if model.starts_with("Chat") {
             "set to true"
         } else {
             "set"
         };
-        return refuse(format!(
-            "when using `logprob_token_ids`, `logprobs` must be {set}."
-        ));
+        return refuse(
+            format!("when using `logprob_token_ids`, `logprobs` must be {set}."),
+            None,
+        );
     }
-    if ids.len() > MAX_LOGPROB_TOKEN_IDS {
-        return refuse(format!(
-            "Requested logprob_token_ids of length {}, which is greater than max allowed: \
-             {MAX_LOGPROB_TOKEN_IDS}",
-            ids.len()
-        ));
+    let n = ids.len();
+    if n > MAX_LOGPROB_TOKEN_IDS {
+        return refuse(
+            format!(
+                "Requested logprob_token_ids of length {n}, which is greater than max allowed: \
+                 {MAX_LOGPROB_TOKEN_IDS}"
+            ),
+            Some(&n.to_string()),
+        );
     }
-    let vocab = limits.vocab_size as i64;
-    let outside: Vec<i64> = ids
-        .iter()
-        .copied()
-        .filter(|&t| t < 0 || t >= vocab)
-        .collect();
-    if !outside.is_empty() {
-        return refuse(format!(
-            "token_id(s) {outside:?} in logprob_token_ids contain out-of-vocab token ids. \
-             Vocabulary size: {vocab}"
-        ));
-    }
-    Ok(ids.iter().map(|&t| t as u32).collect())
+    Ok(limits.token_list("logprob_token_ids", ids)?)
 }
 
 /// vLLM's most bad words after tokenisation (`VLLM_MAX_NUM_BAD_WORDS`).
@@ -469,9 +527,10 @@ fn stream_interval(asked: Option<i64>, server: usize) -> Result<usize, ApiError>
     match asked {
         None => Ok(server),
         Some(v) if v >= 1 => Ok(usize::try_from(v).unwrap_or(usize::MAX).max(server)),
-        Some(v) => Err(ApiError::invalid_param(
+        Some(v) => Err(ApiError::vllm(
             "stream_interval",
-            format!("stream_interval must be at least 1, got {v}"),
+            format!("stream_interval must be at least 1, got {v}."),
+            Some(&v.to_string()),
         )),
     }
 }
@@ -580,7 +639,8 @@ fn truncation(
     };
     let keep = match f.truncate_prompt_tokens {
         None => return Ok(None),
-        Some(-1) => lim.engine.max_model_len,
+        // vLLM 0.32's `max_truncation_tokens`: the context less one token for the answer.
+        Some(-1) => lim.engine.max_model_len.saturating_sub(1),
         Some(t) if t < -1 => {
             return Err(bound_error(
                 model,
@@ -591,13 +651,14 @@ fn truncation(
             ))
         }
         Some(t) if t as u64 > lim.engine.max_model_len as u64 => {
-            return Err(ApiError::invalid_param(
+            return Err(ApiError::vllm(
                 "truncate_prompt_tokens",
                 format!(
-                    "truncate_prompt_tokens value ({t}) is greater than max_model_len ({}). \
-                     Please, select a smaller truncation size.",
+                    "truncate_prompt_tokens={t} cannot be greater than max_model_len = {}. \
+                     Please request a smaller truncation size.",
                     lim.engine.max_model_len
                 ),
+                Some(&t.to_string()),
             ))
         }
         Some(t) => t as usize,
@@ -652,7 +713,7 @@ mod tests {
         });
         assert!(huge.is_err_and(|e| e.message.contains("temperature")));
         let ok = check(SamplingFields {
-            temperature: Some(1e30),
+            temperature: Some(2.0),
             repetition_penalty: Some(1e-30),
             ..Default::default()
         })
