@@ -331,3 +331,51 @@ fn a_step_that_repeats_a_slot_writes_in_row_order() {
     assert_eq!(both.seqs[1].logits, alone.seqs[0].logits);
     assert_ne!(both.seqs[0].logits, both.seqs[1].logits);
 }
+
+/// The last layer runs past its K/V write only for the rows whose logits are read (a prompt
+/// step reads one row a sequence): the read row's logits are the same bits as when every row
+/// is read (prompt logprobs ask for all of them), and the K/V the skipped rows wrote are
+/// the ones the next step attends to (its logits equal those of the whole prompt at once).
+#[test]
+fn the_last_layer_for_the_read_rows_alone_changes_nothing() {
+    use tpuserve_runner_api::{SeqPlan, StepPlan};
+    let model = load_model(&smollm2_gguf()).unwrap();
+    let prompt: Vec<u32> = vec![504, 3458, 282, 4649, 314, 3575, 28, 357, 5248, 2];
+    let n = prompt.len();
+    let step = |ids: &[u32], start: usize, targets: Vec<u32>| StepPlan {
+        token_ids: ids.to_vec(),
+        positions: (start as u32..(start + ids.len()) as u32).collect(),
+        slot_mapping: (start as u32..(start + ids.len()) as u32).collect(),
+        seqs: vec![SeqPlan {
+            sample: false,
+            return_logits: true,
+            prompt_logprob_targets: targets,
+            ..SeqPlan::sampling(0, 0, ids.len(), start + ids.len(), vec![0])
+        }],
+        masks: None,
+    };
+    let last = |r: &mut dyn tpuserve_runner_api::ModelRunner, p: &StepPlan| {
+        r.execute(p).expect("step").seqs[0]
+            .logits
+            .clone()
+            .expect("logits")
+    };
+    let mut r = native_runner(&model, 64);
+    let read_one = last(&mut r, &step(&prompt, 0, Vec::new()));
+    let mut r = native_runner(&model, 64);
+    let read_all = last(&mut r, &step(&prompt, 0, prompt[1..].to_vec()));
+    assert_eq!(read_one, read_all);
+    // The first 7 tokens (no row read: the last layer stops after its K/V write), then the
+    // rest attending to them.
+    let mut r = native_runner(&model, 64);
+    let first = r.execute(&StepPlan {
+        seqs: vec![SeqPlan {
+            return_logits: false,
+            ..step(&prompt[..7], 0, Vec::new()).seqs[0].clone()
+        }],
+        ..step(&prompt[..7], 0, Vec::new())
+    });
+    assert!(first.expect("a step nobody reads").seqs[0].logits.is_none());
+    let chunked = last(&mut r, &step(&prompt[7..], 7, Vec::new()));
+    assert_eq!(chunked, read_one, "{n} tokens in two steps");
+}

@@ -162,12 +162,47 @@ pub fn paged_attention_with(
     head_dim: usize,
     block_size: usize,
 ) -> Vec<f32> {
+    let dims = (heads, kv_heads, head_dim, block_size);
+    attention_rows(kernel, q, kv, plan, token_seq, dims, None)
+}
+
+/// [`paged_attention`] for the rows `rows` of the step only (ascending; `q` still holds every
+/// row's query): one output row each, in that order. The last layer of a prompt step needs
+/// no more than the rows whose logits are read.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_rows(
+    q: &[f32],
+    kv: KvRef<'_>,
+    plan: &StepPlan,
+    token_seq: &[usize],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    rows: &[usize],
+) -> Vec<f32> {
+    let dims = (heads, kv_heads, head_dim, block_size);
+    attention_rows(best_kernel(), q, kv, plan, token_seq, dims, Some(rows))
+}
+
+/// Every row of the step (`rows` None), or the listed ones; `dims`: heads, KV heads, head
+/// dim, block size.
+fn attention_rows(
+    kernel: AttnKernel,
+    q: &[f32],
+    kv: KvRef<'_>,
+    plan: &StepPlan,
+    token_seq: &[usize],
+    (heads, kv_heads, head_dim, block_size): (usize, usize, usize, usize),
+    rows: Option<&[usize]>,
+) -> Vec<f32> {
     assert!(
         available_kernels().contains(&kernel),
         "{kernel:?} is not available on this CPU"
     );
     let qs = heads * head_dim;
-    let mut out = vec![0f32; q.len()];
+    let n_out = rows.map_or(q.len() / qs.max(1), <[usize]>::len);
+    let mut out = vec![0f32; n_out * qs];
     let dims = Dims {
         heads,
         kv_heads,
@@ -193,7 +228,9 @@ pub fn paged_attention_with(
     };
     out.par_chunks_mut(qs)
         .enumerate()
-        .for_each_init(Vec::new, |scores, (i, orow)| {
+        .for_each_init(Vec::new, |scores, (k, orow)| {
+            // The step's row this output row is.
+            let i = rows.map_or(k, |r| r[k]);
             #[cfg(target_arch = "x86_64")]
             if fast {
                 let seq = &plan.seqs[token_seq[i]];

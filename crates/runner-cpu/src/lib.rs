@@ -339,7 +339,16 @@ impl CpuRunner {
         (cos, sin)
     }
 
-    fn layer(&mut self, li: usize, x: &mut [f32], step: &StepCtx<'_>) -> Result<(), RunnerError> {
+    /// One decoder layer over the step's rows. With `keep`, the rows past the attention (its
+    /// output, the o projection, the MLP) are only those listed: every row's K and V are
+    /// still written, and the other rows of `x` are left as they were.
+    fn layer(
+        &mut self,
+        li: usize,
+        x: &mut [f32],
+        step: &StepCtx<'_>,
+        keep: Option<&[usize]>,
+    ) -> Result<(), RunnerError> {
         let StepCtx {
             plan,
             cos,
@@ -399,22 +408,38 @@ impl CpuRunner {
             KvCache::F32(kc, vc) => attention::KvRef::F32(kc, vc),
             KvCache::F16(kc, vc) => attention::KvRef::F16(kc, vc),
         };
-        let attn = attention::paged_attention(
-            &q,
-            kv,
-            plan,
-            token_seq,
+        if keep.is_some_and(<[usize]>::is_empty) {
+            // A prompt chunk whose rows nobody reads: its K and V were all it had to give.
+            return Ok(());
+        }
+        let (heads, kv_heads, bs) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
-            hd,
             self.kv.block_size,
         );
+        let attn = match keep {
+            Some(rows) => attention::paged_attention_rows(
+                &q, kv, plan, token_seq, heads, kv_heads, hd, bs, rows,
+            ),
+            None => attention::paged_attention(&q, kv, plan, token_seq, heads, kv_heads, hd, bs),
+        };
+        // The kept rows of the residual stream, gathered (all rows: `x` itself), and put back
+        // at the end.
+        let mut kept: Vec<f32> = Vec::new();
+        if let Some(rows) = keep {
+            kept.reserve(rows.len() * h);
+            for &r in rows {
+                kept.extend_from_slice(&x[r * h..(r + 1) * h]);
+            }
+        }
+        let xr: &mut [f32] = if keep.is_some() { &mut kept } else { &mut *x };
+        let t = xr.len() / h;
         let o = linear(&attn, t, &lw.o_proj)?;
-        add_rows(x, &o, h);
+        add_rows(xr, &o, h);
 
         let d = match (&lw.gate_up, &lw.down) {
             (GateUp::Paired(gu), Matrix::Quant(down)) => qmatvec::qmatmul_acts(
-                &gu.quantized_product(&qmatvec::quantize_rms_norm(x, &lw.post_norm, eps)),
+                &gu.quantized_product(&qmatvec::quantize_rms_norm(xr, &lw.post_norm, eps)),
                 down,
             ),
             (GateUp::Paired(_), _) => {
@@ -423,11 +448,16 @@ impl CpuRunner {
                 ))
             }
             (GateUp::Stacked(gate_up), down) => {
-                let gu = norm_linear(x, &lw.post_norm, eps, gate_up)?;
+                let gu = norm_linear(xr, &lw.post_norm, eps, gate_up)?;
                 swiglu_down(&gu, t, cfg.intermediate_size, down)?
             }
         };
-        add_rows(x, &d, h);
+        add_rows(xr, &d, h);
+        if let Some(rows) = keep {
+            for (k, &r) in rows.iter().enumerate() {
+                x[r * h..(r + 1) * h].copy_from_slice(&kept[k * h..(k + 1) * h]);
+            }
+        }
         Ok(())
     }
 }
@@ -492,11 +522,9 @@ impl CpuRunner {
             token_seq: &token_seq,
             slots_distinct,
         };
-        for li in 0..self.cfg.num_hidden_layers {
-            self.layer(li, &mut x, &ctx)?;
-        }
-
-        // Only rows someone asked for go through the final norm and the LM head.
+        // Only rows someone asked for go through the final norm and the LM head, and through
+        // the last layer past its K/V write: a prompt step reads one row a sequence, and the
+        // other rows' attention output, o projection and MLP there were ~1/30 of its work.
         let mut rows: Vec<usize> = Vec::new();
         for s in &plan.seqs {
             rows.extend(s.query_start..s.query_start + s.prompt_logprob_targets.len());
@@ -506,6 +534,11 @@ impl CpuRunner {
         }
         rows.sort_unstable();
         rows.dedup();
+        let layers = self.cfg.num_hidden_layers;
+        for li in 0..layers {
+            let keep = (li + 1 == layers && rows.len() < t).then_some(&rows[..]);
+            self.layer(li, &mut x, &ctx, keep)?;
+        }
         let mut selected = Vec::with_capacity(rows.len() * h);
         for &r in &rows {
             selected.extend_from_slice(&x[r * h..(r + 1) * h]);
