@@ -584,7 +584,8 @@ mod tests {
             f(&mut r);
             check(&LIMITS, &r).unwrap_err().to_string()
         };
-        let cases: [(&dyn Fn(&mut EngineRequest), &str); 11] = [
+        type Edit = dyn Fn(&mut EngineRequest);
+        let cases: [(&Edit, &str); 11] = [
             (
                 &|r| r.sampling.temperature = -1.0,
                 "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)",

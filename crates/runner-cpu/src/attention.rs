@@ -129,8 +129,11 @@ fn best_kernel() -> AttnKernel {
     *BEST.get_or_init(|| available_kernels()[0])
 }
 
-/// Causal attention for every query token of the step. Keys and values of position `j` of a
-/// sequence live in slot `block_table[j / block_size] * block_size + j % block_size`.
+/// Causal attention for every query token of the step (`rows` None), or for the rows listed
+/// (ascending; `q` still holds every row's query), one output row each in that order: the
+/// last layer of a prompt step needs no more than the rows whose logits are read. Keys and
+/// values of position `j` of a sequence live in slot
+/// `block_table[j / block_size] * block_size + j % block_size`.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     q: &[f32],
@@ -141,11 +144,10 @@ pub fn paged_attention(
     kv_heads: usize,
     head_dim: usize,
     block_size: usize,
+    rows: Option<&[usize]>,
 ) -> Vec<f32> {
-    let kernel = best_kernel();
-    paged_attention_with(
-        kernel, q, kv, plan, token_seq, heads, kv_heads, head_dim, block_size,
-    )
+    let dims = (heads, kv_heads, head_dim, block_size);
+    attention_rows(best_kernel(), q, kv, plan, token_seq, dims, rows)
 }
 
 /// [`paged_attention`] on a chosen kernel (one of [`available_kernels`]; the AVX2 kernel
@@ -164,25 +166,6 @@ pub fn paged_attention_with(
 ) -> Vec<f32> {
     let dims = (heads, kv_heads, head_dim, block_size);
     attention_rows(kernel, q, kv, plan, token_seq, dims, None)
-}
-
-/// [`paged_attention`] for the rows `rows` of the step only (ascending; `q` still holds every
-/// row's query): one output row each, in that order. The last layer of a prompt step needs
-/// no more than the rows whose logits are read.
-#[allow(clippy::too_many_arguments)]
-pub fn paged_attention_rows(
-    q: &[f32],
-    kv: KvRef<'_>,
-    plan: &StepPlan,
-    token_seq: &[usize],
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    block_size: usize,
-    rows: &[usize],
-) -> Vec<f32> {
-    let dims = (heads, kv_heads, head_dim, block_size);
-    attention_rows(best_kernel(), q, kv, plan, token_seq, dims, Some(rows))
 }
 
 /// Every row of the step (`rows` None), or the listed ones; `dims`: heads, KV heads, head
@@ -523,7 +506,8 @@ mod tests {
             };
             let token_seq = [0, 1, 1, 1, 1, 1];
             let q: Vec<f32> = (0..6 * heads * hd).map(|i| val(i + 11)).collect();
-            let run = |kv| paged_attention(&q, kv, &plan, &token_seq, heads, kv_heads, hd, bs);
+            let run =
+                |kv| paged_attention(&q, kv, &plan, &token_seq, heads, kv_heads, hd, bs, None);
             let want = run(KvRef::F32(&k32, &v32));
             assert_eq!(run(KvRef::F16(&k16, &v16)), want, "head_dim {hd}");
             assert!(want.iter().all(|x| x.is_finite() && *x != 0.0));

@@ -417,12 +417,8 @@ impl CpuRunner {
             cfg.num_key_value_heads,
             self.kv.block_size,
         );
-        let attn = match keep {
-            Some(rows) => attention::paged_attention_rows(
-                &q, kv, plan, token_seq, heads, kv_heads, hd, bs, rows,
-            ),
-            None => attention::paged_attention(&q, kv, plan, token_seq, heads, kv_heads, hd, bs),
-        };
+        let attn =
+            attention::paged_attention(&q, kv, plan, token_seq, heads, kv_heads, hd, bs, keep);
         // The kept rows of the residual stream, gathered (all rows: `x` itself), and put back
         // at the end.
         let mut kept: Vec<f32> = Vec::new();
