@@ -1921,7 +1921,8 @@ def test_a_streamed_echo_sends_the_prompt_ids_first(server, model):
 
 
 # vLLM 0.32's words for its `VLLMValidationError`s (message, then "(parameter=P[, value=V])",
-# values as Python prints them), read off a vLLM 0.32 server by benches/vllm_diff.
+# values as Python prints them; `param` null where vLLM names none), read off a vLLM 0.32
+# server by benches/vllm_diff.
 @pytest.mark.parametrize("path,extra,param,message", [
     ("/v1/completions", {"temperature": -1},
      "temperature", "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)"),
@@ -1930,16 +1931,16 @@ def test_a_streamed_echo_sends_the_prompt_ids_first(server, model):
     ("/v1/completions", {"top_p": 0},
      "top_p", "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)"),
     ("/v1/completions", {"presence_penalty": 3},
-     "presence_penalty", "presence_penalty must be in [-2, 2], got 3.0."),
+     None, "presence_penalty must be in [-2, 2], got 3.0."),
     ("/v1/completions", {"top_k": -2},
-     "top_k", "top_k must be 0 (disable), or at least 1, got -2."),
+     None, "top_k must be 0 (disable), or at least 1, got -2."),
     ("/v1/completions", {"max_tokens": 0},
      "max_tokens", "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
     ("/v1/completions", {"max_tokens": -1},
      "max_tokens", "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)"),
     ("/v1/completions", {"min_tokens": -1},
-     "min_tokens", "min_tokens must be greater than or equal to 0, got -1."),
-    ("/v1/completions", {"n": -1}, "n", "n must be at least 1, got -1."),
+     None, "min_tokens must be greater than or equal to 0, got -1."),
+    ("/v1/completions", {"n": -1}, None, "n must be at least 1, got -1."),
     ("/v1/completions", {"logprobs": 21},
      "logprobs", "Requested sample logprobs of 21, which is greater than max allowed: 20 "
      "(parameter=logprobs, value=21)"),

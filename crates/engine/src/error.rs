@@ -16,6 +16,11 @@ pub enum RequestError {
     /// "top_p must be in (0, 1], got 1.5.").
     #[error("{reason}")]
     InvalidParameter { param: &'static str, reason: String },
+    /// A refusal vLLM 0.32 raises without naming a parameter (its error body's `param` is
+    /// null): `n`, the penalties, `top_k`, `min_p`, `min_tokens`. `field` is for tests and
+    /// logs only.
+    #[error("{reason}")]
+    Unnamed { field: &'static str, reason: String },
     #[error("request id {0} is already in use")]
     DuplicateId(crate::request::RequestId),
 }

@@ -64,6 +64,14 @@ fn invalid(param: &'static str, reason: impl Into<String>) -> RequestError {
     }
 }
 
+/// A refusal vLLM gives without a parameter (`param: null`).
+fn unnamed(field: &'static str, reason: impl Into<String>) -> RequestError {
+    RequestError::Unnamed {
+        field,
+        reason: reason.into(),
+    }
+}
+
 /// vLLM's message for `param` with its `VLLMValidationError` ending (see `pyfmt`).
 fn invalid_named(
     param: &'static str,
@@ -76,7 +84,7 @@ fn invalid_named(
 /// How [`range`] words its refusal, as vLLM does for that field.
 #[derive(Clone, Copy)]
 enum Words {
-    /// The message alone.
+    /// The message alone, naming no parameter.
     Plain,
     /// A value that is not finite is named as such first (`temperature`,
     /// `repetition_penalty`); elsewhere it fails the range like any other value.
@@ -99,7 +107,7 @@ fn range(
         if named {
             invalid_named(name, text, Some(&py_f32(v)))
         } else {
-            invalid(name, text)
+            unnamed(name, text)
         }
     };
     if !v.is_finite() && !matches!(words, Words::Plain) {
@@ -177,13 +185,13 @@ impl RequestLimits {
         }
         self.tokens("prompt", &req.prompt_token_ids)?;
         if req.n < 1 {
-            return Err(invalid(
+            return Err(unnamed(
                 "n",
                 format!("n must be at least 1, got {}.", req.n),
             ));
         }
         if req.n > MAX_N {
-            return Err(invalid(
+            return Err(unnamed(
                 "n",
                 format!("n must be at most {MAX_N}, got {}.", req.n),
             ));
@@ -268,7 +276,7 @@ impl RequestLimits {
     fn validate_stop(&self, req: &EngineRequest) -> Result<(), RequestError> {
         let stop = &req.stop;
         if let Some(m) = stop.max_tokens.filter(|&m| stop.min_tokens > m) {
-            return Err(invalid(
+            return Err(unnamed(
                 "min_tokens",
                 format!(
                     "min_tokens must be less than or equal to max_tokens={m}, got {}.",
@@ -329,7 +337,7 @@ impl RequestLimits {
             ));
         }
         if p.top_k < -1 {
-            return Err(invalid(
+            return Err(unnamed(
                 "top_k",
                 format!("top_k must be 0 (disable), or at least 1, got {}.", p.top_k),
             ));

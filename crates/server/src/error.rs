@@ -101,6 +101,7 @@ impl From<tpuserve_engine::RequestError> for ApiError {
         match &r {
             // vLLM's own messages already name the parameter.
             R::InvalidParameter { param, reason } => ApiError::invalid_param(param, reason),
+            R::Unnamed { reason, .. } => ApiError::bad_request(reason),
             R::TokenOutOfRange { param, .. } => ApiError::invalid_param(param, r.to_string()),
             R::EmptyPrompt => ApiError::invalid_param("prompt", r.to_string()),
             _ => ApiError::bad_request(r.to_string()),

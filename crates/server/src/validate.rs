@@ -125,10 +125,10 @@ fn count(name: &str, v: i64) -> Result<usize, ApiError> {
 fn sample_count(v: i64) -> Result<usize, ApiError> {
     match usize::try_from(v) {
         Ok(n) if n >= 1 => Ok(n),
-        _ => Err(ApiError::invalid_param(
-            "n",
-            format!("n must be at least 1, got {v}."),
-        )),
+        // vLLM names no parameter here (`param: null`).
+        _ => Err(ApiError::bad_request(format!(
+            "n must be at least 1, got {v}."
+        ))),
     }
 }
 
@@ -235,10 +235,9 @@ pub fn sampling(
     let max_tokens = max_tokens.map(|m| m.clamp(0, u32::MAX as i64) as usize);
     let min_tokens = f.min_tokens.unwrap_or(0);
     let min_tokens = usize::try_from(min_tokens).map_err(|_| {
-        ApiError::invalid_param(
-            "min_tokens",
-            format!("min_tokens must be greater than or equal to 0, got {min_tokens}."),
-        )
+        ApiError::bad_request(format!(
+            "min_tokens must be greater than or equal to 0, got {min_tokens}."
+        ))
     })?;
     let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     let stop_token_ids = lim.engine.token_list(
@@ -284,10 +283,9 @@ pub fn sampling(
     let beam = beam(f, n, max_tokens, stream, constraint.as_ref().map(|c| c.1))?;
     if n > 1 && sampling.is_greedy() && beam.is_none() {
         // vLLM: n identical greedy answers are refused rather than computed.
-        return Err(ApiError::invalid_param(
-            "n",
-            format!("n must be 1 when using greedy sampling, got {n}."),
-        ));
+        return Err(ApiError::bad_request(format!(
+            "n must be 1 when using greedy sampling, got {n}."
+        )));
     }
     Ok(Validated {
         sampling,
@@ -730,14 +728,14 @@ mod tests {
                     n: Some(-1),
                     ..Default::default()
                 },
-                "n",
+                "n must be",
             ),
             (
                 SamplingFields {
                     min_tokens: Some(-1),
                     ..Default::default()
                 },
-                "min_tokens",
+                "min_tokens must be",
             ),
             (
                 SamplingFields {
@@ -769,7 +767,16 @@ mod tests {
             ),
         ] {
             let e = check(f).err().expect(param);
-            assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+            // vLLM names no parameter for `n` and `min_tokens` (`param` null); the message
+            // does.
+            match param.strip_suffix(" must be") {
+                Some(field) => {
+                    assert_eq!(e.param, None, "{}", e.message);
+                    assert!(e.message.starts_with(param), "{}", e.message);
+                    assert!(e.message.contains(field));
+                }
+                None => assert_eq!(e.param.as_deref(), Some(param), "{}", e.message),
+            }
         }
     }
 }
