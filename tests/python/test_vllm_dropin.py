@@ -1976,11 +1976,15 @@ def test_a_streamed_echo_sends_the_prompt_ids_first(server, model):
      "(parameter=top_logprobs)"),
     ("/v1/chat/completions", {"tool_choice": "required"},
      "tool_choice", "When using `tool_choice`, `tools` must be set. (parameter=tool_choice)"),
+    ("/v1/chat/completions", {"messages": []}, None,
+     "Cannot apply chat template to an empty conversation. Provide at least one message."),
+    ("/v1/completions", {"prompt": [99999]}, None, "Token id 99999 is out of vocabulary"),
 ])
 def test_refusals_are_worded_as_vllm_0_32_words_them(server, model, path, extra, param, message):
-    body = {"model": model, "max_tokens": 2, **extra}
+    body = {"model": model, "max_tokens": 2}
     body.update({"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path
                 else {"prompt": "Hi"})
+    body.update(extra)
     status, r = send(server.port, "POST", path, body)
     assert status == 400, r
     assert (r["error"]["message"], r["error"]["param"]) == (message, param), r

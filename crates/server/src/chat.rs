@@ -214,8 +214,8 @@ pub fn render(
         )
     })?;
     if messages.is_empty() {
-        return Err(ApiError::invalid_param(
-            "messages",
+        // vLLM's words, and its `param: null`.
+        return Err(ApiError::bad_request(
             "Cannot apply chat template to an empty conversation. Provide at least one message.",
         ));
     }

@@ -102,6 +102,10 @@ impl From<tpuserve_engine::RequestError> for ApiError {
             // vLLM's own messages already name the parameter.
             R::InvalidParameter { param, reason } => ApiError::invalid_param(param, reason),
             R::Unnamed { reason, .. } => ApiError::bad_request(reason),
+            // vLLM names no parameter for a prompt's id (`param: null`).
+            R::TokenOutOfRange {
+                param: "prompt", ..
+            } => ApiError::bad_request(r.to_string()),
             R::TokenOutOfRange { param, .. } => ApiError::invalid_param(param, r.to_string()),
             R::EmptyPrompt => ApiError::invalid_param("prompt", r.to_string()),
             _ => ApiError::bad_request(r.to_string()),
