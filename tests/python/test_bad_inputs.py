@@ -114,7 +114,7 @@ CASES = {
     # Numbers out of range or of the wrong type.
     "max_tokens zero": (completion(max_tokens=0), 400),
     "max_tokens negative": (completion(max_tokens=-5), 400),
-    "max_tokens string": (completion(max_tokens="10"), 400),
+    "max_tokens word": (completion(max_tokens="ten"), 400),
     "max_tokens float": (completion(max_tokens=1.5), 400),
     "max_tokens bool": (completion(max_tokens=True), 400),
     "max_tokens huge": (completion(max_tokens=10**12), 400),
@@ -126,16 +126,15 @@ CASES = {
     "top_p string": (completion(top_p="x"), 400),
     "top_k -2": (completion(top_k=-2), 400),
     "top_k float": (completion(top_k=1.5), 400),
-    "top_k string": (completion(top_k="5"), 400),
+    "temperature inf string": (completion(temperature="inf"), 400),
     "min_p negative": (completion(min_p=-0.1), 400),
     "min_p above one": (completion(min_p=1.1), 400),
     "n zero": (completion(n=0), 400),
     "n negative": (completion(n=-1), 400),
-    "n string": (completion(n="2"), 400),
     "best_of below n": (completion(n=2, best_of=1), 400),
     "logprobs above max": (completion(logprobs=21), 400),
     "logprobs negative": (completion(logprobs=-1), 400),
-    "logprobs string": (completion(logprobs="5"), 400),
+    "logprobs string": (completion(logprobs="5"), 400),  # vLLM: "must be an integer"
     "prompt_logprobs above max": (completion(prompt_logprobs=21), 400),
     "prompt_logprobs negative": (completion(prompt_logprobs=-2), 400),
     "presence_penalty above 2": (completion(presence_penalty=3), 400),
@@ -181,7 +180,7 @@ CASES = {
     "cache_salt number": (completion(cache_salt=5), 400),
     "stream_interval zero": (completion(stream=True, stream_interval=0), 400),
     "stream_interval fraction": (chat(stream=True, stream_interval=2.5), 400),
-    "stream_interval string": (completion(stream=True, stream_interval="2"), 400),
+    "stream_interval word": (completion(stream=True, stream_interval="two"), 400),
     "beam search with logit_bias": (completion(use_beam_search=True, n=2,
                                                logit_bias={"1": 5}), 400),
     "beam search with allowed_token_ids": (completion(use_beam_search=True, n=2,
@@ -217,7 +216,7 @@ CASES = {
     "chat max_tokens negative": (chat(max_tokens=-1), 400),
     "chat max_completion_tokens negative": (chat(max_completion_tokens=-1), 400),
     "chat max_completion_tokens zero": (chat(max_completion_tokens=0), 400),
-    "chat max_completion_tokens string": (chat(max_completion_tokens="5"), 400),
+    "chat max_completion_tokens word": (chat(max_completion_tokens="five"), 400),
     "chat both max forms, one bad": (chat(max_tokens=5, max_completion_tokens=-3), 400),
     "chat too long": (chat(messages=[{"role": "user", "content": "hello " * 400}]), 400),
     "chat logprobs string": (chat(logprobs="yes"), 400),
@@ -272,3 +271,16 @@ def test_a_good_request_still_equals_its_golden(port):
     assert status == 200, data
     text = json.loads(data)["choices"][0]["text"]
     assert text == case["completion_text"], (text, case["completion_text"])
+
+
+@pytest.mark.parametrize("fields", [
+    {"max_tokens": "10"}, {"top_k": " 5"}, {"n": "2"}, {"top_p": "0.5"},
+    {"stream": True, "stream_interval": "2"}, {"max_completion_tokens": "5"},
+])
+def test_numbers_in_strings_are_read_as_pydantic_reads_them(port, fields):
+    """vLLM 0.32's request models read a string holding a number as that number (pydantic's
+    lax mode; checked against vLLM with benches/vllm_diff): served, not refused."""
+    method, path, body, headers = (chat if "max_completion_tokens" in fields else
+                                   completion)(**fields)
+    status, data = send(port, method, path, body, headers)
+    assert status == 200, data[:300]

@@ -11,6 +11,9 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub retry_after: Option<u64>,
+    /// The error `type` where it is not the status's usual name (vLLM 0.32 reports request
+    /// validation errors as "Bad Request").
+    pub type_name: Option<&'static str>,
 }
 
 impl ApiError {
@@ -20,6 +23,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             retry_after: None,
+            type_name: None,
         }
     }
 
@@ -59,6 +63,9 @@ impl ApiError {
 
     /// The OpenAI error `type` for a status, as vLLM names them.
     pub fn error_type(&self) -> &'static str {
+        if let Some(t) = self.type_name {
+            return t;
+        }
         match self.status {
             StatusCode::BAD_REQUEST => "BadRequestError",
             StatusCode::UNAUTHORIZED => "AuthenticationError",

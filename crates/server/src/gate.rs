@@ -224,12 +224,15 @@ pub fn chat(ctx: &GateContext, req: &ChatCompletionRequest) -> Result<ChatInput,
     let effort = match req.reasoning_effort.as_deref() {
         None => None,
         Some(e) => Some(ReasoningEffort::parse(e).ok_or_else(|| {
+            let expected = "'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'";
             crate::numbers::bound_error(
-                "ChatCompletionRequest",
-                "reasoning_effort",
-                "Input should be 'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'",
-                "literal_error",
-                &format!("'{e}'"),
+                crate::numbers::FieldError::new(
+                    "reasoning_effort",
+                    "literal_error",
+                    format!("Input should be {expected}"),
+                    e,
+                )
+                .with_ctx("expected", tpuserve_engine::pyfmt::py_str(expected)),
             )
         })?),
     };

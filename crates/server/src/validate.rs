@@ -9,8 +9,9 @@ use tpuserve_engine::{EngineRequest, RequestLimits, SamplingParams, StopParams, 
 use tpuserve_model::Tokenizer;
 
 use crate::error::ApiError;
-use crate::numbers::bound_error;
+use crate::numbers::{bound_error, FieldError};
 use crate::protocol::SamplingFields;
+use tpuserve_engine::pyfmt::py_str;
 
 pub use tpuserve_engine::validation::{MAX_N, MAX_STOP_STRINGS, MAX_STOP_STRING_LEN};
 
@@ -274,7 +275,7 @@ pub fn sampling(
         spaces_between_special_tokens: f.spaces_between_special_tokens.unwrap_or(true),
         repetition: repetition_detection(f.repetition_detection.as_ref())?,
     };
-    let truncation = truncation(model, f, lim)?;
+    let truncation = truncation(f, lim)?;
     let opts = f.stream_options.clone().unwrap_or_default();
     // vLLM's `should_include_usage`: the server flag forces the final usage chunk; continuous
     // usage still needs the request's `continuous_usage_stats`.
@@ -615,23 +616,22 @@ fn beam(
     }))
 }
 
-/// vLLM's bounds: `truncate_prompt_tokens` in [-1, int64] (-1: `max_model_len`) and at most
-/// `max_model_len`; `truncation_side` `left` or `right` (default left: keep the prompt's end).
-fn truncation(
-    model: &str,
-    f: &SamplingFields,
-    lim: &Limits,
-) -> Result<Option<Truncation>, ApiError> {
+/// vLLM's bounds: `truncate_prompt_tokens` in [-1, int64] (-1: the context less one token)
+/// and at most `max_model_len`; `truncation_side` `left` or `right` (default left: keep the
+/// prompt's end).
+fn truncation(f: &SamplingFields, lim: &Limits) -> Result<Option<Truncation>, ApiError> {
     let left = match f.truncation_side.as_deref() {
         None | Some("left") => true,
         Some("right") => false,
         Some(other) => {
             return Err(bound_error(
-                model,
-                "truncation_side",
-                "Input should be 'left' or 'right'",
-                "literal_error",
-                &format!("'{other}'"),
+                FieldError::new(
+                    "truncation_side",
+                    "literal_error",
+                    "Input should be 'left' or 'right'",
+                    other,
+                )
+                .with_ctx("expected", py_str("'left' or 'right'")),
             ))
         }
     };
@@ -641,11 +641,13 @@ fn truncation(
         Some(-1) => lim.engine.max_model_len.saturating_sub(1),
         Some(t) if t < -1 => {
             return Err(bound_error(
-                model,
-                "truncate_prompt_tokens",
-                "Input should be greater than or equal to -1",
-                "greater_than_equal",
-                &t.to_string(),
+                FieldError::new(
+                    "truncate_prompt_tokens",
+                    "greater_than_equal",
+                    "Input should be greater than or equal to -1",
+                    t.to_string(),
+                )
+                .with_ctx("ge", "-1"),
             ))
         }
         Some(t) if t as u64 > lim.engine.max_model_len as u64 => {
