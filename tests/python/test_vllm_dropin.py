@@ -2000,6 +2000,10 @@ def test_a_streamed_echo_sends_the_prompt_ids_first(server, model):
     ("/v1/chat/completions", {"messages": []}, None,
      "Cannot apply chat template to an empty conversation. Provide at least one message."),
     ("/v1/completions", {"prompt": [99999]}, None, "Token id 99999 is out of vocabulary"),
+    ("/v1/completions", {"logprobs": "1"},
+     "logprobs", "`logprobs` must be an integer. (parameter=logprobs, value=1)"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": "1"},
+     "top_logprobs", "`top_logprobs` must be an integer. (parameter=top_logprobs, value=1)"),
 ])
 def test_refusals_are_worded_as_vllm_0_32_words_them(server, model, path, extra, param, message):
     body = {"model": model, "max_tokens": 2}

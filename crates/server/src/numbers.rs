@@ -91,15 +91,21 @@ impl FieldError {
         }
     }
 
-    /// The error dict as Python prints it.
+    /// The error dict as Python prints it, a long input cut as vLLM cuts it (200
+    /// characters, then "...[truncated]").
     fn render(&self) -> String {
         use tpuserve_engine::pyfmt::py_str;
+        const MAX_INPUT: usize = 200;
+        let input = match self.input.char_indices().nth(MAX_INPUT) {
+            Some((i, _)) => format!("{}...[truncated]", &self.input[..i]),
+            None => self.input.clone(),
+        };
         let mut s = format!(
             "{{'type': {}, 'loc': {}, 'msg': {}, 'input': {}",
             py_str(self.kind),
             py_str(&format!("body.{}", self.field)),
             py_str(&self.msg),
-            py_str(&self.input)
+            py_str(&input)
         );
         if let Some((k, v)) = &self.ctx {
             s.push_str(&format!(", 'ctx': {{{}: {v}}}", py_str(k)));
@@ -240,7 +246,9 @@ pub fn retry<T: DeserializeOwned>(body: &[u8], first: serde_json::Error) -> Resu
         &["prompt_logprobs", "logprobs"]
     };
     for &f in counts {
-        if let Some(v) = obj.get(f).filter(|v| !v.is_number() && !v.is_null()) {
+        // Python's `isinstance(v, (int, float))`: booleans pass (they are ints there).
+        let wrong = |v: &&Value| !(v.is_number() || v.is_null() || v.is_boolean());
+        if let Some(v) = obj.get(f).filter(wrong) {
             let shown = v.as_str().map_or_else(|| v.to_string(), str::to_string);
             return Err(ApiError::vllm(
                 f,
@@ -372,6 +380,14 @@ mod tests {
         );
         assert_eq!(e.param.as_deref(), Some("body.seed"));
         assert_eq!(e.error_type(), "Bad Request");
+        let long = "9".repeat(300) + "x";
+        let e = parse(&format!(r#"{{"seed": "{long}"}}"#)).unwrap_err();
+        assert!(
+            e.message
+                .ends_with(&format!("'input': '{}...[truncated]'}}", "9".repeat(200))),
+            "{}",
+            e.message
+        );
         let e = parse(r#"{"seed": 1.5}"#).unwrap_err();
         assert_eq!(
             e.message,
