@@ -35,6 +35,25 @@ fn plan(seqs: usize, qlen: usize, ctx: usize, bs: usize) -> StepPlan {
     p
 }
 
+/// `a` then `b` in one step, `b`'s KV blocks moved past `first_block` (a mixed step: decodes
+/// beside prompt chunks).
+fn mixed(a: &StepPlan, b: &StepPlan, first_block: u32, bs: usize) -> StepPlan {
+    let mut p = a.clone();
+    let (rows, seqs) = (a.token_ids.len(), a.seqs.len() as u64);
+    p.token_ids.extend(&b.token_ids);
+    p.positions.extend(&b.positions);
+    p.slot_mapping
+        .extend(b.slot_mapping.iter().map(|s| s + first_block * bs as u32));
+    p.seqs.extend(b.seqs.iter().map(|s| {
+        let mut s = s.clone();
+        s.seq_id += seqs;
+        s.query_start += rows;
+        s.block_table.iter_mut().for_each(|t| *t += first_block);
+        s
+    }));
+    p
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).expect("usage: stepbench MODEL.gguf [reps]");
@@ -44,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     let mut runner = CpuRunner::new(
         &model,
         CpuRunnerOptions {
-            num_blocks: 32 * 10 + 16,
+            num_blocks: 32 * 10 + 16 * 6,
             block_size: bs,
             // `STEPBENCH_WEIGHTS=bf16` (or `f32`): the `--dtype bfloat16` / `float32` forms.
             weights: match std::env::var("STEPBENCH_WEIGHTS").as_deref() {
@@ -57,7 +76,17 @@ fn main() -> anyhow::Result<()> {
     // The prompts' KV first (the decode step attends over it), then each shape.
     let cases = [
         ("prompt 23 x 88", plan(23, 88, 88, bs)),
+        // Smaller prompt steps: the cost per row as the step shrinks.
+        ("prompt 8 x 88", plan(8, 88, 88, bs)),
+        ("prompt 2 x 88", plan(2, 88, 88, bs)),
+        ("prompt 1 x 88", plan(1, 88, 88, bs)),
         ("decode 32 x 1 @152", plan(32, 1, 152, bs)),
+        ("decode 1 x 1 @152", plan(1, 1, 152, bs)),
+        // What a step of a capped prompt burst holds (`--max-num-prefill-tokens`).
+        (
+            "mixed decode 32 + prompt 2 x 88",
+            mixed(&plan(32, 1, 152, bs), &plan(2, 88, 88, bs), 320, bs),
+        ),
     ];
     runner.execute(&plan(32, 152, 152, bs))?;
     // `STEPBENCH=decode` (or `prompt`) times one case alone, e.g. under `perf record`.
