@@ -100,10 +100,34 @@ fn sixty_four_concurrent_requests_match_running_alone() {
     // Arrivals spread over time, small budget: decodes and prefill chunks mix in every step.
     let mut core = engine(&model, runner, config(384, true));
     let arrive: Vec<usize> = (0..reqs.len()).map(|i| i * 2).collect();
-    let staggered = run_staggered(&mut core, reqs, &arrive);
+    let staggered = run_staggered(&mut core, reqs.clone(), &arrive);
     for (i, (a, s)) in alone.iter().zip(&staggered).enumerate() {
         assert_same(a, s, &format!("request {i} staggered"));
     }
+    assert_no_leak(&core);
+    runner = core.into_runner();
+
+    // `--max-num-prefill-tokens 100`: the prompts go through in chunks of at most 100 tokens
+    // a step, beside every decode; the answers are the same.
+    let mut cfg = config(2048, true);
+    cfg.max_prefill_tokens = Some(100);
+    let mut core = engine(&model, runner, cfg);
+    let mut stats = core.subscribe_stats();
+    let capped = run_together(&mut core, reqs);
+    for (i, (a, c)) in alone.iter().zip(&capped).enumerate() {
+        assert_same(a, c, &format!("request {i} with the prefill cap"));
+    }
+    let mut steps = 0;
+    while let Ok(st) = stats.try_recv() {
+        // At most 100 prompt tokens beside one decode token of each of the 64.
+        assert!(
+            st.num_scheduled_tokens <= 100 + 64,
+            "a step of {} tokens",
+            st.num_scheduled_tokens
+        );
+        steps += 1;
+    }
+    assert!(steps > 64, "{steps} steps");
     assert_no_leak(&core);
 }
 

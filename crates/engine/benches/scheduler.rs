@@ -27,6 +27,7 @@ fn decoding_scheduler(caching: bool) -> Scheduler {
             max_num_batched_tokens: 8192,
             max_num_seqs: 256,
             policy: Default::default(),
+            max_prefill_tokens: None,
         },
         BlockManager::new(256 * 64, BLOCK, caching),
     );

@@ -38,6 +38,9 @@ pub struct EngineConfig {
     pub max_logprobs: usize,
     /// `--scheduling-policy`.
     pub scheduling_policy: crate::scheduler::SchedulingPolicy,
+    /// `--max-num-prefill-tokens` (tpuserve's): prompt tokens per step while others wait or
+    /// run (see `SchedulerConfig::max_prefill_tokens`).
+    pub max_prefill_tokens: Option<usize>,
     /// `--seed`: requests without a seed get one drawn from this, in arrival order, so the
     /// same command and the same requests give the same samples (vLLM seeds its global RNG
     /// with it). `None`: unseeded requests draw fresh randomness.
@@ -59,6 +62,7 @@ impl EngineConfig {
             enable_prefix_caching: true,
             max_logprobs: sizing::DEFAULT_MAX_LOGPROBS,
             scheduling_policy: Default::default(),
+            max_prefill_tokens: None,
             seed: None,
         }
     }
@@ -137,6 +141,7 @@ impl EngineCore {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 max_num_seqs: cfg.max_num_seqs,
                 policy: cfg.scheduling_policy,
+                max_prefill_tokens: cfg.max_prefill_tokens,
             },
             BlockManager::new(kv.num_blocks, kv.block_size, cfg.enable_prefix_caching)
                 .committed_on_write(kv.committed_on_write),

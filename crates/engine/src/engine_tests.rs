@@ -21,6 +21,7 @@ struct Setup {
     caching: bool,
     eos: Vec<TokenId>,
     max_model_len: usize,
+    max_prefill_tokens: Option<usize>,
 }
 
 impl Default for Setup {
@@ -33,6 +34,7 @@ impl Default for Setup {
             caching: true,
             eos: Vec::new(),
             max_model_len: 1024,
+            max_prefill_tokens: None,
         }
     }
 }
@@ -50,6 +52,7 @@ impl Setup {
                 enable_prefix_caching: self.caching,
                 max_logprobs: 20,
                 scheduling_policy: Default::default(),
+                max_prefill_tokens: self.max_prefill_tokens,
                 seed: None,
             },
         )
@@ -409,6 +412,7 @@ proptest! {
         extra_budget in 0usize..40,
         max_seqs in 1usize..8,
         caching in any::<bool>(),
+        prefill_cap in prop::option::of(1usize..24),
     ) {
         let budget = max_seqs + extra_budget;
         let setup = Setup {
@@ -419,6 +423,7 @@ proptest! {
             caching,
             eos: vec![EOS],
             max_model_len: 48,
+            max_prefill_tokens: prefill_cap,
         };
         let runner = FakeRunner::new(blocks, 2);
         let steps = runner.steps.clone();

@@ -20,6 +20,12 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
     pub policy: SchedulingPolicy,
+    /// Prompt tokens one step takes while more than one sequence is running or waiting
+    /// (decode tokens are not counted); `None`: only the step's budget limits them. A burst
+    /// of prompts is then answered prompt by prompt instead of all at the end of one long
+    /// step: on a runner whose per-token cost does not fall with larger steps (the host
+    /// runner) the first tokens come sooner for the same total work.
+    pub max_prefill_tokens: Option<usize>,
 }
 
 /// `--scheduling-policy`: the order waiting sequences are admitted in and which running one a
@@ -154,6 +160,11 @@ impl Scheduler {
     pub fn schedule(&mut self) -> ScheduledBatch {
         let mut batch = ScheduledBatch::default();
         let mut budget = self.cfg.max_num_batched_tokens;
+        // A lone sequence keeps the whole budget: there is nobody whose first token it delays.
+        let mut prefill_budget = match self.cfg.max_prefill_tokens {
+            Some(cap) if self.running.len() + self.waiting.len() > 1 => cap,
+            _ => usize::MAX,
+        };
         // `Priority`: the running sequences in rank order, so that the budget goes to the
         // most urgent first and `pop` below takes the one vLLM preempts (the highest rank),
         // which this step has not scheduled yet.
@@ -166,7 +177,13 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            let n = self.remaining(id).min(budget);
+            let remaining = self.remaining(id);
+            // More than one token left: a prompt chunk (or a recompute), not a decode.
+            let prefill = remaining > 1;
+            let mut n = remaining.min(budget);
+            if prefill {
+                n = n.min(prefill_budget);
+            }
             if n == 0 {
                 i += 1;
                 continue;
@@ -188,13 +205,16 @@ impl Scheduler {
                 break;
             }
             budget -= n;
+            if prefill {
+                prefill_budget -= n;
+            }
             self.push_plan(&mut batch, id, n);
             i += 1;
         }
 
         // Like vLLM, admit nothing in a step that had to preempt: the cache is under pressure.
         if batch.preempted.is_empty() {
-            self.admit_waiting(&mut batch, budget);
+            self.admit_waiting(&mut batch, budget.min(prefill_budget));
         }
         batch
     }
@@ -455,6 +475,7 @@ mod tests {
                 policy: SchedulingPolicy::Fcfs,
                 max_num_batched_tokens: budget,
                 max_num_seqs: max_seqs,
+                max_prefill_tokens: None,
             },
             BlockManager::new(blocks, 4, caching),
         )
@@ -502,6 +523,30 @@ mod tests {
         assert_eq!(run(&mut s), [(a, 6), (b, 26)]);
         assert_eq!(run(&mut s), [(a, 1), (b, 24)]);
         assert_eq!(run(&mut s), [(a, 1), (b, 1)]);
+    }
+
+    #[test]
+    fn the_prefill_cap_answers_a_burst_prompt_by_prompt_and_spares_decodes() {
+        let mut s = sched(100, 64, 8, false);
+        s.cfg.max_prefill_tokens = Some(10);
+        // Alone, a prompt takes the whole budget: nobody waits on it.
+        let a = s.add(seq(vec![1; 30], None));
+        assert_eq!(run(&mut s), [(a, 30)]);
+        // A burst of three: 10 prompt tokens a step, in arrival order, beside a's decode.
+        let b = s.add(seq(vec![2; 6], None));
+        let c = s.add(seq(vec![3; 6], None));
+        let d = s.add(seq(vec![4; 6], None));
+        assert_eq!(run(&mut s), [(a, 1), (b, 6), (c, 4)]);
+        assert_eq!(run(&mut s), [(a, 1), (b, 1), (c, 2), (d, 6)]);
+        assert_eq!(run(&mut s), [(a, 1), (b, 1), (c, 1), (d, 1)]);
+    }
+
+    #[test]
+    fn without_a_prefill_cap_the_budget_alone_limits_a_burst() {
+        let mut s = sched(100, 64, 8, false);
+        let a = s.add(seq(vec![1; 30], None));
+        let b = s.add(seq(vec![2; 30], None));
+        assert_eq!(run(&mut s), [(a, 30), (b, 30)]);
     }
 
     #[test]

@@ -37,6 +37,13 @@ pub struct ServeArgs {
     pub max_num_batched_tokens: Option<usize>,
     #[arg(long, default_value_t = sizing::DEFAULT_MAX_NUM_SEQS)]
     pub max_num_seqs: usize,
+    /// tpuserve's: prompt tokens one step takes while other requests run or wait (decode
+    /// tokens are not counted; a lone request keeps the whole budget), so a burst of prompts
+    /// gets its first tokens prompt by prompt rather than all at the end of one long step.
+    /// Absent or 0: no cap (vLLM's behaviour). On the CPU runner, 192 lowers TTFT under
+    /// bursts (p50 at 32 streams ~900 → ~310 ms) for 5–7 % fewer tokens a second.
+    #[arg(long, value_parser = human_readable_int)]
+    pub max_num_prefill_tokens: Option<usize>,
     /// `fcfs` (arrival order), or `priority`: requests' `priority` (lower first, then
     /// arrival) orders the waiting queue and picks whom a full KV cache preempts, as vLLM.
     #[arg(long, value_parser = ["fcfs", "priority"], default_value = "fcfs")]
@@ -436,6 +443,11 @@ impl ServeArgs {
             std::env::set_var("HF_TOKEN", token);
         }
         Ok(())
+    }
+
+    /// `--max-num-prefill-tokens`; `None`: no cap.
+    pub fn prefill_tokens(&self) -> Option<usize> {
+        sizing::max_prefill_tokens(self.max_num_prefill_tokens)
     }
 
     /// `--max-num-batched-tokens`, else the backend's default (see `sizing`).
