@@ -17,7 +17,11 @@ pub const QK: usize = 32;
 
 /// Activation rows quantised per 32-block: `q` int8 (in −127..=127), per block `d` (scale),
 /// `s = d·Σq` and `c = 128·Σq` (what VNNI's Q8_0 kernel, which multiplies `w + 128` as
-/// unsigned bytes, takes off again).
+/// unsigned bytes, takes off again). Laid out in chunks of [`CHUNK_ROWS`] rows, each chunk
+/// block by block with its rows' blocks side by side ([`QActs::at`]): a kernel tile of rows
+/// finds every row's bytes and scales at fixed offsets from one pointer. With rows apart
+/// (row-major), a 16-row tile kept a pointer per row in general registers, spilled them and
+/// added strides between its `vpdpbusd`s: 16 % of the kernel's time.
 pub struct QActs {
     pub rows: usize,
     pub blocks: usize,
@@ -27,9 +31,44 @@ pub struct QActs {
     pub c: Vec<i32>,
 }
 
+/// Rows per layout chunk of [`QActs`]; the int8 kernels' row chunks are these.
+pub const CHUNK_ROWS: usize = 64;
+
+/// Where block `b` of row `r` is in a [`QActs`] of `rows` rows of `nb` blocks: its index in
+/// `d`, `s`, `c` (and its bytes at 32 × that in `q`). Within a chunk, block `b` of the
+/// chunk's rows are consecutive.
+#[inline(always)]
+pub fn block_at(rows: usize, nb: usize, r: usize, b: usize) -> usize {
+    let c0 = r - r % CHUNK_ROWS;
+    let n = (rows - c0).min(CHUNK_ROWS);
+    c0 * nb + b * n + (r - c0)
+}
+
+impl QActs {
+    /// See [`block_at`].
+    #[inline(always)]
+    pub fn at(&self, r: usize, b: usize) -> usize {
+        block_at(self.rows, self.blocks, r, b)
+    }
+
+    /// Where row `r`'s block 0 is, and how far apart its consecutive blocks are (the rows in
+    /// its chunk): block `b` of row `r + i` of the same chunk is at `start + b · step + i`.
+    #[inline(always)]
+    pub fn row_start(&self, r: usize) -> (usize, usize) {
+        let c0 = r - r % CHUNK_ROWS;
+        (self.at(r, 0), (self.rows - c0).min(CHUNK_ROWS))
+    }
+
+    /// Row `r`'s 32 bytes of block `b`.
+    pub fn block_q(&self, r: usize, b: usize) -> &[i8] {
+        let i = self.at(r, b) * QK;
+        &self.q[i..i + QK]
+    }
+}
+
 /// Rows quantised by one parallel task: a decode step's rows (at most this many) are one
 /// task, run in place without a fork and join (four per layer).
-pub(crate) const QUANT_ROWS: usize = 64;
+pub(crate) const QUANT_ROWS: usize = CHUNK_ROWS;
 
 /// The same for the SwiGLU source, whose rows cost ~40 × a plain row's (an exp and a division
 /// a value): a 32-row decode step's product took ~25 µs a layer on one thread while the other
@@ -136,15 +175,59 @@ impl Src<'_> {
 }
 
 /// One task's share of the result: its rows' bytes (not yet written) and block values.
-struct Part<'a> {
-    q: &'a mut [MaybeUninit<i8>],
-    d: &'a mut [f32],
-    s: &'a mut [f32],
-    c: &'a mut [i32],
+/// Tasks write their rows' blocks in place, wherever [`block_at`] puts them (a task's rows
+/// are not one run of the arrays).
+#[derive(Clone, Copy)]
+struct Part {
+    q: *mut i8,
+    d: *mut f32,
+    s: *mut f32,
+    c: *mut i32,
+    /// Of the whole result.
+    rows: usize,
+    nb: usize,
+}
+
+// SAFETY: tasks write disjoint rows' blocks through it, and the result outlives them.
+unsafe impl Send for Part {}
+unsafe impl Sync for Part {}
+
+impl Part {
+    /// For `rows` rows of `nb` blocks in these arrays (as long as [`QActs`]'s).
+    fn new(
+        q: &mut [MaybeUninit<i8>],
+        d: &mut [f32],
+        s: &mut [f32],
+        c: &mut [i32],
+        nb: usize,
+    ) -> Self {
+        let rows = d.len() / nb.max(1);
+        assert!(q.len() == rows * nb * QK && s.len() == d.len() && c.len() == d.len());
+        Part {
+            q: q.as_mut_ptr() as *mut i8,
+            d: d.as_mut_ptr(),
+            s: s.as_mut_ptr(),
+            c: c.as_mut_ptr(),
+            rows,
+            nb,
+        }
+    }
+
+    /// Writes row `r`'s block `b`: its bytes through `bytes` (given where they go) and its
+    /// `d`, `s`, `c` as it returns them.
+    ///
+    /// # Safety
+    /// `r < rows`, `b < nb`; no other thread writes that block.
+    #[inline(always)]
+    unsafe fn put(&self, r: usize, b: usize, bytes: impl FnOnce(*mut i8) -> (f32, f32, i32)) {
+        let j = block_at(self.rows, self.nb, r, b);
+        let (d, s, c) = bytes(self.q.add(j * QK));
+        (*self.d.add(j), *self.s.add(j), *self.c.add(j)) = (d, s, c);
+    }
 }
 
 #[inline(always)]
-fn quantize_block(xb: &[f32], qb: &mut [MaybeUninit<i8>]) -> (f32, f32, i32) {
+fn quantize_block(xb: &[f32], qb: &mut [MaybeUninit<i8>; QK]) -> (f32, f32, i32) {
     let mut amax = [0f32; 8];
     for (i, &v) in xb.iter().enumerate() {
         let a = v.abs();
@@ -165,19 +248,18 @@ fn quantize_block(xb: &[f32], qb: &mut [MaybeUninit<i8>]) -> (f32, f32, i32) {
 }
 
 /// Portable: each row's values (computed into a buffer where they must be), block by block.
-fn quantize_portable(src: Src<'_>, r0: usize, cols: usize, p: Part<'_>) {
-    let nb = cols / QK;
+///
+/// # Safety
+/// As [`quantize_part`].
+unsafe fn quantize_portable(src: Src<'_>, r0: usize, n: usize, cols: usize, p: Part) {
     let mut buf = Vec::new();
-    let invs = src.invs(r0, p.q.len() / cols, cols);
-    for (i, qrow) in p.q.chunks_exact_mut(cols).enumerate() {
-        let x = src.row(r0 + i, cols, invs[i], &mut buf);
-        for (b, (xb, qb)) in x
-            .chunks_exact(QK)
-            .zip(qrow.chunks_exact_mut(QK))
-            .enumerate()
-        {
-            let j = i * nb + b;
-            (p.d[j], p.s[j], p.c[j]) = quantize_block(xb, qb);
+    let invs = src.invs(r0, n, cols);
+    for (i, &inv) in invs.iter().enumerate() {
+        let x = src.row(r0 + i, cols, inv, &mut buf);
+        for (b, xb) in x.chunks_exact(QK).enumerate() {
+            p.put(r0 + i, b, |q| {
+                quantize_block(xb, &mut *(q as *mut [MaybeUninit<i8>; QK]))
+            });
         }
     }
 }
@@ -235,17 +317,18 @@ pub fn quantize_rms_norm(x: &[f32], w: &[f32], eps: f32) -> QActs {
     quantize_rows(best(), Src::Norm(x, w, eps), x.len() / cols, cols)
 }
 
-/// Rows `r0 ..` of `src` (as many as `part` holds) quantised on the calling thread. The part
-/// must hold whole rows of `cols` values that the source has (the callers assert it).
-fn quantize_part(isa: QuantIsa, src: Src<'_>, r0: usize, cols: usize, part: Part<'_>) {
+/// Rows `r0 .. r0 + n` of `src` quantised on the calling thread into `part`.
+///
+/// # Safety
+/// `isa` is one of [`available`]; the source has those rows of `cols` values, `part` holds
+/// them (`cols / 32` blocks a row), and no other thread writes them.
+unsafe fn quantize_part(isa: QuantIsa, src: Src<'_>, r0: usize, n: usize, cols: usize, part: Part) {
     match isa {
-        // SAFETY: `isa` comes from `available` (instructions checked at run time); the part
-        // holds whole rows of `cols` values and the source has them.
         #[cfg(target_arch = "x86_64")]
-        QuantIsa::Avx512 => unsafe { x86::quantize::<true>(src, r0, cols, part) },
+        QuantIsa::Avx512 => x86::quantize::<true>(src, r0, n, cols, part),
         #[cfg(target_arch = "x86_64")]
-        QuantIsa::Avx2 => unsafe { x86::quantize::<false>(src, r0, cols, part) },
-        _ => quantize_portable(src, r0, cols, part),
+        QuantIsa::Avx2 => x86::quantize::<false>(src, r0, n, cols, part),
+        _ => quantize_portable(src, r0, n, cols, part),
     }
 }
 
@@ -262,12 +345,16 @@ pub(crate) fn quantize_swiglu_block(
     c: &mut [i32],
 ) {
     assert!(
-        tile.len() >= rows * 2 * QK && q.len() == rows * QK,
+        tile.len() >= rows * 2 * QK && q.len() == rows * QK && rows <= CHUNK_ROWS,
         "swiglu tile shape"
     );
     assert!(d.len() == rows && s.len() == rows && c.len() == rows);
     let src = Src::Swiglu(&tile[..rows * 2 * QK]);
-    quantize_part(best(), src, 0, QK, Part { q, d, s, c });
+    // One block a row, at most one chunk: the rows' blocks lie in row order.
+    let part = Part::new(q, d, s, c, 1);
+    // SAFETY: `best` is available; the tile has `rows` rows of one block and the part holds
+    // them (asserted); this thread alone writes them.
+    unsafe { quantize_part(best(), src, 0, rows, QK, part) }
 }
 
 /// Quantises rows in parallel tasks of up to [`QUANT_ROWS`] rows ([`SWIGLU_ROWS`] for the
@@ -289,16 +376,20 @@ fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs
         Src::Swiglu(_) => SWIGLU_ROWS,
         _ => QUANT_ROWS,
     };
-    let (n, tb) = (task * cols, task * cols / QK);
-    q.spare_capacity_mut()[..rows * cols]
-        .par_chunks_mut(n)
-        .zip(d.par_chunks_mut(tb))
-        .zip(s.par_chunks_mut(tb))
-        .zip(c.par_chunks_mut(tb))
-        .enumerate()
-        .for_each(|(i, (((q, d), s), c))| {
-            quantize_part(isa, src, i * task, cols, Part { q, d, s, c })
-        });
+    let part = Part::new(
+        &mut q.spare_capacity_mut()[..rows * cols],
+        &mut d,
+        &mut s,
+        &mut c,
+        cols / QK,
+    );
+    (0..rows.div_ceil(task)).into_par_iter().for_each(|t| {
+        let r0 = t * task;
+        // SAFETY: `isa` is available (the callers take it from `available`); the source
+        // holds `rows` rows (asserted above) and the part their blocks; task `t` alone
+        // writes rows `r0 .. r0 + task`.
+        unsafe { quantize_part(isa, src, r0, task.min(rows - r0), cols, part) }
+    });
     // SAFETY: every task wrote every byte of its rows (each quantiser writes 32 a block).
     unsafe { q.set_len(rows * cols) };
     QActs {
@@ -489,8 +580,9 @@ mod x86 {
     unsafe fn rows_with<V, Q>(
         src: Src<'_>,
         r0: usize,
+        rows: usize,
         cols: usize,
-        p: Part<'_>,
+        p: Part,
         values: V,
         quant: Q,
     ) where
@@ -498,7 +590,6 @@ mod x86 {
         Q: Fn(*const f32, f32, *mut i8) -> i32,
     {
         let nb = cols / QK;
-        let rows = p.q.len() / cols;
         let group = (GROUP_BLOCKS / nb.max(1)).clamp(1, rows.max(1));
         // The pass buffers are the thread's (`SCRATCH`): allocated per call they were ~3.5 %
         // of a 32-row decode step (a SwiGLU block is quantised ~1,400 times a step).
@@ -531,11 +622,12 @@ mod x86 {
                     (*d, *r) = scales(*d);
                 }
                 for k in 0..n {
-                    let j = g0 * nb + k;
-                    let q = p.q.as_mut_ptr().add(j * QK) as *mut i8;
-                    let sum = quant(buf.as_ptr().add(k * QK), rcp[k], q);
-                    let d = scale[k];
-                    (p.d[j], p.s[j], p.c[j]) = (d, d * sum as f32, 128 * sum);
+                    let (r, b) = (r0 + g0 + k / nb, k % nb);
+                    p.put(r, b, |q| {
+                        let sum = quant(buf.as_ptr().add(k * QK), rcp[k], q);
+                        let d = scale[k];
+                        (d, d * sum as f32, 128 * sum)
+                    });
                 }
                 g0 = g1;
             }
@@ -557,10 +649,11 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows_avx2(src: Src<'_>, r0: usize, cols: usize, p: Part<'_>) {
+    unsafe fn rows_avx2(src: Src<'_>, r0: usize, rows: usize, cols: usize, p: Part) {
         rows_with(
             src,
             r0,
+            rows,
             cols,
             p,
             |r, b, inv, buf| amax_avx2(block8(src, r, cols, b, inv), buf),
@@ -569,10 +662,11 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    unsafe fn rows_avx512(src: Src<'_>, r0: usize, cols: usize, p: Part<'_>) {
+    unsafe fn rows_avx512(src: Src<'_>, r0: usize, rows: usize, cols: usize, p: Part) {
         rows_with(
             src,
             r0,
+            rows,
             cols,
             p,
             |r, b, inv, buf| amax_avx512(block16(src, r, cols, b, inv), buf),
@@ -581,18 +675,18 @@ mod x86 {
     }
 
     /// # Safety
-    /// AVX2, FMA and F16C (and AVX-512 F/BW with `WIDE`); `p` holds whole rows of `cols`
-    /// values from row `r0` on, and the source has those rows.
+    /// AVX2, FMA and F16C (and AVX-512 F/BW with `WIDE`); as `quantize_part` otherwise.
     pub(super) unsafe fn quantize<const WIDE: bool>(
         src: Src<'_>,
         r0: usize,
+        rows: usize,
         cols: usize,
-        p: Part<'_>,
+        p: Part,
     ) {
         if WIDE {
-            rows_avx512(src, r0, cols, p)
+            rows_avx512(src, r0, rows, cols, p)
         } else {
-            rows_avx2(src, r0, cols, p)
+            rows_avx2(src, r0, rows, cols, p)
         }
     }
 }
@@ -629,8 +723,12 @@ mod tests {
         for isa in available() {
             let a = quantize_rows(isa, Src::Plain(&x), 5, 64);
             for (i, &v) in x.iter().enumerate() {
-                let back = a.q[i] as f32 * a.d[i / QK];
-                assert!((back - v).abs() <= a.d[i / QK] * 0.5 + 1e-7, "{isa:?} {i}");
+                let (r, b) = (i / 64, i % 64 / QK);
+                let back = a.block_q(r, b)[i % QK] as f32 * a.d[a.at(r, b)];
+                assert!(
+                    (back - v).abs() <= a.d[a.at(r, b)] * 0.5 + 1e-7,
+                    "{isa:?} {i}"
+                );
             }
             for b in 0..a.d.len() {
                 let sum: i32 = a.q[b * QK..(b + 1) * QK].iter().map(|&q| q as i32).sum();
@@ -690,6 +788,28 @@ mod tests {
         }
         same(&quantize_swiglu(&gu, rows, cols), &swiglu, "best swiglu");
         same(&quantize_rms_norm(&x, &w, 1e-5), &norm, "best norm");
+    }
+
+    #[test]
+    fn the_layout_places_every_block_once_with_a_chunks_rows_side_by_side() {
+        for (rows, nb) in [(1usize, 3usize), (5, 2), (64, 18), (69, 18), (130, 48)] {
+            let mut seen = vec![false; rows * nb];
+            for r in 0..rows {
+                for b in 0..nb {
+                    let j = block_at(rows, nb, r, b);
+                    assert!(!seen[j], "{rows}x{nb}: ({r}, {b}) twice");
+                    seen[j] = true;
+                    if r % CHUNK_ROWS > 0 {
+                        assert_eq!(
+                            block_at(rows, nb, r - 1, b) + 1,
+                            j,
+                            "{rows}x{nb} ({r}, {b})"
+                        );
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&s| s));
+        }
     }
 
     #[test]

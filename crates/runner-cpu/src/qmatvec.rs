@@ -41,7 +41,7 @@ const DECODE_TASK_PANELS: usize = 2;
 
 /// Activation rows quantised and computed together; longer prefills run chunk after chunk
 /// (the chunk's int8 rows stay in cache while the weights stream past them).
-const ROW_CHUNK: usize = 64;
+const ROW_CHUNK: usize = crate::actquant::CHUNK_ROWS;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QType {
@@ -296,7 +296,7 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
             for b in 0..nb {
                 let pb = p * nb + b;
                 let q = &w.qs[pb * pbb..(pb + 1) * pbb];
-                let xq = &a.q[(r * nb + b) * QK..(r * nb + b + 1) * QK];
+                let xq = a.block_q(r, b);
                 let mut isum = 0i32;
                 for k in 0..QK {
                     let wv = if T == T_Q8_0 {
@@ -308,14 +308,14 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
                     isum += wv * xq[k] as i32;
                 }
                 let dw = f16(w.d[pb * PJ + jl]);
-                acc += (dw * a.d[r * nb + b]) * isum as f32;
+                acc += (dw * a.d[a.at(r, b)]) * isum as f32;
                 if T != T_Q8_0 {
                     let mw = if T == T_Q4_1 {
                         f16(w.m[pb * PJ + jl])
                     } else {
                         -8.0 * dw
                     };
-                    acc += mw * a.s[r * nb + b];
+                    acc += mw * a.s[a.at(r, b)];
                 }
             }
             // SAFETY: row r < a.rows and column p·16 + jl < w.rows of the output.
@@ -355,19 +355,20 @@ fn prefetch_ahead<const T: u8>(w: &QMatrix, pb: usize) {
     }
 }
 
-/// The 4 activation bytes of row `r`, block `b`, starting at value `k`, as one i32.
+/// The 4 activation bytes of the tile's row `r` (from a block's first row `x`, see
+/// `QActs::at`), starting at value `k`, as one i32.
 ///
 /// # Safety
-/// `q` points at the chunk's activations (`blocks · 32` bytes per row) and the bytes exist.
+/// `x` points at a block of a chunk's rows and row `r` of it exists.
 #[inline(always)]
-unsafe fn x4(q: *const u8, nb: usize, r: usize, b: usize, k: usize) -> i32 {
-    std::ptr::read_unaligned(q.add((r * nb + b) * QK + k) as *const i32)
+unsafe fn x4(x: *const u8, r: usize, k: usize) -> i32 {
+    std::ptr::read_unaligned(x.add(r * QK + k) as *const i32)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{
-        panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, T_Q4_1, T_Q8_0,
+        panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -386,11 +387,16 @@ mod vnni {
     ) {
         let nb = a.blocks;
         let pbb = panel_block_bytes(T);
-        let xq = a.q.as_ptr() as *const u8;
+        // The tile's rows share a chunk (the row chunks are the layout's), so each row's
+        // bytes and scales lie at fixed offsets from its block's first row.
+        let (j0, step) = a.row_start(r0);
+        debug_assert!(r0 % crate::actquant::CHUNK_ROWS + R <= step);
         let mask = _mm512_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let pb = p * nb + b;
+            let j = j0 + b * step;
+            let xb = a.q.as_ptr().add(j * QK) as *const u8;
             let wp = w.qs.as_ptr().add(pb * pbb);
             if prefetch {
                 prefetch_ahead::<T>(w, pb);
@@ -410,12 +416,12 @@ mod vnni {
                         flip,
                     );
                     for (r, s) in isum.iter_mut().enumerate() {
-                        let xv = _mm512_set1_epi32(x4(xq, nb, r0 + r, b, 4 * c));
+                        let xv = _mm512_set1_epi32(x4(xb, r, 4 * c));
                         *s = _mm512_dpbusd_epi32(*s, wv, xv);
                     }
                 }
                 for (r, s) in isum.iter_mut().enumerate() {
-                    let corr = _mm512_set1_epi32(*a.c.get_unchecked((r0 + r) * nb + b));
+                    let corr = _mm512_set1_epi32(*a.c.get_unchecked(j + r));
                     *s = _mm512_sub_epi32(*s, corr);
                 }
             } else {
@@ -424,8 +430,8 @@ mod vnni {
                     let lo = _mm512_and_si512(raw, mask);
                     let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
                     for (r, s) in isum.iter_mut().enumerate() {
-                        let xl = _mm512_set1_epi32(x4(xq, nb, r0 + r, b, 4 * c));
-                        let xh = _mm512_set1_epi32(x4(xq, nb, r0 + r, b, 16 + 4 * c));
+                        let xl = _mm512_set1_epi32(x4(xb, r, 4 * c));
+                        let xh = _mm512_set1_epi32(x4(xb, r, 16 + 4 * c));
                         *s = _mm512_dpbusd_epi32(*s, lo, xl);
                         *s = _mm512_dpbusd_epi32(*s, hi, xh);
                     }
@@ -442,7 +448,7 @@ mod vnni {
                 _mm512_mul_ps(dw, _mm512_set1_ps(-8.0))
             };
             for (r, (ac, s)) in acc.iter_mut().zip(&isum).enumerate() {
-                let i = (r0 + r) * nb + b;
+                let i = j + r;
                 let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(i)));
                 *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), scale, *ac);
                 if T != T_Q8_0 {
@@ -492,7 +498,7 @@ mod vnni {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
-        panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, T_Q4_1, T_Q8_0,
+        panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -512,12 +518,17 @@ mod avx2 {
     ) {
         let nb = a.blocks;
         let pbb = panel_block_bytes(T);
-        let xq = a.q.as_ptr() as *const u8;
+        // The tile's rows share a chunk (the row chunks are the layout's), so each row's
+        // bytes and scales lie at fixed offsets from its block's first row.
+        let (j0, step) = a.row_start(r0);
+        debug_assert!(r0 % crate::actquant::CHUNK_ROWS + R <= step);
         let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             let pb = p * nb + b;
+            let j = j0 + b * step;
+            let xb = a.q.as_ptr().add(j * QK) as *const u8;
             let wp = w.qs.as_ptr().add(pb * pbb + half * 32);
             if prefetch {
                 // As the VNNI tile's (both halves' bytes share each 64-byte line).
@@ -531,7 +542,7 @@ mod avx2 {
                     let wv = _mm256_loadu_si256(wp.add(c * 64) as *const __m256i);
                     let wa = _mm256_sign_epi8(wv, wv);
                     for (r, s) in isum.iter_mut().enumerate() {
-                        let xv = _mm256_set1_epi32(x4(xq, nb, r0 + r, b, 4 * c));
+                        let xv = _mm256_set1_epi32(x4(xb, r, 4 * c));
                         *s = _mm256_add_epi32(*s, dot(wa, _mm256_sign_epi8(xv, wv)));
                     }
                 }
@@ -545,8 +556,8 @@ mod avx2 {
                     let lo = _mm256_and_si256(raw, mask);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
                     for (r, s) in s16.iter_mut().enumerate() {
-                        let xl = _mm256_set1_epi32(x4(xq, nb, r0 + r, b, 4 * c));
-                        let xh = _mm256_set1_epi32(x4(xq, nb, r0 + r, b, 16 + 4 * c));
+                        let xl = _mm256_set1_epi32(x4(xb, r, 4 * c));
+                        let xh = _mm256_set1_epi32(x4(xb, r, 16 + 4 * c));
                         *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(lo, xl));
                         *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(hi, xh));
                     }
@@ -563,7 +574,7 @@ mod avx2 {
                 _mm256_mul_ps(dw, _mm256_set1_ps(-8.0))
             };
             for (r, (ac, s)) in acc.iter_mut().zip(&isum).enumerate() {
-                let i = (r0 + r) * nb + b;
+                let i = j + r;
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*a.d.get_unchecked(i)));
                 *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, *ac);
                 if T != T_Q8_0 {
@@ -756,7 +767,6 @@ impl SwigluWeights {
             s: s.as_mut_ptr(),
             c: c.as_mut_ptr(),
         };
-        let inter = self.inter;
         // Tasks as `qmatmul_acts`'s (a row chunk × four panels), each ending in its block.
         (0..rows.div_ceil(ROW_CHUNK) * nbo)
             .into_par_iter()
@@ -792,21 +802,20 @@ impl SwigluWeights {
                         &mut ts[..n],
                         &mut tc[..n],
                     );
-                    for r in 0..n {
-                        let (row, j) = (rs.0 + r, (rs.0 + r) * nbo + b);
-                        // SAFETY: task (chunk, b) alone writes block `b` of its chunk's rows
-                        // (inside `rows × inter` bytes and `rows × nbo` values), from its tile's
-                        // quantised bytes (all written by `quantize_swiglu_block`).
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                tq.as_ptr().add(r * QK) as *const i8,
-                                out.q.add(row * inter + b * QK),
-                                QK,
-                            );
-                            *out.d.add(j) = td[r];
-                            *out.s.add(j) = ts[r];
-                            *out.c.add(j) = tc[r];
-                        }
+                    // Block `b` of the chunk's rows is one run in the layout (`QActs::at`).
+                    let j = crate::actquant::block_at(rows, nbo, rs.0, b);
+                    // SAFETY: task (chunk, b) alone writes block `b` of its chunk's rows: the
+                    // `n` places from `j` (inside `rows × nbo` values and 32 × as many bytes),
+                    // from its tile's quantised bytes (all written by `quantize_swiglu_block`).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            tq.as_ptr() as *const i8,
+                            out.q.add(j * QK),
+                            n * QK,
+                        );
+                        std::ptr::copy_nonoverlapping(td.as_ptr(), out.d.add(j), n);
+                        std::ptr::copy_nonoverlapping(ts.as_ptr(), out.s.add(j), n);
+                        std::ptr::copy_nonoverlapping(tc.as_ptr(), out.c.add(j), n);
                     }
                 })
             });
@@ -892,7 +901,8 @@ mod tests {
             for r in 0..a.rows {
                 let (mut s, mut m) = (0f64, 0f64);
                 for (k, &wv) in wf.iter().enumerate() {
-                    let xv = a.q[r * w.cols + k] as f64 * a.d[r * a.blocks + k / QK] as f64;
+                    let j = a.at(r, k / QK);
+                    let xv = a.q[j * QK + k % QK] as f64 * a.d[j] as f64;
                     s += wv as f64 * xv;
                     m += (wv as f64 * xv).abs();
                 }
