@@ -47,12 +47,6 @@ const FLOAT_FIELDS: &[&str] = &[
 /// The fields of [`INT_FIELDS`] that hold lists of token ids (a string there is text).
 const LIST_FIELDS: &[&str] = &["stop_token_ids", "allowed_token_ids", "prompt", "tokens"];
 
-/// pydantic's lax reading of a string as an integer: surrounding whitespace, an optional
-/// sign, decimal digits (underscores between them, as Python's `int()`).
-fn lax_int(t: &str) -> Option<i64> {
-    tpuserve_engine::pyfmt::py_int(t)
-}
-
 /// One request field's error as vLLM 0.32 reports it: pydantic's error dict with the field at
 /// `body.<field>` and the input as `str()` gives it (see [`validation_error`]).
 pub struct FieldError {
@@ -197,7 +191,8 @@ fn check(field: &str, n: &Number) -> Result<Option<i64>, FieldError> {
 /// scalar field (`top`), a string holding an integer is that integer (pydantic's lax mode).
 fn walk(field: &str, v: &mut Value, out: &mut Vec<FieldError>, changed: &mut bool, top: bool) {
     match v {
-        Value::String(t) if top => match lax_int(t) {
+        // pydantic's lax reading of a string as an integer is Python's `int()`.
+        Value::String(t) if top => match tpuserve_engine::pyfmt::py_int(t) {
             Some(i) => {
                 *v = Value::from(i);
                 *changed = true;
