@@ -174,9 +174,9 @@ impl Src<'_> {
     }
 }
 
-/// One task's share of the result: its rows' bytes (not yet written) and block values.
-/// Tasks write their rows' blocks in place, wherever [`block_at`] puts them (a task's rows
-/// are not one run of the arrays).
+/// Where the quantising tasks write: the whole result's bytes (not yet written) and block
+/// values, each task its own rows' blocks, wherever [`block_at`] puts them (a task's rows are
+/// not one run of the arrays).
 #[derive(Clone, Copy)]
 struct Part {
     q: *mut i8,
@@ -193,7 +193,7 @@ unsafe impl Send for Part {}
 unsafe impl Sync for Part {}
 
 impl Part {
-    /// For `rows` rows of `nb` blocks in these arrays (as long as [`QActs`]'s).
+    /// The result's arrays: `d.len() / nb` rows of `nb` blocks (32 bytes each in `q`).
     fn new(
         q: &mut [MaybeUninit<i8>],
         d: &mut [f32],

@@ -619,6 +619,16 @@ mod avx2 {
 }
 
 fn panel(isa: QIsa, a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
+    // The vector tiles address a tile's rows from its first one, which holds within one
+    // layout chunk only (`QActs::at`): the callers' row ranges are those chunks.
+    assert!(
+        rs.0.is_multiple_of(ROW_CHUNK)
+            && rs.0 <= rs.1
+            && rs.1 - rs.0 <= ROW_CHUNK
+            && rs.1 <= a.rows,
+        "row range {rs:?} is not within one chunk of {} rows",
+        a.rows
+    );
     macro_rules! by_type {
         ($($f:ident)::+) => {
             match w.ty {
@@ -630,8 +640,8 @@ fn panel(isa: QIsa, a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
     }
     match isa {
         // SAFETY: `isa` comes from `available_isas` (features detected at run time); `p` is a
-        // panel of `w`, `rs` rows of `a`, and `out` holds `a.rows × w.rows` outputs
-        // (`qmatmul_wt_with`).
+        // panel of `w`, `rs` rows of `a` within one layout chunk (asserted), and `out` holds
+        // `a.rows × w.rows` outputs (`qmatmul_wt_with`).
         #[cfg(target_arch = "x86_64")]
         QIsa::Avx512Vnni => unsafe { by_type!(vnni::panel) },
         #[cfg(target_arch = "x86_64")]
