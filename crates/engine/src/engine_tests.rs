@@ -412,7 +412,7 @@ proptest! {
         extra_budget in 0usize..40,
         max_seqs in 1usize..8,
         caching in any::<bool>(),
-        prefill_cap in prop::option::of(1usize..24),
+        prefill_cap in prop::option::of(0usize..24),
     ) {
         let budget = max_seqs + extra_budget;
         let setup = Setup {

@@ -161,8 +161,9 @@ impl Scheduler {
         let mut batch = ScheduledBatch::default();
         let mut budget = self.cfg.max_num_batched_tokens;
         // A lone sequence keeps the whole budget: there is nobody whose first token it delays.
+        // A cap of 0 is no cap (it would stall every prompt while two sequences exist).
         let mut prefill_budget = match self.cfg.max_prefill_tokens {
-            Some(cap) if self.running.len() + self.waiting.len() > 1 => cap,
+            Some(cap) if cap > 0 && self.running.len() + self.waiting.len() > 1 => cap,
             _ => usize::MAX,
         };
         // `Priority`: the running sequences in rank order, so that the budget goes to the
@@ -543,10 +544,13 @@ mod tests {
 
     #[test]
     fn without_a_prefill_cap_the_budget_alone_limits_a_burst() {
-        let mut s = sched(100, 64, 8, false);
-        let a = s.add(seq(vec![1; 30], None));
-        let b = s.add(seq(vec![2; 30], None));
-        assert_eq!(run(&mut s), [(a, 30), (b, 30)]);
+        for cap in [None, Some(0)] {
+            let mut s = sched(100, 64, 8, false);
+            s.cfg.max_prefill_tokens = cap;
+            let a = s.add(seq(vec![1; 30], None));
+            let b = s.add(seq(vec![2; 30], None));
+            assert_eq!(run(&mut s), [(a, 30), (b, 30)], "{cap:?}");
+        }
     }
 
     #[test]
