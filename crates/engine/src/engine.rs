@@ -39,7 +39,7 @@ pub struct EngineConfig {
     /// `--scheduling-policy`.
     pub scheduling_policy: crate::scheduler::SchedulingPolicy,
     /// `--max-num-prefill-tokens` (tpuserve's): prompt tokens per step while others wait or
-    /// run (see `SchedulerConfig::max_prefill_tokens`).
+    /// run, 0 or `None`: no cap (see `SchedulerConfig::max_prefill_tokens`).
     pub max_prefill_tokens: Option<usize>,
     /// `--seed`: requests without a seed get one drawn from this, in arrival order, so the
     /// same command and the same requests give the same samples (vLLM seeds its global RNG

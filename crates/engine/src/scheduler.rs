@@ -21,7 +21,7 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     pub policy: SchedulingPolicy,
     /// Prompt tokens one step takes while more than one sequence is running or waiting
-    /// (decode tokens are not counted); `None`: only the step's budget limits them. A burst
+    /// (decode tokens are not counted); `None` or 0: only the step's budget limits them. A burst
     /// of prompts is then answered prompt by prompt instead of all at the end of one long
     /// step: on a runner whose per-token cost does not fall with larger steps (the host
     /// runner) the first tokens come sooner for the same total work.

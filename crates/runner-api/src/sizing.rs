@@ -14,15 +14,6 @@ pub const DEFAULT_MAX_NUM_BATCHED_TOKENS_HOST: usize = 2048;
 /// start-up, so a smaller budget starts sooner; 512 still fills a step of decodes.
 pub const DEFAULT_MAX_NUM_BATCHED_TOKENS_XLA: usize = 512;
 
-/// `--max-num-prefill-tokens`: prompt tokens a step takes while others run or wait; `given`
-/// (0: none), else none, as vLLM. Measured on the host runner (`benches/compare`, SmolLM2, 2
-/// vCPUs, 192 against none): TTFT p50 at 8 streams ~250 → ~180 ms and at 32 ~900 → ~310 ms,
-/// for 5–7 % fewer tok/s at 8 and 32 (its prompt rows cost more in smaller steps), a trade
-/// left to the user.
-pub fn max_prefill_tokens(given: Option<usize>) -> Option<usize> {
-    given.filter(|&n| n > 0)
-}
-
 /// The step's token budget: `given`, else the backend's default raised to `max_num_seqs`
 /// (a larger `--max-num-seqs` alone must not make the defaults invalid: the budget must hold
 /// one token of every running sequence).
@@ -58,13 +49,6 @@ mod tests {
         assert_eq!(max_num_batched_tokens(None, true, 256), 512);
         assert_eq!(max_num_batched_tokens(None, true, 1024), 1024);
         assert_eq!(max_num_batched_tokens(Some(64), true, 1024), 64);
-    }
-
-    #[test]
-    fn the_prefill_cap_is_off_unless_given() {
-        assert_eq!(max_prefill_tokens(None), None);
-        assert_eq!(max_prefill_tokens(Some(0)), None);
-        assert_eq!(max_prefill_tokens(Some(64)), Some(64));
     }
 
     #[test]

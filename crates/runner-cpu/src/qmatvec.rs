@@ -387,10 +387,9 @@ mod vnni {
     ) {
         let nb = a.blocks;
         let pbb = panel_block_bytes(T);
-        // The tile's rows share a chunk (the row chunks are the layout's), so each row's
+        // The tile's rows share a chunk (`panel` asserts its rows are one), so each row's
         // bytes and scales lie at fixed offsets from its block's first row.
         let (j0, step) = a.row_start(r0);
-        debug_assert!(r0 % crate::actquant::CHUNK_ROWS + R <= step);
         let mask = _mm512_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
@@ -518,10 +517,9 @@ mod avx2 {
     ) {
         let nb = a.blocks;
         let pbb = panel_block_bytes(T);
-        // The tile's rows share a chunk (the row chunks are the layout's), so each row's
+        // The tile's rows share a chunk (`panel` asserts its rows are one), so each row's
         // bytes and scales lie at fixed offsets from its block's first row.
         let (j0, step) = a.row_start(r0);
-        debug_assert!(r0 % crate::actquant::CHUNK_ROWS + R <= step);
         let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];

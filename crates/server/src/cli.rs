@@ -445,11 +445,6 @@ impl ServeArgs {
         Ok(())
     }
 
-    /// `--max-num-prefill-tokens`; `None`: no cap.
-    pub fn prefill_tokens(&self) -> Option<usize> {
-        sizing::max_prefill_tokens(self.max_num_prefill_tokens)
-    }
-
     /// `--max-num-batched-tokens`, else the backend's default (see `sizing`).
     pub fn batched_tokens(&self, xla: bool) -> usize {
         sizing::max_num_batched_tokens(self.max_num_batched_tokens, xla, self.max_num_seqs)

@@ -319,7 +319,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         enable_prefix_caching: args.prefix_caching(),
         max_logprobs: args.max_logprobs,
         scheduling_policy,
-        max_prefill_tokens: args.prefill_tokens(),
+        // 0 is no cap (the scheduler's reading).
+        max_prefill_tokens: args.max_num_prefill_tokens,
         seed: Some(args.seed),
     };
     let effective_len = engine_cfg.max_model_len;
