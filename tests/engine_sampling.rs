@@ -122,6 +122,7 @@ fn smollm2_sampling_distributions_and_seeded_draws_match_the_fixture() {
     // The f32 reference: the fixture's distributions come from the f32 logits.
     let opts = tpuserve_runner_cpu::CpuRunnerOptions {
         weights: tpuserve_runner_cpu::CpuWeights::F32,
+        kv_fp8: None,
         ..Default::default()
     };
     let mut runner = tpuserve_runner_cpu::CpuRunner::new(&model, opts).unwrap();

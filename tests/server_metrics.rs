@@ -643,17 +643,31 @@ fn stats_log_line_has_vllm_format() {
     assert!(line.contains("INFO"), "logged at INFO: {line}");
 }
 
+/// An 8 MiB KV cache beside SmolLM2's blocks in place.
+const CACHE_8M_AUTO: [&str; 6] = [
+    "--kv-cache-memory-bytes",
+    "8M",
+    "--max-model-len",
+    "256",
+    "--dtype",
+    "auto",
+];
+
+/// The `vllm:cache_config_info` line of a scrape.
+fn cache_config_info(s: &Server) -> String {
+    s.metrics()
+        .lines()
+        .find(|l| l.starts_with("vllm:cache_config_info{"))
+        .expect("cache_config_info")
+        .to_string()
+}
+
 /// `--num-gpu-blocks-override` and `--kv-cache-memory-bytes` size the KV cache (vLLM's
 /// flags), as the ready line, the log and `vllm:cache_config_info` say; the override wins.
 #[test]
 fn kv_cache_flags_size_the_cache() {
     let blocks_of = |s: &Server| -> String {
-        let text = s.metrics();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("vllm:cache_config_info{"))
-            .expect("cache_config_info")
-            .to_string();
+        let line = cache_config_info(s);
         let re = Regex::new(r#"num_gpu_blocks="(\d+)""#).unwrap();
         re.captures(&line).expect("num_gpu_blocks label")[1].to_string()
     };
@@ -681,14 +695,7 @@ fn kv_cache_flags_size_the_cache() {
     drop(s);
     // SmolLM2's f16 KV cache (`--dtype auto`): 30 layers × 3 KV heads × 64 × (K, V) × 2 bytes = 23,040 bytes
     // a token; 8 MiB / (23,040 × 16) = 22.8 → 22 blocks.
-    let s = Server::start(&[
-        "--kv-cache-memory-bytes",
-        "8M",
-        "--max-model-len",
-        "256",
-        "--dtype",
-        "auto",
-    ]);
+    let s = Server::start(&CACHE_8M_AUTO);
     assert_eq!(blocks_of(&s), "22");
     assert!(
         s.log()
@@ -696,4 +703,37 @@ fn kv_cache_flags_size_the_cache() {
         "{}",
         s.log()
     );
+}
+
+/// `--kv-cache-dtype fp8` / `fp8_e4m3` / `fp8_e5m2` on the CPU runner (vLLM's CPU backend takes
+/// them): one byte a K or V element, so the same `--kv-cache-memory-bytes` holds twice the
+/// blocks of the f16 cache (8 MiB / (11,520 × 16) = 45.5 → 45), the ready line names the
+/// format, `vllm:cache_config_info` carries the flag as given, and requests complete.
+#[test]
+fn kv_cache_dtype_fp8_halves_the_cpu_cache() {
+    for (flag, format) in [
+        ("fp8", "fp8 e4m3"),
+        ("fp8_e4m3", "fp8 e4m3"),
+        ("fp8_e5m2", "fp8 e5m2"),
+    ] {
+        let s = Server::start(&[&CACHE_8M_AUTO[..], &["--kv-cache-dtype", flag]].concat());
+        let info = cache_config_info(&s);
+        assert!(
+            info.contains(r#"num_gpu_blocks="45""#)
+                && info.contains(&format!(r#"cache_dtype="{flag}""#)),
+            "{info}"
+        );
+        let log = s.log();
+        assert!(log.contains(&format!("{format} KV cache")), "{log}");
+        let r = s.post_ok(
+            "/v1/completions",
+            &json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+                "ignore_eos": true}),
+        );
+        assert_eq!(r["usage"]["completion_tokens"], 8, "{flag}: {r}");
+        assert!(
+            !r["choices"][0]["text"].as_str().unwrap().trim().is_empty(),
+            "{flag}: {r}"
+        );
+    }
 }

@@ -79,6 +79,7 @@ fn cpu_greedy(prompt: &str, max_tokens: usize) -> (Vec<u32>, Vec<u32>, String) {
             num_blocks: 8,
             block_size: 16,
             weights: CpuWeights::F32,
+            kv_fp8: None,
         },
     )
     .unwrap();

@@ -102,6 +102,7 @@ fn sampling_at(tp: usize) {
             num_blocks: 8,
             block_size: 16,
             weights: CpuWeights::F32,
+            kv_fp8: None,
         },
     )
     .unwrap();

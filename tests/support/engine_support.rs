@@ -37,6 +37,7 @@ pub fn cpu_runner(model: &LoadedModel, num_blocks: usize) -> Box<dyn ModelRunner
                 num_blocks,
                 block_size: BLOCK_SIZE,
                 weights: CpuWeights::F32,
+                kv_fp8: None,
             },
         )
         .expect("CPU runner"),

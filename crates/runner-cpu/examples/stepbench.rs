@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 use tpuserve_runner_api::{ModelRunner, SamplingParams, SeqPlan, StepPlan};
-use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
+use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights, Fp8};
 
 fn plan(seqs: usize, qlen: usize, ctx: usize, bs: usize) -> StepPlan {
     let per_seq = ctx.div_ceil(bs);
@@ -70,6 +70,12 @@ fn main() -> anyhow::Result<()> {
                 Ok("bf16") => CpuWeights::Bf16,
                 Ok("f32") => CpuWeights::F32,
                 _ => CpuWeights::Native,
+            },
+            // `STEPBENCH_KV=fp8` (or `fp8_e5m2`): `--kv-cache-dtype fp8`.
+            kv_fp8: match std::env::var("STEPBENCH_KV").as_deref() {
+                Ok("fp8" | "fp8_e4m3") => Some(Fp8::E4m3),
+                Ok("fp8_e5m2") => Some(Fp8::E5m2),
+                _ => None,
             },
         },
     )?;

@@ -1,6 +1,8 @@
 //! Rotary embedding and attention over the paged KV cache.
 
 use rayon::prelude::*;
+
+use crate::fp8::{E4m3, E5m2, Fp8Elem};
 use tpuserve_runner_api::StepPlan;
 
 /// Rotates each head of `x` (HF half-split layout) by the per-frequency angles of one position.
@@ -89,12 +91,15 @@ fn head_scores<'k>(
     max
 }
 
-/// A layer's K and V caches, `[slots, kv_heads, head_dim]`: f32 (the reference), or f16
-/// (half the bytes to hold and to read; each row widened to f32 before use).
+/// A layer's K and V caches, `[slots, kv_heads, head_dim]`: f32 (the reference), f16 (half
+/// the bytes to hold and to read) or fp8 (a quarter: `--kv-cache-dtype fp8`); each row
+/// widened to f32 (exactly) before use.
 #[derive(Clone, Copy)]
 pub enum KvRef<'a> {
     F32(&'a [f32], &'a [f32]),
     F16(&'a [half::f16], &'a [half::f16]),
+    E4m3(&'a [E4m3], &'a [E4m3]),
+    E5m2(&'a [E5m2], &'a [E5m2]),
 }
 
 /// Which attention kernel runs; tests call each one the machine has.
@@ -230,19 +235,20 @@ fn attention_rows(
                 // a multiple of 8, and every visible slot lies in the caches.
                 unsafe {
                     use crate::attention_avx2::{query_row as ungrouped, query_row_grouped};
-                    match (kv, grouped) {
-                        (KvRef::F32(k, v), true) => {
-                            query_row_grouped(qi, k, v, slots, shape, scores, orow)
-                        }
-                        (KvRef::F16(k, v), true) => {
-                            query_row_grouped(qi, k, v, slots, shape, scores, orow)
-                        }
-                        (KvRef::F32(k, v), false) => {
-                            ungrouped(qi, k, v, slots, shape, scores, orow)
-                        }
-                        (KvRef::F16(k, v), false) => {
-                            ungrouped(qi, k, v, slots, shape, scores, orow)
-                        }
+                    macro_rules! run {
+                        ($k:expr, $v:expr) => {
+                            if grouped {
+                                query_row_grouped(qi, $k, $v, slots, shape, scores, orow)
+                            } else {
+                                ungrouped(qi, $k, $v, slots, shape, scores, orow)
+                            }
+                        };
+                    }
+                    match kv {
+                        KvRef::F32(k, v) => run!(k, v),
+                        KvRef::F16(k, v) => run!(k, v),
+                        KvRef::E4m3(k, v) => run!(k, v),
+                        KvRef::E5m2(k, v) => run!(k, v),
                     }
                 }
                 return;
@@ -363,31 +369,86 @@ fn query_row(
                 );
             }
         }
-        KvRef::F16(k_cache, v_cache) => {
-            // The group's K and V rows widened once into f32 (exact), then read as the f32
-            // cache is: the same operations on the same values as an f32 cache holding them.
-            let mut kw = vec![0f32; n * head_dim];
-            let mut vw = vec![0f32; n * head_dim];
-            for g in 0..kv_heads {
-                for (j, &slot) in slots.iter().enumerate() {
-                    let at = slot * kvs + g * head_dim;
-                    let dst = j * head_dim..(j + 1) * head_dim;
-                    widen(dims, &k_cache[at..at + head_dim], &mut kw[dst.clone()]);
-                    widen(dims, &v_cache[at..at + head_dim], &mut vw[dst]);
-                }
-                for h in g * group..(g + 1) * group {
-                    let (a, b) = (h * head_dim, (h + 1) * head_dim);
-                    head_attend(
-                        qh(h),
-                        |j| &kw[j * head_dim..(j + 1) * head_dim],
-                        |j| &vw[j * head_dim..(j + 1) * head_dim],
-                        scale,
-                        &mut scores,
-                        &mut orow[a..b],
-                    );
-                }
-            }
+        KvRef::F16(k, v) => widened_attend(dims, k, v, &slots, &mut scores, qh, orow, scale),
+        KvRef::E4m3(k, v) => widened_attend(dims, k, v, &slots, &mut scores, qh, orow, scale),
+        KvRef::E5m2(k, v) => widened_attend(dims, k, v, &slots, &mut scores, qh, orow, scale),
+    }
+}
+
+/// [`query_row`] over a cache of `E`: each KV group's K and V rows widened once into f32
+/// (exact), then read as the f32 cache is: the same operations on the same values as an f32
+/// cache holding them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn widened_attend<'q, E: Widen>(
+    dims: Dims,
+    k_cache: &[E],
+    v_cache: &[E],
+    slots: &[usize],
+    scores: &mut [f32],
+    qh: impl Fn(usize) -> &'q [f32],
+    orow: &mut [f32],
+    scale: f32,
+) {
+    let Dims {
+        heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = dims;
+    let (kvs, group, n) = (kv_heads * head_dim, heads / kv_heads, slots.len());
+    let mut kw = vec![0f32; n * head_dim];
+    let mut vw = vec![0f32; n * head_dim];
+    for g in 0..kv_heads {
+        for (j, &slot) in slots.iter().enumerate() {
+            let at = slot * kvs + g * head_dim;
+            let dst = j * head_dim..(j + 1) * head_dim;
+            E::widen(dims, &k_cache[at..at + head_dim], &mut kw[dst.clone()]);
+            E::widen(dims, &v_cache[at..at + head_dim], &mut vw[dst]);
         }
+        for h in g * group..(g + 1) * group {
+            let (a, b) = (h * head_dim, (h + 1) * head_dim);
+            head_attend(
+                qh(h),
+                |j| &kw[j * head_dim..(j + 1) * head_dim],
+                |j| &vw[j * head_dim..(j + 1) * head_dim],
+                scale,
+                scores,
+                &mut orow[a..b],
+            );
+        }
+    }
+}
+
+/// A cache element the portable path widens row by row.
+trait Widen: Copy {
+    /// `dst = src` as f32 (exact).
+    fn widen(dims: Dims, src: &[Self], dst: &mut [f32]);
+}
+
+impl Widen for half::f16 {
+    fn widen(dims: Dims, src: &[Self], dst: &mut [f32]) {
+        widen(dims, src, dst)
+    }
+}
+
+/// Through the format's table of 256 values.
+fn widen_fp8<T: Fp8Elem>(src: &[T], dst: &mut [f32]) {
+    let table = crate::fp8::table(T::FORMAT);
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = table[s.bits() as usize];
+    }
+}
+
+impl Widen for E4m3 {
+    fn widen(_: Dims, src: &[Self], dst: &mut [f32]) {
+        widen_fp8(src, dst)
+    }
+}
+
+impl Widen for E5m2 {
+    fn widen(_: Dims, src: &[Self], dst: &mut [f32]) {
+        widen_fp8(src, dst)
     }
 }
 
@@ -475,6 +536,7 @@ fn head_attend<'k>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fp8::Fp8;
     use tpuserve_runner_api::SeqPlan;
 
     /// An f16 cache gives the bits an f32 cache holding the same values gives: its rows are
@@ -511,6 +573,58 @@ mod tests {
             let want = run(KvRef::F32(&k32, &v32));
             assert_eq!(run(KvRef::F16(&k16, &v16)), want, "head_dim {hd}");
             assert!(want.iter().all(|x| x.is_finite() && *x != 0.0));
+        }
+    }
+
+    /// An fp8 cache (e4m3 and e5m2; normal, subnormal, zero and negative codes) gives, on
+    /// every kernel, the bits that kernel gives over an f32 cache holding the decoded values:
+    /// the in-register widening is exact, e4m3's multiply by 256 included.
+    #[test]
+    fn an_fp8_cache_attends_as_an_f32_cache_of_its_values_on_every_kernel() {
+        let code = |i: usize| (((i as u32).wrapping_mul(2_654_435_761) >> 13) as u8) & 0xBF;
+        let val = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 1e7 - 0.8;
+        let (heads, kv_heads, bs, blocks) = (9usize, 3usize, 16usize, 8usize);
+        for hd in [8usize, 40, 64] {
+            let n = blocks * bs * kv_heads * hd;
+            let (kb, vb): (Vec<u8>, Vec<u8>) = (0..n).map(|i| (code(i), code(i + n))).unzip();
+            // Two sequences, the second a 3-token chunk: 9 + 21 positions over blocks spread.
+            let plan = StepPlan {
+                token_ids: vec![0; 4],
+                positions: vec![0; 4],
+                slot_mapping: vec![0; 4],
+                seqs: vec![
+                    SeqPlan::sampling(0, 0, 1, 9, vec![6]),
+                    SeqPlan::sampling(1, 1, 3, 21, vec![3, 0]),
+                ],
+                masks: None,
+            };
+            let token_seq = [0, 1, 1, 1];
+            let q: Vec<f32> = (0..4 * heads * hd).map(|i| val(i + 11)).collect();
+            for f in [Fp8::E4m3, Fp8::E5m2] {
+                let t = crate::fp8::table(f);
+                let k32: Vec<f32> = kb.iter().map(|&c| t[c as usize]).collect();
+                let v32: Vec<f32> = vb.iter().map(|&c| t[c as usize]).collect();
+                // Subnormal codes among them: a zero exponent, a nonzero mantissa.
+                let (exp, man) = match f {
+                    Fp8::E4m3 => (0x78, 0x07),
+                    Fp8::E5m2 => (0x7C, 0x03),
+                };
+                assert!(kb.iter().any(|c| c & exp == 0 && c & man != 0));
+                let kv8 = match f {
+                    Fp8::E4m3 => KvRef::E4m3(crate::fp8::view(&kb), crate::fp8::view(&vb)),
+                    Fp8::E5m2 => KvRef::E5m2(crate::fp8::view(&kb), crate::fp8::view(&vb)),
+                };
+                for kernel in available_kernels() {
+                    let run = |kv| {
+                        paged_attention_with(
+                            kernel, &q, kv, &plan, &token_seq, heads, kv_heads, hd, bs,
+                        )
+                    };
+                    let want = run(KvRef::F32(&k32, &v32));
+                    assert_eq!(run(kv8), want, "{f:?} {kernel:?} head_dim {hd}");
+                    assert!(want.iter().all(|x| x.is_finite() && *x != 0.0));
+                }
+            }
         }
     }
 

@@ -27,7 +27,7 @@ pub fn available() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
-/// The cache element the kernel reads: `f32`, or `f16` widened in registers.
+/// The cache element the kernel reads: `f32`, or `f16` / fp8 widened in registers (exactly).
 pub trait CacheElem: Copy {
     /// Eight elements from `p` as f32.
     ///
@@ -47,6 +47,30 @@ impl CacheElem for half::f16 {
     #[inline(always)]
     unsafe fn load8(p: *const half::f16) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+impl CacheElem for crate::fp8::E5m2 {
+    /// An e5m2 byte is the top byte of the f16 of the same value.
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        let b = _mm_loadl_epi64(p as *const __m128i);
+        _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), b))
+    }
+}
+
+impl CacheElem for crate::fp8::E4m3 {
+    /// Sign-extended to 16 bits and shifted left 7, an e4m3 byte's exponent and mantissa
+    /// bits sit in an f16's (bit 14 cleared: a copy of the sign), which then holds the value
+    /// ÷ 256, subnormals included; times 256 is exact.
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        let b = _mm_loadl_epi64(p as *const __m128i);
+        let h = _mm_and_si128(
+            _mm_slli_epi16(_mm_cvtepi8_epi16(b), 7),
+            _mm_set1_epi16(0xBF80u16 as i16),
+        );
+        _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0))
     }
 }
 

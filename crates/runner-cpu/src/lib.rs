@@ -9,6 +9,7 @@ pub mod attention;
 #[cfg(target_arch = "x86_64")]
 pub mod attention_avx2;
 pub mod bf16dot;
+pub mod fp8;
 pub mod matvec;
 pub mod qmatvec;
 mod weights;
@@ -23,6 +24,7 @@ use tpuserve_runner_api::{
     StepOutput, StepPlan,
 };
 
+pub use crate::fp8::Fp8;
 use crate::weights::{GateUp, LayerWeights, Matrix, ModelWeights};
 
 /// The form the runner keeps weights in.
@@ -56,10 +58,11 @@ impl CpuWeights {
 }
 
 /// A layer's K and V caches, `[slots, kv_heads, head_dim]`, in the element type the weights'
-/// form chooses ([`CpuWeights::kv_bytes`]).
+/// form chooses ([`CpuWeights::kv_bytes`]), or fp8 bytes (`--kv-cache-dtype fp8`).
 enum KvCache {
     F32(Vec<f32>, Vec<f32>),
     F16(Vec<half::f16>, Vec<half::f16>),
+    Fp8(Vec<u8>, Vec<u8>, Fp8),
 }
 
 /// What every layer of one step reads.
@@ -80,6 +83,7 @@ struct StepCtx<'a> {
 enum KvPlaces {
     F32(*mut f32, *mut f32, usize),
     F16(*mut half::f16, *mut half::f16, usize),
+    Fp8(*mut u8, *mut u8, usize, Fp8),
 }
 
 // SAFETY: shared only by rows that write distinct slots (`KvPlaces::write`'s contract).
@@ -91,11 +95,12 @@ impl KvPlaces {
         match cache {
             KvCache::F32(k, v) => KvPlaces::F32(k.as_mut_ptr(), v.as_mut_ptr(), k.len()),
             KvCache::F16(k, v) => KvPlaces::F16(k.as_mut_ptr(), v.as_mut_ptr(), k.len()),
+            KvCache::Fp8(k, v, f) => KvPlaces::Fp8(k.as_mut_ptr(), v.as_mut_ptr(), k.len(), *f),
         }
     }
 
     /// Slot `slot`'s K and V rows (`k.len()` values each); f16 rounded to nearest even, as
-    /// a cast to f16 does.
+    /// a cast to f16 does; fp8 as [`Fp8::encode`] (nearest even, saturating).
     ///
     /// # Safety
     /// The cache these places came from is alive and not otherwise borrowed, and no other
@@ -115,12 +120,16 @@ impl KvPlaces {
                 std::slice::from_raw_parts_mut(kc.add(slot * n), n).convert_from_f32_slice(k);
                 std::slice::from_raw_parts_mut(vc.add(slot * n), n).convert_from_f32_slice(v);
             }
+            KvPlaces::Fp8(kc, vc, _, f) => {
+                f.encode_slice(k, std::slice::from_raw_parts_mut(kc.add(slot * n), n));
+                f.encode_slice(v, std::slice::from_raw_parts_mut(vc.add(slot * n), n));
+            }
         }
     }
 
     fn len(self) -> usize {
         match self {
-            KvPlaces::F32(.., n) | KvPlaces::F16(.., n) => n,
+            KvPlaces::F32(.., n) | KvPlaces::F16(.., n) | KvPlaces::Fp8(.., n, _) => n,
         }
     }
 }
@@ -130,6 +139,9 @@ pub struct CpuRunnerOptions {
     pub num_blocks: usize,
     pub block_size: usize,
     pub weights: CpuWeights,
+    /// `--kv-cache-dtype fp8` (`fp8_e4m3`, `fp8_e5m2`): K and V stored as one byte each
+    /// whatever the weights' form; `None`: the weights' form decides ([`CpuWeights::kv_bytes`]).
+    pub kv_fp8: Option<Fp8>,
 }
 
 impl Default for CpuRunnerOptions {
@@ -138,6 +150,7 @@ impl Default for CpuRunnerOptions {
             num_blocks: 512,
             block_size: tpuserve_runner_api::sizing::DEFAULT_BLOCK_SIZE,
             weights: CpuWeights::Native,
+            kv_fp8: None,
         }
     }
 }
@@ -296,16 +309,20 @@ impl CpuRunner {
         Ok(CpuRunner {
             inv_freq: cfg.rope_inv_freq(),
             kv_cache: (0..cfg.num_hidden_layers)
-                .map(|_| match opts.weights {
+                .map(|_| match (opts.kv_fp8, opts.weights) {
+                    // Zeroed bytes from the allocator, untouched until written (as below).
+                    (Some(f), _) => KvCache::Fp8(vec![0u8; per_layer], vec![0u8; per_layer], f),
                     // Zeroed u16 bits reinterpreted: `vec![0u16; n]` asks the allocator for
                     // zeroed pages, which stay untouched until a block is written, where
                     // `vec![f16::ZERO; n]` wrote every element (a 1 GiB cache resident at
                     // start, +1 GB RSS and +0.6 s).
-                    CpuWeights::Native | CpuWeights::Bf16 => KvCache::F16(
+                    (None, CpuWeights::Native | CpuWeights::Bf16) => KvCache::F16(
                         vec![0u16; per_layer].reinterpret_into(),
                         vec![0u16; per_layer].reinterpret_into(),
                     ),
-                    CpuWeights::F32 => KvCache::F32(vec![0f32; per_layer], vec![0f32; per_layer]),
+                    (None, CpuWeights::F32) => {
+                        KvCache::F32(vec![0f32; per_layer], vec![0f32; per_layer])
+                    }
                 })
                 .collect(),
             kv: KvCacheShape {
@@ -407,6 +424,8 @@ impl CpuRunner {
         let kv = match &self.kv_cache[li] {
             KvCache::F32(kc, vc) => attention::KvRef::F32(kc, vc),
             KvCache::F16(kc, vc) => attention::KvRef::F16(kc, vc),
+            KvCache::Fp8(kc, vc, Fp8::E4m3) => attention::KvRef::E4m3(fp8::view(kc), fp8::view(vc)),
+            KvCache::Fp8(kc, vc, Fp8::E5m2) => attention::KvRef::E5m2(fp8::view(kc), fp8::view(vc)),
         };
         if keep.is_some_and(<[usize]>::is_empty) {
             // A prompt chunk whose rows nobody reads: its K and V were all it had to give.
@@ -480,6 +499,8 @@ impl ModelRunner for CpuRunner {
     fn describe(&self) -> String {
         let kv = match self.kv_cache.first() {
             Some(KvCache::F16(..)) => ", f16 KV cache",
+            Some(KvCache::Fp8(_, _, Fp8::E4m3)) => ", fp8 e4m3 KV cache",
+            Some(KvCache::Fp8(_, _, Fp8::E5m2)) => ", fp8 e5m2 KV cache",
             _ => ", f32 KV cache",
         };
         format!("cpu ({}{kv})", self.w.describe())

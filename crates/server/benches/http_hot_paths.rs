@@ -53,6 +53,7 @@ fn bench(c: &mut Criterion) {
         num_gpu_blocks: 4096,
         gpu_memory_utilization: 0.9,
         enable_prefix_caching: true,
+        cache_dtype: "auto".into(),
     };
     let m = Metrics::new("SmolLM2-135M-Instruct", 2048, &cache, None);
     let s = step(Instant::now());

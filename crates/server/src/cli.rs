@@ -64,10 +64,11 @@ pub struct ServeArgs {
     /// vLLM's other methods (fp8, awq, gptq, ...) are logged as ignored.
     #[arg(long)]
     pub quantization: Option<String>,
-    /// `auto` (the activations' dtype), or `fp8` / `fp8_e4m3` / `fp8_e5m2` (XLA devices): K and
-    /// V stored as fp8 (no scale, vLLM's default of 1.0), converted on write and widened inside
-    /// the attention's dots: twice the tokens in the same memory and half the page bytes each
-    /// step reads. vLLM's other cache types are refused.
+    /// `auto` (the activations' dtype; f16 on the CPU runner, f32 beside --dtype float32), or
+    /// `fp8` / `fp8_e4m3` / `fp8_e5m2`: K and V stored as fp8 (no scale, vLLM's default of
+    /// 1.0), rounded to nearest on write and widened inside the attention: twice the tokens
+    /// in the same memory and half the page bytes each step reads. vLLM's other cache types
+    /// are refused.
     #[arg(long)]
     pub kv_cache_dtype: Option<String>,
     /// XLA devices: `pallas` runs the Pallas paged-attention kernel of `kernels/` (artifacts
@@ -298,25 +299,18 @@ impl ServeArgs {
         KvCacheDtype::from_flag(v).ok_or_else(|| {
             UsageError(format!(
                 "--kv-cache-dtype {v}: tpuserve stores the KV cache in the activations' dtype \
-                 (auto) or as fp8 (fp8, fp8_e4m3, fp8_e5m2; XLA devices)"
+                 (auto) or as fp8 (fp8, fp8_e4m3, fp8_e5m2)"
             ))
         })
     }
 
-    /// `--quantization int8` or `--kv-cache-dtype fp8` on the CPU runner: a usage error naming the flag (the CPU runner
+    /// `--quantization int8` on the CPU runner: a usage error naming the flag (the CPU runner
     /// runs GGUF blocks in place, or float32; it has no int8 path of this kind).
     pub fn check_quantization_on_cpu(&self) -> Result<(), UsageError> {
         if self.quantization().0.is_int8() {
             return Err(UsageError(
                 "--quantization int8 needs an XLA device (--device xla-cpu, tpu or cuda); the \
                  CPU runner keeps GGUF blocks in place (--dtype auto) or runs float32"
-                    .into(),
-            ));
-        }
-        if self.kv_cache_dtype()?.is_fp8() {
-            return Err(UsageError(
-                "--kv-cache-dtype fp8 needs an XLA device (--device xla-cpu, tpu or cuda); the \
-                 CPU runner keeps its KV cache in float32"
                     .into(),
             ));
         }

@@ -75,6 +75,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             block_size: args.block_size,
             // As `serve --dtype auto`: the checkpoint's own form.
             weights: CpuWeights::Native,
+            kv_fp8: None,
         },
     )?;
     tracing::info!(

@@ -162,6 +162,8 @@ pub struct CacheInfo {
     pub num_gpu_blocks: usize,
     pub gpu_memory_utilization: f64,
     pub enable_prefix_caching: bool,
+    /// `--kv-cache-dtype` as given (`auto` when absent).
+    pub cache_dtype: String,
 }
 
 impl Metrics {
@@ -249,7 +251,7 @@ impl Metrics {
             &cache.num_gpu_blocks.to_string(),
             &cache.gpu_memory_utilization.to_string(),
             &cache.enable_prefix_caching.to_string(),
-            "auto",
+            &cache.cache_dtype,
         ])
         .set(1.0);
         let m = Metrics {
@@ -702,10 +704,18 @@ mod tests {
             num_gpu_blocks: 8,
             gpu_memory_utilization: 0.9,
             enable_prefix_caching: true,
+            cache_dtype: "fp8".into(),
         };
         let counters = Arc::new(CompileCounters::default());
         let m = Metrics::new("m", 512, &cache, Some(counters.clone()));
         let a = m.render();
+        let info = std::str::from_utf8(&a)
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("vllm:cache_config_info{"))
+            .unwrap()
+            .to_string();
+        assert!(info.contains(r#"cache_dtype="fp8""#), "{info}");
         let b = m.render();
         assert_eq!(
             a.as_ptr(),

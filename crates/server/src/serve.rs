@@ -11,8 +11,10 @@ use anyhow::{bail, Context};
 use tpuserve_engine::{EngineConfig, EngineCore, EngineHandle, TokenDecoder};
 use tpuserve_model::{load_model_with, ChatTemplate, LoadedModel};
 use tpuserve_runner_api::{sizing, ModelRunner};
-use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights};
-use tpuserve_runner_xla::{AttentionBackend, DeviceKind, WeightElem, XlaRunner, XlaRunnerOptions};
+use tpuserve_runner_cpu::{CpuRunner, CpuRunnerOptions, CpuWeights, Fp8};
+use tpuserve_runner_xla::{
+    AttentionBackend, DeviceKind, KvCacheDtype, WeightElem, XlaRunner, XlaRunnerOptions,
+};
 
 use crate::cli::ServeArgs;
 use crate::metrics::{self, CacheInfo, Metrics};
@@ -164,13 +166,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                      runner's attention, and the CPU runner has its own"
                 );
             }
-            let num_blocks = kv_blocks(&model, &args, weights.kv_bytes(), 1)?;
+            let kv_fp8 = match args.kv_cache_dtype()? {
+                KvCacheDtype::Auto => None,
+                KvCacheDtype::Fp8E4m3 => Some(Fp8::E4m3),
+                KvCacheDtype::Fp8E5m2 => Some(Fp8::E5m2),
+            };
+            let kv_bytes = if kv_fp8.is_some() {
+                1
+            } else {
+                weights.kv_bytes()
+            };
+            let num_blocks = kv_blocks(&model, &args, kv_bytes, 1)?;
             Box::new(CpuRunner::new(
                 &model,
                 CpuRunnerOptions {
                     num_blocks,
                     block_size: args.block_size,
                     weights,
+                    kv_fp8,
                 },
             )?)
         }
@@ -346,6 +359,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             num_gpu_blocks: kv.num_blocks,
             gpu_memory_utilization: args.gpu_memory_utilization,
             enable_prefix_caching: args.prefix_caching(),
+            // As given (vLLM's CacheConfig keeps the flag's string).
+            cache_dtype: args.kv_cache_dtype.clone().unwrap_or_else(|| "auto".into()),
         },
         compile_counters,
     );
