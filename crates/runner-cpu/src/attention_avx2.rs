@@ -29,7 +29,11 @@ pub fn available() -> bool {
 
 /// The cache element the kernel reads: `f32`, or `f16` / fp8 widened in registers (exactly).
 pub trait CacheElem: Copy {
-    /// Eight elements from `p` as f32.
+    /// The power of two [`CacheElem::load8`]'s values are short of: the kernels put it into the
+    /// scores' scale and the probabilities instead (exact either way), where it costs nothing.
+    const SCALE: f32 = 1.0;
+
+    /// Eight elements from `p` as f32, divided by [`CacheElem::SCALE`].
     ///
     /// # Safety
     /// AVX2, FMA and F16C; eight elements readable at `p`.
@@ -60,17 +64,18 @@ impl CacheElem for crate::fp8::E5m2 {
 }
 
 impl CacheElem for crate::fp8::E4m3 {
+    const SCALE: f32 = 256.0;
+
     /// Sign-extended to 16 bits and shifted left 7, an e4m3 byte's exponent and mantissa
     /// bits sit in an f16's (bit 14 cleared: a copy of the sign), which then holds the value
-    /// ÷ 256, subnormals included; times 256 is exact.
+    /// ÷ 256, subnormals included.
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         let b = _mm_loadl_epi64(p as *const __m128i);
-        let h = _mm_and_si128(
+        _mm256_cvtph_ps(_mm_and_si128(
             _mm_slli_epi16(_mm_cvtepi8_epi16(b), 7),
             _mm_set1_epi16(0xBF80u16 as i16),
-        );
-        _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0))
+        ))
     }
 }
 
@@ -142,10 +147,11 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), e))
 }
 
-/// `s ← exp(s − max) / Σ exp(s − max)`, eight at a time (the tail through one padded
-/// vector); the sum in lanes, then the lanes and the tail in order.
+/// `s ← factor · exp(s − max) / Σ exp(s − max)`, eight at a time (the tail through one
+/// padded vector); the sum in lanes, then the lanes and the tail in order. `factor` is
+/// [`CacheElem::SCALE`], a power of two: the same bits as the probabilities times it.
 #[inline(always)]
-unsafe fn softmax(scores: &mut [f32], max: f32) {
+unsafe fn softmax(scores: &mut [f32], max: f32, factor: f32) {
     let n = scores.len();
     let m = _mm256_set1_ps(max);
     let mut sumv = _mm256_setzero_ps();
@@ -171,14 +177,14 @@ unsafe fn softmax(scores: &mut [f32], max: f32) {
             sum += x;
         }
     }
-    let inv = _mm256_set1_ps(1.0 / sum);
+    let inv = _mm256_set1_ps(factor / sum);
     let mut j = 0;
     while j + 8 <= n {
         let p = scores.as_mut_ptr().add(j);
         _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), inv));
         j += 8;
     }
-    let inv = 1.0 / sum;
+    let inv = factor / sum;
     for s in &mut scores[j..] {
         *s *= inv;
     }
@@ -238,7 +244,7 @@ unsafe fn tail_scores<E: CacheElem>(
         head_dim: hd,
     } = shape;
     let (kvs, group, n) = (kv_heads * hd, heads / kv_heads, slots.len());
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = E::SCALE / (hd as f32).sqrt();
     for (j, &slot) in slots.iter().enumerate().skip(j0) {
         let r = k.as_ptr().add(slot * kvs);
         for h in 0..heads {
@@ -255,9 +261,9 @@ unsafe fn tail_scores<E: CacheElem>(
 }
 
 /// Each head's `n` scores at `sc` (head after head): the maximum (whole vectors, then the
-/// tail) and the softmax.
+/// tail) and the softmax, times `factor` ([`softmax`]).
 #[inline(always)]
-unsafe fn softmax_heads(sc: *mut f32, heads: usize, n: usize) {
+unsafe fn softmax_heads(sc: *mut f32, heads: usize, n: usize, factor: f32) {
     for h in 0..heads {
         let hs = std::slice::from_raw_parts_mut(sc.add(h * n), n);
         let mut maxv = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -270,7 +276,7 @@ unsafe fn softmax_heads(sc: *mut f32, heads: usize, n: usize) {
         for &s in &hs[j..] {
             max = max.max(s);
         }
-        softmax(hs, max);
+        softmax(hs, max, factor);
     }
 }
 
@@ -327,7 +333,7 @@ pub unsafe fn query_row<E: CacheElem>(
 ) {
     let (heads, hd, n) = (shape.heads, shape.head_dim, slots.len());
     let (kvs, group) = shape.check(q, out, scores, n);
-    let scale = _mm256_set1_ps(1.0 / (hd as f32).sqrt());
+    let scale = _mm256_set1_ps(E::SCALE / (hd as f32).sqrt());
     let base = |h: usize| (h / group) * hd;
     let sc = scores.as_mut_ptr();
 
@@ -353,7 +359,7 @@ pub unsafe fn query_row<E: CacheElem>(
         j += 8;
     }
     tail_scores(q, k, slots, shape, j, sc);
-    softmax_heads(sc, heads, n);
+    softmax_heads(sc, heads, n, E::SCALE);
 
     // P·V: runs of positions, every head; up to 64 output dims (eight vectors) in registers
     // over a run, kept in `out` from one run to the next.
@@ -543,7 +549,7 @@ pub unsafe fn query_row_grouped<E: CacheElem>(
     } = shape;
     let n = slots.len();
     let (kvs, group) = shape.check(q, out, scores, n);
-    let scale = _mm256_set1_ps(1.0 / (hd as f32).sqrt());
+    let scale = _mm256_set1_ps(E::SCALE / (hd as f32).sqrt());
     let sc = scores.as_mut_ptr();
     let qp = q.as_ptr();
     // The passes over each KV group: (first head, heads in the pass).
@@ -570,7 +576,7 @@ pub unsafe fn query_row_grouped<E: CacheElem>(
         j += 8;
     }
     tail_scores(q, k, slots, shape, j, sc);
-    softmax_heads(sc, heads, n);
+    softmax_heads(sc, heads, n, E::SCALE);
 
     let (vp, op) = (v.as_ptr(), out.as_mut_ptr());
     let mut j0 = 0;
