@@ -365,6 +365,16 @@ unsafe fn x4(x: *const u8, r: usize, k: usize) -> i32 {
     std::ptr::read_unaligned(x.add(r * QK + k) as *const i32)
 }
 
+/// `$f(0); $f(1); ...`: a block's 4 (Q4) or 8 (Q8_0) weight chunks written out one after
+/// another. As a `for` loop LLVM kept them a loop, and the unrolled tile lets it schedule
+/// across chunks (qbench, 64 rows, one thread, VNNI: 44.0 → 40.7 ms).
+#[cfg(target_arch = "x86_64")]
+macro_rules! unroll {
+    ($f:ident: $($c:literal)*) => {
+        $($f($c);)*
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{
@@ -409,7 +419,7 @@ mod vnni {
                 // the LM head ran at two thirds of Q4_1's rate); `c = 128·Σx` takes the
                 // offset off again. The integer sums are the same.
                 let flip = _mm512_set1_epi8(-128);
-                for c in 0..8 {
+                let mut eighth = |c: usize| {
                     let wv = _mm512_xor_si512(
                         _mm512_loadu_si512(wp.add(c * 64) as *const __m512i),
                         flip,
@@ -418,13 +428,14 @@ mod vnni {
                         let xv = _mm512_set1_epi32(x4(xb, r, 4 * c));
                         *s = _mm512_dpbusd_epi32(*s, wv, xv);
                     }
-                }
+                };
+                unroll!(eighth: 0 1 2 3 4 5 6 7);
                 for (r, s) in isum.iter_mut().enumerate() {
                     let corr = _mm512_set1_epi32(*a.c.get_unchecked(j + r));
                     *s = _mm512_sub_epi32(*s, corr);
                 }
             } else {
-                for c in 0..4 {
+                let mut quarter = |c: usize| {
                     let raw = _mm512_loadu_si512(wp.add(c * 64) as *const __m512i);
                     let lo = _mm512_and_si512(raw, mask);
                     let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
@@ -434,7 +445,8 @@ mod vnni {
                         *s = _mm512_dpbusd_epi32(*s, lo, xl);
                         *s = _mm512_dpbusd_epi32(*s, hi, xh);
                     }
-                }
+                };
+                unroll!(quarter: 0 1 2 3);
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(
                 w.d.as_ptr().add(pb * PJ) as *const __m256i
@@ -536,20 +548,21 @@ mod avx2 {
             let dot =
                 |wu: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones);
             if T == T_Q8_0 {
-                for c in 0..8 {
+                let mut eighth = |c: usize| {
                     let wv = _mm256_loadu_si256(wp.add(c * 64) as *const __m256i);
                     let wa = _mm256_sign_epi8(wv, wv);
                     for (r, s) in isum.iter_mut().enumerate() {
                         let xv = _mm256_set1_epi32(x4(xb, r, 4 * c));
                         *s = _mm256_add_epi32(*s, dot(wa, _mm256_sign_epi8(xv, wv)));
                     }
-                }
+                };
+                unroll!(eighth: 0 1 2 3 4 5 6 7);
             } else {
                 // Q4's pair sums are small (|u·x + u'·x'| ≤ 2·15·127 = 3,810), so a block's
                 // eight of them add up exactly in i16 (≤ 30,480) and one `vpmaddwd` per block
                 // widens them, where one per pair kept the multiply ports twice as busy.
                 let mut s16 = [_mm256_setzero_si256(); R];
-                for c in 0..4 {
+                let mut quarter = |c: usize| {
                     let raw = _mm256_loadu_si256(wp.add(c * 64) as *const __m256i);
                     let lo = _mm256_and_si256(raw, mask);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
@@ -559,7 +572,8 @@ mod avx2 {
                         *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(lo, xl));
                         *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(hi, xh));
                     }
-                }
+                };
+                unroll!(quarter: 0 1 2 3);
                 for (s, s16) in isum.iter_mut().zip(&s16) {
                     *s = _mm256_madd_epi16(*s16, ones);
                 }
