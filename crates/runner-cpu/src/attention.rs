@@ -578,7 +578,8 @@ mod tests {
 
     /// An fp8 cache (e4m3 and e5m2; normal, subnormal, zero and negative codes) gives, on
     /// every kernel, the bits that kernel gives over an f32 cache holding the decoded values:
-    /// the in-register widening is exact, e4m3's multiply by 256 included.
+    /// the in-register widening is exact, and e4m3's factor of 256 (which the vector kernels
+    /// put into the score scale and the probabilities) changes no bit.
     #[test]
     fn an_fp8_cache_attends_as_an_f32_cache_of_its_values_on_every_kernel() {
         let code = |i: usize| (((i as u32).wrapping_mul(2_654_435_761) >> 13) as u8) & 0xBF;
