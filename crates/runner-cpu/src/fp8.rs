@@ -35,8 +35,9 @@ pub(crate) fn view<T: Fp8Elem>(bytes: &[u8]) -> &[T] {
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len()) }
 }
 
-/// The fp8 element types.
-pub trait Fp8Elem: Copy {
+/// The fp8 element types (crate-private: [`view`] relies on every implementor being a
+/// transparent `u8`).
+pub(crate) trait Fp8Elem: Copy {
     const FORMAT: Fp8;
     fn bits(self) -> u8;
 }
@@ -152,6 +153,7 @@ impl Fp8 {
     }
 }
 
+/// One loop per format, so that each has its constants folded and vectorises.
 #[inline(always)]
 fn encode_loop(f: Fp8, src: &[f32], dst: &mut [u8]) {
     match f {

@@ -46,13 +46,15 @@ pub enum CpuWeights {
 }
 
 impl CpuWeights {
-    /// Bytes of one K or V element in the cache: f16 beside the checkpoint's own weights
-    /// (half the memory a sequence holds and half the bytes attention reads), f32 beside the
-    /// f32 reference, whose results stay those of an all-f32 forward.
-    pub fn kv_bytes(self) -> usize {
-        match self {
-            CpuWeights::Native | CpuWeights::Bf16 => 2,
-            CpuWeights::F32 => 4,
+    /// Bytes of one K or V element in the cache [`CpuRunner::new`] makes: one with `kv_fp8`;
+    /// else f16 beside the checkpoint's own weights (half the memory a sequence holds and half
+    /// the bytes attention reads), f32 beside the f32 reference, whose results stay those of
+    /// an all-f32 forward.
+    pub fn kv_bytes(self, kv_fp8: Option<Fp8>) -> usize {
+        match (kv_fp8, self) {
+            (Some(_), _) => 1,
+            (None, CpuWeights::Native | CpuWeights::Bf16) => 2,
+            (None, CpuWeights::F32) => 4,
         }
     }
 }

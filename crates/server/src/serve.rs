@@ -171,12 +171,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 KvCacheDtype::Fp8E4m3 => Some(Fp8::E4m3),
                 KvCacheDtype::Fp8E5m2 => Some(Fp8::E5m2),
             };
-            let kv_bytes = if kv_fp8.is_some() {
-                1
-            } else {
-                weights.kv_bytes()
-            };
-            let num_blocks = kv_blocks(&model, &args, kv_bytes, 1)?;
+            let num_blocks = kv_blocks(&model, &args, weights.kv_bytes(kv_fp8), 1)?;
             Box::new(CpuRunner::new(
                 &model,
                 CpuRunnerOptions {
