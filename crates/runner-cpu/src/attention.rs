@@ -105,6 +105,9 @@ pub enum KvRef<'a> {
 /// Which attention kernel runs; tests call each one the machine has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
+    /// `attention_avx512::query_row` (16-lane vectors, head dims in multiples of 16; other
+    /// head dims go to the grouped kernel).
+    Avx512,
     /// `attention_avx2::query_row_grouped` (the AVX2 kernel with each KV group's heads
     /// together, in AVX-512VL's 32 registers; the same bits as `Avx2Fma`).
     Avx512Grouped,
@@ -117,6 +120,10 @@ pub enum AttnKernel {
 /// Every attention kernel this CPU can run, best first.
 pub fn available_kernels() -> Vec<AttnKernel> {
     let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if crate::attention_avx512::available() {
+        v.push(AttnKernel::Avx512);
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::attention_avx2::grouped_available() {
         v.push(AttnKernel::Avx512Grouped);
@@ -200,7 +207,11 @@ fn attention_rows(
         f16c: std::arch::is_x86_feature_detected!("f16c"),
     };
     #[cfg(target_arch = "x86_64")]
-    let grouped = kernel == AttnKernel::Avx512Grouped;
+    let wide = kernel == AttnKernel::Avx512 && crate::attention_avx512::takes_head_dim(head_dim);
+    // The 16-lane kernel hands head dims it does not take to the grouped one (for every row
+    // of the model alike).
+    #[cfg(target_arch = "x86_64")]
+    let grouped = kernel == AttnKernel::Avx512Grouped || kernel == AttnKernel::Avx512;
     #[cfg(target_arch = "x86_64")]
     let fast = (grouped || kernel == AttnKernel::Avx2Fma) && head_dim.is_multiple_of(8);
     #[cfg(target_arch = "x86_64")]
@@ -235,9 +246,12 @@ fn attention_rows(
                 // a multiple of 8, and every visible slot lies in the caches.
                 unsafe {
                     use crate::attention_avx2::{query_row as ungrouped, query_row_grouped};
+                    use crate::attention_avx512::query_row as wide_row;
                     macro_rules! run {
                         ($k:expr, $v:expr) => {
-                            if grouped {
+                            if wide {
+                                wide_row(qi, $k, $v, slots, shape, scores, orow)
+                            } else if grouped {
                                 query_row_grouped(qi, $k, $v, slots, shape, scores, orow)
                             } else {
                                 ungrouped(qi, $k, $v, slots, shape, scores, orow)
@@ -755,9 +769,10 @@ mod tests {
 
     /// Every kernel this CPU has against f64 over odd shapes: head dims with and without a
     /// tail past 64 (and not a multiple of 8: the AVX2 kernel hands those to the portable
-    /// one), GQA groups of 1 and 3, contexts of 1 to 75 positions (tails past groups of 8),
+    /// one; not of 16: the AVX-512 kernel hands those to the grouped one), GQA groups of 1 and 3, contexts of 1 to 75 positions (tails past groups of 8),
     /// f32 and f16 caches (f16 values widened for the reference). And batch invariance: a
-    /// sequence's rows alone give the bits they give among the others.
+    /// sequence's rows alone give the bits they give among the others, and so does its last
+    /// row as a query of its own.
     #[test]
     fn every_kernel_follows_f64_and_is_batch_invariant() {
         let val = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 1e7 - 0.8;
@@ -774,7 +789,7 @@ mod tests {
         let rows = token_seq.len();
         for kernel in available_kernels() {
             for (heads, kv_heads) in [(4usize, 4usize), (6, 2)] {
-                for hd in [8usize, 24, 64, 72, 12] {
+                for hd in [8usize, 16, 24, 64, 72, 80, 12] {
                     let slots = blocks * bs * kv_heads * hd;
                     let k16: Vec<half::f16> =
                         (0..slots).map(|i| half::f16::from_f32(val(i))).collect();
@@ -826,6 +841,19 @@ mod tests {
                         let qs = heads * hd;
                         let got1 = run(kv, &plan1, &[0, 0], &q[7 * qs..9 * qs]);
                         assert_eq!(got1, got[7 * qs..9 * qs], "{kernel:?} {name} hd {hd}");
+                        // Its last row as a 1-row query (a prompt chunked differently, or
+                        // a decode step): the same bits as inside the 2-row chunk.
+                        let mut last = seqs[3].clone();
+                        (last.query_start, last.query_len) = (0, 1);
+                        let plan2 = StepPlan {
+                            token_ids: vec![0],
+                            positions: vec![0],
+                            slot_mapping: vec![0],
+                            seqs: vec![last],
+                            masks: None,
+                        };
+                        let got2 = run(kv, &plan2, &[0], &q[8 * qs..9 * qs]);
+                        assert_eq!(got2, got[8 * qs..9 * qs], "{kernel:?} {name} hd {hd}");
                     }
                 }
             }

@@ -38,6 +38,13 @@ pub trait CacheElem: Copy {
     /// # Safety
     /// AVX2, FMA and F16C; eight elements readable at `p`.
     unsafe fn load8(p: *const Self) -> __m256;
+
+    /// Sixteen elements from `p` as f32, divided by [`CacheElem::SCALE`] (the same values
+    /// as two [`CacheElem::load8`]).
+    ///
+    /// # Safety
+    /// AVX-512F, AVX2 and F16C; sixteen elements readable at `p`.
+    unsafe fn load16(p: *const Self) -> __m512;
 }
 
 impl CacheElem for f32 {
@@ -45,12 +52,22 @@ impl CacheElem for f32 {
     unsafe fn load8(p: *const f32) -> __m256 {
         _mm256_loadu_ps(p)
     }
+
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
 }
 
 impl CacheElem for half::f16 {
     #[inline(always)]
     unsafe fn load8(p: *const half::f16) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    #[inline(always)]
+    unsafe fn load16(p: *const half::f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 }
 
@@ -60,6 +77,12 @@ impl CacheElem for crate::fp8::E5m2 {
     unsafe fn load8(p: *const Self) -> __m256 {
         let b = _mm_loadl_epi64(p as *const __m128i);
         _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), b))
+    }
+
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        let b = _mm_loadu_si128(p as *const __m128i);
+        _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8))
     }
 }
 
@@ -75,6 +98,15 @@ impl CacheElem for crate::fp8::E4m3 {
         _mm256_cvtph_ps(_mm_and_si128(
             _mm_slli_epi16(_mm_cvtepi8_epi16(b), 7),
             _mm_set1_epi16(0xBF80u16 as i16),
+        ))
+    }
+
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        let b = _mm_loadu_si128(p as *const __m128i);
+        _mm512_cvtph_ps(_mm256_and_si256(
+            _mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7),
+            _mm256_set1_epi16(0xBF80u16 as i16),
         ))
     }
 }
@@ -207,7 +239,7 @@ unsafe fn prefetch_rows<E: CacheElem>(cache: &[E], slots: &[usize], kvs: usize) 
 
 /// The first [`PREFETCH_AHEAD`] positions' K rows, before the scores start.
 #[inline(always)]
-unsafe fn prefetch_start<E: CacheElem>(k: &[E], slots: &[usize], kvs: usize) {
+pub(crate) unsafe fn prefetch_start<E: CacheElem>(k: &[E], slots: &[usize], kvs: usize) {
     prefetch_rows(k, &slots[..slots.len().min(PREFETCH_AHEAD)], kvs);
 }
 
@@ -217,7 +249,13 @@ unsafe fn prefetch_start<E: CacheElem>(k: &[E], slots: &[usize], kvs: usize) {
 /// hardware's stream prefetch: the 32-sequence decode attention of `attnbench` (each layer's
 /// cache in turn) read 11.5 GB/s of K/V without these, 16.8 GB/s with them.
 #[inline(always)]
-unsafe fn prefetch_next<E: CacheElem>(k: &[E], v: &[E], slots: &[usize], kvs: usize, j: usize) {
+pub(crate) unsafe fn prefetch_next<E: CacheElem>(
+    k: &[E],
+    v: &[E],
+    slots: &[usize],
+    kvs: usize,
+    j: usize,
+) {
     let n = slots.len();
     prefetch_rows(
         k,
@@ -263,7 +301,7 @@ unsafe fn tail_scores<E: CacheElem>(
 /// Each head's `n` scores at `sc` (head after head): the maximum (whole vectors, then the
 /// tail) and the softmax, times `factor` ([`softmax`]).
 #[inline(always)]
-unsafe fn softmax_heads(sc: *mut f32, heads: usize, n: usize, factor: f32) {
+pub(crate) unsafe fn softmax_heads(sc: *mut f32, heads: usize, n: usize, factor: f32) {
     for h in 0..heads {
         let hs = std::slice::from_raw_parts_mut(sc.add(h * n), n);
         let mut maxv = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -290,9 +328,20 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// The passes over each KV group's heads, [`GROUP_PASS`] at a time: (the group's offset
+    /// in a cache row, the pass's first head, heads in the pass).
+    pub(crate) fn passes(self) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (hd, group) = (self.head_dim, self.heads / self.kv_heads);
+        (0..self.kv_heads).flat_map(move |g| {
+            (0..group)
+                .step_by(GROUP_PASS)
+                .map(move |t| (g * hd, g * group + t, (group - t).min(GROUP_PASS)))
+        })
+    }
+
     /// Checks one query row's buffers against the shape (`n` visible positions); returns
     /// (values in a cache row, query heads per KV head).
-    fn check(&self, q: &[f32], out: &[f32], scores: &[f32], n: usize) -> (usize, usize) {
+    pub(crate) fn check(&self, q: &[f32], out: &[f32], scores: &[f32], n: usize) -> (usize, usize) {
         let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
         debug_assert!(hd.is_multiple_of(8) && heads.is_multiple_of(kv_heads));
         debug_assert!(q.len() >= heads * hd && out.len() >= heads * hd);
@@ -303,7 +352,7 @@ impl Shape {
 
 /// Positions whose V rows one pass of P·V reads for every head (32 × 3 KV heads × 64 dims
 /// of f16 = 12 KB, within L1).
-const PV_POSITIONS: usize = 32;
+pub(crate) const PV_POSITIONS: usize = 32;
 
 /// `out[h] = softmax(q[h]·Kᵀ·scale)·V` for every head `h` of one query row, over the
 /// positions whose cache slots `slots` lists (`k` / `v`: the layer's caches, `[slots,
@@ -417,7 +466,7 @@ pub fn grouped_available() -> bool {
 
 /// Heads of one KV group computed together (`NH` ≤ this): their 24 score accumulators fill
 /// most of AVX-512's 32 vector registers.
-const GROUP_PASS: usize = 3;
+pub(crate) const GROUP_PASS: usize = 3;
 
 /// Eight positions' scores for heads `h0 .. h0 + NH` (all of KV head offset `b`): each K
 /// chunk is widened once for the `NH` heads, where [`query_row`] widened it once per head
@@ -542,24 +591,13 @@ pub unsafe fn query_row_grouped<E: CacheElem>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let Shape {
-        heads,
-        kv_heads,
-        head_dim: hd,
-    } = shape;
+    let (heads, hd) = (shape.heads, shape.head_dim);
     let n = slots.len();
-    let (kvs, group) = shape.check(q, out, scores, n);
+    let (kvs, _) = shape.check(q, out, scores, n);
     let scale = _mm256_set1_ps(E::SCALE / (hd as f32).sqrt());
     let sc = scores.as_mut_ptr();
     let qp = q.as_ptr();
-    // The passes over each KV group: (first head, heads in the pass).
-    let passes = || {
-        (0..kv_heads).flat_map(move |g| {
-            (0..group)
-                .step_by(GROUP_PASS)
-                .map(move |t| (g * hd, g * group + t, (group - t).min(GROUP_PASS)))
-        })
-    };
+    let passes = || shape.passes();
 
     prefetch_start(k, slots, kvs);
     let mut j = 0;

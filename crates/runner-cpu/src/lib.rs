@@ -8,6 +8,8 @@ pub mod actquant;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 pub mod attention_avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod attention_avx512;
 pub mod bf16dot;
 pub mod fp8;
 pub mod matvec;
