@@ -3,11 +3,13 @@
 //! 88-token prompt and 64 generated), and one 88-token prompt; one layer per call, times per
 //! call and effective GFLOP/s (QK and PV, 4 flops per key and dim), over an f32 cache and an
 //! f16 cache, with each kernel this CPU has:
-//! `cargo run --release -p tpuserve-runner-cpu --example attnbench`.
+//! `cargo run --release -p tpuserve-runner-cpu --example attnbench` (`ATTNBENCH=Avx512` runs
+//! one kernel; `ATTNBENCH_CASE=hot|cold` only the single-layer cases or the 30-layer one,
+//! e.g. under `perf`).
 
 use std::time::Instant;
 use tpuserve_runner_api::{SeqPlan, StepPlan};
-use tpuserve_runner_cpu::attention::{available_kernels, paged_attention_with, KvRef};
+use tpuserve_runner_cpu::attention::{available_kernels, paged_attention_with, AttnKernel, KvRef};
 
 fn main() {
     let (heads, kv_heads, hd, bs) = (9usize, 3usize, 64usize, 16usize);
@@ -18,7 +20,14 @@ fn main() {
     let v: Vec<f32> = (0..blocks * bs * kvs).map(|i| val(i + 7)).collect();
     let k16: Vec<half::f16> = k.iter().map(|&x| half::f16::from_f32(x)).collect();
     let v16: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-    for kernel in available_kernels() {
+    let chosen =
+        |k: &AttnKernel| std::env::var("ATTNBENCH").map_or(true, |v| format!("{k:?}") == v);
+    let case = std::env::var("ATTNBENCH_CASE").unwrap_or_default();
+    for kernel in available_kernels()
+        .into_iter()
+        .filter(chosen)
+        .filter(|_| case != "cold")
+    {
         for (cache, kv) in [("f32", KvRef::F32(&k, &v)), ("f16", KvRef::F16(&k16, &v16))] {
             for (seqs, qlen, ctx) in [
                 (1usize, 1usize, 152usize),
@@ -99,7 +108,11 @@ fn main() {
     }
     let token_seq: Vec<usize> = (0..seqs).collect();
     let q: Vec<f32> = (0..seqs * heads * hd).map(|i| val(i + 3)).collect();
-    for kernel in available_kernels() {
+    for kernel in available_kernels()
+        .into_iter()
+        .filter(chosen)
+        .filter(|_| case != "hot")
+    {
         let n = 20;
         let mut sink = 0f32;
         let t = Instant::now();

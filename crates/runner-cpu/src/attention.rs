@@ -250,7 +250,8 @@ fn attention_rows(
                     macro_rules! run {
                         ($k:expr, $v:expr) => {
                             if wide {
-                                wide_row(qi, $k, $v, slots, shape, scores, orow)
+                                let cold = seq.context_len - seq.query_len;
+                                wide_row(qi, $k, $v, (slots, cold), shape, scores, orow)
                             } else if grouped {
                                 query_row_grouped(qi, $k, $v, slots, shape, scores, orow)
                             } else {

@@ -262,7 +262,7 @@ pub(crate) unsafe fn prefetch_next<E: CacheElem>(
         &slots[(j + PREFETCH_AHEAD).min(n)..(j + 8 + PREFETCH_AHEAD).min(n)],
         kvs,
     );
-    prefetch_rows(v, &slots[j..j + 8], kvs);
+    prefetch_rows(v, &slots[j.min(n)..(j + 8).min(n)], kvs);
 }
 
 /// The scores of positions `j0..` one at a time (past the last whole group of eight): each

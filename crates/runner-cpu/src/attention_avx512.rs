@@ -169,7 +169,10 @@ unsafe fn pv_dims<E: CacheElem, const NH: usize, const U: usize>(
 
 /// `out[h] = softmax(q[h]·Kᵀ·scale)·V` for every head `h` of one query row, over the
 /// positions whose cache slots `slots` lists (`k` / `v`: the layer's caches, `[slots,
-/// kv_heads, head_dim]`); `scores` holds `heads × slots.len()` values of scratch. The heads
+/// kv_heads, head_dim]`); `scores` holds `heads × slots.len()` values of scratch. Only the
+/// first `cold` positions (those in the cache before this step) are prefetched: the step
+/// wrote the others' K and V a moment ago (a prompt's rows, whose prefetches were ~9 % of
+/// their attention, `attnbench`). The heads
 /// of each KV group go together ([`GROUP_PASS`] at a time) so that each K and V chunk is
 /// read and widened once per group (`Shape::passes`).
 ///
@@ -181,7 +184,7 @@ pub unsafe fn query_row<E: CacheElem>(
     q: &[f32],
     k: &[E],
     v: &[E],
-    slots: &[usize],
+    (slots, cold): (&[usize], usize),
     shape: Shape,
     scores: &mut [f32],
     out: &mut [f32],
@@ -195,14 +198,15 @@ pub unsafe fn query_row<E: CacheElem>(
     let qp = q.as_ptr();
     let passes = || shape.passes();
 
-    prefetch_start(k, slots, kvs);
+    let cold = &slots[..cold.min(n)];
+    prefetch_start(k, cold, kvs);
     let mut j = 0;
     while j < n {
         // A last group short of eight repeats its last position (scored, not stored).
         let rows: [*const E; 8] =
             std::array::from_fn(|p| k.as_ptr().add(slots[(j + p).min(n - 1)] * kvs));
-        if j + 8 <= n {
-            prefetch_next(k, v, slots, kvs, j);
+        if j < cold.len() {
+            prefetch_next(k, v, cold, kvs, j);
         }
         let at = (sc, n, j, n - j);
         for (b, h0, nh) in passes() {
