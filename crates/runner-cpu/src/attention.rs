@@ -770,7 +770,8 @@ mod tests {
 
     /// Every kernel this CPU has against f64 over odd shapes: head dims with and without a
     /// tail past 64 (and not a multiple of 8: the AVX2 kernel hands those to the portable
-    /// one; not of 16: the AVX-512 kernel hands those to the grouped one), GQA groups of 1 and 3, contexts of 1 to 75 positions (tails past groups of 8),
+    /// one; not of 16: the AVX-512 kernel hands those to the grouped one), GQA groups of 1, 3 and
+    /// 8 (passes of 3 + 3 + 2 heads), contexts of 1 to 75 positions (tails past groups of 8),
     /// f32 and f16 caches (f16 values widened for the reference). And batch invariance: a
     /// sequence's rows alone give the bits they give among the others, and so does its last
     /// row as a query of its own.
@@ -789,8 +790,8 @@ mod tests {
         let token_seq = [0, 1, 2, 2, 2, 2, 2, 3, 3];
         let rows = token_seq.len();
         for kernel in available_kernels() {
-            for (heads, kv_heads) in [(4usize, 4usize), (6, 2)] {
-                for hd in [8usize, 16, 24, 64, 72, 80, 12] {
+            for (heads, kv_heads) in [(4usize, 4usize), (6, 2), (8, 1)] {
+                for hd in [8usize, 16, 24, 64, 72, 80, 128, 12] {
                     let slots = blocks * bs * kv_heads * hd;
                     let k16: Vec<half::f16> =
                         (0..slots).map(|i| half::f16::from_f32(val(i))).collect();
