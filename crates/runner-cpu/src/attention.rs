@@ -243,7 +243,8 @@ fn attention_rows(
                 };
                 let qi = &q[i * qs..(i + 1) * qs];
                 // SAFETY: the kernel's features were detected (`available_kernels`), head_dim is
-                // a multiple of 8, and every visible slot lies in the caches.
+                // a multiple of 8 (of 16 for the wide kernel: `wide`), and every visible slot
+                // lies in the caches.
                 unsafe {
                     use crate::attention_avx2::{query_row as ungrouped, query_row_grouped};
                     use crate::attention_avx512::query_row as wide_row;
