@@ -417,3 +417,101 @@ fn the_last_layer_for_the_read_rows_alone_changes_nothing() {
     let chunked = last(&mut r, &step(&prompt[7..], 7, Vec::new()));
     assert_eq!(chunked, read_one, "{n} tokens in two steps");
 }
+
+/// A Q4_K GGUF (ggml's 256-value super-blocks) is computed in place — the ready line names
+/// Q4K layers and embeddings, not an f32 copy — and its logits follow the same model with its
+/// weights dequantised to f32 (`float32`), within what the int8 activations cost. A 1-layer
+/// llama (hidden 256, 4 heads of 64, MLP 512, 32 tokens) with random Q4_K blocks; the
+/// tokenizer is SmolLM2's (the runner does not read it).
+#[test]
+fn a_q4_k_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
+    use tpuserve_model::gguf::{GgufFile, GgufWeights};
+    use tpuserve_runner_api::{SeqPlan, StepPlan};
+    use tpuserve_suite::gguf_writer::{llama_meta, write, Meta, RawTensor};
+    let (hidden, ff, vocab) = (256usize, 512usize, 32usize);
+    let hash = |i: usize, seed: usize| {
+        ((i as u32).wrapping_mul(2_654_435_761) ^ (seed as u32).wrapping_mul(40_503))
+            .rotate_left(11)
+            .wrapping_mul(2_246_822_519)
+    };
+    // Super-block scale ~1e-3 and min ~2e-3 (f16), random 6-bit scale / min pairs and values.
+    let q4k = |name: &str, rows: usize, cols: usize, seed: usize| {
+        let mut data = Vec::new();
+        for b in 0..rows * cols / 256 {
+            let r = hash(b, seed);
+            let h = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+            data.extend(h(6e-4 + (r % 1000) as f32 * 1e-6));
+            data.extend(h(1e-3 + (r % 777) as f32 * 2e-6));
+            data.extend((0..140).map(|k| (hash(b * 256 + k, seed + 1) >> 9) as u8));
+        }
+        RawTensor {
+            name: name.into(),
+            dims: vec![cols as u64, rows as u64],
+            ggml_type: 12,
+            data,
+        }
+    };
+    let ones = |name: &str| RawTensor {
+        name: name.into(),
+        dims: vec![hidden as u64],
+        ggml_type: 0,
+        data: (0..hidden).flat_map(|_| 1f32.to_le_bytes()).collect(),
+    };
+    let tensors = vec![
+        q4k("token_embd.weight", vocab, hidden, 1),
+        ones("blk.0.attn_norm.weight"),
+        q4k("blk.0.attn_q.weight", hidden, hidden, 2),
+        q4k("blk.0.attn_k.weight", hidden, hidden, 3),
+        q4k("blk.0.attn_v.weight", hidden, hidden, 4),
+        q4k("blk.0.attn_output.weight", hidden, hidden, 5),
+        ones("blk.0.ffn_norm.weight"),
+        q4k("blk.0.ffn_gate.weight", ff, hidden, 6),
+        q4k("blk.0.ffn_up.weight", ff, hidden, 7),
+        q4k("blk.0.ffn_down.weight", hidden, ff, 8),
+        ones("output_norm.weight"),
+    ];
+    let mut meta = llama_meta("llama", hidden as u32, 4, ff as u32);
+    meta.push(("llama.context_length", Meta::U32(256)));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q4k.gguf");
+    std::fs::write(&path, write(&meta, &tensors)).unwrap();
+
+    let runner = |weights: CpuWeights| {
+        let mut model = load_model(&smollm2_gguf()).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        model.config = file.llama_config().unwrap();
+        model.weights = Box::new(GgufWeights::new(file, &model.config));
+        runner_with(&model, 8, weights)
+    };
+    let (mut native, mut reference) = (runner(CpuWeights::Native), runner(CpuWeights::F32));
+    let described = native.describe();
+    assert!(
+        described.contains("Q4K layers") && described.contains("Q4K embeddings"),
+        "{described}"
+    );
+    assert!(reference.describe().contains("f32 layers"));
+
+    let ids: Vec<u32> = vec![3, 17, 5, 29, 11, 0, 23, 8, 14, 2];
+    let plan = StepPlan {
+        token_ids: ids.clone(),
+        positions: (0..ids.len() as u32).collect(),
+        slot_mapping: (0..ids.len() as u32).collect(),
+        seqs: vec![SeqPlan {
+            sample: false,
+            return_logits: true,
+            ..SeqPlan::sampling(0, 0, ids.len(), ids.len(), vec![0])
+        }],
+        masks: None,
+    };
+    let logits = |r: &mut CpuRunner| r.execute(&plan).unwrap().seqs[0].logits.clone().unwrap();
+    let (got, want) = (logits(&mut native), logits(&mut reference));
+    assert_eq!(got.len(), vocab);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("Q4_K in place vs f32: max |Δ logit| {worst} of max |logit| {scale}");
+    assert!(scale > 0.1, "logits too small to compare: {scale}");
+    assert!(worst <= 5e-3 * scale, "{worst} vs {scale}");
+}

@@ -208,7 +208,8 @@ pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, S
     Ok(out)
 }
 
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+/// Sub-block `j`'s (scale, min) of a Q4_K super-block's 12 packed 6-bit pairs.
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

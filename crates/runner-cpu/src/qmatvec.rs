@@ -48,12 +48,17 @@ pub enum QType {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// ggml's Q4_K (super-blocks of 256: an f16 scale and min, 6-bit scales and mins per
+    /// 32-value sub-block, 4-bit values), held as Q4_1's form with each sub-block's scale
+    /// `d·sc` and offset `−dmin·m` as exact f32 products.
+    Q4K,
 }
 
 // The kernels are generic over the weight type as a const parameter.
 const T_Q4_0: u8 = 0;
 const T_Q4_1: u8 = 1;
 const T_Q8_0: u8 = 2;
+const T_Q4_K: u8 = 3;
 
 /// Bytes of one panel's quantised values for one block (16 rows × 32 values).
 const fn panel_block_bytes(t: u8) -> usize {
@@ -71,6 +76,7 @@ impl QType {
             GgmlType::Q4_0 => Some(QType::Q4_0),
             GgmlType::Q4_1 => Some(QType::Q4_1),
             GgmlType::Q8_0 => Some(QType::Q8_0),
+            GgmlType::Q4K => Some(QType::Q4K),
             _ => None,
         }
     }
@@ -80,6 +86,7 @@ impl QType {
             QType::Q4_0 => T_Q4_0,
             QType::Q4_1 => T_Q4_1,
             QType::Q8_0 => T_Q8_0,
+            QType::Q4K => T_Q4_K,
         }
     }
 
@@ -89,6 +96,15 @@ impl QType {
             QType::Q4_0 => 18,
             QType::Q4_1 => 20,
             QType::Q8_0 => 34,
+            QType::Q4K => 144,
+        }
+    }
+
+    /// Values in one ggml block.
+    pub fn block_values(self) -> usize {
+        match self {
+            QType::Q4K => 256,
+            _ => QK,
         }
     }
 }
@@ -99,6 +115,8 @@ impl QType {
 ///   `c·64 + jl·4`. Q4: ggml's block bytes `4c..4c+4` (low nibbles: values `4c..4c+4`, high
 ///   nibbles: values `16+4c..`), c in 0..4. Q8_0: values `4c..4c+4`, c in 0..8.
 /// - `d[pb·16 + jl]`, `m[..]` (Q4_1): the f16 scale and offset bits as stored.
+/// - Q4_K: each 32-value sub-block as a Q4_1 block (its values' nibbles in Q4_1's order),
+///   its scale and offset in `df`, `mf` (f32: `d·sc` needs up to 17 significant bits).
 pub struct QMatrix {
     pub ty: QType,
     pub rows: usize,
@@ -108,6 +126,8 @@ pub struct QMatrix {
     qs: Vec<u8>,
     d: Vec<u16>,
     m: Vec<u16>,
+    df: Vec<f32>,
+    mf: Vec<f32>,
 }
 
 fn f16(bits: u16) -> f32 {
@@ -121,14 +141,15 @@ fn le16(b: &[u8], i: usize) -> u16 {
 impl QMatrix {
     /// Repacks `data`, `rows × cols / 32` ggml blocks of `ty` (row after row), into panels.
     pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self, String> {
-        if !cols.is_multiple_of(QK) {
+        let bv = ty.block_values();
+        if !cols.is_multiple_of(bv) {
             return Err(format!("{ty:?} rows of {cols} values are not whole blocks"));
         }
         let bb = ty.block_bytes();
-        if data.len() != rows * cols / QK * bb {
+        if data.len() != rows * cols / bv * bb {
             return Err(format!(
                 "{ty:?} [{rows}, {cols}] needs {} bytes, got {}",
-                rows * cols / QK * bb,
+                rows * cols / bv * bb,
                 data.len()
             ));
         }
@@ -149,7 +170,16 @@ impl QMatrix {
             } else {
                 Vec::new()
             },
+            df: Vec::new(),
+            mf: Vec::new(),
         };
+        if ty == QType::Q4K {
+            w.d = Vec::new();
+            w.df = vec![0f32; n * PJ];
+            w.mf = vec![0f32; n * PJ];
+            w.fill_q4_k(&data);
+            return Ok(w);
+        }
         for j in 0..rows {
             let (p, jl) = (j / PJ, j % PJ);
             for b in 0..blocks {
@@ -163,6 +193,7 @@ impl QMatrix {
                     }
                     QType::Q4_0 => &blk[2..18],
                     QType::Q8_0 => &blk[2..34],
+                    QType::Q4K => unreachable!("repacked by fill_q4_k"),
                 };
                 let dst = &mut w.qs[pb * pbb..(pb + 1) * pbb];
                 for (c, four) in vals.chunks_exact(4).enumerate() {
@@ -173,6 +204,43 @@ impl QMatrix {
         Ok(w)
     }
 
+    /// Q4_K super-blocks (row after row) into the panels: sub-block `t` of super-block `s` is
+    /// block `8s + t`, its 32 nibbles (the low or the high halves of 32 bytes) rearranged as a
+    /// Q4_1 block's 16 bytes (byte `k`: values `k` and `16 + k`).
+    fn fill_q4_k(&mut self, data: &[u8]) {
+        let (blocks, pbb) = (self.blocks, panel_block_bytes(T_Q4_K));
+        for (i, sb) in data.chunks_exact(QType::Q4K.block_bytes()).enumerate() {
+            let (j, s) = (i / (blocks / 8), i % (blocks / 8));
+            let (p, jl) = (j / PJ, j % PJ);
+            let (d, dmin) = (f16(le16(sb, 0)), f16(le16(sb, 2)));
+            let (scales, qs) = (&sb[4..16], &sb[16..144]);
+            for t in 0..8 {
+                let (sc, m) = tpuserve_model::dequant::scale_min_k4(t, scales);
+                let q = &qs[(t / 2) * 32..(t / 2) * 32 + 32];
+                let v = |k: usize| if t % 2 == 0 { q[k] & 0x0f } else { q[k] >> 4 };
+                let vals: [u8; 16] = std::array::from_fn(|k| v(k) | (v(16 + k) << 4));
+                let pb = p * blocks + 8 * s + t;
+                self.df[pb * PJ + jl] = d * sc as f32;
+                self.mf[pb * PJ + jl] = -(dmin * m as f32);
+                let dst = &mut self.qs[pb * pbb..(pb + 1) * pbb];
+                for (c, four) in vals.chunks_exact(4).enumerate() {
+                    dst[c * 64 + jl * 4..c * 64 + jl * 4 + 4].copy_from_slice(four);
+                }
+            }
+        }
+    }
+
+    /// Row `r`'s block scale and offset (Q4_0: `−8·d`; Q8_0: none).
+    fn scales(&self, pb: usize, jl: usize) -> (f32, f32) {
+        let i = pb * PJ + jl;
+        match self.ty {
+            QType::Q4K => (self.df[i], self.mf[i]),
+            QType::Q4_1 => (f16(self.d[i]), f16(self.m[i])),
+            QType::Q4_0 => (f16(self.d[i]), -8.0 * f16(self.d[i])),
+            QType::Q8_0 => (f16(self.d[i]), 0.0),
+        }
+    }
+
     /// Row `r` dequantised into `out` (embedding lookups).
     pub fn dequant_row(&self, r: usize, out: &mut [f32]) {
         let (p, jl) = (r / PJ, r % PJ);
@@ -180,14 +248,9 @@ impl QMatrix {
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
             let pb = p * self.blocks + b;
             let q = &self.qs[pb * pbb..(pb + 1) * pbb];
-            let d = f16(self.d[pb * PJ + jl]);
+            let (d, m) = self.scales(pb, jl);
             match self.ty {
-                QType::Q4_0 | QType::Q4_1 => {
-                    let m = if self.ty == QType::Q4_1 {
-                        f16(self.m[pb * PJ + jl])
-                    } else {
-                        -8.0 * d
-                    };
+                QType::Q4_0 | QType::Q4_1 | QType::Q4K => {
                     for k in 0..16 {
                         let byte = q[(k / 4) * 64 + jl * 4 + k % 4];
                         o[k] = (byte & 0x0f) as f32 * d + m;
@@ -205,7 +268,7 @@ impl QMatrix {
 
     /// Bytes held (weights and scales).
     pub fn bytes(&self) -> usize {
-        self.qs.len() + 2 * (self.d.len() + self.m.len())
+        self.qs.len() + 2 * (self.d.len() + self.m.len()) + 4 * (self.df.len() + self.mf.len())
     }
 }
 
@@ -307,14 +370,9 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
                     };
                     isum += wv * xq[k] as i32;
                 }
-                let dw = f16(w.d[pb * PJ + jl]);
+                let (dw, mw) = w.scales(pb, jl);
                 acc += (dw * a.d[a.at(r, b)]) * isum as f32;
                 if T != T_Q8_0 {
-                    let mw = if T == T_Q4_1 {
-                        f16(w.m[pb * PJ + jl])
-                    } else {
-                        -8.0 * dw
-                    };
                     acc += mw * a.s[a.at(r, b)];
                 }
             }
@@ -346,11 +404,15 @@ fn prefetch_ahead<const T: u8>(w: &QMatrix, pb: usize) {
         for l in (0..pbb).step_by(64) {
             _mm_prefetch::<_MM_HINT_T0>(qs.wrapping_add(l));
         }
-        _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add((pb + PF_BLOCKS) * PJ) as *const i8);
+        let at = (pb + PF_BLOCKS) * PJ;
+        if T == T_Q4_K {
+            _mm_prefetch::<_MM_HINT_T0>(w.df.as_ptr().wrapping_add(at) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(w.mf.as_ptr().wrapping_add(at) as *const i8);
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add(at) as *const i8);
+        }
         if T == T_Q4_1 {
-            _mm_prefetch::<_MM_HINT_T0>(
-                w.m.as_ptr().wrapping_add((pb + PF_BLOCKS) * PJ) as *const i8
-            );
+            _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add(at) as *const i8);
         }
     }
 }
@@ -378,7 +440,8 @@ macro_rules! unroll {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{
-        panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1, T_Q8_0,
+        panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1, T_Q4_K,
+        T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -448,13 +511,19 @@ mod vnni {
                 };
                 unroll!(quarter: 0 1 2 3);
             }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(
-                w.d.as_ptr().add(pb * PJ) as *const __m256i
-            ));
+            let dw = if T == T_Q4_K {
+                _mm512_loadu_ps(w.df.as_ptr().add(pb * PJ))
+            } else {
+                _mm512_cvtph_ps(_mm256_loadu_si256(
+                    w.d.as_ptr().add(pb * PJ) as *const __m256i
+                ))
+            };
             let mw = if T == T_Q4_1 {
                 _mm512_cvtph_ps(_mm256_loadu_si256(
                     w.m.as_ptr().add(pb * PJ) as *const __m256i
                 ))
+            } else if T == T_Q4_K {
+                _mm512_loadu_ps(w.mf.as_ptr().add(pb * PJ))
             } else {
                 _mm512_mul_ps(dw, _mm512_set1_ps(-8.0))
             };
@@ -509,7 +578,8 @@ mod vnni {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
-        panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1, T_Q8_0,
+        panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1, T_Q4_K,
+        T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -579,9 +649,15 @@ mod avx2 {
                 }
             }
             let sp = pb * PJ + half * 8;
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(sp) as *const __m128i));
+            let dw = if T == T_Q4_K {
+                _mm256_loadu_ps(w.df.as_ptr().add(sp))
+            } else {
+                _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(sp) as *const __m128i))
+            };
             let mw = if T == T_Q4_1 {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(sp) as *const __m128i))
+            } else if T == T_Q4_K {
+                _mm256_loadu_ps(w.mf.as_ptr().add(sp))
             } else {
                 _mm256_mul_ps(dw, _mm256_set1_ps(-8.0))
             };
@@ -647,6 +723,7 @@ fn panel(isa: QIsa, a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
                 QType::Q4_0 => $($f)::+::<T_Q4_0>(a, rs, w, p, out),
                 QType::Q4_1 => $($f)::+::<T_Q4_1>(a, rs, w, p, out),
                 QType::Q8_0 => $($f)::+::<T_Q8_0>(a, rs, w, p, out),
+                QType::Q4K => $($f)::+::<T_Q4_K>(a, rs, w, p, out),
             }
         };
     }
@@ -726,10 +803,10 @@ pub struct SwigluWeights {
 impl SwigluWeights {
     /// From the stacked `[gate; up]` matrix (`2 · inter` rows); the matrix given back
     /// unchanged (`Err`) when `inter` is not a multiple of 32.
-    pub fn new(stacked: QMatrix) -> Result<Self, QMatrix> {
+    pub fn new(stacked: QMatrix) -> Result<Self, Box<QMatrix>> {
         let inter = stacked.rows / 2;
         if !stacked.rows.is_multiple_of(2) || !inter.is_multiple_of(QK) || inter == 0 {
-            return Err(stacked);
+            return Err(Box::new(stacked));
         }
         // Panels are whole (16 | inter): panel `4c + k` of the result is gate panel
         // `2c + k` (k < 2) or up panel `inter/16 + 2c + k − 2`.
@@ -737,7 +814,7 @@ impl SwigluWeights {
         let order: Vec<usize> = (0..inter / QK)
             .flat_map(|c| [2 * c, 2 * c + 1, pp + 2 * c, pp + 2 * c + 1])
             .collect();
-        // Panels in `order`, `per_panel` values each (an empty array: Q4_0 / Q8_0's `m`).
+        // Panels in `order`, `per_panel` values each (an empty array: one the type lacks).
         fn permute<T: Copy>(v: &[T], per_panel: usize, order: &[usize]) -> Vec<T> {
             if v.is_empty() {
                 return Vec::new();
@@ -757,6 +834,8 @@ impl SwigluWeights {
             ),
             d: permute(&stacked.d, nb * PJ, &order),
             m: permute(&stacked.m, nb * PJ, &order),
+            df: permute(&stacked.df, nb * PJ, &order),
+            mf: permute(&stacked.mf, nb * PJ, &order),
             ..stacked
         };
         Ok(SwigluWeights { w, inter })
@@ -894,9 +973,20 @@ mod tests {
     /// Random ggml blocks of `ty`: scales around 0.01, Q4_1 offsets negative as real
     /// checkpoints'.
     fn ggml_bytes(ty: QType, rows: usize, cols: usize, seed: u32) -> Vec<u8> {
-        let nb = rows * cols / QK;
+        let nb = rows * cols / ty.block_values();
         let mut bytes = Vec::with_capacity(nb * ty.block_bytes());
         let h = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+        if ty == QType::Q4K {
+            // Super-block scale and min around 1e-3 (sub-block scales up to 63 of them),
+            // random 6-bit scale / min pairs and values.
+            for b in 0..nb {
+                let r = hash(b, seed);
+                bytes.extend(h(4e-4 + (r % 1000) as f32 * 1e-6));
+                bytes.extend(h(2e-3 + (r % 777) as f32 * 2e-6));
+                bytes.extend((0..140).map(|k| (hash(b * 256 + k, seed ^ 0x5555) >> 7) as u8));
+            }
+            return bytes;
+        }
         for b in 0..nb {
             let r = hash(b, seed);
             bytes.extend(h(0.002 + (r % 1000) as f32 * 2e-5));
@@ -934,23 +1024,25 @@ mod tests {
         y
     }
 
-    const TYPES: [QType; 3] = [QType::Q4_0, QType::Q4_1, QType::Q8_0];
+    const TYPES: [QType; 4] = [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::Q4K];
 
     #[test]
     fn dequant_row_matches_the_model_crate() {
         for ty in TYPES {
-            let bytes = ggml_bytes(ty, 3, 96, 7);
-            let w = QMatrix::new(ty, 3, 96, bytes.clone()).unwrap();
+            let (rows, cols) = (19, 2 * ty.block_values().max(48));
+            let bytes = ggml_bytes(ty, rows, cols, 7);
+            let w = QMatrix::new(ty, rows, cols, bytes.clone()).unwrap();
             let g = match ty {
                 QType::Q4_0 => GgmlType::Q4_0,
                 QType::Q4_1 => GgmlType::Q4_1,
                 QType::Q8_0 => GgmlType::Q8_0,
+                QType::Q4K => GgmlType::Q4K,
             };
-            let all = tpuserve_model::dequant::dequantize(g, &bytes, 3 * 96).unwrap();
-            let mut row = vec![0f32; 96];
-            for r in 0..3 {
+            let all = tpuserve_model::dequant::dequantize(g, &bytes, rows * cols).unwrap();
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
                 w.dequant_row(r, &mut row);
-                assert_eq!(row, all[r * 96..(r + 1) * 96], "{ty:?} row {r}");
+                assert_eq!(row, all[r * cols..(r + 1) * cols], "{ty:?} row {r}");
             }
         }
     }
@@ -961,13 +1053,18 @@ mod tests {
         for isa in available_isas() {
             for ty in TYPES {
                 for &(out, inner) in &[
-                    (1, 32),
+                    (1usize, 32usize),
                     (3, 64),
                     (70, 96),
                     (130, 160),
                     (67, 576),
                     (17, 1536),
+                    (3, 256),
+                    (70, 512),
                 ] {
+                    if !inner.is_multiple_of(ty.block_values()) {
+                        continue;
+                    }
                     // 67 and 130 rows: more than one row chunk (64) in the output and in the quantisation.
                     for rows in (1..=9).chain([13, 21, 67, 130]) {
                         let w = matrix(ty, out, inner, (out * 31 + inner) as u32);
@@ -993,7 +1090,16 @@ mod tests {
     fn the_paired_swiglu_product_equals_the_stacked_matmul_quantised() {
         for isa in available_isas() {
             for ty in TYPES {
-                for &(inter, inner) in &[(32, 64), (96, 160), (160, 96)] {
+                for &(inter, inner) in &[
+                    (32usize, 64usize),
+                    (96, 160),
+                    (160, 96),
+                    (32, 256),
+                    (96, 512),
+                ] {
+                    if !inner.is_multiple_of(ty.block_values()) {
+                        continue;
+                    }
                     let seed = (inter * 7 + inner) as u32;
                     let paired = SwigluWeights::new(matrix(ty, 2 * inter, inner, seed))
                         .ok()
@@ -1020,9 +1126,9 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_alone_or_in_any_batch() {
-        let inner = 160;
         for isa in available_isas() {
             for ty in TYPES {
+                let inner = if ty == QType::Q4K { 256 } else { 160 };
                 let w = matrix(ty, 131, inner, 3);
                 let x = data(70 * inner, 4);
                 for at in [2, 66] {
@@ -1046,9 +1152,10 @@ mod tests {
     #[test]
     fn kernels_agree_with_the_f32_path_on_dequantised_weights() {
         // The int8 activations cost a little accuracy, no more: within 1 % of the output scale.
-        let (out, inner, rows) = (40, 576, 3);
-        let x = data(rows * inner, 9);
+        let (out, rows) = (40, 3);
         for ty in TYPES {
+            let inner = if ty == QType::Q4K { 512 } else { 576 };
+            let x = data(rows * inner, 9);
             let w = matrix(ty, out, inner, 5);
             let wf = (0..out)
                 .flat_map(|j| {

@@ -253,7 +253,7 @@ impl ModelWeights {
             let gate_up = match (gate_up, &down) {
                 (Matrix::Quant(q), Matrix::Quant(_)) => match SwigluWeights::new(q) {
                     Ok(p) => GateUp::Paired(p),
-                    Err(q) => GateUp::Stacked(Matrix::Quant(q)),
+                    Err(q) => GateUp::Stacked(Matrix::Quant(*q)),
                 },
                 (m, _) => GateUp::Stacked(m),
             };
