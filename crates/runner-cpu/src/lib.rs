@@ -192,6 +192,11 @@ pub(crate) const MATVEC_MAX_ROWS: usize = 64;
 fn linear(x: &[f32], rows: usize, w: &Matrix) -> Result<Vec<f32>, RunnerError> {
     let w = match w {
         Matrix::Quant(q) => return Ok(qmatvec::qmatmul_wt(x, rows, q)),
+        Matrix::QuantParts(ps) => {
+            let cols = ps.first().map_or(0, |q| q.cols);
+            let a = qmatvec::quantize_acts(x, rows, cols);
+            return Ok(qmatvec::qmatmul_parts(&a, ps));
+        }
         Matrix::Bf16(m) => return Ok(m.matmul_wt(x, rows)),
         Matrix::F32(t) => t,
     };
@@ -264,11 +269,20 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// `rms_norm(x) · wᵀ`. Quantised weights take the normed rows straight into their int8
 /// activations (`quantize_rms_norm`: the same bytes, never written out as f32).
 fn norm_linear(x: &[f32], gain: &[f32], eps: f32, w: &Matrix) -> Result<Vec<f32>, RunnerError> {
-    if let Matrix::Quant(q) = w {
-        return Ok(qmatvec::qmatmul_acts(
-            &qmatvec::quantize_rms_norm(x, gain, eps),
-            q,
-        ));
+    match w {
+        Matrix::Quant(q) => {
+            return Ok(qmatvec::qmatmul_acts(
+                &qmatvec::quantize_rms_norm(x, gain, eps),
+                q,
+            ))
+        }
+        Matrix::QuantParts(ps) => {
+            return Ok(qmatvec::qmatmul_parts(
+                &qmatvec::quantize_rms_norm(x, gain, eps),
+                ps,
+            ))
+        }
+        _ => {}
     }
     linear(&rms_norm(x, gain, eps), x.len() / gain.len(), w)
 }

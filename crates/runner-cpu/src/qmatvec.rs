@@ -52,6 +52,11 @@ pub enum QType {
     /// 32-value sub-block, 4-bit values), held as Q4_1's form with each sub-block's scale
     /// `d·sc` and offset `−dmin·m` as exact f32 products.
     Q4K,
+    /// ggml's Q6_K (super-blocks of 256: an f16 scale, an 8-bit scale per 16 values, 6-bit
+    /// values less 32), held as one byte a value (0..64) in Q8_0's order with each 32-value
+    /// block's two half scales `d·sc` as exact f32 products; the −32 comes off each half's
+    /// integer sum (`QActs::h`).
+    Q6K,
 }
 
 // The kernels are generic over the weight type as a const parameter.
@@ -59,10 +64,11 @@ const T_Q4_0: u8 = 0;
 const T_Q4_1: u8 = 1;
 const T_Q8_0: u8 = 2;
 const T_Q4_K: u8 = 3;
+const T_Q6_K: u8 = 4;
 
 /// Bytes of one panel's quantised values for one block (16 rows × 32 values).
 const fn panel_block_bytes(t: u8) -> usize {
-    if t == T_Q8_0 {
+    if t == T_Q8_0 || t == T_Q6_K {
         PJ * QK
     } else {
         PJ * QK / 2
@@ -77,6 +83,7 @@ impl QType {
             GgmlType::Q4_1 => Some(QType::Q4_1),
             GgmlType::Q8_0 => Some(QType::Q8_0),
             GgmlType::Q4K => Some(QType::Q4K),
+            GgmlType::Q6K => Some(QType::Q6K),
             _ => None,
         }
     }
@@ -87,6 +94,7 @@ impl QType {
             QType::Q4_1 => T_Q4_1,
             QType::Q8_0 => T_Q8_0,
             QType::Q4K => T_Q4_K,
+            QType::Q6K => T_Q6_K,
         }
     }
 
@@ -97,13 +105,14 @@ impl QType {
             QType::Q4_1 => 20,
             QType::Q8_0 => 34,
             QType::Q4K => 144,
+            QType::Q6K => 210,
         }
     }
 
     /// Values in one ggml block.
     pub fn block_values(self) -> usize {
         match self {
-            QType::Q4K => 256,
+            QType::Q4K | QType::Q6K => 256,
             _ => QK,
         }
     }
@@ -117,6 +126,8 @@ impl QType {
 /// - `d[pb·16 + jl]`, `m[..]` (Q4_1): the f16 scale and offset bits as stored.
 /// - Q4_K: each 32-value sub-block as a Q4_1 block (its values' nibbles in Q4_1's order),
 ///   its scale and offset in `df`, `mf` (f32: `d·sc` needs up to 17 significant bits).
+/// - Q6_K: each 32-value block's values (0..64, one byte each) in Q8_0's order, the scales
+///   of its first and second 16 values in `df`, `mf`.
 pub struct QMatrix {
     pub ty: QType,
     pub rows: usize,
@@ -173,11 +184,15 @@ impl QMatrix {
             df: Vec::new(),
             mf: Vec::new(),
         };
-        if ty == QType::Q4K {
+        if matches!(ty, QType::Q4K | QType::Q6K) {
             w.d = Vec::new();
             w.df = vec![0f32; n * PJ];
             w.mf = vec![0f32; n * PJ];
-            w.fill_q4_k(&data);
+            if ty == QType::Q4K {
+                w.fill_q4_k(&data);
+            } else {
+                w.fill_q6_k(&data);
+            }
             return Ok(w);
         }
         for j in 0..rows {
@@ -193,7 +208,7 @@ impl QMatrix {
                     }
                     QType::Q4_0 => &blk[2..18],
                     QType::Q8_0 => &blk[2..34],
-                    QType::Q4K => unreachable!("repacked by fill_q4_k"),
+                    QType::Q4K | QType::Q6K => unreachable!("repacked by fill_q4_k / fill_q6_k"),
                 };
                 let dst = &mut w.qs[pb * pbb..(pb + 1) * pbb];
                 for (c, four) in vals.chunks_exact(4).enumerate() {
@@ -230,11 +245,44 @@ impl QMatrix {
         }
     }
 
-    /// Row `r`'s block scale and offset (Q4_0: `−8·d`; Q8_0: none).
+    /// Q6_K super-blocks (row after row) into the panels: block `8s + t` of a row holds
+    /// values `32t .. 32t + 32` of its super-block `s`, as ggml lays them out (four 32-value
+    /// runs a 128-value half, from the low and high nibbles of `ql` and two bits of `qh`).
+    fn fill_q6_k(&mut self, data: &[u8]) {
+        let (blocks, pbb) = (self.blocks, panel_block_bytes(T_Q6_K));
+        for (i, sb) in data.chunks_exact(QType::Q6K.block_bytes()).enumerate() {
+            let (j, s) = (i / (blocks / 8), i % (blocks / 8));
+            let (p, jl) = (j / PJ, j % PJ);
+            let (ql_all, qh_all, sc) = (&sb[0..128], &sb[128..192], &sb[192..208]);
+            let d = f16(le16(sb, 208));
+            let mut q = [0u8; 256];
+            for n in 0..2 {
+                let (ql, qh, y) = (&ql_all[n * 64..], &qh_all[n * 32..], &mut q[n * 128..]);
+                for l in 0..32 {
+                    y[l] = (ql[l] & 0x0f) | ((qh[l] & 3) << 4);
+                    y[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
+                    y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+            for t in 0..8 {
+                let pb = p * blocks + 8 * s + t;
+                self.df[pb * PJ + jl] = d * (sc[2 * t] as i8) as f32;
+                self.mf[pb * PJ + jl] = d * (sc[2 * t + 1] as i8) as f32;
+                let dst = &mut self.qs[pb * pbb..(pb + 1) * pbb];
+                for (c, four) in q[32 * t..32 * t + 32].chunks_exact(4).enumerate() {
+                    dst[c * 64 + jl * 4..c * 64 + jl * 4 + 4].copy_from_slice(four);
+                }
+            }
+        }
+    }
+
+    /// Row `r`'s block scale and offset (Q4_0: `−8·d`; Q8_0: none; Q6_K: its two halves'
+    /// scales).
     fn scales(&self, pb: usize, jl: usize) -> (f32, f32) {
         let i = pb * PJ + jl;
         match self.ty {
-            QType::Q4K => (self.df[i], self.mf[i]),
+            QType::Q4K | QType::Q6K => (self.df[i], self.mf[i]),
             QType::Q4_1 => (f16(self.d[i]), f16(self.m[i])),
             QType::Q4_0 => (f16(self.d[i]), -8.0 * f16(self.d[i])),
             QType::Q8_0 => (f16(self.d[i]), 0.0),
@@ -260,6 +308,12 @@ impl QMatrix {
                 QType::Q8_0 => {
                     for (k, o) in o.iter_mut().enumerate() {
                         *o = (q[(k / 4) * 64 + jl * 4 + k % 4] as i8) as f32 * d;
+                    }
+                }
+                QType::Q6K => {
+                    for (k, o) in o.iter_mut().enumerate() {
+                        let v = q[(k / 4) * 64 + jl * 4 + k % 4] as i32 - 32;
+                        *o = if k < 16 { d } else { m } * v as f32;
                     }
                 }
             }
@@ -360,6 +414,19 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
                 let pb = p * nb + b;
                 let q = &w.qs[pb * pbb..(pb + 1) * pbb];
                 let xq = a.block_q(r, b);
+                let (dw, mw) = w.scales(pb, jl);
+                let i = a.at(r, b);
+                if T == T_Q6_K {
+                    // Each half's integer sum, then its scale.
+                    let mut sums = [0i32; 2];
+                    for k in 0..QK {
+                        let v = q[(k / 4) * 64 + jl * 4 + k % 4] as i32 - 32;
+                        sums[k / 16] += v * xq[k] as i32;
+                    }
+                    acc += (dw * a.d[i]) * sums[0] as f32;
+                    acc += (mw * a.d[i]) * sums[1] as f32;
+                    continue;
+                }
                 let mut isum = 0i32;
                 for k in 0..QK {
                     let wv = if T == T_Q8_0 {
@@ -370,10 +437,9 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
                     };
                     isum += wv * xq[k] as i32;
                 }
-                let (dw, mw) = w.scales(pb, jl);
-                acc += (dw * a.d[a.at(r, b)]) * isum as f32;
+                acc += (dw * a.d[i]) * isum as f32;
                 if T != T_Q8_0 {
-                    acc += mw * a.s[a.at(r, b)];
+                    acc += mw * a.s[i];
                 }
             }
             // SAFETY: row r < a.rows and column p·16 + jl < w.rows of the output.
@@ -405,7 +471,7 @@ fn prefetch_ahead<const T: u8>(w: &QMatrix, pb: usize) {
             _mm_prefetch::<_MM_HINT_T0>(qs.wrapping_add(l));
         }
         let at = (pb + PF_BLOCKS) * PJ;
-        if T == T_Q4_K {
+        if T == T_Q4_K || T == T_Q6_K {
             _mm_prefetch::<_MM_HINT_T0>(w.df.as_ptr().wrapping_add(at) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(w.mf.as_ptr().wrapping_add(at) as *const i8);
         } else {
@@ -441,7 +507,7 @@ macro_rules! unroll {
 mod vnni {
     use super::{
         panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1, T_Q4_K,
-        T_Q8_0,
+        T_Q6_K, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -474,7 +540,27 @@ mod vnni {
                 prefetch_ahead::<T>(w, pb);
             }
             let mut isum = [_mm512_setzero_si512(); R];
-            if T == T_Q8_0 {
+            // Q6_K: the second half's sums (the first half's in `isum`).
+            let mut isum2 = [_mm512_setzero_si512(); R];
+            if T == T_Q6_K {
+                // The values (0..64) are already unsigned bytes; each half's sum less 32·Σx
+                // over that half is the sum over `q − 32`.
+                let mut eighth = |c: usize| {
+                    let wv = _mm512_loadu_si512(wp.add(c * 64) as *const __m512i);
+                    let sums = if c < 4 { &mut isum } else { &mut isum2 };
+                    for (r, s) in sums.iter_mut().enumerate() {
+                        let xv = _mm512_set1_epi32(x4(xb, r, 4 * c));
+                        *s = _mm512_dpbusd_epi32(*s, wv, xv);
+                    }
+                };
+                unroll!(eighth: 0 1 2 3 4 5 6 7);
+                for r in 0..R {
+                    let lo = *a.h.get_unchecked(j + r);
+                    let hi = *a.c.get_unchecked(j + r) / 128 - lo;
+                    isum[r] = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(32 * lo));
+                    isum2[r] = _mm512_sub_epi32(isum2[r], _mm512_set1_epi32(32 * hi));
+                }
+            } else if T == T_Q8_0 {
                 // `vpdpbusd` multiplies unsigned bytes (its register operand) by signed ones
                 // (the operand that may be a broadcast from memory): the weights, flipped to
                 // `w + 128`, go unsigned, so each row's activations stay a folded broadcast
@@ -511,7 +597,7 @@ mod vnni {
                 };
                 unroll!(quarter: 0 1 2 3);
             }
-            let dw = if T == T_Q4_K {
+            let dw = if T == T_Q4_K || T == T_Q6_K {
                 _mm512_loadu_ps(w.df.as_ptr().add(pb * PJ))
             } else {
                 _mm512_cvtph_ps(_mm256_loadu_si256(
@@ -522,16 +608,21 @@ mod vnni {
                 _mm512_cvtph_ps(_mm256_loadu_si256(
                     w.m.as_ptr().add(pb * PJ) as *const __m256i
                 ))
-            } else if T == T_Q4_K {
+            } else if T == T_Q4_K || T == T_Q6_K {
                 _mm512_loadu_ps(w.mf.as_ptr().add(pb * PJ))
             } else {
                 _mm512_mul_ps(dw, _mm512_set1_ps(-8.0))
             };
             for (r, (ac, s)) in acc.iter_mut().zip(&isum).enumerate() {
                 let i = j + r;
-                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(i)));
+                let dx = _mm512_set1_ps(*a.d.get_unchecked(i));
+                let scale = _mm512_mul_ps(dw, dx);
                 *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), scale, *ac);
-                if T != T_Q8_0 {
+                if T == T_Q6_K {
+                    // `mw` holds the second half's scale.
+                    let scale2 = _mm512_mul_ps(mw, dx);
+                    *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum2[r]), scale2, *ac);
+                } else if T != T_Q8_0 {
                     *ac = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(i)), *ac);
                 }
             }
@@ -556,7 +647,8 @@ mod vnni {
         // 16 rows a tile: 16 independent `vpdpbusd` chains (8 left the two ports waiting on
         // the 5-cycle latency) and each unpacked weight shared by twice the rows; the float
         // accumulators spill to L1, cheaply (24 rows spilled the integer sums: slower).
-        while r + 16 <= end {
+        // Q6_K keeps two sums a row: 8 rows a tile.
+        while T != T_Q6_K && r + 16 <= end {
             tile::<T, 16>(a, r, w, p, out, r == rs.0);
             r += 16;
         }
@@ -579,7 +671,7 @@ mod vnni {
 mod avx2 {
     use super::{
         panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1, T_Q4_K,
-        T_Q8_0,
+        T_Q6_K, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -615,9 +707,28 @@ mod avx2 {
                 prefetch_ahead::<T>(w, pb);
             }
             let mut isum = [_mm256_setzero_si256(); R];
+            // Q6_K: the second half's sums (the first half's in `isum`).
+            let mut isum2 = [_mm256_setzero_si256(); R];
             let dot =
                 |wu: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones);
-            if T == T_Q8_0 {
+            if T == T_Q6_K {
+                // Unsigned values below 64: a pair's sum is at most 2·63·127, no saturation.
+                let mut eighth = |c: usize| {
+                    let wv = _mm256_loadu_si256(wp.add(c * 64) as *const __m256i);
+                    let sums = if c < 4 { &mut isum } else { &mut isum2 };
+                    for (r, s) in sums.iter_mut().enumerate() {
+                        let xv = _mm256_set1_epi32(x4(xb, r, 4 * c));
+                        *s = _mm256_add_epi32(*s, dot(wv, xv));
+                    }
+                };
+                unroll!(eighth: 0 1 2 3 4 5 6 7);
+                for r in 0..R {
+                    let lo = *a.h.get_unchecked(j + r);
+                    let hi = *a.c.get_unchecked(j + r) / 128 - lo;
+                    isum[r] = _mm256_sub_epi32(isum[r], _mm256_set1_epi32(32 * lo));
+                    isum2[r] = _mm256_sub_epi32(isum2[r], _mm256_set1_epi32(32 * hi));
+                }
+            } else if T == T_Q8_0 {
                 let mut eighth = |c: usize| {
                     let wv = _mm256_loadu_si256(wp.add(c * 64) as *const __m256i);
                     let wa = _mm256_sign_epi8(wv, wv);
@@ -649,23 +760,28 @@ mod avx2 {
                 }
             }
             let sp = pb * PJ + half * 8;
-            let dw = if T == T_Q4_K {
+            let dw = if T == T_Q4_K || T == T_Q6_K {
                 _mm256_loadu_ps(w.df.as_ptr().add(sp))
             } else {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(sp) as *const __m128i))
             };
             let mw = if T == T_Q4_1 {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(sp) as *const __m128i))
-            } else if T == T_Q4_K {
+            } else if T == T_Q4_K || T == T_Q6_K {
                 _mm256_loadu_ps(w.mf.as_ptr().add(sp))
             } else {
                 _mm256_mul_ps(dw, _mm256_set1_ps(-8.0))
             };
             for (r, (ac, s)) in acc.iter_mut().zip(&isum).enumerate() {
                 let i = j + r;
-                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*a.d.get_unchecked(i)));
+                let dx = _mm256_set1_ps(*a.d.get_unchecked(i));
+                let scale = _mm256_mul_ps(dw, dx);
                 *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, *ac);
-                if T != T_Q8_0 {
+                if T == T_Q6_K {
+                    // `mw` holds the second half's scale.
+                    let scale2 = _mm256_mul_ps(mw, dx);
+                    *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum2[r]), scale2, *ac);
+                } else if T != T_Q8_0 {
                     *ac = _mm256_fmadd_ps(mw, _mm256_set1_ps(*a.s.get_unchecked(i)), *ac);
                 }
             }
@@ -724,6 +840,7 @@ fn panel(isa: QIsa, a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
                 QType::Q4_1 => $($f)::+::<T_Q4_1>(a, rs, w, p, out),
                 QType::Q8_0 => $($f)::+::<T_Q8_0>(a, rs, w, p, out),
                 QType::Q4K => $($f)::+::<T_Q4_K>(a, rs, w, p, out),
+                QType::Q6K => $($f)::+::<T_Q6_K>(a, rs, w, p, out),
             }
         };
     }
@@ -758,34 +875,58 @@ pub fn qmatmul_acts(a: &QActs, w: &QMatrix) -> Vec<f32> {
 
 /// [`qmatmul_acts`] on a chosen kernel (one of [`available_isas`]).
 pub fn qmatmul_acts_with(isa: QIsa, a: &QActs, w: &QMatrix) -> Vec<f32> {
+    qmatmul_parts_with(isa, a, std::slice::from_ref(w))
+}
+
+/// `y [a.rows, Σ rows]`: the products with matrices stacked by rows (their outputs side by
+/// side in that order), each in its own block type: a stacked q / k / v whose parts a
+/// checkpoint stores in different types (a Q4_K_M file's Q6_K `attn_v`).
+pub fn qmatmul_parts(a: &QActs, parts: &[QMatrix]) -> Vec<f32> {
+    qmatmul_parts_with(best_isa(), a, parts)
+}
+
+/// [`qmatmul_parts`] on a chosen kernel (one of [`available_isas`]).
+pub fn qmatmul_parts_with(isa: QIsa, a: &QActs, parts: &[QMatrix]) -> Vec<f32> {
     assert!(
         available_isas().contains(&isa),
         "{isa:?} is not available on this CPU"
     );
-    let (rows, out) = (a.rows, w.rows);
-    assert_eq!(a.blocks * QK, w.cols, "activation width");
+    let rows = a.rows;
+    let out: usize = parts.iter().map(|w| w.rows).sum();
     let mut y: Vec<f32> = Vec::with_capacity(rows * out);
-    let o = Out::whole(y.as_mut_ptr(), out);
-    // One parallel section for every (row chunk, panel group): a long prefill no longer
-    // forks and joins once per chunk, and the output is never zeroed (every value is written).
     let per_task = if rows <= ROW_CHUNK {
         DECODE_TASK_PANELS
     } else {
         TASK_PANELS
     };
-    let tasks = w.panels.div_ceil(per_task);
-    (0..rows.div_ceil(ROW_CHUNK) * tasks)
-        .into_par_iter()
-        .for_each(|i| {
-            let (c, t) = (i / tasks, i % tasks);
-            let rs = (c * ROW_CHUNK, ((c + 1) * ROW_CHUNK).min(rows));
-            for p in t * per_task..((t + 1) * per_task).min(w.panels) {
-                panel(isa, a, rs, w, p, o);
-            }
-        });
-    // SAFETY: the tasks wrote every row (chunks cover 0..rows) of every output column (each
-    // panel stores its valid columns of each of its rows), so all `rows × out` values are
-    // initialised.
+    let mut col = 0;
+    for w in parts {
+        assert_eq!(a.blocks * QK, w.cols, "activation width");
+        // This part's outputs: columns `col ..` of each row.
+        let o = Out {
+            y: y.as_mut_ptr().wrapping_add(col),
+            stride: out,
+            row0: 0,
+            col0: 0,
+        };
+        // One parallel section for every (row chunk, panel group): a long prefill does not
+        // fork and join once per chunk, and the output is never zeroed (every value is
+        // written).
+        let tasks = w.panels.div_ceil(per_task);
+        (0..rows.div_ceil(ROW_CHUNK) * tasks)
+            .into_par_iter()
+            .for_each(|i| {
+                let (c, t) = (i / tasks, i % tasks);
+                let rs = (c * ROW_CHUNK, ((c + 1) * ROW_CHUNK).min(rows));
+                for p in t * per_task..((t + 1) * per_task).min(w.panels) {
+                    panel(isa, a, rs, w, p, o);
+                }
+            });
+        col += w.rows;
+    }
+    // SAFETY: for each part, the tasks wrote every row (chunks cover 0..rows) of each of its
+    // output columns (each panel stores its valid columns of each of its rows), and the parts'
+    // columns tile `0..out`, so all `rows × out` values are initialised.
     unsafe { y.set_len(rows * out) };
     y
 }
@@ -857,16 +998,14 @@ impl SwigluWeights {
         assert_eq!(a.blocks * QK, w.cols, "activation width");
         let (rows, nbo) = (a.rows, self.inter / QK);
         let mut q: Vec<i8> = Vec::with_capacity(rows * self.inter);
-        let (mut d, mut s, mut c) = (
-            vec![0f32; rows * nbo],
-            vec![0f32; rows * nbo],
-            vec![0i32; rows * nbo],
-        );
+        let (mut d, mut s) = (vec![0f32; rows * nbo], vec![0f32; rows * nbo]);
+        let (mut c, mut h) = (vec![0i32; rows * nbo], vec![0i32; rows * nbo]);
         let dst = ProductOut {
             q: q.as_mut_ptr(),
             d: d.as_mut_ptr(),
             s: s.as_mut_ptr(),
             c: c.as_mut_ptr(),
+            h: h.as_mut_ptr(),
         };
         // Tasks as `qmatmul_acts`'s (a row chunk × four panels), each ending in its block.
         (0..rows.div_ceil(ROW_CHUNK) * nbo)
@@ -893,15 +1032,15 @@ impl SwigluWeights {
                         panel(isa, a, rs, w, p, o);
                     }
                     let mut tq = [MaybeUninit::<i8>::uninit(); ROW_CHUNK * QK];
-                    let (mut td, mut ts, mut tc) =
-                        ([0f32; ROW_CHUNK], [0f32; ROW_CHUNK], [0i32; ROW_CHUNK]);
+                    let (mut td, mut ts) = ([0f32; ROW_CHUNK], [0f32; ROW_CHUNK]);
+                    let (mut tc, mut th) = ([0i32; ROW_CHUNK], [0i32; ROW_CHUNK]);
                     crate::actquant::quantize_swiglu_block(
                         &tile[..n * 2 * QK],
                         n,
                         &mut tq[..n * QK],
                         &mut td[..n],
                         &mut ts[..n],
-                        &mut tc[..n],
+                        (&mut tc[..n], &mut th[..n]),
                     );
                     // Block `b` of the chunk's rows is one run in the layout (`QActs::at`).
                     let j = crate::actquant::block_at(rows, nbo, rs.0, b);
@@ -917,6 +1056,7 @@ impl SwigluWeights {
                         std::ptr::copy_nonoverlapping(td.as_ptr(), out.d.add(j), n);
                         std::ptr::copy_nonoverlapping(ts.as_ptr(), out.s.add(j), n);
                         std::ptr::copy_nonoverlapping(tc.as_ptr(), out.c.add(j), n);
+                        std::ptr::copy_nonoverlapping(th.as_ptr(), out.h.add(j), n);
                     }
                 })
             });
@@ -929,6 +1069,7 @@ impl SwigluWeights {
             d,
             s,
             c,
+            h,
         }
     }
 }
@@ -946,6 +1087,7 @@ struct ProductOut {
     d: *mut f32,
     s: *mut f32,
     c: *mut i32,
+    h: *mut i32,
 }
 
 // SAFETY: each task writes its own (rows, block) places only.
@@ -987,6 +1129,15 @@ mod tests {
             }
             return bytes;
         }
+        if ty == QType::Q6K {
+            // Random 6-bit values and 8-bit scales, the super-block scale around 1e-3.
+            for b in 0..nb {
+                let r = hash(b, seed);
+                bytes.extend((0..208).map(|k| (hash(b * 256 + k, seed ^ 0x3333) >> 7) as u8));
+                bytes.extend(h(4e-4 + (r % 1000) as f32 * 1e-6));
+            }
+            return bytes;
+        }
         for b in 0..nb {
             let r = hash(b, seed);
             bytes.extend(h(0.002 + (r % 1000) as f32 * 2e-5));
@@ -1024,7 +1175,13 @@ mod tests {
         y
     }
 
-    const TYPES: [QType; 4] = [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::Q4K];
+    const TYPES: [QType; 5] = [
+        QType::Q4_0,
+        QType::Q4_1,
+        QType::Q8_0,
+        QType::Q4K,
+        QType::Q6K,
+    ];
 
     #[test]
     fn dequant_row_matches_the_model_crate() {
@@ -1037,6 +1194,7 @@ mod tests {
                 QType::Q4_1 => GgmlType::Q4_1,
                 QType::Q8_0 => GgmlType::Q8_0,
                 QType::Q4K => GgmlType::Q4K,
+                QType::Q6K => GgmlType::Q6K,
             };
             let all = tpuserve_model::dequant::dequantize(g, &bytes, rows * cols).unwrap();
             let mut row = vec![0f32; cols];
@@ -1116,6 +1274,7 @@ mod tests {
                         assert_eq!(got.d, want.d, "{what}: scales");
                         assert_eq!(got.s, want.s, "{what}: sums");
                         assert_eq!(got.c, want.c, "{what}: offsets");
+                        assert_eq!(got.h, want.h, "{what}: half sums");
                     }
                 }
             }
@@ -1124,11 +1283,45 @@ mod tests {
         assert!(SwigluWeights::new(matrix(QType::Q4_1, 65, 64, 1)).is_err());
     }
 
+    /// Parts in different block types stacked by rows give each part's own product, bit for
+    /// bit, side by side in order: on every kernel, over row counts across row chunks.
+    #[test]
+    fn stacked_parts_give_each_parts_product_side_by_side() {
+        let inner = 512;
+        let parts = [
+            matrix(QType::Q4K, 48, inner, 1),
+            matrix(QType::Q4K, 17, inner, 2),
+            matrix(QType::Q6K, 33, inner, 3),
+            matrix(QType::Q8_0, 16, inner, 4),
+        ];
+        let out: usize = parts.iter().map(|w| w.rows).sum();
+        for isa in available_isas() {
+            for rows in [1, 7, 64, 67] {
+                let a = quantize_acts(&data(rows * inner, rows as u32), rows, inner);
+                let y = qmatmul_parts_with(isa, &a, &parts);
+                assert_eq!(y.len(), rows * out);
+                let mut col = 0;
+                for w in &parts {
+                    let one = qmatmul_acts_with(isa, &a, w);
+                    for r in 0..rows {
+                        assert_eq!(
+                            &y[r * out + col..r * out + col + w.rows],
+                            &one[r * w.rows..(r + 1) * w.rows],
+                            "{isa:?} {:?} part at column {col}, row {r} of {rows}",
+                            w.ty
+                        );
+                    }
+                    col += w.rows;
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_row_gets_the_same_bits_alone_or_in_any_batch() {
         for isa in available_isas() {
             for ty in TYPES {
-                let inner = if ty == QType::Q4K { 256 } else { 160 };
+                let inner = if ty.block_values() == 256 { 256 } else { 160 };
                 let w = matrix(ty, 131, inner, 3);
                 let x = data(70 * inner, 4);
                 for at in [2, 66] {
@@ -1154,7 +1347,7 @@ mod tests {
         // The int8 activations cost a little accuracy, no more: within 1 % of the output scale.
         let (out, rows) = (40, 3);
         for ty in TYPES {
-            let inner = if ty == QType::Q4K { 512 } else { 576 };
+            let inner = if ty.block_values() == 256 { 512 } else { 576 };
             let x = data(rows * inner, 9);
             let w = matrix(ty, out, inner, 5);
             let wf = (0..out)

@@ -10,11 +10,13 @@ use tpuserve_runner_api::RunnerError;
 use crate::qmatvec::{QMatrix, QType, SwigluWeights};
 use crate::CpuWeights;
 
-/// A `[out, in]` weight matrix: f32, bf16, or ggml blocks in `qmatvec`'s panel layout.
+/// A `[out, in]` weight matrix: f32, bf16, or ggml blocks in `qmatvec`'s panel layout (one
+/// type, or a stack of parts in different types).
 pub enum Matrix {
     F32(Tensor),
     Bf16(Bf16Matrix),
     Quant(QMatrix),
+    QuantParts(Vec<QMatrix>),
 }
 
 impl Matrix {
@@ -23,6 +25,11 @@ impl Matrix {
             Matrix::F32(_) => "f32".into(),
             Matrix::Bf16(_) => "bf16".into(),
             Matrix::Quant(q) => format!("{:?}", q.ty),
+            Matrix::QuantParts(ps) => {
+                let mut types: Vec<String> = ps.iter().map(|q| format!("{:?}", q.ty)).collect();
+                types.dedup();
+                types.join("+")
+            }
         }
     }
 }
@@ -136,15 +143,16 @@ fn load(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<f32>,
 }
 
 /// The named `[rows, cols]` matrices stacked by rows into one. Under `CpuWeights::Native`
-/// they stay in their ggml blocks when all of them are stored in the same type the kernels
-/// know (rows are whole blocks, so stacking is byte concatenation), and as bf16 when all are
-/// stored as bf16; under `CpuWeights::Bf16` they become one bf16 matrix whatever they are
+/// they stay in their ggml blocks when all of them are stored in types the kernels know
+/// (rows are whole blocks, so stacking one type is byte concatenation; parts in different
+/// types stay apart, `Matrix::QuantParts`), and as bf16 when all are stored as bf16; under `CpuWeights::Bf16` they become one bf16 matrix whatever they are
 /// stored as; otherwise, and always under `CpuWeights::F32`, one f32 tensor.
 fn matrix(
     src: &dyn WeightSource,
     parts: &[(String, usize)],
     cols: usize,
     form: CpuWeights,
+    expanded: &mut Vec<String>,
 ) -> Result<Matrix, RunnerError> {
     if form == CpuWeights::Native {
         let mut quant = Vec::with_capacity(parts.len());
@@ -173,6 +181,23 @@ fn matrix(
             return Ok(Matrix::Quant(
                 QMatrix::new(ty, rows, cols, data).map_err(werr)?,
             ));
+        }
+        let types: Vec<Option<QType>> = quant
+            .iter()
+            .map(|q| QType::from_ggml(q.ggml_type))
+            .collect();
+        if quant.len() == parts.len() && types.iter().all(Option::is_some) {
+            let mut ms = Vec::with_capacity(parts.len());
+            for ((q, ty), (_, rows)) in quant.iter().zip(types).zip(parts) {
+                let m = QMatrix::new(ty.expect("checked"), *rows, cols, q.bytes.to_vec());
+                ms.push(m.map_err(werr)?);
+            }
+            return Ok(Matrix::QuantParts(ms));
+        }
+        if !quant.is_empty() {
+            // Blocks the kernels do not take, or parts of a stack in different types.
+            let types: Vec<String> = quant.iter().map(|q| format!("{:?}", q.ggml_type)).collect();
+            expanded.push(format!("{} ({})", parts[0].0, types.join(" + ")));
         }
     }
     let all_bf16 = || -> Result<bool, RunnerError> {
@@ -228,6 +253,7 @@ impl ModelWeights {
             cfg.vocab_size,
         );
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut expanded = Vec::new();
         for l in 0..cfg.num_hidden_layers {
             let n = |s: &str| format!("model.layers.{l}.{s}");
             let qkv = matrix(
@@ -239,6 +265,7 @@ impl ModelWeights {
                 ],
                 h,
                 form,
+                &mut expanded,
             )?;
             let gate_up = matrix(
                 src,
@@ -248,8 +275,15 @@ impl ModelWeights {
                 ],
                 h,
                 form,
+                &mut expanded,
             )?;
-            let down = matrix(src, &[(n("mlp.down_proj.weight"), h)], inter, form)?;
+            let down = matrix(
+                src,
+                &[(n("mlp.down_proj.weight"), h)],
+                inter,
+                form,
+                &mut expanded,
+            )?;
             let gate_up = match (gate_up, &down) {
                 (Matrix::Quant(q), Matrix::Quant(_)) => match SwigluWeights::new(q) {
                     Ok(p) => GateUp::Paired(p),
@@ -260,18 +294,44 @@ impl ModelWeights {
             layers.push(LayerWeights {
                 input_norm: load(src, &n("input_layernorm.weight"), &[h])?,
                 qkv,
-                o_proj: matrix(src, &[(n("self_attn.o_proj.weight"), h)], qs, form)?,
+                o_proj: matrix(
+                    src,
+                    &[(n("self_attn.o_proj.weight"), h)],
+                    qs,
+                    form,
+                    &mut expanded,
+                )?,
                 post_norm: load(src, &n("post_attention_layernorm.weight"), &[h])?,
                 gate_up,
                 down,
             });
         }
-        let embed = matrix(src, &[("model.embed_tokens.weight".into(), vocab)], h, form)?;
+        let embed = matrix(
+            src,
+            &[("model.embed_tokens.weight".into(), vocab)],
+            h,
+            form,
+            &mut expanded,
+        )?;
         let lm_head = if cfg.tie_word_embeddings && !src.contains("lm_head.weight") {
             None
         } else {
-            Some(matrix(src, &[("lm_head.weight".into(), vocab)], h, form)?)
+            Some(matrix(
+                src,
+                &[("lm_head.weight".into(), vocab)],
+                h,
+                form,
+                &mut expanded,
+            )?)
         };
+        if let Some(first) = expanded.first() {
+            // Said once: these cost 4 bytes a weight and the f32 kernels' speed.
+            tracing::warn!(
+                "{} weight matrices were dequantised to f32 (the CPU kernels compute Q4_0, Q4_1, \
+                 Q8_0, Q4_K and Q6_K blocks in place), e.g. {first}",
+                expanded.len()
+            );
+        }
         Ok(ModelWeights {
             embed,
             lm_head,
@@ -311,6 +371,9 @@ impl ModelWeights {
                 }
                 Ok(out)
             }
+            Matrix::QuantParts(_) => Err(RunnerError::Weights(
+                "embeddings stacked from parts in different block types".into(),
+            )),
         }
     }
 
