@@ -17,8 +17,7 @@ pub const QK: usize = 32;
 
 /// Activation rows quantised per 32-block: `q` int8 (in −127..=127), per block `d` (scale),
 /// `s = d·Σq` and `c = 128·Σq` (what VNNI's Q8_0 kernel, which multiplies `w + 128` as
-/// unsigned bytes, takes off again), and `h`: the sum of its first 16 values (Q6_K's scales
-/// change every 16 values, and its offset of −32 is taken off each half's integer sum). Laid out in chunks of [`CHUNK_ROWS`] rows, each chunk
+/// unsigned bytes, takes off again). Laid out in chunks of [`CHUNK_ROWS`] rows, each chunk
 /// block by block with its rows' blocks side by side ([`QActs::at`]): a kernel tile of rows
 /// finds every row's bytes and scales at fixed offsets from one pointer. With rows apart
 /// (row-major), a 16-row tile kept a pointer per row in general registers, spilled them and
@@ -30,7 +29,8 @@ pub struct QActs {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
     pub c: Vec<i32>,
-    pub h: Vec<i32>,
+    /// Per block, the sum of its first 16 values, made on first use ([`QActs::half_sums`]).
+    pub h: std::sync::OnceLock<Vec<i32>>,
 }
 
 /// Rows per layout chunk of [`QActs`]; the int8 kernels' row chunks are these.
@@ -47,6 +47,19 @@ pub fn block_at(rows: usize, nb: usize, r: usize, b: usize) -> usize {
 }
 
 impl QActs {
+    /// Per block (in `d`'s order), the sum of its first 16 values: Q6_K's scales change every
+    /// 16 values, and its offset of −32 comes off each half's integer sum. Made once, when a
+    /// Q6_K matrix first reads these activations (the quantisers' loops for every model were
+    /// ~12 % slower computing it for each block).
+    pub fn half_sums(&self) -> &[i32] {
+        self.h.get_or_init(|| {
+            self.q
+                .chunks_exact(QK)
+                .map(|b| b[..16].iter().map(|&v| v as i32).sum())
+                .collect()
+        })
+    }
+
     /// See [`block_at`].
     #[inline(always)]
     pub fn at(&self, r: usize, b: usize) -> usize {
@@ -198,7 +211,6 @@ struct Part {
     d: *mut f32,
     s: *mut f32,
     c: *mut i32,
-    h: *mut i32,
     /// Of the whole result.
     rows: usize,
     nb: usize,
@@ -214,41 +226,36 @@ impl Part {
         q: &mut [MaybeUninit<i8>],
         d: &mut [f32],
         s: &mut [f32],
-        (c, h): (&mut [i32], &mut [i32]),
+        c: &mut [i32],
         nb: usize,
     ) -> Self {
         let rows = d.len() / nb.max(1);
-        assert!(q.len() == rows * nb * QK && s.len() == d.len());
-        assert!(c.len() == d.len() && h.len() == d.len());
+        assert!(q.len() == rows * nb * QK && s.len() == d.len() && c.len() == d.len());
         Part {
             q: q.as_mut_ptr() as *mut i8,
             d: d.as_mut_ptr(),
             s: s.as_mut_ptr(),
             c: c.as_mut_ptr(),
-            h: h.as_mut_ptr(),
             rows,
             nb,
         }
     }
 
-    /// Writes row `r`'s block `b`: its bytes through `quant` (given where they go), which
-    /// returns the block's scale and the sums of its two halves, and the values from those.
+    /// Writes row `r`'s block `b`: its bytes through `bytes` (given where they go) and its
+    /// `d`, `s`, `c` as it returns them.
     ///
     /// # Safety
     /// `r < rows`, `b < nb`; no other thread writes that block.
     #[inline(always)]
-    unsafe fn put(&self, r: usize, b: usize, quant: impl FnOnce(*mut i8) -> (f32, i32, i32)) {
+    unsafe fn put(&self, r: usize, b: usize, bytes: impl FnOnce(*mut i8) -> (f32, f32, i32)) {
         let j = block_at(self.rows, self.nb, r, b);
-        let (d, lo, hi) = quant(self.q.add(j * QK));
-        let sum = lo + hi;
-        (*self.d.add(j), *self.s.add(j)) = (d, d * sum as f32);
-        (*self.c.add(j), *self.h.add(j)) = (128 * sum, lo);
+        let (d, s, c) = bytes(self.q.add(j * QK));
+        (*self.d.add(j), *self.s.add(j), *self.c.add(j)) = (d, s, c);
     }
 }
 
-/// A block's scale, and the sums of its two halves' values.
 #[inline(always)]
-fn quantize_block(xb: &[f32], qb: &mut [MaybeUninit<i8>; QK]) -> (f32, i32, i32) {
+fn quantize_block(xb: &[f32], qb: &mut [MaybeUninit<i8>; QK]) -> (f32, f32, i32) {
     let mut amax = [0f32; 8];
     for (i, &v) in xb.iter().enumerate() {
         let a = v.abs();
@@ -259,13 +266,13 @@ fn quantize_block(xb: &[f32], qb: &mut [MaybeUninit<i8>; QK]) -> (f32, i32, i32)
     let amax = amax.iter().fold(0f32, |m, &v| if v > m { v } else { m });
     let scale = amax / 127.0;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    let mut sums = [0i32; 2];
-    for (k, (q, &v)) in qb.iter_mut().zip(xb).enumerate() {
+    let mut sum = 0i32;
+    for (q, &v) in qb.iter_mut().zip(xb) {
         let r = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0) as i32;
         q.write(r as i8);
-        sums[k / 16] += r;
+        sum += r;
     }
-    (scale, sums[0], sums[1])
+    (scale, scale * sum as f32, 128 * sum)
 }
 
 /// Portable: each row's values (computed into a buffer where they must be), block by block.
@@ -355,7 +362,7 @@ unsafe fn quantize_part(isa: QuantIsa, src: Src<'_>, r0: usize, n: usize, cols: 
 
 /// One 32-value block of `silu(g)·u` for each of `rows` rows of `tile` (a row: 32 values
 /// of g, then the 32 of u), quantised on the calling thread with the best quantiser into
-/// `q` (32 bytes a row) and each row's `d`, `s`, `c`, `h`: what [`quantize_swiglu`] gives for
+/// `q` (32 bytes a row) and each row's `d`, `s`, `c`: what [`quantize_swiglu`] gives for
 /// that block of those rows.
 pub(crate) fn quantize_swiglu_block(
     tile: &[f32],
@@ -363,16 +370,16 @@ pub(crate) fn quantize_swiglu_block(
     q: &mut [MaybeUninit<i8>],
     d: &mut [f32],
     s: &mut [f32],
-    (c, h): (&mut [i32], &mut [i32]),
+    c: &mut [i32],
 ) {
     assert!(
         tile.len() >= rows * 2 * QK && q.len() == rows * QK && rows <= CHUNK_ROWS,
         "swiglu tile shape"
     );
-    assert!(d.len() == rows && s.len() == rows && c.len() == rows && h.len() == rows);
+    assert!(d.len() == rows && s.len() == rows && c.len() == rows);
     let src = Src::Swiglu(&tile[..rows * 2 * QK]);
     // One block a row, at most one chunk: the rows' blocks lie in row order.
-    let part = Part::new(q, d, s, (c, h), 1);
+    let part = Part::new(q, d, s, c, 1);
     // SAFETY: `best` is available; the tile has `rows` rows of one block and the part holds
     // them (asserted); this thread alone writes them.
     unsafe { quantize_part(best(), src, 0, rows, QK, part) }
@@ -392,8 +399,7 @@ fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs
     }
     let nb = rows * cols / QK;
     let mut q: Vec<i8> = Vec::with_capacity(rows * cols);
-    let (mut d, mut s) = (vec![0f32; nb], vec![0f32; nb]);
-    let (mut c, mut h) = (vec![0i32; nb], vec![0i32; nb]);
+    let (mut d, mut s, mut c) = (vec![0f32; nb], vec![0f32; nb], vec![0i32; nb]);
     let task = match src {
         Src::Swiglu(_) => SWIGLU_ROWS,
         _ => QUANT_ROWS,
@@ -402,7 +408,7 @@ fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs
         &mut q.spare_capacity_mut()[..rows * cols],
         &mut d,
         &mut s,
-        (&mut c, &mut h),
+        &mut c,
         cols / QK,
     );
     (0..rows.div_ceil(task)).into_par_iter().for_each(|t| {
@@ -421,7 +427,7 @@ fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs
         d,
         s,
         c,
-        h,
+        h: std::sync::OnceLock::new(),
     }
 }
 
@@ -575,10 +581,10 @@ mod x86 {
 
     /// AVX2: a block's values from `buf` scaled by `inv`, rounded to nearest even by
     /// `vcvtps2dq` (what `ROUND_MAGIC` does in the portable code) and packed to bytes;
-    /// returns the integer sums of its two halves (16 values each).
+    /// returns their integer sum.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn quant_avx2(buf: *const f32, inv: f32, q: *mut i8) -> (i32, i32) {
+    unsafe fn quant_avx2(buf: *const f32, inv: f32, q: *mut i8) -> i32 {
         let lim = _mm256_set1_ps(127.0);
         let inv = _mm256_set1_ps(inv);
         let qi: [__m256i; 4] = std::array::from_fn(|k| {
@@ -588,18 +594,16 @@ mod x86 {
                 _mm256_sub_ps(_mm256_setzero_ps(), lim),
             ))
         });
-        // The halves' eight lanes each, then their 128-bit halves side by side: one tree
-        // gives both sums (lane 0: the first half's, lane 4: the second's).
-        let (lo, hi) = (
+        let sum = _mm256_add_epi32(
             _mm256_add_epi32(qi[0], qi[1]),
             _mm256_add_epi32(qi[2], qi[3]),
         );
-        let s = _mm256_add_epi32(
-            _mm256_permute2x128_si256(lo, hi, 0x20),
-            _mm256_permute2x128_si256(lo, hi, 0x31),
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
         );
-        let s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, 0b10_11_00_01));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
         let bytes = _mm256_permutevar8x32_epi32(
             _mm256_packs_epi16(
                 _mm256_packs_epi32(qi[0], qi[1]),
@@ -608,7 +612,7 @@ mod x86 {
             _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
         );
         _mm256_storeu_si256(q as *mut __m256i, bytes);
-        (_mm256_extract_epi32::<0>(s), _mm256_extract_epi32::<4>(s))
+        _mm_cvtsi128_si32(s)
     }
 
     /// AVX-512: [`amax_avx2`] on two 16-lane vectors (a max is exact in any order).
@@ -624,7 +628,7 @@ mod x86 {
     /// in any order), bytes by saturating narrowing (the values are within ±127 already).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    unsafe fn quant_avx512(buf: *const f32, inv: f32, q: *mut i8) -> (i32, i32) {
+    unsafe fn quant_avx512(buf: *const f32, inv: f32, q: *mut i8) -> i32 {
         let lim = _mm512_set1_ps(127.0);
         let inv = _mm512_set1_ps(inv);
         let qi: [__m512i; 2] = std::array::from_fn(|k| {
@@ -636,19 +640,7 @@ mod x86 {
         });
         _mm_storeu_si128(q as *mut __m128i, _mm512_cvtsepi32_epi8(qi[0]));
         _mm_storeu_si128(q.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qi[1]));
-        // Both halves' sums in one tree: their 128-bit quarters paired up (lanes 0–7: the
-        // first half's, 8–15: the second's), then within each quarter.
-        let t = _mm512_add_epi32(
-            _mm512_shuffle_i32x4(qi[0], qi[1], 0b01_00_01_00),
-            _mm512_shuffle_i32x4(qi[0], qi[1], 0b11_10_11_10),
-        );
-        let t = _mm512_add_epi32(t, _mm512_shuffle_i32x4(t, t, 0b10_11_00_01));
-        let t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, 0b01_00_11_10));
-        let t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, 0b10_11_00_01));
-        (
-            _mm512_cvtsi512_si32(t),
-            _mm_cvtsi128_si32(_mm512_extracti32x4_epi32::<2>(t)),
-        )
+        _mm512_reduce_add_epi32(_mm512_add_epi32(qi[0], qi[1]))
     }
 
     /// Every row of the part in three passes over groups of rows (one row, or as many as
@@ -671,7 +663,7 @@ mod x86 {
         quant: Q,
     ) where
         V: Fn(usize, usize, f32, *mut f32) -> f32,
-        Q: Fn(*const f32, f32, *mut i8) -> (i32, i32),
+        Q: Fn(*const f32, f32, *mut i8) -> i32,
     {
         let nb = cols / QK;
         let group = (GROUP_BLOCKS / nb.max(1)).clamp(1, rows.max(1));
@@ -708,8 +700,9 @@ mod x86 {
                 for k in 0..n {
                     let (r, b) = (r0 + g0 + k / nb, k % nb);
                     p.put(r, b, |q| {
-                        let (lo, hi) = quant(buf.as_ptr().add(k * QK), rcp[k], q);
-                        (scale[k], lo, hi)
+                        let sum = quant(buf.as_ptr().add(k * QK), rcp[k], q);
+                        let d = scale[k];
+                        (d, d * sum as f32, 128 * sum)
                     });
                 }
                 g0 = g1;
@@ -797,7 +790,6 @@ mod tests {
         assert_eq!(a.d, b.d, "{what}: scales");
         assert_eq!(a.s, b.s, "{what}: sums");
         assert_eq!(a.c, b.c, "{what}: offsets");
-        assert_eq!(a.h, b.h, "{what}: half sums");
     }
 
     #[test]
@@ -814,12 +806,12 @@ mod tests {
                     "{isa:?} {i}"
                 );
             }
-            for b in 0..a.d.len() {
+            for (b, &first) in a.half_sums().iter().enumerate() {
                 let sum: i32 = a.q[b * QK..(b + 1) * QK].iter().map(|&q| q as i32).sum();
                 assert_eq!(a.s[b], a.d[b] * sum as f32);
                 assert_eq!(a.c[b], 128 * sum);
                 let half: i32 = a.q[b * QK..b * QK + 16].iter().map(|&q| q as i32).sum();
-                assert_eq!(a.h[b], half, "{isa:?} block {b}: first half's sum");
+                assert_eq!(first, half, "{isa:?} block {b}: first half's sum");
             }
             // Exact ties (scale 1) round to even.
             let mut tie = vec![0.5f32; 32];
