@@ -148,8 +148,8 @@ struct Line([u8; 64]);
 
 /// Panel bytes in 64-byte aligned lines, so that each 64-byte weight vector a kernel loads is
 /// one cache line: a `Vec<u8>` starts wherever the allocator puts it (16-byte aligned), and
-/// with it three vector loads in four straddled two lines, at a cost that moved with each
-/// build's heap layout (`qbench`: the same kernel code 39.5 or 42 ms).
+/// off a 64-byte boundary every vector load straddled two lines, at a cost that moved with
+/// each build's heap layout (`qbench`: the same kernel code 39.5 or 42 ms).
 struct Lines(Vec<Line>);
 
 impl Lines {
