@@ -145,8 +145,10 @@ fn load(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Vec<f32>,
 /// The named `[rows, cols]` matrices stacked by rows into one. Under `CpuWeights::Native`
 /// they stay in their ggml blocks when all of them are stored in types the kernels know
 /// (rows are whole blocks, so stacking one type is byte concatenation; parts in different
-/// types stay apart, `Matrix::QuantParts`), and as bf16 when all are stored as bf16; under `CpuWeights::Bf16` they become one bf16 matrix whatever they are
-/// stored as; otherwise, and always under `CpuWeights::F32`, one f32 tensor.
+/// types stay apart, `Matrix::QuantParts`), and as bf16 when all are stored as bf16; under
+/// `CpuWeights::Bf16` they become one bf16 matrix whatever they are stored as; otherwise,
+/// and always under `CpuWeights::F32`, one f32 tensor (named in `expanded` when it replaces
+/// ggml blocks).
 fn matrix(
     src: &dyn WeightSource,
     parts: &[(String, usize)],
