@@ -179,33 +179,33 @@ pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, S
         }
         GgmlType::Q6K => {
             for b in data.chunks_exact(bs) {
-                let ql_all = &b[0..128];
-                let qh_all = &b[128..192];
-                let sc_all = &b[192..208];
-                let d = f16_at(b, 208);
-                let mut y = [0f32; 256];
-                for n in 0..2 {
-                    let ql = &ql_all[n * 64..];
-                    let qh = &qh_all[n * 32..];
-                    let sc = &sc_all[n * 8..];
-                    let yo = &mut y[n * 128..];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        yo[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        yo[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        yo[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        yo[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-                    }
-                }
-                out.extend_from_slice(&y);
+                let (q, sc, d) = (q6_k_values(b), &b[192..208], f16_at(b, 208));
+                out.extend(
+                    q.iter()
+                        .enumerate()
+                        .map(|(k, &v)| d * (sc[k / 16] as i8) as f32 * (v as i32 - 32) as f32),
+                );
             }
         }
     }
     Ok(out)
+}
+
+/// A Q6_K super-block's 256 values in order, unsigned (0..64; the value is `q − 32` times
+/// its 16-value group's scale): four 32-value runs a 128-value half, from the low and high
+/// nibbles of `ql` and two bits each of `qh`.
+pub fn q6_k_values(b: &[u8]) -> [u8; 256] {
+    let mut q = [0u8; 256];
+    for n in 0..2 {
+        let (ql, qh, y) = (&b[n * 64..128], &b[128 + n * 32..192], &mut q[n * 128..]);
+        for l in 0..32 {
+            y[l] = (ql[l] & 0x0f) | ((qh[l] & 3) << 4);
+            y[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
+            y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    q
 }
 
 /// Sub-block `j`'s (scale, min) of a Q4_K super-block's 12 packed 6-bit pairs.

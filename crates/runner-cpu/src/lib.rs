@@ -190,15 +190,14 @@ pub(crate) const MATVEC_MAX_ROWS: usize = 64;
 /// through their unpacked kernels (which chunk long prefills themselves): there is no f32
 /// copy to hand a GEMM.
 fn linear(x: &[f32], rows: usize, w: &Matrix) -> Result<Vec<f32>, RunnerError> {
+    if let Some(ps) = w.quant_parts() {
+        let a = qmatvec::quantize_acts(x, rows, ps[0].cols);
+        return Ok(qmatvec::qmatmul_parts(&a, ps));
+    }
     let w = match w {
-        Matrix::Quant(q) => return Ok(qmatvec::qmatmul_wt(x, rows, q)),
-        Matrix::QuantParts(ps) => {
-            let cols = ps.first().map_or(0, |q| q.cols);
-            let a = qmatvec::quantize_acts(x, rows, cols);
-            return Ok(qmatvec::qmatmul_parts(&a, ps));
-        }
         Matrix::Bf16(m) => return Ok(m.matmul_wt(x, rows)),
         Matrix::F32(t) => t,
+        Matrix::Quant(_) | Matrix::QuantParts(_) => unreachable!("taken above"),
     };
     let (out, inner) = w.dims2().map_err(werr)?;
     if rows <= MATVEC_MAX_ROWS {
@@ -269,20 +268,9 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// `rms_norm(x) · wᵀ`. Quantised weights take the normed rows straight into their int8
 /// activations (`quantize_rms_norm`: the same bytes, never written out as f32).
 fn norm_linear(x: &[f32], gain: &[f32], eps: f32, w: &Matrix) -> Result<Vec<f32>, RunnerError> {
-    match w {
-        Matrix::Quant(q) => {
-            return Ok(qmatvec::qmatmul_acts(
-                &qmatvec::quantize_rms_norm(x, gain, eps),
-                q,
-            ))
-        }
-        Matrix::QuantParts(ps) => {
-            return Ok(qmatvec::qmatmul_parts(
-                &qmatvec::quantize_rms_norm(x, gain, eps),
-                ps,
-            ))
-        }
-        _ => {}
+    if let Some(ps) = w.quant_parts() {
+        let a = qmatvec::quantize_rms_norm(x, gain, eps);
+        return Ok(qmatvec::qmatmul_parts(&a, ps));
     }
     linear(&rms_norm(x, gain, eps), x.len() / gain.len(), w)
 }

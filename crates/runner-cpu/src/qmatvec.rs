@@ -55,7 +55,7 @@ pub enum QType {
     /// ggml's Q6_K (super-blocks of 256: an f16 scale, an 8-bit scale per 16 values, 6-bit
     /// values less 32), held as one byte a value (0..64) in Q8_0's order with each 32-value
     /// block's two half scales `d·sc` as exact f32 products; the −32 comes off each half's
-    /// integer sum (`QActs::h`).
+    /// integer sum (`QActs::half_sums`).
     Q6K,
 }
 
@@ -208,6 +208,9 @@ impl QMatrix {
         let panels = rows.div_ceil(PJ);
         let pbb = panel_block_bytes(ty.code());
         let n = panels * blocks;
+        // Each type's scale arrays: f16 bits as stored, or the K-quants' exact f32 products.
+        let kquant = matches!(ty, QType::Q4K | QType::Q6K);
+        let len = |on: bool| if on { n * PJ } else { 0 };
         let mut w = QMatrix {
             ty,
             rows,
@@ -215,19 +218,12 @@ impl QMatrix {
             blocks,
             panels,
             qs: Lines::zeroed(n * pbb),
-            d: vec![0u16; n * PJ],
-            m: if ty == QType::Q4_1 {
-                vec![0u16; n * PJ]
-            } else {
-                Vec::new()
-            },
-            df: Vec::new(),
-            mf: Vec::new(),
+            d: vec![0u16; len(!kquant)],
+            m: vec![0u16; len(ty == QType::Q4_1)],
+            df: vec![0f32; len(kquant)],
+            mf: vec![0f32; len(kquant)],
         };
-        if matches!(ty, QType::Q4K | QType::Q6K) {
-            w.d = Vec::new();
-            w.df = vec![0f32; n * PJ];
-            w.mf = vec![0f32; n * PJ];
+        if kquant {
             if ty == QType::Q4K {
                 w.fill_q4_k(&data);
             } else {
@@ -286,25 +282,14 @@ impl QMatrix {
     }
 
     /// Q6_K super-blocks (row after row) into the panels: block `8s + t` of a row holds
-    /// values `32t .. 32t + 32` of its super-block `s`, as ggml lays them out (four 32-value
-    /// runs a 128-value half, from the low and high nibbles of `ql` and two bits of `qh`).
+    /// values `32t .. 32t + 32` of its super-block `s` (`dequant::q6_k_values`).
     fn fill_q6_k(&mut self, data: &[u8]) {
         let (blocks, pbb) = (self.blocks, panel_block_bytes(T_Q6_K));
         for (i, sb) in data.chunks_exact(QType::Q6K.block_bytes()).enumerate() {
             let (j, s) = (i / (blocks / 8), i % (blocks / 8));
             let (p, jl) = (j / PJ, j % PJ);
-            let (ql_all, qh_all, sc) = (&sb[0..128], &sb[128..192], &sb[192..208]);
+            let (q, sc) = (tpuserve_model::dequant::q6_k_values(sb), &sb[192..208]);
             let d = f16(le16(sb, 208));
-            let mut q = [0u8; 256];
-            for n in 0..2 {
-                let (ql, qh, y) = (&ql_all[n * 64..], &qh_all[n * 32..], &mut q[n * 128..]);
-                for l in 0..32 {
-                    y[l] = (ql[l] & 0x0f) | ((qh[l] & 3) << 4);
-                    y[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
-                    y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-                    y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
-                }
-            }
             for t in 0..8 {
                 let pb = p * blocks + 8 * s + t;
                 self.df[pb * PJ + jl] = d * (sc[2 * t] as i8) as f32;

@@ -20,6 +20,15 @@ pub enum Matrix {
 }
 
 impl Matrix {
+    /// The block-quantised parts (one for a single type), or `None` for f32 / bf16.
+    pub fn quant_parts(&self) -> Option<&[QMatrix]> {
+        match self {
+            Matrix::Quant(q) => Some(std::slice::from_ref(q)),
+            Matrix::QuantParts(ps) => Some(ps),
+            _ => None,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Matrix::F32(_) => "f32".into(),
