@@ -28,6 +28,7 @@ fn decoding_scheduler(caching: bool) -> Scheduler {
             max_num_seqs: 256,
             policy: Default::default(),
             max_prefill_tokens: None,
+            split_bursts: None,
         },
         BlockManager::new(256 * 64, BLOCK, caching),
     );

@@ -41,6 +41,9 @@ pub struct EngineConfig {
     /// `--max-num-prefill-tokens` (tpuserve's): prompt tokens per step while others wait or
     /// run, 0 or `None`: no cap (see `SchedulerConfig::max_prefill_tokens`).
     pub max_prefill_tokens: Option<usize>,
+    /// Without a cap, answer a burst of prompts in halves of at least this many tokens each
+    /// (see `SchedulerConfig::split_bursts`); `None`: vLLM's scheduling.
+    pub split_bursts: Option<usize>,
     /// `--seed`: requests without a seed get one drawn from this, in arrival order, so the
     /// same command and the same requests give the same samples (vLLM seeds its global RNG
     /// with it). `None`: unseeded requests draw fresh randomness.
@@ -63,6 +66,7 @@ impl EngineConfig {
             max_logprobs: sizing::DEFAULT_MAX_LOGPROBS,
             scheduling_policy: Default::default(),
             max_prefill_tokens: None,
+            split_bursts: None,
             seed: None,
         }
     }
@@ -142,6 +146,7 @@ impl EngineCore {
                 max_num_seqs: cfg.max_num_seqs,
                 policy: cfg.scheduling_policy,
                 max_prefill_tokens: cfg.max_prefill_tokens,
+                split_bursts: cfg.split_bursts,
             },
             BlockManager::new(kv.num_blocks, kv.block_size, cfg.enable_prefix_caching)
                 .committed_on_write(kv.committed_on_write),

@@ -22,6 +22,7 @@ struct Setup {
     eos: Vec<TokenId>,
     max_model_len: usize,
     max_prefill_tokens: Option<usize>,
+    split_bursts: Option<usize>,
 }
 
 impl Default for Setup {
@@ -35,6 +36,7 @@ impl Default for Setup {
             eos: Vec::new(),
             max_model_len: 1024,
             max_prefill_tokens: None,
+            split_bursts: None,
         }
     }
 }
@@ -53,6 +55,7 @@ impl Setup {
                 max_logprobs: 20,
                 scheduling_policy: Default::default(),
                 max_prefill_tokens: self.max_prefill_tokens,
+                split_bursts: self.split_bursts,
                 seed: None,
             },
         )
@@ -413,6 +416,7 @@ proptest! {
         max_seqs in 1usize..8,
         caching in any::<bool>(),
         prefill_cap in prop::option::of(0usize..24),
+        split_bursts in prop::option::of(1usize..16),
     ) {
         let budget = max_seqs + extra_budget;
         let setup = Setup {
@@ -424,6 +428,7 @@ proptest! {
             eos: vec![EOS],
             max_model_len: 48,
             max_prefill_tokens: prefill_cap,
+            split_bursts,
         };
         let runner = FakeRunner::new(blocks, 2);
         let steps = runner.steps.clone();

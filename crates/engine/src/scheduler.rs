@@ -26,6 +26,14 @@ pub struct SchedulerConfig {
     /// step: on a runner whose per-token cost does not fall with larger steps (the host
     /// runner) the first tokens come sooner for the same total work.
     pub max_prefill_tokens: Option<usize>,
+    /// Without a cap: a burst of waiting prompts is answered in halves, the first half's
+    /// prompts (whole, in queue order) in one step and the rest in the next ones, when each
+    /// half holds at least this many tokens. All at once, every prompt of the burst gets its
+    /// first token at the end of one long step; in halves, half of them get it in about half
+    /// the time (the burst's mean time to first token falls by ~a quarter, its last one comes
+    /// one step's fixed cost later). For runners whose cost per token does not fall with
+    /// larger steps (the host runner); `None`: the budget alone limits a burst (vLLM's).
+    pub split_bursts: Option<usize>,
 }
 
 /// `--scheduling-policy`: the order waiting sequences are admitted in and which running one a
@@ -174,6 +182,15 @@ impl Scheduler {
             running.sort_by_cached_key(|&id| self.rank(id));
             self.running = running;
         }
+        if prefill_budget == usize::MAX {
+            if let Some(half) = self
+                .cfg
+                .split_bursts
+                .and_then(|min| self.burst_half(min, budget))
+            {
+                prefill_budget = half;
+            }
+        }
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -218,6 +235,45 @@ impl Scheduler {
             self.admit_waiting(&mut batch, budget.min(prefill_budget));
         }
         batch
+    }
+
+    /// The prompt tokens of the first half of the prompts this step could take — the running
+    /// sequences' unfinished prompts (or recomputes), then the waiting ones that `max_num_seqs`
+    /// lets in, in order — rounded up to whole prompts; `None` (no split) for a single prompt,
+    /// for a half under `min_part` tokens, or when the prompts fill two budgets anyway.
+    fn burst_half(&self, min_part: usize, budget: usize) -> Option<usize> {
+        let admissible = self.cfg.max_num_seqs.saturating_sub(self.running.len());
+        let prompts: Vec<usize> = self
+            .running
+            .iter()
+            .map(|&id| self.remaining(id))
+            .filter(|&n| n > 1)
+            .chain(
+                self.waiting
+                    .iter()
+                    .take(admissible)
+                    .map(|&id| self.remaining(id)),
+            )
+            .scan(0usize, |sum, n| {
+                // Past two budgets a split changes nothing: stop reading the queue.
+                (*sum < 2 * budget).then(|| {
+                    *sum += n;
+                    n
+                })
+            })
+            .collect();
+        let total: usize = prompts.iter().sum();
+        if prompts.len() < 2 || total >= 2 * budget {
+            return None;
+        }
+        let mut half = 0;
+        for n in prompts {
+            half += n;
+            if 2 * half >= total {
+                break;
+            }
+        }
+        (half >= min_part && total - half >= min_part).then_some(half)
     }
 
     fn admit_waiting(&mut self, batch: &mut ScheduledBatch, mut budget: usize) {
@@ -477,6 +533,7 @@ mod tests {
                 max_num_batched_tokens: budget,
                 max_num_seqs: max_seqs,
                 max_prefill_tokens: None,
+                split_bursts: None,
             },
             BlockManager::new(blocks, 4, caching),
         )
@@ -551,6 +608,68 @@ mod tests {
             let b = s.add(seq(vec![2; 30], None));
             assert_eq!(run(&mut s), [(a, 30), (b, 30)], "{cap:?}");
         }
+    }
+
+    #[test]
+    fn a_burst_is_answered_in_halves_of_whole_prompts() {
+        let mut s = sched(100, 128, 16, false);
+        s.cfg.split_bursts = Some(16);
+        // Alone, a prompt is never split.
+        let a = s.add(seq(vec![1; 40], None));
+        assert_eq!(run(&mut s), [(a, 40)]);
+        // Seven prompts of 8 tokens beside a's decode: the first four (32 of 56 tokens) in
+        // one step; the last three (halves of 16 and 8 tokens) together in the next.
+        let burst: Vec<SeqId> = (0..7).map(|i| s.add(seq(vec![i + 2; 8], None))).collect();
+        let first: Vec<(SeqId, usize)> = [(a, 1)]
+            .into_iter()
+            .chain(burst[..4].iter().map(|&id| (id, 8)))
+            .collect();
+        assert_eq!(run(&mut s), first);
+        let second: Vec<(SeqId, usize)> = [(a, 1)]
+            .into_iter()
+            .chain(burst[..4].iter().map(|&id| (id, 1)))
+            .chain(burst[4..].iter().map(|&id| (id, 8)))
+            .collect();
+        assert_eq!(run(&mut s), second);
+    }
+
+    #[test]
+    fn a_burst_half_rounds_up_to_whole_prompts_in_queue_order() {
+        let mut s = sched(100, 128, 16, false);
+        s.cfg.split_bursts = Some(8);
+        // 30 of 50 tokens is the first half: the long prompt alone, then the four short ones.
+        let long = s.add(seq(vec![1; 30], None));
+        let short: Vec<SeqId> = (0..4).map(|i| s.add(seq(vec![i + 2; 5], None))).collect();
+        assert_eq!(run(&mut s), [(long, 30)]);
+        // 20 tokens left: halves of 10 and 10.
+        assert_eq!(run(&mut s), [(long, 1), (short[0], 5), (short[1], 5)]);
+    }
+
+    #[test]
+    fn no_split_for_small_halves_or_a_burst_of_two_budgets() {
+        // Halves under the minimum: the budget alone limits the step.
+        let mut s = sched(100, 128, 16, false);
+        s.cfg.split_bursts = Some(16);
+        let ids: Vec<SeqId> = (0..3).map(|i| s.add(seq(vec![i + 1; 10], None))).collect();
+        assert_eq!(
+            run(&mut s),
+            ids.iter().map(|&id| (id, 10)).collect::<Vec<_>>()
+        );
+        // 2 × 20 tokens, at least two budgets of 20: split or not, the budget takes one at a
+        // time, so vLLM's order stands (the first prompt, then the second).
+        let mut s = sched(100, 20, 16, false);
+        s.cfg.split_bursts = Some(1);
+        let a = s.add(seq(vec![1; 20], None));
+        let b = s.add(seq(vec![2; 20], None));
+        assert_eq!(run(&mut s), [(a, 20)]);
+        assert_eq!(run(&mut s), [(a, 1), (b, 19)]);
+        // A cap wins over the split.
+        let mut s = sched(100, 128, 16, false);
+        s.cfg.split_bursts = Some(1);
+        s.cfg.max_prefill_tokens = Some(6);
+        let c = s.add(seq(vec![1; 4], None));
+        let d = s.add(seq(vec![2; 4], None));
+        assert_eq!(run(&mut s), [(c, 4), (d, 2)]);
     }
 
     #[test]

@@ -329,6 +329,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         scheduling_policy,
         // 0 is no cap (the scheduler's reading).
         max_prefill_tokens: args.max_num_prefill_tokens,
+        split_bursts: args.split_bursts(matches!(backend, Backend::Cpu)),
         seed: Some(args.seed),
     };
     let effective_len = engine_cfg.max_model_len;
