@@ -90,6 +90,8 @@ fn types(only: Option<usize>) {
                 QType::Q8_0,
                 QType::Q4K,
                 QType::Q6K,
+                QType::Q5_0,
+                QType::Q5_1,
             ] {
                 // Random blocks whose f16 scales are small normal numbers.
                 let bytes = (out * inner / ty.block_values()) * ty.block_bytes();

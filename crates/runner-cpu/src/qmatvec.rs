@@ -57,6 +57,11 @@ pub enum QType {
     /// block's two half scales `d·sc` as exact f32 products; the −32 comes off each half's
     /// integer sum (`QActs::half_sums`).
     Q6K,
+    /// ggml's Q5_0 (blocks of 32: an f16 scale, 5-bit values less 16): Q4_0's nibbles plus
+    /// each value's fifth bit in bit masks beside them (`QMatrix`), the file's 22 bytes a block.
+    Q5_0,
+    /// ggml's Q5_1 (an f16 scale and offset, 5-bit values): as Q5_0, with Q4_1's offset.
+    Q5_1,
 }
 
 // The kernels are generic over the weight type as a const parameter.
@@ -65,11 +70,20 @@ const T_Q4_1: u8 = 1;
 const T_Q8_0: u8 = 2;
 const T_Q4_K: u8 = 3;
 const T_Q6_K: u8 = 4;
+const T_Q5_0: u8 = 5;
+const T_Q5_1: u8 = 6;
+
+/// The types whose fifth bits follow their nibbles (`QMatrix`).
+const fn five_bit(t: u8) -> bool {
+    t == T_Q5_0 || t == T_Q5_1
+}
 
 /// Bytes of one panel's quantised values for one block (16 rows × 32 values).
 const fn panel_block_bytes(t: u8) -> usize {
     if t == T_Q8_0 || t == T_Q6_K {
         PJ * QK
+    } else if five_bit(t) {
+        PJ * QK / 2 + PJ * QK / 8
     } else {
         PJ * QK / 2
     }
@@ -84,6 +98,8 @@ impl QType {
             GgmlType::Q8_0 => Some(QType::Q8_0),
             GgmlType::Q4K => Some(QType::Q4K),
             GgmlType::Q6K => Some(QType::Q6K),
+            GgmlType::Q5_0 => Some(QType::Q5_0),
+            GgmlType::Q5_1 => Some(QType::Q5_1),
             _ => None,
         }
     }
@@ -95,6 +111,8 @@ impl QType {
             QType::Q8_0 => T_Q8_0,
             QType::Q4K => T_Q4_K,
             QType::Q6K => T_Q6_K,
+            QType::Q5_0 => T_Q5_0,
+            QType::Q5_1 => T_Q5_1,
         }
     }
 
@@ -106,6 +124,8 @@ impl QType {
             QType::Q8_0 => 34,
             QType::Q4K => 144,
             QType::Q6K => 210,
+            QType::Q5_0 => 22,
+            QType::Q5_1 => 24,
         }
     }
 
@@ -123,7 +143,11 @@ impl QType {
 /// - `qs[pb·bytes ..]`: chunk `c` (64 bytes) holds, for each panel row `jl`, 4 bytes at
 ///   `c·64 + jl·4`. Q4: ggml's block bytes `4c..4c+4` (low nibbles: values `4c..4c+4`, high
 ///   nibbles: values `16+4c..`), c in 0..4. Q8_0: values `4c..4c+4`, c in 0..8.
-/// - `d[pb·16 + jl]`, `m[..]` (Q4_1): the f16 scale and offset bits as stored.
+/// - Q5_0 / Q5_1: the nibbles as Q4's (chunks 0..4), then 64 bytes of fifth bits: for chunk
+///   `c`, two little-endian u64 at `256 + 16c` and `256 + 16c + 8` whose bit `jl·4 + i` is
+///   the fifth bit of the value in that byte's low or high nibble (one bit a value, as the
+///   file's `qh`; AVX-512 turns each u64 into a byte mask with no unpacking).
+/// - `d[pb·16 + jl]`, `m[..]` (Q4_1, Q5_1): the f16 scale and offset bits as stored.
 /// - Q4_K: each 32-value sub-block as a Q4_1 block (its values' nibbles in Q4_1's order),
 ///   its scale and offset in `df`, `mf` (f32: `d·sc` needs up to 17 significant bits).
 /// - Q6_K: each 32-value block's values (0..64, one byte each) in Q8_0's order, the scales
@@ -219,7 +243,7 @@ impl QMatrix {
             panels,
             qs: Lines::zeroed(n * pbb),
             d: vec![0u16; len(!kquant)],
-            m: vec![0u16; len(ty == QType::Q4_1)],
+            m: vec![0u16; len(matches!(ty, QType::Q4_1 | QType::Q5_1))],
             df: vec![0f32; len(kquant)],
             mf: vec![0f32; len(kquant)],
         };
@@ -237,18 +261,38 @@ impl QMatrix {
                 let blk = &data[(j * blocks + b) * bb..(j * blocks + b + 1) * bb];
                 let pb = p * blocks + b;
                 w.d[pb * PJ + jl] = le16(blk, 0);
-                let vals = match ty {
+                let (vals, qh) = match ty {
                     QType::Q4_1 => {
                         w.m[pb * PJ + jl] = le16(blk, 2);
-                        &blk[4..20]
+                        (&blk[4..20], None)
                     }
-                    QType::Q4_0 => &blk[2..18],
-                    QType::Q8_0 => &blk[2..34],
+                    QType::Q4_0 => (&blk[2..18], None),
+                    QType::Q8_0 => (&blk[2..34], None),
+                    QType::Q5_0 => (&blk[6..22], Some(&blk[2..6])),
+                    QType::Q5_1 => {
+                        w.m[pb * PJ + jl] = le16(blk, 2);
+                        (&blk[8..24], Some(&blk[4..8]))
+                    }
                     QType::Q4K | QType::Q6K => unreachable!("repacked by fill_q4_k / fill_q6_k"),
                 };
                 let dst = &mut w.qs[pb * pbb..(pb + 1) * pbb];
                 for (c, four) in vals.chunks_exact(4).enumerate() {
                     dst[c * 64 + jl * 4..c * 64 + jl * 4 + 4].copy_from_slice(four);
+                }
+                if let Some(qh) = qh {
+                    // Value k's fifth bit is bit k of qh; byte 4c + i holds values 4c + i
+                    // (low nibble) and 16 + 4c + i (high).
+                    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+                    for c in 0..4 {
+                        for (half, at) in [(0, 256 + 16 * c), (16, 256 + 16 * c + 8)] {
+                            let mut mask = u64::from_le_bytes(dst[at..at + 8].try_into().unwrap());
+                            for i in 0..4 {
+                                let bit = (qh >> (half + 4 * c + i)) & 1;
+                                mask |= (bit as u64) << (jl * 4 + i);
+                            }
+                            dst[at..at + 8].copy_from_slice(&mask.to_le_bytes());
+                        }
+                    }
                 }
             }
         }
@@ -308,8 +352,9 @@ impl QMatrix {
         let i = pb * PJ + jl;
         match self.ty {
             QType::Q4K | QType::Q6K => (self.df[i], self.mf[i]),
-            QType::Q4_1 => (f16(self.d[i]), f16(self.m[i])),
+            QType::Q4_1 | QType::Q5_1 => (f16(self.d[i]), f16(self.m[i])),
             QType::Q4_0 => (f16(self.d[i]), -8.0 * f16(self.d[i])),
+            QType::Q5_0 => (f16(self.d[i]), -16.0 * f16(self.d[i])),
             QType::Q8_0 => (f16(self.d[i]), 0.0),
         }
     }
@@ -323,11 +368,9 @@ impl QMatrix {
             let q = &self.qs[pb * pbb..(pb + 1) * pbb];
             let (d, m) = self.scales(pb, jl);
             match self.ty {
-                QType::Q4_0 | QType::Q4_1 | QType::Q4K => {
-                    for k in 0..16 {
-                        let byte = q[(k / 4) * 64 + jl * 4 + k % 4];
-                        o[k] = (byte & 0x0f) as f32 * d + m;
-                        o[k + 16] = (byte >> 4) as f32 * d + m;
+                QType::Q4_0 | QType::Q4_1 | QType::Q4K | QType::Q5_0 | QType::Q5_1 => {
+                    for (k, o) in o.iter_mut().enumerate() {
+                        *o = nibble_value(self.ty.code(), q, jl, k) as f32 * d + m;
                     }
                 }
                 QType::Q8_0 => {
@@ -457,8 +500,7 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
                     let wv = if T == T_Q8_0 {
                         (q[(k / 4) * 64 + jl * 4 + k % 4] as i8) as i32
                     } else {
-                        let byte = q[((k % 16) / 4) * 64 + jl * 4 + k % 4];
-                        (if k < 16 { byte & 0x0f } else { byte >> 4 }) as i32
+                        nibble_value(T, q, jl, k) as i32
                     };
                     isum += wv * xq[k] as i32;
                 }
@@ -471,6 +513,20 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
             unsafe { *out.at(r, p * PJ + jl) = acc };
         }
     }
+}
+
+/// Value `k` (unsigned: 0..16, Q5: 0..32) of panel row `jl` in one block's bytes `q` of a
+/// nibble type (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1).
+fn nibble_value(t: u8, q: &[u8], jl: usize, k: usize) -> u8 {
+    let (c, i) = ((k % 16) / 4, k % 4);
+    let byte = q[c * 64 + jl * 4 + i];
+    let v = if k < 16 { byte & 0x0f } else { byte >> 4 };
+    if !five_bit(t) {
+        return v;
+    }
+    let at = 256 + 16 * c + if k < 16 { 0 } else { 8 };
+    let mask = u64::from_le_bytes(q[at..at + 8].try_into().unwrap());
+    v | ((((mask >> (jl * 4 + i)) & 1) as u8) << 4)
 }
 
 /// How far ahead, in blocks of the panel stream, a panel's first tile prefetches (8 was
@@ -502,7 +558,7 @@ fn prefetch_ahead<const T: u8>(w: &QMatrix, pb: usize) {
         } else {
             _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add(at) as *const i8);
         }
-        if T == T_Q4_1 {
+        if T == T_Q4_1 || T == T_Q5_1 {
             _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add(at) as *const i8);
         }
     }
@@ -531,8 +587,8 @@ macro_rules! unroll {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{
-        panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1, T_Q4_K,
-        T_Q6_K, T_Q8_0,
+        five_bit, panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1,
+        T_Q4_K, T_Q5_0, T_Q5_1, T_Q6_K, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -611,10 +667,17 @@ mod vnni {
                     *s = _mm512_sub_epi32(*s, corr);
                 }
             } else {
+                let sixteen = _mm512_set1_epi8(16);
                 let mut quarter = |c: usize| {
                     let raw = _mm512_loadu_si512(wp.add(c * 64) as *const __m512i);
-                    let lo = _mm512_and_si512(raw, mask);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+                    let mut lo = _mm512_and_si512(raw, mask);
+                    let mut hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+                    if five_bit(T) {
+                        // The fifth bits: each u64 is the byte mask of its 64 values.
+                        let bits = wp.add(256 + 16 * c) as *const u64;
+                        lo = _mm512_mask_add_epi8(lo, bits.read_unaligned(), lo, sixteen);
+                        hi = _mm512_mask_add_epi8(hi, bits.add(1).read_unaligned(), hi, sixteen);
+                    }
                     for (r, s) in isum.iter_mut().enumerate() {
                         let xl = _mm512_set1_epi32(x4(xb, r, 4 * c));
                         let xh = _mm512_set1_epi32(x4(xb, r, 16 + 4 * c));
@@ -631,14 +694,14 @@ mod vnni {
                     w.d.as_ptr().add(pb * PJ) as *const __m256i
                 ))
             };
-            let mw = if T == T_Q4_1 {
+            let mw = if T == T_Q4_1 || T == T_Q5_1 {
                 _mm512_cvtph_ps(_mm256_loadu_si256(
                     w.m.as_ptr().add(pb * PJ) as *const __m256i
                 ))
             } else if T == T_Q4_K || T == T_Q6_K {
                 _mm512_loadu_ps(w.mf.as_ptr().add(pb * PJ))
             } else {
-                _mm512_mul_ps(dw, _mm512_set1_ps(-8.0))
+                _mm512_mul_ps(dw, _mm512_set1_ps(if T == T_Q5_0 { -16.0 } else { -8.0 }))
             };
             for (r, (ac, s)) in acc.iter_mut().zip(&isum).enumerate() {
                 let i = j + r;
@@ -696,8 +759,8 @@ mod vnni {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
-        panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1, T_Q4_K,
-        T_Q6_K, T_Q8_0,
+        five_bit, panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1,
+        T_Q4_K, T_Q5_0, T_Q5_1, T_Q6_K, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -769,22 +832,49 @@ mod avx2 {
             } else {
                 // Q4's pair sums are small (|u·x + u'·x'| ≤ 2·15·127 = 3,810), so a block's
                 // eight of them add up exactly in i16 (≤ 30,480) and one `vpmaddwd` per block
-                // widens them, where one per pair kept the multiply ports twice as busy.
+                // widens them, where one per pair kept the multiply ports twice as busy. Q5's
+                // (≤ 2·31·127 = 7,874) are widened each quarter (two pairs: ≤ 15,748).
                 let mut s16 = [_mm256_setzero_si256(); R];
+                // Byte i of a vector takes bit i of its 32-bit mask: byte i / 8 of the mask
+                // spread over 8 bytes, then one bit of each.
+                let spread = _mm256_setr_epi8(
+                    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                    3, 3, 3, 3, 3, 3,
+                );
+                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                let sixteen = _mm256_set1_epi8(16);
+                let fifth = |at: usize| {
+                    let m = (wp.add(at - half * 32) as *const u64).read_unaligned() >> (32 * half);
+                    let v = _mm256_shuffle_epi8(_mm256_set1_epi32(m as u32 as i32), spread);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+                    _mm256_and_si256(set, sixteen)
+                };
                 let mut quarter = |c: usize| {
                     let raw = _mm256_loadu_si256(wp.add(c * 64) as *const __m256i);
-                    let lo = _mm256_and_si256(raw, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    let mut lo = _mm256_and_si256(raw, mask);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    if five_bit(T) {
+                        lo = _mm256_or_si256(lo, fifth(256 + 16 * c));
+                        hi = _mm256_or_si256(hi, fifth(256 + 16 * c + 8));
+                    }
                     for (r, s) in s16.iter_mut().enumerate() {
                         let xl = _mm256_set1_epi32(x4(xb, r, 4 * c));
                         let xh = _mm256_set1_epi32(x4(xb, r, 16 + 4 * c));
                         *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(lo, xl));
                         *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(hi, xh));
                     }
+                    if five_bit(T) {
+                        for (s, s16) in isum.iter_mut().zip(s16.iter_mut()) {
+                            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*s16, ones));
+                            *s16 = _mm256_setzero_si256();
+                        }
+                    }
                 };
                 unroll!(quarter: 0 1 2 3);
-                for (s, s16) in isum.iter_mut().zip(&s16) {
-                    *s = _mm256_madd_epi16(*s16, ones);
+                if !five_bit(T) {
+                    for (s, s16) in isum.iter_mut().zip(&s16) {
+                        *s = _mm256_madd_epi16(*s16, ones);
+                    }
                 }
             }
             let sp = pb * PJ + half * 8;
@@ -793,12 +883,12 @@ mod avx2 {
             } else {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(sp) as *const __m128i))
             };
-            let mw = if T == T_Q4_1 {
+            let mw = if T == T_Q4_1 || T == T_Q5_1 {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(sp) as *const __m128i))
             } else if T == T_Q4_K || T == T_Q6_K {
                 _mm256_loadu_ps(w.mf.as_ptr().add(sp))
             } else {
-                _mm256_mul_ps(dw, _mm256_set1_ps(-8.0))
+                _mm256_mul_ps(dw, _mm256_set1_ps(if T == T_Q5_0 { -16.0 } else { -8.0 }))
             };
             for (r, (ac, s)) in acc.iter_mut().zip(&isum).enumerate() {
                 let i = j + r;
@@ -868,6 +958,8 @@ fn panel(isa: QIsa, a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
                 QType::Q8_0 => $($f)::+::<T_Q8_0>(a, rs, w, p, out),
                 QType::Q4K => $($f)::+::<T_Q4_K>(a, rs, w, p, out),
                 QType::Q6K => $($f)::+::<T_Q6_K>(a, rs, w, p, out),
+                QType::Q5_0 => $($f)::+::<T_Q5_0>(a, rs, w, p, out),
+                QType::Q5_1 => $($f)::+::<T_Q5_1>(a, rs, w, p, out),
             }
         };
     }
@@ -1172,10 +1264,15 @@ mod tests {
         for b in 0..nb {
             let r = hash(b, seed);
             bytes.extend(h(0.002 + (r % 1000) as f32 * 2e-5));
-            if ty == QType::Q4_1 {
+            if matches!(ty, QType::Q4_1 | QType::Q5_1) {
                 bytes.extend(h(-0.1 - (r % 777) as f32 * 1e-4));
             }
-            let n = if ty == QType::Q8_0 { 32 } else { 16 };
+            // Q5: the 4 bytes of fifth bits, then the nibbles.
+            let n = match ty {
+                QType::Q8_0 => 32,
+                QType::Q5_0 | QType::Q5_1 => 20,
+                _ => 16,
+            };
             bytes.extend((0..n).map(|k| (hash(b * 64 + k, seed ^ 0x5555) >> 7) as u8));
         }
         bytes
@@ -1206,12 +1303,14 @@ mod tests {
         y
     }
 
-    const TYPES: [QType; 5] = [
+    const TYPES: [QType; 7] = [
         QType::Q4_0,
         QType::Q4_1,
         QType::Q8_0,
         QType::Q4K,
         QType::Q6K,
+        QType::Q5_0,
+        QType::Q5_1,
     ];
 
     #[test]
@@ -1226,6 +1325,8 @@ mod tests {
                 QType::Q8_0 => GgmlType::Q8_0,
                 QType::Q4K => GgmlType::Q4K,
                 QType::Q6K => GgmlType::Q6K,
+                QType::Q5_0 => GgmlType::Q5_0,
+                QType::Q5_1 => GgmlType::Q5_1,
             };
             let all = tpuserve_model::dequant::dequantize(g, &bytes, rows * cols).unwrap();
             let mut row = vec![0f32; cols];
