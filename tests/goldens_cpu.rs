@@ -420,7 +420,9 @@ fn the_last_layer_for_the_read_rows_alone_changes_nothing() {
 
 /// A K-quant GGUF (ggml's 256-value super-blocks, mixed as in a Q4_K_M file: Q4_K layers
 /// and embeddings, a Q6_K `attn_v` beside Q4_K `attn_q` / `attn_k`, a Q6_K down projection
-/// and LM head) is computed in place — the ready line names Q4K and Q6K, not an f32 copy — and its logits follow the same model with its weights
+/// and LM head, and the Q5_0 / Q5_1 llama-quantize falls back to for rows that are not whole
+/// super-blocks: `attn_output`, `ffn_up`) is computed in place — the ready line names each
+/// type, not an f32 copy — and its logits follow the same model with its weights
 /// dequantised to f32 (`float32`), within what the int8 activations cost. A 1-layer llama
 /// (hidden 256, 4 heads of 64, MLP 512, 32 tokens) with random blocks; the tokenizer is
 /// SmolLM2's (the runner does not read it).
@@ -467,6 +469,25 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
             data,
         }
     };
+    // Q5_0 (type 6: f16 scale, 32 fifth bits, nibbles) and Q5_1 (7: f16 scale and offset
+    // first), scales ~2e-3 and offsets ~-0.03.
+    let q5 = |name: &str, rows: usize, cols: usize, seed: usize, offset: bool| {
+        let mut data = Vec::new();
+        for b in 0..rows * cols / 32 {
+            let r = hash(b, seed);
+            data.extend(h(2e-3 + (r % 1000) as f32 * 1e-6));
+            if offset {
+                data.extend(h(-0.03 - (r % 777) as f32 * 1e-5));
+            }
+            data.extend((0..20).map(|k| (hash(b * 64 + k, seed + 1) >> 9) as u8));
+        }
+        RawTensor {
+            name: name.into(),
+            dims: vec![cols as u64, rows as u64],
+            ggml_type: if offset { 7 } else { 6 },
+            data,
+        }
+    };
     let ones = |name: &str| RawTensor {
         name: name.into(),
         dims: vec![hidden as u64],
@@ -479,10 +500,10 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
         q4k("blk.0.attn_q.weight", hidden, hidden, 2),
         q4k("blk.0.attn_k.weight", hidden, hidden, 3),
         q6k("blk.0.attn_v.weight", hidden, hidden, 4),
-        q4k("blk.0.attn_output.weight", hidden, hidden, 5),
+        q5("blk.0.attn_output.weight", hidden, hidden, 5, false),
         ones("blk.0.ffn_norm.weight"),
         q4k("blk.0.ffn_gate.weight", ff, hidden, 6),
-        q4k("blk.0.ffn_up.weight", ff, hidden, 7),
+        q5("blk.0.ffn_up.weight", ff, hidden, 7, true),
         q6k("blk.0.ffn_down.weight", hidden, ff, 8),
         ones("output_norm.weight"),
         q6k("output.weight", vocab, hidden, 9),
@@ -502,8 +523,9 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
     };
     let (mut native, mut reference) = (runner(CpuWeights::Native), runner(CpuWeights::F32));
     let described = native.describe();
-    // The layers' q / k / v: Q4_K, Q4_K and Q6_K parts, each in place.
-    for part in ["Q4K+Q6K layers", "Q4K embeddings", "Q6K LM head"] {
+    // The layer's q / k / v (Q4_K, Q4_K and Q6_K parts), o (Q5_0), gate / up (Q4_K, Q5_1)
+    // and down (Q6_K), each in place.
+    for part in ["Q4K+Q6K+Q5_0+Q5_1 layers", "Q4K embeddings", "Q6K LM head"] {
         assert!(described.contains(part), "{described}");
     }
     assert!(reference.describe().contains("f32 layers"));

@@ -49,13 +49,14 @@ pub enum QType {
     Q4_1,
     Q8_0,
     /// ggml's Q4_K (super-blocks of 256: an f16 scale and min, 6-bit scales and mins per
-    /// 32-value sub-block, 4-bit values), held as Q4_1's form with each sub-block's scale
-    /// `d·sc` and offset `−dmin·m` as exact f32 products.
+    /// 32-value sub-block, 4-bit values), held as Q4_1's form: each sub-block's nibbles, its
+    /// scale and min codes as bytes, the super-block's `d` and `−dmin` as f32 (the kernels
+    /// multiply them into the exact f32 products `d·sc`, `−dmin·m`).
     Q4K,
     /// ggml's Q6_K (super-blocks of 256: an f16 scale, an 8-bit scale per 16 values, 6-bit
     /// values less 32), held as one byte a value (0..64) in Q8_0's order with each 32-value
-    /// block's two half scales `d·sc` as exact f32 products; the −32 comes off each half's
-    /// integer sum (`QActs::half_sums`).
+    /// block's two half scale codes (i8) and the super-block's `d` (f32); the −32 comes off
+    /// each half's integer sum (`QActs::half_sums`).
     Q6K,
     /// ggml's Q5_0 (blocks of 32: an f16 scale, 5-bit values less 16): Q4_0's nibbles plus
     /// each value's fifth bit in bit masks beside them (`QMatrix`), the file's 22 bytes a block.
@@ -148,10 +149,13 @@ impl QType {
 ///   the fifth bit of the value in that byte's low or high nibble (one bit a value, as the
 ///   file's `qh`; AVX-512 turns each u64 into a byte mask with no unpacking).
 /// - `d[pb·16 + jl]`, `m[..]` (Q4_1, Q5_1): the f16 scale and offset bits as stored.
-/// - Q4_K: each 32-value sub-block as a Q4_1 block (its values' nibbles in Q4_1's order),
-///   its scale and offset in `df`, `mf` (f32: `d·sc` needs up to 17 significant bits).
-/// - Q6_K: each 32-value block's values (0..64, one byte each) in Q8_0's order, the scales
-///   of its first and second 16 values in `df`, `mf`.
+/// - Q4_K: each 32-value sub-block as a Q4_1 block (its values' nibbles in Q4_1's order);
+///   `ks[pb·32 + jl]` its 6-bit scale code, `ks[pb·32 + 16 + jl]` its min code;
+///   `kd[(pb / 8)·32 + jl]` the super-block's `d`, `kd[.. + 16 + jl]` its `−dmin` (f32: the
+///   kernels' `d·sc` needs up to 17 significant bits, exact in f32, not in f16).
+/// - Q6_K: each 32-value block's values (0..64, one byte each) in Q8_0's order; the scale
+///   codes (i8) of its first and second 16 values at `ks[pb·32 + jl]`, `ks[.. + 16 + jl]`;
+///   the super-block's `d` at both `kd[(pb / 8)·32 + jl]` and `kd[.. + 16 + jl]`.
 pub struct QMatrix {
     pub ty: QType,
     pub rows: usize,
@@ -161,8 +165,8 @@ pub struct QMatrix {
     qs: Lines,
     d: Vec<u16>,
     m: Vec<u16>,
-    df: Vec<f32>,
-    mf: Vec<f32>,
+    ks: Vec<u8>,
+    kd: Vec<f32>,
 }
 
 /// One cache line of panel bytes.
@@ -232,7 +236,8 @@ impl QMatrix {
         let panels = rows.div_ceil(PJ);
         let pbb = panel_block_bytes(ty.code());
         let n = panels * blocks;
-        // Each type's scale arrays: f16 bits as stored, or the K-quants' exact f32 products.
+        // Each type's scale arrays: f16 bits as stored, or the K-quants' codes and super-block
+        // scales.
         let kquant = matches!(ty, QType::Q4K | QType::Q6K);
         let len = |on: bool| if on { n * PJ } else { 0 };
         let mut w = QMatrix {
@@ -244,8 +249,8 @@ impl QMatrix {
             qs: Lines::zeroed(n * pbb),
             d: vec![0u16; len(!kquant)],
             m: vec![0u16; len(matches!(ty, QType::Q4_1 | QType::Q5_1))],
-            df: vec![0f32; len(kquant)],
-            mf: vec![0f32; len(kquant)],
+            ks: vec![0u8; 2 * len(kquant)],
+            kd: vec![0f32; 2 * len(kquant) / 8],
         };
         if kquant {
             if ty == QType::Q4K {
@@ -315,8 +320,10 @@ impl QMatrix {
                 let v = |k: usize| if t % 2 == 0 { q[k] & 0x0f } else { q[k] >> 4 };
                 let vals: [u8; 16] = std::array::from_fn(|k| v(k) | (v(16 + k) << 4));
                 let pb = p * blocks + 8 * s + t;
-                self.df[pb * PJ + jl] = d * sc as f32;
-                self.mf[pb * PJ + jl] = -(dmin * m as f32);
+                self.ks[pb * 2 * PJ + jl] = sc;
+                self.ks[pb * 2 * PJ + PJ + jl] = m;
+                self.kd[pb / 8 * 2 * PJ + jl] = d;
+                self.kd[pb / 8 * 2 * PJ + PJ + jl] = -dmin;
                 let dst = &mut self.qs[pb * pbb..(pb + 1) * pbb];
                 for (c, four) in vals.chunks_exact(4).enumerate() {
                     dst[c * 64 + jl * 4..c * 64 + jl * 4 + 4].copy_from_slice(four);
@@ -336,8 +343,10 @@ impl QMatrix {
             let d = f16(le16(sb, 208));
             for t in 0..8 {
                 let pb = p * blocks + 8 * s + t;
-                self.df[pb * PJ + jl] = d * (sc[2 * t] as i8) as f32;
-                self.mf[pb * PJ + jl] = d * (sc[2 * t + 1] as i8) as f32;
+                self.ks[pb * 2 * PJ + jl] = sc[2 * t];
+                self.ks[pb * 2 * PJ + PJ + jl] = sc[2 * t + 1];
+                self.kd[pb / 8 * 2 * PJ + jl] = d;
+                self.kd[pb / 8 * 2 * PJ + PJ + jl] = d;
                 let dst = &mut self.qs[pb * pbb..(pb + 1) * pbb];
                 for (c, four) in q[32 * t..32 * t + 32].chunks_exact(4).enumerate() {
                     dst[c * 64 + jl * 4..c * 64 + jl * 4 + 4].copy_from_slice(four);
@@ -351,7 +360,20 @@ impl QMatrix {
     fn scales(&self, pb: usize, jl: usize) -> (f32, f32) {
         let i = pb * PJ + jl;
         match self.ty {
-            QType::Q4K | QType::Q6K => (self.df[i], self.mf[i]),
+            QType::Q4K | QType::Q6K => {
+                let (k, kd) = (pb * 2 * PJ + jl, pb / 8 * 2 * PJ + jl);
+                let code = |b: u8| {
+                    if self.ty == QType::Q6K {
+                        b as i8 as f32
+                    } else {
+                        b as f32
+                    }
+                };
+                (
+                    code(self.ks[k]) * self.kd[kd],
+                    code(self.ks[k + PJ]) * self.kd[kd + PJ],
+                )
+            }
             QType::Q4_1 | QType::Q5_1 => (f16(self.d[i]), f16(self.m[i])),
             QType::Q4_0 => (f16(self.d[i]), -8.0 * f16(self.d[i])),
             QType::Q5_0 => (f16(self.d[i]), -16.0 * f16(self.d[i])),
@@ -390,7 +412,7 @@ impl QMatrix {
 
     /// Bytes held (weights and scales).
     pub fn bytes(&self) -> usize {
-        self.qs.len() + 2 * (self.d.len() + self.m.len()) + 4 * (self.df.len() + self.mf.len())
+        self.qs.len() + 2 * (self.d.len() + self.m.len()) + self.ks.len() + 4 * self.kd.len()
     }
 }
 
@@ -553,8 +575,11 @@ fn prefetch_ahead<const T: u8>(w: &QMatrix, pb: usize) {
         }
         let at = (pb + PF_BLOCKS) * PJ;
         if T == T_Q4_K || T == T_Q6_K {
-            _mm_prefetch::<_MM_HINT_T0>(w.df.as_ptr().wrapping_add(at) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(w.mf.as_ptr().wrapping_add(at) as *const i8);
+            // Two blocks' codes a line; a super-block's scales in two lines.
+            let kd = w.kd.as_ptr().wrapping_add((pb + PF_BLOCKS) / 8 * 2 * PJ) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(w.ks.as_ptr().wrapping_add(2 * at) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(kd);
+            _mm_prefetch::<_MM_HINT_T0>(kd.wrapping_add(64));
         } else {
             _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add(at) as *const i8);
         }
@@ -687,8 +712,19 @@ mod vnni {
                 };
                 unroll!(quarter: 0 1 2 3);
             }
+            // K-quants: the codes (i8 for Q6_K, u8 for Q4_K) times the super-block's scales.
+            let kscale = |at: usize| {
+                let codes = _mm_loadu_si128(w.ks.as_ptr().add(pb * 2 * PJ + at) as *const __m128i);
+                let codes = if T == T_Q6_K {
+                    _mm512_cvtepi8_epi32(codes)
+                } else {
+                    _mm512_cvtepu8_epi32(codes)
+                };
+                let kd = _mm512_loadu_ps(w.kd.as_ptr().add(pb / 8 * 2 * PJ + at));
+                _mm512_mul_ps(_mm512_cvtepi32_ps(codes), kd)
+            };
             let dw = if T == T_Q4_K || T == T_Q6_K {
-                _mm512_loadu_ps(w.df.as_ptr().add(pb * PJ))
+                kscale(0)
             } else {
                 _mm512_cvtph_ps(_mm256_loadu_si256(
                     w.d.as_ptr().add(pb * PJ) as *const __m256i
@@ -699,7 +735,7 @@ mod vnni {
                     w.m.as_ptr().add(pb * PJ) as *const __m256i
                 ))
             } else if T == T_Q4_K || T == T_Q6_K {
-                _mm512_loadu_ps(w.mf.as_ptr().add(pb * PJ))
+                kscale(PJ)
             } else {
                 _mm512_mul_ps(dw, _mm512_set1_ps(if T == T_Q5_0 { -16.0 } else { -8.0 }))
             };
@@ -833,7 +869,7 @@ mod avx2 {
                 // Q4's pair sums are small (|u·x + u'·x'| ≤ 2·15·127 = 3,810), so a block's
                 // eight of them add up exactly in i16 (≤ 30,480) and one `vpmaddwd` per block
                 // widens them, where one per pair kept the multiply ports twice as busy. Q5's
-                // (≤ 2·31·127 = 7,874) are widened each quarter (two pairs: ≤ 15,748).
+                // (≤ 2·31·127 = 7,874) are widened every two quarters (four pairs: ≤ 31,496).
                 let mut s16 = [_mm256_setzero_si256(); R];
                 // Byte i of a vector takes bit i of its 32-bit mask: byte i / 8 of the mask
                 // spread over 8 bytes, then one bit of each.
@@ -863,7 +899,7 @@ mod avx2 {
                         *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(lo, xl));
                         *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(hi, xh));
                     }
-                    if five_bit(T) {
+                    if five_bit(T) && c % 2 == 1 {
                         for (s, s16) in isum.iter_mut().zip(s16.iter_mut()) {
                             *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*s16, ones));
                             *s16 = _mm256_setzero_si256();
@@ -878,15 +914,28 @@ mod avx2 {
                 }
             }
             let sp = pb * PJ + half * 8;
+            // As the VNNI tile's, on this half's 8 rows.
+            let kscale = |at: usize| {
+                let codes = _mm_loadl_epi64(
+                    w.ks.as_ptr().add(pb * 2 * PJ + at + half * 8) as *const __m128i
+                );
+                let codes = if T == T_Q6_K {
+                    _mm256_cvtepi8_epi32(codes)
+                } else {
+                    _mm256_cvtepu8_epi32(codes)
+                };
+                let kd = _mm256_loadu_ps(w.kd.as_ptr().add(pb / 8 * 2 * PJ + at + half * 8));
+                _mm256_mul_ps(_mm256_cvtepi32_ps(codes), kd)
+            };
             let dw = if T == T_Q4_K || T == T_Q6_K {
-                _mm256_loadu_ps(w.df.as_ptr().add(sp))
+                kscale(0)
             } else {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(sp) as *const __m128i))
             };
             let mw = if T == T_Q4_1 || T == T_Q5_1 {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(sp) as *const __m128i))
             } else if T == T_Q4_K || T == T_Q6_K {
-                _mm256_loadu_ps(w.mf.as_ptr().add(sp))
+                kscale(PJ)
             } else {
                 _mm256_mul_ps(dw, _mm256_set1_ps(if T == T_Q5_0 { -16.0 } else { -8.0 }))
             };
@@ -1098,11 +1147,16 @@ impl SwigluWeights {
             )),
             d: permute(&stacked.d, nb * PJ, &order),
             m: permute(&stacked.m, nb * PJ, &order),
-            df: permute(&stacked.df, nb * PJ, &order),
-            mf: permute(&stacked.mf, nb * PJ, &order),
+            ks: permute(&stacked.ks, nb * 2 * PJ, &order),
+            kd: permute(&stacked.kd, nb / 8 * 2 * PJ, &order),
             ..stacked
         };
         Ok(SwigluWeights { w, inter })
+    }
+
+    /// The block type of gate and up.
+    pub fn ty(&self) -> QType {
+        self.w.ty
     }
 
     /// `silu(gate·x) · (up·x)` for the rows of `a` (`x` quantised), quantised for the down
@@ -1312,6 +1366,27 @@ mod tests {
         QType::Q5_0,
         QType::Q5_1,
     ];
+
+    #[test]
+    fn each_type_is_held_near_its_file_size() {
+        // Bytes a 32-value block of one weight row holds: the file's for the 32-value types;
+        // the K-quants' 256-value super-blocks (144 and 210 bytes in the file: 18 and 26.25
+        // a block) as 16 bytes of nibbles / 32 of values, 2 of scale codes and 1 of the
+        // super-block's f32 scales.
+        for (ty, per_block) in [
+            (QType::Q4_0, 18),
+            (QType::Q4_1, 20),
+            (QType::Q5_0, 22),
+            (QType::Q5_1, 24),
+            (QType::Q8_0, 34),
+            (QType::Q4K, 19),
+            (QType::Q6K, 35),
+        ] {
+            let (rows, cols) = (48, 512);
+            let w = matrix(ty, rows, cols, 3);
+            assert_eq!(w.bytes(), rows * cols / QK * per_block, "{ty:?}");
+        }
+    }
 
     #[test]
     fn dequant_row_matches_the_model_crate() {

@@ -30,14 +30,19 @@ impl Matrix {
     }
 
     fn describe(&self) -> String {
+        self.forms().join("+")
+    }
+
+    /// Its forms, each once, in order (a stack's parts may differ).
+    fn forms(&self) -> Vec<String> {
         match self {
-            Matrix::F32(_) => "f32".into(),
-            Matrix::Bf16(_) => "bf16".into(),
-            Matrix::Quant(q) => format!("{:?}", q.ty),
+            Matrix::F32(_) => vec!["f32".into()],
+            Matrix::Bf16(_) => vec!["bf16".into()],
+            Matrix::Quant(q) => vec![format!("{:?}", q.ty)],
             Matrix::QuantParts(ps) => {
                 let mut types: Vec<String> = ps.iter().map(|q| format!("{:?}", q.ty)).collect();
                 types.dedup();
-                types.join("+")
+                types
             }
         }
     }
@@ -388,13 +393,22 @@ impl ModelWeights {
         }
     }
 
-    /// The weight forms in use, e.g. `Q4_1 layers, Q8_0 embeddings`.
+    /// The weight forms in use, e.g. `Q4_1 layers, Q8_0 embeddings`; a layer's matrices in
+    /// several forms are named each once (`Q4K+Q6K+Q5_0 layers`).
     pub fn describe(&self) -> String {
-        let layers = self
-            .layers
-            .first()
-            .map(|l| l.qkv.describe())
-            .unwrap_or_default();
+        let mut forms: Vec<String> = Vec::new();
+        if let Some(l) = self.layers.first() {
+            let gate_up = match &l.gate_up {
+                GateUp::Stacked(m) => m.forms(),
+                GateUp::Paired(p) => vec![format!("{:?}", p.ty())],
+            };
+            for f in [l.qkv.forms(), l.o_proj.forms(), gate_up, l.down.forms()].concat() {
+                if !forms.contains(&f) {
+                    forms.push(f);
+                }
+            }
+        }
+        let layers = forms.join("+");
         format!(
             "{layers} layers, {} embeddings, {} LM head",
             self.embed.describe(),
