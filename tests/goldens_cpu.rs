@@ -418,11 +418,12 @@ fn the_last_layer_for_the_read_rows_alone_changes_nothing() {
     assert_eq!(chunked, read_one, "{n} tokens in two steps");
 }
 
-/// A K-quant GGUF (ggml's 256-value super-blocks, mixed as in a Q4_K_M file: Q4_K layers
-/// and embeddings, a Q6_K `attn_v` beside Q4_K `attn_q` / `attn_k`, a Q6_K down projection
-/// and LM head, and the Q5_0 / Q5_1 llama-quantize falls back to for rows that are not whole
-/// super-blocks: `attn_output`, `ffn_up`) is computed in place — the ready line names each
-/// type, not an f32 copy — and its logits follow the same model with its weights
+/// A K-quant GGUF (ggml's 256-value super-blocks, mixed as in Q4_K_M / Q5_K_M files: Q4_K
+/// embeddings and `attn_q` / `attn_k` beside a Q6_K `attn_v`, a Q4_K `ffn_gate` beside a Q5_K
+/// `ffn_up`, a Q6_K down projection, and the Q5_0 / Q5_1 that llama-quantize falls back to
+/// for rows that are not whole super-blocks: `attn_output`, the LM head) is computed in place
+/// — the ready line names each type, not an f32 copy — and its logits follow the same model
+/// with its weights
 /// dequantised to f32 (`float32`), within what the int8 activations cost. A 1-layer llama
 /// (hidden 256, 4 heads of 64, MLP 512, 32 tokens) with random blocks; the tokenizer is
 /// SmolLM2's (the runner does not read it).
@@ -437,23 +438,28 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
             .rotate_left(11)
             .wrapping_mul(2_246_822_519)
     };
-    // Super-block scale ~1e-3 and min ~2e-3 (f16), random 6-bit scale / min pairs and values.
+    // Super-block scale ~1e-3 and min ~2e-3 (f16), random 6-bit scale / min pairs and values
+    // (Q5_K, type 13: and fifth bits; its scale a tenth, as its values reach 31).
     let h = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
-    let q4k = |name: &str, rows: usize, cols: usize, seed: usize| {
+    let k45 = |name: &str, rows: usize, cols: usize, seed: usize, q5: bool| {
         let mut data = Vec::new();
+        let f = if q5 { 0.1 } else { 1.0 };
         for b in 0..rows * cols / 256 {
             let r = hash(b, seed);
-            data.extend(h(6e-4 + (r % 1000) as f32 * 1e-6));
+            data.extend(h(f * (6e-4 + (r % 1000) as f32 * 1e-6)));
             data.extend(h(1e-3 + (r % 777) as f32 * 2e-6));
-            data.extend((0..140).map(|k| (hash(b * 256 + k, seed + 1) >> 9) as u8));
+            let n = if q5 { 172 } else { 140 };
+            data.extend((0..n).map(|k| (hash(b * 256 + k, seed + 1) >> 9) as u8));
         }
         RawTensor {
             name: name.into(),
             dims: vec![cols as u64, rows as u64],
-            ggml_type: 12,
+            ggml_type: if q5 { 13 } else { 12 },
             data,
         }
     };
+    let q4k =
+        |name: &str, rows: usize, cols: usize, seed: usize| k45(name, rows, cols, seed, false);
     // Random 6-bit values and 8-bit scales, the super-block scale ~1e-4.
     let q6k = |name: &str, rows: usize, cols: usize, seed: usize| {
         let mut data = Vec::new();
@@ -470,14 +476,14 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
         }
     };
     // Q5_0 (type 6: f16 scale, 32 fifth bits, nibbles) and Q5_1 (7: f16 scale and offset
-    // first), scales ~2e-3 and offsets ~-0.03.
-    let q5 = |name: &str, rows: usize, cols: usize, seed: usize, offset: bool| {
+    // first), scales ~2e-3 and offsets ~-0.03 times `f`.
+    let q5 = |name: &str, rows: usize, cols: usize, seed: usize, offset: bool, f: f32| {
         let mut data = Vec::new();
         for b in 0..rows * cols / 32 {
             let r = hash(b, seed);
-            data.extend(h(2e-3 + (r % 1000) as f32 * 1e-6));
+            data.extend(h(f * (2e-3 + (r % 1000) as f32 * 1e-6)));
             if offset {
-                data.extend(h(-0.03 - (r % 777) as f32 * 1e-5));
+                data.extend(h(f * (-0.03 - (r % 777) as f32 * 1e-5)));
             }
             data.extend((0..20).map(|k| (hash(b * 64 + k, seed + 1) >> 9) as u8));
         }
@@ -500,13 +506,13 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
         q4k("blk.0.attn_q.weight", hidden, hidden, 2),
         q4k("blk.0.attn_k.weight", hidden, hidden, 3),
         q6k("blk.0.attn_v.weight", hidden, hidden, 4),
-        q5("blk.0.attn_output.weight", hidden, hidden, 5, false),
+        q5("blk.0.attn_output.weight", hidden, hidden, 5, false, 1.0),
         ones("blk.0.ffn_norm.weight"),
         q4k("blk.0.ffn_gate.weight", ff, hidden, 6),
-        q5("blk.0.ffn_up.weight", ff, hidden, 7, true),
+        k45("blk.0.ffn_up.weight", ff, hidden, 7, true),
         q6k("blk.0.ffn_down.weight", hidden, ff, 8),
         ones("output_norm.weight"),
-        q6k("output.weight", vocab, hidden, 9),
+        q5("output.weight", vocab, hidden, 9, true, 10.0),
     ];
     let mut meta = llama_meta("llama", hidden as u32, 4, ff as u32);
     meta.push(("llama.context_length", Meta::U32(256)));
@@ -523,9 +529,9 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
     };
     let (mut native, mut reference) = (runner(CpuWeights::Native), runner(CpuWeights::F32));
     let described = native.describe();
-    // The layer's q / k / v (Q4_K, Q4_K and Q6_K parts), o (Q5_0), gate / up (Q4_K, Q5_1)
+    // The layer's q / k / v (Q4_K, Q4_K and Q6_K parts), o (Q5_0), gate / up (Q4_K, Q5_K)
     // and down (Q6_K), each in place.
-    for part in ["Q4K+Q6K+Q5_0+Q5_1 layers", "Q4K embeddings", "Q6K LM head"] {
+    for part in ["Q4K+Q6K+Q5_0+Q5K layers", "Q4K embeddings", "Q5_1 LM head"] {
         assert!(described.contains(part), "{described}");
     }
     assert!(reference.describe().contains("f32 layers"));
@@ -567,10 +573,11 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
         "K-quants in place vs f32: max |Δ logit| {worst}, mean {mean}, of max |logit| {scale}; \
          top-1 margin {margin}"
     );
-    // The int8 activations' cost (the kernels' own tests bound one matmul at 1 %).
+    // The int8 activations' cost (the kernels' own tests bound one matmul at 1 %; here ~0.5 %
+    // on average, ~1.3 % at worst).
     assert!(scale > 1.0, "logits too small to compare: {scale}");
     assert!(
-        worst <= 0.02 * scale && mean <= 0.005 * scale,
+        worst <= 0.02 * scale && mean <= 0.01 * scale,
         "{worst} / {mean} vs {scale}"
     );
     assert!(

@@ -77,12 +77,12 @@ fn unsupported_architecture_is_reported() {
 #[test]
 fn unsupported_quantization_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("q2k.gguf");
+    let p = dir.path().join("iq2.gguf");
     let t = RawTensor {
         name: "token_embd.weight".into(),
         dims: vec![256, 1],
-        ggml_type: 10, // Q2_K
-        data: vec![0u8; 84],
+        ggml_type: 16, // IQ2_XXS
+        data: vec![0u8; 66],
     };
     std::fs::write(&p, write(&llama_meta("llama", 8, 2, 16), &[t])).unwrap();
     let e = match GgufFile::open(&p) {
@@ -93,9 +93,63 @@ fn unsupported_quantization_is_reported() {
         ),
     };
     assert!(
-        e.contains("Q2_K") && e.contains("token_embd.weight") && e.contains("q2k.gguf"),
+        e.contains("IQ (importance-matrix) quantization (ggml type 16)")
+            && e.contains("token_embd.weight")
+            && e.contains("iq2.gguf"),
         "{e}"
     );
+}
+
+/// Every K-quant type against ggml's own Python dequantiser (`gguf.quants.dequantize`, run
+/// by tests/data/make_kquant_blocks.py on two pseudo-random super-blocks a type), through a
+/// GGUF file as a checkpoint carries them: the same f32 values, bit for bit.
+#[test]
+fn k_quant_types_dequantize_as_ggml_does() {
+    let blocks: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kquant_blocks.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for (name, ggml_type) in [
+        ("Q2_K", 10),
+        ("Q3_K", 11),
+        ("Q4_K", 12),
+        ("Q5_K", 13),
+        ("Q6_K", 14),
+    ] {
+        let case = &blocks[name];
+        let hex = case["hex"].as_str().unwrap();
+        let data: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let want: Vec<f32> = case["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.gguf");
+        let t = RawTensor {
+            name: "w".into(),
+            dims: vec![256, 2],
+            ggml_type,
+            data,
+        };
+        std::fs::write(&p, write(&llama_meta("llama", 8, 2, 16), &[t])).unwrap();
+        let f = GgufFile::open(&p).unwrap();
+        let got = f.dequantize(&f.tensors["w"]).unwrap();
+        assert_eq!(got.len(), 512, "{name}");
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{name} value {k}: {g} against ggml's {w}"
+            );
+        }
+    }
 }
 
 #[test]

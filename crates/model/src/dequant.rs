@@ -13,7 +13,10 @@ pub enum GgmlType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -21,9 +24,6 @@ pub enum GgmlType {
 pub fn ggml_type_name(raw: u32) -> String {
     let name = match raw {
         9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        13 => "Q5_K",
         15 => "Q8_K",
         16..=23 | 29 => "IQ (importance-matrix) quantization",
         24 => "I8",
@@ -47,7 +47,10 @@ impl GgmlType {
             6 => GgmlType::Q5_0,
             7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            10 => GgmlType::Q2K,
+            11 => GgmlType::Q3K,
             12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
             14 => GgmlType::Q6K,
             30 => GgmlType::BF16,
             _ => return None,
@@ -64,7 +67,10 @@ impl GgmlType {
             GgmlType::Q5_0 => (32, 22),
             GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q2K => (256, 84),
+            GgmlType::Q3K => (256, 110),
             GgmlType::Q4K => (256, 144),
+            GgmlType::Q5K => (256, 176),
             GgmlType::Q6K => (256, 210),
         }
     }
@@ -177,6 +183,38 @@ pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, S
                 }
             }
         }
+        GgmlType::Q5K => {
+            for b in data.chunks_exact(bs) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let (q, scales) = (q5_k_values(b), &b[4..16]);
+                for (t, q) in q.chunks_exact(32).enumerate() {
+                    let (sc, m) = scale_min_k4(t, scales);
+                    let (dl, ml) = (d * sc as f32, dmin * m as f32);
+                    out.extend(q.iter().map(|&v| dl * v as f32 - ml));
+                }
+            }
+        }
+        GgmlType::Q2K => {
+            for b in data.chunks_exact(bs) {
+                let (scales, d, dmin) = (&b[..16], f16_at(b, 80), f16_at(b, 82));
+                for (k, v) in crumbs(&b[16..80]).into_iter().enumerate() {
+                    let sc = scales[k / 16];
+                    let (dl, ml) = (d * (sc & 0x0f) as f32, dmin * (sc >> 4) as f32);
+                    out.push(dl * v as f32 - ml);
+                }
+            }
+        }
+        GgmlType::Q3K => {
+            for b in data.chunks_exact(bs) {
+                let (hmask, d, scales) = (&b[..32], f16_at(b, 108), q3_k_scales(&b[96..108]));
+                for (k, v) in crumbs(&b[32..96]).into_iter().enumerate() {
+                    // A clear high bit takes 4 off the 2-bit value.
+                    let high = (hmask[k % 32] >> (k / 32)) & 1;
+                    let q = v as i32 - if high == 0 { 4 } else { 0 };
+                    out.push(d * scales[k / 16] as f32 * q as f32);
+                }
+            }
+        }
         GgmlType::Q6K => {
             for b in data.chunks_exact(bs) {
                 let (q, sc, d) = (q6_k_values(b), &b[192..208], f16_at(b, 208));
@@ -206,6 +244,39 @@ pub fn q6_k_values(b: &[u8]) -> [u8; 256] {
         }
     }
     q
+}
+
+/// A Q5_K super-block's 256 values in order (0..32): sub-block `t`'s 32 are the low (even
+/// `t`) or high (odd `t`) nibbles of `qs[32·(t/2) ..]`, each with bit `t` of its `qh` byte as
+/// the fifth bit.
+pub fn q5_k_values(b: &[u8]) -> [u8; 256] {
+    let (qh, qs) = (&b[16..48], &b[48..176]);
+    std::array::from_fn(|k| {
+        let (t, l) = (k / 32, k % 32);
+        let byte = qs[32 * (t / 2) + l];
+        let nibble = if t % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+        nibble | (((qh[l] >> t) & 1) << 4)
+    })
+}
+
+/// The 2-bit values (0..4) of Q2_K's and Q3_K's 64 bytes, in order: each 128-value half is
+/// four 32-value runs, run `s` taking bits `2s, 2s + 1` of that half's 32 bytes.
+fn crumbs(qs: &[u8]) -> [u8; 256] {
+    std::array::from_fn(|k| {
+        let (half, s, l) = (k / 128, (k % 128) / 32, k % 32);
+        (qs[32 * half + l] >> (2 * s)) & 3
+    })
+}
+
+/// Q3_K's sixteen 6-bit scales less 32, from its 12 bytes: the low four bits of scale `j` in
+/// byte `j % 8` (low nibble for `j < 8`, high after), its high two in byte `8 + j % 4` at bit
+/// `2·(j / 4)`.
+fn q3_k_scales(b: &[u8]) -> [i32; 16] {
+    std::array::from_fn(|j| {
+        let low = (b[j % 8] >> (4 * (j / 8))) & 0x0f;
+        let high = (b[8 + j % 4] >> (2 * (j / 4))) & 3;
+        (low | (high << 4)) as i32 - 32
+    })
 }
 
 /// Sub-block `j`'s (scale, min) of a Q4_K super-block's 12 packed 6-bit pairs.

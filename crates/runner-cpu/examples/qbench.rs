@@ -92,6 +92,7 @@ fn types(only: Option<usize>) {
                 QType::Q6K,
                 QType::Q5_0,
                 QType::Q5_1,
+                QType::Q5K,
             ] {
                 // Random blocks whose f16 scales are small normal numbers.
                 let bytes = (out * inner / ty.block_values()) * ty.block_bytes();

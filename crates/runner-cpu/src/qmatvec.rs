@@ -63,6 +63,9 @@ pub enum QType {
     Q5_0,
     /// ggml's Q5_1 (an f16 scale and offset, 5-bit values): as Q5_0, with Q4_1's offset.
     Q5_1,
+    /// ggml's Q5_K (Q4_K's super-blocks with 5-bit values): Q4_K's form plus Q5_0's fifth
+    /// bits.
+    Q5K,
 }
 
 // The kernels are generic over the weight type as a const parameter.
@@ -73,10 +76,16 @@ const T_Q4_K: u8 = 3;
 const T_Q6_K: u8 = 4;
 const T_Q5_0: u8 = 5;
 const T_Q5_1: u8 = 6;
+const T_Q5_K: u8 = 7;
 
 /// The types whose fifth bits follow their nibbles (`QMatrix`).
 const fn five_bit(t: u8) -> bool {
-    t == T_Q5_0 || t == T_Q5_1
+    t == T_Q5_0 || t == T_Q5_1 || t == T_Q5_K
+}
+
+/// The types with super-block scales (`QMatrix::ks`, `kd`).
+const fn k_scales(t: u8) -> bool {
+    t == T_Q4_K || t == T_Q5_K || t == T_Q6_K
 }
 
 /// Bytes of one panel's quantised values for one block (16 rows × 32 values).
@@ -101,6 +110,7 @@ impl QType {
             GgmlType::Q6K => Some(QType::Q6K),
             GgmlType::Q5_0 => Some(QType::Q5_0),
             GgmlType::Q5_1 => Some(QType::Q5_1),
+            GgmlType::Q5K => Some(QType::Q5K),
             _ => None,
         }
     }
@@ -114,6 +124,7 @@ impl QType {
             QType::Q6K => T_Q6_K,
             QType::Q5_0 => T_Q5_0,
             QType::Q5_1 => T_Q5_1,
+            QType::Q5K => T_Q5_K,
         }
     }
 
@@ -127,13 +138,14 @@ impl QType {
             QType::Q6K => 210,
             QType::Q5_0 => 22,
             QType::Q5_1 => 24,
+            QType::Q5K => 176,
         }
     }
 
     /// Values in one ggml block.
     pub fn block_values(self) -> usize {
         match self {
-            QType::Q4K | QType::Q6K => 256,
+            QType::Q4K | QType::Q5K | QType::Q6K => 256,
             _ => QK,
         }
     }
@@ -238,7 +250,7 @@ impl QMatrix {
         let n = panels * blocks;
         // Each type's scale arrays: f16 bits as stored, or the K-quants' codes and super-block
         // scales.
-        let kquant = matches!(ty, QType::Q4K | QType::Q6K);
+        let kquant = k_scales(ty.code());
         let len = |on: bool| if on { n * PJ } else { 0 };
         let mut w = QMatrix {
             ty,
@@ -253,10 +265,10 @@ impl QMatrix {
             kd: vec![0f32; 2 * len(kquant) / 8],
         };
         if kquant {
-            if ty == QType::Q4K {
-                w.fill_q4_k(&data);
-            } else {
+            if ty == QType::Q6K {
                 w.fill_q6_k(&data);
+            } else {
+                w.fill_k_nibbles(&data);
             }
             return Ok(w);
         }
@@ -266,6 +278,7 @@ impl QMatrix {
                 let blk = &data[(j * blocks + b) * bb..(j * blocks + b + 1) * bb];
                 let pb = p * blocks + b;
                 w.d[pb * PJ + jl] = le16(blk, 0);
+                let dst = &mut w.qs[pb * pbb..(pb + 1) * pbb];
                 let (vals, qh) = match ty {
                     QType::Q4_1 => {
                         w.m[pb * PJ + jl] = le16(blk, 2);
@@ -278,56 +291,64 @@ impl QMatrix {
                         w.m[pb * PJ + jl] = le16(blk, 2);
                         (&blk[8..24], Some(&blk[4..8]))
                     }
-                    QType::Q4K | QType::Q6K => unreachable!("repacked by fill_q4_k / fill_q6_k"),
+                    QType::Q4K | QType::Q5K | QType::Q6K => {
+                        unreachable!("repacked by fill_k_nibbles / fill_q6_k")
+                    }
                 };
-                let dst = &mut w.qs[pb * pbb..(pb + 1) * pbb];
+                if let Some(qh) = qh {
+                    // Value k: the low (k < 16) or high nibble of byte k % 16, fifth bit k of qh.
+                    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+                    let five: [u8; QK] = std::array::from_fn(|k| {
+                        let n = if k < 16 {
+                            vals[k] & 0x0f
+                        } else {
+                            vals[k - 16] >> 4
+                        };
+                        n | ((((qh >> k) & 1) as u8) << 4)
+                    });
+                    put_nibbles(dst, jl, &five);
+                    continue;
+                }
                 for (c, four) in vals.chunks_exact(4).enumerate() {
                     dst[c * 64 + jl * 4..c * 64 + jl * 4 + 4].copy_from_slice(four);
-                }
-                if let Some(qh) = qh {
-                    // Value k's fifth bit is bit k of qh; byte 4c + i holds values 4c + i
-                    // (low nibble) and 16 + 4c + i (high).
-                    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-                    for c in 0..4 {
-                        for (half, at) in [(0, 256 + 16 * c), (16, 256 + 16 * c + 8)] {
-                            let mut mask = u64::from_le_bytes(dst[at..at + 8].try_into().unwrap());
-                            for i in 0..4 {
-                                let bit = (qh >> (half + 4 * c + i)) & 1;
-                                mask |= (bit as u64) << (jl * 4 + i);
-                            }
-                            dst[at..at + 8].copy_from_slice(&mask.to_le_bytes());
-                        }
-                    }
                 }
             }
         }
         Ok(w)
     }
 
-    /// Q4_K super-blocks (row after row) into the panels: sub-block `t` of super-block `s` is
-    /// block `8s + t`, its 32 nibbles (the low or the high halves of 32 bytes) rearranged as a
-    /// Q4_1 block's 16 bytes (byte `k`: values `k` and `16 + k`).
-    fn fill_q4_k(&mut self, data: &[u8]) {
-        let (blocks, pbb) = (self.blocks, panel_block_bytes(T_Q4_K));
-        for (i, sb) in data.chunks_exact(QType::Q4K.block_bytes()).enumerate() {
+    /// Q4_K / Q5_K super-blocks (row after row) into the panels: sub-block `t` of super-block
+    /// `s` is block `8s + t`, its 32 values (Q4_K: the low or the high halves of 32 bytes;
+    /// Q5_K: `dequant::q5_k_values`) laid out as a Q4_1 / Q5_1 block's.
+    fn fill_k_nibbles(&mut self, data: &[u8]) {
+        let (blocks, pbb) = (self.blocks, panel_block_bytes(self.ty.code()));
+        for (i, sb) in data.chunks_exact(self.ty.block_bytes()).enumerate() {
             let (j, s) = (i / (blocks / 8), i % (blocks / 8));
             let (p, jl) = (j / PJ, j % PJ);
             let (d, dmin) = (f16(le16(sb, 0)), f16(le16(sb, 2)));
-            let (scales, qs) = (&sb[4..16], &sb[16..144]);
+            let vals: [u8; 256] = if self.ty == QType::Q5K {
+                tpuserve_model::dequant::q5_k_values(sb)
+            } else {
+                let qs = &sb[16..144];
+                std::array::from_fn(|k| {
+                    let (t, l) = (k / 32, k % 32);
+                    let byte = qs[(t / 2) * 32 + l];
+                    if t % 2 == 0 {
+                        byte & 0x0f
+                    } else {
+                        byte >> 4
+                    }
+                })
+            };
             for t in 0..8 {
-                let (sc, m) = tpuserve_model::dequant::scale_min_k4(t, scales);
-                let q = &qs[(t / 2) * 32..(t / 2) * 32 + 32];
-                let v = |k: usize| if t % 2 == 0 { q[k] & 0x0f } else { q[k] >> 4 };
-                let vals: [u8; 16] = std::array::from_fn(|k| v(k) | (v(16 + k) << 4));
+                let (sc, m) = tpuserve_model::dequant::scale_min_k4(t, &sb[4..16]);
                 let pb = p * blocks + 8 * s + t;
                 self.ks[pb * 2 * PJ + jl] = sc;
                 self.ks[pb * 2 * PJ + PJ + jl] = m;
                 self.kd[pb / 8 * 2 * PJ + jl] = d;
                 self.kd[pb / 8 * 2 * PJ + PJ + jl] = -dmin;
-                let dst = &mut self.qs[pb * pbb..(pb + 1) * pbb];
-                for (c, four) in vals.chunks_exact(4).enumerate() {
-                    dst[c * 64 + jl * 4..c * 64 + jl * 4 + 4].copy_from_slice(four);
-                }
+                let block: &[u8; QK] = vals[32 * t..32 * t + 32].try_into().unwrap();
+                put_nibbles(&mut self.qs[pb * pbb..(pb + 1) * pbb], jl, block);
             }
         }
     }
@@ -360,7 +381,7 @@ impl QMatrix {
     fn scales(&self, pb: usize, jl: usize) -> (f32, f32) {
         let i = pb * PJ + jl;
         match self.ty {
-            QType::Q4K | QType::Q6K => {
+            QType::Q4K | QType::Q5K | QType::Q6K => {
                 let (k, kd) = (pb * 2 * PJ + jl, pb / 8 * 2 * PJ + jl);
                 let code = |b: u8| {
                     if self.ty == QType::Q6K {
@@ -390,7 +411,7 @@ impl QMatrix {
             let q = &self.qs[pb * pbb..(pb + 1) * pbb];
             let (d, m) = self.scales(pb, jl);
             match self.ty {
-                QType::Q4_0 | QType::Q4_1 | QType::Q4K | QType::Q5_0 | QType::Q5_1 => {
+                QType::Q4_0 | QType::Q4_1 | QType::Q4K | QType::Q5_0 | QType::Q5_1 | QType::Q5K => {
                     for (k, o) in o.iter_mut().enumerate() {
                         *o = nibble_value(self.ty.code(), q, jl, k) as f32 * d + m;
                     }
@@ -537,8 +558,28 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
     }
 }
 
+/// Writes panel row `jl`'s 32 unsigned values (0..16, or 0..32 for the five-bit types, whose
+/// `dst` holds the masks after the nibbles) into one block's panel bytes `dst`.
+fn put_nibbles(dst: &mut [u8], jl: usize, vals: &[u8; QK]) {
+    for c in 0..4 {
+        for i in 0..4 {
+            let k = 4 * c + i;
+            dst[c * 64 + jl * 4 + i] = (vals[k] & 0x0f) | ((vals[16 + k] & 0x0f) << 4);
+        }
+        if dst.len() > 256 {
+            for (at, from) in [(256 + 16 * c, 4 * c), (256 + 16 * c + 8, 16 + 4 * c)] {
+                let mut mask = u64::from_le_bytes(dst[at..at + 8].try_into().unwrap());
+                for i in 0..4 {
+                    mask |= (((vals[from + i] >> 4) & 1) as u64) << (jl * 4 + i);
+                }
+                dst[at..at + 8].copy_from_slice(&mask.to_le_bytes());
+            }
+        }
+    }
+}
+
 /// Value `k` (unsigned: 0..16, Q5: 0..32) of panel row `jl` in one block's bytes `q` of a
-/// nibble type (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1).
+/// nibble type (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K).
 fn nibble_value(t: u8, q: &[u8], jl: usize, k: usize) -> u8 {
     let (c, i) = ((k % 16) / 4, k % 4);
     let byte = q[c * 64 + jl * 4 + i];
@@ -574,7 +615,7 @@ fn prefetch_ahead<const T: u8>(w: &QMatrix, pb: usize) {
             _mm_prefetch::<_MM_HINT_T0>(qs.wrapping_add(l));
         }
         let at = (pb + PF_BLOCKS) * PJ;
-        if T == T_Q4_K || T == T_Q6_K {
+        if k_scales(T) {
             // Two blocks' codes a line; a super-block's scales in two lines.
             let kd = w.kd.as_ptr().wrapping_add((pb + PF_BLOCKS) / 8 * 2 * PJ) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(w.ks.as_ptr().wrapping_add(2 * at) as *const i8);
@@ -612,8 +653,8 @@ macro_rules! unroll {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{
-        five_bit, panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1,
-        T_Q4_K, T_Q5_0, T_Q5_1, T_Q6_K, T_Q8_0,
+        five_bit, k_scales, panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ,
+        QK, T_Q4_1, T_Q5_0, T_Q5_1, T_Q6_K, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -723,7 +764,7 @@ mod vnni {
                 let kd = _mm512_loadu_ps(w.kd.as_ptr().add(pb / 8 * 2 * PJ + at));
                 _mm512_mul_ps(_mm512_cvtepi32_ps(codes), kd)
             };
-            let dw = if T == T_Q4_K || T == T_Q6_K {
+            let dw = if k_scales(T) {
                 kscale(0)
             } else {
                 _mm512_cvtph_ps(_mm256_loadu_si256(
@@ -734,7 +775,7 @@ mod vnni {
                 _mm512_cvtph_ps(_mm256_loadu_si256(
                     w.m.as_ptr().add(pb * PJ) as *const __m256i
                 ))
-            } else if T == T_Q4_K || T == T_Q6_K {
+            } else if k_scales(T) {
                 kscale(PJ)
             } else {
                 _mm512_mul_ps(dw, _mm512_set1_ps(if T == T_Q5_0 { -16.0 } else { -8.0 }))
@@ -795,8 +836,8 @@ mod vnni {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
-        five_bit, panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q4_1,
-        T_Q4_K, T_Q5_0, T_Q5_1, T_Q6_K, T_Q8_0,
+        five_bit, k_scales, panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ,
+        QK, T_Q4_1, T_Q5_0, T_Q5_1, T_Q6_K, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -927,14 +968,14 @@ mod avx2 {
                 let kd = _mm256_loadu_ps(w.kd.as_ptr().add(pb / 8 * 2 * PJ + at + half * 8));
                 _mm256_mul_ps(_mm256_cvtepi32_ps(codes), kd)
             };
-            let dw = if T == T_Q4_K || T == T_Q6_K {
+            let dw = if k_scales(T) {
                 kscale(0)
             } else {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(sp) as *const __m128i))
             };
             let mw = if T == T_Q4_1 || T == T_Q5_1 {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(sp) as *const __m128i))
-            } else if T == T_Q4_K || T == T_Q6_K {
+            } else if k_scales(T) {
                 kscale(PJ)
             } else {
                 _mm256_mul_ps(dw, _mm256_set1_ps(if T == T_Q5_0 { -16.0 } else { -8.0 }))
@@ -1009,6 +1050,7 @@ fn panel(isa: QIsa, a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
                 QType::Q6K => $($f)::+::<T_Q6_K>(a, rs, w, p, out),
                 QType::Q5_0 => $($f)::+::<T_Q5_0>(a, rs, w, p, out),
                 QType::Q5_1 => $($f)::+::<T_Q5_1>(a, rs, w, p, out),
+                QType::Q5K => $($f)::+::<T_Q5_K>(a, rs, w, p, out),
             }
         };
     }
@@ -1295,14 +1337,15 @@ mod tests {
         let nb = rows * cols / ty.block_values();
         let mut bytes = Vec::with_capacity(nb * ty.block_bytes());
         let h = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
-        if ty == QType::Q4K {
+        if matches!(ty, QType::Q4K | QType::Q5K) {
             // Super-block scale and min around 1e-3 (sub-block scales up to 63 of them),
-            // random 6-bit scale / min pairs and values.
+            // random 6-bit scale / min pairs and values (Q5_K: and fifth bits).
             for b in 0..nb {
                 let r = hash(b, seed);
                 bytes.extend(h(4e-4 + (r % 1000) as f32 * 1e-6));
                 bytes.extend(h(2e-3 + (r % 777) as f32 * 2e-6));
-                bytes.extend((0..140).map(|k| (hash(b * 256 + k, seed ^ 0x5555) >> 7) as u8));
+                let n = ty.block_bytes() - 4;
+                bytes.extend((0..n).map(|k| (hash(b * 256 + k, seed ^ 0x5555) >> 7) as u8));
             }
             return bytes;
         }
@@ -1357,7 +1400,7 @@ mod tests {
         y
     }
 
-    const TYPES: [QType; 7] = [
+    const TYPES: [QType; 8] = [
         QType::Q4_0,
         QType::Q4_1,
         QType::Q8_0,
@@ -1365,14 +1408,15 @@ mod tests {
         QType::Q6K,
         QType::Q5_0,
         QType::Q5_1,
+        QType::Q5K,
     ];
 
     #[test]
     fn each_type_is_held_near_its_file_size() {
         // Bytes a 32-value block of one weight row holds: the file's for the 32-value types;
-        // the K-quants' 256-value super-blocks (144 and 210 bytes in the file: 18 and 26.25
-        // a block) as 16 bytes of nibbles / 32 of values, 2 of scale codes and 1 of the
-        // super-block's f32 scales.
+        // the K-quants' 256-value super-blocks (144, 176 and 210 bytes in the file: 18, 22
+        // and 26.25 a block) as 16 bytes of nibbles (and 4 of fifth bits) / 32 of values,
+        // 2 of scale codes and 1 of the super-block's f32 scales.
         for (ty, per_block) in [
             (QType::Q4_0, 18),
             (QType::Q4_1, 20),
@@ -1380,6 +1424,7 @@ mod tests {
             (QType::Q5_1, 24),
             (QType::Q8_0, 34),
             (QType::Q4K, 19),
+            (QType::Q5K, 23),
             (QType::Q6K, 35),
         ] {
             let (rows, cols) = (48, 512);
@@ -1402,6 +1447,7 @@ mod tests {
                 QType::Q6K => GgmlType::Q6K,
                 QType::Q5_0 => GgmlType::Q5_0,
                 QType::Q5_1 => GgmlType::Q5_1,
+                QType::Q5K => GgmlType::Q5K,
             };
             let all = tpuserve_model::dequant::dequantize(g, &bytes, rows * cols).unwrap();
             let mut row = vec![0f32; cols];

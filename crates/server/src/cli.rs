@@ -55,9 +55,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub download_dir: Option<PathBuf>,
     /// auto | float32 | bfloat16 | float16 (float16 runs as bfloat16). On the CPU runner, auto
-    /// keeps GGUF Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K blocks (8-bit activations)
-    /// and bf16 checkpoints in place, bfloat16 holds every matrix as bf16 (f32 activations),
-    /// and float32 dequantises every weight (the reference).
+    /// keeps GGUF Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K blocks (8-bit
+    /// activations) and bf16 checkpoints in place, bfloat16 holds every matrix as bf16 (f32
+    /// activations), and float32 dequantises every weight (the reference).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// `int8` (XLA devices): projections and LM head held as int8 with one scale per output
