@@ -33,8 +33,9 @@ use crate::weights::{GateUp, LayerWeights, Matrix, ModelWeights};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuWeights {
     /// The checkpoint's own form: GGUF Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks, repacked at
-    /// load into the `qmatvec` kernels' 16-row panels (same bytes per weight; Q4_K / Q5_K / Q6_K as
-    /// 32-value blocks with f32 scales, see `qmatvec::QType`) and computed on with int8
+    /// load into the `qmatvec` kernels' 16-row panels (same bytes per weight; Q4_K / Q5_K /
+    /// Q6_K as 32-value blocks with their scale codes and f32 super-block scales, see
+    /// `qmatvec::QMatrix`) and computed on with int8
     /// activations; bf16 matrices kept as bf16 (with AVX-512 BF16, multiplied by bf16-rounded
     /// activations in `bf16dot`; otherwise widened in registers: the same values as f32);
     /// everything else dequantised / widened to f32.

@@ -165,6 +165,8 @@ impl QType {
 ///   `ks[pb·32 + jl]` its 6-bit scale code, `ks[pb·32 + 16 + jl]` its min code;
 ///   `kd[(pb / 8)·32 + jl]` the super-block's `d`, `kd[.. + 16 + jl]` its `−dmin` (f32: the
 ///   kernels' `d·sc` needs up to 17 significant bits, exact in f32, not in f16).
+/// - Q5_K: Q4_K's nibbles, codes and super-block scales, with each value's fifth bit in the
+///   64 bytes after the nibbles as Q5_0's.
 /// - Q6_K: each 32-value block's values (0..64, one byte each) in Q8_0's order; the scale
 ///   codes (i8) of its first and second 16 values at `ks[pb·32 + jl]`, `ks[.. + 16 + jl]`;
 ///   the super-block's `d` at both `kd[(pb / 8)·32 + jl]` and `kd[.. + 16 + jl]`.
