@@ -33,7 +33,13 @@ def test_compare_smoke_runs_and_reports(tmp_path):
         assert pt["output_tok_s"] > 0 and pt["ttft_p50_ms"] > 0 and pt["tpot_p50_ms"] > 0
         assert pt["rss_load_bytes"] >= server["rss_idle_bytes"] * 0.5
         assert pt["cpu_s_per_1k_tokens"] > 0
+    # The CPU the run was on, with the vector flags that decide each server's kernels.
+    flags = open("/proc/cpuinfo").read().split("\nflags", 1)[1].split("\n", 1)[0].split()
+    assert res["machine"]["cpu_flags"] == sorted(
+        f for f in flags if f == "avx2" or f.startswith(("avx512", "avx_vnni", "amx")))
     table = (tmp_path / "table.md").read_text()
     assert table.startswith("| server | conc | out tok/s")
+    assert f"CPU: {res['machine']['cpu_model']}, " in table
+    assert all(f in table.rsplit("CPU: ", 1)[1] for f in res["machine"]["cpu_flags"])
     assert table.count("| tpuserve-cpu |") == 2
     assert (tmp_path / "tpuserve-cpu.log").read_text().strip()
