@@ -418,13 +418,13 @@ fn the_last_layer_for_the_read_rows_alone_changes_nothing() {
     assert_eq!(chunked, read_one, "{n} tokens in two steps");
 }
 
-/// A K-quant GGUF (ggml's 256-value super-blocks, mixed as in Q4_K_M / Q5_K_M files: Q4_K
-/// embeddings and `attn_q` / `attn_k` beside a Q6_K `attn_v`, a Q4_K `ffn_gate` beside a Q5_K
-/// `ffn_up`, a Q6_K down projection, and the Q5_0 / Q5_1 that llama-quantize falls back to
-/// for rows that are not whole super-blocks: `attn_output`, the LM head) is computed in place
-/// — the ready line names each type, not an f32 copy — and its logits follow the same model
-/// with its weights
-/// dequantised to f32 (`float32`), within what the int8 activations cost. A 1-layer llama
+/// A K-quant GGUF (ggml's 256-value super-blocks, mixed as in Q2_K / Q3_K_M / Q4_K_M files:
+/// Q4_K embeddings and `attn_q`, a Q3_K `attn_k` beside a Q6_K `attn_v`, a Q2_K `ffn_gate`
+/// beside a Q5_K `ffn_up`, a Q6_K down projection, and the Q5_0 / Q5_1 that llama-quantize
+/// falls back to for rows that are not whole super-blocks: `attn_output`, the LM head) is
+/// computed in place — the ready line names each type, not an f32 copy — and its logits
+/// follow the same model with its weights dequantised to f32 (`float32`), within what the
+/// int8 activations cost. A 1-layer llama
 /// (hidden 256, 4 heads of 64, MLP 512, 32 tokens) with random blocks; the tokenizer is
 /// SmolLM2's (the runner does not read it).
 #[test]
@@ -494,6 +494,28 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
             data,
         }
     };
+    // Q3_K (type 11: high bits, 2-bit values, 6-bit scales, then `d` ~2e-3) and Q2_K (10:
+    // 4-bit scale / min pairs, 2-bit values, then `d` ~5e-3 and `dmin` ~4e-3), random.
+    let small_k = |name: &str, rows: usize, cols: usize, seed: usize, q3: bool| {
+        let mut data = Vec::new();
+        for b in 0..rows * cols / 256 {
+            let r = hash(b, seed);
+            let n = if q3 { 108 } else { 80 };
+            data.extend((0..n).map(|k| (hash(b * 256 + k, seed + 1) >> 9) as u8));
+            if q3 {
+                data.extend(h(2e-3 + (r % 1000) as f32 * 1e-6));
+            } else {
+                data.extend(h(5e-3 + (r % 1000) as f32 * 1e-6));
+                data.extend(h(4e-3 + (r % 777) as f32 * 1e-6));
+            }
+        }
+        RawTensor {
+            name: name.into(),
+            dims: vec![cols as u64, rows as u64],
+            ggml_type: if q3 { 11 } else { 10 },
+            data,
+        }
+    };
     let ones = |name: &str| RawTensor {
         name: name.into(),
         dims: vec![hidden as u64],
@@ -504,11 +526,11 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
         q4k("token_embd.weight", vocab, hidden, 1),
         ones("blk.0.attn_norm.weight"),
         q4k("blk.0.attn_q.weight", hidden, hidden, 2),
-        q4k("blk.0.attn_k.weight", hidden, hidden, 3),
+        small_k("blk.0.attn_k.weight", hidden, hidden, 3, true),
         q6k("blk.0.attn_v.weight", hidden, hidden, 4),
         q5("blk.0.attn_output.weight", hidden, hidden, 5, false, 1.0),
         ones("blk.0.ffn_norm.weight"),
-        q4k("blk.0.ffn_gate.weight", ff, hidden, 6),
+        small_k("blk.0.ffn_gate.weight", ff, hidden, 6, false),
         k45("blk.0.ffn_up.weight", ff, hidden, 7, true),
         q6k("blk.0.ffn_down.weight", hidden, ff, 8),
         ones("output_norm.weight"),
@@ -529,9 +551,13 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
     };
     let (mut native, mut reference) = (runner(CpuWeights::Native), runner(CpuWeights::F32));
     let described = native.describe();
-    // The layer's q / k / v (Q4_K, Q4_K and Q6_K parts), o (Q5_0), gate / up (Q4_K, Q5_K)
+    // The layer's q / k / v (Q4_K, Q3_K and Q6_K parts), o (Q5_0), gate / up (Q2_K, Q5_K)
     // and down (Q6_K), each in place.
-    for part in ["Q4K+Q6K+Q5_0+Q5K layers", "Q4K embeddings", "Q5_1 LM head"] {
+    for part in [
+        "Q4K+Q3K+Q6K+Q5_0+Q2K+Q5K layers",
+        "Q4K embeddings",
+        "Q5_1 LM head",
+    ] {
         assert!(described.contains(part), "{described}");
     }
     assert!(reference.describe().contains("f32 layers"));

@@ -197,7 +197,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, S
         GgmlType::Q2K => {
             for b in data.chunks_exact(bs) {
                 let (scales, d, dmin) = (&b[..16], f16_at(b, 80), f16_at(b, 82));
-                for (k, v) in crumbs(&b[16..80]).into_iter().enumerate() {
+                for (k, v) in q2_k_values(b).into_iter().enumerate() {
                     let sc = scales[k / 16];
                     let (dl, ml) = (d * (sc & 0x0f) as f32, dmin * (sc >> 4) as f32);
                     out.push(dl * v as f32 - ml);
@@ -206,12 +206,9 @@ pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, S
         }
         GgmlType::Q3K => {
             for b in data.chunks_exact(bs) {
-                let (hmask, d, scales) = (&b[..32], f16_at(b, 108), q3_k_scales(&b[96..108]));
-                for (k, v) in crumbs(&b[32..96]).into_iter().enumerate() {
-                    // A clear high bit takes 4 off the 2-bit value.
-                    let high = (hmask[k % 32] >> (k / 32)) & 1;
-                    let q = v as i32 - if high == 0 { 4 } else { 0 };
-                    out.push(d * scales[k / 16] as f32 * q as f32);
+                let (d, scales) = (f16_at(b, 108), q3_k_scales(b));
+                for (k, v) in q3_k_values(b).into_iter().enumerate() {
+                    out.push(d * scales[k / 16] as f32 * (v as i32 - 4) as f32);
                 }
             }
         }
@@ -268,10 +265,25 @@ fn crumbs(qs: &[u8]) -> [u8; 256] {
     })
 }
 
-/// Q3_K's sixteen 6-bit scales less 32, from its 12 bytes: the low four bits of scale `j` in
-/// byte `j % 8` (low nibble for `j < 8`, high after), its high two in byte `8 + j % 4` at bit
-/// `2·(j / 4)`.
-fn q3_k_scales(b: &[u8]) -> [i32; 16] {
+/// A Q2_K super-block's 256 values in order (0..4; the value is `d·sc·q − dmin·m` with its
+/// 16-value group's 4-bit scale `sc` and min `m`, the low and high nibbles of byte `k / 16`).
+pub fn q2_k_values(b: &[u8]) -> [u8; 256] {
+    crumbs(&b[16..80])
+}
+
+/// A Q3_K super-block's 256 values in order, unsigned (0..8; the value is `q − 4` times `d`
+/// and its 16-value group's scale): the 2-bit value plus 4 where its `hmask` bit is set (a
+/// clear bit takes 4 off the 2-bit value).
+pub fn q3_k_values(b: &[u8]) -> [u8; 256] {
+    let (hmask, low) = (&b[..32], crumbs(&b[32..96]));
+    std::array::from_fn(|k| low[k] | (((hmask[k % 32] >> (k / 32)) & 1) << 2))
+}
+
+/// A Q3_K super-block's sixteen 6-bit scales less 32, from its 12 bytes at 96: the low four
+/// bits of scale `j` in byte `j % 8` (low nibble for `j < 8`, high after), its high two in
+/// byte `8 + j % 4` at bit `2·(j / 4)`.
+pub fn q3_k_scales(b: &[u8]) -> [i32; 16] {
+    let b = &b[96..108];
     std::array::from_fn(|j| {
         let low = (b[j % 8] >> (4 * (j / 8))) & 0x0f;
         let high = (b[8 + j % 4] >> (2 * (j / 4))) & 3;

@@ -93,6 +93,8 @@ fn types(only: Option<usize>) {
                 QType::Q5_0,
                 QType::Q5_1,
                 QType::Q5K,
+                QType::Q3K,
+                QType::Q2K,
             ] {
                 // Random blocks whose f16 scales are small normal numbers.
                 let bytes = (out * inner / ty.block_values()) * ty.block_bytes();

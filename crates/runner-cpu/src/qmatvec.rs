@@ -66,6 +66,16 @@ pub enum QType {
     /// ggml's Q5_K (Q4_K's super-blocks with 5-bit values): Q4_K's form plus Q5_0's fifth
     /// bits.
     Q5K,
+    /// ggml's Q3_K (super-blocks of 256: an f16 scale, a 6-bit scale per 16 values, 3-bit
+    /// values less 4), held as nibbles in Q4's order with each 32-value block's two half
+    /// scale codes (i8, less 32) and the super-block's `d` as Q6_K's; the −4 comes off each
+    /// half's integer sum.
+    Q3K,
+    /// ggml's Q2_K (super-blocks of 256: an f16 scale and min, a 4-bit scale and min per 16
+    /// values, 2-bit values), held as nibbles in Q4's order with each half's scale-and-min
+    /// byte as stored and the super-block's `d` and `−dmin`; each half's min multiplies its
+    /// activation sum.
+    Q2K,
 }
 
 // The kernels are generic over the weight type as a const parameter.
@@ -77,6 +87,8 @@ const T_Q6_K: u8 = 4;
 const T_Q5_0: u8 = 5;
 const T_Q5_1: u8 = 6;
 const T_Q5_K: u8 = 7;
+const T_Q3_K: u8 = 8;
+const T_Q2_K: u8 = 9;
 
 /// The types whose fifth bits follow their nibbles (`QMatrix`).
 const fn five_bit(t: u8) -> bool {
@@ -85,7 +97,30 @@ const fn five_bit(t: u8) -> bool {
 
 /// The types with super-block scales (`QMatrix::ks`, `kd`).
 const fn k_scales(t: u8) -> bool {
-    t == T_Q4_K || t == T_Q5_K || t == T_Q6_K
+    t == T_Q4_K || t == T_Q5_K || t == T_Q6_K || t == T_Q3_K || t == T_Q2_K
+}
+
+/// The types scaled per 16 values: their tiles keep an integer sum a row for each half of a
+/// block.
+const fn two_sums(t: u8) -> bool {
+    t == T_Q6_K || t == T_Q3_K || t == T_Q2_K
+}
+
+/// What each stored (unsigned) value carries above the value it stands for, taken off each
+/// half's integer sum through the activations' half sums.
+const fn value_offset(t: u8) -> i32 {
+    if t == T_Q6_K {
+        32
+    } else if t == T_Q3_K {
+        4
+    } else {
+        0
+    }
+}
+
+/// The types whose scale codes are signed bytes.
+const fn signed_codes(t: u8) -> bool {
+    t == T_Q6_K || t == T_Q3_K
 }
 
 /// Bytes of one panel's quantised values for one block (16 rows × 32 values).
@@ -111,6 +146,8 @@ impl QType {
             GgmlType::Q5_0 => Some(QType::Q5_0),
             GgmlType::Q5_1 => Some(QType::Q5_1),
             GgmlType::Q5K => Some(QType::Q5K),
+            GgmlType::Q3K => Some(QType::Q3K),
+            GgmlType::Q2K => Some(QType::Q2K),
             _ => None,
         }
     }
@@ -125,6 +162,8 @@ impl QType {
             QType::Q5_0 => T_Q5_0,
             QType::Q5_1 => T_Q5_1,
             QType::Q5K => T_Q5_K,
+            QType::Q3K => T_Q3_K,
+            QType::Q2K => T_Q2_K,
         }
     }
 
@@ -139,13 +178,15 @@ impl QType {
             QType::Q5_0 => 22,
             QType::Q5_1 => 24,
             QType::Q5K => 176,
+            QType::Q3K => 110,
+            QType::Q2K => 84,
         }
     }
 
     /// Values in one ggml block.
     pub fn block_values(self) -> usize {
         match self {
-            QType::Q4K | QType::Q5K | QType::Q6K => 256,
+            QType::Q4K | QType::Q5K | QType::Q6K | QType::Q3K | QType::Q2K => 256,
             _ => QK,
         }
     }
@@ -173,6 +214,11 @@ impl QType {
 /// - Q6_K: each 32-value block's values (0..64, one byte each) in Q8_0's order; the scale
 ///   codes (i8) of its first and second 16 values at `ks[pb·32 + jl]`, `ks[.. + 16 + jl]`;
 ///   the super-block's `d` at both `kd[(pb / 8)·32 + jl]` and `kd[.. + 16 + jl]`.
+/// - Q3_K: each 32-value block's values (0..8) as nibbles in Q4's order (the low nibbles are
+///   its first 16 values, the high its second); codes and `d` as Q6_K's (codes less 32).
+/// - Q2_K: values (0..4) as Q3_K's; `ks[pb·32 + jl]`, `ks[.. + 16 + jl]` each half's byte as
+///   stored (scale code in the low nibble, min code in the high); `kd[(pb / 8)·32 + jl]` the
+///   super-block's `d`, `kd[.. + 16 + jl]` its `−dmin`.
 pub struct QMatrix {
     pub ty: QType,
     pub rows: usize,
@@ -270,10 +316,10 @@ impl QMatrix {
             kd: vec![0f32; 2 * len(kquant) / 8],
         };
         if kquant {
-            if ty == QType::Q6K {
-                w.fill_q6_k(&data);
-            } else {
-                w.fill_k_nibbles(&data);
+            match ty {
+                QType::Q6K => w.fill_q6_k(&data),
+                QType::Q3K | QType::Q2K => w.fill_k_small(&data),
+                _ => w.fill_k_nibbles(&data),
             }
             return Ok(w);
         }
@@ -296,8 +342,8 @@ impl QMatrix {
                         w.m[pb * PJ + jl] = le16(blk, 2);
                         (&blk[8..24], Some(&blk[4..8]))
                     }
-                    QType::Q4K | QType::Q5K | QType::Q6K => {
-                        unreachable!("repacked by fill_k_nibbles / fill_q6_k")
+                    QType::Q4K | QType::Q5K | QType::Q6K | QType::Q3K | QType::Q2K => {
+                        unreachable!("repacked by fill_k_nibbles / fill_q6_k / fill_k_small")
                     }
                 };
                 if let Some(qh) = qh {
@@ -381,23 +427,53 @@ impl QMatrix {
         }
     }
 
-    /// Row `r`'s block scale and offset (Q4_0: `−8·d`; Q8_0: none; Q6_K: its two halves'
-    /// scales).
+    /// Q2_K / Q3_K super-blocks (row after row) into the panels: block `8s + t` of a row
+    /// holds values `32t .. 32t + 32` of its super-block `s` (`dequant::q2_k_values`,
+    /// `q3_k_values`) as nibbles, its halves' codes those of 16-value groups `2t`, `2t + 1`.
+    fn fill_k_small(&mut self, data: &[u8]) {
+        use tpuserve_model::dequant;
+        let (blocks, pbb) = (self.blocks, panel_block_bytes(self.ty.code()));
+        for (i, sb) in data.chunks_exact(self.ty.block_bytes()).enumerate() {
+            let (j, s) = (i / (blocks / 8), i % (blocks / 8));
+            let (p, jl) = (j / PJ, j % PJ);
+            let (vals, codes, d, d2): ([u8; 256], [u8; 16], f32, f32) = if self.ty == QType::Q3K {
+                let d = f16(le16(sb, 108));
+                let sc = dequant::q3_k_scales(sb);
+                (dequant::q3_k_values(sb), sc.map(|c| c as i8 as u8), d, d)
+            } else {
+                let (d, dmin) = (f16(le16(sb, 80)), f16(le16(sb, 82)));
+                let codes: [u8; 16] = sb[..16].try_into().unwrap();
+                (dequant::q2_k_values(sb), codes, d, -dmin)
+            };
+            for t in 0..8 {
+                let pb = p * blocks + 8 * s + t;
+                self.ks[pb * 2 * PJ + jl] = codes[2 * t];
+                self.ks[pb * 2 * PJ + PJ + jl] = codes[2 * t + 1];
+                self.kd[pb / 8 * 2 * PJ + jl] = d;
+                self.kd[pb / 8 * 2 * PJ + PJ + jl] = d2;
+                let block: &[u8; QK] = vals[32 * t..32 * t + 32].try_into().unwrap();
+                put_nibbles(&mut self.qs[pb * pbb..(pb + 1) * pbb], jl, block);
+            }
+        }
+    }
+
+    /// Row `r`'s block scale and offset (Q4_0: `−8·d`; Q8_0: none; Q6_K, Q3_K, Q2_K: its
+    /// two halves' scales).
     fn scales(&self, pb: usize, jl: usize) -> (f32, f32) {
         let i = pb * PJ + jl;
         match self.ty {
-            QType::Q4K | QType::Q5K | QType::Q6K => {
+            QType::Q4K | QType::Q5K | QType::Q6K | QType::Q3K | QType::Q2K => {
                 let (k, kd) = (pb * 2 * PJ + jl, pb / 8 * 2 * PJ + jl);
-                let code = |b: u8| {
-                    if self.ty == QType::Q6K {
-                        b as i8 as f32
-                    } else {
-                        b as f32
-                    }
+                let code = |b: u8| match self.ty {
+                    QType::Q6K | QType::Q3K => b as i8 as f32,
+                    QType::Q2K => (b & 0x0f) as f32,
+                    _ => b as f32,
                 };
+                // Q2_K: both halves' scales multiply `d` (its `−dmin` goes with the mins).
+                let kd2 = if self.ty == QType::Q2K { kd } else { kd + PJ };
                 (
                     code(self.ks[k]) * self.kd[kd],
-                    code(self.ks[k + PJ]) * self.kd[kd + PJ],
+                    code(self.ks[k + PJ]) * self.kd[kd2],
                 )
             }
             QType::Q4_1 | QType::Q5_1 => (f16(self.d[i]), f16(self.m[i])),
@@ -405,6 +481,15 @@ impl QMatrix {
             QType::Q5_0 => (f16(self.d[i]), -16.0 * f16(self.d[i])),
             QType::Q8_0 => (f16(self.d[i]), 0.0),
         }
+    }
+
+    /// Q2_K: row `r`'s two halves' offsets `−dmin·m` in block `pb`.
+    fn mins(&self, pb: usize, jl: usize) -> (f32, f32) {
+        let (k, kd) = (pb * 2 * PJ + jl, pb / 8 * 2 * PJ + PJ + jl);
+        (
+            (self.ks[k] >> 4) as f32 * self.kd[kd],
+            (self.ks[k + PJ] >> 4) as f32 * self.kd[kd],
+        )
     }
 
     /// Row `r` dequantised into `out` (embedding lookups).
@@ -430,6 +515,19 @@ impl QMatrix {
                     for (k, o) in o.iter_mut().enumerate() {
                         let v = q[(k / 4) * 64 + jl * 4 + k % 4] as i32 - 32;
                         *o = if k < 16 { d } else { m } * v as f32;
+                    }
+                }
+                QType::Q3K => {
+                    for (k, o) in o.iter_mut().enumerate() {
+                        let v = nibble_value(T_Q3_K, q, jl, k) as i32 - 4;
+                        *o = if k < 16 { d } else { m } * v as f32;
+                    }
+                }
+                QType::Q2K => {
+                    let (n0, n1) = self.mins(pb, jl);
+                    for (k, o) in o.iter_mut().enumerate() {
+                        let v = nibble_value(T_Q2_K, q, jl, k) as f32;
+                        *o = if k < 16 { d * v + n0 } else { m * v + n1 };
                     }
                 }
             }
@@ -532,15 +630,26 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
                 let xq = a.block_q(r, b);
                 let (dw, mw) = w.scales(pb, jl);
                 let i = a.at(r, b);
-                if T == T_Q6_K {
-                    // Each half's integer sum, then its scale.
-                    let mut sums = [0i32; 2];
+                if two_sums(T) {
+                    // Each half's integer sum, then its scale (Q2_K: and its min times the
+                    // half's activation sum).
+                    let (mut sums, mut xs) = ([0i32; 2], [0i32; 2]);
                     for k in 0..QK {
-                        let v = q[(k / 4) * 64 + jl * 4 + k % 4] as i32 - 32;
-                        sums[k / 16] += v * xq[k] as i32;
+                        let v = if T == T_Q6_K {
+                            q[(k / 4) * 64 + jl * 4 + k % 4] as i32
+                        } else {
+                            nibble_value(T, q, jl, k) as i32
+                        };
+                        sums[k / 16] += (v - value_offset(T)) * xq[k] as i32;
+                        xs[k / 16] += xq[k] as i32;
                     }
                     acc += (dw * a.d[i]) * sums[0] as f32;
                     acc += (mw * a.d[i]) * sums[1] as f32;
+                    if T == T_Q2_K {
+                        let (n0, n1) = w.mins(pb, jl);
+                        acc += n0 * (a.d[i] * xs[0] as f32);
+                        acc += n1 * (a.d[i] * xs[1] as f32);
+                    }
                     continue;
                 }
                 let mut isum = 0i32;
@@ -585,7 +694,7 @@ fn put_nibbles(dst: &mut [u8], jl: usize, vals: &[u8; QK]) {
 }
 
 /// Value `k` (unsigned: 0..16, Q5: 0..32) of panel row `jl` in one block's bytes `q` of a
-/// nibble type (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K).
+/// nibble type (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q3_K, Q2_K).
 fn nibble_value(t: u8, q: &[u8], jl: usize, k: usize) -> u8 {
     let (c, i) = ((k % 16) / 4, k % 4);
     let byte = q[c * 64 + jl * 4 + i];
@@ -658,8 +767,9 @@ macro_rules! unroll {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{
-        five_bit, k_scales, panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ,
-        QK, T_Q4_1, T_Q5_0, T_Q5_1, T_Q6_K, T_Q8_0,
+        five_bit, k_scales, panel_block_bytes, prefetch_ahead, signed_codes, two_sums,
+        value_offset, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q2_K, T_Q4_1, T_Q5_0, T_Q5_1,
+        T_Q6_K, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -683,8 +793,9 @@ mod vnni {
         let (j0, step) = a.row_start(r0);
         let mask = _mm512_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); R];
-        // Q6_K's first-half activation sums (empty for the other types, which never read them).
-        let halves: &[i32] = if T == T_Q6_K { a.half_sums() } else { &[] };
+        // The first-half activation sums of the types scaled per half (empty for the others,
+        // which never read them).
+        let halves: &[i32] = if two_sums(T) { a.half_sums() } else { &[] };
         for b in 0..nb {
             let pb = p * nb + b;
             let j = j0 + b * step;
@@ -694,11 +805,10 @@ mod vnni {
                 prefetch_ahead::<T>(w, pb);
             }
             let mut isum = [_mm512_setzero_si512(); R];
-            // Q6_K: the second half's sums (the first half's in `isum`).
+            // Types scaled per half: the second half's sums (the first half's in `isum`).
             let mut isum2 = [_mm512_setzero_si512(); R];
             if T == T_Q6_K {
-                // The values (0..64) are already unsigned bytes; each half's sum less 32·Σx
-                // over that half is the sum over `q − 32`.
+                // The values (0..64) are already unsigned bytes.
                 let mut eighth = |c: usize| {
                     let wv = _mm512_loadu_si512(wp.add(c * 64) as *const __m512i);
                     let sums = if c < 4 { &mut isum } else { &mut isum2 };
@@ -708,12 +818,6 @@ mod vnni {
                     }
                 };
                 unroll!(eighth: 0 1 2 3 4 5 6 7);
-                for r in 0..R {
-                    let lo = *halves.get_unchecked(j + r);
-                    let hi = *a.c.get_unchecked(j + r) / 128 - lo;
-                    isum[r] = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(32 * lo));
-                    isum2[r] = _mm512_sub_epi32(isum2[r], _mm512_set1_epi32(32 * hi));
-                }
             } else if T == T_Q8_0 {
                 // `vpdpbusd` multiplies unsigned bytes (its register operand) by signed ones
                 // (the operand that may be a broadcast from memory): the weights, flipped to
@@ -757,28 +861,42 @@ mod vnni {
                         lo = add_fifth(lo, 2 * c);
                         hi = add_fifth(hi, 2 * c + 1);
                     }
-                    for (r, s) in isum.iter_mut().enumerate() {
+                    for r in 0..R {
                         let xl = _mm512_set1_epi32(x4(xb, r, 4 * c));
                         let xh = _mm512_set1_epi32(x4(xb, r, 16 + 4 * c));
-                        *s = _mm512_dpbusd_epi32(*s, lo, xl);
+                        isum[r] = _mm512_dpbusd_epi32(isum[r], lo, xl);
+                        // The high nibbles are the block's second 16 values.
+                        let s = if two_sums(T) {
+                            &mut isum2[r]
+                        } else {
+                            &mut isum[r]
+                        };
                         *s = _mm512_dpbusd_epi32(*s, hi, xh);
                     }
                 };
                 unroll!(quarter: 0 1 2 3);
             }
-            // K-quants: the codes (i8 for Q6_K, u8 for Q4_K) times the super-block's scales.
-            let kscale = |at: usize| {
+            // K-quants: the codes (i8 for Q6_K and Q3_K, u8 for the others; Q2_K's scale in
+            // the low nibble, its min in the high) times the super-block's scales.
+            let kscale = |at: usize, kd_at: usize, min: bool| {
                 let codes = _mm_loadu_si128(w.ks.as_ptr().add(pb * 2 * PJ + at) as *const __m128i);
-                let codes = if T == T_Q6_K {
+                let mut codes = if signed_codes(T) {
                     _mm512_cvtepi8_epi32(codes)
                 } else {
                     _mm512_cvtepu8_epi32(codes)
                 };
-                let kd = _mm512_loadu_ps(w.kd.as_ptr().add(pb / 8 * 2 * PJ + at));
+                if T == T_Q2_K {
+                    codes = if min {
+                        _mm512_srli_epi32::<4>(codes)
+                    } else {
+                        _mm512_and_si512(codes, _mm512_set1_epi32(0x0f))
+                    };
+                }
+                let kd = _mm512_loadu_ps(w.kd.as_ptr().add(pb / 8 * 2 * PJ + kd_at));
                 _mm512_mul_ps(_mm512_cvtepi32_ps(codes), kd)
             };
             let dw = if k_scales(T) {
-                kscale(0)
+                kscale(0, 0, false)
             } else {
                 _mm512_cvtph_ps(_mm256_loadu_si256(
                     w.d.as_ptr().add(pb * PJ) as *const __m256i
@@ -788,20 +906,44 @@ mod vnni {
                 _mm512_cvtph_ps(_mm256_loadu_si256(
                     w.m.as_ptr().add(pb * PJ) as *const __m256i
                 ))
+            } else if T == T_Q2_K {
+                // Both halves' scales multiply `d`.
+                kscale(PJ, 0, false)
             } else if k_scales(T) {
-                kscale(PJ)
+                kscale(PJ, PJ, false)
             } else {
                 _mm512_mul_ps(dw, _mm512_set1_ps(if T == T_Q5_0 { -16.0 } else { -8.0 }))
             };
+            // Q2_K: each half's `−dmin·m`.
+            let (n0, n1) = if T == T_Q2_K {
+                (kscale(0, PJ, true), kscale(PJ, PJ, true))
+            } else {
+                (_mm512_setzero_ps(), _mm512_setzero_ps())
+            };
             for (r, (ac, s)) in acc.iter_mut().zip(&isum).enumerate() {
                 let i = j + r;
-                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(i)));
+                let dx = *a.d.get_unchecked(i);
+                if two_sums(T) {
+                    // Each half's sum less offset·Σx over that half is the sum over the
+                    // values; `mw` holds the second half's scale.
+                    let lo = *halves.get_unchecked(i);
+                    let hi = *a.c.get_unchecked(i) / 128 - lo;
+                    let off = value_offset(T);
+                    let s0 = _mm512_sub_epi32(*s, _mm512_set1_epi32(off * lo));
+                    let s1 = _mm512_sub_epi32(isum2[r], _mm512_set1_epi32(off * hi));
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+                    *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), scale, *ac);
+                    let scale2 = _mm512_mul_ps(mw, _mm512_set1_ps(dx));
+                    *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), scale2, *ac);
+                    if T == T_Q2_K {
+                        *ac = _mm512_fmadd_ps(n0, _mm512_set1_ps(dx * lo as f32), *ac);
+                        *ac = _mm512_fmadd_ps(n1, _mm512_set1_ps(dx * hi as f32), *ac);
+                    }
+                    continue;
+                }
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
                 *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), scale, *ac);
-                if T == T_Q6_K {
-                    // `mw` holds the second half's scale.
-                    let scale2 = _mm512_mul_ps(mw, _mm512_set1_ps(*a.d.get_unchecked(i)));
-                    *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum2[r]), scale2, *ac);
-                } else if T != T_Q8_0 {
+                if T != T_Q8_0 {
                     *ac = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(i)), *ac);
                 }
             }
@@ -826,8 +968,8 @@ mod vnni {
         // 16 rows a tile: 16 independent `vpdpbusd` chains (8 left the two ports waiting on
         // the 5-cycle latency) and each unpacked weight shared by twice the rows; the float
         // accumulators spill to L1, cheaply (24 rows spilled the integer sums: slower).
-        // Q6_K keeps two sums a row: 8 rows a tile.
-        while T != T_Q6_K && r + 16 <= end {
+        // The types scaled per half keep two sums a row: 8 rows a tile.
+        while !two_sums(T) && r + 16 <= end {
             tile::<T, 16>(a, r, w, p, out, r == rs.0);
             r += 16;
         }
@@ -849,8 +991,9 @@ mod vnni {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
-        five_bit, k_scales, panel_block_bytes, prefetch_ahead, x4, Out, QActs, QMatrix, Rows, PJ,
-        QK, T_Q4_1, T_Q5_0, T_Q5_1, T_Q6_K, T_Q8_0,
+        five_bit, k_scales, panel_block_bytes, prefetch_ahead, signed_codes, two_sums,
+        value_offset, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q2_K, T_Q4_1, T_Q5_0, T_Q5_1,
+        T_Q6_K, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -876,8 +1019,8 @@ mod avx2 {
         let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
-        // Q6_K's first-half activation sums (empty for the other types, which never read them).
-        let halves: &[i32] = if T == T_Q6_K { a.half_sums() } else { &[] };
+        // As the VNNI tile's.
+        let halves: &[i32] = if two_sums(T) { a.half_sums() } else { &[] };
         for b in 0..nb {
             let pb = p * nb + b;
             let j = j0 + b * step;
@@ -888,7 +1031,7 @@ mod avx2 {
                 prefetch_ahead::<T>(w, pb);
             }
             let mut isum = [_mm256_setzero_si256(); R];
-            // Q6_K: the second half's sums (the first half's in `isum`).
+            // Types scaled per half: the second half's sums (the first half's in `isum`).
             let mut isum2 = [_mm256_setzero_si256(); R];
             let dot =
                 |wu: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones);
@@ -903,12 +1046,6 @@ mod avx2 {
                     }
                 };
                 unroll!(eighth: 0 1 2 3 4 5 6 7);
-                for r in 0..R {
-                    let lo = *halves.get_unchecked(j + r);
-                    let hi = *a.c.get_unchecked(j + r) / 128 - lo;
-                    isum[r] = _mm256_sub_epi32(isum[r], _mm256_set1_epi32(32 * lo));
-                    isum2[r] = _mm256_sub_epi32(isum2[r], _mm256_set1_epi32(32 * hi));
-                }
             } else if T == T_Q8_0 {
                 let mut eighth = |c: usize| {
                     let wv = _mm256_loadu_si256(wp.add(c * 64) as *const __m256i);
@@ -924,7 +1061,9 @@ mod avx2 {
                 // eight of them add up exactly in i16 (≤ 30,480) and one `vpmaddwd` per block
                 // widens them, where one per pair kept the multiply ports twice as busy. Q5's
                 // (≤ 2·31·127 = 7,874) are widened every two quarters (four pairs: ≤ 31,496).
+                // Q3_K's and Q2_K's halves (values below 8) each have their own.
                 let mut s16 = [_mm256_setzero_si256(); R];
+                let mut s16h = [_mm256_setzero_si256(); R];
                 let sixteen = _mm256_set1_epi8(16);
                 // This half's fifth bits (`QMatrix`): vector `j`'s in bit `j` of each byte,
                 // shifted to bit 4 (16-bit shifts by at most 4: no bit crosses into another
@@ -955,10 +1094,15 @@ mod avx2 {
                         lo = _mm256_or_si256(lo, fifth(2 * c));
                         hi = _mm256_or_si256(hi, fifth(2 * c + 1));
                     }
-                    for (r, s) in s16.iter_mut().enumerate() {
+                    for r in 0..R {
                         let xl = _mm256_set1_epi32(x4(xb, r, 4 * c));
                         let xh = _mm256_set1_epi32(x4(xb, r, 16 + 4 * c));
-                        *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(lo, xl));
+                        s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, xl));
+                        let s = if two_sums(T) {
+                            &mut s16h[r]
+                        } else {
+                            &mut s16[r]
+                        };
                         *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(hi, xh));
                     }
                     if five_bit(T) && c % 2 == 1 {
@@ -974,42 +1118,74 @@ mod avx2 {
                         *s = _mm256_madd_epi16(*s16, ones);
                     }
                 }
+                if two_sums(T) {
+                    for (s, s16) in isum2.iter_mut().zip(&s16h) {
+                        *s = _mm256_madd_epi16(*s16, ones);
+                    }
+                }
             }
             let sp = pb * PJ + half * 8;
             // As the VNNI tile's, on this half's 8 rows.
-            let kscale = |at: usize| {
+            let kscale = |at: usize, kd_at: usize, min: bool| {
                 let codes = _mm_loadl_epi64(
                     w.ks.as_ptr().add(pb * 2 * PJ + at + half * 8) as *const __m128i
                 );
-                let codes = if T == T_Q6_K {
+                let mut codes = if signed_codes(T) {
                     _mm256_cvtepi8_epi32(codes)
                 } else {
                     _mm256_cvtepu8_epi32(codes)
                 };
-                let kd = _mm256_loadu_ps(w.kd.as_ptr().add(pb / 8 * 2 * PJ + at + half * 8));
+                if T == T_Q2_K {
+                    codes = if min {
+                        _mm256_srli_epi32::<4>(codes)
+                    } else {
+                        _mm256_and_si256(codes, _mm256_set1_epi32(0x0f))
+                    };
+                }
+                let kd = _mm256_loadu_ps(w.kd.as_ptr().add(pb / 8 * 2 * PJ + kd_at + half * 8));
                 _mm256_mul_ps(_mm256_cvtepi32_ps(codes), kd)
             };
             let dw = if k_scales(T) {
-                kscale(0)
+                kscale(0, 0, false)
             } else {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(sp) as *const __m128i))
             };
             let mw = if T == T_Q4_1 || T == T_Q5_1 {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(sp) as *const __m128i))
+            } else if T == T_Q2_K {
+                kscale(PJ, 0, false)
             } else if k_scales(T) {
-                kscale(PJ)
+                kscale(PJ, PJ, false)
             } else {
                 _mm256_mul_ps(dw, _mm256_set1_ps(if T == T_Q5_0 { -16.0 } else { -8.0 }))
             };
+            let (n0, n1) = if T == T_Q2_K {
+                (kscale(0, PJ, true), kscale(PJ, PJ, true))
+            } else {
+                (_mm256_setzero_ps(), _mm256_setzero_ps())
+            };
             for (r, (ac, s)) in acc.iter_mut().zip(&isum).enumerate() {
                 let i = j + r;
-                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*a.d.get_unchecked(i)));
+                let dx = *a.d.get_unchecked(i);
+                if two_sums(T) {
+                    let lo = *halves.get_unchecked(i);
+                    let hi = *a.c.get_unchecked(i) / 128 - lo;
+                    let off = value_offset(T);
+                    let s0 = _mm256_sub_epi32(*s, _mm256_set1_epi32(off * lo));
+                    let s1 = _mm256_sub_epi32(isum2[r], _mm256_set1_epi32(off * hi));
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+                    *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), scale, *ac);
+                    let scale2 = _mm256_mul_ps(mw, _mm256_set1_ps(dx));
+                    *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), scale2, *ac);
+                    if T == T_Q2_K {
+                        *ac = _mm256_fmadd_ps(n0, _mm256_set1_ps(dx * lo as f32), *ac);
+                        *ac = _mm256_fmadd_ps(n1, _mm256_set1_ps(dx * hi as f32), *ac);
+                    }
+                    continue;
+                }
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
                 *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, *ac);
-                if T == T_Q6_K {
-                    // `mw` holds the second half's scale.
-                    let scale2 = _mm256_mul_ps(mw, _mm256_set1_ps(*a.d.get_unchecked(i)));
-                    *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum2[r]), scale2, *ac);
-                } else if T != T_Q8_0 {
+                if T != T_Q8_0 {
                     *ac = _mm256_fmadd_ps(mw, _mm256_set1_ps(*a.s.get_unchecked(i)), *ac);
                 }
             }
@@ -1072,6 +1248,8 @@ fn panel(isa: QIsa, a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
                 QType::Q5_0 => $($f)::+::<T_Q5_0>(a, rs, w, p, out),
                 QType::Q5_1 => $($f)::+::<T_Q5_1>(a, rs, w, p, out),
                 QType::Q5K => $($f)::+::<T_Q5_K>(a, rs, w, p, out),
+                QType::Q3K => $($f)::+::<T_Q3_K>(a, rs, w, p, out),
+                QType::Q2K => $($f)::+::<T_Q2_K>(a, rs, w, p, out),
             }
         };
     }
@@ -1370,6 +1548,25 @@ mod tests {
             }
             return bytes;
         }
+        if ty == QType::Q3K {
+            // Random high bits, 2-bit values and 6-bit scales, the super-block scale ~1e-3.
+            for b in 0..nb {
+                let r = hash(b, seed);
+                bytes.extend((0..108).map(|k| (hash(b * 256 + k, seed ^ 0x7777) >> 7) as u8));
+                bytes.extend(h(4e-4 + (r % 1000) as f32 * 1e-6));
+            }
+            return bytes;
+        }
+        if ty == QType::Q2K {
+            // Random 4-bit scale / min pairs and 2-bit values; `d` and `dmin` as Q4_K's.
+            for b in 0..nb {
+                let r = hash(b, seed);
+                bytes.extend((0..80).map(|k| (hash(b * 256 + k, seed ^ 0x1111) >> 7) as u8));
+                bytes.extend(h(4e-3 + (r % 1000) as f32 * 1e-5));
+                bytes.extend(h(2e-3 + (r % 777) as f32 * 2e-6));
+            }
+            return bytes;
+        }
         if ty == QType::Q6K {
             // Random 6-bit values and 8-bit scales, the super-block scale around 1e-3.
             for b in 0..nb {
@@ -1421,7 +1618,7 @@ mod tests {
         y
     }
 
-    const TYPES: [QType; 8] = [
+    const TYPES: [QType; 10] = [
         QType::Q4_0,
         QType::Q4_1,
         QType::Q8_0,
@@ -1430,14 +1627,16 @@ mod tests {
         QType::Q5_0,
         QType::Q5_1,
         QType::Q5K,
+        QType::Q3K,
+        QType::Q2K,
     ];
 
     #[test]
     fn each_type_is_held_near_its_file_size() {
         // Bytes a 32-value block of one weight row holds: the file's for the 32-value types;
-        // the K-quants' 256-value super-blocks (144, 176 and 210 bytes in the file: 18, 22
-        // and 26.25 a block) as 16 bytes of nibbles (and 4 of fifth bits) / 32 of values,
-        // 2 of scale codes and 1 of the super-block's f32 scales.
+        // the K-quants' 256-value super-blocks (144, 176, 210, 110 and 84 bytes in the file:
+        // 18, 22, 26.25, 13.75 and 10.5 a block) as 16 bytes of nibbles (and 4 of fifth
+        // bits) / 32 of values, 2 of scale codes and 1 of the super-block's f32 scales.
         for (ty, per_block) in [
             (QType::Q4_0, 18),
             (QType::Q4_1, 20),
@@ -1447,6 +1646,8 @@ mod tests {
             (QType::Q4K, 19),
             (QType::Q5K, 23),
             (QType::Q6K, 35),
+            (QType::Q3K, 19),
+            (QType::Q2K, 19),
         ] {
             let (rows, cols) = (48, 512);
             let w = matrix(ty, rows, cols, 3);
@@ -1469,6 +1670,8 @@ mod tests {
                 QType::Q5_0 => GgmlType::Q5_0,
                 QType::Q5_1 => GgmlType::Q5_1,
                 QType::Q5K => GgmlType::Q5K,
+                QType::Q3K => GgmlType::Q3K,
+                QType::Q2K => GgmlType::Q2K,
             };
             let all = tpuserve_model::dequant::dequantize(g, &bytes, rows * cols).unwrap();
             let mut row = vec![0f32; cols];
