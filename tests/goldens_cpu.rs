@@ -419,9 +419,10 @@ fn the_last_layer_for_the_read_rows_alone_changes_nothing() {
 }
 
 /// A K-quant GGUF (ggml's 256-value super-blocks, mixed as in Q2_K / Q3_K_M / Q4_K_M files:
-/// Q4_K embeddings and `attn_q`, a Q3_K `attn_k` beside a Q6_K `attn_v`, a Q2_K `ffn_gate`
-/// beside a Q5_K `ffn_up`, a Q6_K down projection, and the Q5_0 / Q5_1 that llama-quantize
-/// falls back to for rows that are not whole super-blocks: `attn_output`, the LM head) is
+/// a Q4_K `attn_q`, a Q3_K `attn_k` beside a Q6_K `attn_v`, a Q2_K `ffn_gate` beside a Q5_K
+/// `ffn_up`, an IQ4_XS down projection, and the IQ4_NL / Q5_0 / Q5_1 that llama-quantize
+/// falls back to for rows that are not whole super-blocks: the embeddings, `attn_output`,
+/// the LM head) is
 /// computed in place — the ready line names each type, not an f32 copy — and its logits
 /// follow the same model with its weights dequantised to f32 (`float32`), within what the
 /// int8 activations cost. A 1-layer llama
@@ -516,6 +517,24 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
             data,
         }
     };
+    // IQ4_NL (type 20: f16 scale ~4e-4, 4-bit indices) and IQ4_XS (23: f16 `d` ~2e-5, 6-bit
+    // block scales, indices), random.
+    let iq4 = |name: &str, rows: usize, cols: usize, seed: usize, xs: bool| {
+        let mut data = Vec::new();
+        let (per, rest) = if xs { (256, 134) } else { (32, 16) };
+        for b in 0..rows * cols / per {
+            let r = hash(b, seed);
+            let d = if xs { 2e-5 } else { 4e-4 };
+            data.extend(h(d * (1.0 + (r % 1000) as f32 * 1e-3)));
+            data.extend((0..rest).map(|k| (hash(b * 256 + k, seed + 1) >> 9) as u8));
+        }
+        RawTensor {
+            name: name.into(),
+            dims: vec![cols as u64, rows as u64],
+            ggml_type: if xs { 23 } else { 20 },
+            data,
+        }
+    };
     let ones = |name: &str| RawTensor {
         name: name.into(),
         dims: vec![hidden as u64],
@@ -523,7 +542,7 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
         data: (0..hidden).flat_map(|_| 1f32.to_le_bytes()).collect(),
     };
     let tensors = vec![
-        q4k("token_embd.weight", vocab, hidden, 1),
+        iq4("token_embd.weight", vocab, hidden, 1, false),
         ones("blk.0.attn_norm.weight"),
         q4k("blk.0.attn_q.weight", hidden, hidden, 2),
         small_k("blk.0.attn_k.weight", hidden, hidden, 3, true),
@@ -532,7 +551,7 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
         ones("blk.0.ffn_norm.weight"),
         small_k("blk.0.ffn_gate.weight", ff, hidden, 6, false),
         k45("blk.0.ffn_up.weight", ff, hidden, 7, true),
-        q6k("blk.0.ffn_down.weight", hidden, ff, 8),
+        iq4("blk.0.ffn_down.weight", hidden, ff, 8, true),
         ones("output_norm.weight"),
         q5("output.weight", vocab, hidden, 9, true, 10.0),
     ];
@@ -552,10 +571,10 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
     let (mut native, mut reference) = (runner(CpuWeights::Native), runner(CpuWeights::F32));
     let described = native.describe();
     // The layer's q / k / v (Q4_K, Q3_K and Q6_K parts), o (Q5_0), gate / up (Q2_K, Q5_K)
-    // and down (Q6_K), each in place.
+    // and down (IQ4_XS), each in place.
     for part in [
-        "Q4K+Q3K+Q6K+Q5_0+Q2K+Q5K layers",
-        "Q4K embeddings",
+        "Q4K+Q3K+Q6K+Q5_0+Q2K+Q5K+IQ4XS layers",
+        "IQ4NL embeddings",
         "Q5_1 LM head",
     ] {
         assert!(described.contains(part), "{described}");

@@ -100,11 +100,12 @@ fn unsupported_quantization_is_reported() {
     );
 }
 
-/// Every K-quant type against ggml's own Python dequantiser (`gguf.quants.dequantize`, run
-/// by tests/data/make_kquant_blocks.py on two pseudo-random super-blocks a type), through a
-/// GGUF file as a checkpoint carries them: the same f32 values, bit for bit.
+/// Every K-quant type, IQ4_NL and IQ4_XS against ggml's own Python dequantiser
+/// (`gguf.quants.dequantize`, run by tests/data/make_kquant_blocks.py on 512 pseudo-random
+/// values' blocks a type), through a GGUF file as a checkpoint carries them: the same f32
+/// values, bit for bit.
 #[test]
-fn k_quant_types_dequantize_as_ggml_does() {
+fn k_quant_and_iq4_types_dequantize_as_ggml_does() {
     let blocks: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kquant_blocks.json"),
@@ -118,6 +119,8 @@ fn k_quant_types_dequantize_as_ggml_does() {
         ("Q4_K", 12),
         ("Q5_K", 13),
         ("Q6_K", 14),
+        ("IQ4_NL", 20),
+        ("IQ4_XS", 23),
     ] {
         let case = &blocks[name];
         let hex = case["hex"].as_str().unwrap();

@@ -18,14 +18,24 @@ pub enum GgmlType {
     Q4K,
     Q5K,
     Q6K,
+    /// ggml's IQ4_NL: blocks of 32, an f16 scale and 4-bit indices into [`IQ4_VALUES`].
+    IQ4NL,
+    /// ggml's IQ4_XS: super-blocks of 256, an f16 scale, a 6-bit scale per 32 values (less
+    /// 32) and 4-bit indices into [`IQ4_VALUES`].
+    IQ4XS,
 }
+
+/// The sixteen values IQ4_NL's and IQ4_XS's 4-bit indices stand for (ggml's `kvalues_iq4nl`).
+pub const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// Names of ggml types tpuserve recognises but cannot dequantize, for clear errors.
 pub fn ggml_type_name(raw: u32) -> String {
     let name = match raw {
         9 => "Q8_1",
         15 => "Q8_K",
-        16..=23 | 29 => "IQ (importance-matrix) quantization",
+        16..=19 | 21 | 22 | 29 => "IQ (importance-matrix) quantization",
         24 => "I8",
         25 => "I16",
         26 => "I32",
@@ -52,6 +62,8 @@ impl GgmlType {
             12 => GgmlType::Q4K,
             13 => GgmlType::Q5K,
             14 => GgmlType::Q6K,
+            20 => GgmlType::IQ4NL,
+            23 => GgmlType::IQ4XS,
             30 => GgmlType::BF16,
             _ => return None,
         })
@@ -72,6 +84,8 @@ impl GgmlType {
             GgmlType::Q4K => (256, 144),
             GgmlType::Q5K => (256, 176),
             GgmlType::Q6K => (256, 210),
+            GgmlType::IQ4NL => (32, 18),
+            GgmlType::IQ4XS => (256, 136),
         }
     }
 
@@ -222,8 +236,46 @@ pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, S
                 );
             }
         }
+        GgmlType::IQ4NL => {
+            for b in data.chunks_exact(bs) {
+                let d = f16_at(b, 0);
+                out.extend(iq4_indices(&b[2..18]).map(|i| d * IQ4_VALUES[i as usize] as f32));
+            }
+        }
+        GgmlType::IQ4XS => {
+            for b in data.chunks_exact(bs) {
+                let d = f16_at(b, 0);
+                for (t, sc) in iq4_xs_scales(b).into_iter().enumerate() {
+                    let dl = d * sc as f32;
+                    let q = iq4_indices(&b[8 + 16 * t..24 + 16 * t]);
+                    out.extend(q.map(|i| dl * IQ4_VALUES[i as usize] as f32));
+                }
+            }
+        }
     }
     Ok(out)
+}
+
+/// A 32-value block's 4-bit indices in order from its 16 bytes: the low nibbles are the first
+/// 16 values, the high nibbles the second (Q4_0's order).
+pub fn iq4_indices(qs: &[u8]) -> [u8; 32] {
+    std::array::from_fn(|k| {
+        if k < 16 {
+            qs[k] & 0x0f
+        } else {
+            qs[k - 16] >> 4
+        }
+    })
+}
+
+/// An IQ4_XS super-block's eight 6-bit block scales less 32: the low four bits of scale `t`
+/// in byte `4 + t / 2` (low nibble for even `t`), its high two at bit `2t` of the u16 at 2.
+pub fn iq4_xs_scales(b: &[u8]) -> [i8; 8] {
+    let high = u16::from_le_bytes([b[2], b[3]]);
+    std::array::from_fn(|t| {
+        let low = (b[4 + t / 2] >> (4 * (t % 2))) & 0x0f;
+        (low | ((((high >> (2 * t)) & 3) as u8) << 4)) as i8 - 32
+    })
 }
 
 /// A Q6_K super-block's 256 values in order, unsigned (0..64; the value is `q − 32` times

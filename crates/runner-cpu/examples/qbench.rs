@@ -95,6 +95,8 @@ fn types(only: Option<usize>) {
                 QType::Q5K,
                 QType::Q3K,
                 QType::Q2K,
+                QType::IQ4NL,
+                QType::IQ4XS,
             ] {
                 // Random blocks whose f16 scales are small normal numbers.
                 let bytes = (out * inner / ty.block_values()) * ty.block_bytes();

@@ -1,4 +1,5 @@
-//! `x · Wᵀ` with W kept in the checkpoint's ggml block forms (Q4_0, Q4_1, Q8_0): a decode step
+//! `x · Wᵀ` with W kept in the checkpoint's ggml block forms (Q4_0, Q4_1, Q8_0; the other
+//! types below are laid out in the same panels, `QMatrix`): a decode step
 //! reads ~0.6 (Q4) or ~1.06 (Q8) bytes per weight instead of 4 for an f32 copy. As llama.cpp
 //! does, each activation row is first quantised per 32-block to int8 with an f32 scale `d` and
 //! `s = d·Σq` (the term Q4's per-block offset multiplies), so a block's dot product is one
@@ -22,6 +23,7 @@
 
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+use tpuserve_model::dequant::IQ4_VALUES;
 use tpuserve_model::GgmlType;
 
 /// Values per block, for every supported type.
@@ -76,6 +78,13 @@ pub enum QType {
     /// byte as stored and the super-block's `d` and `−dmin`; each half's min multiplies its
     /// activation sum.
     Q2K,
+    /// ggml's IQ4_NL (blocks of 32: an f16 scale, 4-bit indices into sixteen fixed values),
+    /// held as stored: the indices as Q4_0's nibbles, looked up in the kernels.
+    IQ4NL,
+    /// ggml's IQ4_XS (super-blocks of 256: an f16 scale, a 6-bit scale per 32 values, IQ4_NL's
+    /// indices): the nibbles as IQ4_NL's, each block's scale code (i8, less 32) and the
+    /// super-block's `d` as the K-quants'.
+    IQ4XS,
 }
 
 // The kernels are generic over the weight type as a const parameter.
@@ -89,6 +98,8 @@ const T_Q5_1: u8 = 6;
 const T_Q5_K: u8 = 7;
 const T_Q3_K: u8 = 8;
 const T_Q2_K: u8 = 9;
+const T_IQ4_NL: u8 = 10;
+const T_IQ4_XS: u8 = 11;
 
 /// The types whose fifth bits follow their nibbles (`QMatrix`).
 const fn five_bit(t: u8) -> bool {
@@ -97,7 +108,17 @@ const fn five_bit(t: u8) -> bool {
 
 /// The types with super-block scales (`QMatrix::ks`, `kd`).
 const fn k_scales(t: u8) -> bool {
-    t == T_Q4_K || t == T_Q5_K || t == T_Q6_K || t == T_Q3_K || t == T_Q2_K
+    t == T_Q4_K || t == T_Q5_K || t == T_Q6_K || t == T_Q3_K || t == T_Q2_K || t == T_IQ4_XS
+}
+
+/// The types whose nibbles index [`IQ4_VALUES`].
+const fn looked_up(t: u8) -> bool {
+    t == T_IQ4_NL || t == T_IQ4_XS
+}
+
+/// The types whose blocks are `d · q` with signed values, no offset term (`a.s`).
+const fn no_offset(t: u8) -> bool {
+    t == T_Q8_0 || looked_up(t)
 }
 
 /// The types scaled per 16 values: their tiles keep an integer sum a row for each half of a
@@ -120,8 +141,20 @@ const fn value_offset(t: u8) -> i32 {
 
 /// The types whose scale codes are signed bytes.
 const fn signed_codes(t: u8) -> bool {
-    t == T_Q6_K || t == T_Q3_K
+    t == T_Q6_K || t == T_Q3_K || t == T_IQ4_XS
 }
+
+/// The values IQ4_NL / IQ4_XS indices stand for, plus 128 (1..=241: unsigned bytes, as
+/// `vpdpbusd` takes its weights; `QActs::c` takes the 128 off again, as for Q8_0).
+const IQ4_UNSIGNED: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (IQ4_VALUES[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Bytes of one panel's quantised values for one block (16 rows × 32 values).
 const fn panel_block_bytes(t: u8) -> usize {
@@ -148,6 +181,8 @@ impl QType {
             GgmlType::Q5K => Some(QType::Q5K),
             GgmlType::Q3K => Some(QType::Q3K),
             GgmlType::Q2K => Some(QType::Q2K),
+            GgmlType::IQ4NL => Some(QType::IQ4NL),
+            GgmlType::IQ4XS => Some(QType::IQ4XS),
             _ => None,
         }
     }
@@ -164,6 +199,8 @@ impl QType {
             QType::Q5K => T_Q5_K,
             QType::Q3K => T_Q3_K,
             QType::Q2K => T_Q2_K,
+            QType::IQ4NL => T_IQ4_NL,
+            QType::IQ4XS => T_IQ4_XS,
         }
     }
 
@@ -180,13 +217,15 @@ impl QType {
             QType::Q5K => 176,
             QType::Q3K => 110,
             QType::Q2K => 84,
+            QType::IQ4NL => 18,
+            QType::IQ4XS => 136,
         }
     }
 
     /// Values in one ggml block.
     pub fn block_values(self) -> usize {
         match self {
-            QType::Q4K | QType::Q5K | QType::Q6K | QType::Q3K | QType::Q2K => 256,
+            QType::Q4K | QType::Q5K | QType::Q6K | QType::Q3K | QType::Q2K | QType::IQ4XS => 256,
             _ => QK,
         }
     }
@@ -219,6 +258,8 @@ impl QType {
 /// - Q2_K: values (0..4) as Q3_K's; `ks[pb·32 + jl]`, `ks[.. + 16 + jl]` each half's byte as
 ///   stored (scale code in the low nibble, min code in the high); `kd[(pb / 8)·32 + jl]` the
 ///   super-block's `d`, `kd[.. + 16 + jl]` its `−dmin`.
+/// - IQ4_NL: the indices as Q4_0's nibbles. IQ4_XS: the same, each block's scale code (i8,
+///   less 32) at `ks[pb·32 + jl]`, the super-block's `d` at `kd[(pb / 8)·32 + jl]`.
 pub struct QMatrix {
     pub ty: QType,
     pub rows: usize,
@@ -319,6 +360,7 @@ impl QMatrix {
             match ty {
                 QType::Q6K => w.fill_q6_k(&data),
                 QType::Q3K | QType::Q2K => w.fill_k_small(&data),
+                QType::IQ4XS => w.fill_iq4_xs(&data),
                 _ => w.fill_k_nibbles(&data),
             }
             return Ok(w);
@@ -335,16 +377,19 @@ impl QMatrix {
                         w.m[pb * PJ + jl] = le16(blk, 2);
                         (&blk[4..20], None)
                     }
-                    QType::Q4_0 => (&blk[2..18], None),
+                    QType::Q4_0 | QType::IQ4NL => (&blk[2..18], None),
                     QType::Q8_0 => (&blk[2..34], None),
                     QType::Q5_0 => (&blk[6..22], Some(&blk[2..6])),
                     QType::Q5_1 => {
                         w.m[pb * PJ + jl] = le16(blk, 2);
                         (&blk[8..24], Some(&blk[4..8]))
                     }
-                    QType::Q4K | QType::Q5K | QType::Q6K | QType::Q3K | QType::Q2K => {
-                        unreachable!("repacked by fill_k_nibbles / fill_q6_k / fill_k_small")
-                    }
+                    QType::Q4K
+                    | QType::Q5K
+                    | QType::Q6K
+                    | QType::Q3K
+                    | QType::Q2K
+                    | QType::IQ4XS => unreachable!("repacked by the fill_* of its type"),
                 };
                 if let Some(qh) = qh {
                     // Value k: the low (k < 16) or high nibble of byte k % 16, fifth bit k of qh.
@@ -457,11 +502,39 @@ impl QMatrix {
         }
     }
 
-    /// Row `r`'s block scale and offset (Q4_0: `−8·d`; Q8_0: none; Q6_K, Q3_K, Q2_K: its
+    /// IQ4_XS super-blocks (row after row) into the panels: block `8s + t` of a row holds
+    /// sub-block `t` of its super-block `s`, its 16 bytes of indices as stored.
+    fn fill_iq4_xs(&mut self, data: &[u8]) {
+        let (blocks, pbb) = (self.blocks, panel_block_bytes(T_IQ4_XS));
+        for (i, sb) in data.chunks_exact(QType::IQ4XS.block_bytes()).enumerate() {
+            let (j, s) = (i / (blocks / 8), i % (blocks / 8));
+            let (p, jl) = (j / PJ, j % PJ);
+            let d = f16(le16(sb, 0));
+            for (t, code) in tpuserve_model::dequant::iq4_xs_scales(sb)
+                .into_iter()
+                .enumerate()
+            {
+                let pb = p * blocks + 8 * s + t;
+                self.ks[pb * 2 * PJ + jl] = code as u8;
+                self.kd[pb / 8 * 2 * PJ + jl] = d;
+                let dst = &mut self.qs[pb * pbb..(pb + 1) * pbb];
+                let q = &sb[8 + 16 * t..24 + 16 * t];
+                for (c, four) in q.chunks_exact(4).enumerate() {
+                    dst[c * 64 + jl * 4..c * 64 + jl * 4 + 4].copy_from_slice(four);
+                }
+            }
+        }
+    }
+
+    /// Row `r`'s block scale and offset (Q4_0: `−8·d`; Q8_0, IQ4: none; Q6_K, Q3_K, Q2_K: its
     /// two halves' scales).
     fn scales(&self, pb: usize, jl: usize) -> (f32, f32) {
         let i = pb * PJ + jl;
         match self.ty {
+            QType::IQ4XS => {
+                let (k, kd) = (pb * 2 * PJ + jl, pb / 8 * 2 * PJ + jl);
+                (self.ks[k] as i8 as f32 * self.kd[kd], 0.0)
+            }
             QType::Q4K | QType::Q5K | QType::Q6K | QType::Q3K | QType::Q2K => {
                 let (k, kd) = (pb * 2 * PJ + jl, pb / 8 * 2 * PJ + jl);
                 let code = |b: u8| match self.ty {
@@ -479,7 +552,7 @@ impl QMatrix {
             QType::Q4_1 | QType::Q5_1 => (f16(self.d[i]), f16(self.m[i])),
             QType::Q4_0 => (f16(self.d[i]), -8.0 * f16(self.d[i])),
             QType::Q5_0 => (f16(self.d[i]), -16.0 * f16(self.d[i])),
-            QType::Q8_0 => (f16(self.d[i]), 0.0),
+            QType::Q8_0 | QType::IQ4NL => (f16(self.d[i]), 0.0),
         }
     }
 
@@ -521,6 +594,12 @@ impl QMatrix {
                     for (k, o) in o.iter_mut().enumerate() {
                         let v = nibble_value(T_Q3_K, q, jl, k) as i32 - 4;
                         *o = if k < 16 { d } else { m } * v as f32;
+                    }
+                }
+                QType::IQ4NL | QType::IQ4XS => {
+                    for (k, o) in o.iter_mut().enumerate() {
+                        let v = IQ4_VALUES[nibble_value(T_IQ4_NL, q, jl, k) as usize];
+                        *o = d * v as f32;
                     }
                 }
                 QType::Q2K => {
@@ -656,13 +735,15 @@ fn panel_portable<const T: u8>(a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: 
                 for k in 0..QK {
                     let wv = if T == T_Q8_0 {
                         (q[(k / 4) * 64 + jl * 4 + k % 4] as i8) as i32
+                    } else if looked_up(T) {
+                        IQ4_VALUES[nibble_value(T, q, jl, k) as usize] as i32
                     } else {
                         nibble_value(T, q, jl, k) as i32
                     };
                     isum += wv * xq[k] as i32;
                 }
                 acc += (dw * a.d[i]) * isum as f32;
-                if T != T_Q8_0 {
+                if !no_offset(T) {
                     acc += mw * a.s[i];
                 }
             }
@@ -693,8 +774,8 @@ fn put_nibbles(dst: &mut [u8], jl: usize, vals: &[u8; QK]) {
     }
 }
 
-/// Value `k` (unsigned: 0..16, Q5: 0..32) of panel row `jl` in one block's bytes `q` of a
-/// nibble type (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q3_K, Q2_K).
+/// Value `k` (unsigned: 0..16, Q5: 0..32; IQ4: the index) of panel row `jl` in one block's
+/// bytes `q` of a nibble type (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q3_K, Q2_K, IQ4_NL, IQ4_XS).
 fn nibble_value(t: u8, q: &[u8], jl: usize, k: usize) -> u8 {
     let (c, i) = ((k % 16) / 4, k % 4);
     let byte = q[c * 64 + jl * 4 + i];
@@ -767,9 +848,9 @@ macro_rules! unroll {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{
-        five_bit, k_scales, panel_block_bytes, prefetch_ahead, signed_codes, two_sums,
-        value_offset, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q2_K, T_Q4_1, T_Q5_0, T_Q5_1,
-        T_Q6_K, T_Q8_0,
+        five_bit, k_scales, looked_up, no_offset, panel_block_bytes, prefetch_ahead, signed_codes,
+        two_sums, value_offset, x4, Out, QActs, QMatrix, Rows, IQ4_UNSIGNED, PJ, QK, T_Q2_K,
+        T_Q4_1, T_Q5_0, T_Q5_1, T_Q6_K, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -841,6 +922,31 @@ mod vnni {
                     let corr = _mm512_set1_epi32(*a.c.get_unchecked(j + r));
                     *s = _mm512_sub_epi32(*s, corr);
                 }
+            } else if looked_up(T) {
+                // Each nibble looked up (`vpshufb`, per 128-bit lane) as its value plus 128,
+                // an unsigned byte as Q8_0's flipped weights; `c` takes the 128 off again.
+                let table = _mm512_broadcast_i32x4(_mm_loadu_si128(
+                    IQ4_UNSIGNED.as_ptr() as *const __m128i
+                ));
+                let mut quarter = |c: usize| {
+                    let raw = _mm512_loadu_si512(wp.add(c * 64) as *const __m512i);
+                    let lo = _mm512_shuffle_epi8(table, _mm512_and_si512(raw, mask));
+                    let hi = _mm512_shuffle_epi8(
+                        table,
+                        _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask),
+                    );
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let xl = _mm512_set1_epi32(x4(xb, r, 4 * c));
+                        let xh = _mm512_set1_epi32(x4(xb, r, 16 + 4 * c));
+                        *s = _mm512_dpbusd_epi32(*s, lo, xl);
+                        *s = _mm512_dpbusd_epi32(*s, hi, xh);
+                    }
+                };
+                unroll!(quarter: 0 1 2 3);
+                for (r, s) in isum.iter_mut().enumerate() {
+                    let corr = _mm512_set1_epi32(*a.c.get_unchecked(j + r));
+                    *s = _mm512_sub_epi32(*s, corr);
+                }
             } else {
                 let sixteen = _mm512_set1_epi8(16);
                 // The block's fifth bits (`QMatrix`): vector `j`'s in bit `j` of each byte.
@@ -902,7 +1008,9 @@ mod vnni {
                     w.d.as_ptr().add(pb * PJ) as *const __m256i
                 ))
             };
-            let mw = if T == T_Q4_1 || T == T_Q5_1 {
+            let mw = if no_offset(T) {
+                _mm512_setzero_ps()
+            } else if T == T_Q4_1 || T == T_Q5_1 {
                 _mm512_cvtph_ps(_mm256_loadu_si256(
                     w.m.as_ptr().add(pb * PJ) as *const __m256i
                 ))
@@ -943,7 +1051,7 @@ mod vnni {
                 }
                 let scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
                 *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), scale, *ac);
-                if T != T_Q8_0 {
+                if !no_offset(T) {
                     *ac = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(i)), *ac);
                 }
             }
@@ -991,9 +1099,9 @@ mod vnni {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
-        five_bit, k_scales, panel_block_bytes, prefetch_ahead, signed_codes, two_sums,
-        value_offset, x4, Out, QActs, QMatrix, Rows, PJ, QK, T_Q2_K, T_Q4_1, T_Q5_0, T_Q5_1,
-        T_Q6_K, T_Q8_0,
+        five_bit, k_scales, looked_up, no_offset, panel_block_bytes, prefetch_ahead, signed_codes,
+        two_sums, value_offset, x4, Out, QActs, QMatrix, Rows, IQ4_VALUES, PJ, QK, T_Q2_K, T_Q4_1,
+        T_Q5_0, T_Q5_1, T_Q6_K, T_Q8_0,
     };
     use std::arch::x86_64::*;
 
@@ -1056,6 +1164,27 @@ mod avx2 {
                     }
                 };
                 unroll!(eighth: 0 1 2 3 4 5 6 7);
+            } else if looked_up(T) {
+                // Each nibble looked up as its signed value (`vpshufb`), then Q8_0's products.
+                let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                    IQ4_VALUES.as_ptr() as *const __m128i
+                ));
+                let mut quarter = |c: usize| {
+                    let raw = _mm256_loadu_si256(wp.add(c * 64) as *const __m256i);
+                    let lo = _mm256_shuffle_epi8(table, _mm256_and_si256(raw, mask));
+                    let hi = _mm256_shuffle_epi8(
+                        table,
+                        _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask),
+                    );
+                    let (la, ha) = (_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(hi, hi));
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let xl = _mm256_set1_epi32(x4(xb, r, 4 * c));
+                        let xh = _mm256_set1_epi32(x4(xb, r, 16 + 4 * c));
+                        *s = _mm256_add_epi32(*s, dot(la, _mm256_sign_epi8(xl, lo)));
+                        *s = _mm256_add_epi32(*s, dot(ha, _mm256_sign_epi8(xh, hi)));
+                    }
+                };
+                unroll!(quarter: 0 1 2 3);
             } else {
                 // Q4's pair sums are small (|u·x + u'·x'| ≤ 2·15·127 = 3,810), so a block's
                 // eight of them add up exactly in i16 (≤ 30,480) and one `vpmaddwd` per block
@@ -1150,7 +1279,9 @@ mod avx2 {
             } else {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(sp) as *const __m128i))
             };
-            let mw = if T == T_Q4_1 || T == T_Q5_1 {
+            let mw = if no_offset(T) {
+                _mm256_setzero_ps()
+            } else if T == T_Q4_1 || T == T_Q5_1 {
                 _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(sp) as *const __m128i))
             } else if T == T_Q2_K {
                 kscale(PJ, 0, false)
@@ -1185,7 +1316,7 @@ mod avx2 {
                 }
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
                 *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, *ac);
-                if T != T_Q8_0 {
+                if !no_offset(T) {
                     *ac = _mm256_fmadd_ps(mw, _mm256_set1_ps(*a.s.get_unchecked(i)), *ac);
                 }
             }
@@ -1250,6 +1381,8 @@ fn panel(isa: QIsa, a: &QActs, rs: Rows, w: &QMatrix, p: usize, out: Out) {
                 QType::Q5K => $($f)::+::<T_Q5_K>(a, rs, w, p, out),
                 QType::Q3K => $($f)::+::<T_Q3_K>(a, rs, w, p, out),
                 QType::Q2K => $($f)::+::<T_Q2_K>(a, rs, w, p, out),
+                QType::IQ4NL => $($f)::+::<T_IQ4_NL>(a, rs, w, p, out),
+                QType::IQ4XS => $($f)::+::<T_IQ4_XS>(a, rs, w, p, out),
             }
         };
     }
@@ -1557,6 +1690,16 @@ mod tests {
             }
             return bytes;
         }
+        if ty == QType::IQ4XS {
+            // `d` ~1e-4 (block scales up to ±32 of it, values up to ±127), random scale bits
+            // and indices.
+            for b in 0..nb {
+                let r = hash(b, seed);
+                bytes.extend(h(1e-4 + (r % 1000) as f32 * 1e-7));
+                bytes.extend((0..134).map(|k| (hash(b * 256 + k, seed ^ 0x2222) >> 7) as u8));
+            }
+            return bytes;
+        }
         if ty == QType::Q2K {
             // Random 4-bit scale / min pairs and 2-bit values; `d` and `dmin` as Q4_K's.
             for b in 0..nb {
@@ -1618,7 +1761,7 @@ mod tests {
         y
     }
 
-    const TYPES: [QType; 10] = [
+    const TYPES: [QType; 12] = [
         QType::Q4_0,
         QType::Q4_1,
         QType::Q8_0,
@@ -1629,6 +1772,8 @@ mod tests {
         QType::Q5K,
         QType::Q3K,
         QType::Q2K,
+        QType::IQ4NL,
+        QType::IQ4XS,
     ];
 
     #[test]
@@ -1648,6 +1793,8 @@ mod tests {
             (QType::Q6K, 35),
             (QType::Q3K, 19),
             (QType::Q2K, 19),
+            (QType::IQ4NL, 18),
+            (QType::IQ4XS, 19),
         ] {
             let (rows, cols) = (48, 512);
             let w = matrix(ty, rows, cols, 3);
@@ -1672,6 +1819,8 @@ mod tests {
                 QType::Q5K => GgmlType::Q5K,
                 QType::Q3K => GgmlType::Q3K,
                 QType::Q2K => GgmlType::Q2K,
+                QType::IQ4NL => GgmlType::IQ4NL,
+                QType::IQ4XS => GgmlType::IQ4XS,
             };
             let all = tpuserve_model::dequant::dequantize(g, &bytes, rows * cols).unwrap();
             let mut row = vec![0f32; cols];

@@ -344,8 +344,8 @@ impl ModelWeights {
             // Said once: these cost 4 bytes a weight and the f32 kernels' speed.
             tracing::warn!(
                 "{} weight matrices were dequantised to f32 (the CPU kernels compute Q4_0, Q4_1, \
-                 Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K blocks in place), e.g. \
-                 {first}",
+                 Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS blocks in \
+                 place), e.g. {first}",
                 expanded.len()
             );
         }
