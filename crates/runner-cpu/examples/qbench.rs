@@ -2,7 +2,8 @@
 //! at 1, 8, 32 and 64 rows per kernel, against the f32 kernel on same-shaped weights:
 //! `cargo run --release -p tpuserve-runner-cpu --example qbench` (`QISA=Avx2` picks one;
 //! `QROWS=32` one row count, without the f32 kernel, e.g. under `perf`; `QTYPES=1` instead
-//! times one 3072 × 512 matrix in each block type, K-quants beside the others).
+//! times one 3072 × 512 matrix in each block type, K-quants beside the others; `QTYPE=Q4_1`
+//! only one of them, e.g. under `perf annotate`).
 
 use std::time::Instant;
 use tpuserve_runner_cpu::matvec::matmul_wt;
@@ -97,7 +98,10 @@ fn types(only: Option<usize>) {
                 QType::Q2K,
                 QType::IQ4NL,
                 QType::IQ4XS,
-            ] {
+            ]
+            .into_iter()
+            .filter(|t| std::env::var("QTYPE").map_or(true, |v| format!("{t:?}") == v))
+            {
                 // Random blocks whose f16 scales are small normal numbers.
                 let bytes = (out * inner / ty.block_values()) * ty.block_bytes();
                 let w = QMatrix::new(
