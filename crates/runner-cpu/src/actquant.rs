@@ -31,6 +31,9 @@ pub struct QActs {
     pub c: Vec<i32>,
     /// Per block, the sum of its first 16 values, made on first use ([`QActs::half_sums`]).
     pub h: std::sync::OnceLock<Vec<i32>>,
+    /// Per block, each half's sum times −32 and times −4, made on first use
+    /// ([`QActs::half_offsets`]).
+    pub o: [std::sync::OnceLock<Vec<i32>>; 2],
 }
 
 /// Rows per layout chunk of [`QActs`]; the int8 kernels' row chunks are these.
@@ -47,15 +50,31 @@ pub fn block_at(rows: usize, nb: usize, r: usize, b: usize) -> usize {
 }
 
 impl QActs {
-    /// Per block (in `d`'s order), the sum of its first 16 values: Q6_K's scales change every
-    /// 16 values, and its offset of −32 comes off each half's integer sum. Made once, when a
-    /// Q6_K matrix first reads these activations (the quantisers' loops for every model were
-    /// ~12 % slower computing it for each block).
+    /// Per block (in `d`'s order), the sum of its first 16 values: Q6_K's, Q3_K's and Q2_K's
+    /// scales change every 16 values (`half_offsets`; Q2_K's min multiplies each half's sum).
+    /// Made once, when such a matrix first reads these activations (the quantisers' loops for
+    /// every model were ~12 % slower computing it for each block).
     pub fn half_sums(&self) -> &[i32] {
         self.h.get_or_init(|| {
             self.q
                 .chunks_exact(QK)
                 .map(|b| b[..16].iter().map(|&v| v as i32).sum())
+                .collect()
+        })
+    }
+
+    /// Per block (in `d`'s order), `−off·Σx` over its first and over its second 16 values,
+    /// side by side, for the offsets 32 (Q6_K) and 4 (Q3_K): the kernels start each half's
+    /// integer sum there, so that it ends as the sum over `q − off` with no subtraction
+    /// after the products (two vector operations a row and block fewer), and load it
+    /// broadcast from memory. Made once, on first use.
+    pub fn half_offsets(&self, off: i32) -> &[i32] {
+        assert!(off == 32 || off == 4, "offset {off}");
+        self.o[usize::from(off == 4)].get_or_init(|| {
+            self.half_sums()
+                .iter()
+                .zip(&self.c)
+                .flat_map(|(&lo, &c)| [-off * lo, -off * (c / 128 - lo)])
                 .collect()
         })
     }
@@ -428,6 +447,7 @@ fn quantize_rows(isa: QuantIsa, src: Src<'_>, rows: usize, cols: usize) -> QActs
         s,
         c,
         h: std::sync::OnceLock::new(),
+        o: Default::default(),
     }
 }
 
@@ -812,6 +832,10 @@ mod tests {
                 assert_eq!(a.c[b], 128 * sum);
                 let half: i32 = a.q[b * QK..b * QK + 16].iter().map(|&q| q as i32).sum();
                 assert_eq!(first, half, "{isa:?} block {b}: first half's sum");
+                for off in [32, 4] {
+                    let o = &a.half_offsets(off)[2 * b..2 * b + 2];
+                    assert_eq!(o, [-off * half, -off * (sum - half)], "{isa:?} block {b}");
+                }
             }
             // Exact ties (scale 1) round to even.
             let mut tie = vec![0.5f32; 32];

@@ -58,7 +58,7 @@ pub enum QType {
     /// ggml's Q6_K (super-blocks of 256: an f16 scale, an 8-bit scale per 16 values, 6-bit
     /// values less 32), held as one byte a value (0..64) in Q8_0's order with each 32-value
     /// block's two half scale codes (i8) and the super-block's `d` (f32); the −32 comes off
-    /// each half's integer sum (`QActs::half_sums`).
+    /// each half's integer sum (`QActs::half_offsets`).
     Q6K,
     /// ggml's Q5_0 (blocks of 32: an f16 scale, 5-bit values less 16): Q4_0's nibbles plus
     /// each value's fifth bit in 64 bytes beside them (`QMatrix`), the file's 22 bytes a block.
@@ -874,9 +874,14 @@ mod vnni {
         let (j0, step) = a.row_start(r0);
         let mask = _mm512_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); R];
-        // The first-half activation sums of the types scaled per half (empty for the others,
-        // which never read them).
-        let halves: &[i32] = if two_sums(T) { a.half_sums() } else { &[] };
+        // Q2_K's first-half activation sums and the other half-scaled types' starting sums
+        // (empty for the others, which never read them).
+        let halves: &[i32] = if T == T_Q2_K { a.half_sums() } else { &[] };
+        let offsets: &[i32] = if value_offset(T) != 0 {
+            a.half_offsets(value_offset(T))
+        } else {
+            &[]
+        };
         for b in 0..nb {
             let pb = p * nb + b;
             let j = j0 + b * step;
@@ -888,6 +893,14 @@ mod vnni {
             let mut isum = [_mm512_setzero_si512(); R];
             // Types scaled per half: the second half's sums (the first half's in `isum`).
             let mut isum2 = [_mm512_setzero_si512(); R];
+            if value_offset(T) != 0 {
+                // Each half's sum starts at −offset·Σx over the half (`half_offsets`), so
+                // it ends as the sum over the values.
+                for r in 0..R {
+                    isum[r] = _mm512_set1_epi32(*offsets.get_unchecked(2 * (j + r)));
+                    isum2[r] = _mm512_set1_epi32(*offsets.get_unchecked(2 * (j + r) + 1));
+                }
+            }
             if T == T_Q6_K {
                 // The values (0..64) are already unsigned bytes.
                 let mut eighth = |c: usize| {
@@ -1032,18 +1045,14 @@ mod vnni {
                 let i = j + r;
                 let dx = *a.d.get_unchecked(i);
                 if two_sums(T) {
-                    // Each half's sum less offset·Σx over that half is the sum over the
-                    // values; `mw` holds the second half's scale.
-                    let lo = *halves.get_unchecked(i);
-                    let hi = *a.c.get_unchecked(i) / 128 - lo;
-                    let off = value_offset(T);
-                    let s0 = _mm512_sub_epi32(*s, _mm512_set1_epi32(off * lo));
-                    let s1 = _mm512_sub_epi32(isum2[r], _mm512_set1_epi32(off * hi));
+                    // `mw` holds the second half's scale.
                     let scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
-                    *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), scale, *ac);
+                    *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), scale, *ac);
                     let scale2 = _mm512_mul_ps(mw, _mm512_set1_ps(dx));
-                    *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), scale2, *ac);
+                    *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum2[r]), scale2, *ac);
                     if T == T_Q2_K {
+                        let lo = *halves.get_unchecked(i);
+                        let hi = *a.c.get_unchecked(i) / 128 - lo;
                         *ac = _mm512_fmadd_ps(n0, _mm512_set1_ps(dx * lo as f32), *ac);
                         *ac = _mm512_fmadd_ps(n1, _mm512_set1_ps(dx * hi as f32), *ac);
                     }
@@ -1128,7 +1137,12 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
         // As the VNNI tile's.
-        let halves: &[i32] = if two_sums(T) { a.half_sums() } else { &[] };
+        let halves: &[i32] = if T == T_Q2_K { a.half_sums() } else { &[] };
+        let offsets: &[i32] = if value_offset(T) != 0 {
+            a.half_offsets(value_offset(T))
+        } else {
+            &[]
+        };
         for b in 0..nb {
             let pb = p * nb + b;
             let j = j0 + b * step;
@@ -1141,6 +1155,13 @@ mod avx2 {
             let mut isum = [_mm256_setzero_si256(); R];
             // Types scaled per half: the second half's sums (the first half's in `isum`).
             let mut isum2 = [_mm256_setzero_si256(); R];
+            if value_offset(T) != 0 {
+                // As the VNNI tile's.
+                for r in 0..R {
+                    isum[r] = _mm256_set1_epi32(*offsets.get_unchecked(2 * (j + r)));
+                    isum2[r] = _mm256_set1_epi32(*offsets.get_unchecked(2 * (j + r) + 1));
+                }
+            }
             let dot =
                 |wu: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones);
             if T == T_Q6_K {
@@ -1244,12 +1265,12 @@ mod avx2 {
                 unroll!(quarter: 0 1 2 3);
                 if !five_bit(T) {
                     for (s, s16) in isum.iter_mut().zip(&s16) {
-                        *s = _mm256_madd_epi16(*s16, ones);
+                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*s16, ones));
                     }
                 }
                 if two_sums(T) {
                     for (s, s16) in isum2.iter_mut().zip(&s16h) {
-                        *s = _mm256_madd_epi16(*s16, ones);
+                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*s16, ones));
                     }
                 }
             }
@@ -1299,16 +1320,13 @@ mod avx2 {
                 let i = j + r;
                 let dx = *a.d.get_unchecked(i);
                 if two_sums(T) {
-                    let lo = *halves.get_unchecked(i);
-                    let hi = *a.c.get_unchecked(i) / 128 - lo;
-                    let off = value_offset(T);
-                    let s0 = _mm256_sub_epi32(*s, _mm256_set1_epi32(off * lo));
-                    let s1 = _mm256_sub_epi32(isum2[r], _mm256_set1_epi32(off * hi));
                     let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
-                    *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), scale, *ac);
+                    *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, *ac);
                     let scale2 = _mm256_mul_ps(mw, _mm256_set1_ps(dx));
-                    *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), scale2, *ac);
+                    *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum2[r]), scale2, *ac);
                     if T == T_Q2_K {
+                        let lo = *halves.get_unchecked(i);
+                        let hi = *a.c.get_unchecked(i) / 128 - lo;
                         *ac = _mm256_fmadd_ps(n0, _mm256_set1_ps(dx * lo as f32), *ac);
                         *ac = _mm256_fmadd_ps(n1, _mm256_set1_ps(dx * hi as f32), *ac);
                     }
@@ -1441,9 +1459,14 @@ pub fn qmatmul_parts_with(isa: QIsa, a: &QActs, parts: &[QMatrix]) -> Vec<f32> {
     } else {
         TASK_PANELS
     };
-    if parts.iter().any(|w| w.ty == QType::Q6K) {
+    for w in parts {
         // Made here, once, rather than by the first task to ask.
-        a.half_sums();
+        let _ = match w.ty {
+            QType::Q6K => a.half_offsets(32),
+            QType::Q3K => a.half_offsets(4),
+            QType::Q2K => a.half_sums(),
+            _ => &[],
+        };
     }
     let mut col = 0;
     for w in parts {
@@ -1622,6 +1645,7 @@ impl SwigluWeights {
             s,
             c,
             h: std::sync::OnceLock::new(),
+            o: Default::default(),
         }
     }
 }
