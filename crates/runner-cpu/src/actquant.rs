@@ -16,8 +16,8 @@ use std::mem::MaybeUninit;
 pub const QK: usize = 32;
 
 /// Activation rows quantised per 32-block: `q` int8 (in −127..=127), per block `d` (scale),
-/// `s = d·Σq` and `c = 128·Σq` (what VNNI's Q8_0 kernel, which multiplies `w + 128` as
-/// unsigned bytes, takes off again). Laid out in chunks of [`CHUNK_ROWS`] rows, each chunk
+/// `s = d·Σq` and `c = −128·Σq` (where VNNI's Q8_0 and IQ4 kernels, which multiply `w + 128`
+/// as unsigned bytes, start their integer sums, to end at the sums over `w`). Laid out in chunks of [`CHUNK_ROWS`] rows, each chunk
 /// block by block with its rows' blocks side by side ([`QActs::at`]): a kernel tile of rows
 /// finds every row's bytes and scales at fixed offsets from one pointer. With rows apart
 /// (row-major), a 16-row tile kept a pointer per row in general registers, spilled them and
@@ -74,7 +74,7 @@ impl QActs {
             self.half_sums()
                 .iter()
                 .zip(&self.c)
-                .flat_map(|(&lo, &c)| [-off * lo, -off * (c / 128 - lo)])
+                .flat_map(|(&lo, &c)| [-off * lo, -off * (-c / 128 - lo)])
                 .collect()
         })
     }
@@ -291,7 +291,7 @@ fn quantize_block(xb: &[f32], qb: &mut [MaybeUninit<i8>; QK]) -> (f32, f32, i32)
         q.write(r as i8);
         sum += r;
     }
-    (scale, scale * sum as f32, 128 * sum)
+    (scale, scale * sum as f32, -128 * sum)
 }
 
 /// Portable: each row's values (computed into a buffer where they must be), block by block.
@@ -722,7 +722,7 @@ mod x86 {
                     p.put(r, b, |q| {
                         let sum = quant(buf.as_ptr().add(k * QK), rcp[k], q);
                         let d = scale[k];
-                        (d, d * sum as f32, 128 * sum)
+                        (d, d * sum as f32, -128 * sum)
                     });
                 }
                 g0 = g1;
@@ -829,7 +829,7 @@ mod tests {
             for (b, &first) in a.half_sums().iter().enumerate() {
                 let sum: i32 = a.q[b * QK..(b + 1) * QK].iter().map(|&q| q as i32).sum();
                 assert_eq!(a.s[b], a.d[b] * sum as f32);
-                assert_eq!(a.c[b], 128 * sum);
+                assert_eq!(a.c[b], -128 * sum);
                 let half: i32 = a.q[b * QK..b * QK + 16].iter().map(|&q| q as i32).sum();
                 assert_eq!(first, half, "{isa:?} block {b}: first half's sum");
                 for off in [32, 4] {

@@ -917,8 +917,12 @@ mod vnni {
                 // (the operand that may be a broadcast from memory): the weights, flipped to
                 // `w + 128`, go unsigned, so each row's activations stay a folded broadcast
                 // (unsigned activations needed a `vpbroadcastd` of their own per product, and
-                // the LM head ran at two thirds of Q4_1's rate); `c = 128·Σx` takes the
-                // offset off again. The integer sums are the same.
+                // the LM head ran at two thirds of Q4_1's rate); each sum starts at
+                // `c = −128·Σx` (a broadcast load, where a subtraction after the products
+                // took a vector operation a row), so the integer sums are the same.
+                for (r, s) in isum.iter_mut().enumerate() {
+                    *s = _mm512_set1_epi32(*a.c.get_unchecked(j + r));
+                }
                 let flip = _mm512_set1_epi8(-128);
                 let mut eighth = |c: usize| {
                     let wv = _mm512_xor_si512(
@@ -931,13 +935,12 @@ mod vnni {
                     }
                 };
                 unroll!(eighth: 0 1 2 3 4 5 6 7);
-                for (r, s) in isum.iter_mut().enumerate() {
-                    let corr = _mm512_set1_epi32(*a.c.get_unchecked(j + r));
-                    *s = _mm512_sub_epi32(*s, corr);
-                }
             } else if looked_up(T) {
                 // Each nibble looked up (`vpshufb`, per 128-bit lane) as its value plus 128,
-                // an unsigned byte as Q8_0's flipped weights; `c` takes the 128 off again.
+                // an unsigned byte as Q8_0's flipped weights, the sums starting at `c`.
+                for (r, s) in isum.iter_mut().enumerate() {
+                    *s = _mm512_set1_epi32(*a.c.get_unchecked(j + r));
+                }
                 let table = _mm512_broadcast_i32x4(_mm_loadu_si128(
                     IQ4_UNSIGNED.as_ptr() as *const __m128i
                 ));
@@ -956,10 +959,6 @@ mod vnni {
                     }
                 };
                 unroll!(quarter: 0 1 2 3);
-                for (r, s) in isum.iter_mut().enumerate() {
-                    let corr = _mm512_set1_epi32(*a.c.get_unchecked(j + r));
-                    *s = _mm512_sub_epi32(*s, corr);
-                }
             } else {
                 let sixteen = _mm512_set1_epi8(16);
                 // The block's fifth bits (`QMatrix`): vector `j`'s in bit `j` of each byte.
@@ -1052,7 +1051,7 @@ mod vnni {
                     *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum2[r]), scale2, *ac);
                     if T == T_Q2_K {
                         let lo = *halves.get_unchecked(i);
-                        let hi = *a.c.get_unchecked(i) / 128 - lo;
+                        let hi = -*a.c.get_unchecked(i) / 128 - lo;
                         *ac = _mm512_fmadd_ps(n0, _mm512_set1_ps(dx * lo as f32), *ac);
                         *ac = _mm512_fmadd_ps(n1, _mm512_set1_ps(dx * hi as f32), *ac);
                     }
@@ -1326,7 +1325,7 @@ mod avx2 {
                     *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum2[r]), scale2, *ac);
                     if T == T_Q2_K {
                         let lo = *halves.get_unchecked(i);
-                        let hi = *a.c.get_unchecked(i) / 128 - lo;
+                        let hi = -*a.c.get_unchecked(i) / 128 - lo;
                         *ac = _mm256_fmadd_ps(n0, _mm256_set1_ps(dx * lo as f32), *ac);
                         *ac = _mm256_fmadd_ps(n1, _mm256_set1_ps(dx * hi as f32), *ac);
                     }
