@@ -17,11 +17,12 @@ pub const QK: usize = 32;
 
 /// Activation rows quantised per 32-block: `q` int8 (in −127..=127), per block `d` (scale),
 /// `s = d·Σq` and `c = −128·Σq` (where VNNI's Q8_0 and IQ4 kernels, which multiply `w + 128`
-/// as unsigned bytes, start their integer sums, to end at the sums over `w`). Laid out in chunks of [`CHUNK_ROWS`] rows, each chunk
-/// block by block with its rows' blocks side by side ([`QActs::at`]): a kernel tile of rows
-/// finds every row's bytes and scales at fixed offsets from one pointer. With rows apart
-/// (row-major), a 16-row tile kept a pointer per row in general registers, spilled them and
-/// added strides between its `vpdpbusd`s: 16 % of the kernel's time.
+/// as unsigned bytes, start their integer sums, to end at the sums over `w`). Laid out in
+/// chunks of [`CHUNK_ROWS`] rows, each chunk block by block with its rows' blocks side by
+/// side ([`QActs::at`]): a kernel tile of rows finds every row's bytes and scales at fixed
+/// offsets from one pointer. With rows apart (row-major), a 16-row tile kept a pointer per
+/// row in general registers, spilled them and added strides between its `vpdpbusd`s: 16 %
+/// of the kernel's time.
 pub struct QActs {
     pub rows: usize,
     pub blocks: usize,
