@@ -422,12 +422,11 @@ fn the_last_layer_for_the_read_rows_alone_changes_nothing() {
 /// a Q4_K `attn_q`, a Q3_K `attn_k` beside a Q6_K `attn_v`, a Q2_K `ffn_gate` beside a Q5_K
 /// `ffn_up`, an IQ4_XS down projection, and the IQ4_NL / Q5_0 / Q5_1 that llama-quantize
 /// falls back to for rows that are not whole super-blocks: the embeddings, `attn_output`,
-/// the LM head) is
-/// computed in place — the ready line names each type, not an f32 copy — and its logits
-/// follow the same model with its weights dequantised to f32 (`float32`), within what the
-/// int8 activations cost. A 1-layer llama
-/// (hidden 256, 4 heads of 64, MLP 512, 32 tokens) with random blocks; the tokenizer is
-/// SmolLM2's (the runner does not read it).
+/// the LM head) is computed in place — the ready line names each type, not an f32 copy —
+/// and its logits follow the same model with its weights dequantised to f32 (`float32`),
+/// within what the int8 activations cost. A 1-layer llama (hidden 256, 4 heads of 64, MLP
+/// 512, 32 tokens) with random blocks; the tokenizer is SmolLM2's (the runner does not read
+/// it).
 #[test]
 fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
     use tpuserve_model::gguf::{GgufFile, GgufWeights};
@@ -439,121 +438,94 @@ fn a_k_quant_gguf_is_computed_in_place_and_follows_its_f32_dequantisation() {
             .rotate_left(11)
             .wrapping_mul(2_246_822_519)
     };
-    // Super-block scale ~1e-3 and min ~2e-3 (f16), random 6-bit scale / min pairs and values
-    // (Q5_K, type 13: and fifth bits; its scale a tenth, as its values reach 31).
     let h = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
-    let k45 = |name: &str, rows: usize, cols: usize, seed: usize, q5: bool| {
-        let mut data = Vec::new();
-        let f = if q5 { 0.1 } else { 1.0 };
-        for b in 0..rows * cols / 256 {
-            let r = hash(b, seed);
-            data.extend(h(f * (6e-4 + (r % 1000) as f32 * 1e-6)));
-            data.extend(h(1e-3 + (r % 777) as f32 * 2e-6));
-            let n = if q5 { 172 } else { 140 };
-            data.extend((0..n).map(|k| (hash(b * 256 + k, seed + 1) >> 9) as u8));
-        }
-        RawTensor {
-            name: name.into(),
-            dims: vec![cols as u64, rows as u64],
-            ggml_type: if q5 { 13 } else { 12 },
-            data,
-        }
-    };
-    let q4k =
-        |name: &str, rows: usize, cols: usize, seed: usize| k45(name, rows, cols, seed, false);
-    // Random 6-bit values and 8-bit scales, the super-block scale ~1e-4.
-    let q6k = |name: &str, rows: usize, cols: usize, seed: usize| {
-        let mut data = Vec::new();
-        for b in 0..rows * cols / 256 {
-            let r = hash(b, seed);
-            data.extend((0..208).map(|k| (hash(b * 256 + k, seed + 1) >> 9) as u8));
-            data.extend(h(1e-4 + (r % 1000) as f32 * 1e-7));
-        }
-        RawTensor {
-            name: name.into(),
-            dims: vec![cols as u64, rows as u64],
-            ggml_type: 14,
-            data,
-        }
-    };
-    // Q5_0 (type 6: f16 scale, 32 fifth bits, nibbles) and Q5_1 (7: f16 scale and offset
-    // first), scales ~2e-3 and offsets ~-0.03 times `f`.
-    let q5 = |name: &str, rows: usize, cols: usize, seed: usize, offset: bool, f: f32| {
-        let mut data = Vec::new();
-        for b in 0..rows * cols / 32 {
-            let r = hash(b, seed);
-            data.extend(h(f * (2e-3 + (r % 1000) as f32 * 1e-6)));
-            if offset {
-                data.extend(h(f * (-0.03 - (r % 777) as f32 * 1e-5)));
+    // A tensor of random blocks: its ggml type, values a block, and each block's fields in
+    // file order, an f16 scale `base + (r % m)·step` (r the block's hash) or `n` random bytes.
+    enum Field {
+        Scale(f32, u32, f32),
+        Bytes(usize),
+    }
+    use Field::{Bytes, Scale};
+    type Spec = (u32, usize, &'static [Field]);
+    let blocks =
+        |name: &str, (rows, cols): (usize, usize), seed: usize, (ty, per, fields): Spec| {
+            let mut data = Vec::new();
+            for b in 0..rows * cols / per {
+                let r = hash(b, seed);
+                for f in fields {
+                    match *f {
+                        Scale(base, m, step) => data.extend(h(base + (r % m) as f32 * step)),
+                        Bytes(n) => {
+                            data.extend((0..n).map(|k| (hash(b * 256 + k, seed + 1) >> 9) as u8))
+                        }
+                    }
+                }
             }
-            data.extend((0..20).map(|k| (hash(b * 64 + k, seed + 1) >> 9) as u8));
-        }
-        RawTensor {
-            name: name.into(),
-            dims: vec![cols as u64, rows as u64],
-            ggml_type: if offset { 7 } else { 6 },
-            data,
-        }
-    };
-    // Q3_K (type 11: high bits, 2-bit values, 6-bit scales, then `d` ~2e-3) and Q2_K (10:
-    // 4-bit scale / min pairs, 2-bit values, then `d` ~5e-3 and `dmin` ~4e-3), random.
-    let small_k = |name: &str, rows: usize, cols: usize, seed: usize, q3: bool| {
-        let mut data = Vec::new();
-        for b in 0..rows * cols / 256 {
-            let r = hash(b, seed);
-            let n = if q3 { 108 } else { 80 };
-            data.extend((0..n).map(|k| (hash(b * 256 + k, seed + 1) >> 9) as u8));
-            if q3 {
-                data.extend(h(2e-3 + (r % 1000) as f32 * 1e-6));
-            } else {
-                data.extend(h(5e-3 + (r % 1000) as f32 * 1e-6));
-                data.extend(h(4e-3 + (r % 777) as f32 * 1e-6));
+            RawTensor {
+                name: name.into(),
+                dims: vec![cols as u64, rows as u64],
+                ggml_type: ty,
+                data,
             }
-        }
-        RawTensor {
-            name: name.into(),
-            dims: vec![cols as u64, rows as u64],
-            ggml_type: if q3 { 11 } else { 10 },
-            data,
-        }
-    };
-    // IQ4_NL (type 20: f16 scale ~4e-4, 4-bit indices) and IQ4_XS (23: f16 `d` ~2e-5, 6-bit
-    // block scales, indices), random.
-    let iq4 = |name: &str, rows: usize, cols: usize, seed: usize, xs: bool| {
-        let mut data = Vec::new();
-        let (per, rest) = if xs { (256, 134) } else { (32, 16) };
-        for b in 0..rows * cols / per {
-            let r = hash(b, seed);
-            let d = if xs { 2e-5 } else { 4e-4 };
-            data.extend(h(d * (1.0 + (r % 1000) as f32 * 1e-3)));
-            data.extend((0..rest).map(|k| (hash(b * 256 + k, seed + 1) >> 9) as u8));
-        }
-        RawTensor {
-            name: name.into(),
-            dims: vec![cols as u64, rows as u64],
-            ggml_type: if xs { 23 } else { 20 },
-            data,
-        }
-    };
+        };
+    // Q4_K / Q5_K: super-block scale ~6e-4 (Q5_K's a tenth, as its values reach 31) and min
+    // ~1e-3, then 6-bit scale / min pairs and values (Q5_K: and fifth bits).
+    const Q4K: Spec = (
+        12,
+        256,
+        &[Scale(6e-4, 1000, 1e-6), Scale(1e-3, 777, 2e-6), Bytes(140)],
+    );
+    const Q5K: Spec = (
+        13,
+        256,
+        &[Scale(6e-5, 1000, 1e-7), Scale(1e-3, 777, 2e-6), Bytes(172)],
+    );
+    // Q6_K: 6-bit values and 8-bit scales, then the super-block scale ~1e-4.
+    const Q6K: Spec = (14, 256, &[Bytes(208), Scale(1e-4, 1000, 1e-7)]);
+    // Q5_0: scale ~2e-3, 32 fifth bits, nibbles; Q5_1: scale ~2e-2 and offset ~-0.3 (the LM
+    // head's logits need the range) first.
+    const Q5_0: Spec = (6, 32, &[Scale(2e-3, 1000, 1e-6), Bytes(20)]);
+    const Q5_1: Spec = (
+        7,
+        32,
+        &[Scale(2e-2, 1000, 1e-5), Scale(-0.3, 777, -1e-4), Bytes(20)],
+    );
+    // Q3_K: high bits, 2-bit values, 6-bit scales, then `d` ~2e-3; Q2_K: 4-bit scale / min
+    // pairs, 2-bit values, then `d` ~5e-3 and `dmin` ~4e-3.
+    const Q3K: Spec = (11, 256, &[Bytes(108), Scale(2e-3, 1000, 1e-6)]);
+    const Q2K: Spec = (
+        10,
+        256,
+        &[Bytes(80), Scale(5e-3, 1000, 1e-6), Scale(4e-3, 777, 1e-6)],
+    );
+    // IQ4_NL: scale ~4e-4, 4-bit indices; IQ4_XS: `d` ~2e-5, 6-bit block scales, indices.
+    const IQ4NL: Spec = (20, 32, &[Scale(4e-4, 1000, 4e-7), Bytes(16)]);
+    const IQ4XS: Spec = (23, 256, &[Scale(2e-5, 1000, 2e-8), Bytes(134)]);
     let ones = |name: &str| RawTensor {
         name: name.into(),
         dims: vec![hidden as u64],
         ggml_type: 0,
         data: (0..hidden).flat_map(|_| 1f32.to_le_bytes()).collect(),
     };
+    let (sq, up, down, head) = (
+        (hidden, hidden),
+        (ff, hidden),
+        (hidden, ff),
+        (vocab, hidden),
+    );
     let tensors = vec![
-        iq4("token_embd.weight", vocab, hidden, 1, false),
+        blocks("token_embd.weight", head, 1, IQ4NL),
         ones("blk.0.attn_norm.weight"),
-        q4k("blk.0.attn_q.weight", hidden, hidden, 2),
-        small_k("blk.0.attn_k.weight", hidden, hidden, 3, true),
-        q6k("blk.0.attn_v.weight", hidden, hidden, 4),
-        q5("blk.0.attn_output.weight", hidden, hidden, 5, false, 1.0),
+        blocks("blk.0.attn_q.weight", sq, 2, Q4K),
+        blocks("blk.0.attn_k.weight", sq, 3, Q3K),
+        blocks("blk.0.attn_v.weight", sq, 4, Q6K),
+        blocks("blk.0.attn_output.weight", sq, 5, Q5_0),
         ones("blk.0.ffn_norm.weight"),
-        small_k("blk.0.ffn_gate.weight", ff, hidden, 6, false),
-        k45("blk.0.ffn_up.weight", ff, hidden, 7, true),
-        iq4("blk.0.ffn_down.weight", hidden, ff, 8, true),
+        blocks("blk.0.ffn_gate.weight", up, 6, Q2K),
+        blocks("blk.0.ffn_up.weight", up, 7, Q5K),
+        blocks("blk.0.ffn_down.weight", down, 8, IQ4XS),
         ones("output_norm.weight"),
-        q5("output.weight", vocab, hidden, 9, true, 10.0),
+        blocks("output.weight", head, 9, Q5_1),
     ];
     let mut meta = llama_meta("llama", hidden as u32, 4, ff as u32);
     meta.push(("llama.context_length", Meta::U32(256)));

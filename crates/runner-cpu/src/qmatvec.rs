@@ -204,30 +204,32 @@ impl QType {
         }
     }
 
-    /// Bytes of one ggml block.
-    pub fn block_bytes(self) -> usize {
+    /// The ggml type (`from_ggml`'s inverse).
+    pub fn ggml(self) -> GgmlType {
         match self {
-            QType::Q4_0 => 18,
-            QType::Q4_1 => 20,
-            QType::Q8_0 => 34,
-            QType::Q4K => 144,
-            QType::Q6K => 210,
-            QType::Q5_0 => 22,
-            QType::Q5_1 => 24,
-            QType::Q5K => 176,
-            QType::Q3K => 110,
-            QType::Q2K => 84,
-            QType::IQ4NL => 18,
-            QType::IQ4XS => 136,
+            QType::Q4_0 => GgmlType::Q4_0,
+            QType::Q4_1 => GgmlType::Q4_1,
+            QType::Q8_0 => GgmlType::Q8_0,
+            QType::Q4K => GgmlType::Q4K,
+            QType::Q6K => GgmlType::Q6K,
+            QType::Q5_0 => GgmlType::Q5_0,
+            QType::Q5_1 => GgmlType::Q5_1,
+            QType::Q5K => GgmlType::Q5K,
+            QType::Q3K => GgmlType::Q3K,
+            QType::Q2K => GgmlType::Q2K,
+            QType::IQ4NL => GgmlType::IQ4NL,
+            QType::IQ4XS => GgmlType::IQ4XS,
         }
+    }
+
+    /// Bytes of one ggml block (the model crate's table).
+    pub fn block_bytes(self) -> usize {
+        self.ggml().block().1
     }
 
     /// Values in one ggml block.
     pub fn block_values(self) -> usize {
-        match self {
-            QType::Q4K | QType::Q5K | QType::Q6K | QType::Q3K | QType::Q2K | QType::IQ4XS => 256,
-            _ => QK,
-        }
+        self.ggml().block().0
     }
 }
 
@@ -1831,21 +1833,7 @@ mod tests {
             let (rows, cols) = (19, 2 * ty.block_values().max(48));
             let bytes = ggml_bytes(ty, rows, cols, 7);
             let w = QMatrix::new(ty, rows, cols, bytes.clone()).unwrap();
-            let g = match ty {
-                QType::Q4_0 => GgmlType::Q4_0,
-                QType::Q4_1 => GgmlType::Q4_1,
-                QType::Q8_0 => GgmlType::Q8_0,
-                QType::Q4K => GgmlType::Q4K,
-                QType::Q6K => GgmlType::Q6K,
-                QType::Q5_0 => GgmlType::Q5_0,
-                QType::Q5_1 => GgmlType::Q5_1,
-                QType::Q5K => GgmlType::Q5K,
-                QType::Q3K => GgmlType::Q3K,
-                QType::Q2K => GgmlType::Q2K,
-                QType::IQ4NL => GgmlType::IQ4NL,
-                QType::IQ4XS => GgmlType::IQ4XS,
-            };
-            let all = tpuserve_model::dequant::dequantize(g, &bytes, rows * cols).unwrap();
+            let all = tpuserve_model::dequant::dequantize(ty.ggml(), &bytes, rows * cols).unwrap();
             let mut row = vec![0f32; cols];
             for r in 0..rows {
                 w.dequant_row(r, &mut row);
