@@ -32,13 +32,13 @@ use crate::weights::{GateUp, LayerWeights, Matrix, ModelWeights};
 /// The form the runner keeps weights in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuWeights {
-    /// The checkpoint's own form: GGUF Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks, repacked at
-    /// load into the `qmatvec` kernels' 16-row panels (same bytes per weight; Q4_K / Q5_K /
-    /// Q6_K as 32-value blocks with their scale codes and f32 super-block scales, see
-    /// `qmatvec::QMatrix`) and computed on with int8
-    /// activations; bf16 matrices kept as bf16 (with AVX-512 BF16, multiplied by bf16-rounded
-    /// activations in `bf16dot`; otherwise widened in registers: the same values as f32);
-    /// everything else dequantised / widened to f32.
+    /// The checkpoint's own form: GGUF Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / IQ4_NL blocks,
+    /// repacked at load into the `qmatvec` kernels' 16-row panels (same bytes per weight; the
+    /// K-quants and IQ4_XS as 32-value blocks with their scale codes and f32 super-block
+    /// scales, see `qmatvec::QMatrix`) and computed on with int8 activations; bf16 matrices
+    /// kept as bf16 (with AVX-512 BF16, multiplied by bf16-rounded activations in `bf16dot`;
+    /// otherwise widened in registers: the same values as f32); everything else dequantised /
+    /// widened to f32.
     #[default]
     Native,
     /// Every matrix as bf16 (`--dtype bfloat16`): a bf16 checkpoint as stored, f32 / f16

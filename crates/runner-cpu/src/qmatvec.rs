@@ -1,6 +1,6 @@
 //! `x · Wᵀ` with W kept in the checkpoint's ggml block forms (Q4_0, Q4_1, Q8_0; the other
-//! types below are laid out in the same panels, `QMatrix`): a decode step
-//! reads ~0.6 (Q4) or ~1.06 (Q8) bytes per weight instead of 4 for an f32 copy. As llama.cpp
+//! types below are laid out in the same panels, `QMatrix`): a decode step reads ~0.6 (Q4) or
+//! ~1.06 (Q8) bytes per weight instead of 4 for an f32 copy. As llama.cpp
 //! does, each activation row is first quantised per 32-block to int8 with an f32 scale `d` and
 //! `s = d·Σq` (the term Q4's per-block offset multiplies), so a block's dot product is one
 //! integer dot of 32 bytes:
